@@ -1,0 +1,86 @@
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Configuration of the [`BatchEngine`](crate::BatchEngine).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Most events in one batch. Default: 1,000.
+    pub max_batch_events: usize,
+    /// Most bytes (payload and metadata) in one batch. Default: 1 MiB.
+    pub max_batch_bytes: usize,
+    /// How long a lane waits for more events before sending a batch that is
+    /// not full, in milliseconds. Default: 2.
+    pub linger_ms: u64,
+    /// Most events accepted and not yet resolved. Default: 100,000.
+    pub max_queued_events: usize,
+    /// Most bytes accepted and not yet resolved. Default: 128 MiB.
+    pub max_queued_bytes: usize,
+    /// How long `submit` waits for room in a full queue, in milliseconds.
+    /// Default: 5,000.
+    pub submit_timeout_ms: u64,
+    /// Lanes, each with one batch in flight; a source always uses the same
+    /// lane. Default: 4.
+    pub lanes: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_events: 1_000,
+            max_batch_bytes: 1024 * 1024,
+            linger_ms: 2,
+            max_queued_events: 100_000,
+            max_queued_bytes: 128 * 1024 * 1024,
+            submit_timeout_ms: 5_000,
+            lanes: 4,
+        }
+    }
+}
+
+/// A configuration value that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A field has a bad value.
+    #[error("batch config: {field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The engine starts tasks and needs a Tokio runtime.
+    #[error("the batch engine must be created inside a Tokio runtime")]
+    NoRuntime,
+}
+
+fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError::Invalid { field, reason: format!("{value} is outside {min}..={max}") });
+    }
+    Ok(())
+}
+
+impl BatchConfig {
+    pub(crate) fn linger(&self) -> Duration {
+        Duration::from_millis(self.linger_ms)
+    }
+
+    pub(crate) fn submit_timeout(&self) -> Duration {
+        Duration::from_millis(self.submit_timeout_ms)
+    }
+
+    /// Check every field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        range("max_batch_events", self.max_batch_events as u64, 1, 1_000_000)?;
+        range("max_batch_bytes", self.max_batch_bytes as u64, 1, 1 << 32)?;
+        range("linger_ms", self.linger_ms, 0, 60_000)?;
+        range("max_queued_events", self.max_queued_events as u64, 1, 1 << 30)?;
+        range("max_queued_bytes", self.max_queued_bytes as u64, 1024, u32::MAX as u64)?;
+        range("submit_timeout_ms", self.submit_timeout_ms, 0, 3_600_000)?;
+        range("lanes", self.lanes as u64, 1, 1_024)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,75 @@
+//! The event model and the sink contract of dualstream.
+//!
+//! **Who should depend on this crate:** authors of custom sinks and anyone who
+//! only needs the types. It is the stable boundary of dualstream: it has no
+//! broker client in its dependency tree (no rdkafka, no redis) and does no I/O.
+//! The orchestrator ([`dualstream-publisher`]) and the batching engine depend on
+//! it alone, so a sink you write is exactly as first-class as the Kafka and
+//! Redis ones.
+//!
+//! - [`Event`] and [`EventBuilder`]: the validated event (PATTERN §1).
+//! - [`Notification`]: the lightweight real-time message with the Kafka
+//!   [`Position`] (PATTERN §2).
+//! - [`DurableSink`] and [`RealtimeNotifier`]: the object-safe async traits
+//!   every sink implements.
+//! - [`record`]: how an event maps onto a Kafka-style record (key, headers,
+//!   value), shared by the Kafka sink and the replay consumer.
+//! - With the `mock` feature, [`MockDurableSink`] and [`MockRealtimeNotifier`]
+//!   (mockall) for your own tests.
+//!
+//! # A custom durable sink
+//!
+//! ```
+//! use std::sync::Mutex;
+//! use async_trait::async_trait;
+//! use dualstream_core::{DeliveryError, DurableSink, Event, Position, SinkError};
+//!
+//! /// Keeps events in memory; the "offset" is the index in the vector.
+//! #[derive(Debug, Default)]
+//! struct VecSink(Mutex<Vec<Event>>);
+//!
+//! #[async_trait]
+//! impl DurableSink for VecSink {
+//!     async fn publish(&self, event: Event) -> Result<Position, DeliveryError> {
+//!         let mut log = self.0.lock().map_err(|_| {
+//!             DeliveryError::new(SinkError::other("lock poisoned"), event.clone())
+//!         })?;
+//!         log.push(event);
+//!         Ok(Position::new("memory", 0, log.len() as i64 - 1))
+//!     }
+//!
+//!     async fn health_check(&self) -> Result<(), SinkError> {
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # tokio_test_block_on(async {
+//! let sink = VecSink::default();
+//! let event = Event::builder("user.created", "user", "octocat").payload("{}").build()?;
+//! let position = sink.publish(event).await.map_err(|e| e.error)?;
+//! assert_eq!(position.offset, 0);
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+//! #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+//! # }
+//! ```
+//!
+//! [`dualstream-publisher`]: https://docs.rs/dualstream-publisher
+
+mod event;
+mod notification;
+pub mod record;
+mod sink;
+mod validate;
+
+pub use event::{Event, EventBuilder, EventId, Source};
+pub use notification::{Notification, NotificationDecodeError, Position};
+pub use sink::{DeliveryError, DurableSink, NotifyError, RealtimeNotifier, SinkError};
+pub use validate::{Limits, ValidationError};
+
+#[cfg(feature = "mock")]
+pub use sink::{MockDurableSink, MockRealtimeNotifier};
+
+/// Errors from decoding an [`Event`] from JSON or from a record.
+pub use event::DecodeError;

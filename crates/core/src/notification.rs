@@ -1,0 +1,188 @@
+//! The lightweight real-time message (PATTERN §2).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Event, EventId};
+use crate::validate::{Limits, ValidationError};
+
+/// Where the durable sink stored an event: for Kafka, topic, partition and
+/// offset. Positions of one partition are ordered by offset.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Position {
+    /// The topic (or the custom sink's log name).
+    pub topic: Arc<str>,
+    /// The partition.
+    pub partition: i32,
+    /// The offset within the partition.
+    pub offset: i64,
+}
+
+impl Position {
+    /// A position.
+    pub fn new(topic: impl Into<Arc<str>>, partition: i32, offset: i64) -> Self {
+        Self { topic: topic.into(), partition, offset }
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}@{}", self.topic, self.partition, self.offset)
+    }
+}
+
+/// The notification sent on the real-time path after the durable write: the
+/// identifiers of the event and its position, never the payload.
+///
+/// Its JSON form is small and its field names are stable (see
+/// `docs/wire-format.md`):
+///
+/// ```json
+/// {"id":"0190f1d2-7c1e-7a3b-9f00-0123456789ab","type":"user.created","source_type":"user","source_id":"octocat","topic":"events","partition":0,"offset":42}
+/// ```
+///
+/// `topic`, `partition` and `offset` are absent when the event was not written
+/// durably (the real-time-only mode).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notification {
+    /// The event id.
+    pub id: EventId,
+    /// The event type.
+    pub event_type: Arc<str>,
+    /// The source type.
+    pub source_type: Arc<str>,
+    /// The source id.
+    pub source_id: Arc<str>,
+    /// Where the durable sink stored the event, once known.
+    pub position: Option<Position>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire<'a> {
+    id: EventId,
+    #[serde(rename = "type", borrow)]
+    event_type: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    source_type: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    source_id: std::borrow::Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    topic: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    partition: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    offset: Option<i64>,
+}
+
+/// Why a notification could not be decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotificationDecodeError {
+    /// Malformed JSON or the wrong shape.
+    #[error("malformed notification JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A field broke a rule of the event model.
+    #[error("invalid notification: {0}")]
+    Invalid(#[from] ValidationError),
+    /// Only some of `topic`, `partition` and `offset` were present.
+    #[error("notification position: topic, partition and offset must be all present or all absent")]
+    PartialPosition,
+}
+
+impl Notification {
+    /// The notification for `event`, with its position if known.
+    pub fn for_event(event: &Event, position: Option<Position>) -> Self {
+        Self {
+            id: event.id(),
+            event_type: event.event_type_arc().clone(),
+            source_type: event.source().source_type_arc().clone(),
+            source_id: event.source().source_id_arc().clone(),
+            position,
+        }
+    }
+
+    /// Append the JSON form to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let wire = Wire {
+            id: self.id,
+            event_type: (&*self.event_type).into(),
+            source_type: (&*self.source_type).into(),
+            source_id: (&*self.source_id).into(),
+            topic: self.position.as_ref().map(|p| (&*p.topic).into()),
+            partition: self.position.as_ref().map(|p| p.partition),
+            offset: self.position.as_ref().map(|p| p.offset),
+        };
+        // Writing strings and integers into a Vec cannot fail.
+        let _ = serde_json::to_writer(out, &wire);
+    }
+
+    /// The JSON form.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(160);
+        self.write_json(&mut out);
+        out
+    }
+
+    /// Decode and validate a notification from its JSON form.
+    pub fn from_json(json: &[u8]) -> Result<Self, NotificationDecodeError> {
+        let wire: Wire<'_> = serde_json::from_slice(json)?;
+        let limits = Limits::default();
+        limits.check_event_type(&wire.event_type)?;
+        limits.check_source_type(&wire.source_type)?;
+        limits.check_source_id(&wire.source_id)?;
+        let position = match (wire.topic, wire.partition, wire.offset) {
+            (Some(t), Some(partition), Some(offset)) => Some(Position::new(&*t, partition, offset)),
+            (None, None, None) => None,
+            _ => return Err(NotificationDecodeError::PartialPosition),
+        };
+        Ok(Self {
+            id: wire.id,
+            event_type: wire.event_type.into(),
+            source_type: wire.source_type.into(),
+            source_id: wire.source_id.into(),
+            position,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_shape_is_stable_and_small() {
+        let e = Event::builder("user.created", "user", "octocat").payload(vec![7u8; 10_000]).build().expect("valid");
+        let n = Notification::for_event(&e, Some(Position::new("events", 3, 42)));
+        let json = String::from_utf8(n.to_json()).expect("utf8");
+        let expected = format!(
+            r#"{{"id":"{}","type":"user.created","source_type":"user","source_id":"octocat","topic":"events","partition":3,"offset":42}}"#,
+            e.id()
+        );
+        assert_eq!(json, expected);
+        assert!(json.len() < 160, "notification carries no payload: {} bytes", json.len());
+        assert_eq!(Notification::from_json(json.as_bytes()).expect("decodes"), n);
+    }
+
+    #[test]
+    fn position_is_optional_but_whole() {
+        let e = Event::builder("t", "user", "a").build().expect("valid");
+        let n = Notification::for_event(&e, None);
+        let json = n.to_json();
+        assert!(!String::from_utf8_lossy(&json).contains("topic"));
+        assert_eq!(Notification::from_json(&json).expect("decodes"), n);
+        let partial = format!(r#"{{"id":"{}","type":"t","source_type":"user","source_id":"a","offset":1}}"#, e.id());
+        assert!(matches!(Notification::from_json(partial.as_bytes()), Err(NotificationDecodeError::PartialPosition)));
+    }
+
+    #[test]
+    fn malformed_notifications_are_typed_errors() {
+        assert!(matches!(Notification::from_json(b"nope"), Err(NotificationDecodeError::Json(_))));
+        let bad = br#"{"id":"0190f1d2-7c1e-7a3b-9f00-0123456789ab","type":"t","source_type":"a:b","source_id":"a"}"#;
+        assert!(matches!(
+            Notification::from_json(bad),
+            Err(NotificationDecodeError::Invalid(ValidationError::InvalidChar { field: "source_type", .. }))
+        ));
+    }
+}

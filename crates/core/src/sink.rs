@@ -1,0 +1,202 @@
+//! The sink contract: what the durable path and the real-time path must do.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::event::Event;
+use crate::notification::{Notification, Position};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why the durable sink did not store an event.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SinkError {
+    /// The sink's local queue stayed full for the whole wait (backpressure).
+    #[error("queue full: no room in the local queue after waiting {waited:?}")]
+    QueueFull {
+        /// How long the publish waited for room.
+        waited: Duration,
+    },
+    /// The broker did not acknowledge within the delivery deadline.
+    #[error("not acknowledged within the delivery deadline of {deadline:?}")]
+    Timeout {
+        /// The deadline.
+        deadline: Duration,
+    },
+    /// The broker or the client reported an error.
+    #[error("broker error: {message}")]
+    Broker {
+        /// What the client said.
+        message: String,
+        /// Whether trying again may succeed.
+        retriable: bool,
+    },
+    /// The event can never be stored as it is (too large, no such topic…).
+    #[error("rejected: {reason}")]
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+    /// The sink was shut down.
+    #[error("sink is closed")]
+    Closed,
+    /// Anything else, from a custom sink.
+    #[error(transparent)]
+    Other(BoxError),
+}
+
+impl SinkError {
+    /// Whether publishing the same event again may succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Self::QueueFull { .. } | Self::Timeout { .. } => true,
+            Self::Broker { retriable, .. } => *retriable,
+            Self::Rejected { .. } | Self::Closed | Self::Other(_) => false,
+        }
+    }
+
+    /// Wrap any error or message as [`SinkError::Other`].
+    pub fn other(e: impl Into<BoxError>) -> Self {
+        Self::Other(e.into())
+    }
+}
+
+/// A failed durable publish: the error, and the event handed back so nothing
+/// accepted is lost.
+#[derive(Debug, thiserror::Error)]
+#[error("event {} was not stored: {error}", event.id())]
+pub struct DeliveryError {
+    /// What went wrong.
+    #[source]
+    pub error: SinkError,
+    /// The event that was not stored.
+    pub event: Event,
+}
+
+impl DeliveryError {
+    /// Pair an error with the event it concerns.
+    pub fn new(error: SinkError, event: Event) -> Self {
+        Self { error, event }
+    }
+
+    /// Whether publishing the event again may succeed.
+    pub fn is_retriable(&self) -> bool {
+        self.error.is_retriable()
+    }
+}
+
+/// Why a notification was not delivered. The real-time path is best effort:
+/// the publisher counts these and never fails a publish because of them.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotifyError {
+    /// The notifier's circuit breaker is open: the notification was skipped
+    /// without contacting the server.
+    #[error("skipped: circuit breaker open")]
+    CircuitOpen,
+    /// The server did not answer in time.
+    #[error("no answer within {after:?}")]
+    Timeout {
+        /// The bound that expired.
+        after: Duration,
+    },
+    /// The connection failed or the server returned an error.
+    #[error("connection error: {0}")]
+    Connection(String),
+    /// Anything else, from a custom notifier.
+    #[error(transparent)]
+    Other(BoxError),
+}
+
+impl NotifyError {
+    /// Whether trying again may succeed.
+    pub fn is_retriable(&self) -> bool {
+        !matches!(self, Self::Other(_))
+    }
+}
+
+/// The durable path (PATTERN §1): it must succeed, and it says where it stored
+/// each event.
+///
+/// Implementations must be cheap to call concurrently. Each event's result is
+/// its [`Position`] once the store acknowledged it, or a [`DeliveryError`] that
+/// hands the event back.
+#[cfg_attr(feature = "mock", mockall::automock)]
+#[async_trait]
+pub trait DurableSink: Send + Sync + 'static {
+    /// Store one event; resolve once it is acknowledged.
+    async fn publish(&self, event: Event) -> Result<Position, DeliveryError>;
+
+    /// Store many events with one result per event, in the input order.
+    ///
+    /// Implementations should hand every event to the store before awaiting
+    /// any acknowledgement (PATTERN §4). The default publishes one by one.
+    async fn publish_batch(&self, events: Vec<Event>) -> Vec<Result<Position, DeliveryError>> {
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            out.push(self.publish(e).await);
+        }
+        out
+    }
+
+    /// Whether the store is reachable and ready.
+    async fn health_check(&self) -> Result<(), SinkError>;
+
+    /// Wait until everything handed to the sink is acknowledged or failed, up
+    /// to `timeout`. The default has nothing to flush.
+    async fn flush(&self, _timeout: Duration) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// The real-time path (PATTERN §1, §2): best effort and bounded in time.
+///
+/// A notification that reaches no subscriber is a success.
+#[cfg_attr(feature = "mock", mockall::automock)]
+#[async_trait]
+pub trait RealtimeNotifier: Send + Sync + 'static {
+    /// Send one notification.
+    async fn notify(&self, notification: &Notification) -> Result<(), NotifyError>;
+
+    /// Send many notifications, in order, as one round trip where the
+    /// transport allows. The default sends them one by one.
+    async fn notify_batch(&self, notifications: &[Notification]) -> Result<(), NotifyError> {
+        for n in notifications {
+            self.notify(n).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the server answers.
+    async fn health_check(&self) -> Result<(), NotifyError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retriability() {
+        assert!(SinkError::QueueFull { waited: Duration::from_secs(1) }.is_retriable());
+        assert!(SinkError::Broker { message: "x".into(), retriable: true }.is_retriable());
+        assert!(!SinkError::Rejected { reason: "too large".into() }.is_retriable());
+        assert!(!SinkError::Closed.is_retriable());
+    }
+
+    #[test]
+    fn delivery_error_hands_the_event_back() {
+        let e = Event::builder("t", "user", "a").build().expect("valid");
+        let err = DeliveryError::new(SinkError::Closed, e.clone());
+        assert!(err.to_string().contains(&e.id().to_string()));
+        assert_eq!(err.event, e);
+    }
+
+    /// The traits are object safe: the publisher holds them as trait objects.
+    #[test]
+    fn traits_are_object_safe() {
+        fn takes(_: Option<std::sync::Arc<dyn DurableSink>>, _: Option<std::sync::Arc<dyn RealtimeNotifier>>) {}
+        takes(None, None);
+    }
+}

@@ -1,0 +1,55 @@
+use std::time::Duration;
+
+use dualstream_core::SinkError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+/// A configuration value that cannot work. Each variant names the field.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A typed field has a bad value.
+    #[error("kafka config: {field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+    /// A raw librdkafka option sets what a typed field already sets.
+    #[error("kafka config: librdkafka_options.{raw_key:?} conflicts with the typed field `{field}`; set `{field}` instead")]
+    Conflict {
+        /// The raw key.
+        raw_key: String,
+        /// The typed field that owns it.
+        field: &'static str,
+    },
+    /// A raw librdkafka option would break the durability contract.
+    #[error("kafka config: librdkafka_options.{raw_key:?} cannot be changed: dualstream always uses acks=all and enable.idempotence=true")]
+    Unsafe {
+        /// The raw key.
+        raw_key: String,
+    },
+    /// librdkafka refused the configuration.
+    #[error("kafka config: librdkafka refused it: {0}")]
+    Client(#[source] KafkaError),
+}
+
+/// Map an rdkafka error on the produce path to the contract's error.
+pub(crate) fn sink_error(e: &KafkaError, deadline: Duration) -> SinkError {
+    let code = e.rdkafka_error_code();
+    match code {
+        Some(RDKafkaErrorCode::MessageTimedOut) => SinkError::Timeout { deadline },
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::Fatal,
+        ) => SinkError::Rejected { reason: e.to_string() },
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownPartition) => {
+            SinkError::Rejected { reason: format!("{e} (create the topic first, or set create_topics)") }
+        }
+        _ => SinkError::Broker { message: e.to_string(), retriable: !matches!(e, KafkaError::Canceled) },
+    }
+}

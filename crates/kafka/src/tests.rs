@@ -1,0 +1,236 @@
+//! Unit tests: configuration rules, and the sink against librdkafka's
+//! in-process `MockCluster` (faults included).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use dualstream_core::{record, DurableSink, Event, Limits, SinkError};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::types::RDKafkaApiKey;
+use rdkafka::ClientConfig;
+
+use crate::{ConfigError, KafkaSink, KafkaSinkConfig, TopicRouting};
+
+#[test]
+fn default_config_is_valid_and_durable() {
+    let c = KafkaSinkConfig::default();
+    c.validate().expect("defaults are valid");
+    let rd = c.client_config().expect("valid");
+    assert_eq!(rd.get("acks"), Some("all"));
+    assert_eq!(rd.get("enable.idempotence"), Some("true"));
+}
+
+#[test]
+fn raw_options_that_conflict_name_both() {
+    let mut c = KafkaSinkConfig::default();
+    c.librdkafka_options.insert("linger.ms".into(), "100".into());
+    let err = c.validate().unwrap_err();
+    assert!(matches!(&err, ConfigError::Conflict { raw_key, field: "linger_ms" } if raw_key == "linger.ms"));
+    assert!(err.to_string().contains("linger.ms") && err.to_string().contains("linger_ms"), "{err}");
+
+    let mut c = KafkaSinkConfig::default();
+    c.librdkafka_options.insert("delivery.timeout.ms".into(), "1".into());
+    assert!(matches!(c.validate(), Err(ConfigError::Conflict { field: "message_timeout_ms", .. })));
+
+    let mut c = KafkaSinkConfig::default();
+    c.librdkafka_options.insert("acks".into(), "1".into());
+    assert!(matches!(c.validate(), Err(ConfigError::Unsafe { .. })));
+
+    let mut c = KafkaSinkConfig::default();
+    c.librdkafka_options.insert("client.id".into(), "me".into());
+    assert!(c.validate().is_ok(), "unrelated raw options pass through");
+    assert_eq!(c.client_config().expect("valid").get("client.id"), Some("me"));
+}
+
+#[test]
+fn bad_values_name_the_field() {
+    let cases: Vec<(KafkaSinkConfig, &str)> = vec![
+        (KafkaSinkConfig { bootstrap_servers: " ".into(), ..Default::default() }, "bootstrap_servers"),
+        (KafkaSinkConfig { topic: TopicRouting::Single { topic: "a b".into() }, ..Default::default() }, "topic.topic"),
+        (
+            KafkaSinkConfig { topic: TopicRouting::PerSourceType { template: "events".into() }, ..Default::default() },
+            "topic.template",
+        ),
+        (KafkaSinkConfig { message_timeout_ms: 0, ..Default::default() }, "message_timeout_ms"),
+        (KafkaSinkConfig { queue_max_messages: 0, ..Default::default() }, "queue_max_messages"),
+        (KafkaSinkConfig { linger_ms: 1_000_000, ..Default::default() }, "linger_ms"),
+    ];
+    for (c, field) in cases {
+        match c.validate() {
+            Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{field}: expected Invalid, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn config_deserializes_from_json_with_defaults() {
+    let c: KafkaSinkConfig = serde_json::from_str(
+        r#"{"bootstrap_servers":"b:9092","topic":{"kind":"per_source_type","template":"ev.{source_type}"}}"#,
+    )
+    .expect("valid json");
+    assert_eq!(c.topic.topic_for("user"), "ev.user");
+    assert_eq!(c.linger_ms, 5);
+    assert!(serde_json::from_str::<KafkaSinkConfig>(r#"{"lingerms":1}"#).is_err(), "unknown fields are rejected");
+}
+
+fn mock_config(cluster: &MockCluster<'_, DefaultProducerContext>, topic: &str) -> KafkaSinkConfig {
+    KafkaSinkConfig {
+        bootstrap_servers: cluster.bootstrap_servers(),
+        topic: TopicRouting::Single { topic: topic.into() },
+        linger_ms: 1,
+        ..KafkaSinkConfig::default()
+    }
+}
+
+fn event(source: &str, n: usize) -> Event {
+    Event::builder("test.event", "user", source).payload(format!("payload-{n}")).build().expect("valid")
+}
+
+/// Read every record of `topic` back from the mock cluster.
+fn read_back(bootstrap: &str, topic: &str, expect: usize) -> Vec<(i32, i64, Event)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "readback")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // After the expected count, keep reading a little so a duplicate would show.
+    let mut grace: Option<Instant> = None;
+    while Instant::now() < deadline && grace.is_none_or(|g| Instant::now() < g) {
+        if grace.is_none() && out.len() >= expect {
+            grace = Some(Instant::now() + Duration::from_millis(700));
+        }
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m.expect("message");
+            let headers = m.headers().map(|h| h.iter().map(|h| (h.key, h.value)).collect::<Vec<_>>()).unwrap_or_default();
+            let e = record::decode(headers, m.payload(), &Limits::default()).expect("decodes");
+            assert_eq!(m.key(), Some(e.source().source_id().as_bytes()), "key is the source id");
+            out.push((m.partition(), m.offset(), e));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_positions_follow_publish_order_per_source() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("t", 4, 1).expect("topic");
+    let sink = KafkaSink::new(mock_config(&cluster, "t")).expect("sink");
+    sink.health_check().await.expect("healthy");
+    let events: Vec<Event> = (0..200).map(|i| event(&format!("s{}", i % 5), i)).collect();
+    let ids: Vec<_> = events.iter().map(Event::id).collect();
+    let results = sink.publish_batch(events.clone()).await;
+    assert_eq!(results.len(), 200);
+    let mut last: std::collections::HashMap<String, (i32, i64)> = Default::default();
+    for (e, r) in events.iter().zip(&results) {
+        let p = r.as_ref().expect("stored");
+        assert_eq!(&*p.topic, "t");
+        let src = e.source().source_id().to_owned();
+        if let Some((part, off)) = last.get(&src) {
+            assert_eq!(*part, p.partition, "one source, one partition");
+            assert!(p.offset > *off, "offsets grow in publish order");
+        }
+        last.insert(src, (p.partition, p.offset));
+    }
+    let back = read_back(&cluster.bootstrap_servers(), "t", 200);
+    let back_ids: HashSet<_> = back.iter().map(|(_, _, e)| e.id()).collect();
+    assert_eq!(back_ids, ids.into_iter().collect::<HashSet<_>>());
+    let single = sink.publish(event("s0", 999)).await.expect("stored");
+    assert_eq!(single.partition, last["s0"].0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_fails_with_timeout_after_the_deadline_and_hands_events_back() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("t", 1, 1).expect("topic");
+    let config = KafkaSinkConfig { message_timeout_ms: 1_500, ..mock_config(&cluster, "t") };
+    let sink = KafkaSink::new(config).expect("sink");
+    sink.publish(event("a", 0)).await.expect("stored while up");
+    cluster.broker_down(1).expect("down");
+    let started = Instant::now();
+    let results = sink.publish_batch((1..=20).map(|i| event("a", i)).collect()).await;
+    let took = started.elapsed();
+    for r in &results {
+        let err = r.as_ref().expect_err("broker is down");
+        assert!(matches!(err.error, SinkError::Timeout { .. }), "{err}");
+        assert!(err.is_retriable());
+        assert_eq!(err.event.source().source_id(), "a", "the event comes back");
+    }
+    assert!(took >= Duration::from_millis(1_400), "failed only once the deadline passed: {took:?}");
+    assert_eq!(sink.in_flight(), 0, "nothing left in the producer");
+    cluster.broker_up(1).expect("up");
+    // The client reconnects with its own backoff; the same sink recovers.
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        match sink.publish(event("a", 99)).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < give_up => assert!(e.is_retriable(), "{e}"),
+            Err(e) => panic!("did not recover after the broker returned: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_is_backpressure_then_a_typed_error() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("t", 1, 1).expect("topic");
+    let config = KafkaSinkConfig {
+        message_timeout_ms: 3_000,
+        enqueue_timeout_ms: 200,
+        queue_max_messages: 50,
+        ..mock_config(&cluster, "t")
+    };
+    let sink = KafkaSink::new(config).expect("sink");
+    cluster.broker_down(1).expect("down");
+    let results = sink.publish_batch((0..200).map(|i| event("a", i)).collect()).await;
+    let full = results.iter().filter(|r| matches!(r, Err(e) if matches!(e.error, SinkError::QueueFull { .. }))).count();
+    let timed_out = results.iter().filter(|r| matches!(r, Err(e) if matches!(e.error, SinkError::Timeout { .. }))).count();
+    assert_eq!(timed_out, 50, "exactly the queue's capacity was accepted");
+    assert_eq!(full, 150, "the rest were refused with queue full, none dropped");
+    // Every refused event is handed back, in order.
+    let back: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .map(|e| String::from_utf8_lossy(e.event.payload()).into_owned())
+        .collect();
+    assert_eq!(back, (0..200).map(|i| format!("payload-{i}")).collect::<Vec<_>>());
+    cluster.broker_up(1).expect("up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retriable_produce_errors_are_retried_without_duplicates() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("t", 2, 1).expect("topic");
+    let sink = KafkaSink::new(mock_config(&cluster, "t")).expect("sink");
+    sink.publish(event("warm", 0)).await.expect("warm-up");
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+        ],
+    );
+    let events: Vec<Event> = (0..100).map(|i| event(&format!("s{}", i % 3), i)).collect();
+    for r in sink.publish_batch(events.clone()).await {
+        r.expect("retried until stored");
+    }
+    let back = read_back(&cluster.bootstrap_servers(), "t", 101);
+    assert_eq!(back.len(), 101, "every event exactly once");
+    let mut seen = HashSet::new();
+    for (_, _, e) in &back {
+        assert!(seen.insert(e.id()), "duplicate record for {}", e.id());
+    }
+    for e in &events {
+        assert!(seen.contains(&e.id()), "missing {}", e.id());
+    }
+}

@@ -1,0 +1,106 @@
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How the publisher uses its two paths (PATTERN §5).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Durable write, then a notification. The default.
+    #[default]
+    Dual,
+    /// Durable write only: must not lose the event, nobody watches live.
+    DurableOnly,
+    /// Notification only: must be seen at once, loss acceptable. The receipt
+    /// has no position.
+    RealtimeOnly,
+    /// Durable writes as usual; notifications go to a bounded queue that a
+    /// background task drains in pipelined batches. A full queue skips the
+    /// notification (counted) rather than slow the durable path.
+    HighVolume,
+}
+
+/// The high-volume mode's notification queue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HighVolumeConfig {
+    /// Notifications the queue holds. Default: 65,536.
+    pub queue_capacity: usize,
+    /// Most notifications in one pipeline. Default: 512.
+    pub max_batch: usize,
+}
+
+impl Default for HighVolumeConfig {
+    fn default() -> Self {
+        Self { queue_capacity: 65_536, max_batch: 512 }
+    }
+}
+
+/// Configuration of a [`DualPublisher`](crate::DualPublisher).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PublisherConfig {
+    /// The mode. Default: dual.
+    pub mode: Mode,
+    /// Bound on each notifier call made by the publisher, in milliseconds,
+    /// on top of the notifier's own timeout. Default: 250.
+    pub notify_timeout_ms: u64,
+    /// Settings of the high-volume mode.
+    pub high_volume: HighVolumeConfig,
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        Self { mode: Mode::Dual, notify_timeout_ms: 250, high_volume: HighVolumeConfig::default() }
+    }
+}
+
+impl PublisherConfig {
+    pub(crate) fn notify_timeout(&self) -> Duration {
+        Duration::from_millis(self.notify_timeout_ms)
+    }
+
+    /// Check every field.
+    pub fn validate(&self) -> Result<(), BuildError> {
+        let invalid = |field, reason: &str| Err(BuildError::Invalid { field, reason: reason.to_owned() });
+        if !(1..=60_000).contains(&self.notify_timeout_ms) {
+            return invalid("notify_timeout_ms", &format!("{} is outside 1..=60000", self.notify_timeout_ms));
+        }
+        if !(1..=16_777_216).contains(&self.high_volume.queue_capacity) {
+            return invalid("high_volume.queue_capacity", &format!("{} is outside 1..=16777216", self.high_volume.queue_capacity));
+        }
+        if !(1..=100_000).contains(&self.high_volume.max_batch) {
+            return invalid("high_volume.max_batch", &format!("{} is outside 1..=100000", self.high_volume.max_batch));
+        }
+        Ok(())
+    }
+}
+
+/// Why a publisher could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The mode needs a durable sink and none was given.
+    #[error("mode {mode:?} needs a durable sink: call .durable(...)")]
+    MissingDurable {
+        /// The mode.
+        mode: Mode,
+    },
+    /// The mode needs a notifier and none was given.
+    #[error("mode {mode:?} needs a real-time notifier: call .notifier(...)")]
+    MissingNotifier {
+        /// The mode.
+        mode: Mode,
+    },
+    /// A configuration field has a bad value.
+    #[error("publisher config: {field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The high-volume mode starts a task and needs a Tokio runtime.
+    #[error("mode HighVolume must be built inside a Tokio runtime")]
+    NoRuntime,
+}

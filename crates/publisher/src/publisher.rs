@@ -1,0 +1,404 @@
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dualstream_core::{DeliveryError, DurableSink, Event, EventId, Notification, NotifyError, Position, RealtimeNotifier};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::config::{BuildError, Mode, PublisherConfig};
+use crate::metric_names as m;
+
+/// What happened to an event's notification. Informational only: it never
+/// decides whether a publish succeeded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotificationOutcome {
+    /// The notifier accepted it.
+    Sent,
+    /// Handed to the high-volume queue; sent in the background.
+    Queued,
+    /// Not sent: the notifier's breaker was open, or the high-volume queue
+    /// was full.
+    Skipped,
+    /// The notifier failed or did not answer in time.
+    Failed,
+    /// The mode sends no notifications.
+    Disabled,
+}
+
+/// The result of a successful publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    /// The event's id.
+    pub event_id: EventId,
+    /// Where the durable sink stored it (`None` in the real-time-only mode).
+    pub position: Option<Position>,
+    /// What happened to its notification.
+    pub notification: NotificationOutcome,
+}
+
+/// A failed publish. The event is handed back.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The durable sink did not store the event.
+    #[error(transparent)]
+    Durable(#[from] DeliveryError),
+    /// A custom durable sink returned fewer batch results than events: the
+    /// event's outcome is unknown. This is a bug in that sink.
+    #[error("durable sink returned no result for this event (sink contract broken)")]
+    MissingResult,
+}
+
+impl PublishError {
+    /// The event that was not stored, if the error carries it.
+    pub fn into_event(self) -> Option<Event> {
+        match self {
+            Self::Durable(e) => Some(e.event),
+            Self::MissingResult => None,
+        }
+    }
+
+    /// Whether publishing again may succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Self::Durable(e) => e.is_retriable(),
+            Self::MissingResult => false,
+        }
+    }
+}
+
+/// Publishes every event durably first and notifies in real time after.
+/// Cheap to clone: clones share the sinks and the background task.
+#[derive(Clone)]
+pub struct DualPublisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    durable: Option<Arc<dyn DurableSink>>,
+    notifier: Option<Arc<dyn RealtimeNotifier>>,
+    config: PublisherConfig,
+    high_volume: Option<HighVolume>,
+}
+
+struct HighVolume {
+    tx: mpsc::Sender<Notification>,
+    stop: Arc<Notify>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for DualPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DualPublisher").field("config", &self.inner.config).finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`DualPublisher`].
+#[derive(Default)]
+#[must_use]
+pub struct DualPublisherBuilder {
+    durable: Option<Arc<dyn DurableSink>>,
+    notifier: Option<Arc<dyn RealtimeNotifier>>,
+    config: PublisherConfig,
+}
+
+impl std::fmt::Debug for DualPublisherBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DualPublisherBuilder").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl DualPublisherBuilder {
+    /// The durable sink.
+    pub fn durable(mut self, sink: Arc<dyn DurableSink>) -> Self {
+        self.durable = Some(sink);
+        self
+    }
+    /// The real-time notifier.
+    pub fn notifier(mut self, notifier: Arc<dyn RealtimeNotifier>) -> Self {
+        self.notifier = Some(notifier);
+        self
+    }
+    /// The configuration.
+    pub fn config(mut self, config: PublisherConfig) -> Self {
+        self.config = config;
+        self
+    }
+    /// Shorthand for setting only the mode.
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.config.mode = mode;
+        self
+    }
+
+    /// Validate and build. The high-volume mode starts its background task
+    /// here and needs a Tokio runtime.
+    pub fn build(self) -> Result<DualPublisher, BuildError> {
+        self.config.validate()?;
+        let mode = self.config.mode;
+        if mode != Mode::RealtimeOnly && self.durable.is_none() {
+            return Err(BuildError::MissingDurable { mode });
+        }
+        if mode != Mode::DurableOnly && self.notifier.is_none() {
+            return Err(BuildError::MissingNotifier { mode });
+        }
+        let high_volume = match (mode, &self.notifier) {
+            (Mode::HighVolume, Some(notifier)) => {
+                let rt = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
+                let (tx, rx) = mpsc::channel(self.config.high_volume.queue_capacity);
+                let stop = Arc::new(Notify::new());
+                let worker = rt.spawn(drain_notifications(
+                    rx,
+                    notifier.clone(),
+                    stop.clone(),
+                    self.config.notify_timeout(),
+                    self.config.high_volume.max_batch,
+                ));
+                Some(HighVolume { tx, stop, worker: Mutex::new(Some(worker)) })
+            }
+            _ => None,
+        };
+        let notifier = if mode == Mode::DurableOnly { None } else { self.notifier };
+        let durable = if mode == Mode::RealtimeOnly { None } else { self.durable };
+        Ok(DualPublisher { inner: Arc::new(Inner { durable, notifier, config: self.config, high_volume }) })
+    }
+}
+
+fn record_outcome(outcome: NotificationOutcome, count: u64) {
+    let label = match outcome {
+        NotificationOutcome::Sent => "sent",
+        NotificationOutcome::Queued => "queued",
+        NotificationOutcome::Skipped => "skipped",
+        NotificationOutcome::Failed => "failed",
+        NotificationOutcome::Disabled => return,
+    };
+    metrics::counter!(m::NOTIFICATIONS, "outcome" => label).increment(count);
+}
+
+/// One bounded notifier call, mapped to an outcome.
+async fn notify_bounded(notifier: &dyn RealtimeNotifier, batch: &[Notification], bound: Duration) -> NotificationOutcome {
+    let call = async {
+        if let [one] = batch {
+            notifier.notify(one).await
+        } else {
+            notifier.notify_batch(batch).await
+        }
+    };
+    let outcome = match tokio::time::timeout(bound, call).await {
+        Ok(Ok(())) => NotificationOutcome::Sent,
+        Ok(Err(NotifyError::CircuitOpen)) => NotificationOutcome::Skipped,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, count = batch.len(), "notification failed");
+            NotificationOutcome::Failed
+        }
+        Err(_) => {
+            tracing::debug!(?bound, count = batch.len(), "notifier did not answer in time");
+            NotificationOutcome::Failed
+        }
+    };
+    record_outcome(outcome, batch.len() as u64);
+    outcome
+}
+
+/// The high-volume mode's background task: coalesce queued notifications
+/// into pipelined batches until stopped, then drain what is queued.
+async fn drain_notifications(
+    mut rx: mpsc::Receiver<Notification>,
+    notifier: Arc<dyn RealtimeNotifier>,
+    stop: Arc<Notify>,
+    bound: Duration,
+    max_batch: usize,
+) {
+    let mut batch = Vec::with_capacity(max_batch);
+    loop {
+        let stopping = tokio::select! {
+            n = rx.recv_many(&mut batch, max_batch) => n == 0,
+            () = stop.notified() => true,
+        };
+        if stopping {
+            rx.close();
+            while rx.recv_many(&mut batch, max_batch).await > 0 {
+                notify_bounded(&*notifier, &batch, bound).await;
+                batch.clear();
+            }
+            return;
+        }
+        metrics::gauge!(m::NOTIFY_QUEUE_DEPTH).set(rx.len() as f64);
+        notify_bounded(&*notifier, &batch, bound).await;
+        batch.clear();
+    }
+}
+
+impl DualPublisher {
+    /// Start building a publisher.
+    pub fn builder() -> DualPublisherBuilder {
+        DualPublisherBuilder::default()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PublisherConfig {
+        &self.inner.config
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> Mode {
+        self.inner.config.mode
+    }
+
+    async fn send_notifications(&self, batch: Vec<Notification>) -> NotificationOutcome {
+        if batch.is_empty() {
+            return NotificationOutcome::Disabled;
+        }
+        if let Some(hv) = &self.inner.high_volume {
+            let (mut queued, mut full) = (0u64, 0u64);
+            for n in batch {
+                match hv.tx.try_send(n) {
+                    Ok(()) => queued += 1,
+                    Err(_) => full += 1,
+                }
+            }
+            record_outcome(NotificationOutcome::Queued, queued);
+            record_outcome(NotificationOutcome::Skipped, full);
+            return if full == 0 { NotificationOutcome::Queued } else { NotificationOutcome::Skipped };
+        }
+        match &self.inner.notifier {
+            Some(n) => notify_bounded(&**n, &batch, self.inner.config.notify_timeout()).await,
+            None => NotificationOutcome::Disabled,
+        }
+    }
+
+    /// Publish one event (PATTERN §1).
+    ///
+    /// Resolves once the durable sink acknowledged the write; then the
+    /// notification is sent (or queued), bounded in time. Fails only if the
+    /// durable write fails, and then hands the event back.
+    pub async fn publish(&self, event: Event) -> Result<Receipt, PublishError> {
+        let span = tracing::debug_span!("publish", id = %event.id(), source_type = event.source().source_type());
+        async move {
+            let event_id = event.id();
+            let Some(durable) = &self.inner.durable else {
+                let n = Notification::for_event(&event, None);
+                let notification = self.send_notifications(vec![n]).await;
+                return Ok(Receipt { event_id, position: None, notification });
+            };
+            let n = self.inner.notifier.is_some().then(|| Notification::for_event(&event, None));
+            let started = Instant::now();
+            let position = match durable.publish(event).await {
+                Ok(p) => p,
+                Err(e) => {
+                    metrics::counter!(m::FAILED).increment(1);
+                    tracing::debug!(error = %e.error, "durable write failed");
+                    return Err(e.into());
+                }
+            };
+            metrics::histogram!(m::PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
+            metrics::counter!(m::PUBLISHED).increment(1);
+            let notification = match n {
+                Some(n) => {
+                    let n = Notification { position: Some(position.clone()), ..n };
+                    self.send_notifications(vec![n]).await
+                }
+                None => NotificationOutcome::Disabled,
+            };
+            Ok(Receipt { event_id, position: Some(position), notification })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Publish many events (PATTERN §4): one durable burst, then one batch of
+    /// notifications for the events that were stored.
+    ///
+    /// Returns one result per event, in input order. A partial failure is
+    /// reported per event and hands the failed events back.
+    pub async fn publish_batch(&self, events: Vec<Event>) -> Vec<Result<Receipt, PublishError>> {
+        let count = events.len();
+        if count == 0 {
+            return Vec::new();
+        }
+        metrics::histogram!(m::BATCH_SIZE).record(count as f64);
+        let span = tracing::debug_span!("publish_batch", count);
+        async move {
+            let Some(durable) = &self.inner.durable else {
+                let ids: Vec<EventId> = events.iter().map(Event::id).collect();
+                let batch = events.iter().map(|e| Notification::for_event(e, None)).collect();
+                let outcome = self.send_notifications(batch).await;
+                return ids
+                    .into_iter()
+                    .map(|event_id| Ok(Receipt { event_id, position: None, notification: outcome }))
+                    .collect();
+            };
+            let notify = self.inner.notifier.is_some();
+            let mut pending: Vec<Notification> = events.iter().map(|e| Notification::for_event(e, None)).collect();
+            let started = Instant::now();
+            let results = durable.publish_batch(events).await;
+            metrics::histogram!(m::PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
+            if results.len() != count {
+                tracing::error!(expected = count, got = results.len(), "durable sink broke the batch contract");
+            }
+            let mut stored = Vec::with_capacity(if notify { count } else { 0 });
+            let mut out: Vec<Result<Receipt, PublishError>> = Vec::with_capacity(count);
+            let mut results = results.into_iter();
+            for n in pending.drain(..) {
+                match results.next() {
+                    Some(Ok(position)) => {
+                        out.push(Ok(Receipt {
+                            event_id: n.id,
+                            position: Some(position.clone()),
+                            notification: NotificationOutcome::Disabled,
+                        }));
+                        if notify {
+                            stored.push(Notification { position: Some(position), ..n });
+                        }
+                    }
+                    Some(Err(e)) => out.push(Err(e.into())),
+                    None => out.push(Err(PublishError::MissingResult)),
+                }
+            }
+            let ok = stored.len();
+            metrics::counter!(m::PUBLISHED).increment(ok as u64);
+            metrics::counter!(m::FAILED).increment((count - ok) as u64);
+            if notify {
+                let outcome = self.send_notifications(stored).await;
+                for receipt in out.iter_mut().flatten() {
+                    receipt.notification = outcome;
+                }
+            }
+            out
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Check both paths. The durable sink's health decides; the notifier's
+    /// result is returned alongside for information.
+    pub async fn health_check(&self) -> (Result<(), dualstream_core::SinkError>, Option<Result<(), NotifyError>>) {
+        let durable = match &self.inner.durable {
+            Some(d) => d.health_check().await,
+            None => Ok(()),
+        };
+        let notifier = match &self.inner.notifier {
+            Some(n) => Some(n.health_check().await),
+            None => None,
+        };
+        (durable, notifier)
+    }
+
+    /// Graceful shutdown of the publisher's own work: the high-volume queue is
+    /// drained (each call still bounded), then the durable sink is flushed.
+    /// Publishing after shutdown still works but queues no notifications.
+    pub async fn shutdown(&self, timeout: Duration) -> Result<(), dualstream_core::SinkError> {
+        let deadline = Instant::now() + timeout;
+        if let Some(hv) = &self.inner.high_volume {
+            hv.stop.notify_one();
+            let worker = hv.worker.lock().ok().and_then(|mut w| w.take());
+            if let Some(worker) = worker {
+                let _ = tokio::time::timeout_at(deadline.into(), worker).await;
+            }
+        }
+        match &self.inner.durable {
+            Some(d) => d.flush(deadline.saturating_duration_since(Instant::now())).await,
+            None => Ok(()),
+        }
+    }
+}

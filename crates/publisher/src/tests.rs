@@ -1,0 +1,286 @@
+//! The publisher's rules, with mockall mocks of the sink traits.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dualstream_core::{
+    DeliveryError, Event, MockDurableSink, MockRealtimeNotifier, Notification, NotifyError, Position, RealtimeNotifier,
+    SinkError,
+};
+
+use crate::{BuildError, DualPublisher, Mode, NotificationOutcome, PublishError, PublisherConfig};
+
+fn event(source: &str) -> Event {
+    Event::builder("test.event", "user", source).payload("x").build().expect("valid")
+}
+
+fn pos(offset: i64) -> Position {
+    Position::new("events", 0, offset)
+}
+
+fn publisher(durable: MockDurableSink, notifier: MockRealtimeNotifier, mode: Mode) -> DualPublisher {
+    DualPublisher::builder()
+        .durable(Arc::new(durable))
+        .notifier(Arc::new(notifier))
+        .mode(mode)
+        .build()
+        .expect("valid publisher")
+}
+
+/// A notifier that never answers.
+struct Hung;
+#[async_trait]
+impl RealtimeNotifier for Hung {
+    async fn notify(&self, _: &Notification) -> Result<(), NotifyError> {
+        std::future::pending().await
+    }
+    async fn health_check(&self) -> Result<(), NotifyError> {
+        std::future::pending().await
+    }
+}
+
+/// A notifier that records what it receives, batch by batch.
+#[derive(Default, Clone)]
+struct Recording(Arc<Mutex<Vec<Vec<Notification>>>>);
+#[async_trait]
+impl RealtimeNotifier for Recording {
+    async fn notify(&self, n: &Notification) -> Result<(), NotifyError> {
+        self.notify_batch(std::slice::from_ref(n)).await
+    }
+    async fn notify_batch(&self, ns: &[Notification]) -> Result<(), NotifyError> {
+        self.0.lock().expect("lock").push(ns.to_vec());
+        Ok(())
+    }
+    async fn health_check(&self) -> Result<(), NotifyError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn notification_follows_the_ack_and_carries_the_position() {
+    let mut durable = MockDurableSink::new();
+    durable.expect_publish().times(1).returning(|_| Ok(pos(42)));
+    let mut notifier = MockRealtimeNotifier::new();
+    let e = event("octocat");
+    let id = e.id();
+    notifier
+        .expect_notify()
+        .times(1)
+        .withf(move |n| n.id == id && n.position == Some(pos(42)) && &*n.source_id == "octocat")
+        .returning(|_| Ok(()));
+    let receipt = publisher(durable, notifier, Mode::Dual).publish(e).await.expect("published");
+    assert_eq!(receipt.position, Some(pos(42)));
+    assert_eq!(receipt.notification, NotificationOutcome::Sent);
+}
+
+#[tokio::test]
+async fn a_notifier_error_never_fails_a_publish() {
+    let mut durable = MockDurableSink::new();
+    durable.expect_publish().times(2).returning(|_| Ok(pos(1)));
+    let mut notifier = MockRealtimeNotifier::new();
+    let mut calls = 0;
+    notifier.expect_notify().times(2).returning(move |_| {
+        calls += 1;
+        if calls == 1 {
+            Err(NotifyError::Connection("refused".into()))
+        } else {
+            Err(NotifyError::CircuitOpen)
+        }
+    });
+    let p = publisher(durable, notifier, Mode::Dual);
+    let r = p.publish(event("a")).await.expect("durable write decides");
+    assert_eq!(r.notification, NotificationOutcome::Failed);
+    let r = p.publish(event("a")).await.expect("durable write decides");
+    assert_eq!(r.notification, NotificationOutcome::Skipped);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_notifier_delays_a_publish_by_the_bound_only() {
+    let mut durable = MockDurableSink::new();
+    durable.expect_publish().returning(|_| Ok(pos(1)));
+    let p = DualPublisher::builder()
+        .durable(Arc::new(durable))
+        .notifier(Arc::new(Hung))
+        .config(PublisherConfig { notify_timeout_ms: 120, ..PublisherConfig::default() })
+        .build()
+        .expect("valid");
+    let start = tokio::time::Instant::now();
+    let r = p.publish(event("a")).await.expect("published");
+    assert_eq!(r.notification, NotificationOutcome::Failed);
+    assert_eq!(start.elapsed(), Duration::from_millis(120), "exactly the bound on the (paused) clock");
+}
+
+#[tokio::test]
+async fn a_durable_failure_fails_the_publish_hands_the_event_back_and_sends_nothing() {
+    let mut durable = MockDurableSink::new();
+    durable
+        .expect_publish()
+        .returning(|e| Err(DeliveryError::new(SinkError::Timeout { deadline: Duration::from_secs(1) }, e)));
+    let mut notifier = MockRealtimeNotifier::new();
+    notifier.expect_notify().times(0);
+    notifier.expect_notify_batch().times(0);
+    let e = event("a");
+    let err = publisher(durable, notifier, Mode::Dual).publish(e.clone()).await.expect_err("durable failed");
+    assert!(err.is_retriable());
+    assert_eq!(err.into_event(), Some(e));
+}
+
+#[tokio::test]
+async fn partial_batch_failure_is_reported_per_event_and_only_stored_events_are_notified() {
+    let mut durable = MockDurableSink::new();
+    durable.expect_publish_batch().returning(|events| {
+        events
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                if i % 2 == 1 {
+                    Err(DeliveryError::new(SinkError::Rejected { reason: "too large".into() }, e))
+                } else {
+                    Ok(pos(i as i64))
+                }
+            })
+            .collect()
+    });
+    let events: Vec<Event> = (0..6).map(|i| event(&format!("s{i}"))).collect();
+    let stored_ids: Vec<_> = events.iter().step_by(2).map(Event::id).collect();
+    let mut notifier = MockRealtimeNotifier::new();
+    notifier
+        .expect_notify_batch()
+        .times(1)
+        .withf(move |ns| {
+            ns.iter().map(|n| n.id).collect::<Vec<_>>() == stored_ids
+                && ns.iter().zip([0, 2, 4]).all(|(n, o)| n.position == Some(pos(o)))
+        })
+        .returning(|_| Ok(()));
+    let results = publisher(durable, notifier, Mode::Dual).publish_batch(events.clone()).await;
+    assert_eq!(results.len(), 6);
+    for (i, (r, e)) in results.into_iter().zip(events).enumerate() {
+        if i % 2 == 1 {
+            let err = r.expect_err("odd events fail");
+            assert!(!err.is_retriable());
+            assert_eq!(err.into_event(), Some(e), "failed event {i} handed back");
+        } else {
+            let receipt = r.expect("even events stored");
+            assert_eq!(receipt.event_id, e.id());
+            assert_eq!(receipt.position, Some(pos(i as i64)));
+            assert_eq!(receipt.notification, NotificationOutcome::Sent);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_sink_that_drops_results_is_reported_not_hidden() {
+    let mut durable = MockDurableSink::new();
+    durable.expect_publish_batch().returning(|_| vec![Ok(pos(0))]);
+    let mut notifier = MockRealtimeNotifier::new();
+    notifier.expect_notify().returning(|_| Ok(()));
+    let results = publisher(durable, notifier, Mode::Dual).publish_batch(vec![event("a"), event("b")]).await;
+    assert!(results[0].is_ok());
+    assert!(matches!(results[1], Err(PublishError::MissingResult)));
+}
+
+#[tokio::test]
+async fn durable_only_never_notifies() {
+    let mut durable = MockDurableSink::new();
+    durable.expect_publish().returning(|_| Ok(pos(3)));
+    let mut notifier = MockRealtimeNotifier::new();
+    notifier.expect_notify().times(0);
+    let r = publisher(durable, notifier, Mode::DurableOnly).publish(event("a")).await.expect("ok");
+    assert_eq!(r.notification, NotificationOutcome::Disabled);
+    assert_eq!(r.position, Some(pos(3)));
+}
+
+#[tokio::test]
+async fn realtime_only_never_writes_durably_and_has_no_position() {
+    let mut durable = MockDurableSink::new();
+    durable.expect_publish().times(0);
+    durable.expect_publish_batch().times(0);
+    let mut notifier = MockRealtimeNotifier::new();
+    notifier.expect_notify().times(1).withf(|n| n.position.is_none()).returning(|_| Ok(()));
+    notifier.expect_notify_batch().times(1).withf(|ns| ns.len() == 3).returning(|_| Ok(()));
+    let p = publisher(durable, notifier, Mode::RealtimeOnly);
+    let r = p.publish(event("a")).await.expect("ok");
+    assert_eq!((r.position, r.notification), (None, NotificationOutcome::Sent));
+    let rs = p.publish_batch(vec![event("a"), event("b"), event("c")]).await;
+    assert!(rs.iter().all(|r| matches!(r, Ok(r) if r.notification == NotificationOutcome::Sent)));
+    // Without a durable sink a real-time-only publisher builds too.
+    let mut n = MockRealtimeNotifier::new();
+    n.expect_notify().returning(|_| Err(NotifyError::Connection("down".into())));
+    let p = DualPublisher::builder().notifier(Arc::new(n)).mode(Mode::RealtimeOnly).build().expect("valid");
+    let r = p.publish(event("a")).await.expect("loss acceptable: still Ok");
+    assert_eq!(r.notification, NotificationOutcome::Failed);
+}
+
+#[tokio::test]
+async fn high_volume_queues_and_the_background_task_pipelines_everything() {
+    let mut durable = MockDurableSink::new();
+    let mut next = 0;
+    durable.expect_publish().returning(move |_| {
+        next += 1;
+        Ok(pos(next))
+    });
+    durable.expect_flush().times(1).returning(|_| Ok(()));
+    let recording = Recording::default();
+    let p = DualPublisher::builder()
+        .durable(Arc::new(durable))
+        .notifier(Arc::new(recording.clone()))
+        .mode(Mode::HighVolume)
+        .build()
+        .expect("valid");
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        let e = event(&format!("s{}", i % 7));
+        ids.push(e.id());
+        let r = p.publish(e).await.expect("ok");
+        assert_eq!(r.notification, NotificationOutcome::Queued);
+    }
+    p.shutdown(Duration::from_secs(5)).await.expect("flushed");
+    let batches = recording.0.lock().expect("lock").clone();
+    let got: Vec<_> = batches.iter().flatten().map(|n| n.id).collect();
+    assert_eq!(got, ids, "every notification, in publish order");
+    assert!(batches.iter().flatten().all(|n| n.position.is_some()));
+}
+
+#[tokio::test]
+async fn high_volume_skips_rather_than_blocks_when_its_queue_is_full() {
+    let mut durable = MockDurableSink::new();
+    durable.expect_publish().returning(|_| Ok(pos(1)));
+    let p = DualPublisher::builder()
+        .durable(Arc::new(durable))
+        .notifier(Arc::new(Hung))
+        .config(PublisherConfig {
+            mode: Mode::HighVolume,
+            high_volume: crate::HighVolumeConfig { queue_capacity: 4, max_batch: 2 },
+            ..PublisherConfig::default()
+        })
+        .build()
+        .expect("valid");
+    let mut outcomes = Vec::new();
+    for _ in 0..20 {
+        outcomes.push(p.publish(event("a")).await.expect("durable path unaffected").notification);
+    }
+    assert!(outcomes.contains(&NotificationOutcome::Skipped), "{outcomes:?}");
+}
+
+#[test]
+fn building_checks_the_mode_and_config() {
+    let err = DualPublisher::builder().notifier(Arc::new(MockRealtimeNotifier::new())).build().unwrap_err();
+    assert!(matches!(err, BuildError::MissingDurable { mode: Mode::Dual }));
+    let err = DualPublisher::builder().durable(Arc::new(MockDurableSink::new())).build().unwrap_err();
+    assert!(matches!(err, BuildError::MissingNotifier { mode: Mode::Dual }));
+    assert!(DualPublisher::builder().durable(Arc::new(MockDurableSink::new())).mode(Mode::DurableOnly).build().is_ok());
+    let err = DualPublisher::builder()
+        .durable(Arc::new(MockDurableSink::new()))
+        .notifier(Arc::new(MockRealtimeNotifier::new()))
+        .mode(Mode::HighVolume)
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, BuildError::NoRuntime), "{err}");
+    let err = DualPublisher::builder()
+        .durable(Arc::new(MockDurableSink::new()))
+        .config(PublisherConfig { notify_timeout_ms: 0, mode: Mode::DurableOnly, ..PublisherConfig::default() })
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, BuildError::Invalid { field: "notify_timeout_ms", .. }));
+}

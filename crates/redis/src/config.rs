@@ -1,0 +1,105 @@
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Circuit breaker settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the breaker. Default: 3.
+    pub failure_threshold: u32,
+    /// First wait before probing, in milliseconds. Default: 250.
+    pub open_min_ms: u64,
+    /// Longest wait between probes, in milliseconds (the wait doubles after
+    /// each failed probe). Default: 5,000.
+    pub open_max_ms: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self { failure_threshold: 3, open_min_ms: 250, open_max_ms: 5_000 }
+    }
+}
+
+/// Configuration of the [`RedisNotifier`](crate::RedisNotifier).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisNotifierConfig {
+    /// Redis URL. Default: `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// Bound on every call (connect, PUBLISH, pipeline), in milliseconds.
+    /// Default: 200.
+    pub timeout_ms: u64,
+    /// Connections kept by the pool. Default: 4.
+    pub pool_max_size: usize,
+    /// Channel prefix. Default: `events`.
+    pub channel_prefix: String,
+    /// Also publish every notification to the aggregate channel of its
+    /// source type (`events:user`). Default: off.
+    pub aggregate_channels: bool,
+    /// Shortest interval between two warnings about skipped or failed
+    /// notifications, in milliseconds. Default: 5,000.
+    pub warn_interval_ms: u64,
+    /// The circuit breaker.
+    pub breaker: BreakerConfig,
+}
+
+impl Default for RedisNotifierConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            timeout_ms: 200,
+            pool_max_size: 4,
+            channel_prefix: "events".to_owned(),
+            aggregate_channels: false,
+            warn_interval_ms: 5_000,
+            breaker: BreakerConfig::default(),
+        }
+    }
+}
+
+/// A configuration value that cannot work. Each variant names the field.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A field has a bad value.
+    #[error("redis config: {field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+}
+
+fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError::Invalid { field, reason: format!("{value} is outside {min}..={max}") });
+    }
+    Ok(())
+}
+
+impl RedisNotifierConfig {
+    /// The call bound.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// Check every field; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        use deadpool_redis::redis::IntoConnectionInfo;
+        self.url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| ConfigError::Invalid { field: "url", reason: e.to_string() })?;
+        range("timeout_ms", self.timeout_ms, 1, 60_000)?;
+        range("pool_max_size", self.pool_max_size as u64, 1, 1_024)?;
+        range("warn_interval_ms", self.warn_interval_ms, 0, 3_600_000)?;
+        range("breaker.failure_threshold", self.breaker.failure_threshold.into(), 1, 1_000_000)?;
+        range("breaker.open_min_ms", self.breaker.open_min_ms, 1, 3_600_000)?;
+        range("breaker.open_max_ms", self.breaker.open_max_ms, self.breaker.open_min_ms, 3_600_000)?;
+        dualstream_channel::ChannelNamer::with_prefix(self.channel_prefix.clone())
+            .map_err(|e| ConfigError::Invalid { field: "channel_prefix", reason: e.to_string() })?;
+        Ok(())
+    }
+}

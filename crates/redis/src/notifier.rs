@@ -1,0 +1,241 @@
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use deadpool_redis::redis::aio::MultiplexedConnection;
+use deadpool_redis::redis::{self, Pipeline};
+use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
+use dualstream_channel::ChannelNamer;
+use dualstream_core::{Notification, NotifyError, RealtimeNotifier};
+
+use crate::breaker::{Admit, Breaker, BreakerState};
+use crate::config::{ConfigError, RedisNotifierConfig};
+
+/// Counters of a [`RedisNotifier`], since it was created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotifierStats {
+    /// Notifications Redis accepted.
+    pub published: u64,
+    /// Notifications skipped at once because the breaker was open.
+    pub skipped: u64,
+    /// Notifications whose call failed or timed out.
+    pub failed: u64,
+    /// The breaker's state now.
+    pub breaker: BreakerState,
+}
+
+/// The Redis Pub/Sub notifier. Cheap to clone; clones share the connection,
+/// the breaker and the counters.
+#[derive(Clone)]
+pub struct RedisNotifier {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RedisNotifierConfig,
+    pool: Pool,
+    /// One multiplexed connection shared by all calls; replaced after an
+    /// error. The pool creates it (with its timeouts).
+    conn: Mutex<Option<MultiplexedConnection>>,
+    namer: ChannelNamer,
+    breaker: Mutex<Breaker>,
+    published: AtomicU64,
+    skipped: AtomicU64,
+    failed: AtomicU64,
+    warn: Mutex<WarnState>,
+}
+
+struct WarnState {
+    last: Option<Instant>,
+    skipped: u64,
+    failed: u64,
+}
+
+impl std::fmt::Debug for RedisNotifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisNotifier")
+            .field("config", &self.inner.config)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl RedisNotifier {
+    /// Validate the configuration and create the pool. No connection is made
+    /// until the first call.
+    pub fn new(config: RedisNotifierConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let timeout = config.timeout();
+        let mut pool_config = deadpool_redis::Config::from_url(config.url.clone());
+        pool_config.pool = Some(PoolConfig {
+            max_size: config.pool_max_size,
+            timeouts: Timeouts { wait: Some(timeout), create: Some(timeout), recycle: Some(timeout) },
+            ..PoolConfig::default()
+        });
+        let pool = pool_config
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| ConfigError::Invalid { field: "url", reason: e.to_string() })?;
+        let namer = ChannelNamer::with_prefix(config.channel_prefix.clone())
+            .map_err(|e| ConfigError::Invalid { field: "channel_prefix", reason: e.to_string() })?;
+        let breaker = Breaker::new(config.breaker.clone(), timeout * 2);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                pool,
+                conn: Mutex::new(None),
+                namer,
+                breaker: Mutex::new(breaker),
+                published: AtomicU64::new(0),
+                skipped: AtomicU64::new(0),
+                failed: AtomicU64::new(0),
+                warn: Mutex::new(WarnState { last: None, skipped: 0, failed: 0 }),
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RedisNotifierConfig {
+        &self.inner.config
+    }
+
+    /// The channel namer in use.
+    pub fn namer(&self) -> &ChannelNamer {
+        &self.inner.namer
+    }
+
+    /// The pool, for other commands on the same server.
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// The counters and the breaker state.
+    pub fn stats(&self) -> NotifierStats {
+        NotifierStats {
+            published: self.inner.published.load(Ordering::Relaxed),
+            skipped: self.inner.skipped.load(Ordering::Relaxed),
+            failed: self.inner.failed.load(Ordering::Relaxed),
+            breaker: lock(&self.inner.breaker).state(),
+        }
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, NotifyError> {
+        if let Some(c) = lock(&self.inner.conn).as_ref() {
+            return Ok(c.clone());
+        }
+        let pooled = self.inner.pool.get().await.map_err(|e| NotifyError::Connection(e.to_string()))?;
+        let conn = deadpool_redis::Connection::take(pooled);
+        *lock(&self.inner.conn) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn pipeline(&self, notifications: &[Notification]) -> Pipeline {
+        let per = if self.inner.config.aggregate_channels { 2 } else { 1 };
+        let mut pipe = redis::Pipeline::with_capacity(notifications.len() * per);
+        let mut channel = String::with_capacity(64);
+        for n in notifications {
+            let json = n.to_json();
+            channel.clear();
+            self.inner.namer.write_channel(&n.source_type, &n.source_id, &mut channel);
+            pipe.cmd("PUBLISH").arg(channel.as_str()).arg(json.as_slice()).ignore();
+            if self.inner.config.aggregate_channels {
+                channel.clear();
+                channel.push_str(self.inner.namer.prefix());
+                channel.push(':');
+                channel.push_str(&n.source_type);
+                pipe.cmd("PUBLISH").arg(channel.as_str()).arg(json.as_slice()).ignore();
+            }
+        }
+        pipe
+    }
+
+    async fn send(&self, pipe: &Pipeline) -> Result<(), NotifyError> {
+        let mut conn = self.connection().await?;
+        pipe.query_async::<()>(&mut conn).await.map_err(|e| NotifyError::Connection(e.to_string()))
+    }
+
+    fn warn_rate_limited(&self, skipped: u64, failed: u64, cause: &dyn std::fmt::Display) {
+        let mut w = lock(&self.inner.warn);
+        w.skipped += skipped;
+        w.failed += failed;
+        let interval = Duration::from_millis(self.inner.config.warn_interval_ms);
+        let now = Instant::now();
+        if w.last.is_none_or(|t| now.duration_since(t) >= interval) {
+            tracing::warn!(
+                skipped = w.skipped,
+                failed = w.failed,
+                cause = %cause,
+                "redis notifications not delivered (real-time path degraded; durable path unaffected)"
+            );
+            w.last = Some(now);
+            w.skipped = 0;
+            w.failed = 0;
+        }
+    }
+}
+
+#[async_trait]
+impl RealtimeNotifier for RedisNotifier {
+    async fn notify(&self, notification: &Notification) -> Result<(), NotifyError> {
+        self.notify_batch(std::slice::from_ref(notification)).await
+    }
+
+    async fn notify_batch(&self, notifications: &[Notification]) -> Result<(), NotifyError> {
+        if notifications.is_empty() {
+            return Ok(());
+        }
+        let count = notifications.len() as u64;
+        let admit = lock(&self.inner.breaker).admit(Instant::now());
+        if admit == Admit::No {
+            self.inner.skipped.fetch_add(count, Ordering::Relaxed);
+            self.warn_rate_limited(count, 0, &"circuit breaker open");
+            return Err(NotifyError::CircuitOpen);
+        }
+        let pipe = self.pipeline(notifications);
+        let timeout = self.inner.config.timeout();
+        let outcome = match tokio::time::timeout(timeout, self.send(&pipe)).await {
+            Ok(r) => r,
+            Err(_) => Err(NotifyError::Timeout { after: timeout }),
+        };
+        match outcome {
+            Ok(()) => {
+                self.inner.published.fetch_add(count, Ordering::Relaxed);
+                if lock(&self.inner.breaker).on_success() {
+                    tracing::info!("redis answers again: circuit breaker closed, notifications resume");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Drop the shared connection: the next call makes a new one.
+                lock(&self.inner.conn).take();
+                self.inner.failed.fetch_add(count, Ordering::Relaxed);
+                if lock(&self.inner.breaker).on_failure(Instant::now()) {
+                    tracing::warn!(error = %e, "redis failing: circuit breaker open, skipping notifications");
+                }
+                self.warn_rate_limited(0, count, &e);
+                Err(e)
+            }
+        }
+    }
+
+    async fn health_check(&self) -> Result<(), NotifyError> {
+        let timeout = self.inner.config.timeout();
+        let ping = async {
+            let mut conn = self.connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(|e| NotifyError::Connection(e.to_string()))
+        };
+        match tokio::time::timeout(timeout, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                lock(&self.inner.conn).take();
+                Err(e)
+            }
+            Err(_) => Err(NotifyError::Timeout { after: timeout }),
+        }
+    }
+}
