@@ -1,1 +1,115 @@
-fn main() {}
+//! `cargo xtask`: the local stack, tests, the demo and benchmarks.
+//!
+//! Bare `cargo xtask` prints help. Every command that needs services brings
+//! them up through [`stack`] and takes down only what it started.
+
+mod stack;
+
+use std::process::{Command, ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "dualstream developer tasks", arg_required_else_help = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a Kafka-compatible broker (tansu) and Redis on loopback, create the topics,
+    /// and print how to reach them. Honours KAFKA_BROKERS and REDIS_URL.
+    Up,
+    /// Stop what `up` started, and nothing else.
+    Down,
+    /// Bring the stack up, run every test of the workspace, bring down what was started.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// The end-to-end demo: publish through the batching engine and the dual publisher,
+    /// survive a Redis outage, and read everything back from Kafka.
+    Demo {
+        /// Seconds to publish for.
+        #[arg(long, default_value_t = 12)]
+        seconds: u64,
+        /// Events per second to offer.
+        #[arg(long, default_value_t = 2_000)]
+        rate: u64,
+    },
+    /// Benchmarks against the raw clients: writes docs/benchmarks.md and target/bench/*.json.
+    Bench {
+        /// Longer runs.
+        #[arg(long)]
+        full: bool,
+        /// Run only the groups whose name contains one of these words.
+        #[arg(long)]
+        filter: Vec<String>,
+    },
+    /// Install the tansu broker into the cache folder (about 10 minutes on 2 cores).
+    InstallTansu,
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let status = cmd.status().map_err(|e| format!("could not run {cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{:?} failed with {status}", cmd.get_program()))
+    }
+}
+
+/// Run `f` with the stack up, then take down what this call started.
+fn with_stack(f: impl FnOnce(&stack::Stack) -> Result<(), String>) -> Result<(), String> {
+    let stack = stack::up()?;
+    let result = f(&stack);
+    if let Err(e) = stack::down_started(&stack) {
+        eprintln!("xtask: while stopping the stack: {e}");
+    }
+    result
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Up => stack::up().map(|s| s.print()),
+        Cmd::Down => stack::down(),
+        Cmd::InstallTansu => stack::install_tansu().map(|p| println!("tansu: {}", p.display())),
+        Cmd::Test { args } => with_stack(|s| {
+            run(s.env(cargo().args(["test", "--workspace", "--all-targets"]).args(&args)))?;
+            run(s.env(cargo().args(["test", "--workspace", "--doc"])))
+        }),
+        Cmd::Demo { seconds, rate } => with_stack(|s| {
+            run(s.env(cargo().args(["run", "--release", "--quiet", "-p", "dualstream-tests", "--bin", "demo", "--"]).args([
+                "--seconds".to_owned(),
+                seconds.to_string(),
+                "--rate".to_owned(),
+                rate.to_string(),
+            ])))
+        }),
+        Cmd::Bench { full, filter } => with_stack(|s| {
+            let mut cmd = cargo();
+            cmd.args(["run", "--release", "--quiet", "-p", "dualstream-tests", "--bin", "bench", "--"]);
+            if full {
+                cmd.arg("--full");
+            }
+            for f in &filter {
+                cmd.args(["--filter", f]);
+            }
+            run(s.env(&mut cmd))
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! The local stack: a Kafka-protocol broker (tansu) and Redis on loopback.
+//!
+//! State lives in `target/dualstream-stack/`: `stack.env` (how to reach the
+//! services) and one `*.pid` file per process that `up` started. `down` stops
+//! exactly those processes.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TANSU_VERSION: &str = "0.6.0";
+/// Topics created on a broker that `up` starts.
+const TOPICS: &[(&str, u32)] = &[("events", 3)];
+
+/// Services that are up, and which of them this process started.
+pub(crate) struct Stack {
+    pub(crate) kafka_brokers: String,
+    pub(crate) redis_url: String,
+    tansu: Option<PathBuf>,
+    started_here: Vec<PathBuf>,
+}
+
+impl Stack {
+    /// Set the environment the tests, demo and benchmarks read.
+    pub(crate) fn env<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        cmd.env("KAFKA_BROKERS", &self.kafka_brokers).env("REDIS_URL", &self.redis_url);
+        if let Some(t) = &self.tansu {
+            cmd.env("DUALSTREAM_TANSU", t);
+        }
+        cmd
+    }
+
+    pub(crate) fn print(&self) {
+        println!("stack is up:");
+        println!("  KAFKA_BROKERS={}", self.kafka_brokers);
+        println!("  REDIS_URL={}", self.redis_url);
+        println!("use them with:  eval \"$(cat {})\"", state_dir().join("stack.env").display());
+        println!("stop with:      cargo xtask down");
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn state_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target")).join("dualstream-stack")
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("dualstream")
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|f| f.is_file()))
+}
+
+/// Where tansu is, without installing it.
+fn find_tansu() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("DUALSTREAM_TANSU").map(PathBuf::from).filter(|p| p.is_file()) {
+        return Some(p);
+    }
+    let cached = cache_dir().join(format!("tansu-{TANSU_VERSION}")).join("bin").join("tansu");
+    if cached.is_file() {
+        return Some(cached);
+    }
+    which("tansu")
+}
+
+/// Install tansu into the cache folder (reused when present).
+pub(crate) fn install_tansu() -> Result<PathBuf, String> {
+    if let Some(p) = find_tansu() {
+        return Ok(p);
+    }
+    let root = cache_dir().join(format!("tansu-{TANSU_VERSION}"));
+    eprintln!(
+        "xtask: tansu {TANSU_VERSION} (the Kafka-compatible broker) is not installed; installing it into {} \
+         (about 10 minutes on 2 cores, once)",
+        root.display()
+    );
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["install", "tansu", "--version", TANSU_VERSION, "--locked", "--features", "dynostore", "--root"])
+        .arg(&root)
+        .status()
+        .map_err(|e| format!("could not run cargo install: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "installing tansu failed ({status}). Install it by hand with \
+             `cargo install tansu --version {TANSU_VERSION} --locked --features dynostore --root {}`, \
+             or point KAFKA_BROKERS at a broker of your own",
+            root.display()
+        ));
+    }
+    find_tansu().ok_or_else(|| "tansu was installed but cannot be found".to_owned())
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
+    l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}
+
+fn spawn(name: &str, cmd: &mut Command) -> Result<u32, String> {
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
+    let err = log.try_clone().map_err(|e| e.to_string())?;
+    use std::os::unix::process::CommandExt;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("could not start {name}: {e}"))?;
+    let pid = child.id();
+    std::fs::write(dir.join(format!("{name}.pid")), pid.to_string()).map_err(|e| e.to_string())?;
+    Ok(pid)
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| !s.contains(") Z ")).unwrap_or(false)
+}
+
+fn log_tail(name: &str) -> String {
+    let text = std::fs::read_to_string(state_dir().join(format!("{name}.log"))).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Wait for `check` to pass, failing early if `pid` dies.
+fn wait_for(name: &str, pid: Option<u32>, timeout: Duration, mut check: impl FnMut() -> bool) -> Result<(), String> {
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if check() {
+            return Ok(());
+        }
+        if let Some(pid) = pid {
+            if !alive(pid) {
+                return Err(format!("{name} exited during start-up; its log says:\n{}", log_tail(name)));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("{name} did not answer within {timeout:?}; its log says:\n{}", log_tail(name)))
+}
+
+fn redis_addr(url: &str) -> String {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let rest = rest.rsplit('@').next().unwrap_or(rest);
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    if hostport.contains(':') { hostport.to_owned() } else { format!("{hostport}:6379") }
+}
+
+fn redis_pings(addr: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut buf = [0u8; 64];
+    s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).map(|n| buf[..n].starts_with(b"+PONG")).unwrap_or(false)
+}
+
+fn connects(addr: &str) -> bool {
+    addr.split(',').all(|a| TcpStream::connect(a.trim()).is_ok())
+}
+
+fn read_state() -> Option<(String, String)> {
+    let text = std::fs::read_to_string(state_dir().join("stack.env")).ok()?;
+    let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("export {k}=")).map(str::to_owned));
+    Some((get("KAFKA_BROKERS")?, get("REDIS_URL")?))
+}
+
+/// Bring the stack up, or reuse one that is already up.
+pub(crate) fn up() -> Result<Stack, String> {
+    let tansu_known = find_tansu();
+    if let Some((kafka, redis)) = read_state() {
+        if connects(&kafka) && redis_pings(&redis_addr(&redis)) {
+            eprintln!("xtask: reusing the running stack ({kafka}, {redis})");
+            return Ok(Stack { kafka_brokers: kafka, redis_url: redis, tansu: tansu_known, started_here: vec![] });
+        }
+        down()?;
+    }
+    let dir = state_dir();
+    let mut started_here = Vec::new();
+
+    let redis_url = match std::env::var("REDIS_URL") {
+        Ok(url) => {
+            let addr = redis_addr(&url);
+            wait_for("redis", None, Duration::from_secs(5), || redis_pings(&addr))
+                .map_err(|_| format!("REDIS_URL={url} does not answer PING"))?;
+            url
+        }
+        Err(_) => {
+            let server = which("redis-server").ok_or(
+                "redis-server not found: install it (Debian/Ubuntu: `apt-get install redis-server`) or set REDIS_URL",
+            )?;
+            let port = free_port()?;
+            let pid = spawn(
+                "redis",
+                Command::new(server).args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]),
+            )?;
+            started_here.push(dir.join("redis.pid"));
+            let addr = format!("127.0.0.1:{port}");
+            wait_for("redis", Some(pid), Duration::from_secs(10), || redis_pings(&addr))?;
+            format!("redis://{addr}")
+        }
+    };
+
+    let (kafka_brokers, tansu) = match std::env::var("KAFKA_BROKERS") {
+        Ok(brokers) => {
+            wait_for("kafka", None, Duration::from_secs(10), || connects(&brokers))
+                .map_err(|_| format!("KAFKA_BROKERS={brokers} does not accept connections"))?;
+            (brokers, tansu_known)
+        }
+        Err(_) => {
+            let tansu = install_tansu()?;
+            let port = free_port()?;
+            let url = format!("tcp://127.0.0.1:{port}");
+            let pid = spawn(
+                "tansu",
+                Command::new(&tansu).args([
+                    "broker",
+                    "--storage-engine",
+                    "memory://tansu/",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ]),
+            )?;
+            started_here.push(dir.join("tansu.pid"));
+            let addr = format!("127.0.0.1:{port}");
+            wait_for("tansu", Some(pid), Duration::from_secs(30), || connects(&addr))?;
+            for (topic, partitions) in TOPICS {
+                wait_for("tansu", Some(pid), Duration::from_secs(30), || {
+                    Command::new(&tansu)
+                        .args(["topic", "create", topic, "--partitions", &partitions.to_string(), "--broker", &url])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .map(|s| s.success())
+                        .unwrap_or(false)
+                })
+                .map_err(|e| format!("creating topic {topic}: {e}"))?;
+            }
+            (addr, Some(tansu))
+        }
+    };
+
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut env = format!("export KAFKA_BROKERS={kafka_brokers}\nexport REDIS_URL={redis_url}\n");
+    if let Some(t) = &tansu {
+        env.push_str(&format!("export DUALSTREAM_TANSU={}\n", t.display()));
+    }
+    std::fs::write(dir.join("stack.env"), env).map_err(|e| e.to_string())?;
+    Ok(Stack { kafka_brokers, redis_url, tansu, started_here })
+}
+
+fn stop_pid_file(pid_file: &Path) -> Result<(), String> {
+    let Ok(text) = std::fs::read_to_string(pid_file) else { return Ok(()) };
+    let _ = std::fs::remove_file(pid_file);
+    let Ok(pid) = text.trim().parse::<u32>() else { return Ok(()) };
+    // Only ever signal the process we started (pids are reused).
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if !(cmdline.contains("tansu") || cmdline.contains("redis-server")) {
+        return Ok(());
+    }
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let until = Instant::now() + Duration::from_secs(5);
+    while alive(pid) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if alive(pid) {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+    Ok(())
+}
+
+/// Stop the processes this call's `up` started.
+pub(crate) fn down_started(stack: &Stack) -> Result<(), String> {
+    for pid_file in &stack.started_here {
+        stop_pid_file(pid_file)?;
+    }
+    if !stack.started_here.is_empty() {
+        let _ = std::fs::remove_file(state_dir().join("stack.env"));
+    }
+    Ok(())
+}
+
+/// Stop every process `up` started (per the pid files), and nothing else.
+pub(crate) fn down() -> Result<(), String> {
+    let dir = state_dir();
+    for name in ["tansu", "redis"] {
+        stop_pid_file(&dir.join(format!("{name}.pid")))?;
+    }
+    let _ = std::fs::remove_file(dir.join("stack.env"));
+    println!("stack is down");
+    Ok(())
+}
