@@ -255,10 +255,31 @@ impl OwnedBroker {
             let _ = c.wait();
         }
     }
+
+    /// SIGSTOP: the broker stops answering but keeps its state (tansu's
+    /// in-memory storage would lose the log and the producer state on a
+    /// restart, which a real Kafka broker keeps on disk).
+    pub fn stop(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT: the stopped broker answers again.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill").success();
+        assert!(ok, "kill {sig} {pid}");
+    }
 }
 
 impl Drop for OwnedBroker {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            self.resume();
+        }
         self.kill();
     }
 }

@@ -23,7 +23,8 @@ pub struct KafkaSink {
 }
 
 struct Inner {
-    producer: FutureProducer,
+    /// Replaced by a fresh producer after a fatal error (see `recover`).
+    producer: RwLock<FutureProducer>,
     config: KafkaSinkConfig,
     /// Topic name per source type, shared with every position handed out.
     topics: RwLock<HashMap<Arc<str>, Arc<str>>>,
@@ -41,7 +42,7 @@ impl KafkaSink {
     /// broker.
     pub fn new(config: KafkaSinkConfig) -> Result<Self, ConfigError> {
         let producer: FutureProducer = config.client_config()?.create().map_err(ConfigError::Client)?;
-        Ok(Self { inner: Arc::new(Inner { producer, config, topics: RwLock::new(HashMap::new()) }) })
+        Ok(Self { inner: Arc::new(Inner { producer: RwLock::new(producer), config, topics: RwLock::new(HashMap::new()) }) })
     }
 
     /// The configuration.
@@ -49,14 +50,43 @@ impl KafkaSink {
         &self.inner.config
     }
 
-    /// The underlying producer, for statistics or advanced use.
-    pub fn producer(&self) -> &FutureProducer {
-        &self.inner.producer
+    /// The current producer (a cheap handle), for statistics or advanced use.
+    pub fn producer(&self) -> FutureProducer {
+        self.inner.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Records handed to the producer and not yet acknowledged or failed.
     pub fn in_flight(&self) -> i32 {
-        self.inner.producer.in_flight_count()
+        self.producer().in_flight_count()
+    }
+
+    /// After a failed delivery: if the producer hit a fatal error (for
+    /// example the broker fenced its producer id after an outage), it can
+    /// never deliver again, so replace it with a fresh one. Later publishes
+    /// go to the new producer; nothing acknowledged is affected.
+    fn recover(&self, failed: &FutureProducer, error: &rdkafka::error::KafkaError) {
+        let fenced = matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+        );
+        let Some((code, reason)) = failed
+            .client()
+            .fatal_error()
+            .or_else(|| fenced.then(|| (RDKafkaErrorCode::ProducerFenced, error.to_string())))
+        else {
+            return;
+        };
+        let mut current = self.inner.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !std::ptr::eq(current.client().native_ptr(), failed.client().native_ptr()) {
+            return; // another call replaced it already
+        }
+        match self.inner.config.client_config().and_then(|c| c.create().map_err(ConfigError::Client)) {
+            Ok(fresh) => {
+                tracing::warn!(?code, %reason, "kafka producer hit a fatal error; replaced it with a new producer");
+                *current = fresh;
+            }
+            Err(e) => tracing::error!(error = %e, "kafka producer hit a fatal error and could not be replaced"),
+        }
     }
 
     /// Create these topics if they do not exist, with the configured
@@ -108,7 +138,13 @@ impl KafkaSink {
 
     /// Hand one record to the producer, waiting for room while the local
     /// queue is full, up to `until`.
-    async fn enqueue(&self, topic: &str, event: &Event, until: Instant) -> Result<DeliveryFuture, SinkError> {
+    async fn enqueue(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+        event: &Event,
+        until: Instant,
+    ) -> Result<DeliveryFuture, SinkError> {
         let mut scratch = HeaderScratch::default();
         let mut headers = OwnedHeaders::new_with_capacity(5 + event.headers().len());
         for (key, value) in record::headers(event, &mut scratch) {
@@ -120,7 +156,7 @@ impl KafkaSink {
             .headers(headers);
         let mut pause = Duration::from_millis(1);
         loop {
-            match self.inner.producer.send_result(rec) {
+            match producer.send_result(rec) {
                 Ok(delivery) => return Ok(delivery),
                 Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
                     let now = Instant::now();
@@ -141,10 +177,19 @@ impl KafkaSink {
         Instant::now() + Duration::from_millis(self.inner.config.enqueue_timeout_ms)
     }
 
-    async fn settle(&self, topic: Arc<str>, event: Event, delivery: DeliveryFuture) -> Result<Position, DeliveryError> {
+    async fn settle(
+        &self,
+        producer: &FutureProducer,
+        topic: Arc<str>,
+        event: Event,
+        delivery: DeliveryFuture,
+    ) -> Result<Position, DeliveryError> {
         match delivery.await {
             Ok(Ok(d)) => Ok(Position { topic, partition: d.partition, offset: d.offset }),
-            Ok(Err((e, _))) => Err(DeliveryError::new(sink_error(&e, self.inner.config.message_timeout()), event)),
+            Ok(Err((e, _))) => {
+                self.recover(producer, &e);
+                Err(DeliveryError::new(sink_error(&e, self.inner.config.message_timeout()), event))
+            }
             Err(_canceled) => Err(DeliveryError::new(SinkError::Closed, event)),
         }
     }
@@ -157,8 +202,9 @@ impl DurableSink for KafkaSink {
             Ok(t) => t,
             Err(e) => return Err(DeliveryError::new(e, event)),
         };
-        match self.enqueue(&topic, &event, self.enqueue_deadline()).await {
-            Ok(delivery) => self.settle(topic, event, delivery).await,
+        let producer = self.producer();
+        match self.enqueue(&producer, &topic, &event, self.enqueue_deadline()).await {
+            Ok(delivery) => self.settle(&producer, topic, event, delivery).await,
             Err(e) => Err(DeliveryError::new(e, event)),
         }
     }
@@ -170,6 +216,7 @@ impl DurableSink for KafkaSink {
     /// overtaking a failed one.
     async fn publish_batch(&self, events: Vec<Event>) -> Vec<Result<Position, DeliveryError>> {
         let until = self.enqueue_deadline();
+        let producer = self.producer();
         let mut pending = Vec::with_capacity(events.len());
         let mut full: Option<Duration> = None;
         for event in events {
@@ -184,7 +231,7 @@ impl DurableSink for KafkaSink {
                     continue;
                 }
             };
-            match self.enqueue(&topic, &event, until).await {
+            match self.enqueue(&producer, &topic, &event, until).await {
                 Ok(delivery) => pending.push(Ok((topic, event, delivery))),
                 Err(e) => {
                     if let SinkError::QueueFull { waited } = e {
@@ -194,9 +241,10 @@ impl DurableSink for KafkaSink {
                 }
             }
         }
+        let producer = &producer;
         let settle = pending.into_iter().map(|p| async move {
             match p {
-                Ok((topic, event, delivery)) => self.settle(topic, event, delivery).await,
+                Ok((topic, event, delivery)) => self.settle(producer, topic, event, delivery).await,
                 Err(e) => Err(e),
             }
         });
@@ -212,7 +260,7 @@ impl DurableSink for KafkaSink {
         if let (Some(t), Some(_)) = (&topic, &cfg.create_topics) {
             self.ensure_topics(&[t]).await?;
         }
-        let producer = self.inner.producer.clone();
+        let producer = self.producer();
         let timeout = Duration::from_millis(cfg.health_timeout_ms);
         let t = topic.clone();
         let metadata = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(t.as_deref(), timeout))
@@ -234,7 +282,7 @@ impl DurableSink for KafkaSink {
     }
 
     async fn flush(&self, timeout: Duration) -> Result<(), SinkError> {
-        let producer = self.inner.producer.clone();
+        let producer = self.producer();
         tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)))
             .await
             .map_err(|e| SinkError::other(e.to_string()))?
