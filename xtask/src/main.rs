@@ -81,10 +81,10 @@ fn main() -> ExitCode {
         Cmd::Up => stack::up().map(|s| s.print()),
         Cmd::Down => stack::down(),
         Cmd::InstallTansu => stack::install_tansu().map(|p| println!("tansu: {}", p.display())),
-        Cmd::Test { args } => with_stack(|s| {
+        Cmd::Test { args } => stack::install_tansu().and_then(|_| with_stack(|s| {
             run(s.env(cargo().args(["test", "--workspace", "--all-targets"]).args(&args)))?;
             run(s.env(cargo().args(["test", "--workspace", "--doc"])))
-        }),
+        })),
         Cmd::Demo { seconds, rate } => with_stack(|s| {
             run(s.env(cargo().args(["run", "--release", "--quiet", "-p", "dualstream-tests", "--bin", "demo", "--"]).args([
                 "--seconds".to_owned(),

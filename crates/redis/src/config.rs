@@ -11,13 +11,13 @@ pub struct BreakerConfig {
     /// First wait before probing, in milliseconds. Default: 250.
     pub open_min_ms: u64,
     /// Longest wait between probes, in milliseconds (the wait doubles after
-    /// each failed probe). Default: 5,000.
+    /// each failed probe). Default: 2,000.
     pub open_max_ms: u64,
 }
 
 impl Default for BreakerConfig {
     fn default() -> Self {
-        Self { failure_threshold: 3, open_min_ms: 250, open_max_ms: 5_000 }
+        Self { failure_threshold: 3, open_min_ms: 250, open_max_ms: 2_000 }
     }
 }
 
