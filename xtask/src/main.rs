@@ -65,6 +65,29 @@ fn run(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
+/// Run a `cargo test`, echoing its output, and add up its "test result"
+/// lines into `totals` (passed, failed).
+fn run_tests(cmd: &mut Command, totals: &mut (u64, u64)) -> Result<(), String> {
+    use std::io::BufRead;
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().map_err(|e| format!("could not run cargo test: {e}"))?;
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| {
+                    rest.split(';')
+                        .find_map(|part| part.trim().strip_suffix(word).and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok()))
+                        .unwrap_or(0)
+                };
+                totals.0 += count(" passed");
+                totals.1 += count(" failed");
+            }
+        }
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    if status.success() { Ok(()) } else { Err(format!("cargo test failed with {status}")) }
+}
+
 /// Run `f` with the stack up, then take down what this call started.
 fn with_stack(f: impl FnOnce(&stack::Stack) -> Result<(), String>) -> Result<(), String> {
     let stack = stack::up()?;
@@ -82,8 +105,11 @@ fn main() -> ExitCode {
         Cmd::Down => stack::down(),
         Cmd::InstallTansu => stack::install_tansu().map(|p| println!("tansu: {}", p.display())),
         Cmd::Test { args } => stack::install_tansu().and_then(|_| with_stack(|s| {
-            run(s.env(cargo().args(["test", "--workspace", "--all-targets"]).args(&args)))?;
-            run(s.env(cargo().args(["test", "--workspace", "--doc"])))
+            let mut totals = (0, 0);
+            let unit = run_tests(s.env(cargo().args(["test", "--workspace", "--all-targets"]).args(&args)), &mut totals);
+            let doc = run_tests(s.env(cargo().args(["test", "--workspace", "--doc"])), &mut totals);
+            println!("xtask: {} passed, {} failed", totals.0, totals.1);
+            unit.and(doc)
         })),
         Cmd::Demo { seconds, rate } => with_stack(|s| {
             run(s.env(cargo().args(["run", "--release", "--quiet", "-p", "dualstream-tests", "--bin", "demo", "--"]).args([

@@ -1,1 +1,559 @@
-fn main() { eprintln!("the benchmark harness is not written yet"); std::process::exit(1) }
+//! `cargo xtask bench`: dualstream against the raw clients, in one run, on
+//! the same broker and Redis, with the same payloads and producer settings.
+//!
+//! Writes `docs/benchmarks.md` and `target/bench/results.json`. Goals that
+//! are not met are reported as not met; nothing here is asserted.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dualstream::core::record::{self, HeaderScratch};
+use dualstream::kafka::KafkaSinkConfig;
+use dualstream::prelude::*;
+use dualstream_tests::*;
+use deadpool_redis::redis;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+struct Profile {
+    throughput_events: usize,
+    notify_events: usize,
+    latency_secs: u64,
+    outage_events: usize,
+    memory_events: usize,
+    naive_events: usize,
+}
+
+#[derive(Clone)]
+struct Row {
+    group: &'static str,
+    name: String,
+    ours: f64,
+    baseline: f64,
+    unit: &'static str,
+    /// Ratio shown as ours/baseline.
+    goal: String,
+    met: Option<bool>,
+    note: String,
+}
+
+fn args() -> (bool, Vec<String>) {
+    let a: Vec<String> = std::env::args().collect();
+    let full = a.iter().any(|x| x == "--full");
+    let filters = a.windows(2).filter(|w| w[0] == "--filter").map(|w| w[1].clone()).collect();
+    (full, filters)
+}
+
+fn payload(size: usize) -> Vec<u8> {
+    (0..size).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+fn events(n: usize, size: usize) -> Vec<Event> {
+    let body = bytes::Bytes::from(payload(size));
+    (0..n)
+        .map(|i| Event::builder("bench.event", "account", format!("acct-{}", i % 64)).payload(body.clone()).build().expect("valid"))
+        .collect()
+}
+
+fn sink_config(brokers: &str, topic: &str) -> KafkaSinkConfig {
+    KafkaSinkConfig {
+        bootstrap_servers: brokers.to_owned(),
+        topic: dualstream::kafka::TopicRouting::Single { topic: topic.to_owned() },
+        ..KafkaSinkConfig::default()
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx].as_secs_f64() * 1e3
+}
+
+async fn raw_producer(brokers: &str, topic: &str) -> FutureProducer {
+    let p: FutureProducer = sink_config(brokers, topic).client_config().expect("config").create().expect("producer");
+    // Warm up: the first idempotent ack takes about half a second.
+    raw_send(&p, topic, &events(1, 10)[0]).await.expect("warm-up");
+    p
+}
+
+fn raw_record<'a>(topic: &'a str, e: &'a Event, scratch: &'a mut HeaderScratch) -> FutureRecord<'a, [u8], [u8]> {
+    let mut headers = OwnedHeaders::new_with_capacity(5);
+    for (key, value) in record::headers(e, scratch) {
+        headers = headers.insert(Header { key, value: Some(value) });
+    }
+    FutureRecord::to(topic).key(record::key(e)).payload(e.payload().as_ref()).headers(headers)
+}
+
+async fn raw_send(p: &FutureProducer, topic: &str, e: &Event) -> Result<(), String> {
+    let mut scratch = HeaderScratch::default();
+    p.send(raw_record(topic, e, &mut scratch), Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e.to_string())
+}
+
+/// Raw baseline: every record handed to the producer, then all acks awaited.
+async fn raw_burst(p: &FutureProducer, topic: &str, evs: &[Event]) -> f64 {
+    let started = Instant::now();
+    let mut futures = Vec::with_capacity(evs.len());
+    for e in evs {
+        let mut scratch = HeaderScratch::default();
+        let mut rec = raw_record(topic, e, &mut scratch);
+        loop {
+            match p.send_result(rec) {
+                Ok(f) => {
+                    futures.push(f);
+                    break;
+                }
+                Err((_, back)) => {
+                    rec = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+    for f in futures {
+        f.await.expect("delivery").expect("acked");
+    }
+    evs.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn dual_engine(brokers: &str, topic: &str, redis_url: &str) -> (BatchEngine, Arc<RedisNotifier>) {
+    let sink = KafkaSink::new(sink_config(brokers, topic)).expect("sink");
+    let notifier = Arc::new(redis_notifier(redis_url));
+    let publisher = DualPublisher::builder().durable(Arc::new(sink)).notifier(notifier.clone()).build().expect("publisher");
+    // Warm up the idempotent producer and the Redis connection.
+    publisher.publish(events(1, 10).remove(0)).await.expect("warm-up");
+    (BatchEngine::new(publisher, BatchConfig::default()).expect("engine"), notifier)
+}
+
+/// Submit every event concurrently; returns events/s and per-event
+/// submit→receipt latencies.
+async fn through_engine(engine: &BatchEngine, evs: Vec<Event>) -> (f64, Vec<Duration>, usize) {
+    let started = Instant::now();
+    let tasks: Vec<_> = evs
+        .into_iter()
+        .map(|e| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let r = engine.submit(e).await;
+                (t.elapsed(), r.is_ok())
+            })
+        })
+        .collect();
+    let n = tasks.len();
+    let mut lat = Vec::with_capacity(n);
+    let mut errors = 0;
+    for t in tasks {
+        let (d, ok) = t.await.expect("task");
+        lat.push(d);
+        errors += usize::from(!ok);
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    lat.sort();
+    (rate, lat, errors)
+}
+
+async fn durable_throughput(brokers: &str, redis_url: &str, p: &Profile, rows: &mut Vec<Row>) {
+    for size in [150, 1024] {
+        let topic = unique_topic("bench-dur");
+        create_topic(brokers, &topic, 3).await;
+        let raw = raw_producer(brokers, &topic).await;
+        let baseline = raw_burst(&raw, &topic, &events(p.throughput_events, size)).await;
+        let (engine, _) = dual_engine(brokers, &topic, redis_url).await;
+        let (ours, _, errors) = through_engine(&engine, events(p.throughput_events, size)).await;
+        engine.shutdown().await;
+        let ratio = ours / baseline;
+        rows.push(Row {
+            group: "durable",
+            name: format!("durable throughput, {size} B, events/s"),
+            ours,
+            baseline,
+            unit: "ev/s",
+            goal: "ratio ≥ 0.90".into(),
+            met: Some(ratio >= 0.90),
+            note: format!("{} events; ours = dual mode through the batching engine, Redis on; {errors} errors", p.throughput_events),
+        });
+        println!("  durable {size} B: ours {ours:.0}/s, raw {baseline:.0}/s, ratio {ratio:.2}");
+    }
+}
+
+async fn realtime_throughput(redis_url: &str, p: &Profile, rows: &mut Vec<Row>) {
+    let notifier = redis_notifier(redis_url);
+    let evs = events(p.notify_events, 150);
+    let notes: Vec<Notification> =
+        evs.iter().enumerate().map(|(i, e)| Notification::for_event(e, Some(Position::new("t", 0, i as i64)))).collect();
+    notifier.notify_batch(&notes[..10]).await.expect("warm-up");
+    let started = Instant::now();
+    for chunk in notes.chunks(512) {
+        notifier.notify_batch(chunk).await.expect("pipeline");
+    }
+    let ours = notes.len() as f64 / started.elapsed().as_secs_f64();
+
+    let client = redis::Client::open(redis_url).expect("url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("conn");
+    let names = ChannelNamer::default();
+    let started = Instant::now();
+    for chunk in notes.chunks(512) {
+        let mut pipe = redis::pipe();
+        for n in chunk {
+            pipe.cmd("PUBLISH").arg(names.channel(&n.source_type, &n.source_id).expect("ch")).arg(n.to_json()).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.expect("raw pipeline");
+    }
+    let baseline = notes.len() as f64 / started.elapsed().as_secs_f64();
+    let ratio = ours / baseline;
+    rows.push(Row {
+        group: "realtime",
+        name: "real-time throughput, notifications/s".into(),
+        ours,
+        baseline,
+        unit: "n/s",
+        goal: "ratio ≥ 0.90".into(),
+        met: Some(ratio >= 0.90),
+        note: format!("{} notifications, pipelines of 512; baseline = raw pipelined PUBLISH, same client", notes.len()),
+    });
+    println!("  realtime: ours {ours:.0}/s, raw {baseline:.0}/s, ratio {ratio:.2}");
+}
+
+async fn latency(brokers: &str, redis_url: &str, p: &Profile, rows: &mut Vec<Row>) {
+    for rate in [2_000u64, 20_000] {
+        let topic = unique_topic("bench-lat");
+        create_topic(brokers, &topic, 3).await;
+        let n = (rate * p.latency_secs) as usize;
+        // Raw: produce→ack at the fixed rate.
+        let raw = Arc::new(raw_producer(brokers, &topic).await);
+        let raw_lat = paced(rate, events(n, 150), {
+            let (raw, topic) = (raw.clone(), topic.clone());
+            move |e: Event| {
+                let (raw, topic) = (raw.clone(), topic.clone());
+                async move {
+                    let t = Instant::now();
+                    raw_send(&raw, &topic, &e).await.expect("ack");
+                    t.elapsed()
+                }
+            }
+        })
+        .await;
+        // Ours: publish() → notification at a subscriber.
+        let sink = KafkaSink::new(sink_config(brokers, &topic)).expect("sink");
+        let notifier = redis_notifier(redis_url);
+        let prefix = notifier.namer().clone();
+        let publisher = DualPublisher::builder().durable(Arc::new(sink)).notifier(Arc::new(notifier)).build().expect("pub");
+        publisher.publish(events(1, 10).remove(0)).await.expect("warm-up");
+        let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let arrived: Arc<Mutex<Vec<Duration>>> = Arc::default();
+        let mut sub = Subscriber::new(redis_url, &[prefix.pattern_for_type("account").expect("p")], &[]).await;
+        let listener = {
+            let (sent_at, arrived) = (sent_at.clone(), arrived.clone());
+            tokio::spawn(async move {
+                while let Some((_, payload)) = sub.next(Duration::from_secs(5)).await {
+                    let now = Instant::now();
+                    let n = Notification::from_json(&payload).expect("json");
+                    if let Some(t) = sent_at.lock().expect("lock").remove(&n.id.to_string()) {
+                        arrived.lock().expect("lock").push(now - t);
+                    }
+                }
+            })
+        };
+        let _ = paced(rate, events(n, 150), {
+            let (publisher, sent_at) = (publisher.clone(), sent_at.clone());
+            move |e: Event| {
+                let (publisher, sent_at) = (publisher.clone(), sent_at.clone());
+                async move {
+                    let t = Instant::now();
+                    sent_at.lock().expect("lock").insert(e.id().to_string(), t);
+                    publisher.publish(e).await.expect("published");
+                    t.elapsed()
+                }
+            }
+        })
+        .await;
+        listener.await.expect("listener");
+        let mut ours = arrived.lock().expect("lock").clone();
+        ours.sort();
+        for (label, q) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
+            let (o, b) = (percentile(&ours, q), percentile(&raw_lat, q));
+            rows.push(Row {
+                group: "latency",
+                name: format!("latency at {rate}/s, {label}, ms"),
+                ours: o,
+                baseline: b,
+                unit: "ms",
+                goal: if label == "p99" { "≤ raw + 1 ms".into() } else { "-".into() },
+                met: (label == "p99").then_some(o <= b + 1.0),
+                note: format!("ours: publish() → notification at a PSUBSCRIBE subscriber ({} of {n} measured); raw: produce → ack", ours.len()),
+            });
+        }
+        println!(
+            "  latency {rate}/s: ours p50 {:.2} p99 {:.2} ms; raw p50 {:.2} p99 {:.2} ms",
+            percentile(&ours, 0.5),
+            percentile(&ours, 0.99),
+            percentile(&raw_lat, 0.5),
+            percentile(&raw_lat, 0.99)
+        );
+    }
+}
+
+/// Start `f(event)` at a fixed rate (in ticks of 1 ms), await all; sorted
+/// durations.
+async fn paced<F, Fut>(rate: u64, evs: Vec<Event>, f: F) -> Vec<Duration>
+where
+    F: Fn(Event) -> Fut,
+    Fut: std::future::Future<Output = Duration> + Send + 'static,
+{
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(evs.len());
+    for (i, e) in evs.into_iter().enumerate() {
+        let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+        if due > Instant::now() + Duration::from_millis(1) {
+            tokio::time::sleep_until(due.into()).await;
+        }
+        tasks.push(tokio::spawn(f(e)));
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out.sort();
+    out
+}
+
+async fn outage(brokers: &str, p: &Profile, rows: &mut Vec<Row>) {
+    let mut redis = OwnedRedis::start();
+    let topic = unique_topic("bench-out");
+    create_topic(brokers, &topic, 3).await;
+    let (engine, notifier) = dual_engine(brokers, &topic, &redis.url()).await;
+    let (up_rate, up_lat, _) = through_engine(&engine, events(p.outage_events, 150)).await;
+    redis.kill();
+    // Let the breaker open before measuring.
+    for _ in 0..5 {
+        let _ = engine.submit(events(1, 150).remove(0)).await;
+    }
+    let (down_rate, down_lat, errors) = through_engine(&engine, events(p.outage_events, 150)).await;
+    engine.shutdown().await;
+    let stats = notifier.stats();
+    let ratio = down_rate / up_rate;
+    rows.push(Row {
+        group: "outage",
+        name: "throughput with Redis down vs up, events/s".into(),
+        ours: down_rate,
+        baseline: up_rate,
+        unit: "ev/s",
+        goal: "ratio ≥ 0.95".into(),
+        met: Some(ratio >= 0.95),
+        note: format!("{} events each; {errors} publish errors while down; skipped {}", p.outage_events, stats.skipped),
+    });
+    let (pd, pu) = (percentile(&down_lat, 0.99), percentile(&up_lat, 0.99));
+    rows.push(Row {
+        group: "outage",
+        name: "p99 submit→receipt with Redis down vs up, ms".into(),
+        ours: pd,
+        baseline: pu,
+        unit: "ms",
+        goal: "ratio ≤ 1.1".into(),
+        met: Some(pd / pu <= 1.1),
+        note: "all events submitted at once: latency includes queueing".into(),
+    });
+    println!("  outage: down {down_rate:.0}/s vs up {up_rate:.0}/s; p99 {pd:.1} vs {pu:.1} ms");
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+async fn memory(brokers: &str, redis_url: &str, p: &Profile, rows: &mut Vec<Row>) {
+    let topic = unique_topic("bench-mem");
+    create_topic(brokers, &topic, 3).await;
+    let (engine, _) = dual_engine(brokers, &topic, redis_url).await;
+    let _ = std::fs::write("/proc/self/clear_refs", "5"); // reset the peak
+    let before = peak_rss_kib();
+    let started = Instant::now();
+    // Offer as fast as the engine accepts: a fixed pool of submitters, so
+    // memory is bounded by the engine's queue, not by the benchmark.
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let total = p.memory_events;
+    let body = bytes::Bytes::from(payload(150));
+    let workers: Vec<_> = (0..256)
+        .map(|_| {
+            let (engine, next, body) = (engine.clone(), next.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut errors = 0usize;
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= total {
+                        return errors;
+                    }
+                    let e = Event::builder("bench.event", "account", format!("acct-{}", i % 64))
+                        .payload(body.clone())
+                        .build()
+                        .expect("valid");
+                    errors += usize::from(engine.submit(e).await.is_err());
+                }
+            })
+        })
+        .collect();
+    let mut errors = 0;
+    for w in workers {
+        errors += w.await.expect("worker");
+    }
+    engine.shutdown().await;
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    let peak = peak_rss_kib();
+    let cfg = BatchConfig::default();
+    let kafka = KafkaSinkConfig::default();
+    rows.push(Row {
+        group: "memory",
+        name: format!("peak RSS over {total} events, MiB"),
+        ours: peak as f64 / 1024.0,
+        baseline: before as f64 / 1024.0,
+        unit: "MiB",
+        goal: "bounded by the queues".into(),
+        met: None,
+        note: format!(
+            "{rate:.0} events/s, {errors} errors; baseline column = RSS before the run; bounds: engine {} events / {} MiB, producer {} messages / {} MiB",
+            cfg.max_queued_events,
+            cfg.max_queued_bytes >> 20,
+            kafka.queue_max_messages,
+            kafka.queue_max_kbytes >> 10
+        ),
+    });
+    println!("  memory: peak {} MiB (before {} MiB) at {rate:.0}/s", peak >> 10, before >> 10);
+}
+
+async fn naive(brokers: &str, redis_url: &str, p: &Profile, rows: &mut Vec<Row>) {
+    let topic = unique_topic("bench-naive");
+    create_topic(brokers, &topic, 3).await;
+    let raw = raw_producer(brokers, &topic).await;
+    let client = redis::Client::open(redis_url).expect("url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("conn");
+    let names = ChannelNamer::default();
+    let evs = events(p.naive_events, 150);
+    let started = Instant::now();
+    for e in &evs {
+        raw_send(&raw, &topic, e).await.expect("ack");
+        let n = Notification::for_event(e, None);
+        redis::cmd("PUBLISH")
+            .arg(names.channel_for(e.source()))
+            .arg(n.to_json())
+            .query_async::<i64>(&mut conn)
+            .await
+            .expect("publish");
+    }
+    let naive = evs.len() as f64 / started.elapsed().as_secs_f64();
+    let ours = rows.iter().find(|r| r.group == "durable").map(|r| r.ours).unwrap_or(f64::NAN);
+    rows.push(Row {
+        group: "naive",
+        name: "naive pattern (await produce, then await PUBLISH, per event), events/s".into(),
+        ours,
+        baseline: naive,
+        unit: "ev/s",
+        goal: "-".into(),
+        met: None,
+        note: format!("ours = durable row, 150 B; naive measured over {} events", evs.len()),
+    });
+    println!("  naive: {naive:.0}/s");
+}
+
+fn write_report(rows: &[Row], full: bool, filters: &[String], took: Duration) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("root").to_path_buf();
+    let mut md = String::new();
+    md.push_str("# Benchmarks\n\n");
+    md.push_str("Produced by `cargo xtask bench");
+    if full {
+        md.push_str(" --full");
+    }
+    for f in filters {
+        md.push_str(&format!(" --filter {f}"));
+    }
+    md.push_str("`, which overwrites this file; machine-readable results are in `target/bench/results.json`.\n\n");
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_default();
+    md.push_str(&format!(
+        "- machine: {} cores ({cpu}), {} \n- broker: `{}` (tansu when started by `cargo xtask`), Redis: `{}`\n- producer settings (both sides): dualstream's `KafkaSinkConfig::default()` (acks=all, idempotent, linger 5 ms, no compression)\n- run took {:.0} s\n\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| s.lines().next().map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))).map(|m| format!("{m} memory")).unwrap_or_default(),
+        kafka_brokers(),
+        redis_url(),
+        took.as_secs_f64()
+    ));
+    md.push_str("| figure | ours | baseline | ratio | goal | met |\n|---|---:|---:|---:|---|---|\n");
+    for r in rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "-",
+        };
+        md.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {:.2} | {} | {} |\n",
+            r.name,
+            r.ours,
+            r.baseline,
+            r.ours / r.baseline,
+            r.goal,
+            met
+        ));
+    }
+    md.push_str("\nNotes per row:\n\n");
+    for r in rows {
+        md.push_str(&format!("- *{}*: {}\n", r.name, r.note));
+    }
+    std::fs::write(root.join("docs/benchmarks.md"), &md).expect("write report");
+    let json: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({"group": r.group, "name": r.name, "ours": r.ours, "baseline": r.baseline,
+                "unit": r.unit, "ratio": r.ours / r.baseline, "goal": r.goal, "met": r.met, "note": r.note})
+        })
+        .collect();
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir).expect("target/bench");
+    std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&json).expect("json")).expect("write json");
+    println!("{md}");
+}
+
+#[tokio::main]
+async fn main() {
+    let (full, filters) = args();
+    let p = if full {
+        Profile { throughput_events: 500_000, notify_events: 1_000_000, latency_secs: 20, outage_events: 200_000, memory_events: 2_000_000, naive_events: 10_000 }
+    } else {
+        Profile { throughput_events: 50_000, notify_events: 200_000, latency_secs: 5, outage_events: 30_000, memory_events: 1_000_000, naive_events: 1_000 }
+    };
+    let (brokers, redis_url) = (kafka_brokers(), redis_url());
+    let want = |g: &str| filters.is_empty() || filters.iter().any(|f| g.contains(f.as_str()));
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    // Memory first, so the peak is not an earlier group's.
+    if want("memory") {
+        println!("[memory] peak RSS over {} events", p.memory_events);
+        memory(&brokers, &redis_url, &p, &mut rows).await;
+    }
+    if want("durable") || want("naive") {
+        println!("[durable] dual publisher via the batching engine vs raw FutureProducer");
+        durable_throughput(&brokers, &redis_url, &p, &mut rows).await;
+    }
+    if want("realtime") {
+        println!("[realtime] Redis notifier vs raw pipelined PUBLISH");
+        realtime_throughput(&redis_url, &p, &mut rows).await;
+    }
+    if want("latency") {
+        println!("[latency] publish→notification vs raw produce→ack at fixed rates");
+        latency(&brokers, &redis_url, &p, &mut rows).await;
+    }
+    if want("outage") {
+        println!("[outage] Redis down vs up");
+        outage(&brokers, &p, &mut rows).await;
+    }
+    if want("naive") {
+        println!("[naive] await produce, then await PUBLISH, per event");
+        naive(&brokers, &redis_url, &p, &mut rows).await;
+    }
+    write_report(&rows, full, &filters, started.elapsed());
+}
