@@ -120,6 +120,10 @@ fn main() -> ExitCode {
             ])))
         }),
         Cmd::Bench { full, filter } => with_stack(|s| {
+            if filter.is_empty() || filter.iter().any(|f| "micro".contains(f.as_str())) {
+                let time = if full { "5" } else { "2" };
+                run(cargo().args(["bench", "-p", "dualstream", "--bench", "micro", "--", "--warm-up-time", "1", "--measurement-time", time]))?;
+            }
             let mut cmd = cargo();
             cmd.args(["run", "--release", "--quiet", "-p", "dualstream-tests", "--bin", "bench", "--"]);
             if full {

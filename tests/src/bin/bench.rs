@@ -500,6 +500,14 @@ fn write_report(rows: &[Row], full: bool, filters: &[String], took: Duration) {
             met
         ));
     }
+    let micro = criterion_figures(&root.join("target/criterion"));
+    if !micro.is_empty() {
+        md.push_str("\nMicro benchmarks (criterion, `cargo bench -p dualstream --bench micro`, mean time per iteration):\n\n| benchmark | mean |\n|---|---:|\n");
+        for (name, ns) in &micro {
+            let shown = if *ns >= 1e6 { format!("{:.3} ms", ns / 1e6) } else { format!("{ns:.1} ns") };
+            md.push_str(&format!("| {name} | {shown} |\n"));
+        }
+    }
     md.push_str("\nNotes per row:\n\n");
     for r in rows {
         md.push_str(&format!("- *{}*: {}\n", r.name, r.note));
@@ -516,6 +524,26 @@ fn write_report(rows: &[Row], full: bool, filters: &[String], took: Duration) {
     std::fs::create_dir_all(&dir).expect("target/bench");
     std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&json).expect("json")).expect("write json");
     println!("{md}");
+}
+
+/// (benchmark id, mean ns) of every criterion result under `dir`.
+fn criterion_figures(dir: &std::path::Path) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    let Ok(groups) = std::fs::read_dir(dir) else { return out };
+    for group in groups.flatten() {
+        let Ok(benches) = std::fs::read_dir(group.path()) else { continue };
+        for bench in benches.flatten() {
+            let new = bench.path().join("new");
+            let read = |f: &str| std::fs::read_to_string(new.join(f)).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+            if let (Some(meta), Some(est)) = (read("benchmark.json"), read("estimates.json")) {
+                if let (Some(id), Some(mean)) = (meta["full_id"].as_str(), est["mean"]["point_estimate"].as_f64()) {
+                    out.push((id.to_owned(), mean));
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
 }
 
 #[tokio::main]
