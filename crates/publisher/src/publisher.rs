@@ -329,7 +329,12 @@ impl DualPublisher {
                     .collect();
             };
             let notify = self.inner.notifier.is_some();
-            let mut pending: Vec<Notification> = events.iter().map(|e| Notification::for_event(e, None)).collect();
+            // Notifications are prepared only when a notifier will get them;
+            // otherwise the ids are enough for the receipts.
+            let mut pending: Vec<(EventId, Option<Notification>)> = events
+                .iter()
+                .map(|e| (e.id(), notify.then(|| Notification::for_event(e, None))))
+                .collect();
             let started = Instant::now();
             let results = durable.publish_batch(events).await;
             metrics::histogram!(m::PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
@@ -338,24 +343,25 @@ impl DualPublisher {
             }
             let mut stored = Vec::with_capacity(if notify { count } else { 0 });
             let mut out: Vec<Result<Receipt, PublishError>> = Vec::with_capacity(count);
+            let mut ok = 0usize;
             let mut results = results.into_iter();
-            for n in pending.drain(..) {
+            for (event_id, n) in pending.drain(..) {
                 match results.next() {
                     Some(Ok(position)) => {
+                        ok += 1;
+                        if let Some(n) = n {
+                            stored.push(Notification { position: Some(position.clone()), ..n });
+                        }
                         out.push(Ok(Receipt {
-                            event_id: n.id,
-                            position: Some(position.clone()),
+                            event_id,
+                            position: Some(position),
                             notification: NotificationOutcome::Disabled,
                         }));
-                        if notify {
-                            stored.push(Notification { position: Some(position), ..n });
-                        }
                     }
                     Some(Err(e)) => out.push(Err(e.into())),
                     None => out.push(Err(PublishError::MissingResult)),
                 }
             }
-            let ok = stored.len();
             metrics::counter!(m::PUBLISHED).increment(ok as u64);
             metrics::counter!(m::FAILED).increment((count - ok) as u64);
             if notify {
