@@ -10,6 +10,7 @@
 //! | `kafka` | yes | [`kafka`]: the Kafka durable sink (rdkafka) |
 //! | `redis` | yes | [`redis`]: the Redis Pub/Sub notifier (deadpool-redis) |
 //! | `batch` | yes | [`batch`]: the batching engine |
+//! | `consumer` | yes | [`consumer`]: replay from Kafka, live subscriptions with local fan-out, gap-free catch-up joins |
 //! | `mock` | no | mockall mocks of the sink traits: [`MockDurableSink`], [`MockRealtimeNotifier`] |
 //!
 //! Always present: the event model and sink contract ([`core`]), channel
@@ -62,6 +63,10 @@ pub use dualstream_publisher as publisher;
 /// The batching engine (`dualstream-batch`).
 #[cfg(feature = "batch")]
 pub use dualstream_batch as batch;
+/// The consuming side (`dualstream-consumer`): replay, live subscriptions,
+/// catch-up joins.
+#[cfg(feature = "consumer")]
+pub use dualstream_consumer as consumer;
 /// The Kafka durable sink (`dualstream-kafka`).
 #[cfg(feature = "kafka")]
 pub use dualstream_kafka as kafka;
@@ -77,6 +82,11 @@ pub mod prelude {
 
     #[cfg(feature = "batch")]
     pub use dualstream_batch::{BatchConfig, BatchEngine, BatchError};
+    #[cfg(feature = "consumer")]
+    pub use dualstream_consumer::{
+        CatchUp, Delivery, Hub, HubConfig, JoinConfig, LiveItem, Replay, ReplayConfig, ReplayRequest, Scope, StartAt,
+        Target, Until,
+    };
     #[cfg(feature = "kafka")]
     pub use dualstream_kafka::{KafkaSink, KafkaSinkConfig, TopicRouting};
     #[cfg(feature = "redis")]

@@ -1,0 +1,164 @@
+//! A Kafka reader that assigns partitions itself (no consumer group, no
+//! commits), shared by the replay and the catch-up join.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dualstream_core::{record, DecodeError, Event, Limits, Position};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::ReplayConfig;
+use crate::replay::ReplayError;
+
+/// The partition of a record key under librdkafka's default partitioner
+/// (`consistent_random`): CRC-32 of the key modulo the partition count. The
+/// Kafka sink keys every record by its source id, so this is the partition
+/// that holds all events of a source.
+pub fn partition_for_key(key: &[u8], partition_count: i32) -> i32 {
+    if partition_count <= 0 {
+        return 0;
+    }
+    (crc32fast::hash(key) % partition_count as u32) as i32
+}
+
+/// One record read, decoded unless it was filtered out by key.
+pub(crate) enum Fetched {
+    /// Not of the wanted key: only its position matters.
+    Skipped(Position),
+    /// Of the wanted key (or no key filter).
+    Record { position: Position, timestamp_ms: Option<i64>, event: Result<Event, DecodeError> },
+}
+
+impl Fetched {
+    pub(crate) fn position(&self) -> &Position {
+        match self {
+            Fetched::Skipped(p) | Fetched::Record { position: p, .. } => p,
+        }
+    }
+}
+
+pub(crate) struct Reader {
+    consumer: Arc<StreamConsumer>,
+    timeout: Duration,
+    limits: Limits,
+}
+
+impl Reader {
+    pub(crate) fn new(config: &ReplayConfig) -> Result<Self, ReplayError> {
+        let consumer: StreamConsumer = config.client_config()?.create()?;
+        Ok(Self { consumer: Arc::new(consumer), timeout: config.timeout(), limits: Limits::default() })
+    }
+
+    fn timeout_ms(&self) -> u64 {
+        self.timeout.as_millis() as u64
+    }
+
+    /// Run a blocking librdkafka call off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&StreamConsumer, Duration) -> Result<T, ReplayError> + Send + 'static,
+    ) -> Result<T, ReplayError> {
+        let consumer = Arc::clone(&self.consumer);
+        let timeout = self.timeout;
+        tokio::task::spawn_blocking(move || f(&consumer, timeout))
+            .await
+            .map_err(|e| ReplayError::Task(e.to_string()))?
+    }
+
+    /// The number of partitions of `topic`.
+    pub(crate) async fn partition_count(&self, topic: &str) -> Result<i32, ReplayError> {
+        let t = topic.to_owned();
+        self.blocking(move |c, timeout| {
+            let md = c.fetch_metadata(Some(&t), timeout)?;
+            let count = md
+                .topics()
+                .iter()
+                .find(|m| m.name() == t && m.error().is_none())
+                .map(|m| m.partitions().len() as i32)
+                .unwrap_or(0);
+            if count == 0 {
+                return Err(ReplayError::UnknownTopic { topic: t });
+            }
+            Ok(count)
+        })
+        .await
+    }
+
+    /// `(low, high)` watermarks: the first offset still stored and the offset
+    /// the next record will get.
+    pub(crate) async fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), ReplayError> {
+        let t = topic.to_owned();
+        self.blocking(move |c, timeout| Ok(c.fetch_watermarks(&t, partition, timeout)?)).await
+    }
+
+    /// The first offset whose record timestamp is at or after `ts_ms`, per
+    /// partition; the high watermark where there is none.
+    pub(crate) async fn offsets_for_time(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+        ts_ms: i64,
+    ) -> Result<Vec<(i32, i64)>, ReplayError> {
+        let t = topic.to_owned();
+        let parts = partitions.to_vec();
+        let found = self
+            .blocking(move |c, timeout| {
+                let mut tpl = TopicPartitionList::new();
+                for p in &parts {
+                    tpl.add_partition_offset(&t, *p, Offset::Offset(ts_ms))?;
+                }
+                let out = c.offsets_for_times(tpl, timeout)?;
+                Ok(parts.iter().map(|p| (*p, out.find_partition(&t, *p).map(|e| e.offset()))).collect::<Vec<_>>())
+            })
+            .await?;
+        let mut result = Vec::with_capacity(found.len());
+        for (p, off) in found {
+            let offset = match off {
+                Some(Offset::Offset(o)) => o,
+                // No record at or after the time: start at the end.
+                _ => self.watermarks(topic, p).await?.1,
+            };
+            result.push((p, offset));
+        }
+        Ok(result)
+    }
+
+    /// Read `topic` from the given offsets (replaces any earlier assignment).
+    pub(crate) fn assign(&self, topic: &str, starts: &[(i32, i64)]) -> Result<(), ReplayError> {
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in starts {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
+        }
+        self.consumer.assign(&tpl)?;
+        Ok(())
+    }
+
+    /// The next record of the assignment. Records whose key is not `key`
+    /// (when given) come back as [`Fetched::Skipped`] without being decoded.
+    /// Fails when none arrives within the timeout: call it only when the
+    /// watermarks say a record exists, or in follow mode via `recv_follow`.
+    pub(crate) async fn recv(&self, key: Option<&[u8]>) -> Result<Fetched, ReplayError> {
+        match tokio::time::timeout(self.timeout, self.recv_follow(key)).await {
+            Ok(r) => r,
+            Err(_) => Err(ReplayError::Timeout { what: "reading a record below the high watermark", timeout_ms: self.timeout_ms() }),
+        }
+    }
+
+    /// The next record, waiting as long as it takes.
+    pub(crate) async fn recv_follow(&self, key: Option<&[u8]>) -> Result<Fetched, ReplayError> {
+        let m = self.consumer.recv().await?;
+        let position = Position::new(m.topic(), m.partition(), m.offset());
+        if let Some(k) = key {
+            if m.key() != Some(k) {
+                return Ok(Fetched::Skipped(position));
+            }
+        }
+        let event = match m.headers() {
+            Some(h) => record::decode(h.iter().map(|h| (h.key, h.value)), m.payload(), &self.limits),
+            None => record::decode(std::iter::empty(), m.payload(), &self.limits),
+        };
+        Ok(Fetched::Record { position, timestamp_ms: m.timestamp().to_millis(), event })
+    }
+}

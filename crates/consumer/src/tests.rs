@@ -1,0 +1,180 @@
+//! Unit tests against librdkafka's in-process `MockCluster`, and the hub's
+//! delivery rule without Redis.
+
+use std::time::Duration;
+
+use dualstream_core::{DurableSink, Event, Source};
+use dualstream_kafka::{KafkaSink, KafkaSinkConfig, TopicRouting};
+use futures::StreamExt;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+
+use crate::*;
+
+fn sink(brokers: &str, topic: &str) -> KafkaSink {
+    KafkaSink::new(KafkaSinkConfig {
+        bootstrap_servers: brokers.to_owned(),
+        topic: TopicRouting::Single { topic: topic.to_owned() },
+        linger_ms: 1,
+        ..KafkaSinkConfig::default()
+    })
+    .expect("sink")
+}
+
+fn replay(brokers: &str, topic: &str) -> Replay {
+    Replay::new(ReplayConfig {
+        bootstrap_servers: brokers.to_owned(),
+        topic: TopicRouting::Single { topic: topic.to_owned() },
+        timeout_ms: 5_000,
+        ..ReplayConfig::default()
+    })
+    .expect("replay")
+}
+
+async fn collect(stream: ReplayStream) -> Vec<Result<Replayed, ReplayError>> {
+    tokio::time::timeout(Duration::from_secs(30), stream.collect::<Vec<_>>()).await.expect("replay ends")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_for_key_matches_librdkafka_default_partitioner() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("p", 7, 1).expect("topic");
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", cluster.bootstrap_servers()).create().expect("producer");
+    for i in 0..200 {
+        let key = format!("source-{i}");
+        let partition = producer
+            .send(FutureRecord::<_, [u8]>::to("p").key(&key), Duration::from_secs(5))
+            .await
+            .expect("delivered")
+            .partition;
+        assert_eq!(partition, partition_for_key(key.as_bytes(), 7), "key {key}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_reads_one_source_in_order_and_stops_at_the_watermark() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("t", 3, 1).expect("topic");
+    let brokers = cluster.bootstrap_servers();
+    let sink = sink(&brokers, "t");
+    let mut mine = Vec::new();
+    for i in 0..120 {
+        let e = Event::builder("n", "user", format!("u{}", i % 4)).payload(format!("{i}")).build().expect("valid");
+        let p = sink.publish(e.clone()).await.expect("stored");
+        if i % 4 == 1 {
+            mine.push((e, p));
+        }
+    }
+    let r = replay(&brokers, "t");
+    let source = Source::new("user", "u1").expect("valid");
+    assert_eq!(r.partition_of(&source).await.expect("partition").1, mine[0].1.partition);
+
+    let got = collect(r.stream(ReplayRequest::new(Scope::Source(source.clone()))).await.expect("stream")).await;
+    let got: Vec<_> = got.into_iter().map(|r| r.expect("valid")).collect();
+    assert_eq!(got.iter().map(|r| (&r.event, &r.position)).collect::<Vec<_>>(), mine.iter().map(|(e, p)| (e, p)).collect::<Vec<_>>());
+
+    // From an offset (inclusive), and the last N.
+    let from = mine[10].1.offset;
+    let got = collect(r.stream(ReplayRequest::new(Scope::Source(source.clone())).start(StartAt::Offset(from))).await.expect("stream")).await;
+    assert_eq!(got.len(), 20);
+    assert_eq!(got[0].as_ref().expect("valid").event, mine[10].0);
+    let got = collect(r.stream(ReplayRequest::new(Scope::Source(source.clone())).start(StartAt::LastN(7))).await.expect("stream")).await;
+    let ids: Vec<_> = got.iter().map(|r| r.as_ref().expect("valid").event.id()).collect();
+    assert_eq!(ids, mine[23..].iter().map(|(e, _)| e.id()).collect::<Vec<_>>());
+    let got = collect(r.stream(ReplayRequest::new(Scope::Source(source.clone())).start(StartAt::LastN(1000))).await.expect("stream")).await;
+    assert_eq!(got.len(), 30, "fewer than N stored: all of them");
+
+    // All sources: every record once.
+    let got = collect(r.stream(ReplayRequest::new(Scope::All)).await.expect("stream")).await;
+    assert_eq!(got.len(), 120);
+    // From the end: nothing, and the stream ends.
+    assert!(collect(r.stream(ReplayRequest::new(Scope::All).start(StartAt::End)).await.expect("stream")).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_records_are_typed_errors_and_the_stream_goes_on() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("t", 1, 1).expect("topic");
+    let brokers = cluster.bootstrap_servers();
+    let sink = sink(&brokers, "t");
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("producer");
+    let a = Event::builder("n", "user", "u").build().expect("valid");
+    sink.publish(a.clone()).await.expect("stored");
+    producer
+        .send(FutureRecord::to("t").key("u").payload("not ours"), Duration::from_secs(5))
+        .await
+        .expect("foreign record");
+    let b = Event::builder("n", "user", "u").build().expect("valid");
+    sink.publish(b.clone()).await.expect("stored");
+
+    let r = replay(&brokers, "t");
+    let source = Scope::Source(Source::new("user", "u").expect("valid"));
+    let got = collect(r.stream(ReplayRequest::new(source.clone())).await.expect("stream")).await;
+    assert_eq!(got.len(), 3);
+    assert_eq!(got[0].as_ref().expect("first").event, a);
+    assert!(
+        matches!(&got[1], Err(ReplayError::Decode { position, .. }) if position.offset == 1),
+        "{:?}",
+        got[1]
+    );
+    assert_eq!(got[2].as_ref().expect("third").event, b);
+
+    let got = collect(r.stream(ReplayRequest::new(source).stop_on_decode_error(true)).await.expect("stream")).await;
+    assert_eq!(got.len(), 2, "stops after the bad record");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_typed_errors() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("t", 1, 1).expect("topic");
+    let r = replay(&cluster.bootstrap_servers(), "t");
+    let e = r.stream(ReplayRequest::new(Scope::All).start(StartAt::LastN(3))).await.err();
+    assert!(matches!(e, Some(ReplayError::Request { field: "start", .. })), "{e:?}");
+    let e = r.stream(ReplayRequest::new(Scope::All).start(StartAt::Offset(-1))).await.err();
+    assert!(matches!(e, Some(ReplayError::Request { field: "start", .. })), "{e:?}");
+    let e = r.stream(ReplayRequest::new(Scope::SourceType("a:b".into()))).await.err();
+    assert!(matches!(e, Some(ReplayError::Request { field: "scope", .. })), "{e:?}");
+    let per_type = Replay::new(ReplayConfig {
+        bootstrap_servers: cluster.bootstrap_servers(),
+        topic: TopicRouting::PerSourceType { template: "ev.{source_type}".into() },
+        ..ReplayConfig::default()
+    })
+    .expect("replay");
+    let e = per_type.stream(ReplayRequest::new(Scope::All)).await.err();
+    assert!(matches!(e, Some(ReplayError::Request { field: "scope", .. })), "{e:?}");
+    let e = per_type.stream(ReplayRequest::new(Scope::SourceType("nothere".into()))).await.err();
+    assert!(matches!(&e, Some(ReplayError::UnknownTopic { topic }) if topic == "ev.nothere"), "{e:?}");
+}
+
+#[tokio::test]
+async fn hub_rejects_bad_targets_with_the_field() {
+    let hub = Hub::new(HubConfig { url: "redis://127.0.0.1:1".into(), ..HubConfig::default() }).expect("hub");
+    let e = hub.subscribe(Target::Channel(String::new())).await.err();
+    assert!(matches!(e, Some(HubError::InvalidTarget { field: "channel", .. })), "{e:?}");
+    let e = hub.subscribe(Target::Pattern("x".repeat(MAX_TARGET_LEN + 1))).await.err();
+    assert!(matches!(e, Some(HubError::InvalidTarget { field: "pattern", .. })), "{e:?}");
+    assert!(matches!(hub.subscribe_source_type("a:b").await, Err(HubError::Channel(_))));
+}
+
+#[test]
+fn hub_outside_a_runtime_is_a_typed_error() {
+    assert!(matches!(Hub::new(HubConfig::default()), Err(HubError::NoRuntime)));
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_reported_to_the_subscriber() {
+    // Nothing listens on port 1: the subscription starts disconnected.
+    let hub = Hub::new(HubConfig { url: "redis://127.0.0.1:1".into(), timeout_ms: 100, ..HubConfig::default() })
+        .expect("hub");
+    let mut s = hub.subscribe(Target::Channel("events:user:a".into())).await.expect("registered");
+    let first = tokio::time::timeout(Duration::from_secs(5), s.next()).await.expect("an item");
+    assert_eq!(first, Some(LiveItem::Disconnected));
+    let stats = hub.stats().await.expect("stats");
+    assert!(!stats.connected);
+    assert_eq!((stats.channels, stats.subscribers), (1, 1));
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(hub.stats().await.expect("stats").channels, 0, "released with its last subscriber");
+}
