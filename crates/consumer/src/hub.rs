@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -131,9 +131,12 @@ pub struct HubStats {
 
 struct Slot {
     tx: mpsc::Sender<LiveItem>,
-    missed: u64,
-    /// Set to missed + 1 when the hub removes the subscriber for lag.
-    dropped: Arc<AtomicU64>,
+    /// Notifications dropped for this subscriber and not yet reported; the
+    /// hub reports them before its next item, the stream as soon as its
+    /// buffer is empty, whichever comes first.
+    missed: Arc<AtomicU64>,
+    /// Set when the hub removed the subscriber for lag.
+    dropped: Arc<AtomicBool>,
 }
 
 enum Cmd {
@@ -209,14 +212,15 @@ impl Hub {
         target.check()?;
         let (tx, rx) = mpsc::channel(self.inner.config.subscriber_buffer);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let dropped = Arc::new(AtomicU64::new(0));
+        let dropped = Arc::new(AtomicBool::new(false));
+        let missed = Arc::new(AtomicU64::new(0));
         let (reply, confirmed) = oneshot::channel();
-        let slot = Slot { tx, missed: 0, dropped: Arc::clone(&dropped) };
+        let slot = Slot { tx, missed: Arc::clone(&missed), dropped: Arc::clone(&dropped) };
         self.inner
             .cmd
             .send(Cmd::Subscribe { target: target.clone(), id, slot, reply })
             .map_err(|_| HubError::Closed)?;
-        let stream = LiveStream { rx, cmd: self.inner.cmd.clone(), target, id, dropped, ended: false };
+        let stream = LiveStream { rx, cmd: self.inner.cmd.clone(), target, id, missed, dropped, ended: false };
         confirmed.await.map_err(|_| HubError::Closed)?;
         Ok(stream)
     }
@@ -246,7 +250,8 @@ pub struct LiveStream {
     cmd: mpsc::UnboundedSender<Cmd>,
     target: Target,
     id: u64,
-    dropped: Arc<AtomicU64>,
+    missed: Arc<AtomicU64>,
+    dropped: Arc<AtomicBool>,
     ended: bool,
 }
 
@@ -273,10 +278,17 @@ impl Stream for LiveStream {
         match self.rx.poll_recv(cx) {
             Poll::Ready(None) => {
                 self.ended = true;
-                let d = self.dropped.load(Ordering::Acquire);
-                Poll::Ready((d > 0).then(|| LiveItem::Dropped { missed: d - 1 }))
+                let missed = self.missed.swap(0, Ordering::AcqRel);
+                Poll::Ready(self.dropped.load(Ordering::Acquire).then_some(LiveItem::Dropped { missed }))
             }
-            other => other,
+            Poll::Pending => {
+                // Everything buffered was taken; the drops came after it.
+                match self.missed.swap(0, Ordering::AcqRel) {
+                    0 => Poll::Pending,
+                    missed => Poll::Ready(Some(LiveItem::Lagged { missed })),
+                }
+            }
+            ready => ready,
         }
     }
 }
@@ -481,14 +493,19 @@ impl Task {
 /// the subscriber.
 fn deliver(slot: &mut Slot, item: LiveItem, overflow: Overflow, stats: &mut HubStats) -> bool {
     use mpsc::error::TrySendError;
-    if slot.missed > 0 {
-        match slot.tx.try_send(LiveItem::Lagged { missed: slot.missed }) {
-            Ok(()) => slot.missed = 0,
+    let pending = slot.missed.swap(0, Ordering::AcqRel);
+    let mut fits = true;
+    if pending > 0 {
+        match slot.tx.try_send(LiveItem::Lagged { missed: pending }) {
+            Ok(()) => {}
             Err(TrySendError::Closed(_)) => return false,
-            Err(TrySendError::Full(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                slot.missed.fetch_add(pending, Ordering::AcqRel);
+                fits = false;
+            }
         }
     }
-    if slot.missed == 0 {
+    if fits {
         match slot.tx.try_send(item) {
             Ok(()) => {
                 stats.delivered += 1;
@@ -498,13 +515,100 @@ fn deliver(slot: &mut Slot, item: LiveItem, overflow: Overflow, stats: &mut HubS
             Err(TrySendError::Full(_)) => {}
         }
     }
-    slot.missed += 1;
+    slot.missed.fetch_add(1, Ordering::AcqRel);
     stats.missed += 1;
     match overflow {
         Overflow::Signal => true,
         Overflow::Disconnect => {
-            slot.dropped.store(slot.missed + 1, Ordering::Release);
+            slot.dropped.store(true, Ordering::Release);
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dualstream_core::{Event, Notification};
+
+    fn pair(buffer: usize) -> (Slot, LiveStream) {
+        let (tx, rx) = mpsc::channel(buffer);
+        let (cmd, _cmd_rx) = mpsc::unbounded_channel();
+        let missed = Arc::new(AtomicU64::new(0));
+        let dropped = Arc::new(AtomicBool::new(false));
+        let slot = Slot { tx, missed: Arc::clone(&missed), dropped: Arc::clone(&dropped) };
+        let stream =
+            LiveStream { rx, cmd, target: Target::Channel("c".into()), id: 0, missed, dropped, ended: false };
+        (slot, stream)
+    }
+
+    fn note(i: u32) -> LiveItem {
+        let e = Event::builder("t", "user", format!("u{i}")).build().expect("valid");
+        LiveItem::Notification(Notification::for_event(&e, None))
+    }
+
+    fn show(item: &LiveItem) -> String {
+        match item {
+            LiveItem::Notification(n) => format!("n:{}", n.source_id),
+            LiveItem::Lagged { missed } => format!("lagged:{missed}"),
+            LiveItem::Dropped { missed } => format!("dropped:{missed}"),
+            other => format!("{other:?}"),
+        }
+    }
+
+    /// What the stream has ready now, without waiting.
+    fn ready(s: &mut LiveStream) -> Vec<String> {
+        let mut out = Vec::new();
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        while let Poll::Ready(Some(item)) = Pin::new(&mut *s).poll_next(&mut cx) {
+            out.push(show(&item));
+        }
+        out
+    }
+
+    #[test]
+    fn a_full_buffer_drops_for_that_subscriber_and_reports_the_count_in_order() {
+        let mut stats = HubStats::default();
+        let (mut slot, mut stream) = pair(2);
+        for i in 0..5 {
+            assert!(deliver(&mut slot, note(i), Overflow::Signal, &mut stats));
+        }
+        assert_eq!((stats.delivered, stats.missed), (2, 3));
+        // The two that fit, then the count of the three that did not.
+        assert_eq!(ready(&mut stream), ["n:u0", "n:u1", "lagged:3"]);
+        // Reported once; later items flow again.
+        assert!(deliver(&mut slot, note(5), Overflow::Signal, &mut stats));
+        assert_eq!(ready(&mut stream), ["n:u5"]);
+    }
+
+    #[test]
+    fn the_hub_reports_the_lag_before_its_next_item_when_it_gets_there_first() {
+        let mut stats = HubStats::default();
+        let (mut slot, mut stream) = pair(2);
+        for i in 0..3 {
+            deliver(&mut slot, note(i), Overflow::Signal, &mut stats);
+        }
+        // The subscriber takes one item only, so its buffer is not empty.
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let Poll::Ready(Some(first)) = Pin::new(&mut stream).poll_next(&mut cx) else { panic!("an item") };
+        assert_eq!(show(&first), "n:u0");
+        deliver(&mut slot, note(3), Overflow::Signal, &mut stats);
+        deliver(&mut slot, note(4), Overflow::Signal, &mut stats);
+        // Item 2 was dropped: the hub reports it before item 3, which no longer
+        // fits; items 3 and 4 are reported by the stream once it is empty.
+        assert_eq!(ready(&mut stream), ["n:u1", "lagged:1", "lagged:2"]);
+    }
+
+    #[test]
+    fn disconnect_policy_removes_the_subscriber_and_says_so() {
+        let mut stats = HubStats::default();
+        let (mut slot, mut stream) = pair(1);
+        assert!(deliver(&mut slot, note(0), Overflow::Disconnect, &mut stats));
+        assert!(!deliver(&mut slot, note(1), Overflow::Disconnect, &mut stats), "removed");
+        drop(slot);
+        assert_eq!(ready(&mut stream), ["n:u0", "dropped:1"]);
+        assert!(ready(&mut stream).is_empty(), "ended");
     }
 }

@@ -1,0 +1,388 @@
+//! The consuming side on the real services: replay from tansu, the fan-out
+//! hub on redis-server, and the catch-up join while a publisher writes, with
+//! and without Redis being killed mid-run.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use deadpool_redis::redis;
+use dualstream::consumer::{
+    CatchUp, Delivery, Hub, HubConfig, JoinConfig, LiveItem, Replay, ReplayConfig, ReplayRequest, Scope, StartAt,
+    Target,
+};
+use dualstream::prelude::*;
+use dualstream::{EventId, Source};
+use dualstream_tests::*;
+use futures::StreamExt;
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_millis() as i64
+}
+
+fn replay_for(brokers: &str, topic: &str) -> Replay {
+    Replay::new(ReplayConfig {
+        bootstrap_servers: brokers.to_owned(),
+        topic: TopicRouting::Single { topic: topic.to_owned() },
+        ..ReplayConfig::default()
+    })
+    .expect("replay")
+}
+
+async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url).expect("url").get_multiplexed_async_connection().await.expect("redis")
+}
+
+async fn numsub(url: &str, channel: &str) -> i64 {
+    let (_, n): (String, i64) =
+        redis::cmd("PUBSUB").arg("NUMSUB").arg(channel).query_async(&mut redis_conn(url).await).await.expect("numsub");
+    n
+}
+
+async fn numpat(url: &str) -> i64 {
+    redis::cmd("PUBSUB").arg("NUMPAT").query_async(&mut redis_conn(url).await).await.expect("numpat")
+}
+
+async fn next(s: &mut dualstream::consumer::LiveStream) -> LiveItem {
+    tokio::time::timeout(Duration::from_secs(15), s.next()).await.expect("an item").expect("open")
+}
+
+async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, timeout: Duration, mut ok: impl FnMut() -> F) {
+    let until = Instant::now() + timeout;
+    while !ok().await {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_from_a_timestamp_returns_the_events_from_that_time_on() {
+    let brokers = kafka_brokers();
+    let topic = unique_topic("replay");
+    create_topic(&brokers, &topic, 3).await;
+    let sink = kafka_sink(&brokers, &topic);
+    let event = |i: usize| Event::builder("reading", "sensor", format!("s{}", i % 5)).payload(format!("{i}")).build();
+    for i in 0..60 {
+        sink.publish(event(i).expect("valid")).await.expect("stored");
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t = now_ms();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut later = Vec::new();
+    for i in 60..120 {
+        let e = event(i).expect("valid");
+        sink.publish(e.clone()).await.expect("stored");
+        later.push(e);
+    }
+
+    let replay = replay_for(&brokers, &topic);
+    let all: Vec<_> = replay
+        .stream(ReplayRequest::new(Scope::All).start(StartAt::Timestamp(t)))
+        .await
+        .expect("stream")
+        .map(|r| r.expect("valid event"))
+        .collect()
+        .await;
+    let mut got: Vec<EventId> = all.iter().map(|r| r.event.id()).collect();
+    let mut want: Vec<EventId> = later.iter().map(Event::id).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "exactly the events written after the timestamp");
+    assert!(all.iter().all(|r| r.timestamp_ms.is_some_and(|ts| ts >= t)));
+
+    // One source: its events after the timestamp, in the order written.
+    let s2 = Source::new("sensor", "s2").expect("valid");
+    let one: Vec<EventId> = replay
+        .stream(ReplayRequest::new(Scope::Source(s2.clone())).start(StartAt::Timestamp(t)))
+        .await
+        .expect("stream")
+        .map(|r| r.expect("valid event").event.id())
+        .collect()
+        .await;
+    let want: Vec<EventId> = later.iter().filter(|e| e.source() == &s2).map(Event::id).collect();
+    assert_eq!(one, want);
+    // A time after everything: nothing, and the stream ends.
+    let none = replay.stream(ReplayRequest::new(Scope::All).start(StartAt::Timestamp(now_ms() + 60_000))).await;
+    assert_eq!(none.expect("stream").count().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_local_subscribers_share_one_redis_subscription() {
+    // An own Redis, so PUBSUB NUMPAT counts only this test's patterns.
+    let redis = OwnedRedis::start();
+    let url = redis.url();
+    let hub = Hub::new(HubConfig { url: url.clone(), ..HubConfig::default() }).expect("hub");
+    let channel = hub.namer().channel("user", "octocat").expect("valid");
+    let mut streams = Vec::new();
+    for _ in 0..1_000 {
+        streams.push(hub.subscribe(Target::Channel(channel.clone())).await.expect("subscribed"));
+    }
+    let mut pattern_streams = Vec::new();
+    for _ in 0..1_000 {
+        pattern_streams.push(hub.subscribe_source_type("user").await.expect("subscribed"));
+    }
+    assert_eq!(numsub(&url, &channel).await, 1, "one Redis subscription for 1,000 local subscribers");
+    assert_eq!(numpat(&url).await, 1, "one pattern subscription for 1,000 local subscribers");
+    let stats = hub.stats().await.expect("stats");
+    assert_eq!((stats.channels, stats.patterns, stats.subscribers), (1, 1, 2_000));
+
+    // Every local subscriber receives every notification, in order.
+    let notifier = redis_notifier(&url);
+    let events: Vec<Event> =
+        (0..100).map(|i| Event::builder("user.seen", "user", "octocat").payload(format!("{i}")).build().expect("valid")).collect();
+    for (i, e) in events.iter().enumerate() {
+        let n = Notification::for_event(e, Some(Position::new("events", 0, i as i64)));
+        notifier.notify(&n).await.expect("published");
+    }
+    let want: Vec<EventId> = events.iter().map(Event::id).collect();
+    for s in streams.iter_mut().chain(pattern_streams.iter_mut()) {
+        let mut got = Vec::with_capacity(100);
+        while got.len() < 100 {
+            match tokio::time::timeout(Duration::from_secs(10), s.next()).await.expect("notification arrives") {
+                Some(LiveItem::Notification(n)) => got.push(n.id),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, want);
+    }
+
+    // Released with the last local subscriber.
+    streams.truncate(1);
+    pattern_streams.truncate(1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(numsub(&url, &channel).await, 1, "still held by the last subscriber");
+    drop(streams);
+    drop(pattern_streams);
+    wait_for("unsubscribe", Duration::from_secs(5), || async { numsub(&url, &channel).await == 0 && numpat(&url).await == 0 }).await;
+    assert_eq!(hub.stats().await.expect("stats").subscribers, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_does_not_delay_the_others_and_is_told_it_lagged() {
+    let url = redis_url();
+    let hub = Hub::new(HubConfig { url: url.clone(), subscriber_buffer: 32, ..HubConfig::default() }).expect("hub");
+    let source = Source::new("user", format!("slow-{}", EventId::new())).expect("valid");
+    let mut slow = hub.subscribe_source(&source).await.expect("subscribed");
+    let total = 500usize;
+    let mut fast = Vec::new();
+    for _ in 0..10 {
+        let mut s = hub.subscribe_source(&source).await.expect("subscribed");
+        fast.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < total {
+                match tokio::time::timeout(Duration::from_secs(10), s.next()).await {
+                    Ok(Some(LiveItem::Notification(n))) => got.push(n.id),
+                    other => panic!("a fast subscriber got {other:?} after {}", got.len()),
+                }
+            }
+            got
+        }));
+    }
+    let notifier = redis_notifier(&url);
+    let mut want = Vec::new();
+    for chunk in 0..(total / 10) {
+        let batch: Vec<Notification> = (0..10)
+            .map(|i| {
+                let e = Event::builder("t", "user", source.source_id()).build().expect("valid");
+                want.push(e.id());
+                Notification::for_event(&e, Some(Position::new("events", 0, (chunk * 10 + i) as i64)))
+            })
+            .collect();
+        notifier.notify_batch(&batch).await.expect("published");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // The slow one has not read anything yet, and the others are done.
+    for f in fast {
+        assert_eq!(f.await.expect("fast subscriber"), want, "every notification, in order");
+    }
+    let mut got = Vec::new();
+    let lag = loop {
+        match tokio::time::timeout(Duration::from_secs(5), slow.next()).await.expect("an item") {
+            Some(LiveItem::Notification(n)) => got.push(n.id),
+            Some(LiveItem::Lagged { missed }) => break missed,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(got, want[..32], "its buffer held the first 32");
+    assert_eq!(lag as usize, total - 32, "and it is told how many it missed");
+    assert!(hub.stats().await.expect("stats").missed >= lag);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_reconnects_after_redis_restarts_and_signals_the_gap() {
+    let mut redis = OwnedRedis::start();
+    let url = redis.url();
+    let hub = Hub::new(HubConfig { url: url.clone(), ping_interval_ms: 200, ..HubConfig::default() }).expect("hub");
+    let source = Source::new("user", "a").expect("valid");
+    let mut s = hub.subscribe_source(&source).await.expect("subscribed");
+    let notifier = redis_notifier(&url);
+    let note = || {
+        let e = Event::builder("t", "user", "a").build().expect("valid");
+        Notification::for_event(&e, None)
+    };
+    let n1 = note();
+    notifier.notify(&n1).await.expect("published");
+    assert_eq!(next(&mut s).await, LiveItem::Notification(n1));
+
+    redis.kill();
+    assert_eq!(next(&mut s).await, LiveItem::Disconnected);
+    redis.restart();
+    assert_eq!(next(&mut s).await, LiveItem::Gap, "resubscribed: the gap is announced");
+    assert_eq!(numsub(&url, &hub.namer().channel_for(&source)).await, 1);
+    let n2 = note();
+    wait_for("notifier recovers", Duration::from_secs(10), || {
+        let (notifier, n2) = (notifier.clone(), n2.clone());
+        async move { notifier.notify(&n2).await.is_ok() }
+    })
+    .await;
+    assert_eq!(next(&mut s).await, LiveItem::Notification(n2));
+    let stats = hub.stats().await.expect("stats");
+    assert!(stats.connected);
+    assert_eq!(stats.disconnects, 1);
+}
+
+/// A publisher writes ~3,000 events/s for eight sources; a subscriber of
+/// one source joins mid-stream from a past position. What it receives must
+/// be exactly Kafka's sequence for that source from that position on.
+async fn join_mid_stream(redis_url: String, mut redis: Option<&mut OwnedRedis>) {
+    let brokers = kafka_brokers();
+    let topic = unique_topic("join");
+    create_topic(&brokers, &topic, 3).await;
+    let notifier = Arc::new(
+        RedisNotifier::new(RedisNotifierConfig { url: redis_url.clone(), timeout_ms: 100, ..Default::default() })
+            .expect("notifier"),
+    );
+    let publisher = DualPublisher::builder()
+        .durable(Arc::new(kafka_sink(&brokers, &topic)))
+        .notifier(notifier.clone())
+        .build()
+        .expect("publisher");
+    let engine = BatchEngine::new(publisher, BatchConfig::default()).expect("engine");
+    let run = EventId::new().as_uuid().simple().to_string();
+    let sources: Vec<Source> = (0..8).map(|i| Source::new("sensor", format!("{run}-{i}")).expect("valid")).collect();
+    // Watch a source whose partition other sources write to as well (one
+    // exists: eight sources, three partitions), so the join must skip them.
+    let partition_of = |s: &Source| dualstream::consumer::partition_for_key(s.source_id().as_bytes(), 3);
+    let watched = sources
+        .iter()
+        .find(|s| sources.iter().filter(|o| partition_of(o) == partition_of(s)).count() > 1)
+        .expect("a shared partition")
+        .clone();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let last_of_watched = Arc::new(Mutex::new(None::<EventId>));
+    let producer = {
+        let (engine, stop, sources, last, watched) =
+            (engine.clone(), stop.clone(), sources.clone(), last_of_watched.clone(), watched.clone());
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            let mut tasks = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..30 {
+                    let s = &sources[i % sources.len()];
+                    let e = Event::builder("reading", s.source_type(), s.source_id())
+                        .payload(format!("{i}"))
+                        .build()
+                        .expect("valid");
+                    let engine = engine.clone();
+                    if *s == watched {
+                        *last.lock().expect("lock") = Some(e.id());
+                    }
+                    tasks.push(tokio::spawn(async move { engine.submit(e).await }));
+                    i += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            for t in tasks {
+                t.await.expect("task").expect("every event stored");
+            }
+            i
+        })
+    };
+
+    // Let history build up, then pick a past position of the watched source.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let replay = replay_for(&brokers, &topic);
+    let history: Vec<_> = replay
+        .stream(ReplayRequest::new(Scope::Source(watched.clone())))
+        .await
+        .expect("stream")
+        .map(|r| r.expect("valid"))
+        .collect()
+        .await;
+    assert!(history.len() > 50, "history exists: {}", history.len());
+    let from = history[history.len() / 2].position.clone();
+
+    let hub = Hub::new(HubConfig { url: redis_url.clone(), ping_interval_ms: 500, ..HubConfig::default() }).expect("hub");
+    let joiner = CatchUp::new(replay.clone(), hub.clone(), JoinConfig::default()).expect("joiner");
+    let mut stream = joiner.join(watched.clone(), StartAt::Offset(from.offset)).await.expect("join");
+    let received = Arc::new(Mutex::new(Vec::<Delivery>::new()));
+    let reader = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                received.lock().expect("lock").push(item.expect("no errors in the join"));
+            }
+        })
+    };
+
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    if let Some(r) = redis.as_deref_mut() {
+        r.kill();
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        r.restart();
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let published = producer.await.expect("producer");
+    let last = last_of_watched.lock().expect("lock").expect("the watched source got events");
+    wait_for("the join delivers the last event", Duration::from_secs(30), || {
+        let received = received.clone();
+        async move { received.lock().expect("lock").last().map(Delivery::id) == Some(last) }
+    })
+    .await;
+    // Anything after the last event would be a duplicate: give it a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    reader.abort();
+    let got = received.lock().expect("lock").clone();
+
+    // The independent witness: a plain rdkafka consumer reading the topic.
+    let records = read_topic(&brokers, &topic, published, Duration::from_secs(60));
+    assert_eq!(records.len(), published, "every published event is in Kafka once");
+    let mut want: Vec<(i64, EventId)> = records
+        .iter()
+        .filter(|r| r.partition == from.partition && r.offset >= from.offset)
+        .map(|r| (r.offset, r.event()))
+        .filter(|(_, e)| e.source() == &watched)
+        .map(|(o, e)| (o, e.id()))
+        .collect();
+    want.sort();
+    let got_seq: Vec<(i64, EventId)> =
+        got.iter().map(|d| (d.position().expect("positioned").offset, d.id())).collect();
+    assert_eq!(got_seq.len(), want.len(), "no gap, no duplicate");
+    assert_eq!(got_seq, want, "same ids, same order");
+    let live = got.iter().filter(|d| matches!(d, Delivery::Live(_))).count();
+    let from_kafka = got.len() - live;
+    eprintln!("join: {} delivered, {from_kafka} from Kafka, {live} live; {published} published in all", got.len());
+    assert!(from_kafka > 0 && live > 0, "both history ({from_kafka}) and live ({live}) were exercised");
+    if redis.is_some() {
+        assert!(hub.stats().await.expect("stats").disconnects >= 1, "the outage was seen");
+    }
+    let others = records.iter().filter(|r| r.partition == from.partition && r.event().source() != &watched).count();
+    assert!(others > 0, "the watched source's partition holds other sources' events too");
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_joining_mid_stream_gets_exactly_the_kafka_sequence() {
+    init_tracing();
+    join_mid_stream(redis_url(), None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_join_stays_exact_when_redis_is_killed_and_restarted() {
+    init_tracing();
+    let mut redis = OwnedRedis::start();
+    let url = redis.url();
+    join_mid_stream(url, Some(&mut redis)).await;
+}
