@@ -1,7 +1,8 @@
 //! A Kafka reader that assigns partitions itself (no consumer group, no
 //! commits), shared by the replay and the catch-up join.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dualstream_core::{record, DecodeError, Event, Limits, Position};
@@ -43,12 +44,32 @@ pub(crate) struct Reader {
     consumer: Arc<StreamConsumer>,
     timeout: Duration,
     limits: Limits,
+    /// Partitions whose first record after an assignment has not come yet.
+    probes: Mutex<HashMap<i32, Probe>>,
+}
+
+/// Checks that reading starts at or before the requested offset. Some
+/// Kafka-compatible brokers (tansu 0.6) answer a fetch from an offset inside
+/// a record batch with the *next* batch, silently skipping the rest of the
+/// batch the offset is in. Real Kafka returns the whole batch. When the first
+/// record is past the requested offset, the reader seeks further back (the
+/// callers skip records below the requested offset) until the first record
+/// is at or before it, or the seek reached offset 0.
+struct Probe {
+    topic: String,
+    requested: i64,
+    back: i64,
 }
 
 impl Reader {
     pub(crate) fn new(config: &ReplayConfig) -> Result<Self, ReplayError> {
         let consumer: StreamConsumer = config.client_config()?.create()?;
-        Ok(Self { consumer: Arc::new(consumer), timeout: config.timeout(), limits: Limits::default() })
+        Ok(Self {
+            consumer: Arc::new(consumer),
+            timeout: config.timeout(),
+            limits: Limits::default(),
+            probes: Mutex::new(HashMap::new()),
+        })
     }
 
     fn timeout_ms(&self) -> u64 {
@@ -122,6 +143,7 @@ impl Reader {
             };
             result.push((p, offset));
         }
+        tracing::debug!(topic, ts_ms, ?result, "offsets for time");
         Ok(result)
     }
 
@@ -132,7 +154,31 @@ impl Reader {
             tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
         }
         self.consumer.assign(&tpl)?;
+        let mut probes = self.probes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        probes.clear();
+        for (p, o) in starts {
+            if *o > 0 {
+                probes.insert(*p, Probe { topic: topic.to_owned(), requested: *o, back: 0 });
+            }
+        }
         Ok(())
+    }
+
+    /// Whether a record at `offset` of `partition` may be handed on, or a
+    /// seek further back was started (see [`Probe`]).
+    fn check_start(&self, partition: i32, offset: i64) -> Result<bool, ReplayError> {
+        let mut probes = self.probes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(probe) = probes.get_mut(&partition) else { return Ok(true) };
+        let seek_from = probe.requested - probe.back;
+        if offset <= probe.requested || seek_from <= 0 {
+            probes.remove(&partition);
+            return Ok(true);
+        }
+        probe.back = (probe.back * 4).max(64);
+        let to = (probe.requested - probe.back).max(0);
+        tracing::debug!(partition, requested = probe.requested, first = offset, seek = to, "first record past the requested offset; reading from earlier");
+        self.consumer.seek(&probe.topic, partition, Offset::Offset(to), Duration::ZERO)?;
+        Ok(false)
     }
 
     /// The next record of the assignment. Records whose key is not `key`
@@ -148,7 +194,12 @@ impl Reader {
 
     /// The next record, waiting as long as it takes.
     pub(crate) async fn recv_follow(&self, key: Option<&[u8]>) -> Result<Fetched, ReplayError> {
-        let m = self.consumer.recv().await?;
+        let m = loop {
+            let m = self.consumer.recv().await?;
+            if self.check_start(m.partition(), m.offset())? {
+                break m;
+            }
+        };
         let position = Position::new(m.topic(), m.partition(), m.offset());
         if let Some(k) = key {
             if m.key() != Some(k) {

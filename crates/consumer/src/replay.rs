@@ -314,7 +314,23 @@ impl Replay {
         if !done {
             reader.assign(&target.topic, &assign)?;
         }
-        let state = State { reader, target, ends, next, until: request.until, stop_on_decode: request.stop_on_decode_error, done };
+        // Brokers may answer an offsets-for-times look-up with an earlier
+        // offset (or the first one, for a time after every record): skip
+        // what is older than asked.
+        let min_timestamp = match request.start {
+            StartAt::Timestamp(ts) => Some(ts),
+            _ => None,
+        };
+        let state = State {
+            reader,
+            target,
+            ends,
+            next,
+            until: request.until,
+            stop_on_decode: request.stop_on_decode_error,
+            min_timestamp,
+            done,
+        };
         Ok(Box::pin(futures::stream::unfold(state, |mut s| async move {
             let item = s.next_item().await?;
             Some((item, s))
@@ -331,6 +347,7 @@ struct State {
     next: HashMap<i32, i64>,
     until: Until,
     stop_on_decode: bool,
+    min_timestamp: Option<i64>,
     done: bool,
 }
 
@@ -374,6 +391,11 @@ impl State {
             }
             self.next.insert(pos.partition, pos.offset + 1);
             let Fetched::Record { position, timestamp_ms, event } = fetched else { continue };
+            if let (Some(min), Some(ts)) = (self.min_timestamp, timestamp_ms) {
+                if ts < min {
+                    continue;
+                }
+            }
             match event {
                 Ok(event) if self.target.filter.keeps(&event) => {
                     return Some(Ok(Replayed { event, position, timestamp_ms }))
