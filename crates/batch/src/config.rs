@@ -6,9 +6,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BatchConfig {
-    /// Most events in one batch. Default: 1,000.
+    /// Most events in one batch. Default: 10,000 (batches only grow this
+    /// large while the previous batch of the lane is in flight, that is
+    /// under load; larger produce requests cost the broker less per event).
     pub max_batch_events: usize,
-    /// Most bytes (payload and metadata) in one batch. Default: 1 MiB.
+    /// Most bytes (payload and metadata) in one batch. Default: 8 MiB.
     pub max_batch_bytes: usize,
     /// How long a lane waits for more events before sending a batch that is
     /// not full, in milliseconds. Default: 2.
@@ -28,8 +30,8 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
-            max_batch_events: 1_000,
-            max_batch_bytes: 1024 * 1024,
+            max_batch_events: 10_000,
+            max_batch_bytes: 8 * 1024 * 1024,
             linger_ms: 2,
             max_queued_events: 100_000,
             max_queued_bytes: 128 * 1024 * 1024,

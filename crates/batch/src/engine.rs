@@ -75,8 +75,8 @@ impl BatchError {
 struct Item {
     event: Event,
     bytes: usize,
-    reply: oneshot::Sender<Result<Receipt, BatchError>>,
-    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    reply: Reply,
+    _permits: Permits,
 }
 
 enum Msg {
@@ -225,9 +225,22 @@ impl BatchEngine {
     }
 }
 
-/// One lane: collect a batch, publish it, resolve its callers; repeat.
+/// The callers of one stored batch, waiting for its notifications.
+type Stored = (dualstream_publisher::StoredBatch, Vec<(Reply, Permits)>);
+type Reply = oneshot::Sender<Result<Receipt, BatchError>>;
+type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// One lane: collect a batch, store it durably, hand it to the lane's
+/// notification stage; repeat. The notification stage sends each batch's
+/// notifications and resolves its callers, in batch order, while the lane
+/// already stores the next batch: per-source order holds on both paths (one
+/// durable write in flight per lane; notifications in lane order), and the
+/// durable path never waits for Redis.
 async fn lane(mut rx: mpsc::UnboundedReceiver<Msg>, publisher: DualPublisher, config: BatchConfig) {
-    let mut batch: Vec<Item> = Vec::with_capacity(config.max_batch_events);
+    // Unbounded, but every event in it still holds its queue permits.
+    let (notify_tx, notify_rx) = mpsc::unbounded_channel::<Stored>();
+    let notifier = tokio::spawn(notify_stage(notify_rx, publisher.clone()));
+    let mut batch: Vec<Item> = Vec::with_capacity(config.max_batch_events.min(1024));
     let mut stopping = false;
     while !stopping {
         match rx.recv().await {
@@ -256,7 +269,7 @@ async fn lane(mut rx: mpsc::UnboundedReceiver<Msg>, publisher: DualPublisher, co
                 }
             }
         }
-        flush(&publisher, &mut batch).await;
+        store(&publisher, &mut batch, &notify_tx).await;
     }
     // Refuse new items, then publish everything already accepted.
     rx.close();
@@ -264,14 +277,19 @@ async fn lane(mut rx: mpsc::UnboundedReceiver<Msg>, publisher: DualPublisher, co
         if let Msg::Item(item) = msg {
             batch.push(item);
             if batch.len() >= config.max_batch_events {
-                flush(&publisher, &mut batch).await;
+                store(&publisher, &mut batch, &notify_tx).await;
             }
         }
     }
-    flush(&publisher, &mut batch).await;
+    store(&publisher, &mut batch, &notify_tx).await;
+    drop(notify_tx);
+    if let Err(e) = notifier.await {
+        tracing::error!(error = %e, "batch notification stage ended abnormally");
+    }
 }
 
-async fn flush(publisher: &DualPublisher, batch: &mut Vec<Item>) {
+/// Store a batch durably and queue it for the notification stage.
+async fn store(publisher: &DualPublisher, batch: &mut Vec<Item>, notify: &mpsc::UnboundedSender<Stored>) {
     if batch.is_empty() {
         return;
     }
@@ -281,7 +299,20 @@ async fn flush(publisher: &DualPublisher, batch: &mut Vec<Item>) {
         events.push(item.event);
         replies.push((item.reply, item._permits));
     }
-    let results = publisher.publish_batch(events).await;
+    let stored = publisher.store_batch(events).await;
+    if let Err(mpsc::error::SendError((stored, replies))) = notify.send((stored, replies)) {
+        // The stage is gone (it panicked): resolve here, in order.
+        resolve(publisher.notify_stored(stored).await, replies);
+    }
+}
+
+async fn notify_stage(mut rx: mpsc::UnboundedReceiver<Stored>, publisher: DualPublisher) {
+    while let Some((stored, replies)) = rx.recv().await {
+        resolve(publisher.notify_stored(stored).await, replies);
+    }
+}
+
+fn resolve(results: Vec<Result<Receipt, PublishError>>, replies: Vec<(Reply, Permits)>) {
     for ((reply, permits), result) in replies.into_iter().zip(results) {
         // The caller may have gone away; the result is dropped then.
         let _ = reply.send(result.map_err(BatchError::from));

@@ -202,3 +202,85 @@ async fn config_is_validated() {
     let err = BatchEngine::new(publisher, BatchConfig { lanes: 0, ..BatchConfig::default() }).unwrap_err();
     assert!(matches!(err, ConfigError::Invalid { field: "lanes", .. }));
 }
+
+/// A notifier whose first batch waits until the durable sink has received a
+/// second batch, and records the order of what it was sent.
+struct WaitingNotifier {
+    second_batch_stored: Arc<tokio::sync::Notify>,
+    seen: Mutex<Vec<i64>>,
+}
+
+#[async_trait]
+impl dualstream_core::RealtimeNotifier for WaitingNotifier {
+    async fn notify(&self, n: &dualstream_core::Notification) -> Result<(), dualstream_core::NotifyError> {
+        self.notify_batch(std::slice::from_ref(n)).await
+    }
+    async fn notify_batch(&self, ns: &[dualstream_core::Notification]) -> Result<(), dualstream_core::NotifyError> {
+        let first = self.seen.lock().expect("lock").is_empty();
+        if first {
+            self.second_batch_stored.notified().await;
+        }
+        self.seen.lock().expect("lock").extend(ns.iter().filter_map(|n| n.position.as_ref().map(|p| p.offset)));
+        Ok(())
+    }
+    async fn health_check(&self) -> Result<(), dualstream_core::NotifyError> {
+        Ok(())
+    }
+}
+
+/// Signals once it has stored two batches.
+struct SignallingSink {
+    inner: TestSink,
+    second_batch_stored: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl DurableSink for SignallingSink {
+    async fn publish(&self, event: Event) -> Result<Position, DeliveryError> {
+        self.publish_batch(vec![event]).await.pop().expect("one result")
+    }
+    async fn publish_batch(&self, events: Vec<Event>) -> Vec<Result<Position, DeliveryError>> {
+        let out = self.inner.publish_batch(events).await;
+        if self.inner.batches.lock().expect("lock").len() == 2 {
+            self.second_batch_stored.notify_one();
+        }
+        out
+    }
+    async fn health_check(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_durable_path_does_not_wait_for_notifications_and_their_order_holds() {
+    let signal = Arc::new(tokio::sync::Notify::new());
+    let sink = Arc::new(SignallingSink { inner: TestSink::default(), second_batch_stored: signal.clone() });
+    let notifier = Arc::new(WaitingNotifier { second_batch_stored: signal, seen: Mutex::new(Vec::new()) });
+    // A notify bound long enough that the first batch's notifications only
+    // go out once the second batch is stored: possible only if the lane
+    // stores batch 2 while batch 1's notifications are pending.
+    let publisher = DualPublisher::builder()
+        .durable(sink.clone())
+        .notifier(notifier.clone())
+        .config(dualstream_publisher::PublisherConfig { notify_timeout_ms: 30_000, ..Default::default() })
+        .build()
+        .expect("publisher");
+    let engine = BatchEngine::new(publisher, BatchConfig { lanes: 1, linger_ms: 1, ..BatchConfig::default() }).expect("engine");
+    let first = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.submit(event("a", "1")).await })
+    };
+    // Let the first batch be stored before the second is submitted.
+    while sink.inner.batches.lock().expect("lock").is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let second = tokio::time::timeout(Duration::from_secs(10), engine.submit(event("a", "2")))
+        .await
+        .expect("the second batch is stored and notified while the first one's notifications wait")
+        .expect("receipt");
+    let first = first.await.expect("task").expect("receipt");
+    assert_eq!(first.notification, dualstream_publisher::NotificationOutcome::Sent);
+    assert_eq!(second.notification, dualstream_publisher::NotificationOutcome::Sent);
+    assert_eq!(*notifier.seen.lock().expect("lock"), vec![0, 1], "notifications in lane order");
+    engine.shutdown().await;
+}

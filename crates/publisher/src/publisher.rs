@@ -312,21 +312,30 @@ impl DualPublisher {
     /// Returns one result per event, in input order. A partial failure is
     /// reported per event and hands the failed events back.
     pub async fn publish_batch(&self, events: Vec<Event>) -> Vec<Result<Receipt, PublishError>> {
+        let stored = self.store_batch(events).await;
+        self.notify_stored(stored).await
+    }
+
+    /// The first half of [`publish_batch`](Self::publish_batch): the durable
+    /// write, awaited. Pass the result to
+    /// [`notify_stored`](Self::notify_stored) for the receipts; a pipeline
+    /// can start storing the next batch while this one's notifications go
+    /// out (the batching engine does).
+    pub async fn store_batch(&self, events: Vec<Event>) -> StoredBatch {
         let count = events.len();
         if count == 0 {
-            return Vec::new();
+            return StoredBatch { out: Vec::new(), notifications: None };
         }
         metrics::histogram!(m::BATCH_SIZE).record(count as f64);
-        let span = tracing::debug_span!("publish_batch", count);
+        let span = tracing::debug_span!("store_batch", count);
         async move {
             let Some(durable) = &self.inner.durable else {
-                let ids: Vec<EventId> = events.iter().map(Event::id).collect();
-                let batch = events.iter().map(|e| Notification::for_event(e, None)).collect();
-                let outcome = self.send_notifications(batch).await;
-                return ids
-                    .into_iter()
-                    .map(|event_id| Ok(Receipt { event_id, position: None, notification: outcome }))
+                let out = events
+                    .iter()
+                    .map(|e| Ok(Receipt { event_id: e.id(), position: None, notification: NotificationOutcome::Disabled }))
                     .collect();
+                let batch = events.iter().map(|e| Notification::for_event(e, None)).collect();
+                return StoredBatch { out, notifications: Some(batch) };
             };
             let notify = self.inner.notifier.is_some();
             // Notifications are prepared only when a notifier will get them;
@@ -364,16 +373,24 @@ impl DualPublisher {
             }
             metrics::counter!(m::PUBLISHED).increment(ok as u64);
             metrics::counter!(m::FAILED).increment((count - ok) as u64);
-            if notify {
-                let outcome = self.send_notifications(stored).await;
-                for receipt in out.iter_mut().flatten() {
-                    receipt.notification = outcome;
-                }
-            }
-            out
+            StoredBatch { out, notifications: notify.then_some(stored) }
         }
         .instrument(span)
         .await
+    }
+
+    /// The second half of [`publish_batch`](Self::publish_batch): send the
+    /// notifications of a stored batch (bounded in time, as always) and
+    /// return one result per event, in input order.
+    pub async fn notify_stored(&self, batch: StoredBatch) -> Vec<Result<Receipt, PublishError>> {
+        let StoredBatch { mut out, notifications } = batch;
+        if let Some(stored) = notifications {
+            let outcome = self.send_notifications(stored).await;
+            for receipt in out.iter_mut().flatten() {
+                receipt.notification = outcome;
+            }
+        }
+        out
     }
 
     /// Check both paths. The durable sink's health decides; the notifier's
@@ -406,5 +423,27 @@ impl DualPublisher {
             Some(d) => d.flush(deadline.saturating_duration_since(Instant::now())).await,
             None => Ok(()),
         }
+    }
+}
+
+/// A batch whose durable write is done and whose notifications are not sent
+/// yet: from [`DualPublisher::store_batch`], for
+/// [`DualPublisher::notify_stored`].
+#[derive(Debug)]
+#[must_use = "the receipts come from notify_stored"]
+pub struct StoredBatch {
+    out: Vec<Result<Receipt, PublishError>>,
+    notifications: Option<Vec<Notification>>,
+}
+
+impl StoredBatch {
+    /// Events in the batch.
+    pub fn len(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.out.is_empty()
     }
 }

@@ -164,6 +164,28 @@ async fn durable_throughput(brokers: &str, redis_url: &str, p: &Profile, rows: &
         let (engine, _) = dual_engine(brokers, &topic, redis_url).await;
         let (ours, _, errors) = through_engine(&engine, events(p.throughput_events, size)).await;
         engine.shutdown().await;
+        // Diagnostic: the same engine in durable-only mode, to separate the
+        // engine's own cost from the notifications' (Redis shares the cores).
+        let durable_only = {
+            let sink = KafkaSink::new(sink_config(brokers, &topic)).expect("sink");
+            let publisher =
+                DualPublisher::builder().durable(Arc::new(sink)).mode(Mode::DurableOnly).build().expect("publisher");
+            publisher.publish(events(1, 10).remove(0)).await.expect("warm-up");
+            let engine = BatchEngine::new(publisher, BatchConfig::default()).expect("engine");
+            let (rate, _, _) = through_engine(&engine, events(p.throughput_events, size)).await;
+            engine.shutdown().await;
+            rate
+        };
+        rows.push(Row {
+            group: "durable",
+            name: format!("durable throughput, {size} B, durable-only mode (diagnostic), events/s"),
+            ours: durable_only,
+            baseline,
+            unit: "ev/s",
+            goal: "none (diagnostic)".into(),
+            met: None,
+            note: "the batching engine without notifications: what the engine itself costs next to Redis's share".into(),
+        });
         let ratio = ours / baseline;
         rows.push(Row {
             group: "durable",
