@@ -300,6 +300,11 @@ async fn store(publisher: &DualPublisher, batch: &mut Vec<Item>, notify: &mpsc::
         replies.push((item.reply, item._permits));
     }
     let stored = publisher.store_batch(events).await;
+    if !stored.waits_for_notifier() {
+        // Nothing to wait for: resolve here, without a hop.
+        resolve(publisher.notify_stored(stored).await, replies);
+        return;
+    }
     if let Err(mpsc::error::SendError((stored, replies))) = notify.send((stored, replies)) {
         // The stage is gone (it panicked): resolve here, in order.
         resolve(publisher.notify_stored(stored).await, replies);

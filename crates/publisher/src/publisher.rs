@@ -316,6 +316,12 @@ impl DualPublisher {
         self.notify_stored(stored).await
     }
 
+    /// Whether sending notifications waits for the notifier (rather than
+    /// queueing them at once, as the high-volume mode does).
+    fn notify_waits(&self) -> bool {
+        self.inner.notifier.is_some() && self.inner.high_volume.is_none()
+    }
+
     /// The first half of [`publish_batch`](Self::publish_batch): the durable
     /// write, awaited. Pass the result to
     /// [`notify_stored`](Self::notify_stored) for the receipts; a pipeline
@@ -324,7 +330,7 @@ impl DualPublisher {
     pub async fn store_batch(&self, events: Vec<Event>) -> StoredBatch {
         let count = events.len();
         if count == 0 {
-            return StoredBatch { out: Vec::new(), notifications: None };
+            return StoredBatch { out: Vec::new(), notifications: None, waits: false };
         }
         metrics::histogram!(m::BATCH_SIZE).record(count as f64);
         let span = tracing::debug_span!("store_batch", count);
@@ -335,7 +341,7 @@ impl DualPublisher {
                     .map(|e| Ok(Receipt { event_id: e.id(), position: None, notification: NotificationOutcome::Disabled }))
                     .collect();
                 let batch = events.iter().map(|e| Notification::for_event(e, None)).collect();
-                return StoredBatch { out, notifications: Some(batch) };
+                return StoredBatch { out, notifications: Some(batch), waits: self.notify_waits() };
             };
             let notify = self.inner.notifier.is_some();
             // Notifications are prepared only when a notifier will get them;
@@ -373,7 +379,7 @@ impl DualPublisher {
             }
             metrics::counter!(m::PUBLISHED).increment(ok as u64);
             metrics::counter!(m::FAILED).increment((count - ok) as u64);
-            StoredBatch { out, notifications: notify.then_some(stored) }
+            StoredBatch { out, notifications: notify.then_some(stored), waits: self.notify_waits() }
         }
         .instrument(span)
         .await
@@ -383,7 +389,7 @@ impl DualPublisher {
     /// notifications of a stored batch (bounded in time, as always) and
     /// return one result per event, in input order.
     pub async fn notify_stored(&self, batch: StoredBatch) -> Vec<Result<Receipt, PublishError>> {
-        let StoredBatch { mut out, notifications } = batch;
+        let StoredBatch { mut out, notifications, .. } = batch;
         if let Some(stored) = notifications {
             let outcome = self.send_notifications(stored).await;
             for receipt in out.iter_mut().flatten() {
@@ -434,6 +440,7 @@ impl DualPublisher {
 pub struct StoredBatch {
     out: Vec<Result<Receipt, PublishError>>,
     notifications: Option<Vec<Notification>>,
+    waits: bool,
 }
 
 impl StoredBatch {
@@ -445,5 +452,12 @@ impl StoredBatch {
     /// Whether the batch is empty.
     pub fn is_empty(&self) -> bool {
         self.out.is_empty()
+    }
+
+    /// Whether [`DualPublisher::notify_stored`] will wait for the notifier
+    /// (false without a notifier, and in the high-volume mode, which only
+    /// queues notifications).
+    pub fn waits_for_notifier(&self) -> bool {
+        self.waits && self.notifications.as_ref().is_some_and(|n| !n.is_empty())
     }
 }

@@ -472,7 +472,7 @@ async fn naive(brokers: &str, redis_url: &str, p: &Profile, rows: &mut Vec<Row>)
             .expect("publish");
     }
     let naive = evs.len() as f64 / started.elapsed().as_secs_f64();
-    let ours = rows.iter().find(|r| r.group == "durable").map(|r| r.ours).unwrap_or(f64::NAN);
+    let ours = rows.iter().find(|r| r.group == "durable" && r.goal.starts_with("ratio")).map(|r| r.ours).unwrap_or(f64::NAN);
     rows.push(Row {
         group: "naive",
         name: "naive pattern (await produce, then await PUBLISH, per event), events/s".into(),
