@@ -241,14 +241,17 @@ impl DurableSink for KafkaSink {
                 }
             }
         }
-        let producer = &producer;
-        let settle = pending.into_iter().map(|p| async move {
-            match p {
-                Ok((topic, event, delivery)) => self.settle(producer, topic, event, delivery).await,
+        // Every record is enqueued already, so awaiting the acks one after
+        // the other takes as long as awaiting them together, without a task
+        // node per record.
+        let mut out = Vec::with_capacity(pending.len());
+        for p in pending {
+            out.push(match p {
+                Ok((topic, event, delivery)) => self.settle(&producer, topic, event, delivery).await,
                 Err(e) => Err(e),
-            }
-        });
-        futures::future::join_all(settle).await
+            });
+        }
+        out
     }
 
     async fn health_check(&self) -> Result<(), SinkError> {

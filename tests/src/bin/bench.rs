@@ -127,46 +127,56 @@ async fn dual_engine(brokers: &str, topic: &str, redis_url: &str) -> (BatchEngin
     (BatchEngine::new(publisher, BatchConfig::default()).expect("engine"), notifier)
 }
 
-/// Submit every event concurrently; returns events/s and per-event
-/// submit→receipt latencies.
+/// Submit every event concurrently from one task, as the raw baseline sends
+/// from one task; returns events/s and per-event submit→receipt latencies.
 async fn through_engine(engine: &BatchEngine, evs: Vec<Event>) -> (f64, Vec<Duration>, usize) {
     let started = Instant::now();
-    let tasks: Vec<_> = evs
-        .into_iter()
-        .map(|e| {
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                let t = Instant::now();
-                let r = engine.submit(e).await;
-                (t.elapsed(), r.is_ok())
-            })
-        })
-        .collect();
-    let n = tasks.len();
+    let n = evs.len();
+    let calls = evs.into_iter().map(|e| async move {
+        let t = Instant::now();
+        let r = engine.submit(e).await;
+        (t.elapsed(), r.is_ok())
+    });
+    let results = futures::future::join_all(calls).await;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
     let mut lat = Vec::with_capacity(n);
     let mut errors = 0;
-    for t in tasks {
-        let (d, ok) = t.await.expect("task");
+    for (d, ok) in results {
         lat.push(d);
         errors += usize::from(!ok);
     }
-    let rate = n as f64 / started.elapsed().as_secs_f64();
     lat.sort();
     (rate, lat, errors)
 }
 
+/// Rounds of the durable group; each figure is the best of its rounds, every
+/// run on a fresh topic, the sides alternating, so that neither the order
+/// nor a topic's size favours one side on this noisy shared machine.
+const DURABLE_ROUNDS: usize = 3;
+
 async fn durable_throughput(brokers: &str, redis_url: &str, p: &Profile, rows: &mut Vec<Row>) {
     for size in [150, 1024] {
-        let topic = unique_topic("bench-dur");
-        create_topic(brokers, &topic, 3).await;
-        let raw = raw_producer(brokers, &topic).await;
-        let baseline = raw_burst(&raw, &topic, &events(p.throughput_events, size)).await;
-        let (engine, _) = dual_engine(brokers, &topic, redis_url).await;
-        let (ours, _, errors) = through_engine(&engine, events(p.throughput_events, size)).await;
-        engine.shutdown().await;
-        // Diagnostic: the same engine in durable-only mode, to separate the
-        // engine's own cost from the notifications' (Redis shares the cores).
-        let durable_only = {
+        let (mut baseline, mut ours, mut durable_only, mut errors) = (0f64, 0f64, 0f64, 0usize);
+        for _ in 0..DURABLE_ROUNDS {
+            let topic = unique_topic("bench-dur-raw");
+            create_topic(brokers, &topic, 3).await;
+            let raw = raw_producer(brokers, &topic).await;
+            baseline = baseline.max(raw_burst(&raw, &topic, &events(p.throughput_events, size)).await);
+            drop(raw);
+
+            let topic = unique_topic("bench-dur-dual");
+            create_topic(brokers, &topic, 3).await;
+            let (engine, _) = dual_engine(brokers, &topic, redis_url).await;
+            let (rate, _, e) = through_engine(&engine, events(p.throughput_events, size)).await;
+            engine.shutdown().await;
+            ours = ours.max(rate);
+            errors += e;
+
+            // Diagnostic: the same engine in durable-only mode, to separate
+            // the engine's own cost from the notifications' (Redis shares the
+            // cores).
+            let topic = unique_topic("bench-dur-only");
+            create_topic(brokers, &topic, 3).await;
             let sink = KafkaSink::new(sink_config(brokers, &topic)).expect("sink");
             let publisher =
                 DualPublisher::builder().durable(Arc::new(sink)).mode(Mode::DurableOnly).build().expect("publisher");
@@ -174,8 +184,8 @@ async fn durable_throughput(brokers: &str, redis_url: &str, p: &Profile, rows: &
             let engine = BatchEngine::new(publisher, BatchConfig::default()).expect("engine");
             let (rate, _, _) = through_engine(&engine, events(p.throughput_events, size)).await;
             engine.shutdown().await;
-            rate
-        };
+            durable_only = durable_only.max(rate);
+        }
         rows.push(Row {
             group: "durable",
             name: format!("durable throughput, {size} B, durable-only mode (diagnostic), events/s"),
@@ -195,7 +205,10 @@ async fn durable_throughput(brokers: &str, redis_url: &str, p: &Profile, rows: &
             unit: "ev/s",
             goal: "ratio ≥ 0.90".into(),
             met: Some(ratio >= 0.90),
-            note: format!("{} events; ours = dual mode through the batching engine, Redis on; {errors} errors", p.throughput_events),
+            note: format!(
+                "{} events, best of {DURABLE_ROUNDS} alternating rounds on fresh topics; ours = dual mode through the batching engine, Redis on; {errors} errors",
+                p.throughput_events
+            ),
         });
         println!("  durable {size} B: ours {ours:.0}/s, raw {baseline:.0}/s, ratio {ratio:.2}");
     }
