@@ -178,9 +178,16 @@ async fn a_slow_subscriber_does_not_delay_the_others_and_is_told_it_lagged() {
     let source = Source::new("user", format!("slow-{}", EventId::new())).expect("valid");
     let mut slow = hub.subscribe_source(&source).await.expect("subscribed");
     let total = 500usize;
+    // Each fast subscriber reports how far it got; the publisher stays at
+    // most two chunks (20 < 32) ahead of the slowest fast one, so a fast
+    // subscriber never overflows however the test machine schedules it,
+    // while the slow one, which reads nothing, overflows for sure.
+    let progress: Arc<Vec<std::sync::atomic::AtomicUsize>> =
+        Arc::new((0..10).map(|_| std::sync::atomic::AtomicUsize::new(0)).collect());
     let mut fast = Vec::new();
-    for _ in 0..10 {
+    for k in 0..10 {
         let mut s = hub.subscribe_source(&source).await.expect("subscribed");
+        let progress = progress.clone();
         fast.push(tokio::spawn(async move {
             let mut got = Vec::new();
             while got.len() < total {
@@ -188,6 +195,7 @@ async fn a_slow_subscriber_does_not_delay_the_others_and_is_told_it_lagged() {
                     Ok(Some(LiveItem::Notification(n))) => got.push(n.id),
                     other => panic!("a fast subscriber got {other:?} after {}", got.len()),
                 }
+                progress[k].store(got.len(), Ordering::Release);
             }
             got
         }));
@@ -202,8 +210,13 @@ async fn a_slow_subscriber_does_not_delay_the_others_and_is_told_it_lagged() {
                 Notification::for_event(&e, Some(Position::new("events", 0, (chunk * 10 + i) as i64)))
             })
             .collect();
+        let behind = (chunk * 10).saturating_sub(10);
+        wait_for("the fast subscribers", Duration::from_secs(10), || {
+            let progress = progress.clone();
+            async move { progress.iter().all(|p| p.load(Ordering::Acquire) >= behind) }
+        })
+        .await;
         notifier.notify_batch(&batch).await.expect("published");
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     // The slow one has not read anything yet, and the others are done.
     for f in fast {
