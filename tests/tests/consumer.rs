@@ -249,7 +249,7 @@ async fn the_hub_reconnects_after_redis_restarts_and_signals_the_gap() {
     };
     let n1 = note();
     notifier.notify(&n1).await.expect("published");
-    assert_eq!(next(&mut s).await, LiveItem::Notification(n1));
+    assert_eq!(next(&mut s).await, LiveItem::Notification(Arc::new(n1)));
 
     redis.kill();
     assert_eq!(next(&mut s).await, LiveItem::Disconnected);
@@ -262,7 +262,7 @@ async fn the_hub_reconnects_after_redis_restarts_and_signals_the_gap() {
         async move { notifier.notify(&n2).await.is_ok() }
     })
     .await;
-    assert_eq!(next(&mut s).await, LiveItem::Notification(n2));
+    assert_eq!(next(&mut s).await, LiveItem::Notification(Arc::new(n2)));
     let stats = hub.stats().await.expect("stats");
     assert!(stats.connected);
     assert_eq!(stats.disconnects, 1);

@@ -169,7 +169,7 @@ impl Joiner {
             };
             let step = match item {
                 Err(_idle) => self.catch_up().await,
-                Ok(Some(LiveItem::Notification(n))) => self.on_live(n).await,
+                Ok(Some(LiveItem::Notification(n))) => self.on_live(std::sync::Arc::unwrap_or_clone(n)).await,
                 Ok(Some(LiveItem::Gap | LiveItem::Lagged { .. })) => self.catch_up().await,
                 Ok(Some(LiveItem::Disconnected)) => Ok(()),
                 Ok(Some(LiveItem::Malformed { channel, reason })) => {

@@ -51,8 +51,8 @@ impl Target {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum LiveItem {
-    /// A notification, decoded.
-    Notification(Notification),
+    /// A notification, decoded once and shared by every local subscriber.
+    Notification(Arc<Notification>),
     /// A message on the channel that is not a valid notification.
     Malformed {
         /// The channel it came on.
@@ -465,7 +465,7 @@ impl Task {
         self.stats.received += 1;
         let channel = msg.get_channel_name();
         let item = match Notification::from_json(msg.get_payload_bytes()) {
-            Ok(n) => LiveItem::Notification(n),
+            Ok(n) => LiveItem::Notification(Arc::new(n)),
             Err(e) => LiveItem::Malformed { channel: channel.into(), reason: e.to_string().into() },
         };
         let overflow = self.config.overflow;
@@ -544,7 +544,7 @@ mod tests {
 
     fn note(i: u32) -> LiveItem {
         let e = Event::builder("t", "user", format!("u{i}")).build().expect("valid");
-        LiveItem::Notification(Notification::for_event(&e, None))
+        LiveItem::Notification(Arc::new(Notification::for_event(&e, None)))
     }
 
     fn show(item: &LiveItem) -> String {
