@@ -44,7 +44,8 @@ enum Cmd {
         /// Longer runs.
         #[arg(long)]
         full: bool,
-        /// Run only the groups whose name contains one of these words.
+        /// Run only the groups whose name contains one of these words (groups:
+        /// memory, durable, realtime, latency, outage, naive, fanout).
         #[arg(long)]
         filter: Vec<String>,
     },
