@@ -1,7 +1,7 @@
 //! The dual publisher of dualstream (PATTERN §1, §4, §5).
 //!
-//! [`DualPublisher`] composes any [`DurableSink`] and any
-//! [`RealtimeNotifier`]: the built-in Kafka and Redis ones, or yours. It
+//! [`DualPublisher`] composes any [`DurableSink`](dualstream_core::DurableSink) and any
+//! [`RealtimeNotifier`](dualstream_core::RealtimeNotifier): the built-in Kafka and Redis ones, or yours. It
 //! depends on `dualstream-core` only.
 //!
 //! - [`DualPublisher::publish`]: the durable write must succeed; only after
