@@ -196,6 +196,22 @@ impl OwnedRedis {
         });
     }
 
+    /// SIGSTOP: Redis hangs (connections stay open, nothing answers).
+    pub fn stop(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT: the hung Redis answers again.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill").success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     /// Kill -9: the hard way Redis goes away in production.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -268,6 +268,26 @@ async fn the_hub_reconnects_after_redis_restarts_and_signals_the_gap() {
     assert_eq!(stats.disconnects, 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_is_noticed_by_the_ping_and_the_gap_signalled_when_it_answers() {
+    let redis = OwnedRedis::start();
+    let url = redis.url();
+    let hub =
+        Hub::new(HubConfig { url: url.clone(), ping_interval_ms: 200, timeout_ms: 300, ..HubConfig::default() })
+            .expect("hub");
+    let mut s = hub.subscribe_source(&Source::new("user", "a").expect("valid")).await.expect("subscribed");
+    redis.stop();
+    // The connection stays open; only the unanswered ping tells.
+    assert_eq!(next(&mut s).await, LiveItem::Disconnected);
+    redis.resume();
+    assert_eq!(next(&mut s).await, LiveItem::Gap);
+    let e = Event::builder("t", "user", "a").build().expect("valid");
+    let n = Notification::for_event(&e, None);
+    redis_notifier(&url).notify(&n).await.expect("published");
+    assert_eq!(next(&mut s).await, LiveItem::Notification(Arc::new(n)));
+    assert!(hub.stats().await.expect("stats").disconnects >= 1);
+}
+
 /// A publisher writes ~3,000 events/s for eight sources; a subscriber of
 /// one source joins mid-stream from a past position. What it receives must
 /// be exactly Kafka's sequence for that source from that position on.
