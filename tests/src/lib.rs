@@ -162,6 +162,13 @@ fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// Send `sig` (`-STOP`, `-CONT`) to a running child process.
+fn signal(child: Option<&Child>, sig: &str) {
+    let pid = child.expect("running").id();
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill").success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
 /// A `redis-server` owned by one test, on its own port. Killed on drop.
 #[derive(Debug)]
 pub struct OwnedRedis {
@@ -198,19 +205,14 @@ impl OwnedRedis {
 
     /// SIGSTOP: Redis hangs (connections stay open, nothing answers).
     pub fn stop(&self) {
-        self.signal("-STOP");
+        signal(self.child.as_ref(), "-STOP");
     }
 
     /// SIGCONT: the hung Redis answers again.
     pub fn resume(&self) {
-        self.signal("-CONT");
+        signal(self.child.as_ref(), "-CONT");
     }
 
-    fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("running").id();
-        let ok = Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill").success();
-        assert!(ok, "kill {sig} {pid}");
-    }
 
     /// Kill -9: the hard way Redis goes away in production.
     pub fn kill(&mut self) {
@@ -276,19 +278,14 @@ impl OwnedBroker {
     /// in-memory storage would lose the log and the producer state on a
     /// restart, which a real Kafka broker keeps on disk).
     pub fn stop(&self) {
-        self.signal("-STOP");
+        signal(self.child.as_ref(), "-STOP");
     }
 
     /// SIGCONT: the stopped broker answers again.
     pub fn resume(&self) {
-        self.signal("-CONT");
+        signal(self.child.as_ref(), "-CONT");
     }
 
-    fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("running").id();
-        let ok = Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill").success();
-        assert!(ok, "kill {sig} {pid}");
-    }
 }
 
 impl Drop for OwnedBroker {
