@@ -575,10 +575,11 @@ fn write_report(rows: &[Row], full: bool, filters: &[String], took: Duration) {
     }
     let micro = criterion_figures(&root.join("target/criterion"));
     if !micro.is_empty() {
-        md.push_str("\nMicro benchmarks (criterion, `cargo bench -p dualstream --bench micro`, mean time per iteration):\n\n| benchmark | mean |\n|---|---:|\n");
-        for (name, ns) in &micro {
+        md.push_str("\nMicro benchmarks (criterion, `cargo bench -p dualstream --bench micro`, mean time per iteration):\n\n| benchmark | mean | throughput |\n|---|---:|---:|\n");
+        for (name, ns, elements) in &micro {
             let shown = if *ns >= 1e6 { format!("{:.3} ms", ns / 1e6) } else { format!("{ns:.1} ns") };
-            md.push_str(&format!("| {name} | {shown} |\n"));
+            let rate = elements.map(|n| format!("{:.0} events/s", n as f64 / (ns / 1e9))).unwrap_or_else(|| "-".into());
+            md.push_str(&format!("| {name} | {shown} | {rate} |\n"));
         }
     }
     md.push_str("\nNotes per row:\n\n");
@@ -599,8 +600,10 @@ fn write_report(rows: &[Row], full: bool, filters: &[String], took: Duration) {
     println!("{md}");
 }
 
-/// (benchmark id, mean ns) of every criterion result under `dir`.
-fn criterion_figures(dir: &std::path::Path) -> Vec<(String, f64)> {
+/// Every criterion result under `dir`: (benchmark id, mean ns per
+/// iteration, elements per iteration when the benchmark declares a
+/// throughput).
+fn criterion_figures(dir: &std::path::Path) -> Vec<(String, f64, Option<u64>)> {
     let mut out = Vec::new();
     let Ok(groups) = std::fs::read_dir(dir) else { return out };
     for group in groups.flatten() {
@@ -610,7 +613,7 @@ fn criterion_figures(dir: &std::path::Path) -> Vec<(String, f64)> {
             let read = |f: &str| std::fs::read_to_string(new.join(f)).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
             if let (Some(meta), Some(est)) = (read("benchmark.json"), read("estimates.json")) {
                 if let (Some(id), Some(mean)) = (meta["full_id"].as_str(), est["mean"]["point_estimate"].as_f64()) {
-                    out.push((id.to_owned(), mean));
+                    out.push((id.to_owned(), mean, meta["throughput"]["Elements"].as_u64()));
                 }
             }
         }
