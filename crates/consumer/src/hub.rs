@@ -335,31 +335,31 @@ impl Task {
                     self.broadcast(LiveItem::Gap);
                     let mut ping = tokio::time::interval(Duration::from_millis(self.config.ping_interval_ms));
                     ping.reset();
-                    let lost = loop {
+                    // Serve until the connection is lost: the stream ends,
+                    // a command fails or a ping goes unanswered.
+                    loop {
                         tokio::select! {
                             msg = stream.next() => match msg {
                                 Some(m) => self.dispatch(&m),
-                                None => break true,
+                                None => break,
                             },
                             cmd = self.rx.recv() => match cmd {
                                 None => return,
-                                Some(c) => if self.handle(c, Some(&mut sink)).await.is_err() { break true },
+                                Some(c) => if self.handle(c, Some(&mut sink)).await.is_err() { break },
                             },
                             _ = ping.tick() => {
                                 let ok = matches!(
                                     tokio::time::timeout(self.timeout(), sink.ping::<redis::Value>()).await,
                                     Ok(Ok(_))
                                 );
-                                if !ok { break true }
+                                if !ok { break }
                             }
                         }
-                    };
-                    if lost {
-                        self.stats.connected = false;
-                        self.stats.disconnects += 1;
-                        tracing::warn!("hub lost its Redis connection; reconnecting");
-                        self.broadcast(LiveItem::Disconnected);
                     }
+                    self.stats.connected = false;
+                    self.stats.disconnects += 1;
+                    tracing::warn!("hub lost its Redis connection; reconnecting");
+                    self.broadcast(LiveItem::Disconnected);
                 }
             }
             // Wait before the next attempt, still serving commands.
