@@ -6,11 +6,14 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dualstream::core::{record, Event, Limits};
 use dualstream::kafka::{KafkaSink, KafkaSinkConfig, TopicRouting};
+use dualstream::batch::{BatchConfig, BatchEngine};
 use dualstream::redis::{RedisNotifier, RedisNotifierConfig};
+use dualstream::DualPublisher;
 use futures::StreamExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -73,6 +76,22 @@ pub fn kafka_sink(brokers: &str, topic: &str) -> KafkaSink {
 pub fn redis_notifier(url: &str) -> RedisNotifier {
     RedisNotifier::new(RedisNotifierConfig { url: url.to_owned(), ..RedisNotifierConfig::default() })
         .expect("redis notifier")
+}
+
+/// A dual-mode batching engine writing to `topic` and notifying `redis_url`
+/// (notifier bound 100 ms, so fault tests move quickly); the notifier is
+/// returned for its counters.
+pub fn dual_engine(brokers: &str, topic: &str, redis_url: &str) -> (BatchEngine, Arc<RedisNotifier>) {
+    let notifier = Arc::new(
+        RedisNotifier::new(RedisNotifierConfig { url: redis_url.to_owned(), timeout_ms: 100, ..Default::default() })
+            .expect("redis notifier"),
+    );
+    let publisher = DualPublisher::builder()
+        .durable(Arc::new(kafka_sink(brokers, topic)))
+        .notifier(notifier.clone())
+        .build()
+        .expect("publisher");
+    (BatchEngine::new(publisher, BatchConfig::default()).expect("engine"), notifier)
 }
 
 /// One record read back from Kafka by a plain rdkafka consumer.

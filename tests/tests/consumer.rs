@@ -295,16 +295,7 @@ async fn join_mid_stream(redis_url: String, mut redis: Option<&mut OwnedRedis>) 
     let brokers = kafka_brokers();
     let topic = unique_topic("join");
     create_topic(&brokers, &topic, 3).await;
-    let notifier = Arc::new(
-        RedisNotifier::new(RedisNotifierConfig { url: redis_url.clone(), timeout_ms: 100, ..Default::default() })
-            .expect("notifier"),
-    );
-    let publisher = DualPublisher::builder()
-        .durable(Arc::new(kafka_sink(&brokers, &topic)))
-        .notifier(notifier.clone())
-        .build()
-        .expect("publisher");
-    let engine = BatchEngine::new(publisher, BatchConfig::default()).expect("engine");
+    let (engine, _) = dual_engine(&brokers, &topic, &redis_url);
     let run = EventId::new().as_uuid().simple().to_string();
     let sources: Vec<Source> = (0..8).map(|i| Source::new("sensor", format!("{run}-{i}")).expect("valid")).collect();
     // Watch a source whose partition other sources write to as well (one

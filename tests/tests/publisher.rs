@@ -23,13 +23,7 @@ async fn redis_killed_and_restarted_mid_stream_loses_no_event() {
     let topic = unique_topic("dual");
     create_topic(&brokers, &topic, 3).await;
     let mut redis = OwnedRedis::start();
-    let notifier = Arc::new(RedisNotifier::new(RedisNotifierConfig { url: redis.url(), timeout_ms: 100, ..Default::default() }).expect("notifier"));
-    let publisher = DualPublisher::builder()
-        .durable(Arc::new(kafka_sink(&brokers, &topic)))
-        .notifier(notifier.clone())
-        .build()
-        .expect("publisher");
-    let engine = BatchEngine::new(publisher, BatchConfig::default()).expect("engine");
+    let (engine, notifier) = dual_engine(&brokers, &topic, &redis.url());
 
     // A steady stream in the background while Redis dies and comes back.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

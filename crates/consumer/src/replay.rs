@@ -163,7 +163,7 @@ pub struct Replay {
 
 /// A resolved scope: the topic, the partitions to read and the filter.
 #[derive(Debug, Clone)]
-pub(crate) struct Target {
+pub(crate) struct Resolved {
     pub(crate) topic: String,
     pub(crate) partitions: Vec<i32>,
     pub(crate) key: Option<Vec<u8>>,
@@ -211,7 +211,7 @@ impl Replay {
         Ok((t.topic, t.partitions[0]))
     }
 
-    pub(crate) async fn resolve(&self, reader: &Reader, scope: &Scope) -> Result<Target, ReplayError> {
+    pub(crate) async fn resolve(&self, reader: &Reader, scope: &Scope) -> Result<Resolved, ReplayError> {
         let routing = &self.config.topic;
         let (topic, key, filter) = match scope {
             Scope::Source(s) => (
@@ -246,14 +246,14 @@ impl Replay {
             Some(k) => vec![partition_for_key(k, count)],
             None => (0..count).collect(),
         };
-        Ok(Target { topic, partitions, key, filter })
+        Ok(Resolved { topic, partitions, key, filter })
     }
 
     /// Start offsets for `start`, one per partition of the target.
     pub(crate) async fn start_offsets(
         &self,
         reader: &Reader,
-        target: &Target,
+        target: &Resolved,
         start: &StartAt,
     ) -> Result<Vec<(i32, i64)>, ReplayError> {
         let mut out = Vec::with_capacity(target.partitions.len());
@@ -340,7 +340,7 @@ impl Replay {
 
 struct State {
     reader: Reader,
-    target: Target,
+    target: Resolved,
     /// Until::Now: the end offset (exclusive) of each partition still open.
     ends: HashMap<i32, i64>,
     /// The next offset expected per partition (older ones are stale).
@@ -417,7 +417,7 @@ impl State {
 /// last. Keeps at most `n` offsets in memory.
 async fn last_n_start(
     reader: &Reader,
-    target: &Target,
+    target: &Resolved,
     source: &Source,
     p: i32,
     n: usize,

@@ -119,7 +119,8 @@ async fn raw_burst(p: &FutureProducer, topic: &str, evs: &[Event]) -> f64 {
     evs.len() as f64 / started.elapsed().as_secs_f64()
 }
 
-async fn dual_engine(brokers: &str, topic: &str, redis_url: &str) -> (BatchEngine, Arc<RedisNotifier>) {
+/// The dual engine as users get it: default notifier settings, warmed up.
+async fn default_dual_engine(brokers: &str, topic: &str, redis_url: &str) -> (BatchEngine, Arc<RedisNotifier>) {
     let sink = KafkaSink::new(sink_config(brokers, topic)).expect("sink");
     let notifier = Arc::new(redis_notifier(redis_url));
     let publisher = DualPublisher::builder().durable(Arc::new(sink)).notifier(notifier.clone()).build().expect("publisher");
@@ -167,7 +168,7 @@ async fn durable_throughput(brokers: &str, redis_url: &str, p: &Profile, rows: &
 
             let topic = unique_topic("bench-dur-dual");
             create_topic(brokers, &topic, 3).await;
-            let (engine, _) = dual_engine(brokers, &topic, redis_url).await;
+            let (engine, _) = default_dual_engine(brokers, &topic, redis_url).await;
             let (rate, _, e) = through_engine(&engine, events(p.throughput_events, size)).await;
             engine.shutdown().await;
             ours = ours.max(rate);
@@ -392,7 +393,7 @@ async fn outage(brokers: &str, p: &Profile, rows: &mut Vec<Row>) {
     let mut redis = OwnedRedis::start();
     let topic = unique_topic("bench-out");
     create_topic(brokers, &topic, 3).await;
-    let (engine, notifier) = dual_engine(brokers, &topic, &redis.url()).await;
+    let (engine, notifier) = default_dual_engine(brokers, &topic, &redis.url()).await;
     let (up_rate, up_lat, _) = through_engine(&engine, events(p.outage_events, 150)).await;
     redis.kill();
     // Let the breaker open before measuring.
@@ -440,7 +441,7 @@ const MEMORY_SUBMITTERS: usize = 16_384;
 async fn memory(brokers: &str, redis_url: &str, p: &Profile, rows: &mut Vec<Row>) {
     let topic = unique_topic("bench-mem");
     create_topic(brokers, &topic, 3).await;
-    let (engine, _) = dual_engine(brokers, &topic, redis_url).await;
+    let (engine, _) = default_dual_engine(brokers, &topic, redis_url).await;
     let _ = std::fs::write("/proc/self/clear_refs", "5"); // reset the peak
     let before = peak_rss_kib();
     let started = Instant::now();
