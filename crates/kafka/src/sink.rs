@@ -55,7 +55,10 @@ impl KafkaSink {
         self.inner.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    /// Records handed to the producer and not yet acknowledged or failed.
+    /// Records handed to the producer whose delivery reports librdkafka has
+    /// not finished handing back. A report event can hold many records and
+    /// is released after the last of them resolves its caller, so right after
+    /// a batch fails the count may still be above zero for a moment.
     pub fn in_flight(&self) -> i32 {
         self.producer().in_flight_count()
     }
