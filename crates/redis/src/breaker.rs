@@ -15,13 +15,24 @@ pub enum BreakerState {
     HalfOpen,
 }
 
+/// The admission of one call, handed back with its outcome
+/// ([`Breaker::on_success`], [`Breaker::on_failure`]). It records the
+/// breaker episode the call was admitted in, so the outcome of a call that
+/// was already in flight when the breaker opened (or when a newer probe
+/// started) is ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    generation: u64,
+}
+
 /// What the breaker says about the next call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admit {
-    /// Make the call.
-    Yes,
-    /// Make the call as the probe: its outcome closes or re-opens the breaker.
-    Probe,
+    /// Make the call, then report its outcome with the ticket.
+    Yes(Ticket),
+    /// Make the call as the probe: its outcome, reported with the ticket,
+    /// closes or re-opens the breaker.
+    Probe(Ticket),
     /// Skip the call.
     No,
 }
@@ -35,11 +46,19 @@ enum State {
 
 /// Consecutive-failure circuit breaker with exponential backoff between
 /// probes.
+///
+/// Every call is admitted with a [`Ticket`] of the current generation; the
+/// generation changes at every state change (and at every new probe). Only
+/// outcomes of the current generation count: failures of calls admitted
+/// while closed count towards opening; once open, late outcomes of those
+/// calls neither close the breaker nor lengthen the backoff; while half-open
+/// only the current probe's outcome closes or re-opens it.
 #[derive(Debug)]
 pub struct Breaker {
     config: BreakerConfig,
     probe_stale_after: Duration,
     state: State,
+    generation: u64,
 }
 
 impl Breaker {
@@ -47,7 +66,7 @@ impl Breaker {
     /// `probe_stale_after` (for example because its caller gave up) is
     /// forgotten and another may start.
     pub fn new(config: BreakerConfig, probe_stale_after: Duration) -> Self {
-        Self { config, probe_stale_after, state: State::Closed { failures: 0 } }
+        Self { config, probe_stale_after, state: State::Closed { failures: 0 }, generation: 0 }
     }
 
     /// The state now.
@@ -59,51 +78,83 @@ impl Breaker {
         }
     }
 
+    fn enter(&mut self, state: State) {
+        self.state = state;
+        self.generation = self.generation.wrapping_add(1);
+    }
+
+    fn ticket(&self) -> Ticket {
+        Ticket { generation: self.generation }
+    }
+
     /// May a call be made at `now`?
     pub fn admit(&mut self, now: Instant) -> Admit {
         match self.state {
-            State::Closed { .. } => Admit::Yes,
+            State::Closed { .. } => Admit::Yes(self.ticket()),
             State::Open { until, backoff } if now >= until => {
-                self.state = State::HalfOpen { started: now, backoff };
-                Admit::Probe
+                self.enter(State::HalfOpen { started: now, backoff });
+                Admit::Probe(self.ticket())
             }
             State::Open { .. } => Admit::No,
-            State::HalfOpen { started, backoff } if now.saturating_duration_since(started) >= self.probe_stale_after => {
-                self.state = State::HalfOpen { started: now, backoff };
-                Admit::Probe
+            State::HalfOpen { started, backoff }
+                if now.saturating_duration_since(started) >= self.probe_stale_after =>
+            {
+                // A new probe: the abandoned one's ticket no longer counts.
+                self.enter(State::HalfOpen { started: now, backoff });
+                Admit::Probe(self.ticket())
             }
             State::HalfOpen { .. } => Admit::No,
         }
     }
 
-    /// The call succeeded. Returns `true` if this closed an open breaker.
-    pub fn on_success(&mut self) -> bool {
-        let was_open = !matches!(self.state, State::Closed { .. });
-        self.state = State::Closed { failures: 0 };
-        was_open
+    /// The call admitted with `ticket` succeeded. Returns `true` if this
+    /// closed an open breaker (only the current probe does that). The
+    /// success of a call admitted before the breaker opened changes nothing.
+    pub fn on_success(&mut self, ticket: Ticket) -> bool {
+        if ticket.generation != self.generation {
+            return false;
+        }
+        match self.state {
+            State::Closed { .. } => {
+                self.state = State::Closed { failures: 0 };
+                false
+            }
+            State::HalfOpen { .. } => {
+                self.enter(State::Closed { failures: 0 });
+                true
+            }
+            // No ticket is handed out while open.
+            State::Open { .. } => false,
+        }
     }
 
-    /// The call failed at `now`. Returns `true` if this opened the breaker
-    /// from closed.
-    pub fn on_failure(&mut self, now: Instant) -> bool {
+    /// The call admitted with `ticket` failed at `now`. Returns `true` if
+    /// this opened the breaker from closed. The failure of a call admitted
+    /// before the breaker opened (or of an abandoned probe) changes nothing.
+    pub fn on_failure(&mut self, ticket: Ticket, now: Instant) -> bool {
+        if ticket.generation != self.generation {
+            return false;
+        }
         let min = Duration::from_millis(self.config.open_min_ms);
         let max = Duration::from_millis(self.config.open_max_ms).max(min);
         match self.state {
             State::Closed { failures } => {
                 let failures = failures + 1;
                 if failures >= self.config.failure_threshold {
-                    self.state = State::Open { until: now + min, backoff: min };
+                    self.enter(State::Open { until: now + min, backoff: min });
                     true
                 } else {
                     self.state = State::Closed { failures };
                     false
                 }
             }
-            State::HalfOpen { backoff, .. } | State::Open { backoff, .. } => {
+            State::HalfOpen { backoff, .. } => {
                 let backoff = (backoff * 2).min(max);
-                self.state = State::Open { until: now + backoff, backoff };
+                self.enter(State::Open { until: now + backoff, backoff });
                 false
             }
+            // No ticket is handed out while open.
+            State::Open { .. } => false,
         }
     }
 }

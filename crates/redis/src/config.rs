@@ -22,6 +22,11 @@ impl Default for BreakerConfig {
 }
 
 /// Configuration of the [`RedisNotifier`](crate::RedisNotifier).
+///
+/// Unknown fields are refused. There is no pool size: the notifier sends
+/// everything over one multiplexed connection (Redis pipelines the calls on
+/// it), so a `pool_max_size` of older versions is refused as an unknown
+/// field rather than silently ignored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisNotifierConfig {
@@ -30,8 +35,6 @@ pub struct RedisNotifierConfig {
     /// Bound on every call (connect, PUBLISH, pipeline), in milliseconds.
     /// Default: 200.
     pub timeout_ms: u64,
-    /// Connections kept by the pool. Default: 4.
-    pub pool_max_size: usize,
     /// Channel prefix. Default: `events`.
     pub channel_prefix: String,
     /// Also publish every notification to the aggregate channel of its
@@ -49,7 +52,6 @@ impl Default for RedisNotifierConfig {
         Self {
             url: "redis://127.0.0.1:6379".to_owned(),
             timeout_ms: 200,
-            pool_max_size: 4,
             channel_prefix: "events".to_owned(),
             aggregate_channels: false,
             warn_interval_ms: 5_000,
@@ -93,7 +95,6 @@ impl RedisNotifierConfig {
             .into_connection_info()
             .map_err(|e| ConfigError::Invalid { field: "url", reason: e.to_string() })?;
         range("timeout_ms", self.timeout_ms, 1, 60_000)?;
-        range("pool_max_size", self.pool_max_size as u64, 1, 1_024)?;
         range("warn_interval_ms", self.warn_interval_ms, 0, 3_600_000)?;
         range("breaker.failure_threshold", self.breaker.failure_threshold.into(), 1, 1_000_000)?;
         range("breaker.open_min_ms", self.breaker.open_min_ms, 1, 3_600_000)?;

@@ -38,7 +38,7 @@ mod notifier;
 #[cfg(test)]
 mod tests;
 
-pub use breaker::{Admit, Breaker, BreakerState};
+pub use breaker::{Admit, Breaker, BreakerState, Ticket};
 pub use config::{BreakerConfig, ConfigError, RedisNotifierConfig};
 pub use notifier::{NotifierStats, RedisNotifier};
 

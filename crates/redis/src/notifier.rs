@@ -61,6 +61,10 @@ impl std::fmt::Debug for RedisNotifier {
     }
 }
 
+/// Connections the pool may hold for [`RedisNotifier::pool`] users. The
+/// notifier itself uses one multiplexed connection, taken out of the pool.
+const POOL_MAX_SIZE: usize = 4;
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves consistent data.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -74,7 +78,7 @@ impl RedisNotifier {
         let timeout = config.timeout();
         let mut pool_config = deadpool_redis::Config::from_url(config.url.clone());
         pool_config.pool = Some(PoolConfig {
-            max_size: config.pool_max_size,
+            max_size: POOL_MAX_SIZE,
             timeouts: Timeouts { wait: Some(timeout), create: Some(timeout), recycle: Some(timeout) },
             ..PoolConfig::default()
         });
@@ -109,7 +113,10 @@ impl RedisNotifier {
         &self.inner.namer
     }
 
-    /// The pool, for other commands on the same server.
+    /// The pool, for other commands on the same server. It holds at most
+    /// four connections; the notifier's own connection is taken out of it
+    /// and does not count. Build your own pool from
+    /// [`RedisNotifierConfig::url`] for more.
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
     }
@@ -191,11 +198,14 @@ impl RealtimeNotifier for RedisNotifier {
         }
         let count = notifications.len() as u64;
         let admit = lock(&self.inner.breaker).admit(Instant::now());
-        if admit == Admit::No {
-            self.inner.skipped.fetch_add(count, Ordering::Relaxed);
-            self.warn_rate_limited(count, 0, &"circuit breaker open");
-            return Err(NotifyError::CircuitOpen);
-        }
+        let ticket = match admit {
+            Admit::Yes(ticket) | Admit::Probe(ticket) => ticket,
+            Admit::No => {
+                self.inner.skipped.fetch_add(count, Ordering::Relaxed);
+                self.warn_rate_limited(count, 0, &"circuit breaker open");
+                return Err(NotifyError::CircuitOpen);
+            }
+        };
         let pipe = self.pipeline(notifications);
         let timeout = self.inner.config.timeout();
         let outcome = match tokio::time::timeout(timeout, self.send(&pipe)).await {
@@ -205,7 +215,7 @@ impl RealtimeNotifier for RedisNotifier {
         match outcome {
             Ok(()) => {
                 self.inner.published.fetch_add(count, Ordering::Relaxed);
-                if lock(&self.inner.breaker).on_success() {
+                if lock(&self.inner.breaker).on_success(ticket) {
                     tracing::info!("redis answers again: circuit breaker closed, notifications resume");
                 }
                 Ok(())
@@ -214,7 +224,7 @@ impl RealtimeNotifier for RedisNotifier {
                 // Drop the shared connection: the next call makes a new one.
                 lock(&self.inner.conn).take();
                 self.inner.failed.fetch_add(count, Ordering::Relaxed);
-                if lock(&self.inner.breaker).on_failure(Instant::now()) {
+                if lock(&self.inner.breaker).on_failure(ticket, Instant::now()) {
                     tracing::warn!(error = %e, "redis failing: circuit breaker open, skipping notifications");
                 }
                 self.warn_rate_limited(0, count, &e);
@@ -227,7 +237,10 @@ impl RealtimeNotifier for RedisNotifier {
         let timeout = self.inner.config.timeout();
         let ping = async {
             let mut conn = self.connection().await?;
-            redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(|e| NotifyError::Connection(e.to_string()))
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map_err(|e| NotifyError::Connection(e.to_string()))
         };
         match tokio::time::timeout(timeout, ping).await {
             Ok(Ok(_)) => Ok(()),
