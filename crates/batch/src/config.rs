@@ -12,8 +12,11 @@ pub struct BatchConfig {
     pub max_batch_events: usize,
     /// Most bytes (payload and metadata) in one batch. Default: 8 MiB.
     pub max_batch_bytes: usize,
-    /// How long a lane waits for more events before sending a batch that is
-    /// not full, in milliseconds. Default: 2.
+    /// How long a lane waits for more events before handing over a batch
+    /// that is not full, in milliseconds. Default: 0: a lane hands over what
+    /// has queued up while it handed over the previous batch, and the
+    /// producer's own linger (`KafkaSinkConfig::linger_ms`) groups records
+    /// into requests, so the two waits do not stack.
     pub linger_ms: u64,
     /// Most events accepted and not yet resolved. Default: 100,000.
     pub max_queued_events: usize,
@@ -22,9 +25,16 @@ pub struct BatchConfig {
     /// How long `submit` waits for room in a full queue, in milliseconds.
     /// Default: 5,000.
     pub submit_timeout_ms: u64,
-    /// Lanes, each with one batch in flight; a source always uses the same
-    /// lane. Default: 4.
+    /// Lanes; a source always uses the same lane, and each lane keeps the
+    /// order of its batches on both paths. Default: 4.
     pub lanes: usize,
+    /// Notification pipelines a lane keeps in flight. Everything waiting
+    /// when a pipeline starts goes into it, so a slow Redis costs latency,
+    /// not throughput. Pipelines start in batch order; with more than one, a
+    /// custom notifier must send concurrent calls in the order they were
+    /// started, as the Redis notifier's one multiplexed connection does.
+    /// Default: 2.
+    pub notify_pipelines: usize,
 }
 
 impl Default for BatchConfig {
@@ -32,11 +42,12 @@ impl Default for BatchConfig {
         Self {
             max_batch_events: 10_000,
             max_batch_bytes: 8 * 1024 * 1024,
-            linger_ms: 2,
+            linger_ms: 0,
             max_queued_events: 100_000,
             max_queued_bytes: 128 * 1024 * 1024,
             submit_timeout_ms: 5_000,
             lanes: 4,
+            notify_pipelines: 2,
         }
     }
 }
@@ -83,6 +94,7 @@ impl BatchConfig {
         range("max_queued_bytes", self.max_queued_bytes as u64, 1024, u32::MAX as u64)?;
         range("submit_timeout_ms", self.submit_timeout_ms, 0, 3_600_000)?;
         range("lanes", self.lanes as u64, 1, 1_024)?;
+        range("notify_pipelines", self.notify_pipelines as u64, 1, 64)?;
         Ok(())
     }
 }

@@ -1,14 +1,17 @@
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dualstream_core::Event;
-use dualstream_publisher::{DualPublisher, PublishError, Receipt};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use dualstream_core::{Event, Notification};
+use dualstream_publisher::{DualPublisher, NotificationOutcome, PendingStore, PublishError, Receipt, StoredBatch};
+use tokio::sync::{mpsc, oneshot, OnceCell};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::budget::{Budget, Held};
 use crate::config::{BatchConfig, ConfigError};
 
 /// Gauge: events accepted by the engine and not yet resolved.
@@ -47,6 +50,16 @@ pub enum BatchError {
     /// panicked): its outcome is unknown.
     #[error("batch worker stopped before resolving this event; its outcome is unknown")]
     WorkerGone,
+    /// The lane this event's source maps to has no worker any more (it
+    /// panicked earlier). The event was not accepted and is handed back;
+    /// [`BatchEngine::dead_lanes`] reports the lanes.
+    #[error("lane {lane} of the batch engine has no worker (it died); event {} not accepted", event.id())]
+    LaneDead {
+        /// The event, not accepted.
+        event: Event,
+        /// The lane.
+        lane: usize,
+    },
     /// The publisher did not store the event.
     #[error(transparent)]
     Publish(#[from] PublishError),
@@ -56,7 +69,10 @@ impl BatchError {
     /// The event, when the error carries it.
     pub fn into_event(self) -> Option<Event> {
         match self {
-            Self::QueueFull { event, .. } | Self::TooLarge { event, .. } | Self::Closed { event } => Some(event),
+            Self::QueueFull { event, .. }
+            | Self::TooLarge { event, .. }
+            | Self::Closed { event }
+            | Self::LaneDead { event, .. } => Some(event),
             Self::Publish(e) => e.into_event(),
             Self::WorkerGone => None,
         }
@@ -67,21 +83,34 @@ impl BatchError {
         match self {
             Self::QueueFull { .. } => true,
             Self::Publish(e) => e.is_retriable(),
-            Self::TooLarge { .. } | Self::Closed { .. } | Self::WorkerGone => false,
+            Self::TooLarge { .. } | Self::Closed { .. } | Self::WorkerGone | Self::LaneDead { .. } => false,
         }
     }
 }
 
-struct Item {
-    event: Event,
-    bytes: usize,
-    reply: Reply,
-    _permits: Permits,
+type Results = Vec<Result<Receipt, BatchError>>;
+
+/// What a lane receives.
+enum Msg {
+    /// One event from `submit`, holding its share of the queue.
+    One {
+        event: Event,
+        held: Held,
+        reply: oneshot::Sender<Result<Receipt, BatchError>>,
+    },
+    /// Events of one source lane from `submit_many`, one reply for all.
+    Many {
+        events: Vec<Event>,
+        held: Held,
+        reply: oneshot::Sender<Results>,
+    },
+    Stop,
 }
 
-enum Msg {
-    Item(Item),
-    Stop,
+/// Whom to resolve, in batch order.
+enum Waiter {
+    One(oneshot::Sender<Result<Receipt, BatchError>>),
+    Many(oneshot::Sender<Results>, usize),
 }
 
 /// The batching engine. Cheap to clone; clones share the queue and workers.
@@ -93,10 +122,11 @@ pub struct BatchEngine {
 struct Shared {
     config: BatchConfig,
     lanes: Vec<mpsc::UnboundedSender<Msg>>,
-    events: Arc<Semaphore>,
-    bytes: Arc<Semaphore>,
+    budget: Arc<Budget>,
     closed: AtomicBool,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Set once by the first `shutdown`; later calls wait for it.
+    shut: OnceCell<()>,
     publisher: DualPublisher,
     hasher: std::collections::hash_map::RandomState,
 }
@@ -111,25 +141,26 @@ impl std::fmt::Debug for BatchEngine {
 }
 
 impl BatchEngine {
-    /// Validate the configuration and start one worker per lane.
+    /// Validate the configuration and start the workers of every lane.
     pub fn new(publisher: DualPublisher, config: BatchConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         let rt = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
+        let budget = Arc::new(Budget::new(config.max_queued_events as u64, config.max_queued_bytes as u64));
         let mut lanes = Vec::with_capacity(config.lanes);
         let mut workers = Vec::with_capacity(config.lanes);
         for _ in 0..config.lanes {
             let (tx, rx) = mpsc::unbounded_channel();
             lanes.push(tx);
-            workers.push(rt.spawn(lane(rx, publisher.clone(), config.clone())));
+            workers.push(rt.spawn(lane(rx, publisher.clone(), config.clone(), budget.clone())));
         }
         Ok(Self {
             inner: Arc::new(Shared {
-                events: Arc::new(Semaphore::new(config.max_queued_events)),
-                bytes: Arc::new(Semaphore::new(config.max_queued_bytes)),
+                budget,
                 config,
                 lanes,
                 closed: AtomicBool::new(false),
                 workers: Mutex::new(workers),
+                shut: OnceCell::new(),
                 publisher,
                 hasher: Default::default(),
             }),
@@ -146,15 +177,34 @@ impl BatchEngine {
         &self.inner.publisher
     }
 
-    /// Events accepted and not yet resolved.
+    /// Events accepted and not yet acknowledged by the durable sink (or
+    /// failed). Their queue share is given back at the durable
+    /// acknowledgement; the notification that follows holds none.
     pub fn queued(&self) -> usize {
-        self.inner.config.max_queued_events - self.inner.events.available_permits()
+        self.inner.budget.used().0 as usize
+    }
+
+    /// Lanes whose worker died (a sink or notifier panicked). Their sources
+    /// are refused with [`BatchError::LaneDead`]; an empty list means the
+    /// engine is whole.
+    pub fn dead_lanes(&self) -> Vec<usize> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        self.inner.lanes.iter().enumerate().filter(|(_, l)| l.is_closed()).map(|(i, _)| i).collect()
     }
 
     fn lane_of(&self, event: &Event) -> usize {
-        let mut h = self.inner.hasher.build_hasher();
-        event.source().hash(&mut h);
-        (h.finish() % self.inner.lanes.len() as u64) as usize
+        (self.inner.hasher.hash_one(event.source()) % self.inner.lanes.len() as u64) as usize
+    }
+
+    fn refused(&self, lane: usize, event: Event) -> BatchError {
+        if self.inner.closed.load(Ordering::Acquire) {
+            BatchError::Closed { event }
+        } else {
+            tracing::error!(lane, "batch engine lane has no worker; refusing its sources");
+            BatchError::LaneDead { event, lane }
+        }
     }
 
     /// Submit one event and wait for its own result.
@@ -170,157 +220,486 @@ impl BatchEngine {
         if size > shared.config.max_queued_bytes {
             return Err(BatchError::TooLarge { event, size, max: shared.config.max_queued_bytes });
         }
-        let waited = shared.config.submit_timeout();
-        let acquire = async {
-            let e = shared.events.clone().acquire_owned().await?;
-            let b = shared.bytes.clone().acquire_many_owned(size as u32).await?;
-            Ok::<_, tokio::sync::AcquireError>((e, b))
-        };
         // Fast path without awaiting: with room in the queue, an event enters
         // its lane in the very first poll, so submits of one caller keep
         // their order even when they are not awaited one by one.
-        let fast = shared.events.clone().try_acquire_owned().ok().and_then(|e| {
-            shared.bytes.clone().try_acquire_many_owned(size as u32).ok().map(|b| (e, b))
-        });
-        let permits = match fast {
-            Some(p) => p,
-            None => match tokio::time::timeout(waited, acquire).await {
-                Ok(Ok(p)) => p,
-                Ok(Err(_)) => return Err(BatchError::Closed { event }),
-                Err(_) => return Err(BatchError::QueueFull { event, waited }),
-            },
+        let held = match shared.budget.try_take(1, size as u64) {
+            Some(h) => h,
+            None => {
+                let waited = shared.config.submit_timeout();
+                match shared.budget.take(1, size as u64, waited).await {
+                    Some(h) => h,
+                    None => return Err(BatchError::QueueFull { event, waited }),
+                }
+            }
         };
         let (reply, rx) = oneshot::channel();
         let lane = self.lane_of(&event);
-        let item = Item { event, bytes: size, reply, _permits: permits };
-        if let Err(mpsc::error::SendError(msg)) = shared.lanes[lane].send(Msg::Item(item)) {
+        if let Err(mpsc::error::SendError(msg)) = shared.lanes[lane].send(Msg::One { event, held, reply }) {
             return match msg {
-                Msg::Item(item) => Err(BatchError::Closed { event: item.event }),
-                Msg::Stop => Err(BatchError::WorkerGone),
+                Msg::One { event, .. } => Err(self.refused(lane, event)),
+                _ => Err(BatchError::WorkerGone),
             };
         }
         metrics::gauge!(QUEUE_DEPTH).set(self.queued() as f64);
         rx.await.unwrap_or(Err(BatchError::WorkerGone))
     }
 
-    /// Stop accepting, publish every accepted event, resolve every caller,
-    /// then shut the publisher down (drain its notification queue, flush the
-    /// durable sink, within 30 s).
-    pub async fn shutdown(&self) {
-        if self.inner.closed.swap(true, Ordering::AcqRel) {
-            return;
+    /// Submit many events and wait for all their results, in input order.
+    ///
+    /// The fast path for callers that have a batch at hand: one queue
+    /// reservation and one completion per lane and chunk instead of one per
+    /// event. Per-source order is the input order. Events go in chunks of at
+    /// most [`BatchConfig::max_batch_events`] (and a quarter of the queue's
+    /// bounds); each chunk waits up to the submit timeout for room. Once a
+    /// chunk cannot get room, it and every later event fail with
+    /// [`BatchError::QueueFull`] (handed back), so nothing overtakes; an
+    /// event larger than the queue's byte bound fails alone with
+    /// [`BatchError::TooLarge`], and the later events of its source with
+    /// [`SinkError::EarlierFailed`](dualstream_core::SinkError::EarlierFailed).
+    pub async fn submit_many(&self, events: Vec<Event>) -> Vec<Result<Receipt, BatchError>> {
+        let shared = &self.inner;
+        let n = events.len();
+        let max_events = shared.config.max_batch_events.min((shared.config.max_queued_events / 4).max(1));
+        let max_bytes = (shared.config.max_queued_bytes / 4).max(1);
+        let mut out: Vec<Option<Result<Receipt, BatchError>>> = (0..n).map(|_| None).collect();
+        let mut chunk = Chunk::new(shared.lanes.len());
+        let mut pending: Vec<(Vec<usize>, oneshot::Receiver<Results>)> = Vec::new();
+        let mut stop: Option<Refusal> = None;
+        let mut too_large: Vec<(dualstream_core::Source, String)> = Vec::new();
+        for (index, event) in events.into_iter().enumerate() {
+            if let Some(first) = &stop {
+                out[index] = Some(Err(again(first, event)));
+                continue;
+            }
+            if shared.closed.load(Ordering::Acquire) {
+                out[index] = Some(Err(BatchError::Closed { event }));
+                stop = Some(Refusal::Closed);
+                continue;
+            }
+            let size = event.size_hint();
+            if let Some((_, why)) = too_large.iter().find(|(s, _)| s == event.source()) {
+                let error = dualstream_core::SinkError::EarlierFailed {
+                    earlier: why.clone(),
+                    retriable: false,
+                };
+                out[index] = Some(Err(BatchError::Publish(PublishError::Durable(
+                    dualstream_core::DeliveryError::new(error, event),
+                ))));
+                continue;
+            }
+            if size > shared.config.max_queued_bytes {
+                let max = shared.config.max_queued_bytes;
+                too_large.push((event.source().clone(), format!("{size} bytes; max_queued_bytes is {max}")));
+                out[index] = Some(Err(BatchError::TooLarge { event, size, max }));
+                continue;
+            }
+            if chunk.count > 0 && (chunk.count >= max_events || chunk.bytes + size > max_bytes) {
+                if let Err(e) = self.dispatch(&mut chunk, &mut pending, &mut out).await {
+                    out[index] = Some(Err(again(&e, event)));
+                    stop = Some(e);
+                    continue;
+                }
+            }
+            let lane = self.lane_of(&event);
+            chunk.push(lane, index, event, size);
         }
-        for lane in &self.inner.lanes {
-            let _ = lane.send(Msg::Stop);
+        if chunk.count > 0 {
+            // A refusal here has already resolved every event of the chunk.
+            let _ = self.dispatch(&mut chunk, &mut pending, &mut out).await;
         }
-        let workers = std::mem::take(&mut *self.inner.workers.lock().unwrap_or_else(|p| p.into_inner()));
-        for w in workers {
-            if let Err(e) = w.await {
-                tracing::error!(error = %e, "batch worker ended abnormally");
+        metrics::gauge!(QUEUE_DEPTH).set(self.queued() as f64);
+        for (indices, rx) in pending {
+            // A worker that died leaves its slots empty: WorkerGone below.
+            if let Ok(results) = rx.await {
+                for (i, r) in indices.into_iter().zip(results) {
+                    out[i] = Some(r);
+                }
             }
         }
-        if let Err(e) = self.inner.publisher.shutdown(Duration::from_secs(30)).await {
-            tracing::warn!(error = %e, "flushing the durable sink at shutdown");
+        out.into_iter().map(|r| r.unwrap_or(Err(BatchError::WorkerGone))).collect()
+    }
+
+    /// Reserve room for a gathered chunk and send each lane its part. If the
+    /// queue stays full, every event of the chunk gets `QueueFull` (handed
+    /// back) and the error is returned for the later events.
+    async fn dispatch(
+        &self,
+        chunk: &mut Chunk,
+        pending: &mut Vec<(Vec<usize>, oneshot::Receiver<Results>)>,
+        out: &mut [Option<Result<Receipt, BatchError>>],
+    ) -> Result<(), Refusal> {
+        let shared = &self.inner;
+        let (count, bytes) = (chunk.count as u64, chunk.bytes as u64);
+        let waited = shared.config.submit_timeout();
+        let held = match shared.budget.try_take(count, bytes) {
+            Some(h) => Some(h),
+            None => shared.budget.take(count, bytes, waited).await,
+        };
+        let mut first: Option<Refusal> = None;
+        let mut held = held;
+        for (lane, (indices, events, part_bytes)) in chunk.take().into_iter().enumerate() {
+            if indices.is_empty() {
+                continue;
+            }
+            let Some(all) = held.as_mut() else {
+                for (i, event) in indices.into_iter().zip(events) {
+                    out[i] = Some(Err(BatchError::QueueFull { event, waited }));
+                }
+                first = Some(Refusal::QueueFull(waited));
+                continue;
+            };
+            let part = all.split(events.len() as u64, part_bytes as u64);
+            let (reply, rx) = oneshot::channel();
+            match shared.lanes[lane].send(Msg::Many { events, held: part, reply }) {
+                Ok(()) => pending.push((indices, rx)),
+                Err(mpsc::error::SendError(msg)) => {
+                    if let Msg::Many { events, .. } = msg {
+                        for (i, event) in indices.into_iter().zip(events) {
+                            out[i] = Some(Err(self.refused(lane, event)));
+                        }
+                    }
+                }
+            }
         }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Stop accepting, publish every accepted event, resolve every caller,
+    /// then shut the publisher down (drain its notification queue, flush the
+    /// durable sink, within 30 s). A second call, concurrent or later, waits
+    /// for the first to finish.
+    pub async fn shutdown(&self) {
+        let inner = &self.inner;
+        inner
+            .shut
+            .get_or_init(|| async {
+                inner.closed.store(true, Ordering::Release);
+                for lane in &inner.lanes {
+                    let _ = lane.send(Msg::Stop);
+                }
+                let workers = std::mem::take(&mut *inner.workers.lock().unwrap_or_else(|p| p.into_inner()));
+                for w in workers {
+                    if let Err(e) = w.await {
+                        tracing::error!(error = %e, "batch worker ended abnormally");
+                    }
+                }
+                if let Err(e) = inner.publisher.shutdown(Duration::from_secs(30)).await {
+                    tracing::warn!(error = %e, "flushing the durable sink at shutdown");
+                }
+            })
+            .await;
     }
 }
 
-/// The callers of one stored batch, waiting for its notifications.
-type Stored = (dualstream_publisher::StoredBatch, Vec<(Reply, Permits)>);
-type Reply = oneshot::Sender<Result<Receipt, BatchError>>;
-type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+/// Why the rest of a `submit_many` is refused.
+#[derive(Clone, Copy)]
+enum Refusal {
+    QueueFull(Duration),
+    Closed,
+}
 
-/// One lane: collect a batch, store it durably, hand it to the lane's
-/// notification stage; repeat. The notification stage sends each batch's
-/// notifications and resolves its callers, in batch order, while the lane
-/// already stores the next batch: per-source order holds on both paths (one
-/// durable write in flight per lane; notifications in lane order), and the
-/// durable path never waits for Redis.
-async fn lane(mut rx: mpsc::UnboundedReceiver<Msg>, publisher: DualPublisher, config: BatchConfig) {
-    // Unbounded, but every event in it still holds its queue permits.
+/// The error for an event after an earlier one of the same `submit_many`
+/// was refused: the same kind, with this event handed back.
+fn again(first: &Refusal, event: Event) -> BatchError {
+    match *first {
+        Refusal::QueueFull(waited) => BatchError::QueueFull { event, waited },
+        Refusal::Closed => BatchError::Closed { event },
+    }
+}
+
+/// The events of one `submit_many` chunk, per lane, with their input
+/// indices.
+struct Chunk {
+    lanes: Vec<(Vec<usize>, Vec<Event>, usize)>,
+    count: usize,
+    bytes: usize,
+}
+
+impl Chunk {
+    fn new(lanes: usize) -> Self {
+        Self { lanes: (0..lanes).map(|_| (Vec::new(), Vec::new(), 0)).collect(), count: 0, bytes: 0 }
+    }
+
+    fn push(&mut self, lane: usize, index: usize, event: Event, size: usize) {
+        let part = &mut self.lanes[lane];
+        part.0.push(index);
+        part.1.push(event);
+        part.2 += size;
+        self.count += 1;
+        self.bytes += size;
+    }
+
+    /// Take the gathered events, leaving the chunk empty.
+    fn take(&mut self) -> Vec<(Vec<usize>, Vec<Event>, usize)> {
+        self.count = 0;
+        self.bytes = 0;
+        let lanes = self.lanes.len();
+        std::mem::replace(&mut self.lanes, (0..lanes).map(|_| (Vec::new(), Vec::new(), 0)).collect())
+    }
+}
+
+/// A batch handed to the durable sink, on its way through the lane's stages.
+struct InFlight {
+    pending: PendingStore,
+    waiters: Vec<Waiter>,
+    held: Held,
+}
+
+/// A stored batch waiting for its notifications.
+struct Stored {
+    batch: StoredBatch,
+    waiters: Vec<Waiter>,
+}
+
+/// One lane: collect a batch, hand it to the durable sink, pass it on to the
+/// lane's ack stage; repeat at once. The ack stage awaits each batch's
+/// durable acknowledgements in order and gives its queue share back; the
+/// notification stage sends notifications and resolves callers, in batch
+/// order. Per-source order holds on both paths: a source always maps to one
+/// lane, the sink keeps the order of what it is handed, and each stage
+/// works in batch order. Neither Redis nor the acknowledgements hold up the
+/// next batch's hand-over.
+async fn lane(
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    publisher: DualPublisher,
+    config: BatchConfig,
+    budget: Arc<Budget>,
+) {
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<InFlight>();
     let (notify_tx, notify_rx) = mpsc::unbounded_channel::<Stored>();
-    let notifier = tokio::spawn(notify_stage(notify_rx, publisher.clone()));
-    let mut batch: Vec<Item> = Vec::with_capacity(config.max_batch_events.min(1024));
+    let notify = publisher.notify_waits().then(|| {
+        tokio::spawn(notify_stage(notify_rx, publisher.clone(), config.notify_pipelines, config.max_queued_events))
+    });
+    let acks = tokio::spawn(ack_stage(ack_rx, notify.is_some().then_some(notify_tx), publisher.clone(), budget));
+    let mut events: Vec<Event> = Vec::with_capacity(config.max_batch_events.min(1024));
+    let mut waiters: Vec<Waiter> = Vec::new();
+    let mut held = Held::none();
+    let mut bytes = 0usize;
     let mut stopping = false;
+    let add =
+        |msg: Msg, events: &mut Vec<Event>, waiters: &mut Vec<Waiter>, held: &mut Held, bytes: &mut usize| -> bool {
+            match msg {
+                Msg::One { event, held: h, reply } => {
+                    *bytes += h.bytes() as usize;
+                    held.merge(h);
+                    events.push(event);
+                    waiters.push(Waiter::One(reply));
+                    true
+                }
+                Msg::Many { events: evs, held: h, reply } => {
+                    *bytes += h.bytes() as usize;
+                    held.merge(h);
+                    waiters.push(Waiter::Many(reply, evs.len()));
+                    events.extend(evs);
+                    true
+                }
+                Msg::Stop => false,
+            }
+        };
     while !stopping {
         match rx.recv().await {
-            Some(Msg::Item(item)) => batch.push(item),
-            Some(Msg::Stop) | None => break,
+            Some(msg) => {
+                if !add(msg, &mut events, &mut waiters, &mut held, &mut bytes) {
+                    break;
+                }
+            }
+            None => break,
         }
-        let mut bytes = batch[0].bytes;
         let linger_until = Instant::now() + config.linger();
-        while batch.len() < config.max_batch_events && bytes < config.max_batch_bytes {
+        while events.len() < config.max_batch_events && bytes < config.max_batch_bytes {
             let next = match rx.try_recv() {
                 Ok(m) => Some(m),
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) if config.linger_ms == 0 => break,
                 Err(mpsc::error::TryRecvError::Empty) => match tokio::time::timeout_at(linger_until, rx.recv()).await {
                     Ok(m) => m,
                     Err(_) => break,
                 },
             };
             match next {
-                Some(Msg::Item(item)) => {
-                    bytes += item.bytes;
-                    batch.push(item);
+                Some(msg) => {
+                    if !add(msg, &mut events, &mut waiters, &mut held, &mut bytes) {
+                        stopping = true;
+                        break;
+                    }
                 }
-                Some(Msg::Stop) | None => {
+                None => {
                     stopping = true;
                     break;
                 }
             }
         }
-        store(&publisher, &mut batch, &notify_tx).await;
+        if !hand_over(&publisher, &mut events, &mut waiters, &mut held, &ack_tx).await {
+            tracing::error!("batch ack stage is gone; the lane stops");
+            return;
+        }
+        bytes = 0;
     }
     // Refuse new items, then publish everything already accepted.
     rx.close();
     while let Some(msg) = rx.recv().await {
-        if let Msg::Item(item) = msg {
-            batch.push(item);
-            if batch.len() >= config.max_batch_events {
-                store(&publisher, &mut batch, &notify_tx).await;
+        add(msg, &mut events, &mut waiters, &mut held, &mut bytes);
+        if events.len() >= config.max_batch_events
+            && !hand_over(&publisher, &mut events, &mut waiters, &mut held, &ack_tx).await
+        {
+            return;
+        }
+    }
+    let _ = hand_over(&publisher, &mut events, &mut waiters, &mut held, &ack_tx).await;
+    drop(ack_tx);
+    if let Err(e) = acks.await {
+        tracing::error!(error = %e, "batch ack stage ended abnormally");
+    }
+    if let Some(notify) = notify {
+        if let Err(e) = notify.await {
+            tracing::error!(error = %e, "batch notification stage ended abnormally");
+        }
+    }
+}
+
+/// Hand a collected batch to the durable sink and pass it to the ack stage.
+async fn hand_over(
+    publisher: &DualPublisher,
+    events: &mut Vec<Event>,
+    waiters: &mut Vec<Waiter>,
+    held: &mut Held,
+    next: &mpsc::UnboundedSender<InFlight>,
+) -> bool {
+    if events.is_empty() {
+        return true;
+    }
+    let batch = std::mem::replace(events, Vec::with_capacity(events.capacity().min(1024)));
+    let pending = publisher.enqueue_batch(batch).await;
+    let item = InFlight { pending, waiters: std::mem::take(waiters), held: std::mem::replace(held, Held::none()) };
+    // If the ack stage died (it panicked), dropping the item resolves its
+    // callers with WorkerGone and gives the queue share back; the lane ends
+    // too, so its sources are refused (LaneDead) from then on.
+    next.send(item).is_ok()
+}
+
+/// Await each batch's durable acknowledgements in order, give its queue
+/// share back, then resolve it (no notifier, or one that does not wait) or
+/// pass it to the notification stage.
+async fn ack_stage(
+    mut rx: mpsc::UnboundedReceiver<InFlight>,
+    notify: Option<mpsc::UnboundedSender<Stored>>,
+    publisher: DualPublisher,
+    budget: Arc<Budget>,
+) {
+    while let Some(InFlight { pending, waiters, held }) = rx.recv().await {
+        let mut batch = pending.stored().await;
+        drop(held);
+        metrics::gauge!(QUEUE_DEPTH).set(budget.used().0 as f64);
+        match &notify {
+            Some(tx) => {
+                if let Err(mpsc::error::SendError(stored)) = tx.send(Stored { batch, waiters }) {
+                    // The notification stage died: resolve here, without
+                    // notifications, rather than leave callers waiting.
+                    resolve(stored.batch.finish(NotificationOutcome::Failed), stored.waiters);
+                }
+            }
+            None => {
+                // High-volume mode queues notifications without waiting;
+                // without a notifier there are none.
+                let outcome = publisher.notify(batch.take_notifications()).await;
+                resolve(batch.finish(outcome), waiters);
             }
         }
     }
-    store(&publisher, &mut batch, &notify_tx).await;
-    drop(notify_tx);
-    if let Err(e) = notifier.await {
-        tracing::error!(error = %e, "batch notification stage ended abnormally");
+}
+
+type Pipeline = Pin<Box<dyn Future<Output = (NotificationOutcome, Vec<Stored>)> + Send>>;
+
+/// Send notifications and resolve callers, in batch order. Everything that
+/// waits when a pipeline can start goes into that one pipeline, and up to
+/// `max_in_flight` pipelines are in flight at once, so a slow Redis (answering
+/// within the bound) costs latency, not throughput. Pipelines are started in
+/// batch order and resolved in batch order. At most `cap` notifications wait;
+/// beyond that the oldest waiting batches are resolved as skipped.
+async fn notify_stage(
+    mut rx: mpsc::UnboundedReceiver<Stored>,
+    publisher: DualPublisher,
+    max_in_flight: usize,
+    cap: usize,
+) {
+    use futures::stream::{FuturesOrdered, StreamExt};
+    let mut in_flight: FuturesOrdered<Pipeline> = FuturesOrdered::new();
+    let mut waiting: Vec<Stored> = Vec::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            biased;
+            Some((outcome, done)) = in_flight.next(), if !in_flight.is_empty() => {
+                for stored in done {
+                    resolve(stored.batch.finish(outcome), stored.waiters);
+                }
+            }
+            n = rx.recv_many(&mut waiting, usize::MAX), if open && in_flight.len() < max_in_flight => {
+                if n == 0 {
+                    open = false;
+                    continue;
+                }
+                // Drain whatever else is waiting into the same pipeline.
+                while let Ok(more) = rx.try_recv() {
+                    waiting.push(more);
+                }
+                shed_over(&mut waiting, cap);
+                let mut batches = std::mem::take(&mut waiting);
+                let mut merged: Vec<Notification> = Vec::new();
+                for stored in &mut batches {
+                    merged.append(&mut stored.batch.take_notifications());
+                }
+                let publisher = publisher.clone();
+                in_flight.push_back(Box::pin(async move {
+                    let outcome = publisher.notify(merged).await;
+                    (outcome, batches)
+                }));
+            }
+        }
     }
 }
 
-/// Store a batch durably and queue it for the notification stage.
-async fn store(publisher: &DualPublisher, batch: &mut Vec<Item>, notify: &mpsc::UnboundedSender<Stored>) {
-    if batch.is_empty() {
+/// Resolve the oldest waiting batches as skipped while more than `cap`
+/// notifications wait.
+fn shed_over(waiting: &mut Vec<Stored>, cap: usize) {
+    let mut total: usize = waiting.iter().map(|s| s.batch.len()).sum();
+    if total <= cap {
         return;
     }
-    let mut replies = Vec::with_capacity(batch.len());
-    let mut events = Vec::with_capacity(batch.len());
-    for item in batch.drain(..) {
-        events.push(item.event);
-        replies.push((item.reply, item._permits));
+    let mut shed = 0usize;
+    let mut keep_from = 0;
+    for (i, s) in waiting.iter().enumerate() {
+        if total <= cap {
+            break;
+        }
+        total -= s.batch.len();
+        shed += s.batch.len();
+        keep_from = i + 1;
     }
-    let stored = publisher.store_batch(events).await;
-    if !stored.waits_for_notifier() {
-        // Nothing to wait for: resolve here, without a hop.
-        resolve(publisher.notify_stored(stored).await, replies);
-        return;
-    }
-    if let Err(mpsc::error::SendError((stored, replies))) = notify.send((stored, replies)) {
-        // The stage is gone (it panicked): resolve here, in order.
-        resolve(publisher.notify_stored(stored).await, replies);
-    }
-}
-
-async fn notify_stage(mut rx: mpsc::UnboundedReceiver<Stored>, publisher: DualPublisher) {
-    while let Some((stored, replies)) = rx.recv().await {
-        resolve(publisher.notify_stored(stored).await, replies);
+    tracing::warn!(shed, cap, "notification backlog over its bound; oldest notifications skipped");
+    metrics::counter!("dualstream_notifications_total", "outcome" => "skipped").increment(shed as u64);
+    for stored in waiting.drain(..keep_from) {
+        resolve(stored.batch.finish(NotificationOutcome::Skipped), stored.waiters);
     }
 }
 
-fn resolve(results: Vec<Result<Receipt, PublishError>>, replies: Vec<(Reply, Permits)>) {
-    for ((reply, permits), result) in replies.into_iter().zip(results) {
-        // The caller may have gone away; the result is dropped then.
-        let _ = reply.send(result.map_err(BatchError::from));
-        drop(permits);
+fn resolve(results: Vec<Result<Receipt, PublishError>>, waiters: Vec<Waiter>) {
+    let mut results = results.into_iter();
+    for waiter in waiters {
+        match waiter {
+            Waiter::One(reply) => {
+                let r = results.next().map_or(Err(BatchError::WorkerGone), |r| r.map_err(BatchError::from));
+                // The caller may have gone away; the result is dropped then.
+                let _ = reply.send(r);
+            }
+            Waiter::Many(reply, count) => {
+                let mut rs: Results = Vec::with_capacity(count);
+                for _ in 0..count {
+                    rs.push(results.next().map_or(Err(BatchError::WorkerGone), |r| r.map_err(BatchError::from)));
+                }
+                let _ = reply.send(rs);
+            }
+        }
     }
 }

@@ -39,6 +39,7 @@
 //! # Ok::<_, Box<dyn std::error::Error>>(()) }).unwrap();
 //! ```
 
+mod budget;
 mod config;
 mod engine;
 #[cfg(test)]

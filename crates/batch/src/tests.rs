@@ -86,7 +86,8 @@ async fn every_caller_gets_its_own_result() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_respect_the_count_bound() {
     let sink = Arc::new(TestSink::default());
-    let engine = engine(sink.clone(), BatchConfig { max_batch_events: 64, lanes: 1, linger_ms: 50, ..BatchConfig::default() });
+    let engine =
+        engine(sink.clone(), BatchConfig { max_batch_events: 64, lanes: 1, linger_ms: 50, ..BatchConfig::default() });
     let calls = (0..1000).map(|i| engine.submit(event("a", &i.to_string())));
     assert!(futures::future::join_all(calls).await.iter().all(Result::is_ok));
     let batches = sink.batches.lock().expect("lock");
@@ -97,7 +98,8 @@ async fn batches_respect_the_count_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_of_one_source_are_written_in_submission_order() {
     let sink = Arc::new(TestSink::default());
-    let engine = engine(sink.clone(), BatchConfig { max_batch_events: 7, lanes: 4, linger_ms: 1, ..BatchConfig::default() });
+    let engine =
+        engine(sink.clone(), BatchConfig { max_batch_events: 7, lanes: 4, linger_ms: 1, ..BatchConfig::default() });
     // join_all polls the submits in order, so each source's events enter
     // the engine in order without awaiting one another.
     let mut expected: std::collections::HashMap<String, Vec<String>> = Default::default();
@@ -160,7 +162,8 @@ async fn an_event_larger_than_the_byte_bound_is_refused_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_flushes_everything_accepted_and_refuses_the_rest() {
     let sink = Arc::new(TestSink::default());
-    let engine = engine(sink.clone(), BatchConfig { linger_ms: 1_000, max_batch_events: 10_000, ..BatchConfig::default() });
+    let engine =
+        engine(sink.clone(), BatchConfig { linger_ms: 1_000, max_batch_events: 10_000, ..BatchConfig::default() });
     let pending: Vec<_> = (0..500)
         .map(|i| {
             let engine = engine.clone();
@@ -186,13 +189,23 @@ async fn shutdown_flushes_everything_accepted_and_refuses_the_rest() {
 async fn a_dead_worker_resolves_its_callers_instead_of_leaving_them_hanging() {
     let sink = Arc::new(TestSink::default());
     let engine = engine(sink, BatchConfig { lanes: 1, linger_ms: 50, ..BatchConfig::default() });
-    let calls = vec![engine.submit(event("a", "ok")), engine.submit(event("a", "panic")), engine.submit(event("a", "ok"))];
+    let calls =
+        vec![engine.submit(event("a", "ok")), engine.submit(event("a", "panic")), engine.submit(event("a", "ok"))];
     let results = tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(calls))
         .await
         .expect("callers are resolved, not left hanging");
     assert!(results.iter().all(|r| matches!(r, Err(BatchError::WorkerGone))), "{results:?}");
+    // The engine reports the dead lane instead of passing for open, and
+    // refuses its sources with an error that says so and hands the event
+    // back.
+    assert_eq!(engine.dead_lanes(), vec![0]);
     let after = event("a", "ok");
-    assert!(matches!(engine.submit(after).await, Err(BatchError::Closed { .. })), "the dead lane refuses new events");
+    match engine.submit(after.clone()).await {
+        Err(BatchError::LaneDead { event, lane: 0 }) => assert_eq!(event, after),
+        other => panic!("expected LaneDead, got {other:?}"),
+    }
+    let many = engine.submit_many(vec![event("a", "x"), event("b", "y")]).await;
+    assert!(many.iter().all(|r| matches!(r, Err(BatchError::LaneDead { .. }))), "{many:?}");
 }
 
 #[tokio::test]
@@ -265,7 +278,8 @@ async fn the_durable_path_does_not_wait_for_notifications_and_their_order_holds(
         .config(dualstream_publisher::PublisherConfig { notify_timeout_ms: 30_000, ..Default::default() })
         .build()
         .expect("publisher");
-    let engine = BatchEngine::new(publisher, BatchConfig { lanes: 1, linger_ms: 1, ..BatchConfig::default() }).expect("engine");
+    let engine =
+        BatchEngine::new(publisher, BatchConfig { lanes: 1, linger_ms: 1, ..BatchConfig::default() }).expect("engine");
     let first = {
         let engine = engine.clone();
         tokio::spawn(async move { engine.submit(event("a", "1")).await })
@@ -283,4 +297,288 @@ async fn the_durable_path_does_not_wait_for_notifications_and_their_order_holds(
     assert_eq!(second.notification, dualstream_publisher::NotificationOutcome::Sent);
     assert_eq!(*notifier.seen.lock().expect("lock"), vec![0, 1], "notifications in lane order");
     engine.shutdown().await;
+}
+
+/// A notifier that records what it was sent, in the order calls started,
+/// and holds every call until released (or not at all when `hold` is None).
+#[derive(Default)]
+struct HeldNotifier {
+    hold: Option<Arc<Semaphore>>,
+    /// Per call: the offsets it carried, recorded when the call starts.
+    calls: Mutex<Vec<Vec<i64>>>,
+    delay: Duration,
+}
+
+#[async_trait]
+impl dualstream_core::RealtimeNotifier for HeldNotifier {
+    async fn notify(&self, n: &dualstream_core::Notification) -> Result<(), dualstream_core::NotifyError> {
+        self.notify_batch(std::slice::from_ref(n)).await
+    }
+    async fn notify_batch(&self, ns: &[dualstream_core::Notification]) -> Result<(), dualstream_core::NotifyError> {
+        self.calls.lock().expect("lock").push(ns.iter().filter_map(|n| n.position.as_ref().map(|p| p.offset)).collect());
+        if let Some(hold) = &self.hold {
+            hold.acquire().await.expect("hold").forget();
+        }
+        tokio::time::sleep(self.delay).await;
+        Ok(())
+    }
+    async fn health_check(&self) -> Result<(), dualstream_core::NotifyError> {
+        Ok(())
+    }
+}
+
+fn dual_engine(sink: Arc<TestSink>, notifier: Arc<HeldNotifier>, config: BatchConfig) -> BatchEngine {
+    let publisher = DualPublisher::builder()
+        .durable(sink)
+        .notifier(notifier)
+        .config(dualstream_publisher::PublisherConfig { notify_timeout_ms: 30_000, ..Default::default() })
+        .build()
+        .expect("publisher");
+    BatchEngine::new(publisher, config).expect("engine")
+}
+
+type Submitted = tokio::task::JoinHandle<Result<dualstream_publisher::Receipt, BatchError>>;
+
+/// Submit one event of source "a" and wait until its notification call has
+/// started (and is held by the notifier).
+async fn first_notification_held(engine: &BatchEngine, notifier: &HeldNotifier, payload: &str) -> Submitted {
+    let first = tokio::spawn({
+        let (engine, e) = (engine.clone(), event("a", payload));
+        async move { engine.submit(e).await }
+    });
+    wait_until("the first pipeline started", || notifier.calls.lock().expect("lock").len() == 1).await;
+    first
+}
+
+/// Submit events of source "a" numbered by `range`, waiting after every
+/// `per_batch` until they are stored, so they form batches of that size.
+async fn submit_in_stored_batches(
+    engine: &BatchEngine,
+    sink: &TestSink,
+    range: std::ops::RangeInclusive<usize>,
+    per_batch: usize,
+) -> Vec<Submitted> {
+    let mut out = Vec::new();
+    for i in range {
+        let engine = engine.clone();
+        out.push(tokio::spawn(async move { engine.submit(event("a", &i.to_string())).await }));
+        if i % per_batch == 0 {
+            wait_until("the batch is stored", || sink.batches.lock().expect("lock").iter().flatten().count() > i).await;
+        }
+    }
+    out
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_many_returns_results_in_input_order_and_keeps_each_sources_order() {
+    let sink = Arc::new(TestSink::default());
+    // Small chunks, so one call spans several chunks and lanes.
+    let engine = engine(sink.clone(), BatchConfig { max_batch_events: 16, lanes: 3, ..BatchConfig::default() });
+    let events: Vec<Event> =
+        (0..500).map(|i| event(&format!("s{}", i % 7), if i % 50 == 0 { "fail" } else { "ok" })).collect();
+    let results = engine.submit_many(events.clone()).await;
+    assert_eq!(results.len(), events.len());
+    for (e, r) in events.iter().zip(&results) {
+        match r {
+            Ok(receipt) => assert_eq!(receipt.event_id, e.id()),
+            Err(BatchError::Publish(p)) => assert_eq!(e.payload().as_ref(), b"fail", "{p}"),
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    let mut written: std::collections::HashMap<String, Vec<dualstream_core::EventId>> = Default::default();
+    for e in sink.batches.lock().expect("lock").iter().flatten() {
+        written.entry(e.source().source_id().to_owned()).or_default().push(e.id());
+    }
+    for s in 0..7 {
+        let source = format!("s{s}");
+        let expected: Vec<_> = events.iter().filter(|e| e.source().source_id() == source).map(Event::id).collect();
+        assert_eq!(written[&source], expected, "order of {source}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_many_hands_back_what_does_not_fit_and_nothing_overtakes() {
+    let gate = Arc::new(Semaphore::new(0));
+    let sink = Arc::new(TestSink { gate: Some(gate.clone()), ..TestSink::default() });
+    let engine = engine(
+        sink.clone(),
+        BatchConfig { max_queued_events: 40, submit_timeout_ms: 100, lanes: 1, ..BatchConfig::default() },
+    );
+    // The sink holds every batch: the first chunks fill the queue, the rest
+    // must come back as QueueFull, every event handed back, in order.
+    let events: Vec<Event> = (0..100).map(|i| event("a", &i.to_string())).collect();
+    let call = tokio::spawn({
+        let engine = engine.clone();
+        let events = events.clone();
+        async move { engine.submit_many(events).await }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    gate.add_permits(1000);
+    let results = call.await.expect("task");
+    let first_full = results.iter().position(|r| matches!(r, Err(BatchError::QueueFull { .. }))).expect("some full");
+    assert!(results[..first_full].iter().all(Result::is_ok));
+    for (e, r) in events.iter().zip(&results).skip(first_full) {
+        match r {
+            Err(BatchError::QueueFull { event, .. }) => assert_eq!(event, e, "handed back"),
+            other => panic!("an event after the refused chunk was not refused: {other:?}"),
+        }
+    }
+    let stored = sink.batches.lock().expect("lock").iter().flatten().count();
+    assert_eq!(stored, first_full, "only accepted events were stored");
+    // A too-large event fails alone, with the later events of its source.
+    let engine = engine_with_bytes(sink.clone(), 2048);
+    let big = event("b", &"x".repeat(4096));
+    let results = engine.submit_many(vec![event("b", "1"), big, event("c", "1"), event("b", "2")]).await;
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    assert!(matches!(results[1], Err(BatchError::TooLarge { .. })));
+    assert!(
+        matches!(&results[3], Err(BatchError::Publish(dualstream_publisher::PublishError::Durable(d))) if matches!(d.error, SinkError::EarlierFailed { .. })),
+        "{:?}",
+        results[3]
+    );
+}
+
+fn engine_with_bytes(sink: Arc<TestSink>, max_queued_bytes: usize) -> BatchEngine {
+    engine(sink, BatchConfig { max_queued_bytes, ..BatchConfig::default() })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_notifier_gets_merged_pipelines_and_holds_no_durable_capacity() {
+    let sink = Arc::new(TestSink::default());
+    let hold = Arc::new(Semaphore::new(0));
+    let notifier = Arc::new(HeldNotifier { hold: Some(hold.clone()), ..HeldNotifier::default() });
+    let engine = dual_engine(
+        sink.clone(),
+        notifier.clone(),
+        BatchConfig { lanes: 1, notify_pipelines: 1, max_batch_events: 10, ..BatchConfig::default() },
+    );
+    // First batch: its notifications are held.
+    let first = first_notification_held(&engine, &notifier, "0").await;
+    // Twenty more batches while Redis is "slow": all stored, queue share
+    // given back at the durable ack, callers waiting for notifications.
+    let rest = submit_in_stored_batches(&engine, &sink, 1..=200, 10).await;
+    wait_until("every batch is stored", || sink.batches.lock().expect("lock").iter().flatten().count() == 201).await;
+    wait_until("durable capacity is given back", || engine.queued() == 0).await;
+    assert_eq!(notifier.calls.lock().expect("lock").len(), 1, "one pipeline in flight");
+    hold.add_permits(1000);
+    first.await.expect("task").expect("receipt");
+    for r in rest {
+        let receipt = r.await.expect("task").expect("receipt");
+        assert_eq!(receipt.notification, dualstream_publisher::NotificationOutcome::Sent);
+    }
+    let calls = notifier.calls.lock().expect("lock").clone();
+    assert_eq!(calls.len(), 2, "everything that waited went into one pipeline: {calls:?}");
+    let sent: Vec<i64> = calls.into_iter().flatten().collect();
+    assert_eq!(sent, (0..201).collect::<Vec<i64>>(), "every notification, in batch order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_pipelines_in_flight_start_and_resolve_in_batch_order() {
+    let sink = Arc::new(TestSink::default());
+    let notifier = Arc::new(HeldNotifier { delay: Duration::from_millis(30), ..HeldNotifier::default() });
+    let engine = dual_engine(
+        sink.clone(),
+        notifier.clone(),
+        BatchConfig { lanes: 1, notify_pipelines: 3, max_batch_events: 5, ..BatchConfig::default() },
+    );
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move { engine.submit(event("a", &i.to_string())).await }));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut offsets = Vec::new();
+    for t in tasks {
+        offsets.push(t.await.expect("task").expect("receipt").position.expect("position").offset);
+    }
+    let calls = notifier.calls.lock().expect("lock").clone();
+    assert!(calls.len() > 1, "more than one pipeline: {calls:?}");
+    let sent: Vec<i64> = calls.into_iter().flatten().collect();
+    assert_eq!(sent, (0..60).collect::<Vec<i64>>(), "pipelines started in batch order");
+    assert_eq!(offsets, (0..60).collect::<Vec<i64>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_nothing_to_notify_does_not_resolve_ahead_of_earlier_batches() {
+    let sink = Arc::new(TestSink::default());
+    let hold = Arc::new(Semaphore::new(0));
+    let notifier = Arc::new(HeldNotifier { hold: Some(hold.clone()), ..HeldNotifier::default() });
+    let engine = dual_engine(sink.clone(), notifier.clone(), BatchConfig { lanes: 1, ..BatchConfig::default() });
+    let first = first_notification_held(&engine, &notifier, "ok").await;
+    // Every event of this batch fails: it has nothing to notify.
+    let second = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.submit(event("a", "fail")).await }
+    });
+    wait_until("the second batch is stored", || sink.batches.lock().expect("lock").len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!second.is_finished(), "the failed batch resolved ahead of the first batch");
+    hold.add_permits(10);
+    first.await.expect("task").expect("receipt");
+    assert!(second.await.expect("task").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_backlog_over_its_bound_is_skipped_not_held() {
+    let sink = Arc::new(TestSink::default());
+    let hold = Arc::new(Semaphore::new(0));
+    let notifier = Arc::new(HeldNotifier { hold: Some(hold.clone()), ..HeldNotifier::default() });
+    // The backlog bound is max_queued_events (20 here).
+    let engine = dual_engine(
+        sink.clone(),
+        notifier.clone(),
+        BatchConfig { lanes: 1, notify_pipelines: 1, max_queued_events: 20, ..BatchConfig::default() },
+    );
+    let first = first_notification_held(&engine, &notifier, "0").await;
+    let rest = submit_in_stored_batches(&engine, &sink, 1..=50, 5).await;
+    hold.add_permits(100);
+    first.await.expect("task").expect("receipt");
+    let outcomes: Vec<_> = {
+        let mut v = Vec::new();
+        for r in rest {
+            v.push(r.await.expect("task").expect("stored durably all the same").notification);
+        }
+        v
+    };
+    use dualstream_publisher::NotificationOutcome::{Sent, Skipped};
+    let skipped = outcomes.iter().filter(|o| **o == Skipped).count();
+    assert!(skipped >= 30, "at most 20 waited: {outcomes:?}");
+    let first_sent = outcomes.iter().position(|o| *o == Sent).expect("the newest were sent");
+    assert!(outcomes[first_sent..].iter().all(|o| *o == Sent), "the oldest are skipped first: {outcomes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_concurrent_shutdown_waits_for_the_flush() {
+    let gate = Arc::new(Semaphore::new(0));
+    let sink = Arc::new(TestSink { gate: Some(gate.clone()), ..TestSink::default() });
+    let engine = engine(sink.clone(), BatchConfig { lanes: 1, ..BatchConfig::default() });
+    let pending = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.submit(event("a", "1")).await }
+    });
+    wait_until("the event is accepted", || engine.queued() == 1).await;
+    let first = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.shutdown().await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let second = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.shutdown().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!second.is_finished(), "the second shutdown returned before the flush");
+    gate.add_permits(10);
+    second.await.expect("task");
+    assert_eq!(sink.batches.lock().expect("lock").iter().flatten().count(), 1, "flushed when the second returns");
+    first.await.expect("task");
+    pending.await.expect("task").expect("receipt");
 }

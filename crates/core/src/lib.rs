@@ -65,7 +65,7 @@ mod validate;
 
 pub use event::{Event, EventBuilder, EventId, Source};
 pub use notification::{Notification, NotificationDecodeError, Position};
-pub use sink::{DeliveryError, DurableSink, NotifyError, RealtimeNotifier, SinkError};
+pub use sink::{DeliveryError, DurableSink, NotifyError, PendingAcks, RealtimeNotifier, SinkError};
 pub use validate::{Limits, ValidationError};
 
 #[cfg(feature = "mock")]

@@ -9,6 +9,11 @@ use crate::notification::{Notification, Position};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// The acknowledgements of a batch already handed to the store: resolves to
+/// one result per event, in input order. From [`DurableSink::enqueue_batch`].
+pub type PendingAcks =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Result<Position, DeliveryError>>> + Send>>;
+
 /// Why the durable sink did not store an event.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -42,6 +47,15 @@ pub enum SinkError {
     /// The sink was shut down.
     #[error("sink is closed")]
     Closed,
+    /// Not sent, so that it cannot overtake an earlier event of the same
+    /// source in the same batch that failed.
+    #[error("not sent: an earlier event of the same source in this batch failed ({earlier})")]
+    EarlierFailed {
+        /// Why the earlier event failed.
+        earlier: String,
+        /// Whether the earlier failure was retriable (and so is this one).
+        retriable: bool,
+    },
     /// Anything else, from a custom sink.
     #[error(transparent)]
     Other(BoxError),
@@ -52,7 +66,7 @@ impl SinkError {
     pub fn is_retriable(&self) -> bool {
         match self {
             Self::QueueFull { .. } | Self::Timeout { .. } => true,
-            Self::Broker { retriable, .. } => *retriable,
+            Self::Broker { retriable, .. } | Self::EarlierFailed { retriable, .. } => *retriable,
             Self::Rejected { .. } | Self::Closed | Self::Other(_) => false,
         }
     }
@@ -132,13 +146,43 @@ pub trait DurableSink: Send + Sync + 'static {
     /// Store many events with one result per event, in the input order.
     ///
     /// Implementations should hand every event to the store before awaiting
-    /// any acknowledgement (PATTERN §4). The default publishes one by one.
+    /// any acknowledgement (PATTERN §4). If an event cannot be handed over,
+    /// the later events of its source in the batch must fail too
+    /// ([`SinkError::EarlierFailed`]), so that none overtakes it. The default
+    /// publishes one by one and follows that rule.
     async fn publish_batch(&self, events: Vec<Event>) -> Vec<Result<Position, DeliveryError>> {
-        let mut out = Vec::with_capacity(events.len());
+        let mut out: Vec<Result<Position, DeliveryError>> = Vec::with_capacity(events.len());
+        let mut failed: Vec<(crate::Source, String, bool)> = Vec::new();
         for e in events {
-            out.push(self.publish(e).await);
+            if let Some((_, earlier, retriable)) = failed.iter().find(|(s, ..)| s == e.source()) {
+                let error = SinkError::EarlierFailed {
+                    earlier: earlier.clone(),
+                    retriable: *retriable,
+                };
+                out.push(Err(DeliveryError::new(error, e)));
+                continue;
+            }
+            let r = self.publish(e).await;
+            if let Err(d) = &r {
+                failed.push((d.event.source().clone(), d.error.to_string(), d.error.is_retriable()));
+            }
+            out.push(r);
         }
         out
+    }
+
+    /// The first half of [`publish_batch`](Self::publish_batch): hand every
+    /// event to the store (waiting, if need be, for room in a local queue)
+    /// and return the acknowledgements still to come. A pipeline hands over
+    /// the next batch while this one's acknowledgements are outstanding; the
+    /// store must keep the order of events of one source across such calls.
+    ///
+    /// The default runs [`publish_batch`](Self::publish_batch) to the end,
+    /// so a sink that only implements that one still works, without the
+    /// overlap.
+    async fn enqueue_batch(&self, events: Vec<Event>) -> PendingAcks {
+        let results = self.publish_batch(events).await;
+        Box::pin(std::future::ready(results))
     }
 
     /// Whether the store is reachable and ready.

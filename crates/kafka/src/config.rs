@@ -116,7 +116,11 @@ pub struct KafkaSinkConfig {
     /// use). Default: off.
     pub create_topics: Option<CreateTopics>,
     /// Extra librdkafka options, for anything not typed above (TLS, SASL,
-    /// client id…). A key that a typed field sets is rejected.
+    /// client id…). Refused (with or without librdkafka's `topic.` prefix):
+    /// a key that a typed field sets, `acks`, `request.required.acks` and
+    /// `enable.idempotence` (durability), and `partitioner` and
+    /// `partitioner_cb` (the consumer locates a source's partition with
+    /// librdkafka's default partitioner).
     pub librdkafka_options: BTreeMap<String, String>,
 }
 
@@ -158,6 +162,21 @@ const TYPED_KEYS: &[(&str, &str)] = &[
 
 /// librdkafka keys that would weaken the durability contract.
 const LOCKED_KEYS: &[&str] = &["acks", "request.required.acks", "enable.idempotence"];
+
+/// librdkafka keys that would change which partition a source's events go
+/// to. The consumer finds a source's partition with librdkafka's default
+/// partitioner (`partition_for_key` in `dualstream-consumer`), so the sink
+/// must keep it.
+const PARTITIONER_KEYS: &[&str] = &["partitioner", "partitioner_cb"];
+
+/// The name librdkafka resolves a raw key to: it ignores surrounding
+/// whitespace here, and it accepts topic properties with a `topic.` prefix
+/// (`topic.acks` sets `acks`). No global property named `topic.X` has an `X`
+/// that is refused below, so stripping the prefix never refuses a legal key.
+fn raw_name(key: &str) -> &str {
+    let k = key.trim();
+    k.strip_prefix("topic.").unwrap_or(k)
+}
 
 fn topic_name_ok(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 249 {
@@ -207,7 +226,8 @@ impl KafkaSinkConfig {
                 if template.replace("{source_type}", "").len() + 64 > 249 {
                     return Err(ConfigError::Invalid {
                         field: "topic.template",
-                        reason: "too long: with a 64-character source type the topic would exceed 249 characters".into(),
+                        reason: "too long: with a 64-character source type the topic would exceed 249 characters"
+                            .into(),
                     });
                 }
             }
@@ -225,9 +245,12 @@ impl KafkaSinkConfig {
             range("create_topics.replication_factor", c.replication_factor.max(0) as u64, 1, 32_767)?;
         }
         for key in self.librdkafka_options.keys() {
-            let k = key.trim();
+            let k = raw_name(key);
             if LOCKED_KEYS.contains(&k) {
                 return Err(ConfigError::Unsafe { raw_key: key.clone() });
+            }
+            if PARTITIONER_KEYS.contains(&k) {
+                return Err(ConfigError::Partitioner { raw_key: key.clone() });
             }
             if let Some((_, field)) = TYPED_KEYS.iter().find(|(raw, _)| *raw == k) {
                 return Err(ConfigError::Conflict { raw_key: key.clone(), field });

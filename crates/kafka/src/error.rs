@@ -16,7 +16,9 @@ pub enum ConfigError {
         reason: String,
     },
     /// A raw librdkafka option sets what a typed field already sets.
-    #[error("kafka config: librdkafka_options.{raw_key:?} conflicts with the typed field `{field}`; set `{field}` instead")]
+    #[error(
+        "kafka config: librdkafka_options.{raw_key:?} conflicts with the typed field `{field}`; set `{field}` instead"
+    )]
     Conflict {
         /// The raw key.
         raw_key: String,
@@ -26,6 +28,19 @@ pub enum ConfigError {
     /// A raw librdkafka option would break the durability contract.
     #[error("kafka config: librdkafka_options.{raw_key:?} cannot be changed: dualstream always uses acks=all and enable.idempotence=true")]
     Unsafe {
+        /// The raw key.
+        raw_key: String,
+    },
+    /// A raw librdkafka option would change the partitioner. The consumer
+    /// computes a source's partition with librdkafka's default partitioner,
+    /// so another one would make replays of a source read the wrong
+    /// partition without any error.
+    #[error(
+        "kafka config: librdkafka_options.{raw_key:?} cannot be set: dualstream always uses librdkafka's default \
+         partitioner (CRC-32 of the source id), which the consumer uses to find a source's partition; another \
+         partitioner would make replays read the wrong partition"
+    )]
+    Partitioner {
         /// The raw key.
         raw_key: String,
     },

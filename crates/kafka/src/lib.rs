@@ -38,9 +38,10 @@ mod error;
 mod sink;
 #[cfg(test)]
 mod tests;
+mod topics;
 
 pub use config::{Compression, CreateTopics, KafkaSinkConfig, TopicRouting};
 pub use error::ConfigError;
-pub use sink::KafkaSink;
+pub use sink::{AckContext, Acks, KafkaSink, SinkProducer};
 
 pub use rdkafka;

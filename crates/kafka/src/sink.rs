@@ -1,20 +1,90 @@
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use dualstream_core::record::{self, HeaderScratch};
-use dualstream_core::{DeliveryError, DurableSink, Event, Position, SinkError};
+use dualstream_core::{DeliveryError, DurableSink, Event, PendingAcks, Position, SinkError, Source};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::util::Timeout;
 use rdkafka::ClientConfig;
 
 use crate::config::{KafkaSinkConfig, TopicRouting};
 use crate::error::{sink_error, ConfigError};
+use crate::topics::{Lookup, TopicCache};
+
+/// The producer the sink uses: librdkafka's polling thread calls
+/// [`AckContext::delivery`] for every record.
+pub type SinkProducer = ThreadedProducer<AckContext>;
+
+/// The delivery reports of one enqueued batch, filled in by librdkafka's
+/// polling thread. One completion per batch: the awaiting task is woken once,
+/// when the last record of the batch is resolved. Opaque outside the sink.
+pub struct Acks {
+    slots: Vec<OnceLock<Result<(i32, i64), KafkaError>>>,
+    remaining: AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+impl Acks {
+    fn new(n: usize) -> Arc<Self> {
+        Arc::new(Self {
+            slots: (0..n).map(|_| OnceLock::new()).collect(),
+            remaining: AtomicUsize::new(n),
+            done: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// One record resolved (by a delivery report, or by failing before it
+    /// reached the producer).
+    fn resolve_one(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // notify_one keeps a permit if nobody waits yet: no lost wake-up.
+            self.done.notify_one();
+        }
+    }
+
+    async fn all_resolved(&self) {
+        while self.remaining.load(Ordering::Acquire) != 0 {
+            self.done.notified().await;
+        }
+    }
+}
+
+/// The producer context of the sink: hands each delivery report to its
+/// batch's [`Acks`]. The opaque of a record is its batch and its index.
+#[derive(Debug, Default)]
+pub struct AckContext {
+    _private: (),
+}
+
+impl ClientContext for AckContext {}
+
+impl ProducerContext for AckContext {
+    type DeliveryOpaque = Box<(Arc<Acks>, usize)>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
+        let (acks, index) = *opaque;
+        let outcome = match result {
+            Ok(m) => Ok((m.partition(), m.offset())),
+            Err((e, _)) => Err(e.clone()),
+        };
+        if let Some(slot) = acks.slots.get(index) {
+            let _ = slot.set(outcome);
+        }
+        acks.resolve_one();
+    }
+}
+
+impl std::fmt::Debug for Acks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acks").field("remaining", &self.remaining.load(Ordering::Relaxed)).finish_non_exhaustive()
+    }
+}
 
 /// The Kafka durable sink. Cheap to clone; clones share one producer.
 #[derive(Clone)]
@@ -24,10 +94,13 @@ pub struct KafkaSink {
 
 struct Inner {
     /// Replaced by a fresh producer after a fatal error (see `recover`).
-    producer: RwLock<FutureProducer>,
+    producer: RwLock<SinkProducer>,
     config: KafkaSinkConfig,
-    /// Topic name per source type, shared with every position handed out.
-    topics: RwLock<HashMap<Arc<str>, Arc<str>>>,
+    /// The topic of every event when routing to a single topic.
+    single: Option<Arc<str>>,
+    /// Topic name per source type, shared with every position handed out;
+    /// failures to create one are cached with a back-off.
+    topics: TopicCache,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -36,13 +109,30 @@ impl std::fmt::Debug for KafkaSink {
     }
 }
 
+fn create_producer(config: &KafkaSinkConfig) -> Result<SinkProducer, ConfigError> {
+    config.client_config()?.create_with_context(AckContext::default()).map_err(ConfigError::Client)
+}
+
+/// What became of one event of a batch while it was handed over.
+enum Handed {
+    /// In the producer; its delivery report will come.
+    Sent(Arc<str>),
+    /// Not handed over: its result is this error.
+    Failed(SinkError),
+}
+
 impl KafkaSink {
     /// Validate the configuration and create the producer. Connecting happens
     /// in the background; call [`DurableSink::health_check`] to wait for the
     /// broker.
     pub fn new(config: KafkaSinkConfig) -> Result<Self, ConfigError> {
-        let producer: FutureProducer = config.client_config()?.create().map_err(ConfigError::Client)?;
-        Ok(Self { inner: Arc::new(Inner { producer: RwLock::new(producer), config, topics: RwLock::new(HashMap::new()) }) })
+        let producer = create_producer(&config)?;
+        let topics = TopicCache::new(2 * Duration::from_millis(config.health_timeout_ms));
+        let single = match (&config.topic, &config.create_topics) {
+            (TopicRouting::Single { topic }, None) => Some(Arc::from(topic.as_str())),
+            _ => None,
+        };
+        Ok(Self { inner: Arc::new(Inner { producer: RwLock::new(producer), config, single, topics }) })
     }
 
     /// The configuration.
@@ -51,7 +141,7 @@ impl KafkaSink {
     }
 
     /// The current producer (a cheap handle), for statistics or advanced use.
-    pub fn producer(&self) -> FutureProducer {
+    pub fn producer(&self) -> SinkProducer {
         self.inner.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
@@ -67,7 +157,7 @@ impl KafkaSink {
     /// example the broker fenced its producer id after an outage), it can
     /// never deliver again, so replace it with a fresh one. Later publishes
     /// go to the new producer; nothing acknowledged is affected.
-    fn recover(&self, failed: &FutureProducer, error: &rdkafka::error::KafkaError) {
+    fn recover(&self, failed: &SinkProducer, error: &KafkaError) {
         let fenced = matches!(
             error.rdkafka_error_code(),
             Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
@@ -83,12 +173,14 @@ impl KafkaSink {
         if !std::ptr::eq(current.client().native_ptr(), failed.client().native_ptr()) {
             return; // another call replaced it already
         }
-        match self.inner.config.client_config().and_then(|c| c.create().map_err(ConfigError::Client)) {
+        match create_producer(&self.inner.config) {
             Ok(fresh) => {
                 tracing::warn!(?code, %reason, "kafka producer hit a fatal error; replaced it with a new producer");
                 *current = fresh;
             }
-            Err(e) => tracing::error!(error = %e, "kafka producer hit a fatal error and could not be replaced"),
+            Err(e) => {
+                tracing::error!(error = %e, "kafka producer hit a fatal error and could not be replaced")
+            }
         }
     }
 
@@ -125,17 +217,24 @@ impl KafkaSink {
 
     /// The topic of a source type, created first when so configured.
     async fn topic_for(&self, event: &Event) -> Result<Arc<str>, SinkError> {
+        if let Some(t) = &self.inner.single {
+            return Ok(t.clone());
+        }
         let st = event.source().source_type();
-        if let Some(t) = self.inner.topics.read().ok().and_then(|m| m.get(st).cloned()) {
-            return Ok(t);
+        match self.inner.topics.lookup(st, Instant::now()) {
+            Lookup::Ready(topic) => return Ok(topic),
+            // A recent failure, cached: no admin call per event.
+            Lookup::Failing(e) => return Err(e),
+            Lookup::Resolve => {}
         }
         let name: Arc<str> = self.inner.config.topic.topic_for(st).into();
         if self.inner.config.create_topics.is_some() {
-            self.ensure_topics(&[&name]).await?;
+            if let Err(e) = self.ensure_topics(&[&name]).await {
+                self.inner.topics.failed(st, &e, Instant::now());
+                return Err(e);
+            }
         }
-        if let Ok(mut m) = self.inner.topics.write() {
-            m.insert(st.into(), name.clone());
-        }
+        self.inner.topics.resolved(st, name.clone());
         Ok(name)
     }
 
@@ -143,24 +242,25 @@ impl KafkaSink {
     /// queue is full, up to `until`.
     async fn enqueue(
         &self,
-        producer: &FutureProducer,
+        producer: &SinkProducer,
         topic: &str,
         event: &Event,
+        opaque: Box<(Arc<Acks>, usize)>,
         until: Instant,
-    ) -> Result<DeliveryFuture, SinkError> {
+    ) -> Result<(), SinkError> {
         let mut scratch = HeaderScratch::default();
         let mut headers = OwnedHeaders::new_with_capacity(5 + event.headers().len());
         for (key, value) in record::headers(event, &mut scratch) {
             headers = headers.insert(Header { key, value: Some(value) });
         }
-        let mut rec = FutureRecord::to(topic)
+        let mut rec = BaseRecord::with_opaque_to(topic, opaque)
             .key(record::key(event))
             .payload(event.payload().as_ref())
             .headers(headers);
         let mut pause = Duration::from_millis(1);
         loop {
-            match producer.send_result(rec) {
-                Ok(delivery) => return Ok(delivery),
+            match producer.send(rec) {
+                Ok(()) => return Ok(()),
                 Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
                     let now = Instant::now();
                     if now >= until {
@@ -180,81 +280,101 @@ impl KafkaSink {
         Instant::now() + Duration::from_millis(self.inner.config.enqueue_timeout_ms)
     }
 
-    async fn settle(
-        &self,
-        producer: &FutureProducer,
-        topic: Arc<str>,
-        event: Event,
-        delivery: DeliveryFuture,
-    ) -> Result<Position, DeliveryError> {
-        match delivery.await {
-            Ok(Ok(d)) => Ok(Position { topic, partition: d.partition, offset: d.offset }),
-            Ok(Err((e, _))) => {
-                self.recover(producer, &e);
-                Err(DeliveryError::new(sink_error(&e, self.inner.config.message_timeout()), event))
+    /// Hand every event of a batch to the producer. Once the local queue
+    /// stays full past the enqueue timeout, that event and every later one
+    /// fail with "queue full" at once; any other failure fails the later
+    /// events of the same source. Either way no event overtakes an earlier
+    /// one of its source that was not sent.
+    async fn hand_over(&self, producer: &SinkProducer, acks: &Arc<Acks>, events: &[Event]) -> Vec<Handed> {
+        let until = self.enqueue_deadline();
+        let mut handed = Vec::with_capacity(events.len());
+        let mut full: Option<Duration> = None;
+        // Sources with a failed event in this batch (rare: allocated on the
+        // first failure only).
+        let mut failed: Vec<(&Source, String, bool)> = Vec::new();
+        for (index, event) in events.iter().enumerate() {
+            let refused = if let Some(waited) = full {
+                Some(SinkError::QueueFull { waited })
+            } else {
+                failed.iter().find(|(s, ..)| *s == event.source()).map(|(_, earlier, retriable)| {
+                    SinkError::EarlierFailed {
+                        earlier: earlier.clone(),
+                        retriable: *retriable,
+                    }
+                })
+            };
+            let outcome = match refused {
+                Some(e) => Err(e),
+                None => match self.topic_for(event).await {
+                    Ok(topic) => {
+                        match self.enqueue(producer, &topic, event, Box::new((acks.clone(), index)), until).await {
+                            Ok(()) => Ok(topic),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            match outcome {
+                Ok(topic) => handed.push(Handed::Sent(topic)),
+                Err(e) => {
+                    match &e {
+                        SinkError::QueueFull { waited } => full = Some(*waited),
+                        SinkError::EarlierFailed { .. } => {}
+                        other => failed.push((event.source(), other.to_string(), other.is_retriable())),
+                    }
+                    acks.resolve_one();
+                    handed.push(Handed::Failed(e));
+                }
             }
-            Err(_canceled) => Err(DeliveryError::new(SinkError::Closed, event)),
         }
+        handed
     }
 }
 
 #[async_trait]
 impl DurableSink for KafkaSink {
     async fn publish(&self, event: Event) -> Result<Position, DeliveryError> {
-        let topic = match self.topic_for(&event).await {
-            Ok(t) => t,
-            Err(e) => return Err(DeliveryError::new(e, event)),
-        };
-        let producer = self.producer();
-        match self.enqueue(&producer, &topic, &event, self.enqueue_deadline()).await {
-            Ok(delivery) => self.settle(&producer, topic, event, delivery).await,
-            Err(e) => Err(DeliveryError::new(e, event)),
-        }
+        let results = self.enqueue_batch(vec![event]).await.await;
+        // Invariant: enqueue_batch returns exactly one result per event.
+        #[allow(clippy::expect_used)]
+        results.into_iter().next().expect("one result for one event")
     }
 
-    /// Every record is handed to the producer first, then all acks are
-    /// awaited. If the local queue stays full past the enqueue timeout, that
-    /// event and every later one of the batch fail with "queue full" at once,
-    /// so the order of each source is never broken by a later event
-    /// overtaking a failed one.
     async fn publish_batch(&self, events: Vec<Event>) -> Vec<Result<Position, DeliveryError>> {
-        let until = self.enqueue_deadline();
+        self.enqueue_batch(events).await.await
+    }
+
+    /// Every record is handed to the producer (see the order rules above),
+    /// then the returned future awaits the batch's delivery reports: one
+    /// wake-up for the whole batch. librdkafka keeps the order of records of
+    /// one partition across batches, so the next batch may be handed over
+    /// while this one is in flight.
+    async fn enqueue_batch(&self, events: Vec<Event>) -> PendingAcks {
         let producer = self.producer();
-        let mut pending = Vec::with_capacity(events.len());
-        let mut full: Option<Duration> = None;
-        for event in events {
-            if let Some(waited) = full {
-                pending.push(Err(DeliveryError::new(SinkError::QueueFull { waited }, event)));
-                continue;
+        let acks = Acks::new(events.len());
+        let handed = self.hand_over(&producer, &acks, &events).await;
+        let sink = self.clone();
+        Box::pin(async move {
+            acks.all_resolved().await;
+            let mut out = Vec::with_capacity(events.len());
+            for ((event, handed), slot) in events.into_iter().zip(handed).zip(&acks.slots) {
+                out.push(match handed {
+                    Handed::Failed(e) => Err(DeliveryError::new(e, event)),
+                    Handed::Sent(topic) => match slot.get() {
+                        Some(Ok((partition, offset))) => Ok(Position { topic, partition: *partition, offset: *offset }),
+                        Some(Err(e)) => {
+                            sink.recover(&producer, e);
+                            Err(DeliveryError::new(sink_error(e, sink.inner.config.message_timeout()), event))
+                        }
+                        // Every record is resolved once `all_resolved`
+                        // returns; a missing report would be a librdkafka bug.
+                        None => Err(DeliveryError::new(SinkError::other("no delivery report for this record"), event)),
+                    },
+                });
             }
-            let topic = match self.topic_for(&event).await {
-                Ok(t) => t,
-                Err(e) => {
-                    pending.push(Err(DeliveryError::new(e, event)));
-                    continue;
-                }
-            };
-            match self.enqueue(&producer, &topic, &event, until).await {
-                Ok(delivery) => pending.push(Ok((topic, event, delivery))),
-                Err(e) => {
-                    if let SinkError::QueueFull { waited } = e {
-                        full = Some(waited);
-                    }
-                    pending.push(Err(DeliveryError::new(e, event)));
-                }
-            }
-        }
-        // Every record is enqueued already, so awaiting the acks one after
-        // the other takes as long as awaiting them together, without a task
-        // node per record.
-        let mut out = Vec::with_capacity(pending.len());
-        for p in pending {
-            out.push(match p {
-                Ok((topic, event, delivery)) => self.settle(&producer, topic, event, delivery).await,
-                Err(e) => Err(e),
-            });
-        }
-        out
+            out
+        })
     }
 
     async fn health_check(&self) -> Result<(), SinkError> {

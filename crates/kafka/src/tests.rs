@@ -9,8 +9,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
-use rdkafka::types::RDKafkaRespErr;
 use rdkafka::types::RDKafkaApiKey;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientConfig;
 
 use crate::{ConfigError, KafkaSink, KafkaSinkConfig, TopicRouting};
@@ -28,7 +28,7 @@ fn default_config_is_valid_and_durable() {
 fn raw_options_that_conflict_name_both() {
     let mut c = KafkaSinkConfig::default();
     c.librdkafka_options.insert("linger.ms".into(), "100".into());
-    let err = c.validate().unwrap_err();
+    let err = c.validate().expect_err("linger.ms is owned by linger_ms");
     assert!(matches!(&err, ConfigError::Conflict { raw_key, field: "linger_ms" } if raw_key == "linger.ms"));
     assert!(err.to_string().contains("linger.ms") && err.to_string().contains("linger_ms"), "{err}");
 
@@ -44,6 +44,39 @@ fn raw_options_that_conflict_name_both() {
     c.librdkafka_options.insert("client.id".into(), "me".into());
     assert!(c.validate().is_ok(), "unrelated raw options pass through");
     assert_eq!(c.client_config().expect("valid").get("client.id"), Some("me"));
+}
+
+/// The consumer finds a source's partition with librdkafka's default
+/// partitioner, so the sink refuses any other (with or without librdkafka's
+/// `topic.` prefix) instead of letting replays read the wrong partition.
+#[test]
+fn raw_partitioner_options_are_refused() {
+    for key in ["partitioner", "topic.partitioner", " partitioner ", "partitioner_cb"] {
+        let mut c = KafkaSinkConfig::default();
+        c.librdkafka_options.insert(key.into(), "murmur2_random".into());
+        let err = c.validate().expect_err(key);
+        assert!(matches!(&err, ConfigError::Partitioner { raw_key } if raw_key == key), "{key}: {err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("{key:?}")) && msg.contains("default partitioner"), "{msg}");
+        assert!(c.client_config().is_err(), "{key}: no producer is built from it");
+    }
+}
+
+/// librdkafka reads `topic.acks` as `acks`: the prefix does not get around
+/// the locked and typed keys.
+#[test]
+fn topic_prefixed_raw_keys_are_checked_like_plain_ones() {
+    let mut c = KafkaSinkConfig::default();
+    c.librdkafka_options.insert("topic.acks".into(), "1".into());
+    assert!(matches!(c.validate(), Err(ConfigError::Unsafe { raw_key }) if raw_key == "topic.acks"));
+
+    let mut c = KafkaSinkConfig::default();
+    c.librdkafka_options.insert("topic.message.timeout.ms".into(), "1".into());
+    assert!(matches!(c.validate(), Err(ConfigError::Conflict { field: "message_timeout_ms", .. })));
+
+    let mut c = KafkaSinkConfig::default();
+    c.librdkafka_options.insert("topic.metadata.refresh.interval.ms".into(), "1000".into());
+    assert!(c.validate().is_ok(), "a global topic.* property passes through");
 }
 
 #[test]
@@ -110,7 +143,8 @@ fn read_back(bootstrap: &str, topic: &str, expect: usize) -> Vec<(i32, i64, Even
         }
         if let Some(m) = consumer.poll(Duration::from_millis(100)) {
             let m = m.expect("message");
-            let headers = m.headers().map(|h| h.iter().map(|h| (h.key, h.value)).collect::<Vec<_>>()).unwrap_or_default();
+            let headers =
+                m.headers().map(|h| h.iter().map(|h| (h.key, h.value)).collect::<Vec<_>>()).unwrap_or_default();
             let e = record::decode(headers, m.payload(), &Limits::default()).expect("decodes");
             assert_eq!(m.key(), Some(e.source().source_id().as_bytes()), "key is the source id");
             out.push((m.partition(), m.offset(), e));
@@ -198,7 +232,8 @@ async fn full_queue_is_backpressure_then_a_typed_error() {
     cluster.broker_down(1).expect("down");
     let results = sink.publish_batch((0..200).map(|i| event("a", i)).collect()).await;
     let full = results.iter().filter(|r| matches!(r, Err(e) if matches!(e.error, SinkError::QueueFull { .. }))).count();
-    let timed_out = results.iter().filter(|r| matches!(r, Err(e) if matches!(e.error, SinkError::Timeout { .. }))).count();
+    let timed_out =
+        results.iter().filter(|r| matches!(r, Err(e) if matches!(e.error, SinkError::Timeout { .. }))).count();
     assert_eq!(timed_out, 50, "exactly the queue's capacity was accepted");
     assert_eq!(full, 150, "the rest were refused with queue full, none dropped");
     // Every refused event is handed back, in order.
@@ -238,5 +273,62 @@ async fn retriable_produce_errors_are_retried_without_duplicates() {
     }
     for e in &events {
         assert!(seen.contains(&e.id()), "missing {}", e.id());
+    }
+}
+
+/// A record the producer refuses at once (over `message.max.bytes`) fails
+/// alone; the later events of its source in the batch fail with
+/// `EarlierFailed` instead of overtaking it; other sources are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_event_fails_the_later_events_of_its_source_in_the_batch() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("t", 2, 1).expect("topic");
+    let mut config = mock_config(&cluster, "t");
+    config.librdkafka_options.insert("message.max.bytes".into(), "2000".into());
+    let sink = KafkaSink::new(config).expect("sink");
+    let big = Event::builder("test.event", "user", "a").payload(vec![b'x'; 5000]).build().expect("valid");
+    let batch = vec![event("a", 0), big.clone(), event("a", 2), event("b", 0), event("a", 3)];
+    let results = sink.publish_batch(batch.clone()).await;
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    let refused = results[1].as_ref().expect_err("too large for the producer");
+    assert_eq!(refused.event, big, "handed back");
+    for i in [2, 4] {
+        match &results[i] {
+            Err(d) => {
+                assert!(matches!(&d.error, SinkError::EarlierFailed { .. }), "{d}");
+                assert_eq!(d.event, batch[i], "handed back");
+            }
+            Ok(p) => panic!("event {i} of source a overtook the refused one: {p}"),
+        }
+    }
+    assert!(results[3].is_ok(), "another source is unaffected: {:?}", results[3]);
+}
+
+/// A topic that cannot be created costs one admin call, not one per event:
+/// the failure is cached for its back-off (the back-off itself is tested in
+/// `topics.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_topic_creation_is_cached_not_repeated_per_event() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let config = KafkaSinkConfig {
+        bootstrap_servers: cluster.bootstrap_servers(),
+        topic: TopicRouting::PerSourceType { template: "ev.{source_type}".into() },
+        create_topics: Some(crate::CreateTopics { partitions: 1, replication_factor: 1 }),
+        linger_ms: 1,
+        ..KafkaSinkConfig::default()
+    };
+    // The mock answers this admin request only at the request timeout: keep
+    // it short.
+    let mut config = config;
+    config.librdkafka_options.insert("socket.timeout.ms".into(), "1000".into());
+    let sink = KafkaSink::new(config).expect("sink");
+    cluster.request_errors(RDKafkaApiKey::CreateTopics, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_POLICY_VIOLATION]);
+    let batch: Vec<Event> = (0..3).map(|i| event(&format!("s{i}"), i)).collect();
+    let results = sink.publish_batch(batch).await;
+    let first = results[0].as_ref().expect_err("creation refused");
+    assert!(!first.error.to_string().contains("cached"), "the first failure is the broker's own: {}", first.error);
+    for r in &results[1..] {
+        let e = r.as_ref().expect_err("fails fast");
+        assert!(e.error.to_string().contains("cached failure"), "no second admin call per event: {}", e.error);
     }
 }

@@ -50,7 +50,9 @@ mod publisher;
 mod tests;
 
 pub use config::{BuildError, HighVolumeConfig, Mode, PublisherConfig};
-pub use publisher::{DualPublisher, DualPublisherBuilder, NotificationOutcome, PublishError, Receipt, StoredBatch};
+pub use publisher::{
+    DualPublisher, DualPublisherBuilder, NotificationOutcome, PendingStore, PublishError, Receipt, StoredBatch,
+};
 
 /// The names of the metrics the publisher records through the `metrics`
 /// facade. Install any recorder (Prometheus, StatsD…) to export them.

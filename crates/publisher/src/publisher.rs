@@ -1,7 +1,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dualstream_core::{DeliveryError, DurableSink, Event, EventId, Notification, NotifyError, Position, RealtimeNotifier};
+use dualstream_core::{
+    DeliveryError, DurableSink, Event, EventId, Notification, NotifyError, PendingAcks, Position, RealtimeNotifier,
+};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -176,7 +178,11 @@ fn record_outcome(outcome: NotificationOutcome, count: u64) {
 }
 
 /// One bounded notifier call, mapped to an outcome.
-async fn notify_bounded(notifier: &dyn RealtimeNotifier, batch: &[Notification], bound: Duration) -> NotificationOutcome {
+async fn notify_bounded(
+    notifier: &dyn RealtimeNotifier,
+    batch: &[Notification],
+    bound: Duration,
+) -> NotificationOutcome {
     let call = async {
         if let [one] = batch {
             notifier.notify(one).await
@@ -317,86 +323,56 @@ impl DualPublisher {
     }
 
     /// Whether sending notifications waits for the notifier (rather than
-    /// queueing them at once, as the high-volume mode does).
-    fn notify_waits(&self) -> bool {
+    /// queueing them at once, as the high-volume mode does, or having none).
+    /// A pipeline that sends notifications in a stage of its own only needs
+    /// the stage when this is true.
+    pub fn notify_waits(&self) -> bool {
         self.inner.notifier.is_some() && self.inner.high_volume.is_none()
     }
 
-    /// The first half of [`publish_batch`](Self::publish_batch): the durable
-    /// write, awaited. Pass the result to
-    /// [`notify_stored`](Self::notify_stored) for the receipts; a pipeline
-    /// can start storing the next batch while this one's notifications go
-    /// out (the batching engine does).
+    /// The durable write of a batch, awaited: [`enqueue_batch`](Self::enqueue_batch)
+    /// then [`PendingStore::stored`].
     pub async fn store_batch(&self, events: Vec<Event>) -> StoredBatch {
+        self.enqueue_batch(events).await.stored().await
+    }
+
+    /// Hand a batch to the durable sink ([`DurableSink::enqueue_batch`]) and
+    /// return its acknowledgements still to come. A pipeline can hand over
+    /// the next batch before this one is acknowledged (the batching engine
+    /// does); the sink keeps the order of each source.
+    pub async fn enqueue_batch(&self, events: Vec<Event>) -> PendingStore {
         let count = events.len();
+        let notify = self.inner.notifier.is_some();
         if count == 0 {
-            return StoredBatch { out: Vec::new(), notifications: None, waits: false };
+            return PendingStore { ids: Vec::new(), acks: None, notify, started: Instant::now() };
         }
         metrics::histogram!(m::BATCH_SIZE).record(count as f64);
-        let span = tracing::debug_span!("store_batch", count);
-        async move {
-            let Some(durable) = &self.inner.durable else {
-                let out = events
-                    .iter()
-                    .map(|e| Ok(Receipt { event_id: e.id(), position: None, notification: NotificationOutcome::Disabled }))
-                    .collect();
-                let batch = events.iter().map(|e| Notification::for_event(e, None)).collect();
-                return StoredBatch { out, notifications: Some(batch), waits: self.notify_waits() };
-            };
-            let notify = self.inner.notifier.is_some();
-            // Notifications are prepared only when a notifier will get them;
-            // otherwise the ids are enough for the receipts.
-            let mut pending: Vec<(EventId, Option<Notification>)> = events
-                .iter()
-                .map(|e| (e.id(), notify.then(|| Notification::for_event(e, None))))
-                .collect();
-            let started = Instant::now();
-            let results = durable.publish_batch(events).await;
-            metrics::histogram!(m::PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
-            if results.len() != count {
-                tracing::error!(expected = count, got = results.len(), "durable sink broke the batch contract");
-            }
-            let mut stored = Vec::with_capacity(if notify { count } else { 0 });
-            let mut out: Vec<Result<Receipt, PublishError>> = Vec::with_capacity(count);
-            let mut ok = 0usize;
-            let mut results = results.into_iter();
-            for (event_id, n) in pending.drain(..) {
-                match results.next() {
-                    Some(Ok(position)) => {
-                        ok += 1;
-                        if let Some(n) = n {
-                            stored.push(Notification { position: Some(position.clone()), ..n });
-                        }
-                        out.push(Ok(Receipt {
-                            event_id,
-                            position: Some(position),
-                            notification: NotificationOutcome::Disabled,
-                        }));
-                    }
-                    Some(Err(e)) => out.push(Err(e.into())),
-                    None => out.push(Err(PublishError::MissingResult)),
-                }
-            }
-            metrics::counter!(m::PUBLISHED).increment(ok as u64);
-            metrics::counter!(m::FAILED).increment((count - ok) as u64);
-            StoredBatch { out, notifications: notify.then_some(stored), waits: self.notify_waits() }
-        }
-        .instrument(span)
-        .await
+        // Notifications are prepared only when a notifier will get them;
+        // otherwise the ids are enough for the receipts.
+        let ids: Vec<(EventId, Option<Notification>)> =
+            events.iter().map(|e| (e.id(), notify.then(|| Notification::for_event(e, None)))).collect();
+        let started = Instant::now();
+        let acks = match &self.inner.durable {
+            Some(durable) => Some(durable.enqueue_batch(events).await),
+            None => None,
+        };
+        PendingStore { ids, acks, notify, started }
+    }
+
+    /// Send notifications (bounded in time, as always) and say what became
+    /// of them. The batching engine merges the notifications of several
+    /// stored batches into one call.
+    pub async fn notify(&self, notifications: Vec<Notification>) -> NotificationOutcome {
+        self.send_notifications(notifications).await
     }
 
     /// The second half of [`publish_batch`](Self::publish_batch): send the
-    /// notifications of a stored batch (bounded in time, as always) and
-    /// return one result per event, in input order.
-    pub async fn notify_stored(&self, batch: StoredBatch) -> Vec<Result<Receipt, PublishError>> {
-        let StoredBatch { mut out, notifications, .. } = batch;
-        if let Some(stored) = notifications {
-            let outcome = self.send_notifications(stored).await;
-            for receipt in out.iter_mut().flatten() {
-                receipt.notification = outcome;
-            }
-        }
-        out
+    /// notifications of a stored batch and return one result per event, in
+    /// input order.
+    pub async fn notify_stored(&self, mut batch: StoredBatch) -> Vec<Result<Receipt, PublishError>> {
+        let notifications = batch.take_notifications();
+        let outcome = self.send_notifications(notifications).await;
+        batch.finish(outcome)
     }
 
     /// Check both paths. The durable sink's health decides; the notifier's
@@ -432,15 +408,90 @@ impl DualPublisher {
     }
 }
 
+/// A batch handed to the durable sink whose acknowledgements are still to
+/// come: from [`DualPublisher::enqueue_batch`].
+#[must_use = "the durable results come from stored()"]
+pub struct PendingStore {
+    ids: Vec<(EventId, Option<Notification>)>,
+    acks: Option<PendingAcks>,
+    notify: bool,
+    started: Instant,
+}
+
+impl std::fmt::Debug for PendingStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingStore").field("events", &self.ids.len()).finish_non_exhaustive()
+    }
+}
+
+impl PendingStore {
+    /// Events in the batch.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Await the durable acknowledgements: one result per event, and the
+    /// notifications of the stored events, not sent yet.
+    pub async fn stored(self) -> StoredBatch {
+        let PendingStore { ids, acks, notify, started } = self;
+        let count = ids.len();
+        let Some(acks) = acks else {
+            // No durable sink (real-time only): every event is "published";
+            // its notification has no position.
+            let mut notifications = Vec::with_capacity(count);
+            let out = ids
+                .into_iter()
+                .map(|(event_id, n)| {
+                    notifications.extend(n);
+                    Ok(Receipt { event_id, position: None, notification: NotificationOutcome::Disabled })
+                })
+                .collect();
+            return StoredBatch { out, notifications };
+        };
+        let results = acks.await;
+        metrics::histogram!(m::PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
+        if results.len() != count {
+            tracing::error!(expected = count, got = results.len(), "durable sink broke the batch contract");
+        }
+        let mut notifications = Vec::with_capacity(if notify { count } else { 0 });
+        let mut out: Vec<Result<Receipt, PublishError>> = Vec::with_capacity(count);
+        let mut ok = 0usize;
+        let mut results = results.into_iter();
+        for (event_id, n) in ids {
+            match results.next() {
+                Some(Ok(position)) => {
+                    ok += 1;
+                    if let Some(n) = n {
+                        notifications.push(Notification { position: Some(position.clone()), ..n });
+                    }
+                    out.push(Ok(Receipt {
+                        event_id,
+                        position: Some(position),
+                        notification: NotificationOutcome::Disabled,
+                    }));
+                }
+                Some(Err(e)) => out.push(Err(e.into())),
+                None => out.push(Err(PublishError::MissingResult)),
+            }
+        }
+        metrics::counter!(m::PUBLISHED).increment(ok as u64);
+        metrics::counter!(m::FAILED).increment((count - ok) as u64);
+        StoredBatch { out, notifications }
+    }
+}
+
 /// A batch whose durable write is done and whose notifications are not sent
-/// yet: from [`DualPublisher::store_batch`], for
-/// [`DualPublisher::notify_stored`].
+/// yet: from [`PendingStore::stored`] or [`DualPublisher::store_batch`].
 #[derive(Debug)]
-#[must_use = "the receipts come from notify_stored"]
+#[must_use = "the receipts come from finish() or DualPublisher::notify_stored"]
 pub struct StoredBatch {
     out: Vec<Result<Receipt, PublishError>>,
-    notifications: Option<Vec<Notification>>,
-    waits: bool,
+    notifications: Vec<Notification>,
 }
 
 impl StoredBatch {
@@ -454,10 +505,21 @@ impl StoredBatch {
         self.out.is_empty()
     }
 
-    /// Whether [`DualPublisher::notify_stored`] will wait for the notifier
-    /// (false without a notifier, and in the high-volume mode, which only
-    /// queues notifications).
-    pub fn waits_for_notifier(&self) -> bool {
-        self.waits && self.notifications.as_ref().is_some_and(|n| !n.is_empty())
+    /// The notifications of the stored events, in order (empty when the
+    /// publisher has no notifier). Send them with [`DualPublisher::notify`],
+    /// possibly merged with other batches', then call
+    /// [`finish`](Self::finish) with the outcome.
+    pub fn take_notifications(&mut self) -> Vec<Notification> {
+        std::mem::take(&mut self.notifications)
+    }
+
+    /// The receipts, in input order, with `outcome` as the notification
+    /// outcome of every stored event.
+    pub fn finish(self, outcome: NotificationOutcome) -> Vec<Result<Receipt, PublishError>> {
+        let mut out = self.out;
+        for receipt in out.iter_mut().flatten() {
+            receipt.notification = outcome;
+        }
+        out
     }
 }

@@ -129,8 +129,9 @@ async fn a_durable_failure_fails_the_publish_hands_the_event_back_and_sends_noth
 #[tokio::test]
 async fn partial_batch_failure_is_reported_per_event_and_only_stored_events_are_notified() {
     let mut durable = MockDurableSink::new();
-    durable.expect_publish_batch().returning(|events| {
-        events
+    // The publisher hands batches over with the two-phase enqueue_batch.
+    durable.expect_enqueue_batch().returning(|events| {
+        let results = events
             .into_iter()
             .enumerate()
             .map(|(i, e)| {
@@ -140,7 +141,8 @@ async fn partial_batch_failure_is_reported_per_event_and_only_stored_events_are_
                     Ok(pos(i as i64))
                 }
             })
-            .collect()
+            .collect();
+        Box::pin(std::future::ready(results))
     });
     let events: Vec<Event> = (0..6).map(|i| event(&format!("s{i}"))).collect();
     let stored_ids: Vec<_> = events.iter().step_by(2).map(Event::id).collect();
@@ -172,7 +174,7 @@ async fn partial_batch_failure_is_reported_per_event_and_only_stored_events_are_
 #[tokio::test]
 async fn a_sink_that_drops_results_is_reported_not_hidden() {
     let mut durable = MockDurableSink::new();
-    durable.expect_publish_batch().returning(|_| vec![Ok(pos(0))]);
+    durable.expect_enqueue_batch().returning(|_| Box::pin(std::future::ready(vec![Ok(pos(0))])));
     let mut notifier = MockRealtimeNotifier::new();
     notifier.expect_notify().returning(|_| Ok(()));
     let results = publisher(durable, notifier, Mode::Dual).publish_batch(vec![event("a"), event("b")]).await;
@@ -196,6 +198,7 @@ async fn realtime_only_never_writes_durably_and_has_no_position() {
     let mut durable = MockDurableSink::new();
     durable.expect_publish().times(0);
     durable.expect_publish_batch().times(0);
+    durable.expect_enqueue_batch().times(0);
     let mut notifier = MockRealtimeNotifier::new();
     notifier.expect_notify().times(1).withf(|n| n.position.is_none()).returning(|_| Ok(()));
     notifier.expect_notify_batch().times(1).withf(|ns| ns.len() == 3).returning(|_| Ok(()));
