@@ -3,6 +3,8 @@
 //! test-owned `redis-server` and `tansu` processes for fault tests, topic
 //! creation, an independent Kafka read-back and a Redis subscriber.
 
+pub mod proxy;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

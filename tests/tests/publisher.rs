@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use dualstream::prelude::*;
-use dualstream::{DeliveryError, SinkError};
+use dualstream::{DeliveryError, EventId, SinkError};
 use dualstream_tests::*;
 
 fn event(source: &str, i: usize) -> Event {
@@ -203,4 +203,48 @@ async fn a_custom_file_sink_plugs_into_the_publisher_and_the_engine() {
     let ids: Vec<_> = notes.iter().map(|(_, p)| Notification::from_json(p).expect("json").id).collect();
     assert_eq!(ids, events.iter().map(Event::id).collect::<Vec<_>>());
     let _ = std::fs::remove_file(path);
+}
+
+/// Redis far away (80 ms each way, a 160 ms round trip under the 200 ms
+/// notifier timeout): the connection is made although its handshake takes
+/// longer than one call's bound, and every notification of a fast stream
+/// reaches a subscriber, in order per source, while callers get their
+/// receipts and Kafka every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_away_redis_still_gets_every_notification_in_order() {
+    let brokers = kafka_brokers();
+    let redis = OwnedRedis::start();
+    let upstream: std::net::SocketAddr = format!("127.0.0.1:{}", redis.port).parse().expect("addr");
+    let proxy = dualstream_tests::proxy::DelayProxy::start(upstream, Duration::from_millis(80)).await.expect("proxy");
+    let topic = unique_topic("far-redis");
+    create_topic(&brokers, &topic, 3).await;
+    let notifier = Arc::new(redis_notifier(&proxy.redis_url()));
+    let publisher = DualPublisher::builder()
+        .durable(Arc::new(kafka_sink(&brokers, &topic)))
+        .notifier(notifier.clone())
+        .build()
+        .expect("publisher");
+    let engine = BatchEngine::new(publisher, BatchConfig::default()).expect("engine");
+    let pattern = ChannelNamer::default().pattern_for_type("order").expect("pattern");
+    let mut sub = Subscriber::new(&redis.url(), &[pattern], &[]).await;
+    let events: Vec<Event> = (0..20_000)
+        .map(|i| Event::builder("order.placed", "order", format!("o{}", i % 50)).payload(format!("{i}")).build().expect("valid"))
+        .collect();
+    for r in engine.submit_many(events.clone()).await {
+        r.expect("stored");
+    }
+    engine.shutdown().await;
+    let got = sub.drain(Duration::from_secs(3)).await;
+    let stats = notifier.stats();
+    assert_eq!(got.len(), events.len(), "every notification arrived ({stats:?})");
+    let mut per_source: std::collections::HashMap<String, Vec<EventId>> = Default::default();
+    for (_, payload) in &got {
+        let n = Notification::from_json(payload).expect("notification");
+        per_source.entry(n.source_id.to_string()).or_default().push(n.id);
+    }
+    for (source, ids) in per_source {
+        let expected: Vec<EventId> = events.iter().filter(|e| e.source().source_id() == source).map(Event::id).collect();
+        assert_eq!(ids, expected, "notifications of {source} in order");
+    }
+    assert_eq!(read_topic(&brokers, &topic, events.len(), Duration::from_secs(30)).len(), events.len());
 }

@@ -28,7 +28,8 @@ pub struct BatchConfig {
     /// Lanes; a source always uses the same lane, and each lane keeps the
     /// order of its batches on both paths. Default: 4.
     pub lanes: usize,
-    /// Notification pipelines a lane keeps in flight. Everything waiting
+    /// Notification pipelines the engine keeps in flight (one notification
+    /// stage serves every lane). Everything waiting
     /// when a pipeline starts goes into it, so a slow Redis costs latency,
     /// not throughput. Pipelines start in batch order; with more than one, a
     /// custom notifier must send concurrent calls in the order they were

@@ -1,3 +1,4 @@
+use std::collections::VecDeque;
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::pin::Pin;
@@ -147,12 +148,25 @@ impl BatchEngine {
         let rt = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
         let budget = Arc::new(Budget::new(config.max_queued_events as u64, config.max_queued_bytes as u64));
         let mut lanes = Vec::with_capacity(config.lanes);
-        let mut workers = Vec::with_capacity(config.lanes);
+        let mut workers = Vec::with_capacity(config.lanes + 1);
+        // One notification stage for the engine: the lanes' notifications
+        // merge into the same pipelines, so one Redis connection carries a
+        // few large pipelines rather than many small ones queued behind each
+        // other. It ends when the last lane is done, and is awaited last.
+        let (notify_tx, notify_stage) = if publisher.notify_waits() {
+            let (tx, rx) = mpsc::unbounded_channel::<Stored>();
+            let stage = rt.spawn(notify_stage(rx, publisher.clone(), config.notify_pipelines, config.max_queued_events));
+            (Some(tx), Some(stage))
+        } else {
+            (None, None)
+        };
         for _ in 0..config.lanes {
             let (tx, rx) = mpsc::unbounded_channel();
             lanes.push(tx);
-            workers.push(rt.spawn(lane(rx, publisher.clone(), config.clone(), budget.clone())));
+            workers.push(rt.spawn(lane(rx, publisher.clone(), config.clone(), budget.clone(), notify_tx.clone())));
         }
+        drop(notify_tx);
+        workers.extend(notify_stage);
         Ok(Self {
             inner: Arc::new(Shared {
                 budget,
@@ -446,7 +460,7 @@ struct InFlight {
     held: Held,
 }
 
-/// A stored batch waiting for its notifications.
+/// A stored batch on its way to the notification stage.
 struct Stored {
     batch: StoredBatch,
     waiters: Vec<Waiter>,
@@ -455,8 +469,8 @@ struct Stored {
 /// One lane: collect a batch, hand it to the durable sink, pass it on to the
 /// lane's ack stage; repeat at once. The ack stage awaits each batch's
 /// durable acknowledgements in order and gives its queue share back; the
-/// notification stage sends notifications and resolves callers, in batch
-/// order. Per-source order holds on both paths: a source always maps to one
+/// engine's notification stage sends notifications and resolves callers, in
+/// the order batches reach it. Per-source order holds on both paths: a source always maps to one
 /// lane, the sink keeps the order of what it is handed, and each stage
 /// works in batch order. Neither Redis nor the acknowledgements hold up the
 /// next batch's hand-over.
@@ -465,13 +479,10 @@ async fn lane(
     publisher: DualPublisher,
     config: BatchConfig,
     budget: Arc<Budget>,
+    notify: Option<mpsc::UnboundedSender<Stored>>,
 ) {
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<InFlight>();
-    let (notify_tx, notify_rx) = mpsc::unbounded_channel::<Stored>();
-    let notify = publisher.notify_waits().then(|| {
-        tokio::spawn(notify_stage(notify_rx, publisher.clone(), config.notify_pipelines, config.max_queued_events))
-    });
-    let acks = tokio::spawn(ack_stage(ack_rx, notify.is_some().then_some(notify_tx), publisher.clone(), budget));
+    let acks = tokio::spawn(ack_stage(ack_rx, notify, publisher.clone(), budget));
     let mut events: Vec<Event> = Vec::with_capacity(config.max_batch_events.min(1024));
     let mut waiters: Vec<Waiter> = Vec::new();
     let mut held = Held::none();
@@ -551,11 +562,6 @@ async fn lane(
     if let Err(e) = acks.await {
         tracing::error!(error = %e, "batch ack stage ended abnormally");
     }
-    if let Some(notify) = notify {
-        if let Err(e) = notify.await {
-            tracing::error!(error = %e, "batch notification stage ended abnormally");
-        }
-    }
 }
 
 /// Hand a collected batch to the durable sink and pass it to the ack stage.
@@ -609,79 +615,129 @@ async fn ack_stage(
     }
 }
 
-type Pipeline = Pin<Box<dyn Future<Output = (NotificationOutcome, Vec<Stored>)> + Send>>;
+type Pipeline = Pin<Box<dyn Future<Output = (u64, NotificationOutcome)> + Send>>;
 
-/// Send notifications and resolve callers, in batch order. Everything that
-/// waits when a pipeline can start goes into that one pipeline, and up to
-/// `max_in_flight` pipelines are in flight at once, so a slow Redis (answering
-/// within the bound) costs latency, not throughput. Pipelines are started in
-/// batch order and resolved in batch order. At most `cap` notifications wait;
-/// beyond that the oldest waiting batches are resolved as skipped.
-async fn notify_stage(
-    mut rx: mpsc::UnboundedReceiver<Stored>,
-    publisher: DualPublisher,
-    max_in_flight: usize,
-    cap: usize,
-) {
+/// A stored batch whose callers wait for its notifications.
+struct Awaiting {
+    batch: StoredBatch,
+    waiters: Vec<Waiter>,
+    /// Its callers are resolved by then at the latest.
+    deadline: Instant,
+    /// The pipeline that carries (or will carry) its notifications.
+    pipeline: u64,
+    /// Its notifications in the not-yet-sent buffer (until a pipeline
+    /// takes them).
+    notes: usize,
+    /// Set when its notifications were shed.
+    outcome: Option<NotificationOutcome>,
+}
+
+impl Awaiting {
+    fn resolve(self, outcome: NotificationOutcome) {
+        resolve(self.batch.finish(self.outcome.unwrap_or(outcome)), self.waiters);
+    }
+}
+
+/// Send notifications and resolve callers, in batch order.
+///
+/// - Everything that waits when a pipeline can start goes into that one
+///   pipeline, with up to `max_in_flight` pipelines in flight, started in
+///   batch order: a slow Redis (answering within the bound) costs latency,
+///   not throughput or notifications.
+/// - No caller waits more than the publisher's notify bound here: a batch
+///   whose notifications are not confirmed by then is resolved as
+///   [`NotificationOutcome::Queued`] (they are still on their way).
+/// - At most `cap` notifications wait to be sent; beyond that the oldest
+///   are dropped and their batches resolved as skipped.
+async fn notify_stage(mut rx: mpsc::UnboundedReceiver<Stored>, publisher: DualPublisher, max_in_flight: usize, cap: usize) {
     use futures::stream::{FuturesOrdered, StreamExt};
+    let bound = Duration::from_millis(publisher.config().notify_timeout_ms);
     let mut in_flight: FuturesOrdered<Pipeline> = FuturesOrdered::new();
-    let mut waiting: Vec<Stored> = Vec::new();
+    let mut queue: VecDeque<Awaiting> = VecDeque::new();
+    let mut unsent: VecDeque<Notification> = VecDeque::new();
+    let mut next_pipeline = 0u64;
+    let mut incoming: Vec<Stored> = Vec::new();
     let mut open = true;
-    while open || !in_flight.is_empty() {
+    while open || !queue.is_empty() || !in_flight.is_empty() {
+        // A batch at the front with nothing left to send (all its events
+        // failed, or its notifications were shed) has only its turn to wait
+        // for.
+        while queue.front().is_some_and(|a| a.pipeline >= next_pipeline && a.notes == 0) {
+            if let Some(a) = queue.pop_front() {
+                a.resolve(NotificationOutcome::Disabled);
+            }
+        }
+        if !unsent.is_empty() && in_flight.len() < max_in_flight {
+            let notes: Vec<Notification> = unsent.drain(..).collect();
+            for a in queue.iter_mut().rev().take_while(|a| a.pipeline == next_pipeline) {
+                a.notes = 0;
+            }
+            let (seq, publisher) = (next_pipeline, publisher.clone());
+            in_flight.push_back(Box::pin(async move { (seq, publisher.notify(notes).await) }));
+            next_pipeline += 1;
+        }
+        let first_deadline = queue.front().map(|a| a.deadline);
         tokio::select! {
             biased;
-            Some((outcome, done)) = in_flight.next(), if !in_flight.is_empty() => {
-                for stored in done {
-                    resolve(stored.batch.finish(outcome), stored.waiters);
+            Some((seq, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
+                while queue.front().is_some_and(|a| a.pipeline == seq) {
+                    if let Some(a) = queue.pop_front() {
+                        a.resolve(outcome);
+                    }
                 }
             }
-            n = rx.recv_many(&mut waiting, usize::MAX), if open && in_flight.len() < max_in_flight => {
+            () = tokio::time::sleep_until(first_deadline.unwrap_or_else(Instant::now)), if first_deadline.is_some() => {
+                let now = Instant::now();
+                while queue.front().is_some_and(|a| a.deadline <= now) {
+                    if let Some(a) = queue.pop_front() {
+                        a.resolve(NotificationOutcome::Queued);
+                    }
+                }
+            }
+            n = rx.recv_many(&mut incoming, usize::MAX), if open => {
                 if n == 0 {
                     open = false;
                     continue;
                 }
-                // Drain whatever else is waiting into the same pipeline.
-                while let Ok(more) = rx.try_recv() {
-                    waiting.push(more);
+                let deadline = Instant::now() + bound;
+                for mut stored in incoming.drain(..) {
+                    let notes = stored.batch.take_notifications();
+                    let count = notes.len();
+                    unsent.extend(notes);
+                    queue.push_back(Awaiting {
+                        batch: stored.batch,
+                        waiters: stored.waiters,
+                        deadline,
+                        pipeline: next_pipeline,
+                        notes: count,
+                        outcome: None,
+                    });
                 }
-                shed_over(&mut waiting, cap);
-                let mut batches = std::mem::take(&mut waiting);
-                let mut merged: Vec<Notification> = Vec::new();
-                for stored in &mut batches {
-                    merged.append(&mut stored.batch.take_notifications());
-                }
-                let publisher = publisher.clone();
-                in_flight.push_back(Box::pin(async move {
-                    let outcome = publisher.notify(merged).await;
-                    (outcome, batches)
-                }));
+                shed_over(&mut queue, &mut unsent, cap);
             }
         }
     }
 }
 
-/// Resolve the oldest waiting batches as skipped while more than `cap`
-/// notifications wait.
-fn shed_over(waiting: &mut Vec<Stored>, cap: usize) {
-    let mut total: usize = waiting.iter().map(|s| s.batch.len()).sum();
-    if total <= cap {
+/// While more than `cap` notifications wait to be sent, drop the oldest
+/// batches' notifications; those batches resolve as skipped in their turn.
+fn shed_over(queue: &mut VecDeque<Awaiting>, unsent: &mut VecDeque<Notification>, cap: usize) {
+    if unsent.len() <= cap {
         return;
     }
     let mut shed = 0usize;
-    let mut keep_from = 0;
-    for (i, s) in waiting.iter().enumerate() {
-        if total <= cap {
+    for a in queue.iter_mut().filter(|a| a.notes > 0) {
+        if unsent.len() - shed <= cap {
             break;
         }
-        total -= s.batch.len();
-        shed += s.batch.len();
-        keep_from = i + 1;
+        shed += a.notes;
+        a.notes = 0;
+        a.outcome = Some(NotificationOutcome::Skipped);
     }
+    // The unsent buffer holds the batches' notifications in batch order.
+    unsent.drain(..shed.min(unsent.len()));
     tracing::warn!(shed, cap, "notification backlog over its bound; oldest notifications skipped");
     metrics::counter!("dualstream_notifications_total", "outcome" => "skipped").increment(shed as u64);
-    for stored in waiting.drain(..keep_from) {
-        resolve(stored.batch.finish(NotificationOutcome::Skipped), stored.waiters);
-    }
 }
 
 fn resolve(results: Vec<Result<Receipt, PublishError>>, waiters: Vec<Waiter>) {

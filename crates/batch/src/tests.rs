@@ -582,3 +582,33 @@ async fn a_second_concurrent_shutdown_waits_for_the_flush() {
     first.await.expect("task");
     pending.await.expect("task").expect("receipt");
 }
+
+/// A caller waits at most the publisher's notify bound for its
+/// notification's outcome, even while earlier pipelines hold the slots: it
+/// is then resolved as `Queued` (the notifications are still sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_caller_waits_longer_than_the_notify_bound() {
+    let sink = Arc::new(TestSink::default());
+    let hold = Arc::new(Semaphore::new(0));
+    let notifier = Arc::new(HeldNotifier { hold: Some(hold.clone()), ..HeldNotifier::default() });
+    let publisher = DualPublisher::builder()
+        .durable(sink.clone())
+        .notifier(notifier.clone())
+        .config(dualstream_publisher::PublisherConfig { notify_timeout_ms: 300, ..Default::default() })
+        .build()
+        .expect("publisher");
+    let engine =
+        BatchEngine::new(publisher, BatchConfig { lanes: 1, notify_pipelines: 1, ..BatchConfig::default() }).expect("engine");
+    let first = first_notification_held(&engine, &notifier, "0").await;
+    // The only pipeline slot is taken; this batch's notifications wait.
+    let second = engine.submit(event("a", "1")).await.expect("stored");
+    assert_eq!(second.notification, dualstream_publisher::NotificationOutcome::Queued, "resolved at its deadline");
+    assert_eq!(
+        first.await.expect("task").expect("stored").notification,
+        dualstream_publisher::NotificationOutcome::Queued,
+        "the caller of the held pipeline stopped waiting at the bound too"
+    );
+    hold.add_permits(10);
+    wait_until("the second batch's notification went out", || notifier.calls.lock().expect("lock").len() == 2).await;
+    engine.shutdown().await;
+}

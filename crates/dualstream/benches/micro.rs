@@ -94,6 +94,15 @@ fn engine(c: &mut Criterion) {
             })
         })
     });
+    g.bench_function("submit_many→receipts, 1000 events, no-op sinks", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                for r in engine.submit_many(events.clone()).await {
+                    r.expect("ok");
+                }
+            })
+        })
+    });
     g.finish();
 }
 

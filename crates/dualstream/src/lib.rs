@@ -45,8 +45,8 @@
 
 #[doc(inline)]
 pub use dualstream_core::{
-    DeliveryError, DurableSink, Event, EventBuilder, EventId, Limits, Notification, NotifyError, Position,
-    RealtimeNotifier, SinkError, Source, ValidationError,
+    DeliveryError, DurableSink, Event, EventBuilder, EventId, Limits, Notification, NotifyError, PendingAcks,
+    Position, RealtimeNotifier, SinkError, Source, ValidationError,
 };
 #[cfg(feature = "mock")]
 #[doc(inline)]

@@ -45,19 +45,49 @@ pub struct PublisherConfig {
     /// Bound on each notifier call made by the publisher, in milliseconds,
     /// on top of the notifier's own timeout. Default: 250.
     pub notify_timeout_ms: u64,
+    /// Added to the bound of a call per notification it carries, in
+    /// microseconds, so that a large pipeline (the batching engine merges
+    /// what waits) is not failed for its size alone. Default: 20 (Redis
+    /// takes a few microseconds per PUBLISH, more on a loaded machine). Callers of the batching engine
+    /// still wait at most `notify_timeout_ms` for the outcome.
+    pub notify_timeout_per_notification_us: u64,
+    /// Bound on a notification pipeline sent in the background, in
+    /// milliseconds, plus `notify_timeout_per_notification_us` per
+    /// notification: the batching engine's merged pipelines (whose callers
+    /// stop waiting at `notify_timeout_ms`) and the high-volume mode's. It
+    /// covers the notifier making a connection first (the Redis notifier's
+    /// `connect_timeout_ms`). Default: 2,000.
+    pub pipeline_timeout_ms: u64,
     /// Settings of the high-volume mode.
     pub high_volume: HighVolumeConfig,
 }
 
 impl Default for PublisherConfig {
     fn default() -> Self {
-        Self { mode: Mode::Dual, notify_timeout_ms: 250, high_volume: HighVolumeConfig::default() }
+        Self {
+            mode: Mode::Dual,
+            notify_timeout_ms: 250,
+            notify_timeout_per_notification_us: 20,
+            pipeline_timeout_ms: 2_000,
+            high_volume: HighVolumeConfig::default(),
+        }
     }
 }
 
 impl PublisherConfig {
-    pub(crate) fn notify_timeout(&self) -> Duration {
-        Duration::from_millis(self.notify_timeout_ms)
+    /// The bound of one notifier call a caller waits for, carrying `count`
+    /// notifications.
+    pub(crate) fn notify_bound(&self, count: usize) -> Duration {
+        Duration::from_millis(self.notify_timeout_ms) + self.per_notification(count)
+    }
+
+    /// The bound of one background pipeline of `count` notifications.
+    pub(crate) fn pipeline_bound(&self, count: usize) -> Duration {
+        Duration::from_millis(self.pipeline_timeout_ms) + self.per_notification(count)
+    }
+
+    fn per_notification(&self, count: usize) -> Duration {
+        Duration::from_micros(self.notify_timeout_per_notification_us.saturating_mul(count as u64))
     }
 
     /// Check every field.
@@ -65,6 +95,15 @@ impl PublisherConfig {
         let invalid = |field, reason: &str| Err(BuildError::Invalid { field, reason: reason.to_owned() });
         if !(1..=60_000).contains(&self.notify_timeout_ms) {
             return invalid("notify_timeout_ms", &format!("{} is outside 1..=60000", self.notify_timeout_ms));
+        }
+        if !(1..=600_000).contains(&self.pipeline_timeout_ms) {
+            return invalid("pipeline_timeout_ms", &format!("{} is outside 1..=600000", self.pipeline_timeout_ms));
+        }
+        if self.notify_timeout_per_notification_us > 10_000 {
+            return invalid(
+                "notify_timeout_per_notification_us",
+                &format!("{} is outside 0..=10000", self.notify_timeout_per_notification_us),
+            );
         }
         if !(1..=16_777_216).contains(&self.high_volume.queue_capacity) {
             return invalid("high_volume.queue_capacity", &format!("{} is outside 1..=16777216", self.high_volume.queue_capacity));

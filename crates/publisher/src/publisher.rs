@@ -17,7 +17,9 @@ use crate::metric_names as m;
 pub enum NotificationOutcome {
     /// The notifier accepted it.
     Sent,
-    /// Handed to the high-volume queue; sent in the background.
+    /// Handed to the high-volume queue, or still in a pipeline the batching
+    /// engine stopped waiting for at the notify bound: sent in the
+    /// background, delivery not confirmed.
     Queued,
     /// Not sent: the notifier's breaker was open, or the high-volume queue
     /// was full.
@@ -153,7 +155,7 @@ impl DualPublisherBuilder {
                     rx,
                     notifier.clone(),
                     stop.clone(),
-                    self.config.notify_timeout(),
+                    self.config.clone(),
                     self.config.high_volume.max_batch,
                 ));
                 Some(HighVolume { tx, stop, worker: Mutex::new(Some(worker)) })
@@ -212,7 +214,7 @@ async fn drain_notifications(
     mut rx: mpsc::Receiver<Notification>,
     notifier: Arc<dyn RealtimeNotifier>,
     stop: Arc<Notify>,
-    bound: Duration,
+    config: PublisherConfig,
     max_batch: usize,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
@@ -224,13 +226,13 @@ async fn drain_notifications(
         if stopping {
             rx.close();
             while rx.recv_many(&mut batch, max_batch).await > 0 {
-                notify_bounded(&*notifier, &batch, bound).await;
+                notify_bounded(&*notifier, &batch, config.pipeline_bound(batch.len())).await;
                 batch.clear();
             }
             return;
         }
         metrics::gauge!(m::NOTIFY_QUEUE_DEPTH).set(rx.len() as f64);
-        notify_bounded(&*notifier, &batch, bound).await;
+        notify_bounded(&*notifier, &batch, config.pipeline_bound(batch.len())).await;
         batch.clear();
     }
 }
@@ -251,7 +253,13 @@ impl DualPublisher {
         self.inner.config.mode
     }
 
-    async fn send_notifications(&self, batch: Vec<Notification>) -> NotificationOutcome {
+    /// Send (or queue) notifications; a call that waits is bounded by
+    /// `bound(config, count)`.
+    async fn send_notifications(
+        &self,
+        batch: Vec<Notification>,
+        bound: fn(&PublisherConfig, usize) -> Duration,
+    ) -> NotificationOutcome {
         if batch.is_empty() {
             return NotificationOutcome::Disabled;
         }
@@ -268,7 +276,7 @@ impl DualPublisher {
             return if full == 0 { NotificationOutcome::Queued } else { NotificationOutcome::Skipped };
         }
         match &self.inner.notifier {
-            Some(n) => notify_bounded(&**n, &batch, self.inner.config.notify_timeout()).await,
+            Some(n) => notify_bounded(&**n, &batch, bound(&self.inner.config, batch.len())).await,
             None => NotificationOutcome::Disabled,
         }
     }
@@ -284,7 +292,7 @@ impl DualPublisher {
             let event_id = event.id();
             let Some(durable) = &self.inner.durable else {
                 let n = Notification::for_event(&event, None);
-                let notification = self.send_notifications(vec![n]).await;
+                let notification = self.send_notifications(vec![n], PublisherConfig::notify_bound).await;
                 return Ok(Receipt { event_id, position: None, notification });
             };
             let n = self.inner.notifier.is_some().then(|| Notification::for_event(&event, None));
@@ -302,7 +310,7 @@ impl DualPublisher {
             let notification = match n {
                 Some(n) => {
                     let n = Notification { position: Some(position.clone()), ..n };
-                    self.send_notifications(vec![n]).await
+                    self.send_notifications(vec![n], PublisherConfig::notify_bound).await
                 }
                 None => NotificationOutcome::Disabled,
             };
@@ -359,11 +367,13 @@ impl DualPublisher {
         PendingStore { ids, acks, notify, started }
     }
 
-    /// Send notifications (bounded in time, as always) and say what became
-    /// of them. The batching engine merges the notifications of several
-    /// stored batches into one call.
+    /// Send notifications as a background pipeline and say what became of
+    /// them, bounded by [`PublisherConfig::pipeline_timeout_ms`] (plus the
+    /// per-notification allowance). The batching engine merges the
+    /// notifications of several stored batches into one call; its callers
+    /// stop waiting at `notify_timeout_ms`.
     pub async fn notify(&self, notifications: Vec<Notification>) -> NotificationOutcome {
-        self.send_notifications(notifications).await
+        self.send_notifications(notifications, PublisherConfig::pipeline_bound).await
     }
 
     /// The second half of [`publish_batch`](Self::publish_batch): send the
@@ -371,7 +381,7 @@ impl DualPublisher {
     /// input order.
     pub async fn notify_stored(&self, mut batch: StoredBatch) -> Vec<Result<Receipt, PublishError>> {
         let notifications = batch.take_notifications();
-        let outcome = self.send_notifications(notifications).await;
+        let outcome = self.send_notifications(notifications, PublisherConfig::notify_bound).await;
         batch.finish(outcome)
     }
 

@@ -102,13 +102,18 @@ async fn a_hung_notifier_delays_a_publish_by_the_bound_only() {
     let p = DualPublisher::builder()
         .durable(Arc::new(durable))
         .notifier(Arc::new(Hung))
-        .config(PublisherConfig { notify_timeout_ms: 120, ..PublisherConfig::default() })
+        .config(PublisherConfig {
+            notify_timeout_ms: 120,
+            notify_timeout_per_notification_us: 2_000,
+            ..PublisherConfig::default()
+        })
         .build()
         .expect("valid");
     let start = tokio::time::Instant::now();
     let r = p.publish(event("a")).await.expect("published");
     assert_eq!(r.notification, NotificationOutcome::Failed);
-    assert_eq!(start.elapsed(), Duration::from_millis(120), "exactly the bound on the (paused) clock");
+    // 120 ms plus 2 ms for the one notification the call carries.
+    assert_eq!(start.elapsed(), Duration::from_millis(122), "exactly the bound on the (paused) clock");
 }
 
 #[tokio::test]

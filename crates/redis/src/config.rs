@@ -32,9 +32,20 @@ impl Default for BreakerConfig {
 pub struct RedisNotifierConfig {
     /// Redis URL. Default: `redis://127.0.0.1:6379`.
     pub url: String,
-    /// Bound on every call (connect, PUBLISH, pipeline), in milliseconds.
-    /// Default: 200.
+    /// Bound on every call (sending a pipeline or a PUBLISH and its answer),
+    /// in milliseconds; waiting for a connection being made is bounded by
+    /// `connect_timeout_ms` instead. Default: 200.
     pub timeout_ms: u64,
+    /// Added to a pipeline's bound per notification it carries, in
+    /// microseconds: Redis takes a few microseconds per PUBLISH (more on a
+    /// loaded machine, and with pattern subscribers), so a large
+    /// pipeline is not failed (and the breaker not opened) for its size
+    /// alone. Default: 20.
+    pub timeout_per_notification_us: u64,
+    /// Bound on making a connection (TCP and the Redis handshake, a few
+    /// round trips), in milliseconds. A connection is made in a task of its
+    /// own, so a call that gives up does not cancel it. Default: 1,000.
+    pub connect_timeout_ms: u64,
     /// Channel prefix. Default: `events`.
     pub channel_prefix: String,
     /// Also publish every notification to the aggregate channel of its
@@ -52,6 +63,8 @@ impl Default for RedisNotifierConfig {
         Self {
             url: "redis://127.0.0.1:6379".to_owned(),
             timeout_ms: 200,
+            timeout_per_notification_us: 20,
+            connect_timeout_ms: 1_000,
             channel_prefix: "events".to_owned(),
             aggregate_channels: false,
             warn_interval_ms: 5_000,
@@ -95,6 +108,8 @@ impl RedisNotifierConfig {
             .into_connection_info()
             .map_err(|e| ConfigError::Invalid { field: "url", reason: e.to_string() })?;
         range("timeout_ms", self.timeout_ms, 1, 60_000)?;
+        range("timeout_per_notification_us", self.timeout_per_notification_us, 0, 10_000)?;
+        range("connect_timeout_ms", self.connect_timeout_ms, 1, 60_000)?;
         range("warn_interval_ms", self.warn_interval_ms, 0, 3_600_000)?;
         range("breaker.failure_threshold", self.breaker.failure_threshold.into(), 1, 1_000_000)?;
         range("breaker.open_min_ms", self.breaker.open_min_ms, 1, 3_600_000)?;

@@ -35,9 +35,13 @@ pub struct RedisNotifier {
 struct Inner {
     config: RedisNotifierConfig,
     pool: Pool,
-    /// One multiplexed connection shared by all calls; replaced after an
-    /// error. The pool creates it (with its timeouts).
+    /// One multiplexed connection shared by all calls; replaced after a
+    /// connection error (or when the breaker opens). The pool creates it
+    /// (with its timeouts).
     conn: Mutex<Option<MultiplexedConnection>>,
+    /// The connection being made, if any: every caller waits for the same
+    /// attempt, which runs in a task of its own.
+    connecting: Mutex<Option<Connecting>>,
     namer: ChannelNamer,
     breaker: Mutex<Breaker>,
     published: AtomicU64,
@@ -61,6 +65,8 @@ impl std::fmt::Debug for RedisNotifier {
     }
 }
 
+type Connecting = futures::future::Shared<futures::future::BoxFuture<'static, Result<MultiplexedConnection, String>>>;
+
 /// Connections the pool may hold for [`RedisNotifier::pool`] users. The
 /// notifier itself uses one multiplexed connection, taken out of the pool.
 const POOL_MAX_SIZE: usize = 4;
@@ -76,10 +82,11 @@ impl RedisNotifier {
     pub fn new(config: RedisNotifierConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         let timeout = config.timeout();
+        let connect = Duration::from_millis(config.connect_timeout_ms);
         let mut pool_config = deadpool_redis::Config::from_url(config.url.clone());
         pool_config.pool = Some(PoolConfig {
             max_size: POOL_MAX_SIZE,
-            timeouts: Timeouts { wait: Some(timeout), create: Some(timeout), recycle: Some(timeout) },
+            timeouts: Timeouts { wait: Some(connect), create: Some(connect), recycle: Some(connect) },
             ..PoolConfig::default()
         });
         let pool = pool_config
@@ -93,6 +100,7 @@ impl RedisNotifier {
                 config,
                 pool,
                 conn: Mutex::new(None),
+                connecting: Mutex::new(None),
                 namer,
                 breaker: Mutex::new(breaker),
                 published: AtomicU64::new(0),
@@ -132,13 +140,38 @@ impl RedisNotifier {
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection, NotifyError> {
+        use futures::FutureExt;
         if let Some(c) = lock(&self.inner.conn).as_ref() {
             return Ok(c.clone());
         }
-        let pooled = self.inner.pool.get().await.map_err(|e| NotifyError::Connection(e.to_string()))?;
-        let conn = deadpool_redis::Connection::take(pooled);
-        *lock(&self.inner.conn) = Some(conn.clone());
-        Ok(conn)
+        let attempt = {
+            let mut slot = lock(&self.inner.connecting);
+            match slot.as_ref() {
+                Some(a) => a.clone(),
+                None => {
+                    // In a task of its own, bounded by connect_timeout_ms:
+                    // a caller's shorter timeout must not cancel it, or a
+                    // far-away Redis could never be reconnected.
+                    let inner = self.inner.clone();
+                    let task = tokio::spawn(async move {
+                        let made = match inner.pool.get().await {
+                            Ok(pooled) => {
+                                let conn = deadpool_redis::Connection::take(pooled);
+                                *lock(&inner.conn) = Some(conn.clone());
+                                Ok(conn)
+                            }
+                            Err(e) => Err(e.to_string()),
+                        };
+                        *lock(&inner.connecting) = None;
+                        made
+                    });
+                    let attempt = async move { task.await.unwrap_or_else(|e| Err(e.to_string())) }.boxed().shared();
+                    *slot = Some(attempt.clone());
+                    attempt
+                }
+            }
+        };
+        attempt.await.map_err(NotifyError::Connection)
     }
 
     fn pipeline(&self, notifications: &[Notification]) -> Pipeline {
@@ -161,9 +194,17 @@ impl RedisNotifier {
         pipe
     }
 
-    async fn send(&self, pipe: &Pipeline) -> Result<(), NotifyError> {
-        let mut conn = self.connection().await?;
-        pipe.query_async::<()>(&mut conn).await.map_err(|e| NotifyError::Connection(e.to_string()))
+    /// Send a pipeline on `conn`, under the call's bound: the round trip and
+    /// Redis's work, not the time spent building it.
+    async fn send(&self, mut conn: MultiplexedConnection, notifications: &[Notification]) -> Result<(), NotifyError> {
+        let pipe: Pipeline = self.pipeline(notifications);
+        let timeout = self.inner.config.timeout()
+            + Duration::from_micros(self.inner.config.timeout_per_notification_us.saturating_mul(notifications.len() as u64));
+        let call = async { pipe.query_async::<()>(&mut conn).await.map_err(|e| NotifyError::Connection(e.to_string())) };
+        match tokio::time::timeout(timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(NotifyError::Timeout { after: timeout }),
+        }
     }
 
     fn warn_rate_limited(&self, skipped: u64, failed: u64, cause: &dyn std::fmt::Display) {
@@ -206,11 +247,12 @@ impl RealtimeNotifier for RedisNotifier {
                 return Err(NotifyError::CircuitOpen);
             }
         };
-        let pipe = self.pipeline(notifications);
-        let timeout = self.inner.config.timeout();
-        let outcome = match tokio::time::timeout(timeout, self.send(&pipe)).await {
-            Ok(r) => r,
-            Err(_) => Err(NotifyError::Timeout { after: timeout }),
+        // Waiting for a connection being made is bounded by
+        // connect_timeout_ms, apart from the call's own bound: a far-away
+        // Redis takes several round trips to connect.
+        let outcome = match self.connection().await {
+            Ok(conn) => self.send(conn, notifications).await,
+            Err(e) => Err(e),
         };
         match outcome {
             Ok(()) => {
@@ -221,10 +263,16 @@ impl RealtimeNotifier for RedisNotifier {
                 Ok(())
             }
             Err(e) => {
-                // Drop the shared connection: the next call makes a new one.
-                lock(&self.inner.conn).take();
                 self.inner.failed.fetch_add(count, Ordering::Relaxed);
-                if lock(&self.inner.breaker).on_failure(ticket, Instant::now()) {
+                let opened = lock(&self.inner.breaker).on_failure(ticket, Instant::now());
+                // A connection error drops the shared connection, and so
+                // does the breaker opening (the probe then reconnects); a
+                // slow answer alone keeps it, since the other calls on it
+                // may be fine.
+                if opened || !matches!(e, NotifyError::Timeout { .. }) {
+                    lock(&self.inner.conn).take();
+                }
+                if opened {
                     tracing::warn!(error = %e, "redis failing: circuit breaker open, skipping notifications");
                 }
                 self.warn_rate_limited(0, count, &e);

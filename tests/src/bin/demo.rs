@@ -7,6 +7,9 @@
 //! shows notifications resume; then reads the topic back from Kafka and checks
 //! every event is there exactly once. Exits 0 only if every check held.
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,0 +1,131 @@
+//! A TCP proxy that delays every byte by a fixed time in each direction, for
+//! slow-Redis tests and benchmarks: a far-away or overloaded Redis, without
+//! touching the shared one.
+//!
+//! Each direction of each connection is a reader that stamps what it reads
+//! and a writer that forwards each chunk once its stamp is `delay` old, so
+//! the delay adds latency but no bandwidth limit, and order is kept.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// A running delay proxy. Stops (closing every connection) on drop.
+#[derive(Debug)]
+pub struct DelayProxy {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+    connections: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl DelayProxy {
+    /// Listen on a free loopback port and forward to `upstream`, delaying
+    /// each direction by `delay`. Binds before returning, so no other
+    /// process can take the port in between.
+    pub async fn start(upstream: SocketAddr, delay: Duration) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let connections: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let conns = connections.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(upstream).await else { continue };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                let mut c = conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                c.push(tokio::spawn(pipe(cr, sw, delay)));
+                c.push(tokio::spawn(pipe(sr, cw, delay)));
+            }
+        });
+        Ok(Self { addr, task, connections })
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A `redis://` URL through the proxy.
+    pub fn redis_url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        for c in self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain(..) {
+            c.abort();
+        }
+    }
+}
+
+async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, delay: Duration) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((at, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(at + delay).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The proxy adds its delay each way and keeps the bytes in order.
+    #[tokio::test]
+    async fn delays_each_direction_and_keeps_order() {
+        let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let upstream = echo.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut s, _) = echo.accept().await.expect("accept");
+            let mut buf = [0u8; 1024];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => s.write_all(&buf[..n]).await.expect("echo"),
+                }
+            }
+        });
+        let proxy = DelayProxy::start(upstream, Duration::from_millis(40)).await.expect("proxy");
+        let mut c = TcpStream::connect(proxy.addr()).await.expect("connect");
+        let started = std::time::Instant::now();
+        for i in 0..10u8 {
+            c.write_all(&[i]).await.expect("write");
+        }
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            let mut buf = [0u8; 16];
+            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.expect("in time").expect("read");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let rtt = started.elapsed();
+        assert_eq!(got, (0..10).collect::<Vec<u8>>());
+        assert!(rtt >= Duration::from_millis(80), "two delays of 40 ms: {rtt:?}");
+    }
+}
