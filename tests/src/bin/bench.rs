@@ -99,9 +99,9 @@ async fn raw_send(p: &FutureProducer, topic: &str, e: &Event) -> Result<(), Stri
     p.send(raw_record(topic, e, &mut scratch), Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e.to_string())
 }
 
-/// Raw baseline: every record handed to the producer, then all acks awaited.
-async fn raw_burst(p: &FutureProducer, topic: &str, evs: &[Event]) -> f64 {
-    let started = Instant::now();
+/// Hand every record to the producer, waiting 1 ms whenever its queue is
+/// full, as a hand-written producer loop does; the delivery futures.
+async fn enqueue_all(p: &FutureProducer, topic: &str, evs: &[Event]) -> Vec<rdkafka::producer::DeliveryFuture> {
     let mut futures = Vec::with_capacity(evs.len());
     for e in evs {
         let mut scratch = HeaderScratch::default();
@@ -119,7 +119,13 @@ async fn raw_burst(p: &FutureProducer, topic: &str, evs: &[Event]) -> f64 {
             }
         }
     }
-    for f in futures {
+    futures
+}
+
+/// Raw baseline: every record handed to the producer, then all acks awaited.
+async fn raw_burst(p: &FutureProducer, topic: &str, evs: &[Event]) -> f64 {
+    let started = Instant::now();
+    for f in enqueue_all(p, topic, evs).await {
         f.await.expect("delivery").expect("acked");
     }
     evs.len() as f64 / started.elapsed().as_secs_f64()
@@ -183,23 +189,7 @@ async fn hand_written_dual(p: &FutureProducer, conn: &redis::aio::MultiplexedCon
     const PIPELINE: usize = 512;
     let names = ChannelNamer::default();
     let started = Instant::now();
-    let mut acks = Vec::with_capacity(evs.len());
-    for e in evs {
-        let mut scratch = HeaderScratch::default();
-        let mut rec = raw_record(topic, e, &mut scratch);
-        loop {
-            match p.send_result(rec) {
-                Ok(f) => {
-                    acks.push(f);
-                    break;
-                }
-                Err((_, back)) => {
-                    rec = back;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-        }
-    }
+    let acks = enqueue_all(p, topic, evs).await;
     let topic: Arc<str> = topic.into();
     let mut in_flight: std::collections::VecDeque<tokio::task::JoinHandle<()>> = Default::default();
     let mut pipe = redis::pipe();
