@@ -36,6 +36,11 @@ pub struct BatchConfig {
     /// started, as the Redis notifier's one multiplexed connection does.
     /// Default: 2.
     pub notify_pipelines: usize,
+    /// Batches a lane hands to the durable sink before the first of them is
+    /// acknowledged. While all are out, the lane keeps collecting, so under
+    /// load batches grow rather than multiply; at low load a batch goes at
+    /// once. Default: 2.
+    pub max_in_flight_batches: usize,
 }
 
 impl Default for BatchConfig {
@@ -49,6 +54,7 @@ impl Default for BatchConfig {
             submit_timeout_ms: 5_000,
             lanes: 4,
             notify_pipelines: 2,
+            max_in_flight_batches: 2,
         }
     }
 }
@@ -96,6 +102,7 @@ impl BatchConfig {
         range("submit_timeout_ms", self.submit_timeout_ms, 0, 3_600_000)?;
         range("lanes", self.lanes as u64, 1, 1_024)?;
         range("notify_pipelines", self.notify_pipelines as u64, 1, 64)?;
+        range("max_in_flight_batches", self.max_in_flight_batches as u64, 1, 64)?;
         Ok(())
     }
 }

@@ -458,6 +458,8 @@ struct InFlight {
     pending: PendingStore,
     waiters: Vec<Waiter>,
     held: Held,
+    /// The lane's in-flight slot, given back with the queue share.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// A stored batch on its way to the notification stage.
@@ -483,6 +485,8 @@ async fn lane(
 ) {
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<InFlight>();
     let acks = tokio::spawn(ack_stage(ack_rx, notify, publisher.clone(), budget));
+    // Batches of this lane handed over and not yet acknowledged.
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight_batches));
     let mut events: Vec<Event> = Vec::with_capacity(config.max_batch_events.min(1024));
     let mut waiters: Vec<Waiter> = Vec::new();
     let mut held = Held::none();
@@ -541,7 +545,27 @@ async fn lane(
                 }
             }
         }
-        if !hand_over(&publisher, &mut events, &mut waiters, &mut held, &ack_tx).await {
+        // Wait for an in-flight slot, collecting meanwhile: under load a
+        // lane's batches grow instead of multiplying, and at low load a
+        // batch goes at once.
+        let slot = loop {
+            if let Ok(p) = slots.clone().try_acquire_owned() {
+                break Some(p);
+            }
+            let full = events.len() >= config.max_batch_events || bytes >= config.max_batch_bytes;
+            tokio::select! {
+                p = slots.clone().acquire_owned() => break p.ok(),
+                m = rx.recv(), if !full && !stopping => match m {
+                    Some(msg) => {
+                        if !add(msg, &mut events, &mut waiters, &mut held, &mut bytes) {
+                            stopping = true;
+                        }
+                    }
+                    None => stopping = true,
+                },
+            }
+        };
+        if !hand_over(&publisher, &mut events, &mut waiters, &mut held, slot, &ack_tx).await {
             tracing::error!("batch ack stage is gone; the lane stops");
             return;
         }
@@ -552,12 +576,12 @@ async fn lane(
     while let Some(msg) = rx.recv().await {
         add(msg, &mut events, &mut waiters, &mut held, &mut bytes);
         if events.len() >= config.max_batch_events
-            && !hand_over(&publisher, &mut events, &mut waiters, &mut held, &ack_tx).await
+            && !hand_over(&publisher, &mut events, &mut waiters, &mut held, None, &ack_tx).await
         {
             return;
         }
     }
-    let _ = hand_over(&publisher, &mut events, &mut waiters, &mut held, &ack_tx).await;
+    let _ = hand_over(&publisher, &mut events, &mut waiters, &mut held, None, &ack_tx).await;
     drop(ack_tx);
     if let Err(e) = acks.await {
         tracing::error!(error = %e, "batch ack stage ended abnormally");
@@ -570,14 +594,22 @@ async fn hand_over(
     events: &mut Vec<Event>,
     waiters: &mut Vec<Waiter>,
     held: &mut Held,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
     next: &mpsc::UnboundedSender<InFlight>,
 ) -> bool {
     if events.is_empty() {
         return true;
     }
-    let batch = std::mem::replace(events, Vec::with_capacity(events.capacity().min(1024)));
+    // Exactly sized: the batch lives until its acknowledgements, and the
+    // lane's buffers keep their capacity for the next one.
+    let batch: Vec<Event> = events.drain(..).collect();
     let pending = publisher.enqueue_batch(batch).await;
-    let item = InFlight { pending, waiters: std::mem::take(waiters), held: std::mem::replace(held, Held::none()) };
+    let item = InFlight {
+        pending,
+        waiters: waiters.drain(..).collect(),
+        held: std::mem::replace(held, Held::none()),
+        _slot: slot,
+    };
     // If the ack stage died (it panicked), dropping the item resolves its
     // callers with WorkerGone and gives the queue share back; the lane ends
     // too, so its sources are refused (LaneDead) from then on.
@@ -593,9 +625,9 @@ async fn ack_stage(
     publisher: DualPublisher,
     budget: Arc<Budget>,
 ) {
-    while let Some(InFlight { pending, waiters, held }) = rx.recv().await {
+    while let Some(InFlight { pending, waiters, held, _slot }) = rx.recv().await {
         let mut batch = pending.stored().await;
-        drop(held);
+        drop((held, _slot));
         metrics::gauge!(QUEUE_DEPTH).set(budget.used().0 as f64);
         match &notify {
             Some(tx) => {
