@@ -39,7 +39,9 @@ pub struct BatchConfig {
     /// Batches a lane hands to the durable sink before the first of them is
     /// acknowledged. While all are out, the lane keeps collecting, so under
     /// load batches grow rather than multiply; at low load a batch goes at
-    /// once. Default: 2.
+    /// once. Each batch waits for the producer's linger before its
+    /// acknowledgement, so too few slots would add that wait to the next
+    /// batch. Default: 16.
     pub max_in_flight_batches: usize,
 }
 
@@ -54,7 +56,7 @@ impl Default for BatchConfig {
             submit_timeout_ms: 5_000,
             lanes: 4,
             notify_pipelines: 2,
-            max_in_flight_batches: 2,
+            max_in_flight_batches: 16,
         }
     }
 }

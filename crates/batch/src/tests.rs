@@ -612,3 +612,67 @@ async fn no_caller_waits_longer_than_the_notify_bound() {
     wait_until("the second batch's notification went out", || notifier.calls.lock().expect("lock").len() == 2).await;
     engine.shutdown().await;
 }
+
+/// Hands each batch over at once and acknowledges it only when the test
+/// says so.
+struct TwoPhaseSink {
+    handed: Mutex<Vec<usize>>,
+    acks: Arc<Semaphore>,
+}
+
+impl Default for TwoPhaseSink {
+    fn default() -> Self {
+        Self { handed: Mutex::new(Vec::new()), acks: Arc::new(Semaphore::new(0)) }
+    }
+}
+
+#[async_trait]
+impl DurableSink for TwoPhaseSink {
+    async fn publish(&self, event: Event) -> Result<Position, DeliveryError> {
+        self.enqueue_batch(vec![event]).await.await.pop().expect("one result")
+    }
+    async fn enqueue_batch(&self, events: Vec<Event>) -> dualstream_core::PendingAcks {
+        self.handed.lock().expect("lock").push(events.len());
+        let acks = self.acks.clone();
+        Box::pin(async move {
+            acks.acquire().await.expect("acks").forget();
+            events.iter().map(|_| Ok(Position::new("t", 0, 0))).collect()
+        })
+    }
+    async fn health_check(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// A lane hands its next batch to the sink while the previous one is not
+/// acknowledged yet, up to `max_in_flight_batches`; past that it collects,
+/// so the batch that follows holds everything that came meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_overlaps_its_batches_up_to_the_in_flight_bound() {
+    let sink = Arc::new(TwoPhaseSink::default());
+    let publisher = DualPublisher::builder().durable(sink.clone()).mode(Mode::DurableOnly).build().expect("publisher");
+    let engine = BatchEngine::new(publisher, BatchConfig { lanes: 1, max_in_flight_batches: 2, ..BatchConfig::default() })
+        .expect("engine");
+    let mut calls = Vec::new();
+    for i in 0..2 {
+        let engine = engine.clone();
+        calls.push(tokio::spawn(async move { engine.submit(event("a", &i.to_string())).await }));
+        wait_until("the batch is handed over", || sink.handed.lock().expect("lock").len() == i + 1).await;
+    }
+    // Two batches out, none acknowledged: the next events wait in the lane.
+    for i in 2..10 {
+        let engine = engine.clone();
+        calls.push(tokio::spawn(async move { engine.submit(event("a", &i.to_string())).await }));
+    }
+    wait_until("the events are accepted", || engine.queued() == 10).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(*sink.handed.lock().expect("lock"), vec![1, 1], "no third batch while two are out");
+    sink.acks.add_permits(1);
+    wait_until("the third batch is handed over", || sink.handed.lock().expect("lock").len() == 3).await;
+    assert_eq!(*sink.handed.lock().expect("lock"), vec![1, 1, 8], "the third batch holds what came meanwhile");
+    sink.acks.add_permits(10);
+    for c in calls {
+        c.await.expect("task").expect("stored");
+    }
+    engine.shutdown().await;
+}
