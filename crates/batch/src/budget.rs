@@ -73,14 +73,25 @@ impl Budget {
             if woke.is_err() {
                 return self.try_take(events, bytes);
             }
+            // Woken by a release: take the room, then pass the wake-up on,
+            // since what was given back may fit the next waiter too. One
+            // waiter at a time, not all of them per release.
+            if let Some(h) = self.try_take(events, bytes) {
+                self.wake_one();
+                return Some(h);
+            }
+        }
+    }
+
+    fn wake_one(&self) {
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.freed.notify_one();
         }
     }
 
     fn release(&self, events: u64, bytes: u64) {
         self.used.fetch_sub(pack(events, bytes), Ordering::AcqRel);
-        if self.waiting.load(Ordering::Acquire) > 0 {
-            self.freed.notify_waiters();
-        }
+        self.wake_one();
     }
 }
 
@@ -183,6 +194,27 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         drop(first);
         assert!(tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").expect("task"));
+    }
+
+    /// Waiters are woken one at a time, each passing the wake-up on once it
+    /// took its room: one release that frees room for many lets them all in.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_release_lets_in_every_waiter_that_fits() {
+        let b = Arc::new(Budget::new(10, 1000));
+        let all = b.try_take(10, 10).expect("room");
+        let waiters: Vec<_> = (0..10)
+            .map(|_| {
+                let b = b.clone();
+                tokio::spawn(async move { b.take(1, 1, Duration::from_secs(10)).await.map(std::mem::forget).is_some() })
+            })
+            .collect();
+        while b.waiting.load(Ordering::Acquire) < 10 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        drop(all);
+        for w in waiters {
+            assert!(tokio::time::timeout(Duration::from_secs(5), w).await.expect("woken").expect("task"));
+        }
     }
 
     #[tokio::test(start_paused = true)]
