@@ -256,30 +256,43 @@ async fn measured<F: std::future::Future<Output = f64>>(pids: &Pids, n: usize, f
     (rate, CpuSnap::take(pids).per_event_since(&before, n))
 }
 
+/// One raw-rdkafka round on a fresh topic: events/s and CPU per event.
+async fn raw_round(brokers: &str, pids: &Pids, n: usize, size: usize) -> (f64, CpuPerEvent) {
+    let topic = unique_topic("bench-raw");
+    create_topic(brokers, &topic, 3).await;
+    let producer = raw_producer(brokers, &topic).await;
+    let evs = events(n, size);
+    measured(pids, n, raw_burst(&producer, &topic, evs)).await
+}
+
+/// One `submit_many` round through `engine`, which is shut down after:
+/// events/s, CPU per event and errors.
+async fn submit_many_round(engine: &BatchEngine, pids: &Pids, n: usize, size: usize) -> (f64, CpuPerEvent, usize) {
+    let evs = events(n, size);
+    let mut errors = 0;
+    let (rate, cpu) = measured(pids, n, async {
+        let (rate, e) = through_submit_many(engine, evs).await;
+        errors = e;
+        rate
+    })
+    .await;
+    engine.shutdown().await;
+    (rate, cpu, errors)
+}
+
 async fn durable_throughput(brokers: &str, p: &Profile, pids: &Pids, rows: &mut Vec<Row>) {
     for size in [150, 1024] {
         let n = p.throughput_events;
         let (mut raw, mut ours, mut per_event, mut errors) = (Best::default(), Best::default(), Best::default(), 0);
         for _ in 0..ROUNDS {
-            let topic = unique_topic("bench-dur-raw");
-            create_topic(brokers, &topic, 3).await;
-            let producer = raw_producer(brokers, &topic).await;
-            let evs = events(n, size);
-            let (rate, cpu) = measured(pids, n, raw_burst(&producer, &topic, evs)).await;
+            let (rate, cpu) = raw_round(brokers, pids, n, size).await;
             raw.keep(rate, cpu);
-            drop(producer);
 
             let topic = unique_topic("bench-dur-ours");
             create_topic(brokers, &topic, 3).await;
             let engine = durable_engine(brokers, &topic).await;
-            let evs = events(n, size);
-            let (rate, cpu) = measured(pids, n, async {
-                let (rate, e) = through_submit_many(&engine, evs).await;
-                errors += e;
-                rate
-            })
-            .await;
-            engine.shutdown().await;
+            let (rate, cpu, e) = submit_many_round(&engine, pids, n, size).await;
+            errors += e;
             ours.keep(rate, cpu);
 
             // Diagnostic: the per-event path (one `submit` per event).
@@ -336,22 +349,12 @@ async fn dual_throughput(brokers: &str, redis_url: &str, p: &Profile, pids: &Pid
             let topic = unique_topic("bench-dual-ours");
             create_topic(brokers, &topic, 3).await;
             let (engine, _) = default_dual_engine(brokers, &topic, redis_url).await;
-            let evs = events(n, size);
-            let (rate, cpu) = measured(pids, n, async {
-                let (rate, e) = through_submit_many(&engine, evs).await;
-                errors += e;
-                rate
-            })
-            .await;
-            engine.shutdown().await;
+            let (rate, cpu, e) = submit_many_round(&engine, pids, n, size).await;
+            errors += e;
             ours.keep(rate, cpu);
 
             // Information: raw rdkafka alone, no notifications.
-            let topic = unique_topic("bench-dual-raw");
-            create_topic(brokers, &topic, 3).await;
-            let producer = raw_producer(brokers, &topic).await;
-            let evs = events(n, size);
-            let (rate, cpu) = measured(pids, n, raw_burst(&producer, &topic, evs)).await;
+            let (rate, cpu) = raw_round(brokers, pids, n, size).await;
             raw_only.keep(rate, cpu);
         }
         let ratio = ours.rate / hand.rate;
