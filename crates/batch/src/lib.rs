@@ -1,22 +1,29 @@
 //! The batching engine of dualstream (PATTERN §4, §6).
 //!
-//! Callers [`submit`](BatchEngine::submit) single events and await their own
-//! result; lane workers group them by count, bytes and linger time and hand
-//! each group to [`DualPublisher::publish_batch`](dualstream_publisher::DualPublisher::publish_batch).
-//! The shape is tower's buffer: a handle, bounded queues, one oneshot per
-//! request.
+//! Callers [`submit`](BatchEngine::submit) single events, or
+//! [`submit_many`](BatchEngine::submit_many) a batch at hand, and await
+//! their own results; lane workers group what waits by count and bytes and
+//! hand each group to the durable sink
+//! ([`DualPublisher::enqueue_batch`](dualstream_publisher::DualPublisher::enqueue_batch)),
+//! without waiting for the previous group's acknowledgements (up to
+//! [`BatchConfig::max_in_flight_batches`] per lane). One notification stage
+//! merges the stored groups' notifications into pipelines.
 //!
 //! - **Bounded memory**: the queue is bounded in events and bytes (accepted
-//!   and not yet resolved). When full, `submit` waits up to
-//!   [`BatchConfig::submit_timeout_ms`], then fails with
-//!   [`BatchError::QueueFull`], handing the event back. Nothing is dropped
-//!   silently.
-//! - **Order**: each source maps to one lane and each lane has one batch in
-//!   flight, so events of one source are written in submission order while
-//!   up to [`BatchConfig::lanes`] batches are in flight.
+//!   and not yet acknowledged by the durable sink). When full, `submit`
+//!   waits up to [`BatchConfig::submit_timeout_ms`], then fails with
+//!   [`BatchError::QueueFull`], handing the event back. Notifications
+//!   waiting to be sent are bounded too. Nothing is dropped silently.
+//! - **Order**: each source maps to one lane; a lane hands its batches to
+//!   the sink in order (which keeps the order of a partition), and callers
+//!   are resolved and notifications sent in batch order.
+//! - **Bounded waits**: a caller waits at most the publisher's
+//!   `notify_timeout_ms` for its notification's outcome once its event is
+//!   stored; a slow Redis costs latency, not Kafka throughput.
 //! - **Shutdown**: [`BatchEngine::shutdown`] stops accepting, flushes every
 //!   accepted event and resolves every caller. A worker that dies resolves
-//!   its pending callers with [`BatchError::WorkerGone`].
+//!   its pending callers with [`BatchError::WorkerGone`]; its sources are
+//!   then refused with [`BatchError::LaneDead`].
 //!
 //! ```
 //! # use std::sync::Arc;

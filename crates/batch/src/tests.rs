@@ -337,6 +337,13 @@ fn dual_engine(sink: Arc<TestSink>, notifier: Arc<HeldNotifier>, config: BatchCo
     BatchEngine::new(publisher, config).expect("engine")
 }
 
+/// A dual engine whose notifier holds every call until `hold` gets permits.
+fn held_dual_engine(sink: Arc<TestSink>, config: BatchConfig) -> (BatchEngine, Arc<HeldNotifier>, Arc<Semaphore>) {
+    let hold = Arc::new(Semaphore::new(0));
+    let notifier = Arc::new(HeldNotifier { hold: Some(hold.clone()), ..HeldNotifier::default() });
+    (dual_engine(sink, notifier.clone(), config), notifier, hold)
+}
+
 type Submitted = tokio::task::JoinHandle<Result<dualstream_publisher::Receipt, BatchError>>;
 
 /// Submit one event of source "a" and wait until its notification call has
@@ -453,16 +460,13 @@ fn engine_with_bytes(sink: Arc<TestSink>, max_queued_bytes: usize) -> BatchEngin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_notifier_gets_merged_pipelines_and_holds_no_durable_capacity() {
     let sink = Arc::new(TestSink::default());
-    let hold = Arc::new(Semaphore::new(0));
-    let notifier = Arc::new(HeldNotifier { hold: Some(hold.clone()), ..HeldNotifier::default() });
-    let engine = dual_engine(
+    let (engine, notifier, hold) = held_dual_engine(
         sink.clone(),
-        notifier.clone(),
         BatchConfig { lanes: 1, notify_pipelines: 1, max_batch_events: 10, ..BatchConfig::default() },
     );
     // First batch: its notifications are held.
     let first = first_notification_held(&engine, &notifier, "0").await;
-    // Twenty more batches while Redis is "slow": all stored, queue share
+    // Twenty more batches of ten while Redis is "slow": all stored, queue share
     // given back at the durable ack, callers waiting for notifications.
     let rest = submit_in_stored_batches(&engine, &sink, 1..=200, 10).await;
     wait_until("every batch is stored", || sink.batches.lock().expect("lock").iter().flatten().count() == 201).await;
@@ -509,9 +513,7 @@ async fn several_pipelines_in_flight_start_and_resolve_in_batch_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_with_nothing_to_notify_does_not_resolve_ahead_of_earlier_batches() {
     let sink = Arc::new(TestSink::default());
-    let hold = Arc::new(Semaphore::new(0));
-    let notifier = Arc::new(HeldNotifier { hold: Some(hold.clone()), ..HeldNotifier::default() });
-    let engine = dual_engine(sink.clone(), notifier.clone(), BatchConfig { lanes: 1, ..BatchConfig::default() });
+    let (engine, notifier, hold) = held_dual_engine(sink.clone(), BatchConfig { lanes: 1, ..BatchConfig::default() });
     let first = first_notification_held(&engine, &notifier, "ok").await;
     // Every event of this batch fails: it has nothing to notify.
     let second = tokio::spawn({
@@ -529,12 +531,9 @@ async fn a_batch_with_nothing_to_notify_does_not_resolve_ahead_of_earlier_batche
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notification_backlog_over_its_bound_is_skipped_not_held() {
     let sink = Arc::new(TestSink::default());
-    let hold = Arc::new(Semaphore::new(0));
-    let notifier = Arc::new(HeldNotifier { hold: Some(hold.clone()), ..HeldNotifier::default() });
     // The backlog bound is max_queued_events (20 here).
-    let engine = dual_engine(
+    let (engine, notifier, hold) = held_dual_engine(
         sink.clone(),
-        notifier.clone(),
         BatchConfig { lanes: 1, notify_pipelines: 1, max_queued_events: 20, ..BatchConfig::default() },
     );
     let first = first_notification_held(&engine, &notifier, "0").await;
