@@ -10,7 +10,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::validate::{Limits, ValidationError};
+use crate::validate::{check_occurred_at, Limits, ValidationError};
 
 /// A unique, time-sortable event id: a UUIDv7 (millisecond timestamp first,
 /// monotonic within one process).
@@ -171,7 +171,8 @@ impl Event {
     pub fn source(&self) -> &Source {
         &self.source
     }
-    /// When the event happened.
+    /// When the event happened: from the Unix epoch to the end of year 9999
+    /// ([`MAX_OCCURRED_AT_MS`](crate::MAX_OCCURRED_AT_MS)).
     pub fn occurred_at(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(self.occurred_at_ms)
     }
@@ -200,12 +201,16 @@ impl Event {
     }
 
     /// Decode an event from its JSON form (see `docs/wire-format.md`),
-    /// validated against the default [`Limits`].
+    /// validated against the default [`Limits`]: for input that is to be
+    /// published. To read back what was published under other limits, use
+    /// [`from_json_with_limits`](Self::from_json_with_limits) with
+    /// [`Limits::lenient`].
     pub fn from_json(json: &[u8]) -> Result<Self, DecodeError> {
         Self::from_json_with_limits(json, &Limits::default())
     }
 
-    /// Decode an event from its JSON form, validated against `limits`.
+    /// Decode an event from its JSON form, validated against `limits`. The
+    /// occurrence time is always range-checked.
     pub fn from_json_with_limits(json: &[u8], limits: &Limits) -> Result<Self, DecodeError> {
         let repr: EventRepr = serde_json::from_slice(json).map_err(DecodeError::Json)?;
         repr.into_event(limits)
@@ -238,7 +243,8 @@ impl EventBuilder {
         self.id = Some(id);
         self
     }
-    /// When the event happened; default: now.
+    /// When the event happened; default: now. Must be from the Unix epoch
+    /// to the end of year 9999 ([`MAX_OCCURRED_AT_MS`](crate::MAX_OCCURRED_AT_MS)).
     pub fn occurred_at(mut self, at: SystemTime) -> Self {
         self.occurred_at = Some(at);
         self
@@ -264,11 +270,7 @@ impl EventBuilder {
         let limits = self.limits.unwrap_or_default();
         let occurred_at_ms = match self.occurred_at {
             None => now_ms(),
-            Some(t) => t
-                .duration_since(UNIX_EPOCH)
-                .ok()
-                .and_then(|d| u64::try_from(d.as_millis()).ok())
-                .ok_or(ValidationError::TimestampOutOfRange)?,
+            Some(t) => check_occurred_at("occurred_at", system_time_ms(t))?,
         };
         validate_parts(&limits, &self.event_type, &self.payload, &self.headers)?;
         Ok(Event {
@@ -294,6 +296,16 @@ fn validate_parts(
         return Err(ValidationError::TooManyHeaders { count: headers.len(), max: limits.max_headers });
     }
     headers.iter().try_for_each(|(k, v)| limits.check_header(k, v))
+}
+
+/// Milliseconds since the Unix epoch, negative before it (rounded away from
+/// the epoch, so that any instant before it is negative).
+fn system_time_ms(t: SystemTime) -> i128 {
+    let (ms, sign) = match t.duration_since(UNIX_EPOCH) {
+        Ok(after) => (after.as_millis(), 1),
+        Err(before) => (before.duration().as_nanos().div_ceil(1_000_000), -1),
+    };
+    sign * i128::try_from(ms).unwrap_or(i128::MAX)
 }
 
 fn now_ms() -> u64 {
@@ -335,7 +347,9 @@ struct EventRepr {
     event_type: Arc<str>,
     source_type: Arc<str>,
     source_id: Arc<str>,
-    occurred_at_ms: u64,
+    /// Wider than the event's `u64`, so that a negative or huge value is a
+    /// typed range error rather than a JSON shape error.
+    occurred_at_ms: i128,
     #[serde(with = "base64_bytes")]
     payload: Bytes,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -348,7 +362,7 @@ impl EventRepr {
             self.id,
             self.event_type,
             Source::with_limits(self.source_type, self.source_id, limits)?,
-            self.occurred_at_ms,
+            check_occurred_at("occurred_at_ms", self.occurred_at_ms)?,
             self.payload,
             self.headers,
             limits,
@@ -432,6 +446,7 @@ mod base64_bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::validate::MAX_OCCURRED_AT_MS;
     use proptest::prelude::*;
 
     fn event() -> Event {
@@ -468,10 +483,10 @@ mod tests {
         let err = Event::builder("t", "user", "a").payload("12345").limits(limits).build().unwrap_err();
         assert_eq!(err, ValidationError::PayloadTooLarge { size: 5, max: 4 });
         assert_eq!(err.to_string(), "payload is 5 bytes; the limit is 4 bytes");
-        let ok = Event::builder("t", "user", "a").payload(vec![0u8; 1024 * 1024]).build();
-        assert!(ok.is_ok(), "1 MiB is the default limit and is allowed");
-        let err = Event::builder("t", "user", "a").payload(vec![0u8; 1024 * 1024 + 1]).build().unwrap_err();
-        assert!(matches!(err, ValidationError::PayloadTooLarge { max: 1048576, .. }));
+        let ok = Event::builder("t", "user", "a").payload(vec![0u8; 850_000]).build();
+        assert!(ok.is_ok(), "850,000 bytes is the default limit and is allowed");
+        let err = Event::builder("t", "user", "a").payload(vec![0u8; 850_001]).build().unwrap_err();
+        assert!(matches!(err, ValidationError::PayloadTooLarge { max: 850_000, .. }));
     }
 
     #[test]
@@ -507,12 +522,40 @@ mod tests {
     }
 
     #[test]
-    fn timestamps_before_epoch_are_rejected() {
-        let err = Event::builder("t", "user", "a")
-            .occurred_at(UNIX_EPOCH - Duration::from_secs(1))
-            .build()
-            .unwrap_err();
-        assert_eq!(err, ValidationError::TimestampOutOfRange);
+    fn timestamps_outside_1970_to_9999_are_rejected_by_the_builder() {
+        let at = |t: SystemTime| Event::builder("t", "user", "a").occurred_at(t).build();
+        let err = at(UNIX_EPOCH - Duration::from_secs(1)).expect_err("before the epoch");
+        assert_eq!(err, ValidationError::TimestampOutOfRange { field: "occurred_at", ms: -1_000 });
+        let err = at(UNIX_EPOCH - Duration::from_micros(1)).expect_err("just before the epoch");
+        assert_eq!(err, ValidationError::TimestampOutOfRange { field: "occurred_at", ms: -1 }, "any instant before");
+        let text = err.to_string();
+        assert!(text.contains("occurred_at") && text.contains("9999-12-31T23:59:59.999Z"), "{text}");
+        assert_eq!(at(UNIX_EPOCH).expect("the epoch is allowed").occurred_at_ms(), 0);
+        let last = UNIX_EPOCH + Duration::from_millis(MAX_OCCURRED_AT_MS);
+        assert_eq!(at(last).expect("the end of 9999 is allowed").occurred_at_ms(), MAX_OCCURRED_AT_MS);
+        let err = at(last + Duration::from_millis(1)).expect_err("after 9999");
+        assert_eq!(err, ValidationError::TimestampOutOfRange { field: "occurred_at", ms: 253_402_300_800_000 });
+    }
+
+    fn json_at(ms: &str) -> Vec<u8> {
+        let head = r#"{"id":"0190f1d2-7c1e-7a3b-9f00-0123456789ab","type":"t","source_type":"u","source_id":"a""#;
+        format!(r#"{head},"occurred_at_ms":{ms},"payload":""}}"#).into_bytes()
+    }
+
+    #[test]
+    fn json_occurred_at_is_range_checked() {
+        let last = Event::from_json(&json_at("253402300799999")).expect("end of 9999");
+        assert_eq!(last.occurred_at_ms(), MAX_OCCURRED_AT_MS);
+        assert_eq!(Event::from_json(&json_at("0")).expect("the epoch").occurred_at_ms(), 0);
+        for (text, ms) in [("-1", -1), ("253402300800000", 253_402_300_800_000), ("18446744073709551616", 1 << 64)] {
+            match Event::from_json(&json_at(text)) {
+                Err(DecodeError::Invalid(ValidationError::TimestampOutOfRange { field, ms: got })) => {
+                    assert_eq!((field, got), ("occurred_at_ms", ms), "{text}")
+                }
+                other => panic!("{text}: expected a range error, got {other:?}"),
+            }
+        }
+        assert!(matches!(Event::from_json(&json_at("1.5")), Err(DecodeError::Json(_))), "not an integer");
     }
 
     #[test]
@@ -542,7 +585,7 @@ mod tests {
         fn valid_events_round_trip(
             ty in "[A-Za-z0-9._-]{1,40}",
             st in "[A-Za-z0-9._-]{1,20}",
-            sid in "[^\\p{Cc}]{1,40}",
+            sid in "[^\\p{Cc}\\p{Cf}\\p{Zl}\\p{Zp}]{1,40}",
             payload in proptest::collection::vec(any::<u8>(), 0..512),
         ) {
             let e = Event::builder(ty, st, sid).payload(payload).build().expect("valid");

@@ -66,7 +66,7 @@ mod validate;
 pub use event::{Event, EventBuilder, EventId, Source};
 pub use notification::{Notification, NotificationDecodeError, Position};
 pub use sink::{DeliveryError, DurableSink, NotifyError, PendingAcks, RealtimeNotifier, SinkError};
-pub use validate::{Limits, ValidationError};
+pub use validate::{Limits, ValidationError, MAX_OCCURRED_AT_MS};
 
 #[cfg(feature = "mock")]
 pub use sink::{MockDurableSink, MockRealtimeNotifier};

@@ -125,10 +125,22 @@ impl Notification {
         out
     }
 
-    /// Decode and validate a notification from its JSON form.
+    /// Decode and validate a notification from its JSON form, against the
+    /// default [`Limits`]. This stays strict, like
+    /// [`Event::from_json`]; a subscriber reading notifications that a
+    /// publisher with other limits sent uses
+    /// [`from_json_with_limits`](Self::from_json_with_limits) with
+    /// [`Limits::lenient`] (as dualstream's own consuming side does).
     pub fn from_json(json: &[u8]) -> Result<Self, NotificationDecodeError> {
+        Self::from_json_with_limits(json, &Limits::default())
+    }
+
+    /// Decode a notification from its JSON form, its text fields validated
+    /// against `limits`. With [`Limits::lenient`] only the structural rules
+    /// apply (character sets, non-empty), so any notification a publisher
+    /// could have sent decodes, whatever limits it used.
+    pub fn from_json_with_limits(json: &[u8], limits: &Limits) -> Result<Self, NotificationDecodeError> {
         let wire: Wire<'_> = serde_json::from_slice(json)?;
-        let limits = Limits::default();
         limits.check_event_type(&wire.event_type)?;
         limits.check_source_type(&wire.source_type)?;
         limits.check_source_id(&wire.source_id)?;
@@ -174,6 +186,28 @@ mod tests {
         assert_eq!(Notification::from_json(&json).expect("decodes"), n);
         let partial = format!(r#"{{"id":"{}","type":"t","source_type":"user","source_id":"a","offset":1}}"#, e.id());
         assert!(matches!(Notification::from_json(partial.as_bytes()), Err(NotificationDecodeError::PartialPosition)));
+    }
+
+    /// A notification a publisher with raised limits sent decodes with the
+    /// lenient limits; the structural rules still apply.
+    #[test]
+    fn lenient_decoding_accepts_raised_sizes_only() {
+        let long = "x".repeat(300);
+        let head = r#"{"id":"0190f1d2-7c1e-7a3b-9f00-0123456789ab","type":"t","source_type":"u""#;
+        let json = format!(r#"{head},"source_id":"{long}"}}"#);
+        assert!(matches!(
+            Notification::from_json(json.as_bytes()),
+            Err(NotificationDecodeError::Invalid(ValidationError::TooLong { field: "source_id", .. }))
+        ));
+        let n = Notification::from_json_with_limits(json.as_bytes(), &Limits::lenient()).expect("lenient");
+        assert_eq!(&*n.source_id, long.as_str());
+        let bidi = format!(r#"{head},"source_id":"a\u202eb"}}"#);
+        match Notification::from_json_with_limits(bidi.as_bytes(), &Limits::lenient()) {
+            Err(NotificationDecodeError::Invalid(ValidationError::InvalidChar { field, ch, .. })) => {
+                assert_eq!((field, ch), ("source_id", '\u{202E}'))
+            }
+            other => panic!("expected the bidi control to be refused, got {other:?}"),
+        }
     }
 
     #[test]

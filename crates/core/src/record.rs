@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use crate::event::{DecodeError, Event, EventId, Source};
-use crate::validate::Limits;
+use crate::validate::{check_occurred_at, Limits};
 
 /// Header names starting with this prefix are reserved for dualstream.
 pub const RESERVED_PREFIX: &str = "ds-";
@@ -65,7 +65,9 @@ pub fn headers<'a>(event: &'a Event, scratch: &'a mut HeaderScratch) -> impl Ite
     .chain(event.headers().iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
 }
 
-/// Rebuild and validate an event from a record's headers and value.
+/// Rebuild and validate an event from a record's headers and value. The
+/// occurrence time is always range-checked; the sizes against `limits`: pass
+/// [`Limits::lenient`] to read back whatever the producing side accepted.
 pub fn decode<'a>(
     headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
     value: Option<&[u8]>,
@@ -95,10 +97,13 @@ pub fn decode<'a>(
         .ok_or(DecodeError::MissingHeader(HEADER_ID))?
         .parse()
         .map_err(|e: crate::event::InvalidEventId| DecodeError::BadHeader { name: HEADER_ID.into(), reason: e.to_string() })?;
-    let at: u64 = at
+    // Parsed wider than the event's u64, so that a negative or huge value is
+    // a typed range error.
+    let at: i128 = at
         .ok_or(DecodeError::MissingHeader(HEADER_OCCURRED_AT))?
         .parse()
         .map_err(|e: std::num::ParseIntError| DecodeError::BadHeader { name: HEADER_OCCURRED_AT.into(), reason: e.to_string() })?;
+    let at = check_occurred_at(HEADER_OCCURRED_AT, at)?;
     let source = Source::with_limits(
         st.ok_or(DecodeError::MissingHeader(HEADER_SOURCE_TYPE))?,
         sid.ok_or(DecodeError::MissingHeader(HEADER_SOURCE_ID))?,
@@ -111,6 +116,7 @@ pub fn decode<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ValidationError;
 
     #[test]
     fn record_round_trip() {
@@ -128,6 +134,59 @@ mod tests {
         let back = decode(hs.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice()))), Some(b"body"), &Limits::default())
             .expect("decodes");
         assert_eq!(back, e);
+    }
+
+    fn headers_of(e: &Event) -> Vec<(String, Vec<u8>)> {
+        let mut scratch = HeaderScratch::default();
+        headers(e, &mut scratch).map(|(k, v)| (k.to_owned(), v.to_vec())).collect()
+    }
+
+    fn decode_with(hs: &[(String, Vec<u8>)], value: &[u8], limits: &Limits) -> Result<Event, DecodeError> {
+        decode(hs.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice()))), Some(value), limits)
+    }
+
+    /// An event accepted under raised limits reads back with the lenient
+    /// limits (not with the defaults).
+    #[test]
+    fn lenient_limits_read_back_what_raised_limits_accepted() {
+        let raised = Limits { max_payload_bytes: 2_000_000, max_source_id_len: 1_000, ..Limits::default() };
+        let e = Event::builder("t", "user", "x".repeat(600))
+            .payload(vec![b'p'; 1_500_000])
+            .limits(raised)
+            .build()
+            .expect("valid under raised limits");
+        let hs = headers_of(&e);
+        let err = decode_with(&hs, e.payload(), &Limits::default()).expect_err("over the default limits");
+        assert!(matches!(err, DecodeError::Invalid(ValidationError::TooLong { field: "source_id", .. })), "{err}");
+        assert_eq!(decode_with(&hs, e.payload(), &Limits::lenient()).expect("lenient"), e);
+    }
+
+    #[test]
+    fn stored_occurred_at_is_range_checked() {
+        let e = Event::builder("t", "user", "a").build().expect("valid");
+        let mut hs = headers_of(&e);
+        for (text, ms) in [("-5", -5), ("253402300800000", 253_402_300_800_000_i128)] {
+            let at = hs.iter_mut().find(|(k, _)| k == HEADER_OCCURRED_AT).expect("header");
+            at.1 = text.as_bytes().to_vec();
+            match decode_with(&hs, b"", &Limits::lenient()) {
+                Err(DecodeError::Invalid(ValidationError::TimestampOutOfRange { field, ms: got })) => {
+                    assert_eq!((field, got), (HEADER_OCCURRED_AT, ms))
+                }
+                other => panic!("{text}: expected a range error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn stored_header_values_with_control_characters_are_refused() {
+        let e = Event::builder("t", "user", "a").build().expect("valid");
+        let mut hs = headers_of(&e);
+        hs.push(("trace".into(), b"a\x1b[31m".to_vec()));
+        let err = decode_with(&hs, b"", &Limits::lenient()).expect_err("an escape sequence in a header value");
+        let DecodeError::Invalid(ValidationError::HeaderValueInvalidChar { name, ch, index }) = err else {
+            panic!("expected a header value error, got {err:?}")
+        };
+        assert_eq!((name.as_str(), ch, index), ("trace", '\u{1b}', 1));
     }
 
     #[test]
