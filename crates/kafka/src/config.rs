@@ -144,6 +144,13 @@ impl Default for KafkaSinkConfig {
     }
 }
 
+/// librdkafka's default `message.max.bytes`: the largest record (key, value,
+/// headers and framing) its producer accepts unless configured otherwise.
+pub const LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// The raw option the sink reads its record size limit from.
+const MESSAGE_MAX_BYTES: &str = "message.max.bytes";
+
 /// librdkafka keys owned by typed fields (aliases included).
 const TYPED_KEYS: &[(&str, &str)] = &[
     ("bootstrap.servers", "bootstrap_servers"),
@@ -204,6 +211,19 @@ impl KafkaSinkConfig {
         Duration::from_millis(self.message_timeout_ms)
     }
 
+    /// The producer's effective `message.max.bytes`: the raw option when set
+    /// in `librdkafka_options`, else librdkafka's default (1,000,000). The
+    /// sink refuses a record larger than this before handing it to
+    /// librdkafka ([`SinkError::RecordTooLarge`](dualstream_core::SinkError::RecordTooLarge)).
+    pub fn message_max_bytes(&self) -> usize {
+        self.raw_message_max_bytes().and_then(Result::ok).unwrap_or(LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES)
+    }
+
+    fn raw_message_max_bytes(&self) -> Option<Result<usize, std::num::ParseIntError>> {
+        let (_, v) = self.librdkafka_options.iter().find(|(k, _)| k.trim() == MESSAGE_MAX_BYTES)?;
+        Some(v.trim().parse())
+    }
+
     /// Check every field; the first problem found is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.bootstrap_servers.trim().is_empty() {
@@ -243,6 +263,12 @@ impl KafkaSinkConfig {
         if let Some(c) = &self.create_topics {
             range("create_topics.partitions", c.partitions.max(0) as u64, 1, 1_000_000)?;
             range("create_topics.replication_factor", c.replication_factor.max(0) as u64, 1, 32_767)?;
+        }
+        if let Some(v) = self.raw_message_max_bytes() {
+            let field = "librdkafka_options.message.max.bytes";
+            let v = v.map_err(|e| ConfigError::Invalid { field, reason: e.to_string() })?;
+            // librdkafka's own range for the option.
+            range(field, v as u64, 1_000, 1_000_000_000)?;
         }
         for key in self.librdkafka_options.keys() {
             let k = raw_name(key);

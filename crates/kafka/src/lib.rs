@@ -1,13 +1,21 @@
 //! The Kafka durable sink of dualstream (PATTERN §1, §4, §6).
 //!
 //! [`KafkaSink`] implements [`DurableSink`](dualstream_core::DurableSink) with
-//! rdkafka's `FutureProducer`:
+//! rdkafka's `ThreadedProducer` (one wake-up per batch of delivery reports):
 //!
 //! - `acks=all` and `enable.idempotence=true`, always: a publish resolves only
 //!   after the broker acknowledged the write, and retries never duplicate.
 //! - The record key is the source id, so one source stays ordered in one
 //!   partition. dualstream's headers carry the event id, type and source
 //!   ([`dualstream_core::record`]); the value is the payload, unchanged.
+//! - A record larger than the producer's `message.max.bytes` (from
+//!   `librdkafka_options`, else librdkafka's default 1,000,000), counting
+//!   key, headers and framing ([`record_size`]), fails at once with
+//!   [`SinkError::RecordTooLarge`](dualstream_core::SinkError::RecordTooLarge)
+//!   and is never handed to librdkafka; the later events of its source in
+//!   the same batch fail with `EarlierFailed`. The default
+//!   [`Limits`](dualstream_core::Limits) keep every valid event under the
+//!   default `message.max.bytes`.
 //! - A full local queue is backpressure: a publish waits for room up to
 //!   [`KafkaSinkConfig::enqueue_timeout_ms`], then fails with
 //!   [`SinkError::QueueFull`](dualstream_core::SinkError::QueueFull) and hands
@@ -40,8 +48,8 @@ mod sink;
 mod tests;
 mod topics;
 
-pub use config::{Compression, CreateTopics, KafkaSinkConfig, TopicRouting};
+pub use config::{Compression, CreateTopics, KafkaSinkConfig, TopicRouting, LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES};
 pub use error::ConfigError;
-pub use sink::{AckContext, Acks, KafkaSink, SinkProducer};
+pub use sink::{record_size, AckContext, Acks, KafkaSink, SinkProducer, RECORD_FRAMING_BYTES};
 
 pub use rdkafka;

@@ -17,6 +17,39 @@ use crate::config::{KafkaSinkConfig, TopicRouting};
 use crate::error::{sink_error, ConfigError};
 use crate::topics::{Lookup, TopicCache};
 
+/// Framing counted besides a record's key, value and headers, in bytes:
+/// librdkafka's upper bound for one record of message format v2 (36: the
+/// length, attributes, timestamp and offset deltas, key and value lengths,
+/// header count, as varints at their widest), which is what its producer
+/// checks against `message.max.bytes`, plus the 61-byte header of the record
+/// batch the record travels in, which the broker counts against its own
+/// limit when the record is alone in its batch. An estimate on the safe side:
+/// a record the sink accepts is never refused by librdkafka for its size.
+pub const RECORD_FRAMING_BYTES: usize = 36 + 61;
+
+/// The bytes of one varint-encoded length (zigzag, as in Kafka records).
+fn varint_len(n: usize) -> usize {
+    let mut v = (n as u64) << 1;
+    let mut len = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        len += 1;
+    }
+    len
+}
+
+/// The size of `event`'s Kafka record as the sink checks it against the
+/// producer's `message.max.bytes`: key, payload, every header (dualstream's
+/// `ds-*` ones included) with its varint lengths, and
+/// [`RECORD_FRAMING_BYTES`].
+pub fn record_size(event: &Event) -> usize {
+    let mut scratch = HeaderScratch::default();
+    let headers: usize = record::headers(event, &mut scratch)
+        .map(|(k, v)| varint_len(k.len()) + k.len() + varint_len(v.len()) + v.len())
+        .sum();
+    RECORD_FRAMING_BYTES + record::key(event).len() + event.payload().len() + headers
+}
+
 /// The producer the sink uses: librdkafka's polling thread calls
 /// [`AckContext::delivery`] for every record.
 pub type SinkProducer = ThreadedProducer<AckContext>;
@@ -101,6 +134,8 @@ struct Inner {
     /// Topic name per source type, shared with every position handed out;
     /// failures to create one are cached with a back-off.
     topics: TopicCache,
+    /// The producer's effective `message.max.bytes`.
+    max_record_bytes: usize,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -132,7 +167,9 @@ impl KafkaSink {
             (TopicRouting::Single { topic }, None) => Some(Arc::from(topic.as_str())),
             _ => None,
         };
-        Ok(Self { inner: Arc::new(Inner { producer: RwLock::new(producer), config, single, topics }) })
+        let max_record_bytes = config.message_max_bytes();
+        let inner = Inner { producer: RwLock::new(producer), config, single, topics, max_record_bytes };
+        Ok(Self { inner: Arc::new(inner) })
     }
 
     /// The configuration.
@@ -276,15 +313,42 @@ impl KafkaSink {
         }
     }
 
+    /// Refuse a record librdkafka or the broker would refuse for its size,
+    /// before it reaches the producer.
+    fn check_size(&self, event: &Event) -> Result<(), SinkError> {
+        let (size, max) = (record_size(event), self.inner.max_record_bytes);
+        if size > max {
+            let payload = event.payload().len();
+            return Err(SinkError::RecordTooLarge { size, payload, max, limit: "message.max.bytes" });
+        }
+        Ok(())
+    }
+
+    /// Check one event's size, find its topic and hand it to the producer.
+    async fn send_one(
+        &self,
+        producer: &SinkProducer,
+        acks: &Arc<Acks>,
+        index: usize,
+        event: &Event,
+        until: Instant,
+    ) -> Result<Arc<str>, SinkError> {
+        self.check_size(event)?;
+        let topic = self.topic_for(event).await?;
+        self.enqueue(producer, &topic, event, Box::new((acks.clone(), index)), until).await?;
+        Ok(topic)
+    }
+
     fn enqueue_deadline(&self) -> Instant {
         Instant::now() + Duration::from_millis(self.inner.config.enqueue_timeout_ms)
     }
 
     /// Hand every event of a batch to the producer. Once the local queue
     /// stays full past the enqueue timeout, that event and every later one
-    /// fail with "queue full" at once; any other failure fails the later
-    /// events of the same source. Either way no event overtakes an earlier
-    /// one of its source that was not sent.
+    /// fail with "queue full" at once; any other failure (a record over
+    /// `message.max.bytes`, a topic that cannot be had, a refusal by the
+    /// producer) fails the later events of the same source. Either way no
+    /// event overtakes an earlier one of its source that was not sent.
     async fn hand_over(&self, producer: &SinkProducer, acks: &Arc<Acks>, events: &[Event]) -> Vec<Handed> {
         let until = self.enqueue_deadline();
         let mut handed = Vec::with_capacity(events.len());
@@ -305,15 +369,7 @@ impl KafkaSink {
             };
             let outcome = match refused {
                 Some(e) => Err(e),
-                None => match self.topic_for(event).await {
-                    Ok(topic) => {
-                        match self.enqueue(producer, &topic, event, Box::new((acks.clone(), index)), until).await {
-                            Ok(()) => Ok(topic),
-                            Err(e) => Err(e),
-                        }
-                    }
-                    Err(e) => Err(e),
-                },
+                None => self.send_one(producer, acks, index, event, until).await,
             };
             match outcome {
                 Ok(topic) => handed.push(Handed::Sent(topic)),

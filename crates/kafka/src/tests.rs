@@ -8,12 +8,13 @@ use dualstream_core::{record, DurableSink, Event, Limits, SinkError};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer, PurgeConfig};
 use rdkafka::types::RDKafkaApiKey;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientConfig;
 
-use crate::{ConfigError, KafkaSink, KafkaSinkConfig, TopicRouting};
+use crate::{record_size, ConfigError, KafkaSink, KafkaSinkConfig, TopicRouting, RECORD_FRAMING_BYTES};
 
 #[test]
 fn default_config_is_valid_and_durable() {
@@ -276,21 +277,19 @@ async fn retriable_produce_errors_are_retried_without_duplicates() {
     }
 }
 
-/// A record the producer refuses at once (over `message.max.bytes`) fails
-/// alone; the later events of its source in the batch fail with
-/// `EarlierFailed` instead of overtaking it; other sources are unaffected.
+/// A record over `message.max.bytes` fails alone (refused by the sink before
+/// librdkafka sees it); the later events of its source in the batch fail
+/// with `EarlierFailed` instead of overtaking it; other sources are
+/// unaffected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_event_fails_the_later_events_of_its_source_in_the_batch() {
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("t", 2, 1).expect("topic");
-    let mut config = mock_config(&cluster, "t");
-    config.librdkafka_options.insert("message.max.bytes".into(), "2000".into());
-    let sink = KafkaSink::new(config).expect("sink");
+    let (_cluster, sink) = capped_sink(2, 2000);
     let big = Event::builder("test.event", "user", "a").payload(vec![b'x'; 5000]).build().expect("valid");
     let batch = vec![event("a", 0), big.clone(), event("a", 2), event("b", 0), event("a", 3)];
     let results = sink.publish_batch(batch.clone()).await;
     assert!(results[0].is_ok(), "{:?}", results[0]);
     let refused = results[1].as_ref().expect_err("too large for the producer");
+    assert!(matches!(refused.error, SinkError::RecordTooLarge { max: 2000, .. }), "{refused}");
     assert_eq!(refused.event, big, "handed back");
     for i in [2, 4] {
         match &results[i] {
@@ -302,6 +301,140 @@ async fn a_refused_event_fails_the_later_events_of_its_source_in_the_batch() {
         }
     }
     assert!(results[3].is_ok(), "another source is unaffected: {:?}", results[3]);
+}
+
+/// A mock cluster with the topic `t`, and a sink for it whose producer takes
+/// records of at most `max` bytes (`message.max.bytes`).
+fn capped_sink(partitions: i32, max: usize) -> (MockCluster<'static, DefaultProducerContext>, KafkaSink) {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("t", partitions, 1).expect("topic");
+    let mut config = mock_config(&cluster, "t");
+    config.librdkafka_options.insert("message.max.bytes".into(), max.to_string());
+    (cluster, KafkaSink::new(config).expect("sink"))
+}
+
+/// An event of `source` whose record is exactly `size` bytes as the sink
+/// counts them (the payload's length is inside the fixed framing, so the
+/// size grows byte for byte with the payload), with a user header.
+fn event_of_size(source: &str, size: usize) -> Event {
+    let build = |n: usize| {
+        let b = Event::builder("test.event", "user", source).header("trace", "t-1");
+        b.payload(vec![b'x'; n]).build().expect("valid")
+    };
+    let empty = record_size(&build(0));
+    build(size.checked_sub(empty).expect("size above the empty record"))
+}
+
+#[test]
+fn message_max_bytes_comes_from_the_raw_option_or_librdkafkas_default() {
+    let mut c = KafkaSinkConfig::default();
+    assert_eq!(c.message_max_bytes(), 1_000_000);
+    c.librdkafka_options.insert(" message.max.bytes ".into(), "2000".into());
+    assert_eq!(c.message_max_bytes(), 2000);
+    for bad in ["lots", "999", "1000000001"] {
+        c.librdkafka_options.insert(" message.max.bytes ".into(), bad.into());
+        match c.validate() {
+            Err(ConfigError::Invalid { field: "librdkafka_options.message.max.bytes", .. }) => {}
+            other => panic!("{bad}: expected Invalid, got {other:?}"),
+        }
+    }
+}
+
+/// The sink's size is librdkafka's own produce-time check (its record
+/// framing, the key, the payload and every header with its varint lengths)
+/// plus the batch header: librdkafka accepts a record of `max` by the
+/// sink's count minus the batch header, and refuses one byte more.
+#[test]
+fn record_size_is_librdkafkas_count_plus_the_batch_header() {
+    let max = 2000;
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", "127.0.0.1:1")
+        .set("message.max.bytes", max.to_string())
+        .create()
+        .expect("producer");
+    let batch_header = RECORD_FRAMING_BYTES - 36;
+    for (size, fits) in [(max + batch_header, true), (max + batch_header + 1, false)] {
+        let e = event_of_size("a", size);
+        assert_eq!(record_size(&e), size);
+        let mut scratch = record::HeaderScratch::default();
+        let headers = record::headers(&e, &mut scratch)
+            .fold(OwnedHeaders::new(), |h, (key, value)| h.insert(Header { key, value: Some(value) }));
+        let rec = BaseRecord::<[u8], [u8]>::to("t").key(record::key(&e)).payload(e.payload().as_ref()).headers(headers);
+        match producer.send(rec) {
+            Ok(()) => assert!(fits, "librdkafka accepted {size} bytes"),
+            Err((err, _)) => {
+                assert!(!fits, "librdkafka refused {size} bytes: {err}");
+                assert_eq!(err.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge));
+            }
+        }
+    }
+    producer.purge(PurgeConfig::default().queue());
+}
+
+/// One byte over `message.max.bytes`: the typed error, the event handed
+/// back, nothing given to the producer and nothing stored; the later event
+/// of the same source fails with `EarlierFailed`, another source's is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_record_gets_the_typed_error_and_nothing_is_produced() {
+    let (cluster, sink) = capped_sink(1, 2000);
+    let big = event_of_size("a", 2001);
+    let batch = vec![big.clone(), event("a", 1), event("b", 2)];
+    let acks = sink.enqueue_batch(batch.clone()).await;
+    assert!(sink.in_flight() <= 1, "only b's event reached the producer: {}", sink.in_flight());
+    let results = acks.await;
+    let refused = results[0].as_ref().expect_err("too large");
+    match &refused.error {
+        SinkError::RecordTooLarge { size, payload, max, limit } => {
+            assert_eq!((*size, *payload, *max, *limit), (2001, big.payload().len(), 2000, "message.max.bytes"));
+        }
+        other => panic!("expected RecordTooLarge, got {other}"),
+    }
+    assert!(!refused.is_retriable());
+    assert!(refused.error.to_string().contains("message.max.bytes = 2000"), "{}", refused.error);
+    assert_eq!(refused.event, big, "handed back");
+    let later = results[1].as_ref().expect_err("may not overtake the refused event");
+    assert!(matches!(later.error, SinkError::EarlierFailed { retriable: false, .. }), "{later}");
+    assert!(results[2].is_ok(), "{:?}", results[2]);
+    let back = read_back(&cluster.bootstrap_servers(), "t", 1);
+    let sources: Vec<&str> = back.iter().map(|(_, _, e)| e.source().source_id()).collect();
+    assert_eq!(sources, ["b"], "nothing of source a was produced");
+}
+
+/// A record of exactly `message.max.bytes` by the sink's count is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_at_the_limit_is_delivered() {
+    let (cluster, sink) = capped_sink(1, 2000);
+    let e = event_of_size("a", 2000);
+    sink.publish(e.clone()).await.expect("stored");
+    let back = read_back(&cluster.bootstrap_servers(), "t", 1);
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].2, e);
+}
+
+/// Every event valid under the default `Limits`, even one at every maximum
+/// at once, fits librdkafka's default `message.max.bytes` and is stored by
+/// a sink with the default configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_event_of_the_default_limits_fits_the_default_message_max_bytes() {
+    let l = Limits::default();
+    let (ty, st, id) =
+        ("t".repeat(l.max_event_type_len), "s".repeat(l.max_source_type_len), "i".repeat(l.max_source_id_len));
+    let mut b = Event::builder(ty, st, id)
+        .occurred_at(std::time::UNIX_EPOCH + Duration::from_millis(dualstream_core::MAX_OCCURRED_AT_MS))
+        .payload(vec![b'x'; l.max_payload_bytes]);
+    for i in 0..l.max_headers {
+        b = b.header(format!("{i:0>width$}", width = l.max_header_name_len), "v".repeat(l.max_header_value_len));
+    }
+    let largest = b.build().expect("valid under the default limits");
+    let size = record_size(&largest);
+    assert!(size <= crate::LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES, "{size} bytes");
+    assert_eq!(size, 984_165, "the figure the Limits docs give: 850,000 + 134,165");
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("t", 1, 1).expect("topic");
+    let config = KafkaSinkConfig { linger_ms: 1, ..mock_config(&cluster, "t") };
+    assert_eq!(config.message_max_bytes(), 1_000_000);
+    let sink = KafkaSink::new(config).expect("sink");
+    sink.publish(largest).await.expect("stored");
 }
 
 /// A topic that cannot be created costs one admin call, not one per event:
