@@ -4,6 +4,9 @@
 
 use std::time::Duration;
 
+#[path = "../../crates/channel/src/glob_model.rs"]
+mod glob_model;
+
 use dualstream::channel::ChannelNamer;
 use dualstream_tests::*;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -71,4 +74,91 @@ async fn psubscribe_on_a_built_pattern_receives_matches_and_not_near_misses() {
     let got = sub.drain(Duration::from_millis(500)).await;
     assert_eq!(got.len(), 2, "once via the type pattern, once via its own: {got:?}");
     assert!(got.iter().all(|(c, _)| *c == escaped));
+}
+
+/// The glob model the naming crate's property tests rely on
+/// (`crates/channel/src/glob_model.rs`) against a real PSUBSCRIBE, pattern
+/// by pattern: every pattern of up to three bytes over `a ? * [ ] ^ - \`,
+/// and longer ones with sets, negated sets, ranges (forwards, backwards,
+/// ending in `]`) and escapes, each against every channel of one to three
+/// bytes over `a b ] ^ - \ [`. Redis must deliver exactly the pairs the
+/// model matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_glob_model_agrees_with_a_real_psubscribe() {
+    use std::collections::BTreeSet;
+    let prefix = format!("{}:", unique_topic("glob"));
+    let words = |alphabet: &[u8], longest: usize| {
+        let mut all: Vec<Vec<u8>> = vec![vec![]];
+        let mut last: Vec<Vec<u8>> = vec![vec![]];
+        for _ in 0..longest {
+            last = last.iter().flat_map(|w| alphabet.iter().map(move |&c| [w.as_slice(), &[c]].concat())).collect();
+            all.extend(last.iter().cloned());
+        }
+        all.into_iter().filter(|w| !w.is_empty()).collect::<Vec<_>>()
+    };
+    let mut tails = words(b"a?*[]^-\\", 3);
+    for longer in [
+        r"a[bc]d", r"a[^bc]d", r"[a-c]", r"[c-a]", r"[^a-c]", r"[a-]", r"[^a-]", r"[]-a]", r"[\]]", r"[^\]]", r"[\^]",
+        r"[\-a]", r"[a\-c]", r"[^]a]", r"[a-\]", r"a\[b]", r"a\?", r"a\*b", r"[ab", r"[^", r"*[ab]*", r"?\\?",
+        r"[]]]", r"[^^]", r"*-*", r"[*?]", r"\a\b",
+    ] {
+        tails.push(longer.as_bytes().to_vec());
+    }
+    let channels: Vec<Vec<u8>> = words(b"ab]^-\\[", 3);
+    let full = |tail: &[u8]| [prefix.as_bytes(), tail].concat();
+    let patterns: Vec<Vec<u8>> = tails.iter().map(|t| full(t)).collect();
+    let channels: Vec<Vec<u8>> = channels.iter().map(|c| full(c)).collect();
+    let expected: BTreeSet<(Vec<u8>, Vec<u8>)> = patterns
+        .iter()
+        .flat_map(|p| channels.iter().filter(|c| glob_model::redis_glob(p, c)).map(move |c| (p.clone(), c.clone())))
+        .collect();
+
+    let client = deadpool_redis::redis::Client::open(redis_url().as_str()).expect("redis url");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub connection");
+    pubsub.psubscribe(&patterns).await.expect("psubscribe");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        let mut stream = pubsub.on_message();
+        while let Some(msg) = futures::StreamExt::next(&mut stream).await {
+            let pattern: Vec<u8> = msg.get_pattern().expect("a pattern message");
+            if tx.send((pattern, msg.get_channel_name().as_bytes().to_vec())).is_err() {
+                return;
+            }
+        }
+    });
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connection");
+    let mut pipe = deadpool_redis::redis::pipe();
+    for c in &channels {
+        pipe.cmd("PUBLISH").arg(c).arg("x").ignore();
+    }
+    pipe.query_async::<()>(&mut conn).await.expect("publish");
+    // Everything the model expects, then a quiet half second for anything
+    // it does not; never longer than 30 s in all.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut got = BTreeSet::new();
+    loop {
+        let quiet = if got.len() >= expected.len() { Duration::from_millis(500) } else { Duration::from_secs(5) };
+        match tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + quiet), rx.recv()).await {
+            Ok(Some(pair)) => assert!(got.insert(pair), "one message per matching pattern and channel"),
+            Ok(None) => panic!("the subscription ended"),
+            Err(_) => break,
+        }
+    }
+    reader.abort();
+    let show = |set: &BTreeSet<(Vec<u8>, Vec<u8>)>| {
+        let strip = |b: &[u8]| String::from_utf8_lossy(&b[prefix.len()..]).into_owned();
+        set.iter().take(20).map(|(p, c)| format!("{} ~ {}", strip(p), strip(c))).collect::<Vec<_>>()
+    };
+    let missing: BTreeSet<_> = expected.difference(&got).cloned().collect();
+    let extra: BTreeSet<_> = got.difference(&expected).cloned().collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "model and Redis disagree on {} patterns x {} channels: the model matches but Redis does not: {:?}; \
+         Redis matches but the model does not: {:?}",
+        patterns.len(),
+        channels.len(),
+        show(&missing),
+        show(&extra)
+    );
+    assert!(expected.len() > 1_000, "the comparison covers many matches: {}", expected.len());
 }

@@ -24,8 +24,9 @@
 //!
 //! - The prefix and the source type are identifiers (ASCII letters, digits,
 //!   `.`, `_`, `-`): they can hold neither `:` nor glob syntax.
-//! - The source id may hold any text without control characters. The
-//!   characters Redis treats specially in `PSUBSCRIBE` patterns
+//! - The source id may hold any text without control characters, bidi
+//!   controls, zero-width characters or line/paragraph separators (the event
+//!   model's rules). The characters Redis treats specially in `PSUBSCRIBE` patterns
 //!   (`*`, `?`, `[`, `]`, `\`), the segment separator `:` and the escape
 //!   character `%` itself are written as `%XX` (upper-case hex of the byte).
 //!   Everything else is kept as is, so ordinary ids stay readable.
@@ -39,6 +40,14 @@
 //! included; with aggregate channels on, use
 //! [`ChannelNamer::pattern_all_sources`] (`events:*:*`) to receive each event
 //! once.
+//!
+//! # Structure, not size
+//!
+//! Naming and parsing check the structure of each part (the character sets
+//! above, non-empty), never its length: sizes are the event model's
+//! [`Limits`], checked where events are produced. So a subscriber builds and
+//! parses the channel of any source a publisher could have notified on,
+//! whatever limits it used (the checks use [`Limits::lenient`]).
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -160,9 +169,10 @@ impl ChannelNamer {
         &self.prefix
     }
 
-    /// The channel of a source, validating both parts.
+    /// The channel of a source, validating the structure of both parts
+    /// (not their length: see the crate docs).
     pub fn channel(&self, source_type: &str, source_id: &str) -> Result<String, ChannelError> {
-        let source = Source::new(source_type, source_id)?;
+        let source = Source::with_limits(source_type, source_id, &Limits::lenient())?;
         Ok(self.channel_for(&source))
     }
 
@@ -185,14 +195,14 @@ impl ChannelNamer {
 
     /// The aggregate channel of a source type: `events:user`.
     pub fn aggregate(&self, source_type: &str) -> Result<String, ChannelError> {
-        Limits::default().check_source_type(source_type)?;
+        Limits::lenient().check_source_type(source_type)?;
         Ok(format!("{}:{source_type}", self.prefix))
     }
 
     /// The pattern that matches every source channel of one source type:
     /// `events:user:*`.
     pub fn pattern_for_type(&self, source_type: &str) -> Result<String, ChannelError> {
-        Limits::default().check_source_type(source_type)?;
+        Limits::lenient().check_source_type(source_type)?;
         Ok(format!("{}:{source_type}:*", self.prefix))
     }
 
@@ -207,7 +217,11 @@ impl ChannelNamer {
         format!("{}:*:*", self.prefix)
     }
 
-    /// Split a channel name into its parts.
+    /// Split a channel name into its parts. Accepts exactly the names this
+    /// namer produces ([`channel`](Self::channel),
+    /// [`aggregate`](Self::aggregate)) for parts of any length: the
+    /// structural rules are checked with [`Limits::lenient`], so the channel
+    /// of an event accepted under raised limits parses too.
     pub fn parse(&self, channel: &str) -> Result<ChannelName, ChannelError> {
         let not = |reason| ChannelError::NotAChannel { channel: channel.chars().take(300).collect(), reason };
         let rest = channel
@@ -218,7 +232,7 @@ impl ChannelNamer {
             Some((t, id)) => (t, Some(unescape_id(id).map_err(not)?)),
             None => (rest, None),
         };
-        let limits = Limits::default();
+        let limits = Limits::lenient();
         limits.check_source_type(source_type)?;
         if let Some(id) = &source_id {
             limits.check_source_id(id)?;
@@ -227,5 +241,7 @@ impl ChannelNamer {
     }
 }
 
+#[cfg(test)]
+mod glob_model;
 #[cfg(test)]
 mod tests;
