@@ -307,31 +307,7 @@ async fn join_mid_stream(redis_url: String, mut redis: Option<&mut OwnedRedis>) 
         .expect("a shared partition")
         .clone();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let producer = {
-        let (engine, stop, sources) = (engine.clone(), stop.clone(), sources.clone());
-        tokio::spawn(async move {
-            let mut i = 0usize;
-            let mut tasks = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                for _ in 0..30 {
-                    let s = &sources[i % sources.len()];
-                    let e = Event::builder("reading", s.source_type(), s.source_id())
-                        .payload(format!("{i}"))
-                        .build()
-                        .expect("valid");
-                    let engine = engine.clone();
-                    tasks.push(tokio::spawn(async move { engine.submit(e).await }));
-                    i += 1;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            for t in tasks {
-                t.await.expect("task").expect("every event stored");
-            }
-            i
-        })
-    };
+    let (stop, producer) = start_load(&engine, &sources);
 
     // Let history build up, then pick a past position of the watched source.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -390,7 +366,7 @@ async fn join_mid_stream(redis_url: String, mut redis: Option<&mut OwnedRedis>) 
         async move {
             let errors = errors.lock().expect("lock");
             assert!(errors.is_empty(), "the join reported errors: {errors:?}");
-            received.lock().expect("lock").iter().any(|d| d.id() == last)
+            received.lock().expect("lock").iter().any(|d| d.id() == Some(last))
         }
     })
     .await;
@@ -399,7 +375,7 @@ async fn join_mid_stream(redis_url: String, mut redis: Option<&mut OwnedRedis>) 
     reader.abort();
     let got = received.lock().expect("lock").clone();
     let got_seq: Vec<(i64, EventId)> =
-        got.iter().map(|d| (d.position().expect("positioned").offset, d.id())).collect();
+        got.iter().map(|d| (d.position().expect("positioned").offset, d.id().expect("an event"))).collect();
     if got_seq != want {
         let got_set: std::collections::HashSet<_> = got_seq.iter().collect();
         let missing: Vec<_> = want.iter().filter(|w| !got_set.contains(w)).map(|w| w.0).collect();
@@ -435,4 +411,180 @@ async fn the_join_stays_exact_when_redis_is_killed_and_restarted() {
     let mut redis = OwnedRedis::start();
     let url = redis.url();
     join_mid_stream(url, Some(&mut redis)).await;
+}
+
+/// Writes events of `sources` round-robin (about 3,000/s) until stopped;
+/// resolves to how many were written, each acknowledged.
+fn start_load(engine: &BatchEngine, sources: &[Source]) -> (Arc<AtomicBool>, tokio::task::JoinHandle<usize>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (engine, flag, sources) = (engine.clone(), stop.clone(), sources.to_vec());
+    let handle = tokio::spawn(async move {
+        let mut i = 0usize;
+        let mut tasks = Vec::new();
+        while !flag.load(Ordering::Relaxed) {
+            for _ in 0..30 {
+                let s = &sources[i % sources.len()];
+                let e = Event::builder("reading", s.source_type(), s.source_id())
+                    .payload(format!("{i}"))
+                    .build()
+                    .expect("valid");
+                let engine = engine.clone();
+                tasks.push(tokio::spawn(async move { engine.submit(e).await }));
+                i += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for t in tasks {
+            t.await.expect("task").expect("every event stored");
+        }
+        i
+    });
+    (stop, handle)
+}
+
+/// A hundred joins of eight sources, each from a random past position, all
+/// through one `CatchUp` while the publisher writes: two Kafka consumers in
+/// all, and every join receives exactly its source's Kafka sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_joins_share_two_kafka_consumers_and_each_gets_its_exact_sequence() {
+    init_tracing();
+    let brokers = kafka_brokers();
+    let topic = unique_topic("joins");
+    create_topic(&brokers, &topic, 3).await;
+    let (engine, _) = dual_engine(&brokers, &topic, &redis_url());
+    let run = EventId::new().as_uuid().simple().to_string();
+    let sources: Vec<Source> = (0..8).map(|i| Source::new("sensor", format!("{run}-{i}")).expect("valid")).collect();
+    let (stop, producer) = start_load(&engine, &sources);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    let replay = replay_for(&brokers, &topic);
+    let hub = Hub::new(HubConfig { url: redis_url(), ..HubConfig::default() }).expect("hub");
+    let joiner = CatchUp::new(replay.clone(), hub, JoinConfig::default()).expect("joiner");
+    // Starting points: offsets of each source's stored events so far.
+    let mut starts = Vec::new();
+    for (i, s) in sources.iter().enumerate() {
+        let history: Vec<_> = tokio::time::timeout(
+            Duration::from_secs(30),
+            replay.stream(ReplayRequest::new(Scope::Source(s.clone()))).await.expect("stream").collect::<Vec<_>>(),
+        )
+        .await
+        .expect("replay ends");
+        assert!(history.len() > 10, "source {i} has history");
+        starts.push(history.iter().map(|r| r.as_ref().expect("valid").position.clone()).collect::<Vec<_>>());
+    }
+    let received: Arc<Mutex<Vec<Vec<Delivery>>>> = Arc::new(Mutex::new(vec![Vec::new(); 100]));
+    let mut joins = Vec::new();
+    for j in 0..100usize {
+        let s = j % sources.len();
+        let from = starts[s][(j * 7919) % starts[s].len()].clone();
+        let mut stream = joiner.join(sources[s].clone(), StartAt::Offset(from.offset)).await.expect("join");
+        let received = received.clone();
+        joins.push((
+            s,
+            from,
+            tokio::spawn(async move {
+                while let Some(item) = stream.next().await {
+                    received.lock().expect("lock")[j].push(item.expect("no error item"));
+                }
+            }),
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let published = producer.await.expect("producer");
+    let records = read_topic(&brokers, &topic, published, Duration::from_secs(60));
+    assert_eq!(records.len(), published, "every published event is in Kafka once");
+
+    for (j, (s, from, task)) in joins.into_iter().enumerate() {
+        let want: Vec<(i64, EventId)> = {
+            let mut w: Vec<_> = records
+                .iter()
+                .filter(|r| r.partition == from.partition && r.offset >= from.offset)
+                .map(|r| (r.offset, r.event()))
+                .filter(|(_, e)| e.source() == &sources[s])
+                .map(|(o, e)| (o, e.id()))
+                .collect();
+            w.sort();
+            w
+        };
+        let last = want.last().expect("events").1;
+        wait_for("the join delivers its source's last event", Duration::from_secs(30), || {
+            let received = received.clone();
+            async move { received.lock().expect("lock")[j].iter().any(|d| d.id() == Some(last)) }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        task.abort();
+        let got: Vec<(i64, EventId)> = received.lock().expect("lock")[j]
+            .iter()
+            .map(|d| (d.position().expect("positioned").offset, d.id().expect("an event")))
+            .collect();
+        assert_eq!(got.len(), want.len(), "join {j}: no gap, no duplicate");
+        assert_eq!(got, want, "join {j}: same ids, same order");
+    }
+    let stats = joiner.stats();
+    eprintln!("shared readers: {stats:?}");
+    assert!(stats.consumers <= 2, "one metadata consumer and one per topic: {stats:?}");
+    assert!(stats.range_reads >= 100, "every join read history: {stats:?}");
+    engine.shutdown().await;
+}
+
+/// Records deleted below a join's start are reported, and the join and the
+/// replay go on from the first stored record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_below_the_deleted_records_is_reported_as_truncated() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    init_tracing();
+    let brokers = kafka_brokers();
+    let topic = unique_topic("truncated");
+    create_topic(&brokers, &topic, 1).await;
+    let sink = kafka_sink(&brokers, &topic);
+    let source = Source::new("order", EventId::new().as_uuid().simple().to_string()).expect("valid");
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        let e = Event::builder("placed", source.source_type(), source.source_id()).payload(format!("{i}")).build().expect("valid");
+        ids.push(e.id());
+        // One record per produce batch, so that offsets are exact on tansu.
+        sink.publish(e).await.expect("stored");
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("admin");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Offset(40)).expect("tpl");
+    let deleted = tokio::time::timeout(Duration::from_secs(30), admin.delete_records(&tpl, &AdminOptions::new()))
+        .await
+        .expect("delete-records answers")
+        .expect("delete-records");
+    eprintln!("delete-records: {deleted:?}");
+
+    let replay = replay_for(&brokers, &topic);
+    let items: Vec<_> = tokio::time::timeout(
+        Duration::from_secs(30),
+        replay
+            .stream(ReplayRequest::new(Scope::Source(source.clone())).start(StartAt::Offset(10)))
+            .await
+            .expect("stream")
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .expect("replay ends");
+    match &items[0] {
+        Err(dualstream::consumer::ReplayError::Truncated { requested: 10, first_available: 40, .. }) => {}
+        other => panic!("the replay starts with the truncation, got {other:?}"),
+    }
+    let replayed: Vec<EventId> = items[1..].iter().map(|r| r.as_ref().expect("valid").event.id()).collect();
+    assert_eq!(replayed, ids[40..], "then every stored event from offset 40");
+
+    let hub = Hub::new(HubConfig { url: redis_url(), ..HubConfig::default() }).expect("hub");
+    let joiner = CatchUp::new(replay, hub, JoinConfig::default()).expect("joiner");
+    let mut stream = joiner.join(source.clone(), StartAt::Offset(10)).await.expect("join");
+    let mut got = Vec::new();
+    while got.len() < 21 {
+        let item = tokio::time::timeout(Duration::from_secs(15), stream.next()).await.expect("an item").expect("open");
+        got.push(item.expect("no error"));
+    }
+    assert_eq!(got[0], Delivery::Truncated { requested: 10, first_available: 40 });
+    let joined: Vec<EventId> = got[1..].iter().map(|d| d.id().expect("an event")).collect();
+    assert_eq!(joined, ids[40..], "then every stored event from offset 40");
 }

@@ -1,42 +1,60 @@
 //! The catch-up join: history from Kafka, then live notifications, merged by
 //! Kafka position (PATTERN §6, "Client connects mid-stream").
 
+use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dualstream_core::{EventId, Notification, Position, Source};
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use crate::config::{ConfigError, JoinConfig};
+use crate::history::{History, HistoryStats, Item, Marks, Tp};
 use crate::hub::{Hub, HubError, LiveItem, LiveStream};
-use crate::reader::{Fetched, Reader};
-use crate::replay::{Replay, ReplayError, Replayed, Scope, StartAt};
+use crate::reader::partition_for_key;
+use crate::replay::{Replay, ReplayError, Replayed, StartAt};
 
 /// One item of a join, in Kafka order.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Delivery {
     /// An event read from Kafka: the history before the live part, or one
     /// whose notification was missed (a gap filled).
     History(Replayed),
     /// A live notification from Redis. Its `position` is always set.
     Live(Notification),
+    /// The records from `requested` up to `first_available` are no longer
+    /// stored (retention or delete-records removed them before the join read
+    /// them): events of this source among them are lost to this client. The
+    /// join goes on from `first_available`.
+    Truncated {
+        /// The first offset the join wanted.
+        requested: i64,
+        /// The first offset still stored.
+        first_available: i64,
+    },
 }
 
 impl Delivery {
-    /// The event id.
-    pub fn id(&self) -> EventId {
+    /// The event id (`None` for [`Delivery::Truncated`]).
+    pub fn id(&self) -> Option<EventId> {
         match self {
-            Delivery::History(r) => r.event.id(),
-            Delivery::Live(n) => n.id,
+            Delivery::History(r) => Some(r.event.id()),
+            Delivery::Live(n) => Some(n.id),
+            Delivery::Truncated { .. } => None,
         }
     }
 
-    /// Where the event is stored in Kafka.
+    /// Where the event is stored in Kafka (`None` for
+    /// [`Delivery::Truncated`]).
     pub fn position(&self) -> Option<&Position> {
         match self {
             Delivery::History(r) => Some(&r.position),
             Delivery::Live(n) => n.position.as_ref(),
+            Delivery::Truncated { .. } => None,
         }
     }
 }
@@ -81,105 +99,224 @@ pub type JoinStream = Pin<Box<dyn Stream<Item = Result<Delivery, JoinError>> + S
 ///
 /// The join subscribes to the source's channel first (through the hub, so
 /// gateways with many clients of one source share one Redis subscription),
-/// then takes Kafka's high watermark and reads the history up to it, then
-/// hands over to the live notifications. It tracks the next Kafka offset it
-/// has checked; a notification below it is a duplicate and is skipped.
+/// then takes Kafka's watermarks and reads the history up to the high one,
+/// then hands over to the live notifications. It tracks the next Kafka offset
+/// it has checked; a notification below it is a duplicate and is skipped.
 /// Gaps are filled from Kafka:
 ///
 /// - after [`LiveItem::Gap`] (Redis reconnected) or [`LiveItem::Lagged`]
 ///   (this subscriber fell behind), it reads up to the new high watermark;
 /// - when a notification's offset jumps past the checked offset, it reads
-///   the records in between first (`JoinConfig::verify_jumps`), so even a
-///   notification the publisher never sent does not leave a hole;
-/// - after `idle_check_ms` without live traffic, it compares with the high
-///   watermark, so a lost notification of the last event is delivered late
-///   rather than never.
-#[derive(Clone, Debug)]
+///   the records in between first, so even a notification the publisher
+///   never sent does not leave a hole;
+/// - when the polled high watermark moved and the join has had no live item
+///   for `idle_check_ms`, it reads up to it, so a lost notification of the
+///   last event is delivered late rather than never.
+///
+/// History the broker no longer stores is reported with
+/// [`Delivery::Truncated`], never skipped silently.
+///
+/// Every join of one `CatchUp` (and its clones) shares the Kafka side: one
+/// consumer for metadata and watermarks, one consumer per topic for the
+/// records, and an in-memory cache of the latest `cache_records` records of
+/// each partition read (see docs/consumer.md, "Shared history"). An idle join
+/// makes no Kafka request of its own.
+#[derive(Clone)]
 pub struct CatchUp {
     replay: Replay,
     hub: Hub,
     config: JoinConfig,
+    history: Arc<Mutex<Option<History>>>,
+}
+
+impl std::fmt::Debug for CatchUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CatchUp").field("replay", &self.replay).field("config", &self.config).finish_non_exhaustive()
+    }
 }
 
 impl CatchUp {
-    /// A joiner from a Kafka reader and a hub.
+    /// A joiner from a Kafka reader configuration and a hub. No Kafka client
+    /// is made until the first join.
     pub fn new(replay: Replay, hub: Hub, config: JoinConfig) -> Result<Self, ConfigError> {
         config.validate()?;
-        Ok(Self { replay, hub, config })
+        Ok(Self { replay, hub, config, history: Arc::new(Mutex::new(None)) })
+    }
+
+    fn history(&self) -> Result<History, ReplayError> {
+        let mut h = self.history.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(h) = &*h {
+            return Ok(h.clone());
+        }
+        let made = History::new(
+            Arc::new(self.replay.config().clone()),
+            Duration::from_millis(self.config.idle_check_ms),
+            self.config.cache_records,
+        )?;
+        *h = Some(made.clone());
+        Ok(made)
+    }
+
+    /// Counters of the shared Kafka readers (all zero before the first
+    /// join).
+    pub fn stats(&self) -> HistoryStats {
+        self.history.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(History::stats).unwrap_or_default()
     }
 
     /// Join `source` from `start` (an offset, a timestamp, the last N events,
     /// the beginning or the end). The first item comes from Kafka unless
-    /// nothing is stored after `start`.
+    /// nothing is stored after `start`. An offset below what is still stored
+    /// gives [`Delivery::Truncated`] first.
     pub async fn join(&self, source: Source, start: StartAt) -> Result<JoinStream, JoinError> {
         // Live first, so nothing published from now on can be missed.
         let live = self.hub.subscribe_source(&source).await?;
-        let reader = self.replay.reader()?;
-        let target = self.replay.resolve(&reader, &Scope::Source(source.clone())).await?;
-        let starts = self.replay.start_offsets(&reader, &target, &start).await?;
-        let (partition, offset) = starts[0];
-        reader.assign(&target.topic, &[(partition, offset)])?;
-        let (tx, rx) = mpsc::channel(self.config.buffer);
-        let joiner = Joiner {
-            tx,
-            reader,
-            topic: target.topic,
-            partition,
-            key: source.source_id().as_bytes().to_vec(),
-            source,
-            next: offset,
-            read_pos: offset,
-            verify_jumps: self.config.verify_jumps,
+        let history = self.history()?;
+        let topic = self.replay.config().topic.topic_for(source.source_type());
+        let key: Arc<[u8]> = source.source_id().as_bytes().into();
+        let count = history.partition_count(&topic).await?;
+        let tp: Tp = (topic.into(), partition_for_key(&key, count));
+        let watermarks = history.watch(&tp);
+        // Taken after the subscription exists.
+        let marks = history.fresh(&tp).await?;
+        let begin = match start {
+            StartAt::Beginning => marks.low,
+            StartAt::End => marks.high,
+            StartAt::Offset(o) if o < 0 => {
+                return Err(ReplayError::Request { field: "start", reason: format!("offset {o} is negative") }.into())
+            }
+            StartAt::Offset(o) => o.min(marks.high),
+            StartAt::Timestamp(ts) if ts < 0 => {
+                return Err(ReplayError::Request { field: "start", reason: format!("timestamp {ts} is negative") }.into())
+            }
+            StartAt::Timestamp(ts) => history.offset_for_time(&tp, ts).await?.unwrap_or(marks.high).min(marks.high),
+            StartAt::LastN(n) => last_n_start(&history, &tp, &key, &source, n, marks).await?,
         };
-        tokio::spawn(joiner.run(live, Duration::from_millis(self.config.idle_check_ms)));
+        let (tx, rx) = mpsc::channel(self.config.buffer);
+        let joiner = Joiner { tx, history, tp, source, key, next: begin, low: marks.low };
+        let idle = Duration::from_millis(self.config.idle_check_ms);
+        tokio::spawn(joiner.run(live, watermarks, marks.high, idle));
         Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })))
     }
+}
+
+/// The offset of the `n`-th last event of `source`, found by reading windows
+/// backwards from the high watermark, each four times the last. Keeps at
+/// most `n` offsets in memory.
+async fn last_n_start(
+    history: &History,
+    tp: &Tp,
+    key: &Arc<[u8]>,
+    source: &Source,
+    n: usize,
+    marks: Marks,
+) -> Result<i64, ReplayError> {
+    if n == 0 {
+        return Ok(marks.high);
+    }
+    let mut found_after = 0usize; // matches in [window_end, high)
+    let mut window_end = marks.high;
+    let mut step = (n as i64).saturating_mul(8).max(512);
+    while window_end > marks.low {
+        let from = window_end.saturating_sub(step).max(marks.low);
+        let need = n - found_after;
+        let mut last: VecDeque<i64> = VecDeque::with_capacity(need.min(4096));
+        let mut next = from;
+        while next < window_end {
+            let mut range = history.read(tp, next, window_end, Arc::clone(key))?;
+            while let Some(item) = range.rx.recv().await {
+                if let Item::Record(rec) = item {
+                    if matches!(&rec.event, Ok(e) if e.source() == source) {
+                        if last.len() == need {
+                            last.pop_front();
+                        }
+                        last.push_back(rec.position.offset);
+                    }
+                    next = next.max(rec.position.offset + 1);
+                }
+            }
+            if let Some(e) = range.ticket.take_error() {
+                return Err(e);
+            }
+            let checked = range.ticket.checked();
+            if checked <= next && next < window_end && checked == from {
+                return Err(ReplayError::Task("the history reader gave up a range without an error".into()));
+            }
+            next = next.max(checked);
+        }
+        if last.len() == need {
+            return Ok(last[0]);
+        }
+        found_after += last.len();
+        window_end = from;
+        step = step.saturating_mul(4);
+    }
+    // Fewer than n stored: all of them.
+    Ok(marks.low)
 }
 
 /// The caller dropped the stream, or a fatal error was sent: stop.
 struct Stop;
 
-/// Skipping more already-delivered records than this costs more than
-/// re-positioning the reader.
-const REASSIGN_DISTANCE: i64 = 10_000;
-
 struct Joiner {
     tx: mpsc::Sender<Result<Delivery, JoinError>>,
-    reader: Reader,
-    topic: String,
-    partition: i32,
+    history: History,
+    tp: Tp,
     source: Source,
-    key: Vec<u8>,
+    key: Arc<[u8]>,
     /// Every offset below this has been delivered or checked.
     next: i64,
-    /// The offset the reader returns next.
-    read_pos: i64,
-    verify_jumps: bool,
+    /// The low watermark last seen.
+    low: i64,
 }
 
 impl Joiner {
-    async fn run(mut self, mut live: LiveStream, idle: Duration) {
-        if self.catch_up().await.is_err() {
+    async fn run(mut self, mut live: LiveStream, mut marks: watch::Receiver<Marks>, high: i64, idle: Duration) {
+        if self.scan_to(high).await.is_err() {
             return;
         }
+        let mut last_live = Instant::now();
+        // When to compare with the polled high watermark, if it moved.
+        let mut check_at: Option<Instant> = None;
         loop {
-            let item = tokio::select! {
+            let step = tokio::select! {
                 _ = self.tx.closed() => return,
-                item = tokio::time::timeout(idle, live.next()) => item,
-            };
-            let step = match item {
-                Err(_idle) => self.catch_up().await,
-                Ok(Some(LiveItem::Notification(n))) => self.on_live(std::sync::Arc::unwrap_or_clone(n)).await,
-                Ok(Some(LiveItem::Gap | LiveItem::Lagged { .. })) => self.catch_up().await,
-                Ok(Some(LiveItem::Disconnected)) => Ok(()),
-                Ok(Some(LiveItem::Malformed { channel, reason })) => {
-                    self.send(Err(JoinError::Malformed { channel: channel.to_string(), reason: reason.to_string() }))
-                        .await
+                item = live.next() => {
+                    last_live = Instant::now();
+                    match item {
+                        Some(LiveItem::Notification(n)) => self.on_live(Arc::unwrap_or_clone(n)).await,
+                        Some(LiveItem::Gap | LiveItem::Lagged { .. }) => self.catch_up().await,
+                        Some(LiveItem::Disconnected) => Ok(()),
+                        Some(LiveItem::Malformed { channel, reason }) => {
+                            let e = JoinError::Malformed { channel: channel.to_string(), reason: reason.to_string() };
+                            self.send(Err(e)).await
+                        }
+                        Some(LiveItem::Dropped { .. }) | None => {
+                            let _ = self.catch_up().await;
+                            let _ = self.send(Err(JoinError::Hub(HubError::Closed))).await;
+                            return;
+                        }
+                    }
                 }
-                Ok(Some(LiveItem::Dropped { .. }) | None) => {
-                    let _ = self.catch_up().await;
-                    let _ = self.send(Err(JoinError::Hub(HubError::Closed))).await;
-                    return;
+                changed = marks.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let m = *marks.borrow_and_update();
+                    self.low = self.low.max(m.low);
+                    if m.high > self.next && check_at.is_none() {
+                        check_at = Some(last_live + idle);
+                    }
+                    Ok(())
+                }
+                _ = tokio::time::sleep_until(check_at.unwrap_or_else(Instant::now)), if check_at.is_some() => {
+                    if last_live.elapsed() >= idle {
+                        check_at = None;
+                        let high = marks.borrow().high;
+                        self.scan_to(high).await
+                    } else {
+                        check_at = Some(last_live + idle);
+                        Ok(())
+                    }
                 }
             };
             if step.is_err() {
@@ -199,52 +336,85 @@ impl Joiner {
 
     /// Read from Kafka up to the high watermark taken now.
     async fn catch_up(&mut self) -> Result<(), Stop> {
-        match self.reader.watermarks(&self.topic, self.partition).await {
-            Ok((_, high)) => self.scan_to(high).await,
+        match self.history.fresh(&self.tp).await {
+            Ok(m) => {
+                self.low = self.low.max(m.low);
+                self.scan_to(m.high).await
+            }
             Err(e) => Err(self.fatal(e).await),
         }
     }
 
     /// Deliver this source's records in `[next, target)` from Kafka.
     async fn scan_to(&mut self, target: i64) -> Result<(), Stop> {
-        if self.next >= target {
-            return Ok(());
-        }
-        if self.next - self.read_pos > REASSIGN_DISTANCE {
-            if let Err(e) = self.reader.assign(&self.topic, &[(self.partition, self.next)]) {
-                return Err(self.fatal(e).await);
-            }
-            self.read_pos = self.next;
-        }
         while self.next < target {
-            let fetched = match self.reader.recv(Some(&self.key)).await {
-                Ok(f) => f,
-                Err(e) => return Err(self.fatal(e).await),
-            };
-            let offset = fetched.position().offset;
-            self.read_pos = offset + 1;
-            if offset < self.next {
+            if self.next < self.low {
+                let (requested, first_available) = (self.next, self.low.min(target));
+                self.next = first_available;
+                self.send(Ok(Delivery::Truncated { requested, first_available })).await?;
                 continue;
             }
-            self.next = offset + 1;
-            if let Fetched::Record { position, timestamp_ms, event } = fetched {
-                match event {
-                    Ok(event) if event.source() == &self.source => {
-                        self.send(Ok(Delivery::History(Replayed { event, position, timestamp_ms }))).await?
+            let from = self.next;
+            let mut range = match self.history.read(&self.tp, from, target, Arc::clone(&self.key)) {
+                Ok(r) => r,
+                Err(e) => return Err(self.fatal(e).await),
+            };
+            while let Some(item) = range.rx.recv().await {
+                match item {
+                    Item::Record(rec) => {
+                        let offset = rec.position.offset;
+                        if offset < self.next {
+                            continue;
+                        }
+                        self.next = offset + 1;
+                        let item = match &rec.event {
+                            Ok(e) if e.source() == &self.source => Ok(Delivery::History(Replayed {
+                                event: e.clone(),
+                                position: rec.position.clone(),
+                                timestamp_ms: rec.timestamp_ms,
+                            })),
+                            Ok(_) => continue,
+                            Err(raw) => Err(ReplayError::Decode { position: rec.position.clone(), error: raw.error() }.into()),
+                        };
+                        self.send(item).await?;
                     }
-                    Ok(_) => {}
-                    Err(error) => self.send(Err(ReplayError::Decode { position, error }.into())).await?,
+                    Item::Hole { from, to } => {
+                        if to <= self.next {
+                            continue;
+                        }
+                        // Deleted records, or offsets that never held one
+                        // (compaction, control records)?
+                        let m = match self.history.fresh(&self.tp).await {
+                            Ok(m) => m,
+                            Err(e) => return Err(self.fatal(e).await),
+                        };
+                        self.low = self.low.max(m.low);
+                        let requested = self.next.max(from);
+                        self.next = to;
+                        if m.low > requested {
+                            self.send(Ok(Delivery::Truncated { requested, first_available: to })).await?;
+                        }
+                    }
                 }
             }
+            if let Some(e) = range.ticket.take_error() {
+                return Err(self.fatal(e).await);
+            }
+            let checked = range.ticket.checked();
+            if self.next == from && checked <= from {
+                let e = ReplayError::Task("the history reader gave up a range without an error".into());
+                return Err(self.fatal(e).await);
+            }
+            self.next = self.next.max(checked);
         }
         Ok(())
     }
 
     async fn on_live(&mut self, n: Notification) -> Result<(), Stop> {
         let offset = match &n.position {
-            Some(p) if *p.topic == *self.topic && p.partition == self.partition => p.offset,
+            Some(p) if *p.topic == *self.tp.0 && p.partition == self.tp.1 => p.offset,
             Some(p) => {
-                let reason = format!("position {p} is not in {}/{}", self.topic, self.partition);
+                let reason = format!("position {p} is not in {}/{}", self.tp.0, self.tp.1);
                 return self.send(Err(JoinError::Unmergeable { id: n.id, reason })).await;
             }
             None => {
@@ -252,7 +422,9 @@ impl Joiner {
                 return self.send(Err(JoinError::Unmergeable { id: n.id, reason })).await;
             }
         };
-        if offset > self.next && self.verify_jumps {
+        if offset > self.next {
+            // Events of this source in between whose notifications were lost
+            // come from Kafka first (usually from the shared cache).
             self.scan_to(offset).await?;
         }
         if offset < self.next {

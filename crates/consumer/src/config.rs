@@ -151,18 +151,24 @@ pub struct HubConfig {
     pub subscriber_buffer: usize,
     /// What happens when a subscriber's buffer is full.
     pub overflow: Overflow,
-    /// Bound on connecting, subscribing and pinging, in milliseconds.
-    /// Default: 2,000.
+    /// Bound on connecting, on Redis's confirmation of each SUBSCRIBE-like
+    /// command and on each ping, in milliseconds; a command or ping not
+    /// answered in time counts as a lost connection. None of them holds up
+    /// delivery meanwhile. Default: 2,000.
     pub timeout_ms: u64,
     /// Interval between liveness pings on the subscription connection, in
     /// milliseconds; a failed ping counts as a lost connection. Default:
     /// 5,000.
     pub ping_interval_ms: u64,
-    /// First wait before reconnecting, in milliseconds (doubles after each
-    /// failure). Default: 100.
+    /// Backoff before the first reconnection attempt, in milliseconds; it
+    /// doubles after each failed attempt, up to `reconnect_max_ms`, and
+    /// starts again from here once a connection was live. Each wait is drawn
+    /// uniformly between half the backoff and the backoff (jitter), so a
+    /// fleet of gateways that lost Redis together does not reconnect in
+    /// step. Default: 100.
     pub reconnect_min_ms: u64,
-    /// Longest wait between reconnection attempts, in milliseconds.
-    /// Default: 2,000.
+    /// Largest backoff between reconnection attempts, in milliseconds (the
+    /// waits are drawn from half of it up to it). Default: 2,000.
     pub reconnect_max_ms: u64,
 }
 
@@ -207,21 +213,21 @@ pub struct JoinConfig {
     /// Items a join may have ready before its reader waits for the caller.
     /// Default: 256.
     pub buffer: usize,
-    /// When a live notification's offset is beyond the next offset the join
-    /// has checked, read the records in between from Kafka first and deliver
-    /// any of this source that Redis did not announce (a notification the
-    /// publisher could not send, for example). Exact, at the cost of reading
-    /// the partition the source lives in. Default: on.
-    pub verify_jumps: bool,
-    /// After this long without a live item, compare with Kafka's high
-    /// watermark and deliver anything missed, in milliseconds; bounds how
-    /// late an event whose notification was lost can be. Default: 1,000.
+    /// How often the shared watermark poller reads the watermarks of every
+    /// partition a join watches, and how long a join waits without a live
+    /// item before it compares with the high watermark and delivers anything
+    /// missed, in milliseconds. Bounds how late an event whose notification
+    /// was lost can be. Default: 1,000.
     pub idle_check_ms: u64,
+    /// Records of each partition the shared reader keeps in memory, so that
+    /// the checks after a notification jump or an idle period read memory
+    /// rather than Kafka. Default: 4,096.
+    pub cache_records: usize,
 }
 
 impl Default for JoinConfig {
     fn default() -> Self {
-        Self { buffer: 256, verify_jumps: true, idle_check_ms: 1_000 }
+        Self { buffer: 256, idle_check_ms: 1_000, cache_records: 4_096 }
     }
 }
 
@@ -229,7 +235,8 @@ impl JoinConfig {
     /// Check every field; the first problem found is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
         range("buffer", self.buffer as u64, 1, 16_777_216)?;
-        range("idle_check_ms", self.idle_check_ms, 1, 3_600_000)?;
+        range("idle_check_ms", self.idle_check_ms, 10, 3_600_000)?;
+        range("cache_records", self.cache_records as u64, 0, 16_777_216)?;
         Ok(())
     }
 }

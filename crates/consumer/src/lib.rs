@@ -74,6 +74,10 @@
 //!     match item? {
 //!         Delivery::History(r) => println!("missed while away: {}", r.event.id()),
 //!         Delivery::Live(n) => println!("live: {}", n.id),
+//!         Delivery::Truncated { requested, first_available } => {
+//!             println!("offsets {requested}..{first_available} are no longer stored")
+//!         }
+//!         _ => {}
 //!     }
 //! }
 //! # Ok(()) }
@@ -84,12 +88,14 @@
 
 mod catchup;
 mod config;
+mod history;
 mod hub;
 mod reader;
 mod replay;
 
 pub use catchup::{CatchUp, Delivery, JoinError, JoinStream};
 pub use config::{ConfigError, HubConfig, JoinConfig, Overflow, ReplayConfig};
+pub use history::HistoryStats;
 pub use hub::{Hub, HubError, HubStats, LiveItem, LiveStream, Target, MAX_TARGET_LEN};
 pub use reader::partition_for_key;
 pub use replay::{Replay, ReplayError, ReplayRequest, ReplayStream, Replayed, Scope, StartAt, Until};

@@ -24,6 +24,25 @@ pub fn partition_for_key(key: &[u8], partition_count: i32) -> i32 {
     (crc32fast::hash(key) % partition_count as u32) as i32
 }
 
+/// The number of partitions of `topic` (a blocking metadata request).
+pub(crate) fn partition_count<C: rdkafka::consumer::ConsumerContext>(
+    c: &impl Consumer<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<i32, ReplayError> {
+    let md = c.fetch_metadata(Some(topic), timeout)?;
+    let count = md
+        .topics()
+        .iter()
+        .find(|m| m.name() == topic && m.error().is_none())
+        .map(|m| m.partitions().len() as i32)
+        .unwrap_or(0);
+    if count == 0 {
+        return Err(ReplayError::UnknownTopic { topic: topic.to_owned() });
+    }
+    Ok(count)
+}
+
 /// One record read, decoded unless it was filtered out by key.
 pub(crate) enum Fetched {
     /// Not of the wanted key: only its position matters.
@@ -67,7 +86,7 @@ impl Reader {
         Ok(Self {
             consumer: Arc::new(consumer),
             timeout: config.timeout(),
-            limits: Limits::default(),
+            limits: crate::history::decode_limits(),
             probes: Mutex::new(HashMap::new()),
         })
     }
@@ -91,20 +110,7 @@ impl Reader {
     /// The number of partitions of `topic`.
     pub(crate) async fn partition_count(&self, topic: &str) -> Result<i32, ReplayError> {
         let t = topic.to_owned();
-        self.blocking(move |c, timeout| {
-            let md = c.fetch_metadata(Some(&t), timeout)?;
-            let count = md
-                .topics()
-                .iter()
-                .find(|m| m.name() == t && m.error().is_none())
-                .map(|m| m.partitions().len() as i32)
-                .unwrap_or(0);
-            if count == 0 {
-                return Err(ReplayError::UnknownTopic { topic: t });
-            }
-            Ok(count)
-        })
-        .await
+        self.blocking(move |c, timeout| partition_count(c, &t, timeout)).await
     }
 
     /// `(low, high)` watermarks: the first offset still stored and the offset

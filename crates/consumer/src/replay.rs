@@ -9,6 +9,7 @@ use dualstream_kafka::TopicRouting;
 use futures::Stream;
 
 use crate::config::{ConfigError, ReplayConfig};
+use crate::history::Marks;
 use crate::reader::{partition_for_key, Fetched, Reader};
 
 /// Why a replay (or a read of a join) failed.
@@ -55,6 +56,21 @@ pub enum ReplayError {
     /// A background task of the reader failed.
     #[error("reader task failed: {0}")]
     Task(String),
+    /// The requested start is below the first offset still stored: offsets
+    /// `requested..first_available` of this partition were deleted
+    /// (retention, delete-records). Yielded before the partition's first
+    /// record; the stream goes on from `first_available`.
+    #[error("{topic}/{partition}: offsets {requested}..{first_available} are no longer stored")]
+    Truncated {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// The offset asked for.
+        requested: i64,
+        /// The first offset still stored.
+        first_available: i64,
+    },
 }
 
 /// One event read back from Kafka.
@@ -91,7 +107,11 @@ pub enum StartAt {
     /// Only what is written after the stream starts.
     End,
     /// This offset (inclusive) in each partition read. For a source: resume
-    /// after a delivered position `p` with `Offset(p.offset + 1)`.
+    /// after a delivered position `p` with `Offset(p.offset + 1)`. Below the
+    /// first offset still stored, the stream says so first
+    /// ([`ReplayError::Truncated`], or `Delivery::Truncated` in a join) and
+    /// starts at the first stored record; beyond the end, it starts at the
+    /// end.
     Offset(i64),
     /// The first record whose Kafka timestamp is at or after this time, in
     /// milliseconds since the Unix epoch.
@@ -220,7 +240,7 @@ impl Replay {
                 Filter::Source(s.clone()),
             ),
             Scope::SourceType(t) => {
-                dualstream_core::Limits::default()
+                dualstream_core::Limits::lenient()
                     .check_source_type(t)
                     .map_err(|e| ReplayError::Request { field: "scope", reason: e.to_string() })?;
                 let filter = match routing {
@@ -255,6 +275,7 @@ impl Replay {
         reader: &Reader,
         target: &Resolved,
         start: &StartAt,
+        truncated: &mut Vec<ReplayError>,
     ) -> Result<Vec<(i32, i64)>, ReplayError> {
         let mut out = Vec::with_capacity(target.partitions.len());
         match start {
@@ -273,6 +294,7 @@ impl Replay {
                 };
                 let p = target.partitions[0];
                 let (low, high) = reader.watermarks(&target.topic, p).await?;
+                let Marks { low, high } = Marks::sane(low, high);
                 let start = last_n_start(reader, target, source, p, *n, low, high).await?;
                 return Ok(vec![(p, start)]);
             }
@@ -280,10 +302,19 @@ impl Replay {
         }
         for p in &target.partitions {
             let (low, high) = reader.watermarks(&target.topic, *p).await?;
+            let Marks { low, high } = Marks::sane(low, high);
             let o = match start {
                 StartAt::End => high,
-                // Clamp into what is stored.
-                StartAt::Offset(o) => (*o).clamp(low, high),
+                StartAt::Offset(o) if *o < low => {
+                    truncated.push(ReplayError::Truncated {
+                        topic: target.topic.clone(),
+                        partition: *p,
+                        requested: *o,
+                        first_available: low,
+                    });
+                    low
+                }
+                StartAt::Offset(o) => (*o).min(high),
                 // Beginning (Timestamp and LastN returned above).
                 _ => low,
             };
@@ -296,7 +327,8 @@ impl Replay {
     pub async fn stream(&self, request: ReplayRequest) -> Result<ReplayStream, ReplayError> {
         let reader = self.reader()?;
         let target = self.resolve(&reader, &request.scope).await?;
-        let starts = self.start_offsets(&reader, &target, &request.start).await?;
+        let mut truncated = Vec::new();
+        let starts = self.start_offsets(&reader, &target, &request.start, &mut truncated).await?;
         let mut ends = HashMap::new();
         let mut assign = Vec::new();
         for (p, o) in starts {
@@ -330,6 +362,7 @@ impl Replay {
             stop_on_decode: request.stop_on_decode_error,
             min_timestamp,
             done,
+            truncated: truncated.into(),
         };
         Ok(Box::pin(futures::stream::unfold(state, |mut s| async move {
             let item = s.next_item().await?;
@@ -349,10 +382,15 @@ struct State {
     stop_on_decode: bool,
     min_timestamp: Option<i64>,
     done: bool,
+    /// Truncation items to yield before any record.
+    truncated: VecDeque<ReplayError>,
 }
 
 impl State {
     async fn next_item(&mut self) -> Option<Result<Replayed, ReplayError>> {
+        if let Some(t) = self.truncated.pop_front() {
+            return Some(Err(t));
+        }
         loop {
             if self.done {
                 return None;

@@ -178,3 +178,108 @@ async fn an_unreachable_redis_is_reported_to_the_subscriber() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(hub.stats().await.expect("stats").channels, 0, "released with its last subscriber");
 }
+
+mod shared_history {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use dualstream_core::{DurableSink, Event, Source};
+    use rdkafka::mocking::MockCluster;
+
+    use super::sink;
+    use crate::history::{History, Item, Marks, Tp};
+    use crate::*;
+
+    /// Everything one range read delivers, and how far it got.
+    async fn read_all(h: &History, tp: &Tp, from: i64, to: i64, key: &str, slow: bool) -> Vec<i64> {
+        let mut out = Vec::new();
+        let mut next = from;
+        while next < to {
+            let mut range = h.read(tp, next, to, Arc::from(key.as_bytes())).expect("read");
+            while let Some(item) = tokio::time::timeout(Duration::from_secs(20), range.rx.recv()).await.expect("no stall") {
+                match item {
+                    Item::Record(rec) => {
+                        assert!(rec.position.offset >= next, "in order, no repeat");
+                        next = rec.position.offset + 1;
+                        out.push(rec.position.offset);
+                        if slow {
+                            // A busy join: the reader must drop it from the
+                            // sweep rather than wait for it.
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                    }
+                    Item::Hole { from, to } => panic!("no hole in a fresh topic: {from}..{to}"),
+                }
+            }
+            assert!(range.ticket.take_error().is_none());
+            next = next.max(range.ticket.checked());
+        }
+        out
+    }
+
+    /// Many concurrent range reads of one partition, from offsets old and
+    /// new, some of them slow: one consumer for the records, each read gets
+    /// exactly its key's records of its range.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_range_reads_share_one_consumer_and_each_gets_exactly_its_records() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("t", 2, 1).expect("topic");
+        let brokers = cluster.bootstrap_servers();
+        let sink = sink(&brokers, "t");
+        let keys = ["a", "b", "c", "d", "e"];
+        let events: Vec<Event> =
+            (0..2_000).map(|i| Event::builder("n", "user", keys[i % 5]).payload(format!("{i}")).build().expect("valid")).collect();
+        let mut stored: Vec<(String, i32, i64)> = Vec::new();
+        for (e, r) in events.iter().zip(sink.publish_batch(events.clone()).await) {
+            let p = r.expect("stored");
+            stored.push((e.source().source_id().to_string(), p.partition, p.offset));
+        }
+        let config = ReplayConfig { bootstrap_servers: brokers, timeout_ms: 10_000, ..ReplayConfig::default() };
+        let config = ReplayConfig { topic: dualstream_kafka::TopicRouting::Single { topic: "t".into() }, ..config };
+        // A small cache, so that older ranges move the read position back.
+        let h = History::new(Arc::new(config), Duration::from_millis(100), 64).expect("history");
+        let mut tasks = Vec::new();
+        for i in 0..60usize {
+            let key = keys[i % 5];
+            let source = Source::new("user", key).expect("valid");
+            let partition = partition_for_key(source.source_id().as_bytes(), 2);
+            let tp: Tp = (Arc::from("t"), partition);
+            let high = stored.iter().filter(|s| s.1 == partition).map(|s| s.2 + 1).max().expect("records");
+            let from = (i as i64 * 97) % high;
+            let to = (from + 50 + (i as i64 * 31) % 700).min(high);
+            let want: Vec<i64> =
+                stored.iter().filter(|s| s.0 == key && s.1 == partition && s.2 >= from && s.2 < to).map(|s| s.2).collect();
+            let h = h.clone();
+            tasks.push(tokio::spawn(async move {
+                let got = read_all(&h, &tp, from, to, key, i % 7 == 0).await;
+                assert_eq!(got, want, "read {i}: key {key}, {from}..{to}");
+            }));
+        }
+        for t in tasks {
+            t.await.expect("read");
+        }
+        let stats = h.stats();
+        assert_eq!(stats.consumers, 2, "one for metadata, one for the topic: {stats:?}");
+        assert!(stats.seeks > 0, "older ranges moved the position back: {stats:?}");
+        // The watermarks, polled once for every watcher of a partition.
+        let tp: Tp = (Arc::from("t"), 0);
+        let mut watchers: Vec<_> = (0..100).map(|_| h.watch(&tp)).collect();
+        let fresh = h.fresh(&tp).await.expect("fresh");
+        let high0 = stored.iter().filter(|s| s.1 == 0).count() as i64;
+        assert_eq!(fresh, Marks { low: 0, high: high0 });
+        for w in &mut watchers {
+            tokio::time::timeout(Duration::from_secs(5), w.wait_for(|m| m.high == high0)).await.expect("polled").expect("open");
+        }
+        let before = h.stats().watermark_lookups;
+        tokio::time::sleep(Duration::from_millis(550)).await;
+        let polls = h.stats().watermark_lookups - before;
+        assert!((3..=8).contains(&polls), "about one look-up per 100 ms for 100 watchers of one partition: {polls}");
+    }
+
+    #[test]
+    fn inconsistent_watermarks_do_not_panic() {
+        assert_eq!(Marks::sane(10, 5), Marks { low: 10, high: 10 });
+        assert_eq!(Marks::sane(-1, -1), Marks { low: 0, high: 0 });
+        assert_eq!(Marks::sane(3, 9), Marks { low: 3, high: 9 });
+    }
+}

@@ -19,6 +19,8 @@ use deadpool_redis::redis;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
+mod joins;
+
 struct Profile {
     throughput_events: usize,
     notify_events: usize,
@@ -28,6 +30,8 @@ struct Profile {
     naive_events: usize,
     fanout_events: usize,
     slow_events: usize,
+    idle_joins: usize,
+    busy_joins: usize,
 }
 
 #[derive(Clone)]
@@ -786,15 +790,15 @@ fn write_report(rows: &[Row], full: bool, filters: &[String], took: Duration) {
             None => "-",
         };
         let cpu = r.cpu.map(|(o, b)| format!("{o} / {b}")).unwrap_or_else(|| "-".into());
+        // Rows without a baseline (NaN) show none and no ratio.
+        let (baseline, ratio) = if r.baseline.is_nan() {
+            ("-".to_owned(), "-".to_owned())
+        } else {
+            (format!("{:.2}", r.baseline), format!("{:.2}", r.ours / r.baseline))
+        };
         md.push_str(&format!(
-            "| {} | {:.2} | {:.2} | {:.2} | {} | {} | {} |\n",
-            r.name,
-            r.ours,
-            r.baseline,
-            r.ours / r.baseline,
-            r.goal,
-            met,
-            cpu
+            "| {} | {:.2} | {baseline} | {ratio} | {} | {} | {} |\n",
+            r.name, r.ours, r.goal, met, cpu
         ));
     }
     let micro = criterion_figures(&root.join("target/criterion"));
@@ -814,8 +818,9 @@ fn write_report(rows: &[Row], full: bool, filters: &[String], took: Duration) {
     let json: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
-            serde_json::json!({"group": r.group, "name": r.name, "ours": r.ours, "baseline": r.baseline,
-                "unit": r.unit, "ratio": r.ours / r.baseline, "goal": r.goal, "met": r.met, "note": r.note,
+            let baseline = (!r.baseline.is_nan()).then_some(r.baseline);
+            serde_json::json!({"group": r.group, "name": r.name, "ours": r.ours, "baseline": baseline,
+                "unit": r.unit, "ratio": baseline.map(|b| r.ours / b), "goal": r.goal, "met": r.met, "note": r.note,
                 "cpu_us_per_event": r.cpu.map(|(o, b)| serde_json::json!({"ours": o.json(), "baseline": b.json()}))})
         })
         .collect();
@@ -852,9 +857,9 @@ async fn main() {
     init_tracing();
     let (full, filters) = args();
     let p = if full {
-        Profile { throughput_events: 1_000_000, notify_events: 1_000_000, latency_secs: 30, outage_events: 200_000, memory_events: 2_000_000, naive_events: 10_000, fanout_events: 10_000, slow_events: 300_000 }
+        Profile { throughput_events: 1_000_000, notify_events: 1_000_000, latency_secs: 30, outage_events: 200_000, memory_events: 2_000_000, naive_events: 10_000, fanout_events: 10_000, slow_events: 300_000, idle_joins: 10_000, busy_joins: 1_000 }
     } else {
-        Profile { throughput_events: 500_000, notify_events: 200_000, latency_secs: 10, outage_events: 30_000, memory_events: 1_000_000, naive_events: 1_000, fanout_events: 2_000, slow_events: 100_000 }
+        Profile { throughput_events: 500_000, notify_events: 200_000, latency_secs: 10, outage_events: 30_000, memory_events: 1_000_000, naive_events: 1_000, fanout_events: 2_000, slow_events: 100_000, idle_joins: 10_000, busy_joins: 1_000 }
     };
     let (brokers, redis_url) = (kafka_brokers(), redis_url());
     let want = |g: &str| filters.is_empty() || filters.iter().any(|f| g.contains(f.as_str()));
@@ -899,6 +904,10 @@ async fn main() {
     if want("fanout") {
         println!("[fanout] {FANOUT_SUBSCRIBERS} local subscribers through the hub vs {FANOUT_SUBSCRIBERS} Redis connections");
         fanout(&redis_url, &p, &mut rows).await;
+    }
+    if want("joins") {
+        println!("[joins] {} idle catch-up joins, then {} joins from random offsets under load", p.idle_joins, p.busy_joins);
+        joins::run(&brokers, &redis_url, &p, &pids, &mut rows).await;
     }
     write_report(&rows, full, &filters, started.elapsed());
 }

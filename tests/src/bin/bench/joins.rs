@@ -1,0 +1,351 @@
+//! The `joins` group: many catch-up joins in one process sharing the Kafka
+//! side (issue #11). Idle joins first, then joins that start at once from
+//! random offsets while the publisher writes; every join's sequence is
+//! checked against a plain rdkafka consumer's reading of the topic.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dualstream::consumer::{partition_for_key, CatchUp, Delivery, Hub, HubConfig, JoinConfig, Replay, ReplayConfig, StartAt};
+use dualstream::prelude::*;
+use dualstream::Source;
+use dualstream_tests::*;
+use futures::StreamExt;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use super::{clock_ticks, CpuSnap, Pids, Profile, Row};
+
+/// Sources, hence Redis channels.
+const CHANNELS: usize = 1_000;
+const PARTITIONS: i32 = 8;
+/// Events per source stored before any join opens.
+const PREFILL_PER_SOURCE: usize = 20;
+/// The publish load while the busy joins start, events/s.
+const LOAD_RATE: usize = 5_000;
+const LOAD_SECS: u64 = 12;
+/// How long the idle joins are watched for broker requests.
+const IDLE_WINDOW: Duration = Duration::from_secs(10);
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+}
+
+/// What one join received.
+#[derive(Default)]
+struct Seen {
+    offsets: Vec<i64>,
+    first_live: Option<Duration>,
+    odd: Vec<String>,
+}
+
+/// Follow one join's stream into `seen`.
+fn collect(mut stream: dualstream::consumer::JoinStream, seen: Arc<Mutex<Seen>>, opened: Instant, delivered: Arc<AtomicUsize>) {
+    tokio::spawn(async move {
+        while let Some(item) = stream.next().await {
+            let mut s = seen.lock().expect("lock");
+            match item {
+                Ok(d @ (Delivery::History(_) | Delivery::Live(_))) => {
+                    if matches!(d, Delivery::Live(_)) && s.first_live.is_none() {
+                        s.first_live = Some(opened.elapsed());
+                    }
+                    s.offsets.push(d.position().map_or(-1, |p| p.offset));
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(other) => s.odd.push(format!("{other:?}")),
+                Err(e) => s.odd.push(e.to_string()),
+            }
+        }
+    });
+}
+
+fn event(kind: &str, s: &Source, i: usize) -> Event {
+    Event::builder(kind, s.source_type(), s.source_id()).payload(format!("{i:0>150}")).build().expect("valid")
+}
+
+pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids, rows: &mut Vec<Row>) {
+    let topic = unique_topic("bench-joins");
+    create_topic(brokers, &topic, PARTITIONS).await;
+    let (engine, _) = dual_engine(brokers, &topic, redis_url);
+    let run = dualstream::EventId::new().as_uuid().simple().to_string();
+    let sources: Vec<Source> =
+        (0..CHANNELS).map(|i| Source::new("sensor", format!("{run}-{i}")).expect("valid")).collect();
+    let prefill: Vec<Event> =
+        (0..CHANNELS * PREFILL_PER_SOURCE).map(|i| event("bench.prefill", &sources[i % CHANNELS], i)).collect();
+    let stored = engine.submit_many(prefill).await.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(stored, CHANNELS * PREFILL_PER_SOURCE, "history stored");
+
+    let replay = Replay::new(ReplayConfig {
+        bootstrap_servers: brokers.to_owned(),
+        topic: TopicRouting::Single { topic: topic.clone() },
+        ..ReplayConfig::default()
+    })
+    .expect("replay");
+    let hub = Hub::new(HubConfig { url: redis_url.to_owned(), ..HubConfig::default() }).expect("hub");
+    let joiner = CatchUp::new(replay, hub.clone(), JoinConfig::default()).expect("joiner");
+    let delivered = Arc::new(AtomicUsize::new(0));
+    let rss_before = rss_kib();
+    let threads_before = threads();
+
+    // Phase 1: idle joins, opened 500 at a time.
+    let mut joins: Vec<(usize, Option<i64>, Arc<Mutex<Seen>>)> = Vec::new();
+    let started = Instant::now();
+    for chunk in (0..p.idle_joins).collect::<Vec<_>>().chunks(500) {
+        let opened = futures::future::join_all(chunk.iter().map(|j| {
+            let joiner = joiner.clone();
+            let s = sources[j % CHANNELS].clone();
+            async move { joiner.join(s, StartAt::End).await.expect("join") }
+        }))
+        .await;
+        for (j, stream) in chunk.iter().zip(opened) {
+            let seen = Arc::new(Mutex::new(Seen::default()));
+            collect(stream, seen.clone(), Instant::now(), delivered.clone());
+            joins.push((j % CHANNELS, None, seen));
+        }
+    }
+    let open_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_idle = rss_kib();
+    let threads_idle = threads();
+    let (s0, c0) = (joiner.stats(), CpuSnap::take(pids));
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let (s1, c1) = (joiner.stats(), CpuSnap::take(pids));
+    let secs = IDLE_WINDOW.as_secs_f64();
+    // A watermark look-up is two list-offsets requests.
+    let idle_requests = ((s1.watermark_lookups - s0.watermark_lookups) * 2 + (s1.metadata_lookups - s0.metadata_lookups))
+        as f64
+        / secs;
+    let broker_cores = c1.broker.zip(c0.broker).map(|(a, b)| (a - b) as f64 / clock_ticks() / secs);
+    println!(
+        "  {} idle joins opened in {open_secs:.1} s; RSS {} → {} MiB; threads {threads_before} → {threads_idle}; {idle_requests:.1} requests/s; broker {:?} cores; {:?}",
+        p.idle_joins,
+        rss_before >> 10,
+        rss_idle >> 10,
+        broker_cores,
+        s1
+    );
+
+    // Phase 2: the load, and the busy joins once it runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (engine, stop, sources) = (engine.clone(), stop.clone(), sources.clone());
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut pending = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let batch: Vec<Event> =
+                    (0..LOAD_RATE / 100).map(|k| event("bench.load", &sources[(i + k) % CHANNELS], i + k)).collect();
+                i += batch.len();
+                let engine = engine.clone();
+                pending.push(tokio::spawn(async move { engine.submit_many(batch).await.iter().filter(|r| r.is_err()).count() }));
+            }
+            let mut errors = 0;
+            for t in pending {
+                errors += t.await.expect("load task");
+            }
+            (i, errors)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let highs = high_watermarks(brokers, &topic);
+    let phase2 = Instant::now();
+    let delivered_before = delivered.load(Ordering::Relaxed);
+    let busy: Vec<_> = (0..p.busy_joins)
+        .map(|j| {
+            let source = (j * 7_919 + 13) % CHANNELS;
+            let partition = partition_for_key(sources[source].source_id().as_bytes(), PARTITIONS);
+            let from = ((j as i64 * 104_729) % highs[partition as usize].max(1)).max(0);
+            let (joiner, s) = (joiner.clone(), sources[source].clone());
+            let seen = Arc::new(Mutex::new(Seen::default()));
+            let (task_seen, delivered) = (seen.clone(), delivered.clone());
+            let task = tokio::spawn(async move {
+                let opened = Instant::now();
+                let stream = joiner.join(s, StartAt::Offset(from)).await.expect("join");
+                collect(stream, task_seen, opened, delivered);
+            });
+            (source, from, seen, task)
+        })
+        .collect();
+    for (source, from, seen, task) in busy {
+        task.await.expect("join task");
+        joins.push((source, Some(from), seen));
+    }
+    tokio::time::sleep(Duration::from_secs(LOAD_SECS)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (published, load_errors) = load.await.expect("load");
+    let phase2_secs = phase2.elapsed().as_secs_f64();
+    let deliveries = delivered.load(Ordering::Relaxed) - delivered_before;
+    let rss_busy = rss_kib();
+    let stats = joiner.stats();
+
+    // The witness: every record of the topic, read by a plain consumer.
+    let total = CHANNELS * PREFILL_PER_SOURCE + published;
+    let records = read_topic(brokers, &topic, total, Duration::from_secs(180));
+    let mut by_source: HashMap<String, Vec<(i64, bool)>> = HashMap::new();
+    for r in &records {
+        let e = r.event();
+        by_source.entry(e.source().source_id().to_string()).or_default().push((r.offset, e.event_type() == "bench.load"));
+    }
+    for v in by_source.values_mut() {
+        v.sort();
+    }
+    let want = |source: usize, from: Option<i64>| -> Vec<i64> {
+        by_source
+            .get(sources[source].source_id())
+            .map(|v| {
+                v.iter()
+                    .filter(|(o, load)| match from {
+                        Some(f) => *o >= f,
+                        None => *load,
+                    })
+                    .map(|(o, _)| *o)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Wait (bounded) until every join has its source's last event.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let behind = joins.iter().filter(|(s, from, seen)| want(*s, *from).last() != seen.lock().expect("lock").offsets.last()).count();
+        if behind == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut exact = 0;
+    let mut odd = 0;
+    let mut example = None;
+    for (s, from, seen) in &joins {
+        let seen = seen.lock().expect("lock");
+        let w = want(*s, *from);
+        if seen.offsets == w {
+            exact += 1;
+        } else if example.is_none() {
+            example = Some(format!("source {s} from {from:?}: want {} offsets, got {}", w.len(), seen.offsets.len()));
+        }
+        odd += seen.odd.len();
+    }
+    let mut first_live: Vec<Duration> = joins[p.idle_joins..]
+        .iter()
+        .filter_map(|(_, _, seen)| seen.lock().expect("lock").first_live)
+        .collect();
+    first_live.sort();
+    let with_live = first_live.len();
+    let (p50, p99) = (super::percentile(&first_live, 50.0), super::percentile(&first_live, 99.0));
+    let hub_stats = hub.stats().await.expect("hub stats");
+    println!(
+        "  busy: {} joins; first live p50 {p50:.1} ms p99 {p99:.1} ms ({with_live} with a live item); {:.0} deliveries/s; RSS {} MiB; exact {exact}/{}; {odd} odd items; {stats:?}; {hub_stats:?}",
+        p.busy_joins,
+        deliveries as f64 / phase2_secs,
+        rss_busy >> 10,
+        joins.len()
+    );
+    if let Some(e) = &example {
+        println!("  first mismatch: {e}");
+    }
+    engine.shutdown().await;
+
+    let setup = format!(
+        "{CHANNELS} sources on {PARTITIONS} partitions of one topic, {PREFILL_PER_SOURCE} events each stored first; one CatchUp, one Hub"
+    );
+    let mut row = |name: String, ours: f64, baseline: f64, unit: &'static str, goal: &str, met: Option<bool>, note: String| {
+        rows.push(Row { group: "joins", name, ours, baseline, unit, goal: goal.into(), met, cpu: None, note })
+    };
+    row(
+        "joins: Kafka consumers open".into(),
+        stats.consumers as f64,
+        (2 * 1) as f64,
+        "consumers",
+        "≤ topics × 2 (ratio ≤ 1)",
+        Some(stats.consumers <= 2),
+        format!("baseline column = the target for one topic; {setup}"),
+    );
+    row(
+        format!("joins: RSS with {} idle joins, MiB", p.idle_joins),
+        rss_idle as f64 / 1024.0,
+        300.0,
+        "MiB",
+        "≤ 300 MiB (ratio ≤ 1)",
+        Some(rss_idle <= 300 * 1024),
+        format!(
+            "baseline column = the target; RSS before the joins {} MiB; opened 500 at a time in {open_secs:.1} s; threads {threads_before} → {threads_idle}",
+            rss_before >> 10
+        ),
+    );
+    row(
+        format!("joins: broker requests/s while {} joins are idle", p.idle_joins),
+        idle_requests,
+        f64::NAN,
+        "requests/s",
+        "no request per idle join",
+        Some(idle_requests <= 2.0 * PARTITIONS as f64 * 2.0),
+        format!(
+            "list-offsets and metadata requests counted by the shared readers over {} s (a watermark look-up = 2 requests; one poll per partition per idle_check_ms); broker CPU {} cores",
+            IDLE_WINDOW.as_secs(),
+            broker_cores.map_or("?".into(), |c| format!("{c:.2}"))
+        ),
+    );
+    row(
+        format!("joins: time to first live item, p50, {} joins at once under load", p.busy_joins),
+        p50,
+        f64::NAN,
+        "ms",
+        "-",
+        None,
+        format!("each from a random offset of its source's partition, while the engine writes {LOAD_RATE} events/s; {with_live} of {} got a live item", p.busy_joins),
+    );
+    row(
+        "joins: time to first live item, p99".into(),
+        p99,
+        f64::NAN,
+        "ms",
+        "-",
+        None,
+        "as above".into(),
+    );
+    row(
+        "joins: deliveries/s to all joins under load".into(),
+        deliveries as f64 / phase2_secs,
+        f64::NAN,
+        "deliveries/s",
+        "-",
+        None,
+        format!(
+            "{} joins in all; {published} events published in {phase2_secs:.0} s ({load_errors} errors); RSS {} MiB at the end; shared readers: {} range reads ({} from the cache), {} seeks, {} records read",
+            joins.len(),
+            rss_busy >> 10,
+            stats.range_reads,
+            stats.range_reads_cached,
+            stats.seeks,
+            stats.records_read
+        ),
+    );
+    row(
+        "joins: joins whose sequence is exactly Kafka's".into(),
+        exact as f64,
+        joins.len() as f64,
+        "joins",
+        "all (ratio = 1)",
+        Some(exact == joins.len()),
+        format!(
+            "checked against a plain rdkafka consumer's reading of the whole topic; {odd} non-event items (truncation, errors){}",
+            example.map(|e| format!("; first mismatch: {e}")).unwrap_or_default()
+        ),
+    );
+}
+
+/// Each partition's high watermark, by a plain consumer.
+fn high_watermarks(brokers: &str, topic: &str) -> Vec<i64> {
+    let c: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().expect("consumer");
+    (0..PARTITIONS).map(|p| c.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks").1).collect()
+}
