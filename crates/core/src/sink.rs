@@ -47,16 +47,12 @@ pub enum SinkError {
     /// The event's record is larger than the store takes: for Kafka, the
     /// producer's `message.max.bytes`, which counts the key, the headers and
     /// the framing besides the payload. It can never be stored as it is;
-    /// nothing was sent.
-    #[error(
-        "record too large: {size} bytes (payload {payload} bytes; the rest is key, headers and framing) \
-         exceeds {limit} = {max} bytes"
-    )]
+    /// nothing was sent. (The payload's share is the length of the payload
+    /// of the event handed back.)
+    #[error("record too large: {size} bytes (payload, key, headers and framing) exceeds {limit} = {max} bytes")]
     RecordTooLarge {
         /// The record's size in bytes, as checked.
         size: usize,
-        /// The payload's share of it.
-        payload: usize,
         /// The limit in bytes.
         max: usize,
         /// The setting the limit comes from, for example `message.max.bytes`.
@@ -244,8 +240,7 @@ mod tests {
         assert!(SinkError::QueueFull { waited: Duration::from_secs(1) }.is_retriable());
         assert!(SinkError::Broker { message: "x".into(), retriable: true }.is_retriable());
         assert!(!SinkError::Rejected { reason: "too large".into() }.is_retriable());
-        let big =
-            SinkError::RecordTooLarge { size: 1_000_001, payload: 999_000, max: 1_000_000, limit: "message.max.bytes" };
+        let big = SinkError::RecordTooLarge { size: 1_000_001, max: 1_000_000, limit: "message.max.bytes" };
         assert!(!big.is_retriable());
         assert!(big.to_string().contains("exceeds message.max.bytes = 1000000 bytes"), "{big}");
         assert!(!SinkError::Closed.is_retriable());

@@ -318,8 +318,7 @@ impl KafkaSink {
     fn check_size(&self, event: &Event) -> Result<(), SinkError> {
         let (size, max) = (record_size(event), self.inner.max_record_bytes);
         if size > max {
-            let payload = event.payload().len();
-            return Err(SinkError::RecordTooLarge { size, payload, max, limit: "message.max.bytes" });
+            return Err(SinkError::RecordTooLarge { size, max, limit: "message.max.bytes" });
         }
         Ok(())
     }
