@@ -118,12 +118,8 @@ mod tests {
         for i in 0..10u8 {
             c.write_all(&[i]).await.expect("write");
         }
-        let mut got = Vec::new();
-        while got.len() < 10 {
-            let mut buf = [0u8; 16];
-            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.expect("in time").expect("read");
-            got.extend_from_slice(&buf[..n]);
-        }
+        let mut got = vec![0u8; 10];
+        tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut got)).await.expect("in time").expect("read");
         let rtt = started.elapsed();
         assert_eq!(got, (0..10).collect::<Vec<u8>>());
         assert!(rtt >= Duration::from_millis(80), "two delays of 40 ms: {rtt:?}");

@@ -48,7 +48,9 @@ async fn redis_killed_and_restarted_mid_stream_loses_no_event() {
     };
     let count = || submitted.lock().expect("lock").len();
     let wait_for = |target: usize| async move {
+        let until = Instant::now() + Duration::from_secs(30);
         while count() < target {
+            assert!(Instant::now() < until, "{target} events submitted within 30 s (got {})", count());
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };

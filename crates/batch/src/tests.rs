@@ -134,9 +134,7 @@ async fn a_full_queue_waits_then_fails_with_the_event_and_memory_stays_bounded()
             tokio::spawn(async move { engine.submit(event("a", &i.to_string())).await })
         })
         .collect();
-    while engine.queued() < 10 {
-        tokio::task::yield_now().await;
-    }
+    wait_until("the ten submits are queued", || engine.queued() >= 10).await;
     let extra = event("a", "extra");
     let err = engine.submit(extra.clone()).await.expect_err("queue is full");
     assert!(matches!(&err, BatchError::QueueFull { waited, .. } if *waited == Duration::from_millis(100)), "{err}");
@@ -170,9 +168,7 @@ async fn shutdown_flushes_everything_accepted_and_refuses_the_rest() {
             tokio::spawn(async move { engine.submit(event(&format!("s{}", i % 5), "ok")).await })
         })
         .collect();
-    while engine.queued() < 500 {
-        tokio::task::yield_now().await;
-    }
+    wait_until("the 500 submits are queued", || engine.queued() >= 500).await;
     engine.shutdown().await;
     for h in pending {
         h.await.expect("task").expect("every accepted event is published at shutdown");
@@ -285,9 +281,7 @@ async fn the_durable_path_does_not_wait_for_notifications_and_their_order_holds(
         tokio::spawn(async move { engine.submit(event("a", "1")).await })
     };
     // Let the first batch be stored before the second is submitted.
-    while sink.inner.batches.lock().expect("lock").is_empty() {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    wait_until("the first batch is stored", || !sink.inner.batches.lock().expect("lock").is_empty()).await;
     let second = tokio::time::timeout(Duration::from_secs(10), engine.submit(event("a", "2")))
         .await
         .expect("the second batch is stored and notified while the first one's notifications wait")
