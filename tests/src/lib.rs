@@ -3,6 +3,7 @@
 //! test-owned `redis-server` and `tansu` processes for fault tests, topic
 //! creation, an independent Kafka read-back and a Redis subscriber.
 
+mod ports;
 pub mod proxy;
 
 use std::net::TcpListener;
@@ -170,17 +171,96 @@ pub fn read_topic(brokers: &str, topic: &str, expect: usize, timeout: Duration) 
     out
 }
 
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+/// A loopback port reserved for one fixture server for the fixture's whole
+/// life, restarts included: a listener on `127.0.0.2` and the same port. The
+/// server listens on `127.0.0.1`, which the reservation does not block, while
+/// every other fixture, in this process or another, starts by reserving and
+/// so skips the port; the kernel releases it when the process dies.
+///
+/// Ports are drawn from below the kernel's ephemeral range, so neither
+/// `bind(0)` nor an outgoing connection's local port can land on one while
+/// its server is down between a kill and a restart.
+#[derive(Debug)]
+struct PortHold {
+    port: u16,
+    _hold: TcpListener,
 }
 
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let until = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < until, "{what} within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(50));
+impl PortHold {
+    fn new() -> Self {
+        let range = fixture_ports();
+        let seed = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), std::process::id());
+        let span = u64::from(range.end - range.start);
+        for i in 0..span {
+            let port = range.start + ((seed.wrapping_add(i * 7_919)) % span) as u16;
+            // Skip a port someone already listens on, and take the reservation.
+            if TcpListener::bind(("127.0.0.1", port)).is_err() {
+                continue;
+            }
+            if let Ok(hold) = TcpListener::bind(("127.0.0.2", port)) {
+                return Self { port, _hold: hold };
+            }
+        }
+        panic!("no free port in {range:?} for a test server")
     }
+}
+
+/// Where fixture ports come from: below the ephemeral range (usually
+/// 10000..32768), or above it if it starts too low.
+fn fixture_ports() -> std::ops::Range<u16> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut bounds = text.split_whitespace().filter_map(|v| v.parse::<u16>().ok());
+    let (low, high) = (bounds.next().unwrap_or(32_768), bounds.next().unwrap_or(60_999));
+    if low > 11_000 {
+        10_000..low
+    } else {
+        high.saturating_add(1).min(64_000)..u16::MAX
+    }
+}
+
+/// How often a fixture server is started on another port after it could
+/// not listen on the one it was given.
+const START_ATTEMPTS: usize = 5;
+
+/// Start a server on a port reserved for it: `spawn(port)` starts the
+/// process, which counts as up once it listens on the port itself. If it
+/// exits first (a process outside the fixtures listens there) or never
+/// listens, it is killed and another port is tried.
+fn start_on_own_port(what: &str, timeout: Duration, spawn: impl Fn(u16) -> Child) -> (PortHold, Child) {
+    let mut failures = Vec::new();
+    for _ in 0..START_ATTEMPTS {
+        let hold = PortHold::new();
+        let mut child = spawn(hold.port);
+        match until_listening(&mut child, hold.port, timeout) {
+            Ok(()) => return (hold, child),
+            Err(why) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                failures.push(format!("port {}: {why}", hold.port));
+            }
+        }
+    }
+    panic!("{what} did not start in {START_ATTEMPTS} attempts: {failures:?}")
+}
+
+/// Wait until `child` itself listens on `port`.
+fn until_listening(child: &mut Child, port: u16, timeout: Duration) -> Result<(), String> {
+    match ports::wait_listening(child.id(), port, timeout, || !matches!(child.try_wait(), Ok(None))) {
+        ports::Came::Listening => Ok(()),
+        ports::Came::Exited => Err("exited before listening (port in use?)".into()),
+        ports::Came::TimedOut => Err(format!("did not listen within {timeout:?}")),
+    }
+}
+
+/// Start `child` again on the port its fixture holds; panics if it cannot
+/// listen there.
+fn restart_on(what: &str, port: u16, timeout: Duration, mut child: Child) -> Child {
+    if let Err(why) = until_listening(&mut child, port, timeout) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{what} could not listen on its port {port} again: {why} (it is reserved against other fixtures only)");
+    }
+    child
 }
 
 /// Send `sig` (`-STOP`, `-CONT`) to a running child process.
@@ -190,38 +270,40 @@ fn signal(child: Option<&Child>, sig: &str) {
     assert!(ok, "kill {sig} {pid}");
 }
 
-/// A `redis-server` owned by one test, on its own port. Killed on drop.
+/// A `redis-server` owned by one test, on a port reserved for it until the
+/// fixture is dropped (see `PortHold`). Killed on drop.
 #[derive(Debug)]
 pub struct OwnedRedis {
     pub port: u16,
     child: Option<Child>,
+    _hold: PortHold,
+}
+
+fn spawn_redis(port: u16) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server on PATH (apt-get install redis-server)")
 }
 
 impl OwnedRedis {
+    const START_TIMEOUT: Duration = Duration::from_secs(10);
+
     pub fn start() -> Self {
-        let mut r = Self { port: free_port(), child: None };
-        r.restart();
-        r
+        let (hold, child) = start_on_own_port("test redis", Self::START_TIMEOUT, spawn_redis);
+        Self { port: hold.port, child: Some(child), _hold: hold }
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Start (again) on the same port.
+    /// Start again on the same port.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH (apt-get install redis-server)");
-        self.child = Some(child);
-        let addr = format!("127.0.0.1:{}", self.port);
-        wait_until("test redis answers", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(&addr).is_ok()
-        });
+        self.child = Some(restart_on("test redis", self.port, Self::START_TIMEOUT, spawn_redis(self.port)));
     }
 
     /// SIGSTOP: Redis hangs (connections stay open, nothing answers).
@@ -250,42 +332,48 @@ impl Drop for OwnedRedis {
     }
 }
 
-/// A tansu broker owned by one test (in-memory storage), on its own port.
+/// A tansu broker owned by one test (in-memory storage), on a port reserved
+/// for it until the fixture is dropped (see `PortHold`).
 #[derive(Debug)]
 pub struct OwnedBroker {
     pub port: u16,
     child: Option<Child>,
     tansu: PathBuf,
+    _hold: PortHold,
+}
+
+fn spawn_tansu(tansu: &std::path::Path, port: u16) -> Child {
+    let url = format!("tcp://127.0.0.1:{port}");
+    Command::new(tansu)
+        .args(["broker", "--storage-engine", "memory://tansu/"])
+        .args(["--listener-url", &url, "--advertised-listener-url", &url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tansu")
 }
 
 impl OwnedBroker {
+    const START_TIMEOUT: Duration = Duration::from_secs(20);
+
     pub fn start() -> Self {
         let tansu = std::env::var_os("DUALSTREAM_TANSU")
             .map(PathBuf::from)
             .expect("DUALSTREAM_TANSU is not set: run with `cargo xtask test`, which installs tansu");
-        let mut b = Self { port: free_port(), child: None, tansu };
-        b.restart();
-        b
+        let (hold, child) = start_on_own_port("test broker", Self::START_TIMEOUT, |port| spawn_tansu(&tansu, port));
+        Self { port: hold.port, child: Some(child), tansu, _hold: hold }
     }
 
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// Start (again) on the same port. In-memory storage: topics must be
+    /// Start again on the same port. In-memory storage: topics must be
     /// created again after a restart.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = Command::new(&self.tansu)
-            .args(["broker", "--storage-engine", "memory://tansu/", "--listener-url", &url, "--advertised-listener-url", &url])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tansu");
-        self.child = Some(child);
-        let addr = self.brokers();
-        wait_until("test broker listens", Duration::from_secs(20), || std::net::TcpStream::connect(&addr).is_ok());
+        let child = spawn_tansu(&self.tansu, self.port);
+        self.child = Some(restart_on("test broker", self.port, Self::START_TIMEOUT, child));
     }
 
     pub fn kill(&mut self) {
@@ -354,11 +442,14 @@ impl Subscriber {
         tokio::time::timeout(timeout, self.rx.recv()).await.ok().flatten()
     }
 
-    /// Messages until none arrives for `quiet`.
+    /// Messages until none arrives for `quiet`. Panics if messages keep
+    /// coming for a minute (something publishes without end).
     pub async fn drain(&mut self, quiet: Duration) -> Vec<(String, Vec<u8>)> {
+        let until = Instant::now() + Duration::from_secs(60);
         let mut out = Vec::new();
         while let Some(m) = self.next(quiet).await {
             out.push(m);
+            assert!(Instant::now() < until, "messages kept coming for 60 s: {} drained", out.len());
         }
         out
     }
@@ -370,4 +461,56 @@ pub fn init_tracing() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listening_socket_is_seen_with_its_owner() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        assert!(ports::listens(std::process::id(), port), "this process listens on {port}");
+        drop(listener);
+        assert!(!ports::listens(std::process::id(), port), "no longer after the drop");
+    }
+
+    /// Another process takes the port between the reservation and the
+    /// server's bind: the server exits (address in use), and the fixture
+    /// starts it on another port instead of taking the other process, which
+    /// answers on the port, for its own server.
+    #[test]
+    fn a_server_that_cannot_listen_on_its_port_is_started_on_another() {
+        let thief = std::sync::Mutex::new(None::<TcpListener>);
+        let (hold, mut child) = start_on_own_port("test redis", Duration::from_secs(10), |port| {
+            let mut thief = thief.lock().expect("lock");
+            if thief.is_none() {
+                *thief = Some(TcpListener::bind(("127.0.0.1", port)).expect("take the port first"));
+            }
+            spawn_redis(port)
+        });
+        let stolen = thief.lock().expect("lock").as_ref().and_then(|l| l.local_addr().ok()).expect("taken").port();
+        assert_ne!(hold.port, stolen, "started on another port");
+        assert!(ports::listens(child.id(), hold.port), "the server itself listens");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// While a fixture lives, its port stays reserved (no other fixture can
+    /// reserve it), across a kill, and the server comes back on it.
+    #[test]
+    fn a_fixture_keeps_its_port_reserved_across_a_restart() {
+        let mut redis = OwnedRedis::start();
+        let port = redis.port;
+        assert!(TcpListener::bind(("127.0.0.2", port)).is_err(), "reserved while up");
+        redis.kill();
+        assert!(TcpListener::bind(("127.0.0.2", port)).is_err(), "reserved while down");
+        assert!((0..50).all(|_| PortHold::new().port != port), "never handed to another fixture");
+        redis.restart();
+        assert_eq!(redis.port, port);
+        assert!(ports::listens(redis.child.as_ref().expect("running").id(), port));
+        drop(redis);
+        assert!(TcpListener::bind(("127.0.0.2", port)).is_ok(), "released on drop");
+    }
 }

@@ -3,6 +3,9 @@
 //! Bare `cargo xtask` prints help. Every command that needs services brings
 //! them up through [`stack`] and takes down only what it started.
 
+/// Whether a process listens on a port itself (shared with the test fixtures).
+#[path = "../../tests/src/ports.rs"]
+mod ports;
 mod stack;
 
 use std::process::{Command, ExitCode};

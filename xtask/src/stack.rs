@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::ports::Came;
+
 const TANSU_VERSION: &str = "0.6.0";
 /// Topics created on a broker that `up` starts.
 const TOPICS: &[(&str, u32)] = &[("events", 3)];
@@ -100,9 +102,40 @@ pub(crate) fn install_tansu() -> Result<PathBuf, String> {
     find_tansu().ok_or_else(|| "tansu was installed but cannot be found".to_owned())
 }
 
+/// A port nobody listened on a moment ago. Another process may take it
+/// before the server binds it: see [`start_on_free_port`].
 fn free_port() -> Result<u16, String> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
     l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}
+
+/// How often a service is started on another port after it could not
+/// listen on the one chosen.
+const START_ATTEMPTS: usize = 5;
+
+/// Start `name` on a free port with `spawn_on(port)` (which returns its
+/// pid). It is up once it listens on the port itself; if it exits first
+/// (the port was taken between choosing and binding it), it is started
+/// again on another port.
+fn start_on_free_port(
+    name: &str,
+    timeout: Duration,
+    mut spawn_on: impl FnMut(u16) -> Result<u32, String>,
+) -> Result<(u16, u32), String> {
+    let mut failures = Vec::new();
+    for _ in 0..START_ATTEMPTS {
+        let port = free_port()?;
+        let pid = spawn_on(port)?;
+        let log = || log_tail(name);
+        match crate::ports::wait_listening(pid, port, timeout, || !alive(pid)) {
+            Came::Listening => return Ok((port, pid)),
+            Came::Exited => failures.push(format!("port {port}: exited; its log says:\n{}", log())),
+            Came::TimedOut => {
+                return Err(format!("{name} did not listen on {port} within {timeout:?}; its log says:\n{}", log()))
+            }
+        }
+    }
+    Err(format!("{name} could not listen on a free port in {START_ATTEMPTS} attempts:\n{}", failures.join("\n")))
 }
 
 fn spawn(name: &str, cmd: &mut Command) -> Result<u32, String> {
@@ -199,11 +232,10 @@ pub(crate) fn up() -> Result<Stack, String> {
             let server = which("redis-server").ok_or(
                 "redis-server not found: install it (Debian/Ubuntu: `apt-get install redis-server`) or set REDIS_URL",
             )?;
-            let port = free_port()?;
-            let pid = spawn(
-                "redis",
-                Command::new(server).args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]),
-            )?;
+            let (port, pid) = start_on_free_port("redis", Duration::from_secs(10), |port| {
+                let args = ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+                spawn("redis", Command::new(&server).args(args))
+            })?;
             started_here.push(dir.join("redis.pid"));
             let addr = format!("127.0.0.1:{port}");
             wait_for("redis", Some(pid), Duration::from_secs(10), || redis_pings(&addr))?;
@@ -219,23 +251,15 @@ pub(crate) fn up() -> Result<Stack, String> {
         }
         Err(_) => {
             let tansu = install_tansu()?;
-            let port = free_port()?;
-            let url = format!("tcp://127.0.0.1:{port}");
-            let pid = spawn(
-                "tansu",
-                Command::new(&tansu).args([
-                    "broker",
-                    "--storage-engine",
-                    "memory://tansu/",
-                    "--listener-url",
-                    &url,
-                    "--advertised-listener-url",
-                    &url,
-                ]),
-            )?;
+            let (port, pid) = start_on_free_port("tansu", Duration::from_secs(30), |port| {
+                let url = format!("tcp://127.0.0.1:{port}");
+                let listener = ["--listener-url", &url, "--advertised-listener-url", &url];
+                let broker = ["broker", "--storage-engine", "memory://tansu/"];
+                spawn("tansu", Command::new(&tansu).args(broker).args(listener))
+            })?;
             started_here.push(dir.join("tansu.pid"));
+            let url = format!("tcp://127.0.0.1:{port}");
             let addr = format!("127.0.0.1:{port}");
-            wait_for("tansu", Some(pid), Duration::from_secs(30), || connects(&addr))?;
             for (topic, partitions) in TOPICS {
                 wait_for("tansu", Some(pid), Duration::from_secs(30), || {
                     Command::new(&tansu)
