@@ -120,7 +120,9 @@ pub struct KafkaSinkConfig {
     /// a key that a typed field sets, `acks`, `request.required.acks` and
     /// `enable.idempotence` (durability), and `partitioner` and
     /// `partitioner_cb` (the consumer locates a source's partition with
-    /// librdkafka's default partitioner).
+    /// librdkafka's default partitioner). `message.max.bytes` (librdkafka's
+    /// range, 1,000 to 1,000,000,000) is also the sink's record size limit:
+    /// see [`message_max_bytes`](Self::message_max_bytes).
     pub librdkafka_options: BTreeMap<String, String>,
 }
 
