@@ -151,10 +151,12 @@ pub struct HubConfig {
     pub subscriber_buffer: usize,
     /// What happens when a subscriber's buffer is full.
     pub overflow: Overflow,
-    /// Bound on connecting, on Redis's confirmation of each SUBSCRIBE-like
-    /// command and on each ping, in milliseconds; a command or ping not
-    /// answered in time counts as a lost connection. None of them holds up
-    /// delivery meanwhile. Default: 2,000.
+    /// Bound on connecting, and on Redis's silence while a SUBSCRIBE-like
+    /// command or a ping waits for its answer, in milliseconds: when one has
+    /// waited this long and nothing else arrived for as long either, the
+    /// connection counts as lost. (During a burst the answers queue behind
+    /// the messages, which show the connection is alive.) None of them holds
+    /// up delivery meanwhile. Default: 2,000.
     pub timeout_ms: u64,
     /// Interval between liveness pings on the subscription connection, in
     /// milliseconds; a failed ping counts as a lost connection. Default:
