@@ -67,6 +67,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Some(Ok(Delivery::Live(n))) => {
                 println!("live    {} {} at {}", n.event_type, n.id, n.position.expect("positioned"))
             }
+            Some(Ok(Delivery::Truncated { requested, first_available })) => {
+                println!("gone    offsets {requested}..{first_available} are no longer stored")
+            }
+            Some(Ok(other)) => println!("other   {other:?}"),
             Some(Err(e)) => println!("error   {e}"),
             None => break,
         }
