@@ -283,3 +283,95 @@ mod shared_history {
         assert_eq!(Marks::sane(3, 9), Marks { low: 3, high: 9 });
     }
 }
+
+/// librdkafka's mock broker keeps at most 5 MiB per partition and deletes the
+/// oldest batches beyond it: a real deleted range at the head of the log.
+mod truncation {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use dualstream_core::{DurableSink, Event, Source};
+    use futures::StreamExt;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::ClientConfig;
+
+    use super::{collect, replay, sink};
+    use crate::history::{History, Item, Tp};
+    use crate::*;
+
+    /// A one-partition topic whose first records were deleted; returns the
+    /// low and high watermarks.
+    async fn truncated_topic<C: rdkafka::ClientContext>(cluster: &MockCluster<'_, C>) -> (i64, i64) {
+        cluster.create_topic("t", 1, 1).expect("topic");
+        let brokers = cluster.bootstrap_servers();
+        let sink = sink(&brokers, "t");
+        let body = vec![b'x'; 1_200];
+        for chunk in 0..6 {
+            let events: Vec<Event> = (0..1_000)
+                .map(|i| Event::builder("n", "user", "u").payload(format!("{chunk}-{i}").into_bytes().into_iter().chain(body.iter().copied()).collect::<Vec<u8>>()).build().expect("valid"))
+                .collect();
+            for r in sink.publish_batch(events).await {
+                r.expect("stored");
+            }
+        }
+        let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("consumer");
+        let (low, high) = c.fetch_watermarks("t", 0, Duration::from_secs(5)).expect("watermarks");
+        assert!(low > 0 && low < high, "the mock broker deleted the oldest records: {low}..{high}");
+        (low, high)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replay_from_a_deleted_offset_says_so_first_and_goes_on_from_the_first_stored_record() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let (low, high) = truncated_topic(&cluster).await;
+        let r = replay(&cluster.bootstrap_servers(), "t");
+        let source = Source::new("user", "u").expect("valid");
+        let got = collect(r.stream(ReplayRequest::new(Scope::Source(source)).start(StartAt::Offset(3))).await.expect("stream")).await;
+        assert!(
+            matches!(&got[0], Err(ReplayError::Truncated { partition: 0, requested: 3, first_available, .. }) if *first_available == low),
+            "{:?}",
+            got[0].as_ref().err()
+        );
+        let offsets: Vec<i64> = got[1..].iter().map(|r| r.as_ref().expect("valid").position.offset).collect();
+        assert_eq!(offsets, (low..high).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_join_from_a_deleted_offset_delivers_truncated_then_the_stored_history() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let (low, high) = truncated_topic(&cluster).await;
+        // No Redis: the history comes from Kafka alone.
+        let hub = Hub::new(HubConfig { url: "redis://127.0.0.1:1".into(), timeout_ms: 100, ..HubConfig::default() })
+            .expect("hub");
+        let joiner = CatchUp::new(replay(&cluster.bootstrap_servers(), "t"), hub, JoinConfig::default()).expect("joiner");
+        let mut stream = joiner.join(Source::new("user", "u").expect("valid"), StartAt::Offset(3)).await.expect("join");
+        let first = tokio::time::timeout(Duration::from_secs(20), stream.next()).await.expect("an item").expect("open");
+        assert_eq!(first.expect("no error"), Delivery::Truncated { requested: 3, first_available: low });
+        for want in low..high {
+            let item = tokio::time::timeout(Duration::from_secs(20), stream.next()).await.expect("an item").expect("open");
+            assert_eq!(item.expect("no error").position().map(|p| p.offset), Some(want));
+        }
+    }
+
+    /// The shared reader asked for a deleted range (the low watermark moved
+    /// after the join looked): the broker starts later, and the reader says
+    /// which offsets it did not get.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_shared_reader_reports_the_offsets_the_broker_no_longer_has() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let (low, high) = truncated_topic(&cluster).await;
+        let config = ReplayConfig {
+            bootstrap_servers: cluster.bootstrap_servers(),
+            topic: dualstream_kafka::TopicRouting::Single { topic: "t".into() },
+            ..ReplayConfig::default()
+        };
+        let h = History::new(Arc::new(config), Duration::from_millis(100), 64).expect("history");
+        let tp: Tp = (Arc::from("t"), 0);
+        let mut range = h.read(&tp, 0, high, Arc::from(&b"u"[..])).expect("read");
+        let first = tokio::time::timeout(Duration::from_secs(20), range.rx.recv()).await.expect("an item").expect("open");
+        assert!(matches!(first, Item::Hole { from: 0, to } if to == low), "{first:?}");
+        let second = tokio::time::timeout(Duration::from_secs(20), range.rx.recv()).await.expect("an item").expect("open");
+        assert!(matches!(second, Item::Record(r) if r.position.offset == low));
+    }
+}
