@@ -201,6 +201,7 @@ struct Inner {
     cache_records: usize,
     meta: Arc<BaseConsumer>,
     counts: Mutex<HashMap<String, (i32, Instant)>>,
+    count_lookup: tokio::sync::Mutex<()>,
     watched: Mutex<HashMap<Tp, Watched>>,
     wake: Notify,
     readers: Mutex<HashMap<Arc<str>, mpsc::UnboundedSender<(i32, Req)>>>,
@@ -223,6 +224,7 @@ impl History {
             cache_records,
             meta: Arc::new(meta),
             counts: Mutex::new(HashMap::new()),
+            count_lookup: tokio::sync::Mutex::new(()),
             watched: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             readers: Mutex::new(HashMap::new()),
@@ -251,15 +253,20 @@ impl History {
         tokio::task::spawn_blocking(move || f(&meta, timeout)).await.map_err(|e| ReplayError::Task(e.to_string()))?
     }
 
-    /// The partition count of `topic`, cached for a minute.
+    fn cached_count(&self, topic: &str) -> Option<i32> {
+        let counts = self.inner.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        counts.get(topic).filter(|(_, at)| at.elapsed() < COUNT_TTL).map(|(n, _)| *n)
+    }
+
+    /// The partition count of `topic`, cached for a minute. Joins that
+    /// start together wait for one look-up.
     pub(crate) async fn partition_count(&self, topic: &str) -> Result<i32, ReplayError> {
-        {
-            let counts = self.inner.counts.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some((n, at)) = counts.get(topic) {
-                if at.elapsed() < COUNT_TTL {
-                    return Ok(*n);
-                }
-            }
+        if let Some(n) = self.cached_count(topic) {
+            return Ok(n);
+        }
+        let _one_at_a_time = self.inner.count_lookup.lock().await;
+        if let Some(n) = self.cached_count(topic) {
+            return Ok(n);
         }
         Counters::add(&self.inner.counters.metadata_lookups, 1);
         let t = topic.to_owned();

@@ -260,6 +260,10 @@ mod shared_history {
         }
         let stats = h.stats();
         assert_eq!(stats.consumers, 2, "one for metadata, one for the topic: {stats:?}");
+        // Fifty joins asking for the partition count at once: one look-up.
+        let counts = futures::future::join_all((0..50).map(|_| h.partition_count("t"))).await;
+        assert!(counts.iter().all(|c| *c.as_ref().expect("count") == 2));
+        assert_eq!(h.stats().metadata_lookups, 1, "one look-up, then the cache");
         assert!(stats.seeks > 0, "older ranges moved the position back: {stats:?}");
         // The watermarks, polled once for every watcher of a partition.
         let tp: Tp = (Arc::from("t"), 0);
