@@ -189,10 +189,15 @@ impl Counters {
     }
 }
 
+/// The answer to a caller of [`History::fresh`].
+type FreshReply = oneshot::Sender<Result<Marks, ReplayError>>;
+/// Range reads to a topic's reader task: the partition and the read.
+type RangeSender = mpsc::UnboundedSender<(i32, Req)>;
+
 struct Watched {
     tx: watch::Sender<Marks>,
     /// Callers of `fresh` waiting for the next poll round.
-    waiting: Vec<oneshot::Sender<Result<Marks, ReplayError>>>,
+    waiting: Vec<FreshReply>,
 }
 
 struct Inner {
@@ -204,7 +209,7 @@ struct Inner {
     count_lookup: tokio::sync::Mutex<()>,
     watched: Mutex<HashMap<Tp, Watched>>,
     wake: Notify,
-    readers: Mutex<HashMap<Arc<str>, mpsc::UnboundedSender<(i32, Req)>>>,
+    readers: Mutex<HashMap<Arc<str>, RangeSender>>,
     counters: Counters,
     poller_started: std::sync::Once,
 }
@@ -371,7 +376,7 @@ async fn poll_watermarks(weak: Weak<Inner>) {
         };
         // Whom this round serves: waiters registered from now on need a
         // later round.
-        let mut round: Vec<(Tp, Vec<oneshot::Sender<Result<Marks, ReplayError>>>)> = Vec::new();
+        let mut round: Vec<(Tp, Vec<FreshReply>)> = Vec::new();
         {
             let mut watched = inner.watched.lock().unwrap_or_else(PoisonError::into_inner);
             watched.retain(|_, w| w.tx.receiver_count() > 0 || !w.waiting.is_empty());

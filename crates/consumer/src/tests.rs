@@ -195,6 +195,7 @@ mod shared_history {
         let mut out = Vec::new();
         let mut next = from;
         while next < to {
+            let from_here = next;
             let mut range = h.read(tp, next, to, Arc::from(key.as_bytes())).expect("read");
             while let Some(item) = tokio::time::timeout(Duration::from_secs(20), range.rx.recv()).await.expect("no stall") {
                 match item {
@@ -212,7 +213,9 @@ mod shared_history {
                 }
             }
             assert!(range.ticket.take_error().is_none());
+            let progressed = next > from_here;
             next = next.max(range.ticket.checked());
+            assert!(progressed || next > from_here, "every range read makes progress");
         }
         out
     }
@@ -308,6 +311,11 @@ mod truncation {
     /// low and high watermarks.
     async fn truncated_topic<C: rdkafka::ClientContext>(cluster: &MockCluster<'_, C>) -> (i64, i64) {
         cluster.create_topic("t", 1, 1).expect("topic");
+        fill(cluster).await
+    }
+
+    /// Write about 7 MiB to partition 0 of `t`; the watermarks after.
+    async fn fill<C: rdkafka::ClientContext>(cluster: &MockCluster<'_, C>) -> (i64, i64) {
         let brokers = cluster.bootstrap_servers();
         let sink = sink(&brokers, "t");
         let body = vec![b'x'; 1_200];
@@ -356,6 +364,29 @@ mod truncation {
             let item = tokio::time::timeout(Duration::from_secs(20), stream.next()).await.expect("an item").expect("open");
             assert_eq!(item.expect("no error").position().map(|p| p.offset), Some(want));
         }
+    }
+
+    /// A join that has not read for a while finds that retention deleted
+    /// records it had not read yet: it says so, then goes on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_join_overtaken_by_deletion_reports_it_mid_stream() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("t", 1, 1).expect("topic");
+        let hub = Hub::new(HubConfig { url: "redis://127.0.0.1:1".into(), timeout_ms: 100, ..HubConfig::default() })
+            .expect("hub");
+        let config = JoinConfig { idle_check_ms: 300, ..JoinConfig::default() };
+        let joiner = CatchUp::new(replay(&cluster.bootstrap_servers(), "t"), hub, config).expect("joiner");
+        let mut stream = joiner.join(Source::new("user", "u").expect("valid"), StartAt::End).await.expect("join");
+        // Nothing is stored yet: the join waits at offset 0. Now more than
+        // the mock broker keeps is written at once.
+        let (low, high) = fill(&cluster).await;
+        let first = tokio::time::timeout(Duration::from_secs(20), stream.next()).await.expect("an item").expect("open");
+        let Ok(Delivery::Truncated { requested: 0, first_available }) = first else { panic!("{first:?}") };
+        assert!(first_available >= low, "{first_available} vs {low}");
+        let next = tokio::time::timeout(Duration::from_secs(20), stream.next()).await.expect("an item").expect("open");
+        let offset = next.expect("no error").position().expect("an event").offset;
+        assert_eq!(offset, first_available, "the stored history goes on from there");
+        assert!(offset < high);
     }
 
     /// The shared reader asked for a deleted range (the low watermark moved

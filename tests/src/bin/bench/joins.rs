@@ -274,7 +274,7 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
     row(
         "joins: Kafka consumers open".into(),
         stats.consumers as f64,
-        (2 * 1) as f64,
+        2.0, // one topic
         "consumers",
         "≤ topics × 2 (ratio ≤ 1)",
         Some(stats.consumers <= 2),
