@@ -465,3 +465,170 @@ async fn a_failing_topic_creation_is_cached_not_repeated_per_event() {
         assert!(e.error.to_string().contains("cached failure"), "no second admin call per event: {}", e.error);
     }
 }
+
+/// Three brokers, every partition replicated on all three: partition leaders
+/// move and a broker goes down and comes back while sources publish.
+mod multi_broker {
+    use std::collections::{HashMap, HashSet, VecDeque};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use dualstream_core::{DurableSink, Event, PendingAcks, Position};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::DefaultProducerContext;
+    use rdkafka::ClientConfig;
+
+    use super::{event, mock_config, read_back};
+    use crate::KafkaSink;
+
+    const PARTITIONS: i32 = 6;
+    const SOURCES: usize = 12;
+    /// Events per batch, and unacknowledged batches per source (as a lane of
+    /// the batching engine hands them over).
+    const BATCH: usize = 4;
+    const IN_FLIGHT: usize = 4;
+    /// Batches each source sends once the faults are over.
+    const AFTER: usize = 20;
+    /// Bound on waiting for one batch's acknowledgements: well past the
+    /// producer's 30 s message timeout, so a failure shows as an error.
+    const ACK_BOUND: Duration = Duration::from_secs(60);
+
+    /// What became of one event: its result, and whether it was published
+    /// after the faults were over.
+    type Outcome = (Event, Result<Position, String>, bool);
+
+    /// Publish events of `source` in batches until `calm` is set and `AFTER`
+    /// more batches went out; every outcome, in publish order.
+    async fn publish_source(sink: KafkaSink, source: String, calm: Arc<AtomicBool>) -> Vec<Outcome> {
+        let mut out = Vec::new();
+        let mut pending: VecDeque<(Vec<Event>, bool, PendingAcks)> = VecDeque::new();
+        let (mut seq, mut after) = (0, 0);
+        while after < AFTER {
+            let is_after = calm.load(Ordering::SeqCst);
+            after += usize::from(is_after);
+            let batch: Vec<Event> = (seq..seq + BATCH).map(|n| event(&source, n)).collect();
+            seq += BATCH;
+            let acks = sink.enqueue_batch(batch.clone()).await;
+            pending.push_back((batch, is_after, acks));
+            while pending.len() >= IN_FLIGHT {
+                settle(&mut pending, &mut out).await;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        while !pending.is_empty() {
+            settle(&mut pending, &mut out).await;
+        }
+        out
+    }
+
+    /// Await the oldest batch's acknowledgements.
+    async fn settle(pending: &mut VecDeque<(Vec<Event>, bool, PendingAcks)>, out: &mut Vec<Outcome>) {
+        let Some((batch, is_after, acks)) = pending.pop_front() else { return };
+        let results = tokio::time::timeout(ACK_BOUND, acks).await.expect("acknowledgements within the bound");
+        for (e, r) in batch.into_iter().zip(results) {
+            out.push((e, r.map_err(|d| d.error.to_string()), is_after));
+        }
+    }
+
+    fn lead(cluster: &MockCluster<'_, DefaultProducerContext>, partition: i32, broker: i32) {
+        cluster.partition_leader("t", partition, Some(broker)).expect("leader set");
+    }
+
+    /// Every partition led by a broker of `brokers`, round-robin from `shift`.
+    fn spread(cluster: &MockCluster<'_, DefaultProducerContext>, brokers: &[i32], shift: usize) {
+        for p in 0..PARTITIONS {
+            lead(cluster, p, brokers[(p as usize + shift) % brokers.len()]);
+        }
+    }
+
+    /// Under load from 12 sources (about 6,000 events): every partition's leader moves eight
+    /// times; then broker 2 goes down while it still leads two partitions,
+    /// its partitions move to the other brokers 700 ms later, it comes back
+    /// after 1.5 s and leads its partitions again. Every event is
+    /// acknowledged (the outage is shorter than the message timeout), stored
+    /// exactly once at its acknowledged position, in each source's order,
+    /// and publishing after the broker returned, to the partitions it leads,
+    /// succeeds without the test doing anything.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leader_moves_and_a_broker_outage_under_load_lose_and_duplicate_nothing() {
+        let cluster = MockCluster::new(3).expect("mock cluster");
+        cluster.create_topic("t", PARTITIONS, 3).expect("topic");
+        spread(&cluster, &[1, 2, 3], 0);
+        let sink = KafkaSink::new(mock_config(&cluster, "t")).expect("sink");
+        tokio::time::timeout(Duration::from_secs(20), sink.health_check()).await.expect("bounded").expect("healthy");
+        let calm = Arc::new(AtomicBool::new(false));
+        let publishers: Vec<_> = (0..SOURCES)
+            .map(|i| tokio::spawn(publish_source(sink.clone(), format!("s{i}"), Arc::clone(&calm))))
+            .collect();
+
+        for shift in 1..=8 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            spread(&cluster, &[1, 2, 3], shift);
+        }
+        // Shift 8 leaves partitions 2 and 5 on broker 2.
+        cluster.broker_down(2).expect("down");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        spread(&cluster, &[1, 3], 0);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        cluster.broker_up(2).expect("up");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        spread(&cluster, &[1, 2, 3], 0);
+        let led_by_2: HashSet<i32> = (0..PARTITIONS).filter(|p| p % 3 == 1).collect();
+        calm.store(true, Ordering::SeqCst);
+
+        let mut outcomes = Vec::new();
+        for p in publishers {
+            let done = tokio::time::timeout(Duration::from_secs(120), p).await.expect("publisher finishes");
+            outcomes.push(done.expect("publisher task"));
+        }
+        let mut acked: HashMap<_, (Position, &Event)> = HashMap::new();
+        let mut after_on_2 = 0;
+        for source in &outcomes {
+            let mut last: Option<&Position> = None;
+            for (e, r, is_after) in source {
+                let p = r.as_ref().unwrap_or_else(|err| panic!("{} of {}: {err}", e.id(), e.source().source_id()));
+                if let Some(l) = last {
+                    assert_eq!(p.partition, l.partition, "one source, one partition");
+                    assert!(
+                        p.offset > l.offset,
+                        "{}: offsets grow in publish order: {l} then {p}",
+                        e.source().source_id()
+                    );
+                }
+                last = Some(p);
+                after_on_2 += usize::from(*is_after && led_by_2.contains(&p.partition));
+                assert!(acked.insert(e.id(), (p.clone(), e)).is_none(), "one result per event");
+            }
+        }
+        assert!(after_on_2 > 0, "events published after the outage went to the partitions broker 2 leads");
+
+        // Nothing stored twice: the partitions hold exactly the acknowledged
+        // records, each at its acknowledged position.
+        let brokers = cluster.bootstrap_servers();
+        let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("consumer");
+        let stored: i64 = (0..PARTITIONS)
+            .map(|p| {
+                let (low, high) = consumer.fetch_watermarks("t", p, Duration::from_secs(10)).expect("watermarks");
+                high - low
+            })
+            .sum();
+        assert_eq!(stored, acked.len() as i64, "records stored = events acknowledged");
+        let back = read_back(&brokers, "t", acked.len());
+        assert_eq!(back.len(), acked.len(), "every acknowledged event read back once");
+        let mut per_source: HashMap<String, Vec<(i32, i64, usize)>> = HashMap::new();
+        for (partition, offset, e) in &back {
+            let (p, sent) = acked.get(&e.id()).unwrap_or_else(|| panic!("{} was stored, never acknowledged", e.id()));
+            assert_eq!((p.partition, p.offset), (*partition, *offset), "stored where acknowledged");
+            assert_eq!(*sent, e, "stored as sent");
+            let n: usize = std::str::from_utf8(e.payload()).expect("utf-8")["payload-".len()..].parse().expect("seq");
+            per_source.entry(e.source().source_id().to_owned()).or_default().push((*partition, *offset, n));
+        }
+        for (source, mut records) in per_source {
+            records.sort_unstable();
+            let seqs: Vec<usize> = records.iter().map(|r| r.2).collect();
+            assert_eq!(seqs, (0..seqs.len()).collect::<Vec<_>>(), "{source}: stored in publish order, no gap");
+        }
+    }
+}
