@@ -398,7 +398,10 @@ async fn poll_watermarks(weak: Weak<Inner>) {
         Counters::add(&inner.counters.watermark_lookups, tps.len() as u64);
         let n = round.len();
         let looked_up = tokio::task::spawn_blocking(move || {
-            tps.iter().map(|(t, p)| meta.fetch_watermarks(t, *p, timeout).map(|(l, h)| Marks::sane(l, h))).collect()
+            let marks = |(t, p): &Tp| {
+                crate::reader::watermarks_at_leader(&*meta, t, *p, timeout).map(|(l, h)| Marks::sane(l, h))
+            };
+            tps.iter().map(marks).collect()
         })
         .await;
         let results: Vec<Result<Marks, rdkafka::error::KafkaError>> = match looked_up {

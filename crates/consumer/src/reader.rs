@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dualstream_core::{record, DecodeError, Event, Limits, Position};
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -41,6 +42,66 @@ pub(crate) fn partition_count<C: rdkafka::consumer::ConsumerContext>(
         return Err(ReplayError::UnknownTopic { topic: topic.to_owned() });
     }
     Ok(count)
+}
+
+/// Whether a broker answered that it no longer leads the partition (or that
+/// the partition has no leader for the moment): its leadership is moving.
+/// librdkafka refreshes its metadata on these answers.
+fn leader_moved(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::FencedLeaderEpoch
+                | RDKafkaErrorCode::UnknownLeaderEpoch
+        )
+    )
+}
+
+/// Whether the broker asked could not be reached: it may be down, with the
+/// partition led by another broker since. librdkafka does not refresh its
+/// metadata on these errors by itself.
+fn broker_gone(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::DestroyBroker
+                | RDKafkaErrorCode::AllBrokersDown
+        )
+    )
+}
+
+/// A partition's `(low, high)` watermarks: a blocking look-up at the leader
+/// librdkafka's metadata names. When that broker no longer leads the
+/// partition, or cannot be reached, the look-up is asked again (after a pause
+/// of 10 ms doubling to 200 ms, and a metadata refresh when the broker could
+/// not be reached) until `timeout` has passed, so a leader move or a failover
+/// costs a join or a replay a moment, not an error.
+pub(crate) fn watermarks_at_leader<C: rdkafka::consumer::ConsumerContext>(
+    c: &impl Consumer<C>,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> KafkaResult<(i64, i64)> {
+    let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match c.fetch_watermarks(topic, partition, left()) {
+            Err(e) if (leader_moved(&e) || broker_gone(&e)) && Instant::now() + pause < deadline => {
+                tracing::debug!(topic, partition, error = %e, "watermark look-up missed the leader; asking again");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+                if broker_gone(&e) {
+                    // Learn the partition's leader afresh; a failure shows in the next look-up.
+                    let _ = c.fetch_metadata(Some(topic), left());
+                }
+            }
+            other => return other,
+        }
+    }
 }
 
 /// One record read, decoded unless it was filtered out by key.
@@ -117,7 +178,7 @@ impl Reader {
     /// the next record will get.
     pub(crate) async fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), ReplayError> {
         let t = topic.to_owned();
-        self.blocking(move |c, timeout| Ok(c.fetch_watermarks(&t, partition, timeout)?)).await
+        self.blocking(move |c, timeout| Ok(watermarks_at_leader(c, &t, partition, timeout)?)).await
     }
 
     /// The first offset whose record timestamp is at or after `ts_ms`, per

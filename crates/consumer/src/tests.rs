@@ -410,3 +410,203 @@ mod truncation {
         assert!(matches!(second, Item::Record(r) if r.position.offset == low));
     }
 }
+
+/// Three brokers, the partition replicated on all three: its leader moves
+/// from broker to broker while a replay and a join follow it.
+mod leader_moves {
+    use std::time::Duration;
+
+    use dualstream_core::{DurableSink, Event, EventId, Source};
+    use dualstream_kafka::KafkaSink;
+    use futures::stream::BoxStream;
+    use futures::StreamExt;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::DefaultProducerContext;
+
+    use super::{replay, sink};
+    use crate::*;
+
+    type Cluster = MockCluster<'static, DefaultProducerContext>;
+    /// What a reader delivered: offset and event id, or the error's text.
+    type Got = Result<(i64, EventId), String>;
+
+    /// Rounds published before the reader starts, and while it follows.
+    const BEFORE: usize = 10;
+    const DURING: usize = 60;
+    /// Events per round, alternating between sources u and v.
+    const ROUND: usize = 10;
+    /// Events of u in all.
+    const OF_U: usize = (BEFORE + DURING) * ROUND / 2;
+
+    fn three_brokers() -> (Cluster, KafkaSink) {
+        let cluster = MockCluster::new(3).expect("mock cluster");
+        cluster.create_topic("t", 1, 3).expect("topic");
+        cluster.partition_leader("t", 0, Some(1)).expect("leader");
+        let sink = sink(&cluster.bootstrap_servers(), "t");
+        (cluster, sink)
+    }
+
+    fn u() -> Source {
+        Source::new("user", "u").expect("valid")
+    }
+
+    /// Publish `rounds` rounds of `ROUND` events from round `first` on, one
+    /// round every 30 ms; with `moving`, the partition's leader moves to the
+    /// next broker after each round. The offsets and ids of u's events.
+    async fn publish(
+        cluster: &Cluster,
+        sink: &KafkaSink,
+        first: usize,
+        rounds: usize,
+        moving: bool,
+    ) -> Vec<(i64, EventId)> {
+        let mut of_u = Vec::new();
+        for round in first..first + rounds {
+            let events: Vec<Event> = (0..ROUND)
+                .map(|i| {
+                    let source = if i % 2 == 0 { "u" } else { "v" };
+                    Event::builder("n", "user", source).payload(format!("{round}-{i}")).build().expect("valid")
+                })
+                .collect();
+            let results = tokio::time::timeout(Duration::from_secs(60), sink.publish_batch(events.clone()))
+                .await
+                .expect("acknowledged within the bound");
+            for (e, r) in events.iter().zip(results) {
+                let p = r.expect("stored");
+                if e.source() == &u() {
+                    of_u.push((p.offset, e.id()));
+                }
+            }
+            if moving {
+                let next = (round % 3) as i32 + 1;
+                cluster.partition_leader("t", 0, Some(next)).expect("leader moved");
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        of_u
+    }
+
+    /// The first `n` items, each within a bound, then checks that nothing
+    /// more comes for a second (a duplicate would).
+    async fn take(mut stream: BoxStream<'static, Got>, n: usize) -> Vec<Got> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+                Ok(Some(item)) => out.push(item),
+                Ok(None) => {
+                    out.push(Err("the stream ended".into()));
+                    return out;
+                }
+                Err(_) => {
+                    out.push(Err(format!("no item within 30 s after {}", out.len())));
+                    return out;
+                }
+            }
+        }
+        if let Ok(extra) = tokio::time::timeout(Duration::from_secs(1), stream.next()).await {
+            out.push(Err(format!("an item past the last stored event: {extra:?}")));
+        }
+        out
+    }
+
+    /// Store `BEFORE` rounds, start the reader, publish `DURING` rounds
+    /// moving the leader after each: the reader delivers exactly u's stored
+    /// events, in offset order, with no error, gap or duplicate.
+    async fn follows_exactly(
+        cluster: &Cluster,
+        sink: &KafkaSink,
+        reader: BoxStream<'static, Got>,
+        before: Vec<(i64, EventId)>,
+    ) {
+        let reading = tokio::spawn(take(reader, OF_U));
+        let mut want = before;
+        want.extend(publish(cluster, sink, BEFORE, DURING, true).await);
+        assert_eq!(want.len(), OF_U);
+        let got = tokio::time::timeout(Duration::from_secs(120), reading).await.expect("bounded").expect("reader task");
+        let want: Vec<Got> = want.into_iter().map(Ok).collect();
+        if let Some(i) = (0..got.len().max(want.len())).find(|i| got.get(*i) != want.get(*i)) {
+            panic!("item {i} of {}: got {:?}, want {:?}", want.len(), got.get(i), want.get(i));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_following_replay_delivers_exactly_the_stored_sequence_while_the_leader_moves() {
+        let (cluster, sink) = three_brokers();
+        let before = publish(&cluster, &sink, 0, BEFORE, false).await;
+        let r = replay(&cluster.bootstrap_servers(), "t");
+        let request = ReplayRequest::new(Scope::Source(u())).until(Until::Follow);
+        let stream = r.stream(request).await.expect("stream");
+        let stream = stream.map(|r| r.map(|r| (r.position.offset, r.event.id())).map_err(|e| e.to_string()));
+        follows_exactly(&cluster, &sink, stream.boxed(), before).await;
+    }
+
+    /// No Redis: after the history, the join finds each new event through
+    /// its idle check of the polled watermarks, and reads it through the
+    /// shared reader, which follows the partition across every move.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_join_delivers_exactly_the_stored_sequence_while_the_leader_moves() {
+        let (cluster, sink) = three_brokers();
+        let before = publish(&cluster, &sink, 0, BEFORE, false).await;
+        let joiner = kafka_only(&cluster, JoinConfig { idle_check_ms: 200, ..JoinConfig::default() });
+        let stream = joiner.join(u(), StartAt::Beginning).await.expect("join");
+        follows_exactly(&cluster, &sink, from_kafka(stream), before).await;
+    }
+
+    /// A joiner without Redis (nothing listens on port 1): its joins work from
+    /// Kafka alone, finding new events through the idle check.
+    fn kafka_only(cluster: &Cluster, config: JoinConfig) -> CatchUp {
+        let hub = Hub::new(HubConfig { url: "redis://127.0.0.1:1".into(), timeout_ms: 100, ..HubConfig::default() })
+            .expect("hub");
+        CatchUp::new(replay(&cluster.bootstrap_servers(), "t"), hub, config).expect("joiner")
+    }
+
+    /// A join's items, each expected from Kafka (there is no Redis).
+    fn from_kafka(stream: JoinStream) -> BoxStream<'static, Got> {
+        let item = |d| match d {
+            Ok(Delivery::History(r)) => Ok((r.position.offset, r.event.id())),
+            other => Err(format!("{other:?}")),
+        };
+        stream.map(item).boxed()
+    }
+
+    /// `BEFORE` rounds stored, and a joiner (without Redis) whose first join
+    /// delivered u's events: its shared readers know the partition's leader.
+    async fn joined_once() -> (Cluster, CatchUp, Vec<Got>) {
+        let (cluster, sink) = three_brokers();
+        let stored: Vec<Got> = publish(&cluster, &sink, 0, BEFORE, false).await.into_iter().map(Ok).collect();
+        let joiner = kafka_only(&cluster, JoinConfig::default());
+        let first = joiner.join(u(), StartAt::Beginning).await.expect("join");
+        assert_eq!(take(from_kafka(first), stored.len()).await, stored);
+        (cluster, joiner, stored)
+    }
+
+    /// The shared readers ask for watermarks at the leader librdkafka last
+    /// learned of. Right after a move that broker answers "not leader for
+    /// partition", and a join starting then failed with that error: the
+    /// look-up is now asked again once librdkafka has refreshed its metadata.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_join_started_right_after_a_leader_move_gets_the_stored_history() {
+        let (cluster, joiner, stored) = joined_once().await;
+        for broker in [2, 3, 1] {
+            cluster.partition_leader("t", 0, Some(broker)).expect("leader moved");
+            let join = joiner.join(u(), StartAt::Beginning).await;
+            let stream = join.unwrap_or_else(|e| panic!("a join right after the move to broker {broker}: {e}"));
+            assert_eq!(take(from_kafka(stream), stored.len()).await, stored, "after the move to broker {broker}");
+        }
+    }
+
+    /// Broker 1, the partition's leader, goes down and the partition fails
+    /// over to broker 2: the shared readers' look-up at broker 1 cannot be
+    /// answered, and a join starting then failed; the readers now learn the
+    /// new leader and the join gets the stored history.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_join_started_after_a_failover_from_a_down_broker_gets_the_stored_history() {
+        let (cluster, joiner, stored) = joined_once().await;
+        cluster.broker_down(1).expect("down");
+        cluster.partition_leader("t", 0, Some(2)).expect("failed over");
+        let join = joiner.join(u(), StartAt::Beginning).await;
+        let stream = join.unwrap_or_else(|e| panic!("a join after the failover: {e}"));
+        assert_eq!(take(from_kafka(stream), stored.len()).await, stored);
+        cluster.broker_up(1).expect("up");
+    }
+}
