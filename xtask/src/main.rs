@@ -41,6 +41,11 @@ enum Cmd {
         /// Events per second to offer.
         #[arg(long, default_value_t = 2_000)]
         rate: u64,
+        /// The Kafka broker: `mock` (librdkafka's in-process mock cluster, nothing
+        /// to install) or `tansu` (the local stack's real broker). Setting
+        /// KAFKA_BROKERS selects that broker instead.
+        #[arg(long, value_enum, default_value_t = Broker::Mock)]
+        broker: Broker,
     },
     /// Benchmarks against the raw clients: writes docs/benchmarks.md and target/bench/*.json.
     Bench {
@@ -93,6 +98,15 @@ fn run_tests(cmd: &mut Command, totals: &mut (u64, u64)) -> Result<(), String> {
 }
 
 /// Run `f` with the stack up, then take down what this call started.
+/// The Kafka broker of `cargo xtask demo`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Broker {
+    /// librdkafka's in-process mock cluster.
+    Mock,
+    /// tansu, started by the local stack (installed on first use).
+    Tansu,
+}
+
 fn with_stack(f: impl FnOnce(&stack::Stack) -> Result<(), String>) -> Result<(), String> {
     let stack = stack::up()?;
     let result = f(&stack);
@@ -110,19 +124,26 @@ fn main() -> ExitCode {
         Cmd::InstallTansu => stack::install_tansu().map(|p| println!("tansu: {}", p.display())),
         Cmd::Test { args } => stack::install_tansu().and_then(|_| with_stack(|s| {
             let mut totals = (0, 0);
-            let unit = run_tests(s.env(cargo().args(["test", "--workspace", "--all-targets"]).args(&args)), &mut totals);
+            let unit = run_tests(s.env(cargo().args(["test", "--workspace", "--all-targets", "--no-fail-fast"]).args(&args)), &mut totals);
             let doc = run_tests(s.env(cargo().args(["test", "--workspace", "--doc"])), &mut totals);
             println!("xtask: {} passed, {} failed", totals.0, totals.1);
             unit.and(doc)
         })),
-        Cmd::Demo { seconds, rate } => with_stack(|s| {
-            run(s.env(cargo().args(["run", "--release", "--quiet", "-p", "dualstream-tests", "--bin", "demo", "--"]).args([
+        Cmd::Demo { seconds, rate, broker } => {
+            let mut demo = cargo();
+            demo.args(["run", "--release", "--quiet", "-p", "dualstream-tests", "--bin", "demo", "--"]).args([
                 "--seconds".to_owned(),
                 seconds.to_string(),
                 "--rate".to_owned(),
                 rate.to_string(),
-            ])))
-        }),
+            ]);
+            if broker == Broker::Mock && std::env::var_os("KAFKA_BROKERS").is_none() {
+                // The demo starts its own redis-server; no stack, no tansu.
+                run(demo.args(["--broker", "mock"]))
+            } else {
+                with_stack(|s| run(s.env(demo.args(["--broker", "env"]))))
+            }
+        }
         Cmd::Bench { full, filter } => with_stack(|s| {
             if filter.is_empty() || filter.iter().any(|f| "micro".contains(f.as_str())) {
                 let time = if full { "5" } else { "2" };

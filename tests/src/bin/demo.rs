@@ -6,6 +6,10 @@
 //! never yours) and shows publishing go on with zero errors; restarts it and
 //! shows notifications resume; then reads the topic back from Kafka and checks
 //! every event is there exactly once. Exits 0 only if every check held.
+//!
+//! `--broker mock` (what `cargo xtask demo` runs unless told otherwise) uses
+//! librdkafka's in-process mock cluster as the broker, so nothing needs to be
+//! installed; `--broker env` uses `KAFKA_BROKERS` (a real broker).
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -35,11 +39,26 @@ fn line(t: f64, published: u64, errors: u64, s: &NotifierStats, received: u64) {
 async fn main() -> std::process::ExitCode {
     let seconds = arg("--seconds", 12).max(6);
     let rate = arg("--rate", 2_000).max(10);
-    let brokers = kafka_brokers();
+    let args: Vec<String> = std::env::args().collect();
+    let mock_broker = args.windows(2).any(|w| w[0] == "--broker" && w[1] == "mock");
     let topic = unique_topic("dualstream-demo");
     println!("dualstream demo: {rate} events/s for {seconds}s from 10 sources");
-    println!("  kafka {brokers}, topic {topic}");
-    create_topic(&brokers, &topic, 3).await;
+    // The mock cluster lives as long as the demo.
+    let mock = mock_broker.then(|| rdkafka::mocking::MockCluster::new(1).expect("librdkafka's mock cluster"));
+    let brokers = match &mock {
+        Some(cluster) => {
+            cluster.create_topic(&topic, 3, 1).expect("topic on the mock cluster");
+            println!("  kafka: librdkafka's in-process mock cluster at {} (run with --broker tansu or KAFKA_BROKERS for a real broker)", cluster.bootstrap_servers());
+            cluster.bootstrap_servers()
+        }
+        None => {
+            let brokers = kafka_brokers();
+            println!("  kafka {brokers}");
+            create_topic(&brokers, &topic, 3).await;
+            brokers
+        }
+    };
+    println!("  topic {topic}");
     let mut redis = OwnedRedis::start();
     println!("  redis {} (the demo's own redis-server; it will be stopped and restarted)", redis.url());
 
