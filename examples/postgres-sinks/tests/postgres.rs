@@ -16,7 +16,7 @@ use dualstream_example_postgres::{
     ChannelScope, ConnectionConfig, OutboxConfig, OutboxSink, PgError, PgNotifier, PgNotifierConfig, PgNotifyError,
     SetupError, DEFAULT_URL, MAX_PAYLOAD_BYTES,
 };
-use dualstream_publisher::{DualPublisher, NotificationOutcome, PublishError};
+use dualstream_publisher::{DualPublisher, NotificationOutcome, PublishError, PublisherConfig};
 use futures::StreamExt;
 use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Socket};
@@ -105,7 +105,7 @@ impl Fixture {
             connection: self.connection(),
             channel_prefix: self.prefix.clone(),
             channels,
-            ..Default::default()
+            timeout_ms: WAIT.as_millis() as u64,
         };
         PgNotifier::new(config).expect("notifier")
     }
@@ -134,6 +134,18 @@ impl Fixture {
     async fn cleanup(self) {
         bounded("drop the schema", self.admin.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema))).await;
     }
+}
+
+/// A publisher whose notification bounds are far above what any call takes
+/// here, even on a loaded machine: the tests check what arrives, not how fast.
+fn publisher(sink: OutboxSink, notifier: PgNotifier) -> DualPublisher {
+    let config = PublisherConfig {
+        notify_timeout_ms: WAIT.as_millis() as u64,
+        pipeline_timeout_ms: WAIT.as_millis() as u64,
+        ..Default::default()
+    };
+    let builder = DualPublisher::builder().durable(Arc::new(sink)).notifier(Arc::new(notifier));
+    builder.config(config).build().expect("publisher")
 }
 
 fn event(source_type: &str, source_id: &str, i: usize) -> Event {
@@ -249,8 +261,7 @@ async fn the_publisher_stores_each_source_in_order_and_a_listener_gets_every_not
     for s in sources {
         listener.listen(&fx.channel("user", Some(s))).await;
     }
-    let publisher =
-        DualPublisher::builder().durable(Arc::new(sink)).notifier(Arc::new(notifier)).build().expect("publisher");
+    let publisher = publisher(sink, notifier);
 
     let events: Vec<Event> = (0..30).map(|i| event("user", sources[i % 3], i)).collect();
     let mut receipts = Vec::new();
@@ -299,11 +310,7 @@ async fn the_batch_engine_stores_each_source_in_order_and_a_listener_gets_every_
     let mut listener = Listener::connect().await;
     listener.listen(&fx.channel("order", None)).await;
     listener.listen(&fx.channel("order", Some("o3"))).await;
-    let publisher = DualPublisher::builder()
-        .durable(Arc::new(fx.sink().await))
-        .notifier(Arc::new(fx.notifier(ChannelScope::Both)))
-        .build()
-        .expect("publisher");
+    let publisher = publisher(fx.sink().await, fx.notifier(ChannelScope::Both));
     let config = BatchConfig { lanes: 4, notify_pipelines: 2, max_in_flight_batches: 4, ..Default::default() };
     let engine = BatchEngine::new(publisher, config).expect("engine");
 
@@ -375,11 +382,7 @@ async fn a_constraint_violation_fails_that_event_and_the_later_events_of_its_sou
     // events are notified. The failed event took no sequence number.
     let mut listener = Listener::connect().await;
     listener.listen(&fx.channel("user", Some("a"))).await;
-    let publisher = DualPublisher::builder()
-        .durable(Arc::new(sink))
-        .notifier(Arc::new(fx.notifier(ChannelScope::PerSource)))
-        .build()
-        .expect("publisher");
+    let publisher = publisher(sink, fx.notifier(ChannelScope::PerSource));
     let engine = BatchEngine::new(publisher, BatchConfig::default()).expect("engine");
     let more = vec![event("user", "a", 4), poison("a"), event("user", "a", 6), event("user", "c", 1)];
     let results = engine.submit_many(more.clone()).await;
@@ -521,11 +524,7 @@ async fn an_oversized_notification_is_a_typed_error_and_the_rest_of_the_batch_is
     // notification failed.
     let limits = Limits { max_source_id_len: 10_000, ..Limits::default() };
     let big = Event::builder("user.created", "user", "y".repeat(8_000)).limits(limits).build().expect("valid");
-    let publisher = DualPublisher::builder()
-        .durable(Arc::new(fx.sink().await))
-        .notifier(Arc::new(notifier))
-        .build()
-        .expect("publisher");
+    let publisher = publisher(fx.sink().await, notifier);
     let receipt = publisher.publish(big).await.expect("stored");
     assert_eq!(receipt.position, Some(Position::new(fx.log(), 0, 1)));
     assert_eq!(receipt.notification, NotificationOutcome::Failed);
