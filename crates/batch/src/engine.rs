@@ -256,7 +256,21 @@ impl BatchEngine {
             };
         }
         metrics::gauge!(QUEUE_DEPTH).set(self.queued() as f64);
-        rx.await.unwrap_or(Err(BatchError::WorkerGone))
+        match rx.await {
+            Ok(result) => result,
+            Err(_) => {
+                self.lane_gone(lane).await;
+                Err(BatchError::WorkerGone)
+            }
+        }
+    }
+
+    /// A caller's reply was dropped: its lane's worker is unwinding. Wait
+    /// (briefly) until the lane is closed, so that once a caller has
+    /// `WorkerGone`, `dead_lanes` lists the lane and its sources get
+    /// `LaneDead` with their event handed back.
+    async fn lane_gone(&self, lane: usize) {
+        let _ = tokio::time::timeout(Duration::from_millis(100), self.inner.lanes[lane].closed()).await;
     }
 
     /// Submit many events and wait for all their results, in input order.
@@ -278,7 +292,7 @@ impl BatchEngine {
         let max_bytes = (shared.config.max_queued_bytes / 4).max(1);
         let mut out: Vec<Option<Result<Receipt, BatchError>>> = (0..n).map(|_| None).collect();
         let mut chunk = Chunk::new(shared.lanes.len());
-        let mut pending: Vec<(Vec<usize>, oneshot::Receiver<Results>)> = Vec::new();
+        let mut pending: Vec<(usize, Vec<usize>, oneshot::Receiver<Results>)> = Vec::new();
         let mut stop: Option<Refusal> = None;
         let mut too_large: Vec<(dualstream_core::Source, String)> = Vec::new();
         for (index, event) in events.into_iter().enumerate() {
@@ -323,12 +337,15 @@ impl BatchEngine {
             let _ = self.dispatch(&mut chunk, &mut pending, &mut out).await;
         }
         metrics::gauge!(QUEUE_DEPTH).set(self.queued() as f64);
-        for (indices, rx) in pending {
+        for (lane, indices, rx) in pending {
             // A worker that died leaves its slots empty: WorkerGone below.
-            if let Ok(results) = rx.await {
-                for (i, r) in indices.into_iter().zip(results) {
-                    out[i] = Some(r);
+            match rx.await {
+                Ok(results) => {
+                    for (i, r) in indices.into_iter().zip(results) {
+                        out[i] = Some(r);
+                    }
                 }
+                Err(_) => self.lane_gone(lane).await,
             }
         }
         out.into_iter().map(|r| r.unwrap_or(Err(BatchError::WorkerGone))).collect()
@@ -340,7 +357,7 @@ impl BatchEngine {
     async fn dispatch(
         &self,
         chunk: &mut Chunk,
-        pending: &mut Vec<(Vec<usize>, oneshot::Receiver<Results>)>,
+        pending: &mut Vec<(usize, Vec<usize>, oneshot::Receiver<Results>)>,
         out: &mut [Option<Result<Receipt, BatchError>>],
     ) -> Result<(), Refusal> {
         let shared = &self.inner;
@@ -366,7 +383,7 @@ impl BatchEngine {
             let part = all.split(events.len() as u64, part_bytes as u64);
             let (reply, rx) = oneshot::channel();
             match shared.lanes[lane].send(Msg::Many { events, held: part, reply }) {
-                Ok(()) => pending.push((indices, rx)),
+                Ok(()) => pending.push((lane, indices, rx)),
                 Err(mpsc::error::SendError(msg)) => {
                     if let Msg::Many { events, .. } = msg {
                         for (i, event) in indices.into_iter().zip(events) {
