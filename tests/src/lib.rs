@@ -1,8 +1,10 @@
 //! Shared fixtures of dualstream's integration tests, demo and benchmarks:
 //! the services from `cargo xtask up` (`KAFKA_BROKERS`, `REDIS_URL`),
 //! test-owned `redis-server` and `tansu` processes for fault tests, topic
-//! creation, an independent Kafka read-back and a Redis subscriber.
+//! creation, an independent Kafka read-back and a Redis subscriber, and a
+//! test-owned 3-master Redis Cluster ([`cluster::RedisCluster`]).
 
+pub mod cluster;
 mod ports;
 pub mod proxy;
 

@@ -1,0 +1,253 @@
+//! A Redis Cluster of three masters on loopback, owned by one test: each
+//! node a `redis-server --cluster-enabled yes` on a port reserved for it (and
+//! a second reserved port for its cluster bus, given with `--cluster-port`,
+//! so the bus never lands on `port + 10000`, which may be in the ephemeral
+//! range), joined with `redis-cli --cluster create`. Nodes can be killed and
+//! restarted; everything is stopped, and the node files removed, on drop.
+//!
+//! The nodes run with `--cluster-require-full-coverage no`, so the other two
+//! masters keep serving their slots while one is down, as a production
+//! cluster with replicas would keep serving through a failover.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use deadpool_redis::redis;
+
+use crate::{restart_on, start_on_own_port, PortHold};
+
+/// Bound on a node listening after a start, and on the cluster becoming
+/// healthy after `cluster create` or a restart.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+const HEALTHY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on `redis-cli --cluster create`.
+const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on one command sent to a node by the fixture.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One master of a [`RedisCluster`].
+#[derive(Debug)]
+struct Node {
+    port: u16,
+    bus: PortHold,
+    child: Option<Child>,
+    _hold: PortHold,
+}
+
+/// A 3-master Redis Cluster owned by one test (see the module docs).
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<Node>,
+    dir: PathBuf,
+}
+
+fn spawn_node(dir: &std::path::Path, port: u16, bus: u16) -> Child {
+    let conf = dir.join(format!("nodes-{port}.conf"));
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--cluster-enabled", "yes", "--cluster-port", &bus.to_string()])
+        .arg("--cluster-config-file")
+        .arg(&conf)
+        .arg("--dir")
+        .arg(dir)
+        .args(["--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server on PATH (apt-get install redis-server)")
+}
+
+/// Run `cmd`, killing it after `timeout`; its stdout, or why it failed.
+fn run_bounded(mut cmd: Command, timeout: Duration) -> Result<String, String> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| e.to_string())?;
+    let until = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() >= until => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("did not finish within {timeout:?}"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!("{}: {stdout} {}", out.status, String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// Send one command to the node on `port`, bounded by `COMMAND_TIMEOUT`.
+fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    let mut conn = client.get_connection_with_timeout(COMMAND_TIMEOUT)?;
+    conn.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+    conn.set_write_timeout(Some(COMMAND_TIMEOUT))?;
+    cmd.query(&mut conn)
+}
+
+fn unique_dir() -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    std::env::temp_dir().join(format!(
+        "dualstream-cluster-{}-{}-{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+impl RedisCluster {
+    /// Start three nodes, join them into one cluster (slots split evenly,
+    /// no replicas) and wait until every node sees all three masters
+    /// connected and every slot served.
+    pub fn start() -> Self {
+        let dir = unique_dir();
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        let mut cluster = Self { nodes: Vec::new(), dir };
+        for _ in 0..3 {
+            let bus = PortHold::new();
+            let bus_port = bus.port;
+            let dir = cluster.dir.clone();
+            let (hold, child) =
+                start_on_own_port("cluster redis", START_TIMEOUT, |port| spawn_node(&dir, port, bus_port));
+            cluster.nodes.push(Node { port: hold.port, bus, child: Some(child), _hold: hold });
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for n in &cluster.nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        create.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        if let Err(e) = run_bounded(create, CREATE_TIMEOUT) {
+            panic!("redis-cli --cluster create on {:?}: {e}", cluster.ports());
+        }
+        cluster.wait_healthy();
+        cluster
+    }
+
+    /// The nodes' client ports, in start order (node `i` is `ports()[i]`).
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// `redis://127.0.0.1:<port>` of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect()
+    }
+
+    /// The hash slot of `key` (or of a channel), as the cluster computes it.
+    pub fn slot(&self, key: &str) -> u16 {
+        let port = self.running_port();
+        query(port, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)).expect("CLUSTER KEYSLOT")
+    }
+
+    /// The client port of the master that serves `slot`, as a running node
+    /// sees it.
+    pub fn owner_of_slot(&self, slot: u16) -> u16 {
+        let port = self.running_port();
+        let text: String = query(port, redis::cmd("CLUSTER").arg("NODES")).expect("CLUSTER NODES");
+        for line in text.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // id addr flags master ping pong epoch link slot...
+            let Some(addr) = fields.get(1) else { continue };
+            for range in fields.iter().skip(8).filter(|f| !f.starts_with('[')) {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>()) {
+                    if (lo..=hi).contains(&slot) {
+                        let host_port = addr.split('@').next().unwrap_or(addr);
+                        let p = host_port.rsplit(':').next().and_then(|p| p.parse().ok());
+                        return p.unwrap_or_else(|| panic!("bad address in CLUSTER NODES: {line}"));
+                    }
+                }
+            }
+        }
+        panic!("no node serves slot {slot}: {text}")
+    }
+
+    /// The client port of the master that serves `key` (or a channel).
+    pub fn owner_of(&self, key: &str) -> u16 {
+        self.owner_of_slot(self.slot(key))
+    }
+
+    /// Kill -9 node `i` (its slots are not served until it restarts).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start node `i` again on its ports, with its node file (same id,
+    /// same slots), and wait until the cluster is healthy again.
+    pub fn restart(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        assert!(node.child.is_none(), "node {i} is running");
+        let child = spawn_node(&self.dir, node.port, node.bus.port);
+        node.child = Some(restart_on("cluster redis", node.port, START_TIMEOUT, child));
+        self.wait_healthy();
+    }
+
+    fn running_port(&self) -> u16 {
+        self.nodes.iter().find(|n| n.child.is_some()).expect("a running node").port
+    }
+
+    /// Why the cluster is not healthy as node `port` sees it, if it is not:
+    /// every node up and connected, none flagged failing, all slots served.
+    fn unhealthy(&self, port: u16) -> Option<String> {
+        let info: String = match query(port, redis::cmd("CLUSTER").arg("INFO")) {
+            Ok(i) => i,
+            Err(e) => return Some(format!("CLUSTER INFO: {e}")),
+        };
+        for want in ["cluster_state:ok", "cluster_slots_ok:16384", "cluster_known_nodes:3"] {
+            if !info.lines().any(|l| l.trim() == want) {
+                return Some(format!("no {want}"));
+            }
+        }
+        let nodes: String = match query(port, redis::cmd("CLUSTER").arg("NODES")) {
+            Ok(n) => n,
+            Err(e) => return Some(format!("CLUSTER NODES: {e}")),
+        };
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags = fields.get(2).copied().unwrap_or("");
+            if flags.split(',').any(|f| f == "fail" || f == "fail?" || f == "handshake" || f == "noaddr") {
+                return Some(format!("flagged: {line}"));
+            }
+            if fields.get(7) != Some(&"connected") {
+                return Some(format!("not connected: {line}"));
+            }
+        }
+        None
+    }
+
+    /// Wait until every running node sees a healthy cluster.
+    fn wait_healthy(&self) {
+        let until = Instant::now() + HEALTHY_TIMEOUT;
+        loop {
+            let why = self
+                .nodes
+                .iter()
+                .filter(|n| n.child.is_some())
+                .find_map(|n| self.unhealthy(n.port).map(|w| format!("node {}: {w}", n.port)));
+            let Some(why) = why else { return };
+            assert!(Instant::now() < until, "redis cluster {:?} not healthy within {HEALTHY_TIMEOUT:?}: {why}", self.ports());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
