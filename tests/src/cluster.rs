@@ -9,6 +9,9 @@
 //! masters keep serving their slots while one is down, as a production
 //! cluster with replicas would keep serving through a failover.
 
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{Shutdown, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -176,6 +179,16 @@ impl RedisCluster {
         self.owner_of_slot(self.slot(key))
     }
 
+    /// An independent sharded subscriber to `channels`: on each channel's
+    /// owner now, see [`ShardWitness`].
+    pub fn witness(&self, channels: &[String]) -> ShardWitness {
+        let mut by_owner: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+        for c in channels {
+            by_owner.entry(self.owner_of(c)).or_default().push(c.clone());
+        }
+        ShardWitness::new(&by_owner)
+    }
+
     /// Kill -9 node `i` (its slots are not served until it restarts).
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {
@@ -237,8 +250,82 @@ impl RedisCluster {
                 .filter(|n| n.child.is_some())
                 .find_map(|n| self.unhealthy(n.port).map(|w| format!("node {}: {w}", n.port)));
             let Some(why) = why else { return };
-            assert!(Instant::now() < until, "redis cluster {:?} not healthy within {HEALTHY_TIMEOUT:?}: {why}", self.ports());
+            let ports = self.ports();
+            assert!(Instant::now() < until, "redis cluster {ports:?} not healthy within {HEALTHY_TIMEOUT:?}: {why}");
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// An independent sharded Pub/Sub subscriber, sharing no code with
+/// dualstream or redis-rs's connections: per node a plain TCP connection,
+/// one `SSUBSCRIBE` per channel (Redis refuses one across slots), RESP
+/// read with redis-rs's parser in a thread of its own. Messages of all
+/// nodes arrive on one queue, each node's in the order the node sent them.
+#[derive(Debug)]
+pub struct ShardWitness {
+    rx: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    streams: Vec<TcpStream>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn bulk(v: &redis::Value) -> Option<&[u8]> {
+    match v {
+        redis::Value::BulkString(b) => Some(b),
+        _ => None,
+    }
+}
+
+impl ShardWitness {
+    /// Subscribe on each node (by client port) to its channels; returns
+    /// once every node confirmed every subscription.
+    pub fn new(by_owner: &BTreeMap<u16, Vec<String>>) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut witness = Self { rx, streams: Vec::new(), threads: Vec::new() };
+        for (&port, channels) in by_owner {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to a cluster node");
+            stream.set_read_timeout(Some(COMMAND_TIMEOUT)).expect("read timeout");
+            let mut parser = redis::Parser::new();
+            for c in channels {
+                stream.write_all(&redis::cmd("SSUBSCRIBE").arg(c).get_packed_command()).expect("send SSUBSCRIBE");
+            }
+            for c in channels {
+                let reply = parser.parse_value(&mut stream).unwrap_or_else(|e| panic!("SSUBSCRIBE {c} on {port}: {e}"));
+                let redis::Value::Array(items) = &reply else { panic!("SSUBSCRIBE {c} on {port}: {reply:?}") };
+                let kind = items.first().and_then(bulk);
+                assert_eq!(kind, Some(&b"ssubscribe"[..]), "SSUBSCRIBE {c} on {port}: {reply:?}");
+            }
+            stream.set_read_timeout(None).expect("no read timeout");
+            witness.streams.push(stream.try_clone().expect("clone stream"));
+            let tx = tx.clone();
+            witness.threads.push(std::thread::spawn(move || loop {
+                // Ends when the witness shuts the stream down (or the node goes away).
+                let Ok(redis::Value::Array(items)) = parser.parse_value(&mut stream) else { return };
+                if let [kind, channel, payload] = items.as_slice() {
+                    if let (Some(b"smessage"), Some(ch), Some(p)) = (bulk(kind), bulk(channel), bulk(payload)) {
+                        if tx.send((String::from_utf8_lossy(ch).into_owned(), p.to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }));
+        }
+        witness
+    }
+
+    /// The next message, or `None` after `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Option<(String, Vec<u8>)> {
+        tokio::time::timeout(timeout, self.rx.recv()).await.ok().flatten()
+    }
+}
+
+impl Drop for ShardWitness {
+    fn drop(&mut self) {
+        for s in &self.streams {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
     }
 }

@@ -2,9 +2,12 @@
 //! test-owned cluster (`dualstream_tests::cluster::RedisCluster`); none of
 //! these tests needs the stack of `cargo xtask up`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
 
-use dualstream_tests::cluster::RedisCluster;
+use dualstream::core::{Event, Notification, Position, RealtimeNotifier};
+use dualstream::redis::{RedisNotifier, RedisNotifierConfig};
+use dualstream_tests::cluster::{RedisCluster, ShardWitness};
 
 /// The fixture starts a healthy 3-master cluster whose slots are split over
 /// all three nodes, and a killed node comes back on its port with its slots.
@@ -21,4 +24,137 @@ fn the_fixture_starts_three_masters_and_restarts_one() {
     cluster.restart(i);
     assert_eq!(cluster.owner_of("events:user:octocat"), owner, "same slots after a restart");
     assert_eq!(cluster.ports(), ports);
+}
+
+/// Sources whose channels land on every node of `cluster`: `count`
+/// source ids of type `user`, with their channels.
+fn sources_on_all_nodes(cluster: &RedisCluster, count: usize) -> Vec<(String, String)> {
+    let sources: Vec<(String, String)> = (0..count).map(|i| (format!("u{i}"), format!("events:user:u{i}"))).collect();
+    let owners: BTreeSet<u16> = sources.iter().map(|(_, c)| cluster.owner_of(c)).collect();
+    assert_eq!(owners.len(), 3, "{count} sources' channels land on all three nodes");
+    sources
+}
+
+fn cluster_notifier(cluster: &RedisCluster) -> RedisNotifier {
+    // Generous bounds: a loaded machine must not fail a call for its speed.
+    RedisNotifier::new(RedisNotifierConfig {
+        cluster_urls: cluster.urls(),
+        timeout_ms: 10_000,
+        connect_timeout_ms: 10_000,
+        ..RedisNotifierConfig::default()
+    })
+    .expect("cluster notifier")
+}
+
+/// The notification of round `round` of `source_id`: its position's offset
+/// is the round.
+fn notification(source_id: &str, round: i64) -> Notification {
+    let event = Event::builder("user.updated", "user", source_id).build().expect("event");
+    Notification::for_event(&event, Some(Position::new("events", 0, round)))
+}
+
+/// Receive `expect` messages from `witness` and return each channel's
+/// offsets in arrival order; panics if one does not come within 20 s.
+async fn receive(witness: &mut ShardWitness, expect: usize) -> HashMap<String, Vec<i64>> {
+    let mut got: HashMap<String, Vec<i64>> = HashMap::new();
+    for i in 0..expect {
+        let (channel, payload) =
+            witness.next(WAIT).await.unwrap_or_else(|| panic!("message {i} of {expect} not received within {WAIT:?}"));
+        let n = Notification::from_json(&payload).expect("notification JSON");
+        got.entry(channel).or_default().push(n.position.expect("position").offset);
+    }
+    got
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Batches that cross slots (every batch holds one notification of each of
+/// 48 sources, spread over the three nodes) are sent with SPUBLISH, one
+/// pipeline per slot: an independent SSUBSCRIBE witness on each channel's
+/// node receives every notification, in order per channel, and nothing
+/// else; single notifications go the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_for_many_sources_reach_all_three_nodes_in_order() {
+    let cluster = RedisCluster::start();
+    let sources = sources_on_all_nodes(&cluster, 48);
+    let channels: Vec<String> = sources.iter().map(|(_, c)| c.clone()).collect();
+    let mut witness = cluster.witness(&channels);
+    let notifier = cluster_notifier(&cluster);
+    notifier.health_check().await.expect("every master answers PING");
+    const ROUNDS: i64 = 20;
+    for round in 0..ROUNDS {
+        let batch: Vec<Notification> = sources.iter().map(|(id, _)| notification(id, round)).collect();
+        notifier.notify_batch(&batch).await.expect("batch published");
+    }
+    for (id, _) in &sources {
+        notifier.notify(&notification(id, ROUNDS)).await.expect("single notification published");
+    }
+    let got = receive(&mut witness, sources.len() * (ROUNDS as usize + 1)).await;
+    let want: Vec<i64> = (0..=ROUNDS).collect();
+    for c in &channels {
+        assert_eq!(got.get(c), Some(&want), "{c}: every notification, in order");
+    }
+    assert_eq!(got.len(), channels.len(), "nothing on other channels");
+    assert!(witness.next(Duration::from_millis(300)).await.is_none(), "no more messages");
+    let stats = notifier.stats();
+    assert_eq!((stats.published, stats.failed, stats.skipped), (48 * (ROUNDS as u64 + 1), 0, 0));
+}
+
+/// With aggregate channels, each notification also goes to `events:user`,
+/// whose slot differs from the sources' channels: it arrives there in
+/// publish order too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregate_channels_are_published_in_order_on_their_own_slot() {
+    let cluster = RedisCluster::start();
+    let sources = sources_on_all_nodes(&cluster, 12);
+    let mut witness = cluster.witness(&["events:user".to_owned()]);
+    let notifier = RedisNotifier::new(RedisNotifierConfig {
+        aggregate_channels: true,
+        ..cluster_notifier(&cluster).config().clone()
+    })
+    .expect("notifier");
+    for round in 0..5 {
+        let batch: Vec<Notification> = sources.iter().map(|(id, _)| notification(id, round)).collect();
+        notifier.notify_batch(&batch).await.expect("batch published");
+    }
+    let got = receive(&mut witness, 12 * 5).await;
+    let want: Vec<i64> = (0..5).flat_map(|round| std::iter::repeat_n(round, 12)).collect();
+    assert_eq!(got.get("events:user"), Some(&want));
+}
+
+/// A node killed: notifications for its slots fail (the call's error, not
+/// a hang); once it is back the notifier delivers to every node again by
+/// itself (redis-rs reconnects the node, the breaker closes on a probe).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_notifier_recovers_after_a_node_restart() {
+    let mut cluster = RedisCluster::start();
+    let sources = sources_on_all_nodes(&cluster, 24);
+    let channels: Vec<String> = sources.iter().map(|(_, c)| c.clone()).collect();
+    let config = RedisNotifierConfig { timeout_ms: 2_000, ..cluster_notifier(&cluster).config().clone() };
+    let notifier = RedisNotifier::new(config).expect("notifier");
+    notifier.notify_batch(&[notification(&sources[0].0, 0)]).await.expect("connected");
+    let victim = cluster.owner_of(&sources[0].1);
+    let i = cluster.ports().iter().position(|&p| p == victim).expect("owner");
+    cluster.kill(i);
+    notifier.notify(&notification(&sources[0].0, 1)).await.expect_err("its node is down");
+    cluster.restart(i);
+    let mut witness = cluster.witness(&channels);
+    let batch = |round| sources.iter().map(|(id, _)| notification(id, round)).collect::<Vec<_>>();
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    let mut round = 2;
+    while let Err(e) = notifier.notify_batch(&batch(round)).await {
+        assert!(std::time::Instant::now() < until, "notifications still fail 60 s after the restart: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        round += 1;
+    }
+    const LAST: i64 = 1_000_000;
+    notifier.notify_batch(&batch(LAST)).await.expect("published after the restart");
+    let mut last: HashMap<String, i64> = HashMap::new();
+    while last.values().filter(|&&o| o == LAST).count() < channels.len() {
+        let next = witness.next(WAIT).await;
+        let (channel, payload) = next.unwrap_or_else(|| panic!("not received within {WAIT:?}: {last:?}"));
+        let offset = Notification::from_json(&payload).expect("json").position.expect("position").offset;
+        let previous = last.insert(channel.clone(), offset);
+        assert!(previous.is_none_or(|p| p < offset), "{channel}: {offset} after {previous:?}");
+    }
 }

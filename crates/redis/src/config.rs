@@ -30,8 +30,15 @@ impl Default for BreakerConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisNotifierConfig {
-    /// Redis URL. Default: `redis://127.0.0.1:6379`.
+    /// Redis URL. Default: `redis://127.0.0.1:6379`. Not used when
+    /// `cluster_urls` is set.
     pub url: String,
+    /// Redis Cluster mode: the URLs of some nodes of the cluster (the
+    /// others are found from them). When not empty, notifications are sent
+    /// with `SPUBLISH` (sharded Pub/Sub, Redis 7) to the master that serves
+    /// each channel's slot, and `url` is not used. Default: empty (one
+    /// Redis, `PUBLISH`).
+    pub cluster_urls: Vec<String>,
     /// Bound on every call (sending a pipeline or a PUBLISH and its answer),
     /// in milliseconds; waiting for a connection being made is bounded by
     /// `connect_timeout_ms` instead. Default: 200.
@@ -62,6 +69,7 @@ impl Default for RedisNotifierConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".to_owned(),
+            cluster_urls: Vec::new(),
             timeout_ms: 200,
             timeout_per_notification_us: 20,
             connect_timeout_ms: 1_000,
@@ -100,6 +108,11 @@ impl RedisNotifierConfig {
         Duration::from_millis(self.timeout_ms)
     }
 
+    /// Whether the notifier runs in Redis Cluster mode (`cluster_urls` set).
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster_urls.is_empty()
+    }
+
     /// Check every field; the first problem found is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
         use deadpool_redis::redis::IntoConnectionInfo;
@@ -107,6 +120,19 @@ impl RedisNotifierConfig {
             .as_str()
             .into_connection_info()
             .map_err(|e| ConfigError::Invalid { field: "url", reason: e.to_string() })?;
+        for (i, url) in self.cluster_urls.iter().enumerate() {
+            let info = url.as_str().into_connection_info().map_err(|e| ConfigError::Invalid {
+                field: "cluster_urls",
+                reason: format!("entry {i} ({url:?}): {e}"),
+            })?;
+            let db = info.redis_settings().db();
+            if db != 0 {
+                return Err(ConfigError::Invalid {
+                    field: "cluster_urls",
+                    reason: format!("entry {i} ({url:?}) selects database {db}: a cluster has database 0 only"),
+                });
+            }
+        }
         range("timeout_ms", self.timeout_ms, 1, 60_000)?;
         range("timeout_per_notification_us", self.timeout_per_notification_us, 0, 10_000)?;
         range("connect_timeout_ms", self.connect_timeout_ms, 1, 60_000)?;

@@ -12,6 +12,10 @@
 //!   consecutive failures it opens; while open, notifications are skipped at
 //!   once and counted; it probes with exponential backoff and closes when
 //!   Redis answers again. Warnings are rate-limited, with counts.
+//! - Redis Cluster ([`RedisNotifierConfig::cluster_urls`]): sharded Pub/Sub,
+//!   `SPUBLISH` to the master serving each channel's slot; a batch goes as
+//!   one pipeline per slot (redis-rs refuses a cluster pipeline across
+//!   slots), so each channel keeps its order.
 //! - Counters ([`RedisNotifier::stats`]): published, skipped, failed, and the
 //!   breaker state.
 //!

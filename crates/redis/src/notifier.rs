@@ -4,6 +4,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use deadpool_redis::redis::aio::MultiplexedConnection;
+use deadpool_redis::redis::cluster::ClusterClientBuilder;
+use deadpool_redis::redis::cluster_async::ClusterConnection;
+use deadpool_redis::redis::cluster_routing::Slot;
 use deadpool_redis::redis::{self, Pipeline};
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use dualstream_channel::ChannelNamer;
@@ -37,8 +40,10 @@ struct Inner {
     pool: Pool,
     /// One multiplexed connection shared by all calls; replaced after a
     /// connection error (or when the breaker opens). The pool creates it
-    /// (with its timeouts).
-    conn: Mutex<Option<MultiplexedConnection>>,
+    /// (with its timeouts). In cluster mode, one cluster connection (a
+    /// multiplexed connection per node, kept up by redis-rs), replaced only
+    /// when the breaker opens.
+    conn: Mutex<Option<Conn>>,
     /// The connection being made, if any: every caller waits for the same
     /// attempt, which runs in a task of its own.
     connecting: Mutex<Option<Connecting>>,
@@ -65,7 +70,38 @@ impl std::fmt::Debug for RedisNotifier {
     }
 }
 
-type Connecting = futures::future::Shared<futures::future::BoxFuture<'static, Result<MultiplexedConnection, String>>>;
+/// The notifier's connection: to one Redis, or to a Redis Cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+type Connecting = futures::future::Shared<futures::future::BoxFuture<'static, Result<Conn, String>>>;
+
+/// A batch's commands in cluster mode: one pipeline per hash slot, in the
+/// order the slots first appear. redis-rs refuses a cluster pipeline whose
+/// commands cross slots; within a slot, commands keep the batch's order,
+/// so every channel keeps its order.
+struct SlotPipelines {
+    pipes: Vec<Pipeline>,
+    index: std::collections::HashMap<Slot, usize>,
+}
+
+impl SlotPipelines {
+    fn new() -> Self {
+        Self { pipes: Vec::new(), index: std::collections::HashMap::new() }
+    }
+
+    fn for_channel(&mut self, channel: &str) -> &mut Pipeline {
+        let next = self.pipes.len();
+        let i = *self.index.entry(Slot::for_key(channel)).or_insert(next);
+        if i == next {
+            self.pipes.push(Pipeline::new());
+        }
+        &mut self.pipes[i]
+    }
+}
 
 /// Connections the pool may hold for [`RedisNotifier::pool`] users. The
 /// notifier itself uses one multiplexed connection, taken out of the pool.
@@ -83,7 +119,8 @@ impl RedisNotifier {
         config.validate()?;
         let timeout = config.timeout();
         let connect = Duration::from_millis(config.connect_timeout_ms);
-        let mut pool_config = deadpool_redis::Config::from_url(config.url.clone());
+        let pool_url = config.cluster_urls.first().unwrap_or(&config.url);
+        let mut pool_config = deadpool_redis::Config::from_url(pool_url.clone());
         pool_config.pool = Some(PoolConfig {
             max_size: POOL_MAX_SIZE,
             timeouts: Timeouts { wait: Some(connect), create: Some(connect), recycle: Some(connect) },
@@ -124,7 +161,10 @@ impl RedisNotifier {
     /// The pool, for other commands on the same server. It holds at most
     /// four connections; the notifier's own connection is taken out of it
     /// and does not count. Build your own pool from
-    /// [`RedisNotifierConfig::url`] for more.
+    /// [`RedisNotifierConfig::url`] for more. In cluster mode its
+    /// connections are plain connections to the first node of
+    /// [`RedisNotifierConfig::cluster_urls`], not cluster-aware (a key
+    /// served by another node answers `MOVED`).
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
     }
@@ -139,7 +179,7 @@ impl RedisNotifier {
         }
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, NotifyError> {
+    async fn connection(&self) -> Result<Conn, NotifyError> {
         use futures::FutureExt;
         if let Some(c) = lock(&self.inner.conn).as_ref() {
             return Ok(c.clone());
@@ -154,14 +194,17 @@ impl RedisNotifier {
                     // far-away Redis could never be reconnected.
                     let inner = self.inner.clone();
                     let task = tokio::spawn(async move {
-                        let made = match inner.pool.get().await {
-                            Ok(pooled) => {
-                                let conn = deadpool_redis::Connection::take(pooled);
-                                *lock(&inner.conn) = Some(conn.clone());
-                                Ok(conn)
+                        let made = if inner.config.is_cluster() {
+                            connect_cluster(&inner.config).await.map(Conn::Cluster)
+                        } else {
+                            match inner.pool.get().await {
+                                Ok(pooled) => Ok(Conn::Single(deadpool_redis::Connection::take(pooled))),
+                                Err(e) => Err(e.to_string()),
                             }
-                            Err(e) => Err(e.to_string()),
                         };
+                        if let Ok(conn) = &made {
+                            *lock(&inner.conn) = Some(conn.clone());
+                        }
                         *lock(&inner.connecting) = None;
                         made
                     });
@@ -174,33 +217,67 @@ impl RedisNotifier {
         attempt.await.map_err(NotifyError::Connection)
     }
 
-    fn pipeline(&self, notifications: &[Notification]) -> Pipeline {
-        let per = if self.inner.config.aggregate_channels { 2 } else { 1 };
-        let mut pipe = redis::Pipeline::with_capacity(notifications.len() * per);
+    /// Call `add(channel, json)` for every message of the batch, in order:
+    /// each notification on its source's channel, then (with
+    /// `aggregate_channels`) on its type's.
+    fn for_each_message(&self, notifications: &[Notification], mut add: impl FnMut(&str, &[u8])) {
         let mut channel = String::with_capacity(64);
         for n in notifications {
             let json = n.to_json();
             channel.clear();
             self.inner.namer.write_channel(&n.source_type, &n.source_id, &mut channel);
-            pipe.cmd("PUBLISH").arg(channel.as_str()).arg(json.as_slice()).ignore();
+            add(&channel, json.as_slice());
             if self.inner.config.aggregate_channels {
                 channel.clear();
                 channel.push_str(self.inner.namer.prefix());
                 channel.push(':');
                 channel.push_str(&n.source_type);
-                pipe.cmd("PUBLISH").arg(channel.as_str()).arg(json.as_slice()).ignore();
+                add(&channel, json.as_slice());
             }
         }
+    }
+
+    fn pipeline(&self, notifications: &[Notification]) -> Pipeline {
+        let per = if self.inner.config.aggregate_channels { 2 } else { 1 };
+        let mut pipe = redis::Pipeline::with_capacity(notifications.len() * per);
+        self.for_each_message(notifications, |channel, json| {
+            pipe.cmd("PUBLISH").arg(channel).arg(json).ignore();
+        });
         pipe
     }
 
-    /// Send a pipeline on `conn`, under the call's bound: the round trip and
-    /// Redis's work, not the time spent building it.
-    async fn send(&self, mut conn: MultiplexedConnection, notifications: &[Notification]) -> Result<(), NotifyError> {
-        let pipe: Pipeline = self.pipeline(notifications);
+    /// The batch as `SPUBLISH`es, one pipeline per slot.
+    fn slot_pipelines(&self, notifications: &[Notification]) -> Vec<Pipeline> {
+        let mut pipes = SlotPipelines::new();
+        self.for_each_message(notifications, |channel, json| {
+            pipes.for_channel(channel).cmd("SPUBLISH").arg(channel).arg(json).ignore();
+        });
+        pipes.pipes
+    }
+
+    /// Send the batch on `conn`, under the call's bound: the round trip and
+    /// Redis's work, not the time spent building the pipelines. In cluster
+    /// mode the slots' pipelines go out together (redis-rs sends each to
+    /// its slot's master); the call fails if any of them fails, as a
+    /// single pipeline fails as a whole (the others may have been
+    /// delivered).
+    async fn send(&self, conn: Conn, notifications: &[Notification]) -> Result<(), NotifyError> {
         let timeout = self.inner.config.timeout()
             + Duration::from_micros(self.inner.config.timeout_per_notification_us.saturating_mul(notifications.len() as u64));
-        let call = async { pipe.query_async::<()>(&mut conn).await.map_err(|e| NotifyError::Connection(e.to_string())) };
+        let call = async {
+            match conn {
+                Conn::Single(mut conn) => self.pipeline(notifications).query_async::<()>(&mut conn).await,
+                Conn::Cluster(conn) => {
+                    let pipes = self.slot_pipelines(notifications);
+                    let calls = pipes.iter().map(|pipe| {
+                        let mut conn = conn.clone();
+                        async move { pipe.query_async::<()>(&mut conn).await }
+                    });
+                    futures::future::join_all(calls).await.into_iter().collect::<Result<(), _>>()
+                }
+            }
+            .map_err(|e| NotifyError::Connection(e.to_string()))
+        };
         match tokio::time::timeout(timeout, call).await {
             Ok(r) => r,
             Err(_) => Err(NotifyError::Timeout { after: timeout }),
@@ -268,8 +345,11 @@ impl RealtimeNotifier for RedisNotifier {
                 // A connection error drops the shared connection, and so
                 // does the breaker opening (the probe then reconnects); a
                 // slow answer alone keeps it, since the other calls on it
-                // may be fine.
-                if opened || !matches!(e, NotifyError::Timeout { .. }) {
+                // may be fine. A cluster connection is kept up to the
+                // breaker opening: redis-rs reconnects a failed node and
+                // follows slots that moved, and the other nodes are fine.
+                let cluster = self.inner.config.is_cluster();
+                if opened || (!cluster && !matches!(e, NotifyError::Timeout { .. })) {
                     lock(&self.inner.conn).take();
                 }
                 if opened {
@@ -283,12 +363,13 @@ impl RealtimeNotifier for RedisNotifier {
 
     async fn health_check(&self) -> Result<(), NotifyError> {
         let timeout = self.inner.config.timeout();
+        // In cluster mode redis-rs sends PING to every master.
         let ping = async {
-            let mut conn = self.connection().await?;
-            redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .map_err(|e| NotifyError::Connection(e.to_string()))
+            let pinged = match self.connection().await? {
+                Conn::Single(mut conn) => redis::cmd("PING").query_async::<String>(&mut conn).await,
+                Conn::Cluster(mut conn) => redis::cmd("PING").query_async::<String>(&mut conn).await,
+            };
+            pinged.map_err(|e| NotifyError::Connection(e.to_string()))
         };
         match tokio::time::timeout(timeout, ping).await {
             Ok(Ok(_)) => Ok(()),
@@ -298,5 +379,22 @@ impl RealtimeNotifier for RedisNotifier {
             }
             Err(_) => Err(NotifyError::Timeout { after: timeout }),
         }
+    }
+}
+
+/// Connect to the cluster of `config.cluster_urls`: every master, and the
+/// slot map, bounded by `connect_timeout_ms` (each node's connection too);
+/// each command's answer is bounded by `timeout_ms` on top of the call's
+/// own bound.
+async fn connect_cluster(config: &RedisNotifierConfig) -> Result<ClusterConnection, String> {
+    let connect = Duration::from_millis(config.connect_timeout_ms);
+    let client = ClusterClientBuilder::new(config.cluster_urls.iter().map(String::as_str))
+        .connection_timeout(connect)
+        .response_timeout(config.timeout())
+        .build()
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(connect, client.get_async_connection()).await {
+        Ok(made) => made.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no cluster connection within {connect:?}")),
     }
 }

@@ -181,6 +181,11 @@ fn config_errors_name_the_field() {
         (RedisNotifierConfig { timeout_ms: 0, ..Default::default() }, "timeout_ms"),
         (RedisNotifierConfig { channel_prefix: "a:b".into(), ..Default::default() }, "channel_prefix"),
         (
+            RedisNotifierConfig { cluster_urls: vec!["redis://h:1".into(), "not a url".into()], ..Default::default() },
+            "cluster_urls",
+        ),
+        (RedisNotifierConfig { cluster_urls: vec!["redis://h:1/3".into()], ..Default::default() }, "cluster_urls"),
+        (
             RedisNotifierConfig {
                 breaker: BreakerConfig { open_min_ms: 500, open_max_ms: 100, ..Default::default() },
                 ..Default::default()
@@ -206,6 +211,16 @@ fn config_reads_from_json() {
     assert_eq!(c.breaker.failure_threshold, 5);
     assert_eq!(c.breaker.open_min_ms, 250);
     assert_eq!(c.timeout_ms, 200);
+    assert!(!c.is_cluster());
+}
+
+#[test]
+fn cluster_mode_reads_from_json() {
+    let c: RedisNotifierConfig =
+        serde_json::from_str(r#"{"cluster_urls":["redis://10.0.0.1:7001","redis://10.0.0.2:7002"]}"#).expect("valid");
+    assert!(c.is_cluster());
+    assert_eq!(c.cluster_urls.len(), 2);
+    RedisNotifier::new(c).expect("a valid cluster config");
 }
 
 /// The notifier uses one multiplexed connection, so there is no pool size:
