@@ -155,6 +155,12 @@ impl RedisCluster {
     /// sees it.
     pub fn owner_of_slot(&self, slot: u16) -> u16 {
         let port = self.running_port();
+        self.owner_seen_by(port, slot).unwrap_or_else(|| panic!("no node serves slot {slot} for node {port}"))
+    }
+
+    /// The client port of the master that serves `slot` as node `port`
+    /// sees it (`CLUSTER NODES`).
+    fn owner_seen_by(&self, port: u16, slot: u16) -> Option<u16> {
         let text: String = query(port, redis::cmd("CLUSTER").arg("NODES")).expect("CLUSTER NODES");
         for line in text.lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
@@ -165,13 +171,12 @@ impl RedisCluster {
                 if let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>()) {
                     if (lo..=hi).contains(&slot) {
                         let host_port = addr.split('@').next().unwrap_or(addr);
-                        let p = host_port.rsplit(':').next().and_then(|p| p.parse().ok());
-                        return p.unwrap_or_else(|| panic!("bad address in CLUSTER NODES: {line}"));
+                        return host_port.rsplit(':').next().and_then(|p| p.parse().ok());
                     }
                 }
             }
         }
-        panic!("no node serves slot {slot}: {text}")
+        None
     }
 
     /// The client port of the master that serves `key` (or a channel).
@@ -187,6 +192,35 @@ impl RedisCluster {
             by_owner.entry(self.owner_of(c)).or_default().push(c.clone());
         }
         ShardWitness::new(&by_owner)
+    }
+
+    /// Move `slot` (with no keys in it) to the node on `to` (a client
+    /// port), as `redis-cli --cluster reshard` does for each slot:
+    /// `IMPORTING` on the target, `MIGRATING` on the source, then `NODE` on
+    /// every node; returns once every running node names the target as
+    /// the slot's owner.
+    pub fn move_slot(&self, slot: u16, to: u16) {
+        let from = self.owner_of_slot(slot);
+        assert_ne!(from, to, "slot {slot} is already on {to}");
+        let id = |port: u16| -> String { query(port, redis::cmd("CLUSTER").arg("MYID")).expect("CLUSTER MYID") };
+        let (from_id, to_id) = (id(from), id(to));
+        let setslot = |port: u16, args: &[&str]| {
+            let mut cmd = redis::cmd("CLUSTER");
+            cmd.arg("SETSLOT").arg(slot).arg(args);
+            query::<()>(port, &cmd).unwrap_or_else(|e| panic!("CLUSTER SETSLOT {slot} {args:?} on {port}: {e}"));
+        };
+        setslot(to, &["IMPORTING", &from_id]);
+        setslot(from, &["MIGRATING", &to_id]);
+        setslot(to, &["NODE", &to_id]);
+        setslot(from, &["NODE", &to_id]);
+        for n in self.nodes.iter().filter(|n| n.child.is_some() && n.port != from && n.port != to) {
+            setslot(n.port, &["NODE", &to_id]);
+        }
+        let until = Instant::now() + HEALTHY_TIMEOUT;
+        while self.nodes.iter().filter(|n| n.child.is_some()).any(|n| self.owner_seen_by(n.port, slot) != Some(to)) {
+            assert!(Instant::now() < until, "slot {slot} not on {to} everywhere within {HEALTHY_TIMEOUT:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Kill -9 node `i` (its slots are not served until it restarts).

@@ -143,8 +143,15 @@ pub enum Overflow {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HubConfig {
-    /// Redis URL. Default: `redis://127.0.0.1:6379`.
+    /// Redis URL. Default: `redis://127.0.0.1:6379`. Not used when
+    /// `cluster_urls` is set.
     pub url: String,
+    /// Redis Cluster mode: the URLs of some nodes of the cluster (the
+    /// others are found from them). When not empty, the hub subscribes
+    /// with sharded Pub/Sub (`SSUBSCRIBE`, Redis 7), one connection per
+    /// master, and receives what a notifier with `cluster_urls` sends;
+    /// patterns are refused (sharded Pub/Sub has none). Default: empty.
+    pub cluster_urls: Vec<String>,
     /// Channel prefix, as the notifier's. Default: `events`.
     pub channel_prefix: String,
     /// Items each local subscriber may have waiting. Default: 1,024.
@@ -178,6 +185,7 @@ impl Default for HubConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".to_owned(),
+            cluster_urls: Vec::new(),
             channel_prefix: "events".to_owned(),
             subscriber_buffer: 1_024,
             overflow: Overflow::Signal,
@@ -197,6 +205,10 @@ impl HubConfig {
             .as_str()
             .into_connection_info()
             .map_err(|e| ConfigError::Invalid { field: "url", reason: e.to_string() })?;
+        dualstream_channel::check_cluster_urls(&self.cluster_urls, |url| {
+            url.into_connection_info().map(|i| i.redis_settings().db()).map_err(|e| e.to_string())
+        })
+        .map_err(|reason| ConfigError::Invalid { field: "cluster_urls", reason })?;
         dualstream_channel::ChannelNamer::with_prefix(self.channel_prefix.clone())
             .map_err(|e| ConfigError::Invalid { field: "channel_prefix", reason: e.to_string() })?;
         range("subscriber_buffer", self.subscriber_buffer as u64, 1, 16_777_216)?;
@@ -274,6 +286,10 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "reconnect_max_ms", .. })));
         let c = HubConfig { url: "nope://".into(), ..HubConfig::default() };
         assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "url", .. })));
+        for bad in ["nope://", "redis://h:1/2"] {
+            let c = HubConfig { cluster_urls: vec!["redis://h:1".into(), bad.into()], ..HubConfig::default() };
+            assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "cluster_urls", .. })), "{bad}");
+        }
         let c = JoinConfig { buffer: 0, ..JoinConfig::default() };
         assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "buffer", .. })));
     }

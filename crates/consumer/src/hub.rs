@@ -174,15 +174,15 @@ impl Lag {
     }
 }
 
-struct Slot {
+pub(crate) struct Slot {
     tx: mpsc::Sender<LiveItem>,
     lag: Arc<Lag>,
     /// Told [`LiveItem::Disconnected`] and not yet [`LiveItem::Gap`]: gets
     /// no notification until the gap is announced.
-    awaiting_gap: bool,
+    pub(crate) awaiting_gap: bool,
 }
 
-enum Cmd {
+pub(crate) enum Cmd {
     Subscribe { target: Target, id: u64, slot: Slot, reply: oneshot::Sender<()> },
     Unsubscribe { target: Target, id: u64 },
     Stats { reply: oneshot::Sender<HubStats> },
@@ -235,7 +235,11 @@ impl Hub {
             .map_err(|e| ConfigError::Invalid { field: "url", reason: e.to_string() })?;
         let handle = tokio::runtime::Handle::try_current().map_err(|_| HubError::NoRuntime)?;
         let (cmd, rx) = mpsc::unbounded_channel();
-        handle.spawn(Task::new(config.clone(), client, rx).run());
+        if config.cluster_urls.is_empty() {
+            handle.spawn(Task::new(config.clone(), client, rx).run());
+        } else {
+            handle.spawn(crate::shard_hub::ShardTask::new(config.clone(), rx).run());
+        }
         Ok(Self { inner: Arc::new(Shared { cmd, namer, config, next_id: AtomicU64::new(0) }) })
     }
 
@@ -256,8 +260,22 @@ impl Hub {
     /// is unreachable it returns at once too: the stream then starts with
     /// [`LiveItem::Disconnected`] and yields [`LiveItem::Gap`] once
     /// subscribed.
+    ///
+    /// With [`HubConfig::cluster_urls`] (sharded Pub/Sub) a
+    /// [`Target::Pattern`] is refused with [`HubError::InvalidTarget`]
+    /// (field `pattern`): sharded Pub/Sub has no patterns; subscribe to the
+    /// aggregate channel of the source type (`events:user`, published with
+    /// the notifier's `aggregate_channels`) instead.
     pub async fn subscribe(&self, target: Target) -> Result<LiveStream, HubError> {
         target.check()?;
+        if matches!(target, Target::Pattern(_)) && !self.inner.config.cluster_urls.is_empty() {
+            return Err(HubError::InvalidTarget {
+                field: "pattern",
+                reason: "a hub on a Redis Cluster (cluster_urls) uses sharded Pub/Sub, which has no patterns: \
+                         subscribe to the aggregate channel of the source type instead"
+                    .into(),
+            });
+        }
         let (tx, rx) = mpsc::channel(self.inner.config.subscriber_buffer);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let lag = Arc::new(Lag::default());
@@ -595,49 +613,62 @@ impl Task {
             self.channels.get_mut(msg.get_channel_name())
         };
         let Some(slots) = slots else { return };
-        let overflow = self.config.overflow;
-        let stats = &mut self.stats;
-        // Decoded once, and only when some subscriber has room for it, so a
-        // burst to subscribers that do not read costs little.
-        let mut item = None;
-        slots.retain(|_, slot| {
-            if slot.awaiting_gap {
-                // Told `Disconnected`; `Gap` covers this message.
-                return true;
-            }
-            if slot.tx.is_closed() {
-                return false;
-            }
-            if slot.tx.capacity() == 0 {
-                return missed_one(slot, overflow, stats);
-            }
-            deliver(slot, item.get_or_insert_with(|| decode(msg)).clone(), overflow, stats)
-        });
+        let decoded = || decode(msg.get_channel_name(), msg.get_payload_bytes());
+        fan_out(slots, self.config.overflow, &mut self.stats, decoded);
     }
 
     /// Tell `item` to every subscriber whose `awaiting_gap` is not
     /// `awaiting` yet, and set it: `Disconnected` to those not told yet,
     /// `Gap` to those waiting for it.
     fn announce(&mut self, item: LiveItem, awaiting: bool) {
-        let stats = &mut self.stats;
         for slots in self.channels.values_mut().chain(self.patterns.values_mut()) {
-            slots.retain(|_, slot| {
-                if slot.awaiting_gap == awaiting {
-                    return true;
-                }
-                slot.awaiting_gap = awaiting;
-                deliver(slot, item.clone(), Overflow::Signal, stats)
-            });
+            announce_to(slots, &item, awaiting, &mut self.stats);
         }
     }
 }
 
-/// The notification in `msg`, decoded with the lenient limits of the
-/// consuming side (docs/consumer.md, "One set of limits").
-fn decode(msg: &Msg) -> LiveItem {
-    match Notification::from_json_with_limits(msg.get_payload_bytes(), &crate::history::decode_limits()) {
+/// Hand one message to the subscribers in `slots`, without waiting.
+/// `decode` runs once, and only when some subscriber has room for the item,
+/// so a burst to subscribers that do not read costs little.
+pub(crate) fn fan_out(
+    slots: &mut HashMap<u64, Slot>,
+    overflow: Overflow,
+    stats: &mut HubStats,
+    decode: impl Fn() -> LiveItem,
+) {
+    let mut item = None;
+    slots.retain(|_, slot| {
+        if slot.awaiting_gap {
+            // Told `Disconnected`; `Gap` covers this message.
+            return true;
+        }
+        if slot.tx.is_closed() {
+            return false;
+        }
+        if slot.tx.capacity() == 0 {
+            return missed_one(slot, overflow, stats);
+        }
+        deliver(slot, item.get_or_insert_with(&decode).clone(), overflow, stats)
+    });
+}
+
+/// [`Task::announce`] for the subscribers of one channel or pattern.
+pub(crate) fn announce_to(slots: &mut HashMap<u64, Slot>, item: &LiveItem, awaiting: bool, stats: &mut HubStats) {
+    slots.retain(|_, slot| {
+        if slot.awaiting_gap == awaiting {
+            return true;
+        }
+        slot.awaiting_gap = awaiting;
+        deliver(slot, item.clone(), Overflow::Signal, stats)
+    });
+}
+
+/// The notification in a message's payload, decoded with the lenient limits
+/// of the consuming side (docs/consumer.md, "One set of limits").
+pub(crate) fn decode(channel: &str, payload: &[u8]) -> LiveItem {
+    match Notification::from_json_with_limits(payload, &crate::history::decode_limits()) {
         Ok(n) => LiveItem::Notification(Arc::new(n)),
-        Err(e) => LiveItem::Malformed { channel: msg.get_channel_name().into(), reason: e.to_string().into() },
+        Err(e) => LiveItem::Malformed { channel: channel.into(), reason: e.to_string().into() },
     }
 }
 
@@ -788,7 +819,7 @@ fn backoff_ms(min_ms: u64, max_ms: u64, attempt: u32) -> u64 {
 /// The wait before the next connection attempt: drawn uniformly from
 /// `[backoff / 2, backoff]`, so that a fleet of gateways that lost Redis at
 /// the same moment does not reconnect in step.
-fn reconnect_delay(min_ms: u64, max_ms: u64, attempt: u32) -> Duration {
+pub(crate) fn reconnect_delay(min_ms: u64, max_ms: u64, attempt: u32) -> Duration {
     let backoff = backoff_ms(min_ms, max_ms, attempt);
     Duration::from_millis(rand::random_range(backoff / 2..=backoff))
 }
@@ -844,7 +875,7 @@ fn missed_one(slot: &Slot, overflow: Overflow, stats: &mut HubStats) -> bool {
 
 /// Hand `item` to one subscriber without waiting. Returns whether to keep
 /// the subscriber.
-fn deliver(slot: &Slot, item: LiveItem, overflow: Overflow, stats: &mut HubStats) -> bool {
+pub(crate) fn deliver(slot: &Slot, item: LiveItem, overflow: Overflow, stats: &mut HubStats) -> bool {
     match offer(slot, item) {
         Offer::Taken => {
             stats.delivered += 1;

@@ -92,6 +92,7 @@ mod history;
 mod hub;
 mod reader;
 mod replay;
+mod shard_hub;
 
 pub use catchup::{CatchUp, Delivery, JoinError, JoinStream};
 pub use config::{ConfigError, HubConfig, JoinConfig, Overflow, ReplayConfig};

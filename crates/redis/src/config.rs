@@ -120,19 +120,10 @@ impl RedisNotifierConfig {
             .as_str()
             .into_connection_info()
             .map_err(|e| ConfigError::Invalid { field: "url", reason: e.to_string() })?;
-        for (i, url) in self.cluster_urls.iter().enumerate() {
-            let info = url.as_str().into_connection_info().map_err(|e| ConfigError::Invalid {
-                field: "cluster_urls",
-                reason: format!("entry {i} ({url:?}): {e}"),
-            })?;
-            let db = info.redis_settings().db();
-            if db != 0 {
-                return Err(ConfigError::Invalid {
-                    field: "cluster_urls",
-                    reason: format!("entry {i} ({url:?}) selects database {db}: a cluster has database 0 only"),
-                });
-            }
-        }
+        dualstream_channel::check_cluster_urls(&self.cluster_urls, |url| {
+            url.into_connection_info().map(|i| i.redis_settings().db()).map_err(|e| e.to_string())
+        })
+        .map_err(|reason| ConfigError::Invalid { field: "cluster_urls", reason })?;
         range("timeout_ms", self.timeout_ms, 1, 60_000)?;
         range("timeout_per_notification_us", self.timeout_per_notification_us, 0, 10_000)?;
         range("connect_timeout_ms", self.connect_timeout_ms, 1, 60_000)?;
