@@ -203,6 +203,10 @@ pub(crate) enum Cmd {
 ///   tells every subscriber [`LiveItem::Gap`].
 /// - A subscription is released in Redis when its last local subscriber
 ///   drops its stream.
+/// - On a Redis Cluster ([`HubConfig::cluster_urls`]) it subscribes with
+///   sharded Pub/Sub instead: one connection per master, `SSUBSCRIBE` on
+///   each channel's master, the same items per channel after a master's
+///   return or a slot's migration; patterns are refused.
 ///
 /// Cheap to clone. The task stops when the hub and every stream are
 /// dropped.
