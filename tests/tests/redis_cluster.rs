@@ -286,3 +286,22 @@ async fn a_slot_migration_loses_no_subscription() {
         assert_eq!(offsets(s, 5).await, (0..5).collect::<Vec<_>>(), "{:?}", s.target());
     }
 }
+
+/// A channel unsubscribed and at once subscribed again, 20 times: what is
+/// published after `subscribe` returned arrives each time. (The race of a
+/// confirmation of the SSUBSCRIBE before the SUNSUBSCRIBE answering the
+/// new subscriber is pinned by a unit test in `shard_hub.rs`; here Redis
+/// has usually answered all three commands before the publish.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_subscribed_again_right_after_its_last_subscriber_left_receives() {
+    let cluster = RedisCluster::start();
+    let hub = cluster_hub(&cluster);
+    let notifier = cluster_notifier(&cluster);
+    let source = Source::new("user", "again").expect("source");
+    for round in 0..20 {
+        drop(hub.subscribe_source(&source).await.expect("subscribed"));
+        let mut stream = hub.subscribe_source(&source).await.expect("subscribed again");
+        notifier.notify(&notification("again", round)).await.expect("published");
+        assert_eq!(offsets(&mut stream, 1).await, [round]);
+    }
+}

@@ -182,6 +182,14 @@ pub(crate) struct Slot {
     pub(crate) awaiting_gap: bool,
 }
 
+#[cfg(test)]
+impl Slot {
+    /// A subscriber slot sending to `tx`.
+    pub(crate) fn for_test(tx: mpsc::Sender<LiveItem>) -> Self {
+        Self { tx, lag: Arc::default(), awaiting_gap: false }
+    }
+}
+
 pub(crate) enum Cmd {
     Subscribe { target: Target, id: u64, slot: Slot, reply: oneshot::Sender<()> },
     Unsubscribe { target: Target, id: u64 },

@@ -488,6 +488,11 @@ pub(crate) struct ShardTask {
     nodes: HashMap<String, Node>,
     /// The slot map, once read.
     slots: Option<SlotMap>,
+    /// `SSUBSCRIBE`s sent on a master's live connection and not answered
+    /// yet, by master and channel: a channel counts as subscribed when the
+    /// last is confirmed (not when an earlier one, sent before an
+    /// unsubscription of it, is).
+    outstanding: HashMap<(String, String), u32>,
     /// A slot map read is under way; `again`: read once more after it.
     reading: bool,
     again: bool,
@@ -523,6 +528,7 @@ impl ShardTask {
             events,
             channels: HashMap::new(),
             nodes: HashMap::new(),
+            outstanding: HashMap::new(),
             slots: None,
             reading: false,
             again: false,
@@ -595,7 +601,29 @@ impl ShardTask {
     /// the first time (its `Up` subscribes them).
     fn subscribe_on(&mut self, node: &str, names: Vec<String>) -> bool {
         let n = self.node(node);
-        !n.tried || (n.conn.is_some() && n.tx.send(NodeCmd::Subscribe(names)).is_ok())
+        if !n.tried {
+            return true;
+        }
+        if n.conn.is_none() || n.tx.send(NodeCmd::Subscribe(names.clone())).is_err() {
+            return false;
+        }
+        for name in names {
+            *self.outstanding.entry((node.to_owned(), name)).or_default() += 1;
+        }
+        true
+    }
+
+    /// One `SSUBSCRIBE` of `channel` on `node` answered; returns how many
+    /// are still unanswered.
+    fn answered(&mut self, node: &str, channel: &str) -> u32 {
+        let key = (node.to_owned(), channel.to_owned());
+        let Some(left) = self.outstanding.get_mut(&key) else { return 0 };
+        *left = left.saturating_sub(1);
+        let left = *left;
+        if left == 0 {
+            self.outstanding.remove(&key);
+        }
+        left
     }
 
     /// Whether a subscriber of `c` waits for its confirmation: the slot map
@@ -713,6 +741,7 @@ impl ShardTask {
                 let n = self.node(&node);
                 n.conn = Some(conn);
                 n.tried = true;
+                self.outstanding.retain(|(n, _), _| *n != node);
                 // Every channel of this master again, one command per slot.
                 let mut by_slot: HashMap<u16, Vec<String>> = HashMap::new();
                 for (name, c) in &mut self.channels {
@@ -731,6 +760,7 @@ impl ShardTask {
                 if conn != 0 && n.conn != Some(conn) {
                     return;
                 }
+                self.outstanding.retain(|(n, _), _| *n != node);
                 if n.conn.take().is_some() {
                     self.stats.disconnects += 1;
                     tracing::warn!(%node, "hub lost a Redis Cluster node; reconnecting");
@@ -747,7 +777,7 @@ impl ShardTask {
                 self.read_slots(delay);
             }
             NodeEvent::Confirmed { node, conn, channel } => {
-                if !self.current(&node, conn) {
+                if !self.current(&node, conn) || self.answered(&node, &channel) > 0 {
                     return;
                 }
                 if let Some(c) = self.channels.get_mut(&channel) {
@@ -764,6 +794,7 @@ impl ShardTask {
                 }
                 tracing::debug!(%node, %error, "hub: SSUBSCRIBE refused; reading the slot map again");
                 for name in &channels {
+                    self.answered(&node, name);
                     if self.channels.get(name).is_some_and(|c| c.node.as_deref() == Some(node.as_str())) {
                         self.lose(name);
                         if let Some(c) = self.channels.get_mut(name) {
@@ -849,6 +880,36 @@ mod tests {
         assert_eq!(slot_of(b"{user1000}.following"), slot_of(b"user1000"));
         assert_eq!(slot_of(b"foo{}{bar}"), slot_of(b"foo{}{bar}"), "an empty tag hashes the whole name");
         assert_ne!(slot_of(b"foo{}{bar}"), slot_of(b"bar"));
+    }
+
+    /// A channel unsubscribed and subscribed again before Redis answered:
+    /// the first SSUBSCRIBE's confirmation (sent before the SUNSUBSCRIBE)
+    /// does not answer the new subscriber, the second one does.
+    #[test]
+    fn a_channel_counts_as_subscribed_at_its_last_ssubscribe_confirmed() {
+        let (_cmds, rx) = mpsc::unbounded_channel();
+        let config = HubConfig { cluster_urls: vec!["redis://n:1".into()], ..HubConfig::default() };
+        let mut task = ShardTask::new(config, rx);
+        let (node_tx, mut node_rx) = mpsc::unbounded_channel();
+        task.nodes.insert("n:1".into(), Node { tx: node_tx, conn: Some(1), tried: true });
+        task.slots = Some(vec![(0, SLOTS - 1, "n:1".into())]);
+        let target = Target::Channel("c".into());
+        let subscribe = |task: &mut ShardTask, id| {
+            let (tx, rx) = mpsc::channel(8);
+            let (reply, answered) = oneshot::channel();
+            task.handle(Cmd::Subscribe { target: target.clone(), id, slot: Slot::for_test(tx), reply });
+            (answered, rx)
+        };
+        let _first = subscribe(&mut task, 0);
+        task.handle(Cmd::Unsubscribe { target: Target::Channel("c".into()), id: 0 });
+        let (mut second, _items) = subscribe(&mut task, 1);
+        let sent: Vec<String> = std::iter::from_fn(|| node_rx.try_recv().ok()).map(|c| format!("{c:?}")).collect();
+        assert_eq!(sent, [r#"Subscribe(["c"])"#, r#"Unsubscribe(["c"])"#, r#"Subscribe(["c"])"#]);
+        let confirmed = || NodeEvent::Confirmed { node: "n:1".into(), conn: 1, channel: "c".into() };
+        task.on_event(confirmed());
+        assert!(second.try_recv().is_err(), "not answered by the first SSUBSCRIBE's confirmation");
+        task.on_event(confirmed());
+        assert!(second.try_recv().is_ok(), "answered by its own");
     }
 
     #[tokio::test]
