@@ -334,20 +334,25 @@ impl Drop for OwnedRedis {
     }
 }
 
-/// A tansu broker owned by one test (in-memory storage), on a port reserved
-/// for it until the fixture is dropped (see `PortHold`).
+/// A tansu broker owned by one test (in-memory storage, or a SQLite file
+/// with [`OwnedBroker::start_durable`]), on a port reserved for it until the
+/// fixture is dropped (see `PortHold`).
 #[derive(Debug)]
 pub struct OwnedBroker {
     pub port: u16,
     child: Option<Child>,
     tansu: PathBuf,
+    storage: String,
+    /// The broker's working directory (its SQLite file, when durable).
+    dir: PathBuf,
     _hold: PortHold,
 }
 
-fn spawn_tansu(tansu: &std::path::Path, port: u16) -> Child {
+fn spawn_tansu(tansu: &std::path::Path, port: u16, storage: &str, dir: &std::path::Path) -> Child {
     let url = format!("tcp://127.0.0.1:{port}");
     Command::new(tansu)
-        .args(["broker", "--storage-engine", "memory://tansu/"])
+        .current_dir(dir)
+        .args(["broker", "--storage-engine", storage])
         .args(["--listener-url", &url, "--advertised-listener-url", &url])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -359,11 +364,26 @@ impl OwnedBroker {
     const START_TIMEOUT: Duration = Duration::from_secs(20);
 
     pub fn start() -> Self {
+        Self::start_with("memory://tansu/".to_owned(), std::env::temp_dir())
+    }
+
+    /// A broker that keeps its log in a SQLite file of its own (tansu's
+    /// `sqlite://` engine): a restart keeps topics, records and producer
+    /// state, as a real Kafka broker's disk does.
+    pub fn start_durable() -> Self {
+        let dir = std::env::temp_dir().join(format!("dualstream-broker-{}", dualstream::EventId::new().as_uuid().simple()));
+        std::fs::create_dir_all(&dir).expect("broker dir");
+        // tansu 0.6 reads the SQLite path relative to its working directory.
+        Self::start_with("sqlite://tansu.db".to_owned(), dir)
+    }
+
+    fn start_with(storage: String, dir: PathBuf) -> Self {
         let tansu = std::env::var_os("DUALSTREAM_TANSU")
             .map(PathBuf::from)
             .expect("DUALSTREAM_TANSU is not set: run with `cargo xtask test`, which installs tansu");
-        let (hold, child) = start_on_own_port("test broker", Self::START_TIMEOUT, |port| spawn_tansu(&tansu, port));
-        Self { port: hold.port, child: Some(child), tansu, _hold: hold }
+        let (hold, child) =
+            start_on_own_port("test broker", Self::START_TIMEOUT, |port| spawn_tansu(&tansu, port, &storage, &dir));
+        Self { port: hold.port, child: Some(child), tansu, storage, dir, _hold: hold }
     }
 
     pub fn brokers(&self) -> String {
@@ -374,7 +394,7 @@ impl OwnedBroker {
     /// created again after a restart.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = spawn_tansu(&self.tansu, self.port);
+        let child = spawn_tansu(&self.tansu, self.port, &self.storage, &self.dir);
         self.child = Some(restart_on("test broker", self.port, Self::START_TIMEOUT, child));
     }
 

@@ -23,7 +23,12 @@ struct Cli {
 enum Cmd {
     /// Start a Kafka-compatible broker (tansu) and Redis on loopback, create the topics,
     /// and print how to reach them. Honours KAFKA_BROKERS and REDIS_URL.
-    Up,
+    Up {
+        /// Keep the broker's log on disk (tansu's SQLite engine, in
+        /// target/dualstream-stack/durable/): a broker restart loses nothing.
+        #[arg(long)]
+        durable: bool,
+    },
     /// Stop what `up` started, and nothing else.
     Down,
     /// Bring the stack up, run every test of the workspace, bring down what was started.
@@ -108,7 +113,7 @@ enum Broker {
 }
 
 fn with_stack(f: impl FnOnce(&stack::Stack) -> Result<(), String>) -> Result<(), String> {
-    let stack = stack::up()?;
+    let stack = stack::up(false)?;
     let result = f(&stack);
     if let Err(e) = stack::down_started(&stack) {
         eprintln!("xtask: while stopping the stack: {e}");
@@ -119,7 +124,7 @@ fn with_stack(f: impl FnOnce(&stack::Stack) -> Result<(), String>) -> Result<(),
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Up => stack::up().map(|s| s.print()),
+        Cmd::Up { durable } => stack::up(durable).map(|s| s.print()),
         Cmd::Down => stack::down(),
         Cmd::InstallTansu => stack::install_tansu().map(|p| println!("tansu: {}", p.display())),
         Cmd::Test { args } => stack::install_tansu().and_then(|_| with_stack(|s| {

@@ -13,6 +13,14 @@ use std::time::{Duration, Instant};
 use crate::ports::Came;
 
 const TANSU_VERSION: &str = "0.6.0";
+/// tansu's features: `dynostore` for the in-memory engine, `libsql` for the
+/// SQLite engine of the durable stack (`up --durable`) and of the
+/// broker-restart test.
+const TANSU_FEATURES: &str = "dynostore,libsql";
+/// The cache folder's name says what the build holds.
+fn tansu_root() -> PathBuf {
+    cache_dir().join(format!("tansu-{TANSU_VERSION}-sqlite"))
+}
 /// Topics created on a broker that `up` starts.
 const TOPICS: &[(&str, u32)] = &[("events", 3)];
 
@@ -68,7 +76,7 @@ fn find_tansu() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("DUALSTREAM_TANSU").map(PathBuf::from).filter(|p| p.is_file()) {
         return Some(p);
     }
-    let cached = cache_dir().join(format!("tansu-{TANSU_VERSION}")).join("bin").join("tansu");
+    let cached = tansu_root().join("bin").join("tansu");
     if cached.is_file() {
         return Some(cached);
     }
@@ -80,21 +88,21 @@ pub(crate) fn install_tansu() -> Result<PathBuf, String> {
     if let Some(p) = find_tansu() {
         return Ok(p);
     }
-    let root = cache_dir().join(format!("tansu-{TANSU_VERSION}"));
+    let root = tansu_root();
     eprintln!(
         "xtask: tansu {TANSU_VERSION} (the Kafka-compatible broker) is not installed; installing it into {} \
-         (about 10 minutes on 2 cores, once)",
+         (about 20 minutes on 2 cores, once)",
         root.display()
     );
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["install", "tansu", "--version", TANSU_VERSION, "--locked", "--features", "dynostore", "--root"])
+        .args(["install", "tansu", "--version", TANSU_VERSION, "--locked", "--features", TANSU_FEATURES, "--root"])
         .arg(&root)
         .status()
         .map_err(|e| format!("could not run cargo install: {e}"))?;
     if !status.success() {
         return Err(format!(
             "installing tansu failed ({status}). Install it by hand with \
-             `cargo install tansu --version {TANSU_VERSION} --locked --features dynostore --root {}`, \
+             `cargo install tansu --version {TANSU_VERSION} --locked --features {TANSU_FEATURES} --root {}`, \
              or point KAFKA_BROKERS at a broker of your own",
             root.display()
         ));
@@ -209,7 +217,7 @@ fn read_state() -> Option<(String, String)> {
 }
 
 /// Bring the stack up, or reuse one that is already up.
-pub(crate) fn up() -> Result<Stack, String> {
+pub(crate) fn up(durable: bool) -> Result<Stack, String> {
     let tansu_known = find_tansu();
     if let Some((kafka, redis)) = read_state() {
         if connects(&kafka) && redis_pings(&redis_addr(&redis)) {
@@ -251,23 +259,38 @@ pub(crate) fn up() -> Result<Stack, String> {
         }
         Err(_) => {
             let tansu = install_tansu()?;
+            // Durable: the log in a SQLite file that outlives `down` (tansu
+            // 0.6 reads the path relative to its working directory).
+            let (storage, workdir) = if durable {
+                let d = dir.join("durable");
+                std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+                eprintln!("xtask: durable broker: the log is kept in {}", d.join("tansu.db").display());
+                ("sqlite://tansu.db", d)
+            } else {
+                ("memory://tansu/", dir.clone())
+            };
+            std::fs::create_dir_all(&workdir).map_err(|e| e.to_string())?;
             let (port, pid) = start_on_free_port("tansu", Duration::from_secs(30), |port| {
                 let url = format!("tcp://127.0.0.1:{port}");
                 let listener = ["--listener-url", &url, "--advertised-listener-url", &url];
-                let broker = ["broker", "--storage-engine", "memory://tansu/"];
-                spawn("tansu", Command::new(&tansu).args(broker).args(listener))
+                let broker = ["broker", "--storage-engine", storage];
+                spawn("tansu", Command::new(&tansu).current_dir(&workdir).args(broker).args(listener))
             })?;
             started_here.push(dir.join("tansu.pid"));
             let url = format!("tcp://127.0.0.1:{port}");
             let addr = format!("127.0.0.1:{port}");
             for (topic, partitions) in TOPICS {
                 wait_for("tansu", Some(pid), Duration::from_secs(30), || {
+                    // A durable broker keeps its topics: "already exists" is fine.
                     Command::new(&tansu)
                         .args(["topic", "create", topic, "--partitions", &partitions.to_string(), "--broker", &url])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status()
-                        .map(|s| s.success())
+                        .stdin(Stdio::null())
+                        .output()
+                        .map(|o| {
+                            o.status.success()
+                                || String::from_utf8_lossy(&o.stderr).contains("already exists")
+                                || String::from_utf8_lossy(&o.stdout).contains("already exists")
+                        })
                         .unwrap_or(false)
                 })
                 .map_err(|e| format!("creating topic {topic}: {e}"))?;
