@@ -536,3 +536,38 @@ mod tests {
         assert!(TcpListener::bind(("127.0.0.2", port)).is_ok(), "released on drop");
     }
 }
+
+/// Writes events of `sources` round-robin, `per_tick` every 10 ms (30: about
+/// 3,000/s), until the flag is set; resolves to how many were written, each
+/// acknowledged.
+pub fn start_load(
+    engine: &BatchEngine,
+    sources: &[dualstream::Source],
+    per_tick: usize,
+) -> (Arc<std::sync::atomic::AtomicBool>, tokio::task::JoinHandle<usize>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let (engine, flag, sources) = (engine.clone(), stop.clone(), sources.to_vec());
+    let handle = tokio::spawn(async move {
+        let mut i = 0usize;
+        let mut tasks = Vec::new();
+        while !flag.load(Ordering::Relaxed) {
+            for _ in 0..per_tick {
+                let s = &sources[i % sources.len()];
+                let e = Event::builder("reading", s.source_type(), s.source_id())
+                    .payload(format!("{i}"))
+                    .build()
+                    .expect("valid");
+                let engine = engine.clone();
+                tasks.push(tokio::spawn(async move { engine.submit(e).await }));
+                i += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for t in tasks {
+            t.await.expect("task").expect("every event stored");
+        }
+        i
+    });
+    (stop, handle)
+}

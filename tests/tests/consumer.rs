@@ -2,7 +2,7 @@
 //! hub on redis-server, and the catch-up join while a publisher writes, with
 //! and without Redis being killed mid-run.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -307,7 +307,7 @@ async fn join_mid_stream(redis_url: String, mut redis: Option<&mut OwnedRedis>) 
         .expect("a shared partition")
         .clone();
 
-    let (stop, producer) = start_load(&engine, &sources);
+    let (stop, producer) = start_load(&engine, &sources, 30);
 
     // Let history build up, then pick a past position of the watched source.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -413,35 +413,6 @@ async fn the_join_stays_exact_when_redis_is_killed_and_restarted() {
     join_mid_stream(url, Some(&mut redis)).await;
 }
 
-/// Writes events of `sources` round-robin (about 3,000/s) until stopped;
-/// resolves to how many were written, each acknowledged.
-fn start_load(engine: &BatchEngine, sources: &[Source]) -> (Arc<AtomicBool>, tokio::task::JoinHandle<usize>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (engine, flag, sources) = (engine.clone(), stop.clone(), sources.to_vec());
-    let handle = tokio::spawn(async move {
-        let mut i = 0usize;
-        let mut tasks = Vec::new();
-        while !flag.load(Ordering::Relaxed) {
-            for _ in 0..30 {
-                let s = &sources[i % sources.len()];
-                let e = Event::builder("reading", s.source_type(), s.source_id())
-                    .payload(format!("{i}"))
-                    .build()
-                    .expect("valid");
-                let engine = engine.clone();
-                tasks.push(tokio::spawn(async move { engine.submit(e).await }));
-                i += 1;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        for t in tasks {
-            t.await.expect("task").expect("every event stored");
-        }
-        i
-    });
-    (stop, handle)
-}
-
 /// A hundred joins of eight sources, each from a random past position, all
 /// through one `CatchUp` while the publisher writes: two Kafka consumers in
 /// all, and every join receives exactly its source's Kafka sequence.
@@ -454,7 +425,7 @@ async fn a_hundred_joins_share_two_kafka_consumers_and_each_gets_its_exact_seque
     let (engine, _) = dual_engine(&brokers, &topic, &redis_url());
     let run = EventId::new().as_uuid().simple().to_string();
     let sources: Vec<Source> = (0..8).map(|i| Source::new("sensor", format!("{run}-{i}")).expect("valid")).collect();
-    let (stop, producer) = start_load(&engine, &sources);
+    let (stop, producer) = start_load(&engine, &sources, 30);
     tokio::time::sleep(Duration::from_millis(1_500)).await;
 
     let replay = replay_for(&brokers, &topic);
