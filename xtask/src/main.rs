@@ -28,6 +28,10 @@ enum Cmd {
         /// target/dualstream-stack/durable/): a broker restart loses nothing.
         #[arg(long)]
         durable: bool,
+        /// Also start a Redis Cluster of 3 masters on loopback (for sharded
+        /// Pub/Sub); its URLs go to REDIS_CLUSTER_URLS in stack.env.
+        #[arg(long)]
+        redis_cluster: bool,
     },
     /// Stop what `up` started, and nothing else.
     Down,
@@ -113,7 +117,7 @@ enum Broker {
 }
 
 fn with_stack(f: impl FnOnce(&stack::Stack) -> Result<(), String>) -> Result<(), String> {
-    let stack = stack::up(false)?;
+    let stack = stack::up(false, false)?;
     let result = f(&stack);
     if let Err(e) = stack::down_started(&stack) {
         eprintln!("xtask: while stopping the stack: {e}");
@@ -124,7 +128,7 @@ fn with_stack(f: impl FnOnce(&stack::Stack) -> Result<(), String>) -> Result<(),
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Up { durable } => stack::up(durable).map(|s| s.print()),
+        Cmd::Up { durable, redis_cluster } => stack::up(durable, redis_cluster).map(|s| s.print()),
         Cmd::Down => stack::down(),
         Cmd::InstallTansu => stack::install_tansu().map(|p| println!("tansu: {}", p.display())),
         Cmd::Test { args } => stack::install_tansu().and_then(|_| with_stack(|s| {

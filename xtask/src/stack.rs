@@ -217,7 +217,55 @@ fn read_state() -> Option<(String, String)> {
 }
 
 /// Bring the stack up, or reuse one that is already up.
-pub(crate) fn up(durable: bool) -> Result<Stack, String> {
+/// Masters of the local Redis Cluster (`up --redis-cluster`).
+const CLUSTER_NODES: usize = 3;
+
+/// Start a Redis Cluster of [`CLUSTER_NODES`] masters on loopback (each with
+/// its cluster bus on a port of its own), join them, and wait until every
+/// node reports `cluster_state:ok`. Returns the nodes' URLs.
+fn start_redis_cluster(server: &Path, started_here: &mut Vec<PathBuf>) -> Result<Vec<String>, String> {
+    let cli = which("redis-cli").ok_or("redis-cli not found: install it (Debian/Ubuntu: `apt-get install redis-tools`)")?;
+    let mut addrs = Vec::new();
+    for i in 0..CLUSTER_NODES {
+        let name = format!("redis-cluster-{i}");
+        let node_dir = state_dir().join(&name);
+        // A fresh cluster every time: no node file from an earlier run.
+        let _ = std::fs::remove_dir_all(&node_dir);
+        std::fs::create_dir_all(&node_dir).map_err(|e| format!("{}: {e}", node_dir.display()))?;
+        let (port, _pid) = start_on_free_port(&name, Duration::from_secs(10), |port| {
+            let bus = free_port()?;
+            let (port, bus) = (port.to_string(), bus.to_string());
+            let args = ["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+            let cluster = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-port", &bus];
+            spawn(&name, Command::new(server).current_dir(&node_dir).args(args).args(cluster))
+        })?;
+        started_here.push(state_dir().join(format!("{name}.pid")));
+        addrs.push(format!("127.0.0.1:{port}"));
+    }
+    let out = Command::new(&cli)
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("redis-cli --cluster create: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("redis-cli --cluster create failed: {}", String::from_utf8_lossy(&out.stdout)));
+    }
+    for addr in &addrs {
+        let port = addr.rsplit(':').next().unwrap_or_default().to_owned();
+        wait_for("redis cluster", None, Duration::from_secs(20), || {
+            Command::new(&cli)
+                .args(["-p", &port, "cluster", "info"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+                .unwrap_or(false)
+        })?;
+    }
+    Ok(addrs.into_iter().map(|a| format!("redis://{a}")).collect())
+}
+
+pub(crate) fn up(durable: bool, redis_cluster: bool) -> Result<Stack, String> {
     let tansu_known = find_tansu();
     if let Some((kafka, redis)) = read_state() {
         if connects(&kafka) && redis_pings(&redis_addr(&redis)) {
@@ -249,6 +297,13 @@ pub(crate) fn up(durable: bool) -> Result<Stack, String> {
             wait_for("redis", Some(pid), Duration::from_secs(10), || redis_pings(&addr))?;
             format!("redis://{addr}")
         }
+    };
+
+    let redis_cluster_urls = if redis_cluster {
+        let server = which("redis-server").ok_or("redis-server not found: install it (`apt-get install redis-server`)")?;
+        Some(start_redis_cluster(&server, &mut started_here)?.join(","))
+    } else {
+        None
     };
 
     let (kafka_brokers, tansu) = match std::env::var("KAFKA_BROKERS") {
@@ -301,6 +356,10 @@ pub(crate) fn up(durable: bool) -> Result<Stack, String> {
 
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let mut env = format!("export KAFKA_BROKERS={kafka_brokers}\nexport REDIS_URL={redis_url}\n");
+    if let Some(urls) = &redis_cluster_urls {
+        env.push_str(&format!("export REDIS_CLUSTER_URLS={urls}\n"));
+        println!("  REDIS_CLUSTER_URLS={urls} (3 masters; sharded Pub/Sub: the notifier's and hub's `cluster_urls`)");
+    }
     if let Some(t) = &tansu {
         env.push_str(&format!("export DUALSTREAM_TANSU={}\n", t.display()));
     }
@@ -342,7 +401,7 @@ pub(crate) fn down_started(stack: &Stack) -> Result<(), String> {
 /// Stop every process `up` started (per the pid files), and nothing else.
 pub(crate) fn down() -> Result<(), String> {
     let dir = state_dir();
-    for name in ["tansu", "redis"] {
+    for name in ["tansu", "redis", "redis-cluster-0", "redis-cluster-1", "redis-cluster-2"] {
         stop_pid_file(&dir.join(format!("{name}.pid")))?;
     }
     let _ = std::fs::remove_file(dir.join("stack.env"));
