@@ -194,6 +194,39 @@ impl RedisCluster {
         ShardWitness::new(&by_owner)
     }
 
+    /// Move every slot of node `from` to node `to` with `redis-cli --cluster
+    /// reshard`, the way an operator does, and wait until every node sees
+    /// the new owner of `slot` (one of the moved slots).
+    pub fn reshard_all(&self, from: u16, to: u16, slot: u16) {
+        let id = |port: u16| -> String { query(port, redis::cmd("CLUSTER").arg("MYID")).expect("CLUSTER MYID") };
+        let (from_id, to_id) = (id(from), id(to));
+        let nodes: String = query(from, redis::cmd("CLUSTER").arg("NODES")).expect("CLUSTER NODES");
+        let mine = nodes.lines().find(|l| l.contains("myself")).expect("the node itself");
+        let count: u32 = mine
+            .split_whitespace()
+            .skip(8)
+            .filter(|r| !r.starts_with('['))
+            .map(|r| match r.split_once('-') {
+                Some((a, b)) => b.parse::<u32>().expect("slot") - a.parse::<u32>().expect("slot") + 1,
+                None => 1,
+            })
+            .sum();
+        let status = Command::new("redis-cli")
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
+            .args(["--cluster-from", &from_id, "--cluster-to", &to_id, "--cluster-slots", &count.to_string()])
+            .arg("--cluster-yes")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .expect("redis-cli");
+        assert!(status.success(), "redis-cli --cluster reshard of {count} slots from {from} to {to}: {status}");
+        let until = Instant::now() + HEALTHY_TIMEOUT;
+        while self.nodes.iter().filter(|n| n.child.is_some()).any(|n| self.owner_seen_by(n.port, slot) != Some(to)) {
+            assert!(Instant::now() < until, "slot {slot} not on {to} everywhere within {HEALTHY_TIMEOUT:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Move `slot` (with no keys in it) to the node on `to` (a client
     /// port), as `redis-cli --cluster reshard` does for each slot:
     /// `IMPORTING` on the target, `MIGRATING` on the source, then `NODE` on
