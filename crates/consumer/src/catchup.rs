@@ -21,8 +21,9 @@ use crate::replay::{Replay, ReplayError, Replayed, StartAt};
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Delivery {
-    /// An event read from Kafka: the history before the live part, or one
-    /// whose notification was missed (a gap filled).
+    /// An event read from Kafka: the history before the live part, one whose
+    /// notification was missed (a gap filled), or, in a join made with
+    /// [`CatchUp::join_events`], every event.
     History(Replayed),
     /// A live notification from Redis. Its `position` is always set.
     Live(Notification),
@@ -168,6 +169,32 @@ impl CatchUp {
     /// nothing is stored after `start`. An offset below what is still stored
     /// gives [`Delivery::Truncated`] first.
     pub async fn join(&self, source: Source, start: StartAt) -> Result<JoinStream, JoinError> {
+        self.join_with(source, start, false).await
+    }
+
+    /// Like [`join`](Self::join), but every item is a whole event: a live
+    /// notification is not delivered itself; its event is read from Kafka
+    /// (from the shared cache of recent records, in the common case) and
+    /// delivered as [`Delivery::History`]. For clients that want payloads,
+    /// not just ids and positions.
+    pub async fn join_events(&self, source: Source, start: StartAt) -> Result<JoinStream, JoinError> {
+        self.join_with(source, start, true).await
+    }
+
+    /// Where `source`'s events go and the offset the next one will get (the
+    /// partition's high watermark now), from the shared reader. A client
+    /// that records this before its first event and later joins from it
+    /// misses nothing in between.
+    pub async fn position_now(&self, source: &Source) -> Result<Position, JoinError> {
+        let history = self.history()?;
+        let topic = self.replay.config().topic.topic_for(source.source_type());
+        let count = history.partition_count(&topic).await?;
+        let tp: Tp = (topic.into(), partition_for_key(source.source_id().as_bytes(), count));
+        let marks = history.fresh(&tp).await?;
+        Ok(Position::new(Arc::clone(&tp.0), tp.1, marks.high))
+    }
+
+    async fn join_with(&self, source: Source, start: StartAt, full: bool) -> Result<JoinStream, JoinError> {
         // Live first, so nothing published from now on can be missed.
         let live = self.hub.subscribe_source(&source).await?;
         let history = self.history()?;
@@ -192,7 +219,7 @@ impl CatchUp {
             StartAt::LastN(n) => last_n_start(&history, &tp, &key, &source, n, marks).await?,
         };
         let (tx, rx) = mpsc::channel(self.config.buffer);
-        let joiner = Joiner { tx, history, tp, source, key, next: begin, low: marks.low };
+        let joiner = Joiner { tx, history, tp, source, key, next: begin, low: marks.low, full };
         let idle = Duration::from_millis(self.config.idle_check_ms);
         tokio::spawn(joiner.run(live, watermarks, marks.high, idle));
         Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })))
@@ -267,6 +294,8 @@ struct Joiner {
     next: i64,
     /// The low watermark last seen.
     low: i64,
+    /// Deliver live events read from Kafka, not their notifications.
+    full: bool,
 }
 
 impl Joiner {
@@ -422,6 +451,11 @@ impl Joiner {
                 return self.send(Err(JoinError::Unmergeable { id: n.id, reason })).await;
             }
         };
+        if self.full {
+            // Through the notification's own record: its event comes from
+            // Kafka like the history before it.
+            return self.scan_to(offset + 1).await;
+        }
         if offset > self.next {
             // Events of this source in between whose notifications were lost
             // come from Kafka first (usually from the shared cache).

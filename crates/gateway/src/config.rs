@@ -1,0 +1,265 @@
+//! The gateway's configuration: its own settings, and those of the crates it
+//! is built on, in one serde document (TOML in the binary).
+
+use std::net::SocketAddr;
+
+use dualstream_batch::BatchConfig;
+use dualstream_consumer::{HubConfig, JoinConfig, ReplayConfig};
+use dualstream_kafka::KafkaSinkConfig;
+use dualstream_redis::RedisNotifierConfig;
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration cannot work.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A field has a bad value.
+    #[error("gateway config: {field}: {reason}")]
+    Invalid {
+        /// The field, as a path (`auth.secret`).
+        field: &'static str,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+    /// The configuration file could not be read or parsed.
+    #[error("gateway config file {path}: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// What went wrong (TOML errors name the line and the key).
+        reason: String,
+    },
+    /// A configuration of a crate the gateway is built on.
+    #[error("gateway config: {section}: {reason}")]
+    Section {
+        /// `kafka`, `redis`, `batch`, `replay`, `hub` or `join`.
+        section: &'static str,
+        /// The crate's own error, which names the field.
+        reason: String,
+    },
+}
+
+fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError::Invalid { field, reason: format!("{value} is outside {min}..={max}") });
+    }
+    Ok(())
+}
+
+/// Everything a gateway needs.
+///
+/// `kafka_brokers`, `redis_url` and `topic` are set once here and copied into
+/// the sections of the crates below, so that ingest and delivery cannot point
+/// at different services.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Address to listen on. Default: `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Kafka bootstrap servers. Default: `127.0.0.1:9092`.
+    pub kafka_brokers: String,
+    /// Redis URL. Default: `redis://127.0.0.1:6379`.
+    pub redis_url: String,
+    /// The topic every event goes to. Default: `events`.
+    pub topic: String,
+    /// Names the event log that resume tokens point into. A token minted
+    /// under another `stream_id` resumes nothing: its channels get a `reset`.
+    /// Change it when the topic is deleted and created again, or the gateway
+    /// moves to another cluster. Default: `default`.
+    pub stream_id: String,
+    /// Authentication and authorisation.
+    pub auth: AuthConfig,
+    /// Limits on what clients send and hold.
+    pub limits: GatewayLimits,
+    /// Serve the live dashboard at `/`. Its data needs no token: turn it off
+    /// where event ids and source names are not for everyone who reaches the
+    /// port. Default: true.
+    pub dashboard: bool,
+    /// The Kafka sink (its `bootstrap_servers` and `topic` are overwritten).
+    pub kafka: KafkaSinkConfig,
+    /// The Redis notifier (its `url` is overwritten).
+    pub redis: RedisNotifierConfig,
+    /// The batching engine that ingest goes through.
+    pub batch: BatchConfig,
+    /// The Kafka reader of the delivery side (`bootstrap_servers` and
+    /// `topic` are overwritten).
+    pub replay: ReplayConfig,
+    /// The hub (its `url` is overwritten).
+    pub hub: HubConfig,
+    /// The catch-up joins.
+    pub join: JoinConfig,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            kafka_brokers: "127.0.0.1:9092".to_owned(),
+            redis_url: "redis://127.0.0.1:6379".to_owned(),
+            topic: "events".to_owned(),
+            stream_id: "default".to_owned(),
+            auth: AuthConfig::default(),
+            limits: GatewayLimits::default(),
+            dashboard: true,
+            kafka: KafkaSinkConfig::default(),
+            redis: RedisNotifierConfig::default(),
+            batch: BatchConfig::default(),
+            replay: ReplayConfig::default(),
+            hub: HubConfig::default(),
+            join: JoinConfig::default(),
+        }
+    }
+}
+
+/// Signed tokens (JWT, HS256).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The HS256 secret, at least 32 bytes. No default: a gateway without
+    /// one refuses to start.
+    pub secret: String,
+    /// The `iss` every token must carry. Default: `dualstream`.
+    pub issuer: String,
+    /// The `aud` every token must carry. Default: `dualstream-gateway`.
+    pub audience: String,
+    /// Lifetime of a ticket from `POST /v1/tickets`, in seconds: long
+    /// enough to open a stream with it. Default: 30.
+    pub ticket_ttl_secs: u64,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds. Default: 5.
+    pub leeway_secs: u64,
+    /// The cookie a browser's `EventSource` sends the token in. Default:
+    /// `dualstream_token`.
+    pub cookie: String,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("secret", &format_args!("<{} bytes>", self.secret.len()))
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("ticket_ttl_secs", &self.ticket_ttl_secs)
+            .field("leeway_secs", &self.leeway_secs)
+            .field("cookie", &self.cookie)
+            .finish()
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            secret: String::new(),
+            issuer: "dualstream".to_owned(),
+            audience: "dualstream-gateway".to_owned(),
+            ticket_ttl_secs: 30,
+            leeway_secs: 5,
+            cookie: "dualstream_token".to_owned(),
+        }
+    }
+}
+
+/// Limits on requests and connections.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayLimits {
+    /// Largest ingest body, in bytes; larger gets 413. Default: 1 MiB.
+    pub max_body_bytes: usize,
+    /// Most events in one ingest request; more gets 413. Default: 1,000.
+    pub max_events_per_request: usize,
+    /// Items waiting for one client before it counts as too slow and is
+    /// disconnected with a reason. Default: 1,024.
+    pub client_buffer: usize,
+    /// Most channels and patterns one connection may subscribe to.
+    /// Default: 64.
+    pub max_subscriptions: usize,
+    /// Longest a WebSocket send may wait for the client, in milliseconds,
+    /// before the client counts as too slow. Default: 5,000.
+    pub send_timeout_ms: u64,
+    /// SSE `retry:` sent to clients when the gateway shuts down, and keep-
+    /// alive comment interval, in milliseconds. Default: 2,000 / 15,000.
+    pub sse_retry_ms: u64,
+    /// Interval between SSE keep-alive comments, in milliseconds.
+    pub keep_alive_ms: u64,
+}
+
+impl Default for GatewayLimits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            max_events_per_request: 1_000,
+            client_buffer: 1_024,
+            max_subscriptions: 64,
+            send_timeout_ms: 5_000,
+            sse_retry_ms: 2_000,
+            keep_alive_ms: 15_000,
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Read a TOML file; fields it leaves out keep their defaults.
+    pub fn from_toml_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let file = |reason: String| ConfigError::File { path: path.display().to_string(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
+        toml::from_str(&text).map_err(|e| file(e.to_string()))
+    }
+
+    /// Copy the shared settings into the sections and check every field;
+    /// the first problem found is returned.
+    pub fn resolve(mut self) -> Result<Self, ConfigError> {
+        if self.topic.is_empty() || self.topic.len() > 249 {
+            return Err(ConfigError::Invalid { field: "topic", reason: "must be 1 to 249 bytes".into() });
+        }
+        let routing = dualstream_kafka::TopicRouting::Single { topic: self.topic.clone() };
+        self.kafka.bootstrap_servers = self.kafka_brokers.clone();
+        self.kafka.topic = routing.clone();
+        self.replay.bootstrap_servers = self.kafka_brokers.clone();
+        self.replay.topic = routing;
+        self.redis.url = self.redis_url.clone();
+        self.hub.url = self.redis_url.clone();
+        self.hub.channel_prefix = self.redis.channel_prefix.clone();
+        self.hub.cluster_urls = self.redis.cluster_urls.clone();
+        if self.stream_id.is_empty() || self.stream_id.len() > 128 {
+            return Err(ConfigError::Invalid { field: "stream_id", reason: "must be 1 to 128 bytes".into() });
+        }
+        if self.auth.secret.len() < 32 {
+            return Err(ConfigError::Invalid {
+                field: "auth.secret",
+                reason: format!(
+                    "is {} bytes; at least 32 are needed (set DUALSTREAM_GATEWAY_SECRET or auth.secret)",
+                    self.auth.secret.len()
+                ),
+            });
+        }
+        for (field, v) in [("auth.issuer", &self.auth.issuer), ("auth.audience", &self.auth.audience)] {
+            if v.is_empty() {
+                return Err(ConfigError::Invalid { field, reason: "must not be empty".into() });
+            }
+        }
+        let cookie_ok = |c: &str| !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !cookie_ok(&self.auth.cookie) {
+            return Err(ConfigError::Invalid {
+                field: "auth.cookie",
+                reason: "must be ASCII letters, digits, '_' or '-'".into(),
+            });
+        }
+        range("auth.ticket_ttl_secs", self.auth.ticket_ttl_secs, 1, 3_600)?;
+        range("auth.leeway_secs", self.auth.leeway_secs, 0, 300)?;
+        let l = &self.limits;
+        range("limits.max_body_bytes", l.max_body_bytes as u64, 1_024, 1 << 30)?;
+        range("limits.max_events_per_request", l.max_events_per_request as u64, 1, 1_000_000)?;
+        range("limits.client_buffer", l.client_buffer as u64, 1, 1 << 20)?;
+        range("limits.max_subscriptions", l.max_subscriptions as u64, 1, 10_000)?;
+        range("limits.send_timeout_ms", l.send_timeout_ms, 1, 600_000)?;
+        range("limits.sse_retry_ms", l.sse_retry_ms, 1, 3_600_000)?;
+        range("limits.keep_alive_ms", l.keep_alive_ms, 100, 3_600_000)?;
+        let section = |section, reason: String| ConfigError::Section { section, reason };
+        self.kafka.validate().map_err(|e| section("kafka", e.to_string()))?;
+        self.redis.validate().map_err(|e| section("redis", e.to_string()))?;
+        self.batch.validate().map_err(|e| section("batch", e.to_string()))?;
+        self.replay.validate().map_err(|e| section("replay", e.to_string()))?;
+        self.hub.validate().map_err(|e| section("hub", e.to_string()))?;
+        self.join.validate().map_err(|e| section("join", e.to_string()))?;
+        Ok(self)
+    }
+}

@@ -1,0 +1,213 @@
+//! `POST /v1/events`: one JSON event, a JSON array, or NDJSON, through the
+//! batching engine.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use dualstream_batch::BatchError;
+use dualstream_core::{Event, EventId};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::state::AppState;
+
+/// One event as a producer sends it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IngestEvent {
+    #[serde(rename = "type")]
+    event_type: String,
+    source_type: String,
+    source_id: String,
+    /// Any JSON value, stored as its JSON text.
+    #[serde(default)]
+    payload: Option<Value>,
+    /// Binary payloads, base64 (standard alphabet).
+    #[serde(default)]
+    payload_base64: Option<String>,
+    /// The event id (UUID); made when absent.
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    /// When it happened, in milliseconds since the Unix epoch; now when
+    /// absent.
+    #[serde(default)]
+    occurred_at_ms: Option<u64>,
+}
+
+/// An error response: `{"error": {"code", "message", ...}}`.
+pub(crate) fn error(status: StatusCode, code: &str, message: impl std::fmt::Display, extra: Value) -> Response {
+    let mut body = json!({"error": {"code": code, "message": message.to_string()}});
+    if let (Some(obj), Value::Object(more)) = (body["error"].as_object_mut(), extra) {
+        obj.extend(more);
+    }
+    (status, Json(body)).into_response()
+}
+
+fn invalid(index: usize, message: impl std::fmt::Display) -> Response {
+    error(StatusCode::BAD_REQUEST, "invalid_event", message, json!({"index": index}))
+}
+
+/// Split the body into events, by its content type.
+fn parse_body(headers: &HeaderMap, body: &[u8], max_events: usize) -> Result<Vec<IngestEvent>, Response> {
+    let ndjson = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-ndjson") || v.starts_with("application/ndjson"));
+    let too_many = |n: usize| {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_events",
+            format!("events: more than limits.max_events_per_request = {max_events} (at least {n})"),
+            json!({"limit": max_events}),
+        )
+    };
+    if ndjson {
+        let mut out = Vec::new();
+        for (i, line) in body.split(|b| *b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)).enumerate() {
+            if out.len() == max_events {
+                return Err(too_many(max_events + 1));
+            }
+            out.push(serde_json::from_slice(line).map_err(|e| invalid(i, format!("line {}: {e}", i + 1)))?);
+        }
+        return Ok(out);
+    }
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    match first {
+        Some(b'[') => {
+            let values: Vec<Value> = serde_json::from_slice(body).map_err(|e| invalid(0, format!("body: {e}")))?;
+            if values.len() > max_events {
+                return Err(too_many(values.len()));
+            }
+            values
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| serde_json::from_value(v).map_err(|e| invalid(i, format!("events[{i}]: {e}"))))
+                .collect()
+        }
+        Some(_) => Ok(vec![serde_json::from_slice(body).map_err(|e| invalid(0, format!("body: {e}")))?]),
+        None => Err(invalid(0, "body: empty; send a JSON event, a JSON array of events, or NDJSON")),
+    }
+}
+
+fn build(e: IngestEvent) -> Result<Event, String> {
+    let mut b = Event::builder(e.event_type, e.source_type, e.source_id);
+    match (e.payload, e.payload_base64) {
+        (Some(_), Some(_)) => return Err("payload and payload_base64: send one of them, not both".into()),
+        (Some(v), None) => b = b.payload(serde_json::to_vec(&v).map_err(|e| format!("payload: {e}"))?),
+        (None, Some(s)) => {
+            use base64::Engine as _;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(s.as_bytes())
+                .map_err(|e| format!("payload_base64: not standard base64: {e}"))?;
+            b = b.payload(bytes);
+        }
+        (None, None) => {}
+    }
+    if let Some(id) = e.id {
+        let id: EventId = id.parse().map_err(|e| format!("id: {e}"))?;
+        b = b.id(id);
+    }
+    if let Some(ms) = e.occurred_at_ms {
+        const MAX_MS: u64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
+        if ms > MAX_MS {
+            return Err(format!("occurred_at_ms: {ms} is later than the limit of {MAX_MS} (year 9999)"));
+        }
+        b = b.occurred_at(UNIX_EPOCH + Duration::from_millis(ms));
+    }
+    for (k, v) in e.headers {
+        b = b.header(k, v);
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
+fn batch_error_json(e: &BatchError) -> Value {
+    let code = match e {
+        BatchError::QueueFull { .. } => "queue_full",
+        BatchError::TooLarge { .. } => "too_large",
+        BatchError::Closed { .. } => "shutting_down",
+        BatchError::WorkerGone => "outcome_unknown",
+        BatchError::LaneDead { .. } => "lane_dead",
+        _ => "not_stored",
+    };
+    json!({"code": code, "message": e.to_string(), "retriable": e.is_retriable()})
+}
+
+/// `POST /v1/events`.
+pub(crate) async fn post_events(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let auth = match state.auth.from_headers(&headers) {
+        Ok(a) => a,
+        Err(e) => return error(e.status(), e.code(), &e, json!({})),
+    };
+    let parsed = match parse_body(&headers, &body, state.config.limits.max_events_per_request) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    // Nothing is stored unless every event may be published and is valid.
+    for (i, e) in parsed.iter().enumerate() {
+        if !auth.may_publish(&e.source_type) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("events[{i}]: the token's publish claims do not include source type {:?}", e.source_type),
+                json!({"index": i}),
+            );
+        }
+    }
+    let mut events = Vec::with_capacity(parsed.len());
+    for (i, e) in parsed.into_iter().enumerate() {
+        match build(e) {
+            Ok(ev) => events.push(ev),
+            Err(m) => return invalid(i, format!("events[{i}]: {m}")),
+        }
+    }
+    let summaries: Vec<(String, Value)> = events
+        .iter()
+        .map(|e| {
+            let v = json!({"id": e.id().to_string(), "type": e.event_type(), "source_type": e.source().source_type(),
+                "source_id": e.source().source_id()});
+            (e.source().source_type().to_owned(), v)
+        })
+        .collect();
+    let results = state.engine.submit_many(events).await;
+    let mut ok = 0usize;
+    let mut retriable = 0usize;
+    let mut out = Vec::with_capacity(results.len());
+    for (r, (source_type, mut summary)) in results.into_iter().zip(summaries) {
+        match r {
+            Ok(receipt) => {
+                ok += 1;
+                let position = receipt
+                    .position
+                    .as_ref()
+                    .map(|p| json!({"topic": &*p.topic, "partition": p.partition, "offset": p.offset}));
+                summary["position"] = json!(position);
+                state.record_ingested(&source_type, summary.clone());
+                out.push(json!({"id": summary["id"], "position": position}));
+            }
+            Err(e) => {
+                retriable += usize::from(matches!(e, BatchError::QueueFull { .. }));
+                out.push(json!({"id": summary["id"], "error": batch_error_json(&e)}));
+            }
+        }
+    }
+    metrics::counter!("dualstream_gateway_ingested_total").increment(ok as u64);
+    let n = out.len();
+    let body = Json(json!({"stored": ok, "failed": n - ok, "results": out}));
+    if ok == n {
+        (StatusCode::OK, body).into_response()
+    } else if ok == 0 && retriable == n {
+        (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], body).into_response()
+    } else if ok == 0 {
+        (StatusCode::BAD_GATEWAY, body).into_response()
+    } else {
+        (StatusCode::MULTI_STATUS, body).into_response()
+    }
+}

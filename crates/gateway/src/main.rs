@@ -1,0 +1,209 @@
+//! `dualstream-gateway`: HTTP ingest and SSE/WebSocket delivery.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use dualstream_gateway::{Auth, Gateway, GatewayConfig};
+
+/// HTTP ingest and SSE/WebSocket delivery for dualstream.
+///
+/// Settings come from the TOML file given with --config (every field of
+/// GatewayConfig; see docs/gateway.md), then from the options and
+/// environment variables below, which win.
+#[derive(Debug, Parser)]
+#[command(name = "dualstream-gateway", version, about, long_about)]
+struct Args {
+    /// A TOML configuration file.
+    #[arg(long, env = "DUALSTREAM_GATEWAY_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "DUALSTREAM_GATEWAY_LISTEN", global = true)]
+    listen: Option<std::net::SocketAddr>,
+    /// Kafka bootstrap servers [default: 127.0.0.1:9092].
+    #[arg(long, env = "KAFKA_BROKERS", global = true)]
+    kafka_brokers: Option<String>,
+    /// Redis URL [default: redis://127.0.0.1:6379].
+    #[arg(long, env = "REDIS_URL", global = true)]
+    redis_url: Option<String>,
+    /// The Kafka topic [default: events].
+    #[arg(long, env = "DUALSTREAM_TOPIC", global = true)]
+    topic: Option<String>,
+    /// The HS256 secret tokens are signed with (at least 32 bytes).
+    #[arg(long, env = "DUALSTREAM_GATEWAY_SECRET", hide_env_values = true, global = true)]
+    secret: Option<String>,
+    /// The `iss` tokens must carry [default: dualstream].
+    #[arg(long, env = "DUALSTREAM_GATEWAY_ISSUER", global = true)]
+    issuer: Option<String>,
+    /// The `aud` tokens must carry [default: dualstream-gateway].
+    #[arg(long, env = "DUALSTREAM_GATEWAY_AUDIENCE", global = true)]
+    audience: Option<String>,
+    /// Names the event log resume tokens point into [default: default].
+    #[arg(long, env = "DUALSTREAM_GATEWAY_STREAM_ID", global = true)]
+    stream_id: Option<String>,
+    /// Do not serve the dashboard at /.
+    #[arg(long, global = true)]
+    no_dashboard: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Serve,
+    /// Print the resolved configuration as TOML (the secret masked) and exit.
+    Config,
+    /// Sign a token with the configured secret and print it.
+    Token {
+        /// A channel or pattern the token may read (repeat).
+        #[arg(long)]
+        read: Vec<String>,
+        /// A source type the token may publish, `*` for all (repeat).
+        #[arg(long)]
+        publish: Vec<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// The `sub` claim.
+        #[arg(long)]
+        sub: Option<String>,
+    },
+}
+
+fn config(args: &Args) -> Result<GatewayConfig, String> {
+    let mut c = match &args.config {
+        Some(path) => GatewayConfig::from_toml_file(path).map_err(|e| e.to_string())?,
+        None => GatewayConfig::default(),
+    };
+    if let Some(v) = args.listen {
+        c.listen = v;
+    }
+    if let Some(v) = &args.kafka_brokers {
+        c.kafka_brokers = v.clone();
+    }
+    if let Some(v) = &args.redis_url {
+        c.redis_url = v.clone();
+    }
+    if let Some(v) = &args.topic {
+        c.topic = v.clone();
+    }
+    if let Some(v) = &args.secret {
+        c.auth.secret = v.clone();
+    }
+    if let Some(v) = &args.issuer {
+        c.auth.issuer = v.clone();
+    }
+    if let Some(v) = &args.audience {
+        c.auth.audience = v.clone();
+    }
+    if let Some(v) = &args.stream_id {
+        c.stream_id = v.clone();
+    }
+    if args.no_dashboard {
+        c.dashboard = false;
+    }
+    c.resolve().map_err(|e| e.to_string())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = match config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dualstream-gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match args.command.unwrap_or(Command::Serve) {
+        Command::Config => {
+            let mut shown = config.clone();
+            shown.auth.secret = "<hidden>".into();
+            match toml::to_string(&shown) {
+                Ok(t) => print!("{t}"),
+                Err(e) => {
+                    eprintln!("dualstream-gateway: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Token { read, publish, ttl, sub } => {
+            let auth = match Auth::new(&config.auth) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("dualstream-gateway: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match auth.mint(&auth.claims(sub, read, publish, ttl)) {
+                Ok(t) => {
+                    println!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dualstream-gateway: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Serve => {
+            let handle = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no /metrics: the Prometheus recorder could not be installed");
+                    None
+                }
+            };
+            let gateway = match Gateway::with_metrics(config, handle).await {
+                Ok(g) => g,
+                Err(e) => {
+                    eprintln!("dualstream-gateway: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let listen = gateway.config().listen;
+            let listener = match tokio::net::TcpListener::bind(listen).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("dualstream-gateway: cannot listen on {listen}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            tracing::info!(%listen, "dualstream-gateway listening");
+            match gateway.serve(listener, shutdown_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("dualstream-gateway: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

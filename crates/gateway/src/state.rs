@@ -1,0 +1,125 @@
+//! What every request handler shares.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use dualstream_batch::BatchEngine;
+use dualstream_channel::ChannelNamer;
+use dualstream_consumer::{CatchUp, Hub};
+use dualstream_redis::RedisNotifier;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::watch;
+
+use crate::auth::Auth;
+use crate::config::GatewayConfig;
+
+/// Shared by every handler.
+pub(crate) struct AppState {
+    /// The resolved configuration.
+    pub(crate) config: GatewayConfig,
+    /// Channel names.
+    pub(crate) namer: ChannelNamer,
+    /// Ingest goes through it.
+    pub(crate) engine: BatchEngine,
+    /// The notifier, for its breaker state.
+    pub(crate) notifier: RedisNotifier,
+    /// Live subscriptions.
+    pub(crate) hub: Hub,
+    /// Resumable subscriptions.
+    pub(crate) catchup: CatchUp,
+    /// Tokens.
+    pub(crate) auth: Auth,
+    /// The hash of the event log's identity, in resume tokens.
+    pub(crate) log_hash: u32,
+    /// Whether the hub takes patterns (not on a Redis Cluster).
+    pub(crate) hub_patterns: bool,
+    /// Set to true when the gateway shuts down.
+    pub(crate) shutdown: watch::Sender<bool>,
+    /// Open SSE streams.
+    pub(crate) sse_clients: AtomicUsize,
+    /// Open WebSocket connections.
+    pub(crate) ws_clients: AtomicUsize,
+    /// `/metrics`, when a Prometheus recorder is installed.
+    pub(crate) metrics: Option<PrometheusHandle>,
+    /// What the dashboard shows.
+    pub(crate) dashboard: Mutex<DashboardData>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// Which transport a client uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Transport {
+    /// Server-sent events.
+    Sse,
+    /// WebSocket.
+    Ws,
+}
+
+/// Counts a client while it is connected.
+#[derive(Debug)]
+pub(crate) struct ClientGuard {
+    state: Arc<AppState>,
+    transport: Transport,
+}
+
+impl ClientGuard {
+    /// Count one client of this transport.
+    pub(crate) fn new(state: &Arc<AppState>, transport: Transport) -> Self {
+        state.clients(transport).fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("dualstream_gateway_clients", "transport" => transport.name()).increment(1.0);
+        Self { state: Arc::clone(state), transport }
+    }
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.state.clients(self.transport).fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!("dualstream_gateway_clients", "transport" => self.transport.name()).decrement(1.0);
+    }
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Sse => "sse",
+            Transport::Ws => "ws",
+        }
+    }
+}
+
+impl AppState {
+    fn clients(&self, t: Transport) -> &AtomicUsize {
+        match t {
+            Transport::Sse => &self.sse_clients,
+            Transport::Ws => &self.ws_clients,
+        }
+    }
+
+    /// Record what ingest stored, for the dashboard.
+    pub(crate) fn record_ingested(&self, source_type: &str, latest: serde_json::Value) {
+        let mut d = self.dashboard.lock().unwrap_or_else(PoisonError::into_inner);
+        *d.counts.entry(source_type.to_owned()).or_default() += 1;
+        d.latest.push_front(latest);
+        d.latest.truncate(DashboardData::LATEST);
+    }
+}
+
+/// Counters behind the dashboard.
+#[derive(Debug, Default)]
+pub(crate) struct DashboardData {
+    /// Events stored through this gateway since it started, per source type.
+    pub(crate) counts: BTreeMap<String, u64>,
+    /// The latest events stored through this gateway, newest first.
+    pub(crate) latest: VecDeque<serde_json::Value>,
+}
+
+impl DashboardData {
+    /// How many latest events are kept.
+    pub(crate) const LATEST: usize = 20;
+}
