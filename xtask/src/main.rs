@@ -6,6 +6,7 @@
 /// Whether a process listens on a port itself (shared with the test fixtures).
 #[path = "../../tests/src/ports.rs"]
 mod ports;
+mod gateway;
 mod stack;
 
 use std::process::{Command, ExitCode};
@@ -53,6 +54,16 @@ enum Cmd {
         /// The Kafka broker: `mock` (librdkafka's in-process mock cluster, nothing
         /// to install) or `tansu` (the local stack's real broker). Setting
         /// KAFKA_BROKERS selects that broker instead.
+        #[arg(long, value_enum, default_value_t = Broker::Mock)]
+        broker: Broker,
+    },
+    /// Run the gateway (ingest, SSE, WebSocket, live dashboard) and print its URLs, a sample token and
+    /// curl commands. Ctrl-C stops it.
+    Gateway {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// The Kafka broker, as for `demo`: `mock` runs librdkafka's mock cluster inside the gateway.
         #[arg(long, value_enum, default_value_t = Broker::Mock)]
         broker: Broker,
     },
@@ -153,6 +164,7 @@ fn main() -> ExitCode {
                 with_stack(|s| run(s.env(demo.args(["--broker", "env"]))))
             }
         }
+        Cmd::Gateway { listen, broker } => gateway::run(listen, broker),
         Cmd::Bench { full, filter } => with_stack(|s| {
             if filter.is_empty() || filter.iter().any(|f| "micro".contains(f.as_str())) {
                 let time = if full { "5" } else { "2" };

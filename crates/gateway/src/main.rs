@@ -44,6 +44,10 @@ struct Args {
     /// Do not serve the dashboard at /.
     #[arg(long, global = true)]
     no_dashboard: bool,
+    /// Development only (`cargo xtask gateway`): run librdkafka's in-process mock cluster as the broker,
+    /// with the topic created on it. The log lives in this process's memory and is gone when it exits.
+    #[arg(long, hide = true)]
+    mock_kafka: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -133,7 +137,18 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    // The mock cluster lives as long as the process.
+    let mock = match args.mock_kafka.then(|| rdkafka::mocking::MockCluster::new(1)).transpose() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("dualstream-gateway: librdkafka's mock cluster: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(m) = &mock {
+        args.kafka_brokers = Some(m.bootstrap_servers());
+    }
     let config = match config(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -141,6 +156,14 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(m) = &mock {
+        if let Err(e) = m.create_topic(&config.topic, 3, 1) {
+            eprintln!("dualstream-gateway: topic {} on the mock cluster: {e}", config.topic);
+            return ExitCode::FAILURE;
+        }
+        let brokers = &config.kafka_brokers;
+        tracing::warn!(%brokers, "Kafka is librdkafka's in-process mock cluster: nothing is durable");
+    }
     match args.command.unwrap_or(Command::Serve) {
         Command::Config => {
             let mut shown = config.clone();
