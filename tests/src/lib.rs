@@ -7,6 +7,7 @@
 pub mod cluster;
 mod ports;
 pub mod proxy;
+mod tansu_pg;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -334,7 +335,19 @@ impl Drop for OwnedRedis {
     }
 }
 
-/// A tansu broker owned by one test (in-memory storage, or a SQLite file
+/// Where a durable test broker ([`OwnedBroker::start_durable`]) keeps its log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DurableEngine {
+    /// tansu's PostgreSQL engine, in a database of the broker's own (created
+    /// with our schema, dropped with the fixture) on the server of
+    /// `DUALSTREAM_TANSU_PG`, by default the local one.
+    Postgres,
+    /// tansu's SQLite engine, in a file in a folder of the broker's own
+    /// (removed with the fixture).
+    Sqlite,
+}
+
+/// A tansu broker owned by one test (in-memory storage, or a durable log
 /// with [`OwnedBroker::start_durable`]), on a port reserved for it until the
 /// fixture is dropped (see `PortHold`).
 #[derive(Debug)]
@@ -345,6 +358,10 @@ pub struct OwnedBroker {
     storage: String,
     /// The broker's working directory (its SQLite file, when durable).
     dir: PathBuf,
+    /// What the fixture removes when dropped: the broker's own folder, its
+    /// own database (URL).
+    own_dir: bool,
+    own_database: Option<String>,
     _hold: PortHold,
 }
 
@@ -367,14 +384,29 @@ impl OwnedBroker {
         Self::start_with("memory://tansu/".to_owned(), std::env::temp_dir())
     }
 
-    /// A broker that keeps its log in a SQLite file of its own (tansu's
-    /// `sqlite://` engine): a restart keeps topics, records and producer
-    /// state, as a real Kafka broker's disk does.
-    pub fn start_durable() -> Self {
-        let dir = std::env::temp_dir().join(format!("dualstream-broker-{}", dualstream::EventId::new().as_uuid().simple()));
-        std::fs::create_dir_all(&dir).expect("broker dir");
-        // tansu 0.6 reads the SQLite path relative to its working directory.
-        Self::start_with("sqlite://tansu.db".to_owned(), dir)
+    /// A broker that keeps its log in storage of its own, in PostgreSQL or
+    /// in SQLite: a restart keeps topics, records and producer state, as a
+    /// real Kafka broker's disk does.
+    pub fn start_durable(engine: DurableEngine) -> Self {
+        let id = dualstream::EventId::new().as_uuid().simple().to_string();
+        match engine {
+            DurableEngine::Postgres => {
+                let url = tansu_pg::with_database(&tansu_pg::url_from_env(), &format!("dualstream_test_{id}"))
+                    .and_then(|url| tansu_pg::prepare(&url).map(|_| url))
+                    .unwrap_or_else(|e| panic!("the durable broker's database: {e}"));
+                let mut broker = Self::start_with(url.clone(), std::env::temp_dir());
+                broker.own_database = Some(url);
+                broker
+            }
+            DurableEngine::Sqlite => {
+                let dir = std::env::temp_dir().join(format!("dualstream-broker-{id}"));
+                std::fs::create_dir_all(&dir).expect("broker dir");
+                // tansu 0.6 reads the SQLite path relative to its working directory.
+                let mut broker = Self::start_with("sqlite://tansu.db".to_owned(), dir);
+                broker.own_dir = true;
+                broker
+            }
+        }
     }
 
     fn start_with(storage: String, dir: PathBuf) -> Self {
@@ -383,7 +415,8 @@ impl OwnedBroker {
             .expect("DUALSTREAM_TANSU is not set: run with `cargo xtask test`, which installs tansu");
         let (hold, child) =
             start_on_own_port("test broker", Self::START_TIMEOUT, |port| spawn_tansu(&tansu, port, &storage, &dir));
-        Self { port: hold.port, child: Some(child), tansu, storage, dir, _hold: hold }
+        let (own_dir, own_database) = (false, None);
+        Self { port: hold.port, child: Some(child), tansu, storage, dir, own_dir, own_database, _hold: hold }
     }
 
     pub fn brokers(&self) -> String {
@@ -425,6 +458,14 @@ impl Drop for OwnedBroker {
             self.resume();
         }
         self.kill();
+        if let Some(url) = self.own_database.take() {
+            if let Err(e) = tansu_pg::drop_database(&url) {
+                eprintln!("the test broker's database is left: {e}");
+            }
+        }
+        if self.own_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

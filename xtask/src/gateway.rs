@@ -78,7 +78,7 @@ pub(crate) fn run(listen: SocketAddr, broker: Broker) -> Result<(), String> {
         gateway.env("REDIS_URL", &url).arg("--mock-kafka");
         format!("librdkafka's in-process mock cluster (nothing durable; --broker tansu for a real broker); redis {url}")
     } else {
-        let stack = crate::stack::up(false, false)?;
+        let stack = crate::stack::up(None, false)?;
         stack.env(&mut gateway);
         format!("{}, redis {} (the stack stays up: `cargo xtask down` stops it)", stack.kafka_brokers, stack.redis_url)
     };

@@ -8,6 +8,9 @@
 mod ports;
 mod gateway;
 mod stack;
+/// The durable broker's PostgreSQL database (shared with the test fixtures).
+#[path = "../../tests/src/tansu_pg.rs"]
+mod tansu_pg;
 
 use std::process::{Command, ExitCode};
 
@@ -25,17 +28,25 @@ enum Cmd {
     /// Start a Kafka-compatible broker (tansu) and Redis on loopback, create the topics,
     /// and print how to reach them. Honours KAFKA_BROKERS and REDIS_URL.
     Up {
-        /// Keep the broker's log on disk (tansu's SQLite engine, in
-        /// target/dualstream-stack/durable/): a broker restart loses nothing.
-        #[arg(long)]
-        durable: bool,
+        /// Keep the broker's log where a broker restart finds it: `postgres` (the
+        /// default) in the PostgreSQL database DUALSTREAM_TANSU_PG (default
+        /// postgres://postgres@127.0.0.1:5432/dualstream_tansu?sslmode=disable; created
+        /// when missing, given tansu's schema), or `sqlite` in
+        /// target/dualstream-stack/durable/tansu.db. Kept by `down`; `down --wipe` deletes it.
+        #[arg(long, value_enum, value_name = "ENGINE", num_args = 0..=1, default_missing_value = "postgres")]
+        durable: Option<stack::Durable>,
         /// Also start a Redis Cluster of 3 masters on loopback (for sharded
         /// Pub/Sub); its URLs go to REDIS_CLUSTER_URLS in stack.env.
         #[arg(long)]
         redis_cluster: bool,
     },
     /// Stop what `up` started, and nothing else.
-    Down,
+    Down {
+        /// Also delete the durable broker's log: drop the database DUALSTREAM_TANSU_PG (or the
+        /// default one) and remove target/dualstream-stack/durable/.
+        #[arg(long)]
+        wipe: bool,
+    },
     /// Bring the stack up, run every test of the workspace, bring down what was started.
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -128,7 +139,7 @@ enum Broker {
 }
 
 fn with_stack(f: impl FnOnce(&stack::Stack) -> Result<(), String>) -> Result<(), String> {
-    let stack = stack::up(false, false)?;
+    let stack = stack::up(None, false)?;
     let result = f(&stack);
     if let Err(e) = stack::down_started(&stack) {
         eprintln!("xtask: while stopping the stack: {e}");
@@ -140,7 +151,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Up { durable, redis_cluster } => stack::up(durable, redis_cluster).map(|s| s.print()),
-        Cmd::Down => stack::down(),
+        Cmd::Down { wipe } => stack::down().and_then(|()| if wipe { stack::wipe_durable() } else { Ok(()) }),
         Cmd::InstallTansu => stack::install_tansu().map(|p| println!("tansu: {}", p.display())),
         Cmd::Test { args } => stack::install_tansu().and_then(|_| with_stack(|s| {
             let mut totals = (0, 0);

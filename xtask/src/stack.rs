@@ -13,14 +13,23 @@ use std::time::{Duration, Instant};
 use crate::ports::Came;
 
 const TANSU_VERSION: &str = "0.6.0";
-/// tansu's features: `dynostore` for the in-memory engine, `libsql` for the
-/// SQLite engine of the durable stack (`up --durable`) and of the
-/// broker-restart test.
-const TANSU_FEATURES: &str = "dynostore,libsql";
+/// tansu's features: `dynostore` for the in-memory engine, `postgres` for
+/// the durable stack (`up --durable`) and `libsql` for its SQLite
+/// alternative (`up --durable sqlite`); the broker-restart tests use both.
+const TANSU_FEATURES: &str = "dynostore,libsql,postgres";
 /// The cache folder's name says what the build holds.
 fn tansu_root() -> PathBuf {
-    cache_dir().join(format!("tansu-{TANSU_VERSION}-sqlite"))
+    cache_dir().join(format!("tansu-{TANSU_VERSION}-{}", TANSU_FEATURES.replace(',', "-")))
 }
+/// Where `up --durable` keeps the broker's log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Durable {
+    /// tansu's PostgreSQL engine, in the database DUALSTREAM_TANSU_PG (default: a local one).
+    Postgres,
+    /// tansu's SQLite engine, in target/dualstream-stack/durable/tansu.db.
+    Sqlite,
+}
+
 /// Topics created on a broker that `up` starts.
 const TOPICS: &[(&str, u32)] = &[("events", 3)];
 
@@ -265,7 +274,29 @@ fn start_redis_cluster(server: &Path, started_here: &mut Vec<PathBuf>) -> Result
     Ok(addrs.into_iter().map(|a| format!("redis://{a}")).collect())
 }
 
-pub(crate) fn up(durable: bool, redis_cluster: bool) -> Result<Stack, String> {
+/// The broker's `--storage-engine` and working directory. Durable: the log
+/// outlives the broker and `down`.
+fn broker_storage(durable: Option<Durable>, dir: &Path) -> Result<(String, PathBuf), String> {
+    Ok(match durable {
+        Some(Durable::Postgres) => {
+            let url = crate::tansu_pg::url_from_env();
+            let created = crate::tansu_pg::prepare(&url).map_err(|e| e.to_string())?;
+            let how = if created { "created, " } else { "" };
+            eprintln!("xtask: durable broker: the log is kept in PostgreSQL, {url} ({how}schema applied)");
+            (url, dir.to_owned())
+        }
+        Some(Durable::Sqlite) => {
+            // tansu 0.6 reads the path relative to its working directory.
+            let d = dir.join("durable");
+            std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+            eprintln!("xtask: durable broker: the log is kept in {}", d.join("tansu.db").display());
+            ("sqlite://tansu.db".to_owned(), d)
+        }
+        None => ("memory://tansu/".to_owned(), dir.to_owned()),
+    })
+}
+
+pub(crate) fn up(durable: Option<Durable>, redis_cluster: bool) -> Result<Stack, String> {
     let tansu_known = find_tansu();
     if let Some((kafka, redis)) = read_state() {
         if connects(&kafka) && redis_pings(&redis_addr(&redis)) {
@@ -275,6 +306,12 @@ pub(crate) fn up(durable: bool, redis_cluster: bool) -> Result<Stack, String> {
         down()?;
     }
     let dir = state_dir();
+    // The broker's storage first: a durable one whose database cannot be
+    // made ready stops `up` before anything is started.
+    let storage = match std::env::var("KAFKA_BROKERS") {
+        Ok(_) => None,
+        Err(_) => Some(broker_storage(durable, &dir)?),
+    };
     let mut started_here = Vec::new();
 
     let redis_url = match std::env::var("REDIS_URL") {
@@ -314,21 +351,12 @@ pub(crate) fn up(durable: bool, redis_cluster: bool) -> Result<Stack, String> {
         }
         Err(_) => {
             let tansu = install_tansu()?;
-            // Durable: the log in a SQLite file that outlives `down` (tansu
-            // 0.6 reads the path relative to its working directory).
-            let (storage, workdir) = if durable {
-                let d = dir.join("durable");
-                std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
-                eprintln!("xtask: durable broker: the log is kept in {}", d.join("tansu.db").display());
-                ("sqlite://tansu.db", d)
-            } else {
-                ("memory://tansu/", dir.clone())
-            };
+            let (storage, workdir) = storage.ok_or("no storage chosen for the broker")?;
             std::fs::create_dir_all(&workdir).map_err(|e| e.to_string())?;
             let (port, pid) = start_on_free_port("tansu", Duration::from_secs(30), |port| {
                 let url = format!("tcp://127.0.0.1:{port}");
                 let listener = ["--listener-url", &url, "--advertised-listener-url", &url];
-                let broker = ["broker", "--storage-engine", storage];
+                let broker = ["broker", "--storage-engine", &storage];
                 spawn("tansu", Command::new(&tansu).current_dir(&workdir).args(broker).args(listener))
             })?;
             started_here.push(dir.join("tansu.pid"));
@@ -394,6 +422,26 @@ pub(crate) fn down_started(stack: &Stack) -> Result<(), String> {
     }
     if !stack.started_here.is_empty() {
         let _ = std::fs::remove_file(state_dir().join("stack.env"));
+    }
+    Ok(())
+}
+
+/// Delete the durable broker's log: the PostgreSQL database of
+/// DUALSTREAM_TANSU_PG (or the default one) and the SQLite folder. A
+/// PostgreSQL that is not there is left alone with a note.
+pub(crate) fn wipe_durable() -> Result<(), String> {
+    let sqlite = state_dir().join("durable");
+    if sqlite.exists() {
+        std::fs::remove_dir_all(&sqlite).map_err(|e| format!("{}: {e}", sqlite.display()))?;
+        println!("removed {}", sqlite.display());
+    }
+    let url = crate::tansu_pg::url_from_env();
+    match crate::tansu_pg::drop_database(&url) {
+        Ok(()) => println!("dropped the database of {url} (if it existed)"),
+        Err(e @ (crate::tansu_pg::PgError::NoPsql | crate::tansu_pg::PgError::Unreachable { .. })) => {
+            eprintln!("xtask: nothing dropped in PostgreSQL: {e}")
+        }
+        Err(e) => return Err(e.to_string()),
     }
     Ok(())
 }
