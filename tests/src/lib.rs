@@ -5,6 +5,7 @@
 //! test-owned 3-master Redis Cluster ([`cluster::RedisCluster`]).
 
 pub mod cluster;
+pub mod gateway;
 mod ports;
 pub mod proxy;
 mod tansu_pg;

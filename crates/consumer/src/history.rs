@@ -210,6 +210,13 @@ struct Inner {
     watched: Mutex<HashMap<Tp, Watched>>,
     wake: Notify,
     readers: Mutex<HashMap<Arc<str>, RangeSender>>,
+    /// Per partition, one past the highest offset the topic readers have
+    /// received. A broker never returns a record at or above its high
+    /// watermark, so this is at most the watermark on Apache Kafka; on a
+    /// broker that under-reports its watermark (tansu 0.6 reports the last
+    /// batch's base offset + 1), the poller raises the watermark to it, so
+    /// the rest of that batch is not left unseen until the next write.
+    seen: Arc<Mutex<HashMap<Tp, i64>>>,
     counters: Counters,
     poller_started: std::sync::Once,
 }
@@ -233,6 +240,7 @@ impl History {
             watched: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             readers: Mutex::new(HashMap::new()),
+            seen: Arc::new(Mutex::new(HashMap::new())),
             counters: Counters::default(),
             poller_started: std::sync::Once::new(),
         };
@@ -350,6 +358,7 @@ impl History {
                     topic: Arc::clone(&tp.0),
                     parts: HashMap::new(),
                     cache_records: self.inner.cache_records,
+                    seen: Arc::clone(&self.inner.seen),
                     timeout: self.timeout(),
                     inner: Arc::downgrade(&self.inner),
                 };
@@ -411,10 +420,15 @@ async fn poll_watermarks(weak: Weak<Inner>) {
                 vec![Err(rdkafka::error::KafkaError::Canceled); n]
             }
         };
+        let seen = inner.seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let watched = inner.watched.lock().unwrap_or_else(PoisonError::into_inner);
         for ((tp, waiting), result) in round.into_iter().zip(results) {
             match result {
                 Ok(marks) => {
+                    let marks = match seen.get(&tp) {
+                        Some(&high) if high > marks.high => Marks::sane(marks.low, high),
+                        _ => marks,
+                    };
                     if let Some(w) = watched.get(&tp) {
                         w.tx.send_if_modified(|m| std::mem::replace(m, marks) != marks);
                     }
@@ -534,6 +548,7 @@ struct TopicReader {
     topic: Arc<str>,
     parts: HashMap<i32, Part>,
     cache_records: usize,
+    seen: Arc<Mutex<HashMap<Tp, i64>>>,
     timeout: Duration,
     inner: Weak<Inner>,
 }
@@ -681,6 +696,11 @@ impl TopicReader {
             part.reqs = std::mem::take(&mut part.reqs).into_iter().filter_map(|r| r.hole(from, to)).collect();
         }
         part.pos = offset + 1;
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+            let high = seen.entry((Arc::clone(&self.topic), p)).or_insert(0);
+            *high = (*high).max(offset + 1);
+        }
         let key = m.key().map(Box::from);
         let limits = decode_limits();
         let event = match m.headers() {

@@ -166,19 +166,20 @@ pub struct GatewayLimits {
     pub max_body_bytes: usize,
     /// Most events in one ingest request; more gets 413. Default: 1,000.
     pub max_events_per_request: usize,
-    /// Items waiting for one client before it counts as too slow and is
-    /// disconnected with a reason. Default: 1,024.
+    /// Items that may wait for one client. Default: 1,024.
     pub client_buffer: usize,
     /// Most channels and patterns one connection may subscribe to.
     /// Default: 64.
     pub max_subscriptions: usize,
-    /// Longest a WebSocket send may wait for the client, in milliseconds,
-    /// before the client counts as too slow. Default: 5,000.
+    /// How long a client's buffer may stay full (SSE and WebSocket), and a
+    /// WebSocket send may wait, in milliseconds, before the client counts as
+    /// too slow and is closed with the reason `slow_client`. Default: 5,000.
     pub send_timeout_ms: u64,
-    /// SSE `retry:` sent to clients when the gateway shuts down, and keep-
-    /// alive comment interval, in milliseconds. Default: 2,000 / 15,000.
+    /// SSE `retry:` sent with every close (slow client, expired token,
+    /// shutdown), in milliseconds. Default: 2,000.
     pub sse_retry_ms: u64,
-    /// Interval between SSE keep-alive comments, in milliseconds.
+    /// Interval between SSE keep-alive comments, in milliseconds. Default:
+    /// 15,000.
     pub keep_alive_ms: u64,
 }
 

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dualstream_consumer::{Delivery, JoinError, LiveItem, ReplayError, StartAt, Target};
+use dualstream_consumer::{Delivery, HubError, JoinError, LiveItem, ReplayError, StartAt, Target};
 use dualstream_core::{Event, Notification, Position, Source};
 use futures::StreamExt;
 use serde::Serialize;
@@ -156,6 +156,12 @@ impl Want {
 
 /// Check a channel name against the namer and the token.
 pub(crate) fn want_channel(state: &AppState, auth: &Verified, channel: &str) -> Result<Want, SubError> {
+    if channel.len() > dualstream_consumer::MAX_TARGET_LEN {
+        return Err(SubError::new(
+            "invalid_channel",
+            format!("channel: {} bytes is longer than the limit of {}", channel.len(), dualstream_consumer::MAX_TARGET_LEN),
+        ));
+    }
     let parsed =
         state.namer.parse(channel).map_err(|e| SubError::new("invalid_channel", format!("channel: {e}")))?;
     if !auth.may_read_channel(channel) {
@@ -423,12 +429,21 @@ impl Session {
     }
 }
 
-/// Hand one item to the connection; `false` when the client is too slow or
-/// gone (the connection is then closing).
-fn hand(tx: &mpsc::Sender<Msg>, close: &watch::Sender<Option<CloseReason>>, msg: Msg) -> bool {
-    match tx.try_send(msg) {
+/// Hand one item to the connection, waiting up to `wait` for room; `false`
+/// when the client stayed too slow for that long (the connection is then
+/// closed with `slow_client`) or is gone. Only this subscription's task
+/// waits: the hub and the shared Kafka reader never wait for a client.
+async fn hand(tx: &mpsc::Sender<Msg>, close: &watch::Sender<Option<CloseReason>>, msg: Msg, wait: Duration) -> bool {
+    let msg = match tx.try_send(msg) {
+        Ok(()) => return true,
+        Err(mpsc::error::TrySendError::Closed(_)) => return false,
+        Err(mpsc::error::TrySendError::Full(msg)) => msg,
+    };
+    match tx.send_timeout(msg, wait).await {
         Ok(()) => true,
-        Err(mpsc::error::TrySendError::Full(_)) => {
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+            tracing::debug!(?wait, "a client's buffer stayed full: closing it as too slow");
             close.send_if_modified(|r| {
                 let set = r.is_none();
                 if set {
@@ -438,7 +453,6 @@ fn hand(tx: &mpsc::Sender<Msg>, close: &watch::Sender<Option<CloseReason>>, msg:
             });
             false
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => false,
     }
 }
 
@@ -539,16 +553,23 @@ impl ChannelTask {
                                 Msg::Item { kind: "error", body, advance: None }
                             }
                             Err(e) => {
-                                tracing::warn!(channel = %self.channel, error = %e, "join ended; joining again");
+                                tracing::warn!(channel = %short(&self.channel), error = %e, "join ended; joining again");
                                 break;
                             }
                         };
-                        if !hand(&self.tx, &self.close, msg) {
+                        if !hand(&self.tx, &self.close, msg, self.state.send_timeout()).await {
                             return;
                         }
                     }
                 }
-                Err(e) => tracing::warn!(channel = %self.channel, error = %e, "join failed; retrying"),
+                Err(e) if permanent(&e) => {
+                    let body = json!({"kind": "error", "channel": &*self.channel, "code": "subscription_failed",
+                        "message": e.to_string()});
+                    hand(&self.tx, &self.close, Msg::Item { kind: "error", body, advance: None }, self.state.send_timeout())
+                        .await;
+                    return;
+                }
+                Err(e) => tracing::warn!(channel = %short(&self.channel), error = %e, "join failed; retrying"),
             }
             if self.tx.is_closed() {
                 return;
@@ -557,6 +578,16 @@ impl ChannelTask {
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
+}
+
+/// A join error that joining again cannot cure.
+fn permanent(e: &JoinError) -> bool {
+    matches!(e, JoinError::Replay(ReplayError::Request { .. } | ReplayError::Config(_)) | JoinError::Hub(HubError::InvalidTarget { .. } | HubError::Channel(_) | HubError::Config(_)))
+}
+
+/// At most 200 characters of a name, for logs.
+fn short(name: &str) -> String {
+    name.chars().take(200).collect()
 }
 
 struct LiveTask {
@@ -591,7 +622,7 @@ impl LiveTask {
                 }
                 _ => continue,
             };
-            if !hand(&self.tx, &self.close, msg) {
+            if !hand(&self.tx, &self.close, msg, self.state.send_timeout()).await {
                 return;
             }
         }

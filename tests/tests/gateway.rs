@@ -1,0 +1,489 @@
+//! The gateway on the real services (tansu, redis-server): ingest over HTTP,
+//! delivery over SSE and WebSocket with their Kafka positions, resume across
+//! channels with no gap and no duplicate, the refusals, slow clients, token
+//! expiry and shutdown.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dualstream_gateway::{Claims, ResumeToken};
+use dualstream_tests::gateway::{user_event, Frame, Sse, TestGateway, SECRET};
+use dualstream_tests::{init_tracing, kafka_brokers, read_topic};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Kafka's offsets of each source's events, read by an independent consumer.
+fn kafka_offsets(topic: &str, expect: usize) -> BTreeMap<String, Vec<(i64, String)>> {
+    let mut out: BTreeMap<String, Vec<(i64, String)>> = BTreeMap::new();
+    let mut records = read_topic(&kafka_brokers(), topic, expect, Duration::from_secs(30));
+    records.sort_by_key(|r| (r.partition, r.offset));
+    for r in records {
+        let e = r.event();
+        out.entry(e.source().source_id().to_owned()).or_default().push((r.offset, e.id().to_string()));
+    }
+    out
+}
+
+/// Each channel's delivered (offset, id), in delivery order.
+fn record(frames: &[Frame], into: &mut BTreeMap<String, Vec<(i64, String)>>) {
+    for f in frames.iter().filter(|f| f.event == "event") {
+        let v = f.json();
+        let source = v["source_id"].as_str().expect("source_id").to_owned();
+        let offset = v["position"]["offset"].as_i64().expect("offset");
+        into.entry(source).or_default().push((offset, v["id"].as_str().expect("id").to_owned()));
+    }
+}
+
+/// Post `total` events round-robin over `sources`, in batches of 10, every
+/// few milliseconds; returns how many were stored.
+async fn ingest_load(gw: Arc<TestGateway>, token: String, sources: Vec<&'static str>, total: u64) -> u64 {
+    let mut n = 0;
+    let mut stored = 0;
+    while n < total {
+        let batch: Vec<Value> = (n..(n + 10).min(total)).map(|i| user_event(sources[i as usize % sources.len()], i)).collect();
+        n += batch.len() as u64;
+        let (status, reply) = gw.ingest(&token, &Value::Array(batch)).await;
+        assert_eq!(status, 200, "{reply}");
+        stored += reply["stored"].as_u64().expect("stored");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stored
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sse_resume_with_last_event_id_is_exact_across_channels() {
+    init_tracing();
+    let gw = Arc::new(TestGateway::start(|_| {}).await);
+    let (a, b) = (gw.channel("a"), gw.channel("b"));
+    let reader = gw.token(&[&a, &b], &[]);
+    let producer = gw.token(&[], &["user"]);
+    let url = format!("{}/v1/stream?channel={}&channel={}", gw.base, urlenc(&a), urlenc(&b));
+    let auth = format!("Bearer {reader}");
+    let mut sse = Sse::open(&gw.http, &url, &[("authorization", &auth)]).await;
+    assert_eq!(sse.status, 200, "{}", sse.error);
+    let first = sse.next(Duration::from_secs(10)).await.expect("subscribed");
+    assert_eq!(first.event, "subscribed");
+    assert!(first.id.is_some(), "the subscribed item carries a resume token");
+
+    // 900 events over a, b and c (c is not subscribed) while the client
+    // disconnects and resumes twice.
+    let load = tokio::spawn(ingest_load(Arc::clone(&gw), producer, vec!["a", "b", "c"], 900));
+    let mut delivered = BTreeMap::new();
+    let mut last_id = first.id.clone();
+    for round in 0..3 {
+        let mut frames = Vec::new();
+        let want = if round < 2 { 120 } else { usize::MAX };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while frames.iter().filter(|f: &&Frame| f.event == "event").count() < want && Instant::now() < deadline {
+            match sse.next(Duration::from_secs(5)).await {
+                Some(f) => {
+                    assert!(matches!(f.event.as_str(), "event" | "subscribed"), "unexpected {f:?}");
+                    if f.id.is_some() {
+                        last_id = f.id.clone();
+                    }
+                    frames.push(f);
+                }
+                None => break, // quiet for 5 s: the load is over
+            }
+        }
+        record(&frames, &mut delivered);
+        if round < 2 {
+            // Drop the connection, let events pass, resume as a browser does.
+            drop(sse);
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let id = last_id.clone().expect("a resume token");
+            sse = Sse::open(&gw.http, &url, &[("authorization", &auth), ("last-event-id", &id)]).await;
+            assert_eq!(sse.status, 200, "{}", sse.error);
+        }
+    }
+    let stored = load.await.expect("load");
+    assert_eq!(stored, 900);
+    let kafka = kafka_offsets(&gw.topic, 900);
+    assert!(!delivered.contains_key("c"), "an unsubscribed channel was delivered");
+    for source in ["a", "b"] {
+        let got = delivered.get(source).cloned().unwrap_or_default();
+        assert_eq!(got.len(), 300, "{source}: delivered {} of 300", got.len());
+        assert_eq!(&got, &kafka[source], "{source}: the delivered sequence is not Kafka's (gap, duplicate or order)");
+    }
+    // The last token holds both channels at the end of their sequences.
+    let token = ResumeToken::decode(&last_id.expect("token")).expect("token decodes");
+    for (source, ch) in [("a", &a), ("b", &b)] {
+        let (_, next) = token.position_of(ch).expect("channel in token");
+        assert_eq!(next, kafka[source].last().expect("events").0 + 1);
+    }
+}
+
+fn urlenc(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws_connect(gw: &TestGateway, token: &str) -> Ws {
+    let mut req = format!("{}/v1/ws", gw.base.replace("http://", "ws://")).into_client_request().expect("request");
+    req.headers_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
+    tokio_tungstenite::connect_async(req).await.expect("ws connect").0
+}
+
+async fn ws_next(ws: &mut Ws, timeout: Duration) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(timeout, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(t.as_str()).ok(),
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                let (code, reason) = frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or_default();
+                return Some(json!({"kind": "closed", "code": code, "reason": reason}));
+            }
+            Ok(Some(Ok(_))) => continue,
+            _ => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websocket_full_events_resume_with_token_and_patterns() {
+    init_tracing();
+    let gw = TestGateway::start(|_| {}).await;
+    let a = gw.channel("a");
+    let pattern = format!("{}:user:*", gw.prefix);
+    let reader = gw.token(&[&pattern], &[]);
+    let producer = gw.token(&[], &["user"]);
+    let mut ws = ws_connect(&gw, &reader).await;
+    let cmd = json!({"op": "subscribe", "channels": [&a], "mode": "full"});
+    ws.send(Message::Text(cmd.to_string().into())).await.expect("send");
+    let reply = ws_next(&mut ws, Duration::from_secs(10)).await.expect("reply");
+    assert_eq!(reply["kind"], "subscribed", "{reply}");
+    let cmd = json!({"op": "subscribe", "patterns": [&pattern]});
+    ws.send(Message::Text(cmd.to_string().into())).await.expect("send");
+    let reply = ws_next(&mut ws, Duration::from_secs(10)).await.expect("reply");
+    assert_eq!(reply["subscriptions"], json!([&pattern, &a]), "names in sorted order: {reply}");
+
+    let batch: Vec<Value> = (0..50).map(|i| user_event(if i % 2 == 0 { "a" } else { "z" }, i)).collect();
+    let (status, r) = gw.ingest(&producer, &Value::Array(batch)).await;
+    assert_eq!(status, 200, "{r}");
+    let (mut from_a, mut from_pattern) = (Vec::new(), Vec::new());
+    let mut token = None;
+    while from_a.len() < 25 || from_pattern.len() < 50 {
+        let v = ws_next(&mut ws, Duration::from_secs(15)).await.expect("item");
+        assert_eq!(v["kind"], "event", "{v}");
+        if v["subscription"] == json!(&pattern) {
+            assert!(v.get("payload").is_none(), "pattern subscriptions carry notifications");
+            from_pattern.push(v["source_id"].as_str().expect("id").to_owned());
+        } else {
+            assert_eq!(v["channel"], json!(&a));
+            from_a.push(v["payload"]["n"].as_u64().expect("full events carry the payload"));
+            token = v["token"].as_str().map(str::to_owned);
+        }
+    }
+    assert_eq!(from_a, (0..50).step_by(2).collect::<Vec<u64>>());
+    assert_eq!(from_pattern.iter().filter(|s| *s == "z").count(), 25);
+    ws.close(None).await.expect("close");
+
+    // 30 more events for a while disconnected, then resume with the token.
+    let batch: Vec<Value> = (50..80).map(|i| user_event("a", i)).collect();
+    assert_eq!(gw.ingest(&producer, &Value::Array(batch)).await.0, 200);
+    let mut ws = ws_connect(&gw, &reader).await;
+    let token = token.expect("token");
+    let cmd = json!({"op": "subscribe", "channels": [&a], "mode": "full", "resume": token});
+    ws.send(Message::Text(cmd.to_string().into())).await.expect("send");
+    let reply = ws_next(&mut ws, Duration::from_secs(10)).await.expect("reply");
+    assert_eq!(reply["kind"], "subscribed");
+    let mut resumed = Vec::new();
+    while resumed.len() < 30 {
+        let v = ws_next(&mut ws, Duration::from_secs(15)).await.expect("item");
+        assert_eq!(v["kind"], "event", "{v}");
+        resumed.push(v["payload"]["n"].as_u64().expect("payload"));
+    }
+    assert_eq!(resumed, (50..80).collect::<Vec<u64>>(), "resumed with a gap or a duplicate");
+    assert!(ws_next(&mut ws, Duration::from_millis(1500)).await.is_none(), "nothing after the last event");
+
+    // Unsubscribe, and a subscription outside the claims.
+    let cmd = json!({"op": "unsubscribe", "channels": [&a]});
+    ws.send(Message::Text(cmd.to_string().into())).await.expect("send");
+    assert_eq!(ws_next(&mut ws, Duration::from_secs(5)).await.expect("reply")["subscriptions"], json!([]));
+    let other = format!("{}:repo:x", gw.prefix);
+    let cmd = json!({"op": "subscribe", "channels": [&other]});
+    ws.send(Message::Text(cmd.to_string().into())).await.expect("send");
+    let reply = ws_next(&mut ws, Duration::from_secs(5)).await.expect("reply");
+    assert_eq!(reply["code"], "forbidden", "{reply}");
+    ws.send(Message::Text("{\"op\":\"dance\"}".into())).await.expect("send");
+    assert_eq!(ws_next(&mut ws, Duration::from_secs(5)).await.expect("reply")["code"], "invalid_command");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_is_typed_and_nothing_is_delivered_or_stored() {
+    init_tracing();
+    let gw = TestGateway::start(|c| {
+        c.limits.max_body_bytes = 4_096;
+        c.limits.max_events_per_request = 5;
+    })
+    .await;
+    let a = gw.channel("a");
+    let user_all = format!("{}:user:*", gw.prefix);
+    let good = gw.token(&[&user_all], &["user"]);
+    let stream = |q: &str| format!("{}/v1/stream?{q}", gw.base);
+    let get = |url: String, token: Option<String>| {
+        let http = gw.http.clone();
+        async move {
+            let mut req = http.get(url);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let r = req.send().await.expect("request");
+            let status = r.status().as_u16();
+            if status == 200 {
+                return (status, Value::Null); // a stream: not read here
+            }
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let q = format!("channel={}", urlenc(&a));
+
+    // Tokens.
+    let (s, v) = get(stream(&q), None).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (401, Some("missing_token")), "{v}");
+    let base = gw.gateway.auth().claims(None, vec![user_all.clone()], vec!["user".into()], 3_600);
+    let other_key = dualstream_gateway::Auth::new(&dualstream_gateway::AuthConfig {
+        secret: "another-secret-that-is-long-enough-123".into(),
+        ..Default::default()
+    })
+    .expect("auth");
+    let forged = other_key.mint(&base).expect("mint");
+    let expired = gw.token_with(&Claims { exp: base.exp - 7_200, ..base.clone() });
+    let wrong_aud = gw.token_with(&Claims { aud: "someone-else".into(), ..base.clone() });
+    let wrong_iss = gw.token_with(&Claims { iss: "someone-else".into(), ..base.clone() });
+    for (what, t) in [("signature", forged), ("expired", expired), ("audience", wrong_aud), ("issuer", wrong_iss)] {
+        let (s, v) = get(stream(&q), Some(t.clone())).await;
+        assert_eq!((s, v["error"]["code"].as_str()), (401, Some("invalid_token")), "{what}: {v}");
+        let (s, v) = gw.ingest(&t, &user_event("a", 0)).await;
+        assert_eq!(s, 401, "{what}: {v}");
+    }
+
+    // Claims.
+    let narrow = gw.token(&[&a], &["repo"]);
+    let (s, v) = get(stream(&format!("channel={}", urlenc(&gw.channel("b")))), Some(narrow.clone())).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (403, Some("forbidden")), "{v}");
+    let wider = format!("{}:*", gw.prefix);
+    let (s, v) = get(stream(&format!("pattern={}", urlenc(&wider))), Some(good.clone())).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (403, Some("forbidden")), "a pattern wider than the claim: {v}");
+    let (s, v) = gw.ingest(&narrow, &user_event("a", 0)).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (403, Some("forbidden")), "{v}");
+    let mixed = json!([{"type": "t", "source_type": "repo", "source_id": "r", "payload": 1}, user_event("a", 0)]);
+    let (s, _) = gw.ingest(&narrow, &mixed).await;
+    assert_eq!(s, 403, "one event outside the claims refuses the request");
+
+    // Channel names and patterns.
+    let long = format!("{}:user:{}", gw.prefix, "x".repeat(5_000));
+    for (bad, code) in [
+        (format!("{}:user:a\r\nb", gw.prefix), "invalid_channel"),
+        (format!("{}:user:a*", gw.prefix), "invalid_channel"),
+        (format!("{}:user:a?", gw.prefix), "invalid_channel"),
+        (long, "invalid_channel"),
+        ("other:user:a".to_owned(), "invalid_channel"),
+    ] {
+        let (s, v) = get(stream(&format!("channel={}", urlenc(&bad))), Some(good.clone())).await;
+        assert_eq!((s, v["error"]["code"].as_str()), (400, Some(code)), "{bad:?}: {v}");
+    }
+    for bad in [format!("{}:us?r:*", gw.prefix), format!("{}:user:a*", gw.prefix), format!("{}:*:a", gw.prefix)] {
+        let (s, v) = get(stream(&format!("pattern={}", urlenc(&bad))), Some(good.clone())).await;
+        assert_eq!((s, v["error"]["code"].as_str()), (400, Some("invalid_pattern")), "{bad:?}: {v}");
+    }
+    let (s, v) = get(stream(&format!("{q}&mode=fast")), Some(good.clone())).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("invalid_query")), "{v}");
+    let (s, v) = get(stream(&format!("{q}&last_event_id=r1.zz")), Some(good.clone())).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("invalid_resume_token")), "{v}");
+
+    // Bodies.
+    let post = |body: Vec<u8>, ct: &'static str| {
+        let (http, url, good) = (gw.http.clone(), format!("{}/v1/events", gw.base), good.clone());
+        async move {
+            let r = http.post(url).bearer_auth(good).header("content-type", ct).body(body).send().await.expect("post");
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (s, _) = post(vec![b' '; 5_000], "application/json").await;
+    assert_eq!(s, 413, "a body over limits.max_body_bytes");
+    let six: Vec<Value> = (0..6).map(|i| user_event("a", i)).collect();
+    let (s, v) = post(serde_json::to_vec(&six).expect("json"), "application/json").await;
+    assert_eq!((s, v["error"]["code"].as_str()), (413, Some("too_many_events")), "{v}");
+    let (s, v) = post(b"{\"type\": \"t\", ".to_vec(), "application/json").await;
+    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("invalid_event")), "{v}");
+    let (s, v) = post(br#"{"type":"t","source_type":"user","source_id":"a","colour":1}"#.to_vec(), "application/json").await;
+    assert!(s == 400 && v["error"]["message"].as_str().expect("message").contains("colour"), "{v}");
+    let (s, v) = post(br#"{"type":"t","source_type":"user","source_id":"a\u0000"}"#.to_vec(), "application/json").await;
+    assert!(s == 400 && v["error"]["message"].as_str().expect("message").contains("source_id"), "{v}");
+    let ndjson = format!("{}\nnot json\n", user_event("a", 1));
+    let (s, v) = post(ndjson.into_bytes(), "application/x-ndjson").await;
+    assert!(s == 400 && v["error"]["message"].as_str().expect("message").starts_with("line 2"), "{v}");
+
+    // Tickets: a ticket opens a stream; a token in the URL does not, and a
+    // ticket is no bearer token.
+    let r = gw.http.post(format!("{}/v1/tickets", gw.base)).bearer_auth(&good).send().await.expect("ticket");
+    let ticket = r.json::<Value>().await.expect("json")["ticket"].as_str().expect("ticket").to_owned();
+    let mut sse = Sse::open(&gw.http, &stream(&format!("{q}&ticket={ticket}")), &[]).await;
+    assert_eq!(sse.status, 200, "{}", sse.error);
+    assert_eq!(sse.next(Duration::from_secs(5)).await.expect("frame").event, "subscribed");
+    let (s, v) = get(stream(&format!("{q}&ticket={good}")), None).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (401, Some("wrong_token_kind")), "{v}");
+    let (s, _) = gw.ingest(&ticket, &user_event("a", 0)).await;
+    assert_eq!(s, 401);
+
+    // Nothing above was stored, and the ticket's stream got nothing: one
+    // good event now is the topic's only record, and the stream's first.
+    let (s, v) = gw.ingest(&good, &user_event("a", 42)).await;
+    assert_eq!(s, 200, "{v}");
+    let f = sse.next(Duration::from_secs(10)).await.expect("the event");
+    assert_eq!((f.event.as_str(), f.json()["id"].clone()), ("event", v["results"][0]["id"].clone()));
+    let records = read_topic(&kafka_brokers(), &gw.topic, 1, Duration::from_secs(15));
+    assert_eq!(records.len(), 1, "refused requests stored events");
+    assert!(SECRET.len() >= 32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_client_is_closed_with_a_reason_and_never_stalls_the_others() {
+    init_tracing();
+    let gw = Arc::new(
+        TestGateway::start(|c| {
+            c.limits.client_buffer = 8;
+            c.limits.send_timeout_ms = 1_000;
+        })
+        .await,
+    );
+    let a = gw.channel("a");
+    let reader = gw.token(&[&a], &[]);
+    let producer = gw.token(&[], &["user"]);
+    let url = format!("{}/v1/stream?channel={}&mode=full", gw.base, urlenc(&a));
+    let auth = format!("Bearer {reader}");
+    // Two clients. The slow one is a raw socket with a small receive buffer
+    // that reads nothing until the end (a client's kernel buffer can
+    // otherwise absorb tens of MB on loopback).
+    let addr: std::net::SocketAddr = gw.base.trim_start_matches("http://").parse().expect("addr");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4_096).expect("SO_RCVBUF");
+    let mut slow = socket.connect(addr).await.expect("connect");
+    let path = format!("/v1/stream?channel={}&mode=full", urlenc(&a));
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: {auth}\r\naccept: text/event-stream\r\nconnection: close\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut slow, request.as_bytes()).await.expect("request");
+    let mut fast = Sse::open(&gw.http, &url, &[("authorization", &auth)]).await;
+    assert_eq!(fast.next(Duration::from_secs(10)).await.expect("subscribed").event, "subscribed");
+
+    // 1,500 events of 8 KiB: far more than the socket buffers hold.
+    const TOTAL: u64 = 1_500;
+    let done = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (gw, done) = (Arc::clone(&gw), Arc::clone(&done));
+        tokio::spawn(async move {
+            let pad = "x".repeat(8_192);
+            for chunk in 0..TOTAL / 50 {
+                let batch: Vec<Value> = (chunk * 50..(chunk + 1) * 50)
+                    .map(|i| json!({"type": "t", "source_type": "user", "source_id": "a", "payload": {"n": i, "pad": &pad}}))
+                    .collect();
+                let (s, v) = gw.ingest(&producer, &Value::Array(batch)).await;
+                assert_eq!(s, 200, "{v}");
+            }
+            done.store(true, Ordering::Relaxed);
+        })
+    };
+    let mut got = Vec::new();
+    while (got.len() as u64) < TOTAL {
+        let f = fast.next(Duration::from_secs(30)).await.expect("the fast client is never stalled");
+        assert_eq!(f.event, "event", "{f:?}");
+        got.push(f.json()["payload"]["n"].as_u64().expect("n"));
+    }
+    load.await.expect("load");
+    assert!(done.load(Ordering::Relaxed));
+    assert_eq!(got, (0..TOTAL).collect::<Vec<_>>(), "the fast client got every event once, in order");
+
+    // Now the slow client reads what was buffered for it: a prefix of the
+    // events, then the close with its reason and a reconnect hint, then the
+    // end of the response.
+    // It has now read nothing for longer than send_timeout_ms (1 s) while
+    // its buffer was full (the load above is ~12 MB; its socket holds ~3).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut raw = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left.min(Duration::from_secs(5)), tokio::io::AsyncReadExt::read(&mut slow, &mut chunk)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => raw.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => panic!("read: {e}"),
+            Err(_) => {
+                let text = String::from_utf8_lossy(&raw);
+                panic!(
+                    "the slow client's response did not end: {} events, close {:?}, last bytes {:?}",
+                    text.matches("event: event\n").count(),
+                    text.find("event: close"),
+                    &text[text.len().saturating_sub(300)..]
+                );
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&raw);
+    let slow_events = text.matches("event: event\n").count() as u64;
+    let close = text.find("event: close\n").expect("the slow client is told why it was closed");
+    assert!(text[close..].contains("\"reason\":\"slow_client\""), "{}", &text[close..]);
+    assert!(text[close..].contains("retry: 2000"), "the close carries a reconnect hint");
+    assert!(!text[close..].contains("event: event"), "nothing after the close");
+    assert!(slow_events < TOTAL, "the slow client was closed before the end ({slow_events} of {TOTAL})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_shutdown_health_and_a_foreign_token() {
+    init_tracing();
+    let gw = TestGateway::start(|c| c.stream_id = "log-two".into()).await;
+    let a = gw.channel("a");
+    let url = format!("{}/v1/stream?channel={}", gw.base, urlenc(&a));
+
+    // A token that expires in 2 s ends its stream with the reason.
+    let mut claims = gw.gateway.auth().claims(None, vec![a.clone()], vec![], 2);
+    claims.exp = dualstream_gateway_now() + 2;
+    let short = gw.token_with(&claims);
+    let mut sse = Sse::open(&gw.http, &url, &[("authorization", &format!("Bearer {short}"))]).await;
+    assert_eq!(sse.status, 200, "{}", sse.error);
+    assert_eq!(sse.next(Duration::from_secs(5)).await.expect("subscribed").event, "subscribed");
+    let f = sse.next(Duration::from_secs(10)).await.expect("close");
+    assert_eq!((f.event.as_str(), f.json()["reason"].as_str()), ("close", Some("token_expired")), "{f:?}");
+
+    // A resume token of another log (stream_id) resumes nothing and says so.
+    let reader = gw.token(&[&a], &[]);
+    let foreign = format!("r1.{:08x}.{:08x}-0-5", crc("default/other"), crc(&a));
+    let mut sse = Sse::open(&gw.http, &url, &[("authorization", &format!("Bearer {reader}")), ("last-event-id", &foreign)])
+        .await;
+    assert_eq!(sse.status, 200, "{}", sse.error);
+    let mut kinds = HashMap::new();
+    for _ in 0..2 {
+        let f = sse.next(Duration::from_secs(5)).await.expect("frame");
+        kinds.insert(f.event.clone(), f.json());
+    }
+    let reset = kinds.get("reset").expect("a reset item");
+    assert_eq!(reset["channels"], json!([&a]), "{reset}");
+
+    // Health.
+    let r = gw.http.get(format!("{}/readyz", gw.base)).send().await.expect("readyz");
+    assert_eq!(r.status().as_u16(), 200);
+    let doc: Value = r.json().await.expect("json");
+    assert_eq!((doc["kafka"]["ok"].as_bool(), doc["redis"]["breaker"].as_str()), (Some(true), Some("closed")), "{doc}");
+    assert_eq!(doc["clients"]["sse"], 1, "{doc}");
+    let r = gw.http.get(format!("{}/healthz", gw.base)).send().await.expect("healthz");
+    assert_eq!(r.status().as_u16(), 200);
+
+    // Shutdown closes streams with a reconnect hint.
+    gw.gateway.close_streams();
+    let f = sse.next(Duration::from_secs(5)).await.expect("close");
+    assert_eq!((f.event.as_str(), f.json()["reason"].as_str()), ("close", Some("shutdown")), "{f:?}");
+    assert_eq!(f.retry, Some(2_000));
+}
+
+fn crc(s: &str) -> u32 {
+    crc32fast::hash(s.as_bytes())
+}
+
+fn dualstream_gateway_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+}
