@@ -4,6 +4,7 @@
 //! creation, an independent Kafka read-back and a Redis subscriber, and a
 //! test-owned 3-master Redis Cluster ([`cluster::RedisCluster`]).
 
+pub mod browser;
 pub mod cluster;
 pub mod gateway;
 mod ports;
