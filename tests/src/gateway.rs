@@ -42,6 +42,12 @@ impl TestGateway {
         let brokers = kafka_brokers();
         let topic = unique_topic("gw");
         create_topic(&brokers, &topic, 3).await;
+        Self::start_on(brokers, topic, tweak).await
+    }
+
+    /// Start one on these brokers and this existing topic (a
+    /// `MockCluster`'s, for example).
+    pub async fn start_on(brokers: String, topic: String, tweak: impl FnOnce(&mut GatewayConfig)) -> Self {
         // The random end of a UUIDv7 (its start is the clock: tests starting in
         // the same millisecond would share it).
         let prefix = format!("gw{}", &dualstream::EventId::new().as_uuid().simple().to_string()[20..]);

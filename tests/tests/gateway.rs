@@ -487,3 +487,53 @@ fn crc(s: &str) -> u32 {
 fn dualstream_gateway_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
 }
+
+/// History gone: librdkafka's mock broker keeps 5 MiB per partition and
+/// deletes the oldest batches beyond it (tansu 0.6 deletes nothing on
+/// request). A client resuming from a deleted offset gets a `reset` naming
+/// its channel and the lost range, then the stored events from the first one
+/// still there: never a silent gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_below_what_is_stored_gets_a_reset_then_the_stored_history() {
+    init_tracing();
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("t", 1, 1).expect("topic");
+    let brokers = cluster.bootstrap_servers();
+    let sink = dualstream_tests::kafka_sink(&brokers, "t");
+    let body = vec![b'x'; 1_200];
+    for chunk in 0..6 {
+        let events: Vec<dualstream::Event> = (0..1_000)
+            .map(|i| {
+                let payload: Vec<u8> = format!("{chunk}-{i}").into_bytes().into_iter().chain(body.iter().copied()).collect();
+                dualstream::Event::builder("n", "user", "u").payload(payload).build().expect("valid")
+            })
+            .collect();
+        for r in dualstream::DurableSink::publish_batch(&sink, events).await {
+            r.expect("stored");
+        }
+    }
+    let gw = TestGateway::start_on(brokers.clone(), "t".into(), |_| {}).await;
+    let (low, high) = {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let c: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("consumer");
+        c.fetch_watermarks("t", 0, Duration::from_secs(5)).expect("watermarks")
+    };
+    assert!(low > 3 && low < high, "the mock broker deleted the oldest records: {low}..{high}");
+    let u = gw.channel("u");
+    let token = format!("r1.{:08x}.{:08x}-0-3", crc("default/t"), crc(&u));
+    let url = format!("{}/v1/stream?channel={}", gw.base, urlenc(&u));
+    let auth = format!("Bearer {}", gw.token(&[&u], &[]));
+    let mut sse = Sse::open(&gw.http, &url, &[("authorization", &auth), ("last-event-id", &token)]).await;
+    assert_eq!(sse.status, 200, "{}", sse.error);
+    assert_eq!(sse.next(Duration::from_secs(10)).await.expect("subscribed").event, "subscribed");
+    let reset = sse.next(Duration::from_secs(20)).await.expect("reset");
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    let r = reset.json();
+    assert_eq!((r["channels"].clone(), r["requested"].as_i64(), r["first_available"].as_i64()), (json!([&u]), Some(3), Some(low)));
+    let after_reset = ResumeToken::decode(reset.id.as_deref().expect("token")).expect("decodes");
+    assert_eq!(after_reset.position_of(&u), Some((0, low)), "the token moves past the lost range");
+    for want in low..high {
+        let f = sse.next(Duration::from_secs(20)).await.expect("an event");
+        assert_eq!((f.event.as_str(), f.json()["position"]["offset"].as_i64()), ("event", Some(want)), "{}", f.data);
+    }
+}
