@@ -20,6 +20,18 @@ pub struct Position {
 }
 
 impl Position {
+    /// The offset a [`DurableSink`](crate::DurableSink) reports for a write
+    /// it knows was stored without knowing where (Kafka answers a retried
+    /// batch it had stored already with offset -1). Any negative offset means
+    /// the same: the publisher's receipt and notification then carry no
+    /// position.
+    pub const UNKNOWN_OFFSET: i64 = -1;
+
+    /// Whether the offset is a real one (not negative).
+    pub fn is_known(&self) -> bool {
+        self.offset >= 0
+    }
+
     /// A position.
     pub fn new(topic: impl Into<Arc<str>>, partition: i32, offset: i64) -> Self {
         Self { topic: topic.into(), partition, offset }

@@ -92,7 +92,58 @@ impl Acks {
 /// batch's [`Acks`]. The opaque of a record is its batch and its index.
 #[derive(Debug, Default)]
 pub struct AckContext {
-    _private: (),
+    offsets: OffsetGuard,
+}
+
+/// The offsets the broker acknowledged, per partition, to catch one it
+/// cannot have meant.
+///
+/// A write acknowledged without a usable offset is reported with offset -1
+/// (`Position::UNKNOWN_OFFSET`): stored, but where is not known. That is the
+/// case for a negative offset (Kafka answers a retried batch it had stored
+/// already with `DUPLICATE_SEQUENCE_NUMBER` and offset -1), and for an
+/// offset at or below one the partition acknowledged before: librdkafka
+/// reports a partition's writes in order, so the offsets of a correct broker
+/// only grow. (tansu 0.6 answers such a retry with base offset 0, which made
+/// receipts and notifications point at other events; `cargo xtask chaos`
+/// found it.)
+#[derive(Debug, Default)]
+pub(crate) struct OffsetGuard {
+    highest: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashMap<i32, i64>>>,
+    unknown: std::sync::atomic::AtomicU64,
+}
+
+impl OffsetGuard {
+    /// The offset to report for a write acknowledged at `offset`.
+    pub(crate) fn check(&self, topic: &str, partition: i32, offset: i64) -> i64 {
+        if offset < 0 {
+            return self.unknown();
+        }
+        let mut highest = self.highest.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let partitions = match highest.get_mut(topic) {
+            Some(p) => p,
+            None => highest.entry(topic.to_owned()).or_default(),
+        };
+        let last = partitions.entry(partition).or_insert(-1);
+        if offset <= *last {
+            drop(highest);
+            tracing::warn!(topic, partition, offset, "the broker acknowledged an offset at or below an earlier one: reported as unknown");
+            return self.unknown();
+        }
+        *last = offset;
+        offset
+    }
+
+    fn unknown(&self) -> i64 {
+        self.unknown.fetch_add(1, Ordering::Relaxed);
+        Position::UNKNOWN_OFFSET
+    }
+
+    /// Writes acknowledged without a usable offset so far.
+    #[cfg(test)]
+    fn unknown_count(&self) -> u64 {
+        self.unknown.load(Ordering::Relaxed)
+    }
 }
 
 impl ClientContext for AckContext {}
@@ -103,7 +154,7 @@ impl ProducerContext for AckContext {
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
         let (acks, index) = *opaque;
         let outcome = match result {
-            Ok(m) => Ok((m.partition(), m.offset())),
+            Ok(m) => Ok((m.partition(), self.offsets.check(m.topic(), m.partition(), m.offset()))),
             Err((e, _)) => Err(e.clone()),
         };
         if let Some(slot) = acks.slots.get(index) {
@@ -468,5 +519,27 @@ impl DurableSink for KafkaSink {
             .await
             .map_err(|e| SinkError::other(e.to_string()))?
             .map_err(|e| sink_error(&e, timeout))
+    }
+}
+
+#[cfg(test)]
+mod offset_guard_tests {
+    use super::*;
+
+    #[test]
+    fn offsets_that_cannot_be_right_are_reported_as_unknown() {
+        let g = OffsetGuard::default();
+        assert_eq!(g.check("t", 0, 5), 5);
+        assert_eq!(g.check("t", 0, 6), 6);
+        assert_eq!(g.check("t", 1, 0), 0, "partitions are apart");
+        assert_eq!(g.check("u", 0, 1), 1, "topics are apart");
+        // A retried batch answered with base offset 0 (tansu 0.6), or the
+        // same offset twice.
+        assert_eq!(g.check("t", 0, 0), Position::UNKNOWN_OFFSET);
+        assert_eq!(g.check("t", 0, 6), Position::UNKNOWN_OFFSET);
+        // Kafka's own answer for a duplicate: -1.
+        assert_eq!(g.check("t", 0, -1), Position::UNKNOWN_OFFSET);
+        assert_eq!(g.unknown_count(), 3);
+        assert_eq!(g.check("t", 0, 7), 7, "later writes are reported as before");
     }
 }

@@ -35,7 +35,10 @@ pub enum NotificationOutcome {
 pub struct Receipt {
     /// The event's id.
     pub event_id: EventId,
-    /// Where the durable sink stored it (`None` in the real-time-only mode).
+    /// Where the durable sink stored it: `None` in the real-time-only mode,
+    /// and for a write the sink acknowledged without a usable offset
+    /// ([`Position::UNKNOWN_OFFSET`]; the notification then has no position
+    /// either, and a catch-up join finds the event in Kafka).
     pub position: Option<Position>,
     /// What happened to its notification.
     pub notification: NotificationOutcome,
@@ -307,14 +310,17 @@ impl DualPublisher {
             };
             metrics::histogram!(m::PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
             metrics::counter!(m::PUBLISHED).increment(1);
+            // Stored, but the sink cannot say where: no position rather
+            // than a wrong one.
+            let position = Some(position).filter(Position::is_known);
             let notification = match n {
                 Some(n) => {
-                    let n = Notification { position: Some(position.clone()), ..n };
+                    let n = Notification { position: position.clone(), ..n };
                     self.send_notifications(vec![n], PublisherConfig::notify_bound).await
                 }
                 None => NotificationOutcome::Disabled,
             };
-            Ok(Receipt { event_id, position: Some(position), notification })
+            Ok(Receipt { event_id, position, notification })
         }
         .instrument(span)
         .await
@@ -476,12 +482,13 @@ impl PendingStore {
             match results.next() {
                 Some(Ok(position)) => {
                     ok += 1;
+                    let position = Some(position).filter(Position::is_known);
                     if let Some(n) = n {
-                        notifications.push(Notification { position: Some(position.clone()), ..n });
+                        notifications.push(Notification { position: position.clone(), ..n });
                     }
                     out.push(Ok(Receipt {
                         event_id,
-                        position: Some(position),
+                        position,
                         notification: NotificationOutcome::Disabled,
                     }));
                 }

@@ -74,6 +74,33 @@ async fn notification_follows_the_ack_and_carries_the_position() {
     assert_eq!(receipt.notification, NotificationOutcome::Sent);
 }
 
+/// A write the sink acknowledged without a usable offset (Kafka's -1 for a
+/// retried batch it had stored; what the Kafka sink reports for an offset a
+/// broker cannot have meant): the receipt and the notification carry no
+/// position rather than a wrong one, in `publish` and in the batch path.
+#[tokio::test]
+async fn a_write_stored_at_an_unknown_offset_has_no_position() {
+    let mut durable = MockDurableSink::new();
+    durable.expect_publish().times(1).returning(|_| Ok(pos(Position::UNKNOWN_OFFSET)));
+    durable.expect_enqueue_batch().times(1).returning(|events| {
+        let results = events.iter().enumerate().map(|(i, _)| Ok(pos(if i == 0 { 7 } else { -1 }))).collect();
+        Box::pin(std::future::ready(results))
+    });
+    let recording = Recording::default();
+    let p = DualPublisher::builder()
+        .durable(Arc::new(durable))
+        .notifier(Arc::new(recording.clone()))
+        .build()
+        .expect("valid publisher");
+    let receipt = p.publish(event("a")).await.expect("stored");
+    assert_eq!(receipt.position, None);
+    let receipts: Vec<_> = p.publish_batch(vec![event("b"), event("c")]).await.into_iter().map(|r| r.expect("stored")).collect();
+    assert_eq!(receipts[0].position, Some(pos(7)));
+    assert_eq!(receipts[1].position, None);
+    let sent: Vec<Option<Position>> = recording.0.lock().expect("lock").iter().flatten().map(|n| n.position.clone()).collect();
+    assert_eq!(sent, vec![None, Some(pos(7)), None], "no notification carries a made-up position");
+}
+
 #[tokio::test]
 async fn a_notifier_error_never_fails_a_publish() {
     let mut durable = MockDurableSink::new();
