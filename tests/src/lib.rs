@@ -364,15 +364,19 @@ pub struct OwnedBroker {
     /// own database (URL).
     own_dir: bool,
     own_database: Option<String>,
+    /// The port clients are told to use, when it is not the broker's own (a
+    /// proxy in front of it).
+    advertised: Option<u16>,
     _hold: PortHold,
 }
 
-fn spawn_tansu(tansu: &std::path::Path, port: u16, storage: &str, dir: &std::path::Path) -> Child {
+fn spawn_tansu(tansu: &std::path::Path, port: u16, storage: &str, dir: &std::path::Path, advertised: Option<u16>) -> Child {
     let url = format!("tcp://127.0.0.1:{port}");
+    let advertised = format!("tcp://127.0.0.1:{}", advertised.unwrap_or(port));
     Command::new(tansu)
         .current_dir(dir)
         .args(["broker", "--storage-engine", storage])
-        .args(["--listener-url", &url, "--advertised-listener-url", &url])
+        .args(["--listener-url", &url, "--advertised-listener-url", &advertised])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -383,20 +387,28 @@ impl OwnedBroker {
     const START_TIMEOUT: Duration = Duration::from_secs(20);
 
     pub fn start() -> Self {
-        Self::start_with("memory://tansu/".to_owned(), std::env::temp_dir())
+        Self::start_with("memory://tansu/".to_owned(), std::env::temp_dir(), None)
     }
 
     /// A broker that keeps its log in storage of its own, in PostgreSQL or
     /// in SQLite: a restart keeps topics, records and producer state, as a
     /// real Kafka broker's disk does.
     pub fn start_durable(engine: DurableEngine) -> Self {
+        Self::start_durable_advertised(engine, None)
+    }
+
+    /// Like [`start_durable`](Self::start_durable), telling clients (in its
+    /// metadata) to connect to `advertised` on loopback instead of its own
+    /// port: a proxy there ([`proxy::DelayProxy::start_on`]) then carries
+    /// every connection to the broker, so the proxy can cut them.
+    pub fn start_durable_advertised(engine: DurableEngine, advertised: Option<u16>) -> Self {
         let id = dualstream::EventId::new().as_uuid().simple().to_string();
         match engine {
             DurableEngine::Postgres => {
                 let url = tansu_pg::with_database(&tansu_pg::url_from_env(), &format!("dualstream_test_{id}"))
                     .and_then(|url| tansu_pg::prepare(&url).map(|_| url))
                     .unwrap_or_else(|e| panic!("the durable broker's database: {e}"));
-                let mut broker = Self::start_with(url.clone(), std::env::temp_dir());
+                let mut broker = Self::start_with(url.clone(), std::env::temp_dir(), advertised);
                 broker.own_database = Some(url);
                 broker
             }
@@ -404,21 +416,21 @@ impl OwnedBroker {
                 let dir = std::env::temp_dir().join(format!("dualstream-broker-{id}"));
                 std::fs::create_dir_all(&dir).expect("broker dir");
                 // tansu 0.6 reads the SQLite path relative to its working directory.
-                let mut broker = Self::start_with("sqlite://tansu.db".to_owned(), dir);
+                let mut broker = Self::start_with("sqlite://tansu.db".to_owned(), dir, advertised);
                 broker.own_dir = true;
                 broker
             }
         }
     }
 
-    fn start_with(storage: String, dir: PathBuf) -> Self {
+    fn start_with(storage: String, dir: PathBuf, advertised: Option<u16>) -> Self {
         let tansu = std::env::var_os("DUALSTREAM_TANSU")
             .map(PathBuf::from)
             .expect("DUALSTREAM_TANSU is not set: run with `cargo xtask test`, which installs tansu");
         let (hold, child) =
-            start_on_own_port("test broker", Self::START_TIMEOUT, |port| spawn_tansu(&tansu, port, &storage, &dir));
+            start_on_own_port("test broker", Self::START_TIMEOUT, |port| spawn_tansu(&tansu, port, &storage, &dir, advertised));
         let (own_dir, own_database) = (false, None);
-        Self { port: hold.port, child: Some(child), tansu, storage, dir, own_dir, own_database, _hold: hold }
+        Self { port: hold.port, child: Some(child), tansu, storage, dir, own_dir, own_database, advertised, _hold: hold }
     }
 
     pub fn brokers(&self) -> String {
@@ -429,7 +441,7 @@ impl OwnedBroker {
     /// created again after a restart.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = spawn_tansu(&self.tansu, self.port, &self.storage, &self.dir);
+        let child = spawn_tansu(&self.tansu, self.port, &self.storage, &self.dir, self.advertised);
         self.child = Some(restart_on("test broker", self.port, Self::START_TIMEOUT, child));
     }
 

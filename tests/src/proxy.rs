@@ -1,12 +1,14 @@
-//! A TCP proxy that delays every byte by a fixed time in each direction, for
-//! slow-Redis tests and benchmarks: a far-away or overloaded Redis, without
-//! touching the shared one.
+//! A TCP proxy that delays every byte by a set time in each direction, for
+//! slow-Redis tests and benchmarks (a far-away or overloaded Redis, without
+//! touching the shared one) and for the chaos run, which changes the delay
+//! and cuts every connection through it.
 //!
 //! Each direction of each connection is a reader that stamps what it reads
 //! and a writer that forwards each chunk once its stamp is `delay` old, so
 //! the delay adds latency but no bandwidth limit, and order is kept.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +23,8 @@ pub struct DelayProxy {
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
     connections: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// The delay each way, in microseconds.
+    delay_us: Arc<AtomicU64>,
 }
 
 impl DelayProxy {
@@ -28,10 +32,17 @@ impl DelayProxy {
     /// each direction by `delay`. Binds before returning, so no other
     /// process can take the port in between.
     pub async fn start(upstream: SocketAddr, delay: Duration) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await?, upstream, delay)
+    }
+
+    /// Like [`start`](Self::start), on a listener bound already (so that a
+    /// broker can be told to advertise the proxy's address before it
+    /// starts).
+    pub fn start_on(listener: TcpListener, upstream: SocketAddr, delay: Duration) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let connections: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let conns = connections.clone();
+        let delay_us = Arc::new(AtomicU64::new(delay.as_micros() as u64));
+        let (conns, d) = (connections.clone(), delay_us.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(upstream).await else { continue };
@@ -40,11 +51,29 @@ impl DelayProxy {
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
                 let mut c = conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                c.push(tokio::spawn(pipe(cr, sw, delay)));
-                c.push(tokio::spawn(pipe(sr, cw, delay)));
+                c.retain(|t| !t.is_finished());
+                c.push(tokio::spawn(pipe(cr, sw, d.clone())));
+                c.push(tokio::spawn(pipe(sr, cw, d.clone())));
             }
         });
-        Ok(Self { addr, task, connections })
+        Ok(Self { addr, task, connections, delay_us })
+    }
+
+    /// Change the delay of every connection, from the next chunk on.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_us.store(delay.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Close every connection through the proxy at once (both ends see the
+    /// connection drop); new connections are accepted as before. Returns how
+    /// many connections were cut.
+    pub fn cut(&self) -> usize {
+        let mut c = self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = c.iter().filter(|t| !t.is_finished()).count() / 2;
+        for t in c.drain(..) {
+            t.abort();
+        }
+        n
     }
 
     /// Where clients connect.
@@ -67,11 +96,11 @@ impl Drop for DelayProxy {
     }
 }
 
-async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, delay: Duration) {
+async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, delay_us: Arc<AtomicU64>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     let writer = tokio::spawn(async move {
         while let Some((at, chunk)) = rx.recv().await {
-            tokio::time::sleep_until(at + delay).await;
+            tokio::time::sleep_until(at + Duration::from_micros(delay_us.load(Ordering::Relaxed))).await;
             if to.write_all(&chunk).await.is_err() {
                 return;
             }
