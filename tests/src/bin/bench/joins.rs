@@ -28,7 +28,7 @@ const LOAD_SECS: u64 = 12;
 /// How long the idle joins are watched for broker requests.
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
 
-fn rss_kib() -> u64 {
+pub(super) fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))

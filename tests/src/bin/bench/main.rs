@@ -19,6 +19,7 @@ use deadpool_redis::redis;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
+mod gateway;
 mod joins;
 
 struct Profile {
@@ -912,6 +913,10 @@ async fn main() {
     if want("joins") {
         println!("[joins] {} idle catch-up joins, then {} joins from random offsets under load", p.idle_joins, p.busy_joins);
         joins::run(&brokers, &redis_url, &p, &pids, &mut rows).await;
+    }
+    if want("gateway") {
+        println!("[gateway] SSE and WebSocket clients of an in-process gateway under HTTP ingest, a reconnect storm, and a naive gateway");
+        gateway::run(&brokers, &redis_url, &pids, &mut rows).await;
     }
     write_report(&rows, full, &filters, started.elapsed());
 }

@@ -1,0 +1,1023 @@
+//! The `gateway` group (issue #13): a gateway in this process (on a runtime of
+//! its own, threads `gw-rt`) serving SSE and WebSocket clients, each on a few
+//! of a set of shared channels, while ingest posts events over HTTP. Then a
+//! reconnect storm (every client drops and resumes with its last token), and
+//! every client's sequence checked against a plain rdkafka consumer's reading
+//! of the topic. Beside it, a naive gateway: one Redis Pub/Sub connection per
+//! client, forwarded as SSE, with the same clients and load.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use deadpool_redis::redis;
+use dualstream_gateway::{AuthConfig, Gateway, GatewayConfig, ResumeToken};
+use dualstream_tests::*;
+use futures::{SinkExt, StreamExt};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::joins::rss_kib;
+use super::{clock_ticks, proc_ticks, CpuSnap, Pids, Row};
+
+const SECRET: &str = "bench-secret-of-at-least-32-bytes-long";
+const PARTITIONS: i32 = 8;
+
+/// A knob, from `DUALSTREAM_BENCH_GW_<NAME>` when set (to scale the group
+/// down on a smaller machine), else `default`.
+fn knob(name: &str, default: usize) -> usize {
+    std::env::var(format!("DUALSTREAM_BENCH_GW_{name}")).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+#[derive(Clone, Copy)]
+struct Knobs {
+    /// Clients of each transport (SSE, WebSocket); the naive run has twice
+    /// this many SSE clients.
+    clients: usize,
+    sources: usize,
+    /// Events/s posted, in batches every 10 ms.
+    rate: usize,
+    secs: u64,
+    /// Seconds into the load at which every client drops and resumes.
+    storm_at: u64,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Latencies in 100 µs buckets up to 10 s.
+struct Hist(Vec<AtomicU32>);
+
+impl Hist {
+    fn new() -> Self {
+        Self((0..100_000).map(|_| AtomicU32::new(0)).collect())
+    }
+
+    fn record(&self, us: u64) {
+        let b = ((us / 100) as usize).min(self.0.len() - 1);
+        self.0[b].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count(&self) -> u64 {
+        self.0.iter().map(|c| u64::from(c.load(Ordering::Relaxed))).sum()
+    }
+
+    /// The `p` quantile in ms (the bucket's upper edge), NaN when empty.
+    fn quantile(&self, p: f64) -> f64 {
+        let n = self.count();
+        if n == 0 {
+            return f64::NAN;
+        }
+        let want = ((n as f64 - 1.0) * p).round() as u64 + 1;
+        let mut seen = 0;
+        for (i, c) in self.0.iter().enumerate() {
+            seen += u64::from(c.load(Ordering::Relaxed));
+            if seen >= want {
+                return (i + 1) as f64 * 0.1;
+            }
+        }
+        f64::NAN
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Sse,
+    Ws,
+    /// SSE from the naive gateway.
+    Naive,
+}
+
+struct Spec {
+    kind: Kind,
+    full: bool,
+    sources: Vec<usize>,
+}
+
+/// What every client shares.
+struct Shared {
+    base: String,
+    naive_base: String,
+    token: String,
+    prefix: String,
+    http: reqwest::Client,
+    /// Event id → send time (µs since the epoch), for notifications.
+    ids: RwLock<HashMap<String, u64>>,
+    /// full before the storm, full after, notify before, notify after, naive.
+    hists: Vec<Hist>,
+    delivered: AtomicU64,
+    subscribed: AtomicUsize,
+    storm_at: OnceLock<Instant>,
+}
+
+impl Shared {
+    fn channel(&self, source: usize) -> String {
+        format!("{}:user:s{source}", self.prefix)
+    }
+}
+
+/// One channel's deliveries to one client.
+#[derive(Clone)]
+struct Chan {
+    source: usize,
+    /// The channel's next offset in the first `subscribed` token.
+    start: Option<i64>,
+    count: u64,
+    /// Offsets not above the last one delivered (duplicates or disorder).
+    dups: u64,
+    last: i64,
+    sum: u64,
+}
+
+/// What one client saw.
+#[derive(Default)]
+struct Got {
+    chans: Vec<Chan>,
+    delivered: u64,
+    slow_closes: usize,
+    other_closes: usize,
+    eofs: usize,
+    errors: usize,
+    first_error: Option<String>,
+    other_items: usize,
+    undecodable: usize,
+    unmatched: usize,
+    storm_sub: Option<Duration>,
+    storm_first: Option<Duration>,
+}
+
+fn field_str<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let at = text.find(key)? + key.len();
+    let rest = &text[at..];
+    Some(&rest[..rest.find('"')?])
+}
+
+fn field_num(text: &str, key: &str) -> Option<u64> {
+    let at = text.find(key)? + key.len();
+    let digits = text[at..].trim_start();
+    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+impl Got {
+    fn on_event(&mut self, shared: &Shared, spec: &Spec, data: &str) {
+        let now = now_us();
+        let (Some(src), Some(off)) = (field_str(data, "\"source_id\":\""), field_num(data, "\"offset\":")) else {
+            self.undecodable += 1;
+            return;
+        };
+        let sent = if spec.full {
+            field_num(data, "\"t\":")
+        } else {
+            field_str(data, "\"id\":\"").and_then(|id| shared.ids.read().expect("ids").get(id).copied())
+        };
+        let after = usize::from(shared.storm_at.get().is_some());
+        let hist = match spec.kind {
+            Kind::Naive => 4,
+            _ if spec.full => after,
+            _ => 2 + after,
+        };
+        match sent {
+            Some(t) => shared.hists[hist].record(now.saturating_sub(t)),
+            None => self.unmatched += 1,
+        }
+        let idx = src.strip_prefix('s').and_then(|s| s.parse::<usize>().ok());
+        match self.chans.iter_mut().find(|c| Some(c.source) == idx) {
+            Some(c) if (off as i64) <= c.last => c.dups += 1,
+            Some(c) => {
+                c.count += 1;
+                c.sum = c.sum.wrapping_add(off);
+                c.last = off as i64;
+            }
+            None => self.undecodable += 1,
+        }
+        self.delivered += 1;
+        shared.delivered.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One item from either transport: its kind, its JSON and its resume token.
+struct Item {
+    kind: String,
+    data: String,
+    token: Option<String>,
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+enum Conn {
+    Sse { body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>, buf: Vec<u8> },
+    Ws(Box<Ws>),
+}
+
+impl Conn {
+    async fn next(&mut self) -> Option<Item> {
+        match self {
+            Conn::Sse { body, buf } => loop {
+                if let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+                    let raw: Vec<u8> = buf.drain(..end + 2).collect();
+                    let text = String::from_utf8_lossy(&raw);
+                    let (mut kind, mut data, mut token) = (String::new(), String::new(), None);
+                    for line in text.lines() {
+                        if let Some(v) = line.strip_prefix("event:") {
+                            kind = v.trim_start().to_owned();
+                        } else if let Some(v) = line.strip_prefix("id:") {
+                            token = Some(v.trim_start().to_owned());
+                        } else if let Some(v) = line.strip_prefix("data:") {
+                            data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                        }
+                    }
+                    if kind.is_empty() && data.is_empty() {
+                        continue; // a keep-alive comment
+                    }
+                    return Some(Item { kind, data, token });
+                }
+                match body.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    _ => return None,
+                }
+            },
+            Conn::Ws(ws) => loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        let data = t.as_str().to_owned();
+                        let kind = field_str(&data, "\"kind\":\"").unwrap_or("").to_owned();
+                        let token = field_str(&data, "\"token\":\"").map(str::to_owned);
+                        return Some(Item { kind, data, token });
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                        return Some(Item { kind: "close".into(), data: reason, token: None });
+                    }
+                    Some(Ok(_)) => continue,
+                    _ => return None,
+                }
+            },
+        }
+    }
+}
+
+fn urlenc(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+async fn open(shared: &Shared, spec: &Spec, resume: Option<&str>) -> Result<Conn, String> {
+    let channels: Vec<String> = spec.sources.iter().map(|s| shared.channel(*s)).collect();
+    let mode = if spec.full { "full" } else { "notify" };
+    if spec.kind == Kind::Ws {
+        let mut req = format!("{}/v1/ws", shared.base.replace("http://", "ws://")).into_client_request().map_err(|e| e.to_string())?;
+        req.headers_mut().insert("authorization", format!("Bearer {}", shared.token).parse().expect("header"));
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.map_err(|e| e.to_string())?;
+        let cmd = serde_json::json!({"op": "subscribe", "channels": channels, "mode": mode, "resume": resume});
+        ws.send(Message::Text(cmd.to_string().into())).await.map_err(|e| e.to_string())?;
+        return Ok(Conn::Ws(Box::new(ws)));
+    }
+    let query: Vec<String> = channels.iter().map(|c| format!("channel={}", urlenc(c))).collect();
+    let url = match spec.kind {
+        Kind::Naive => format!("{}/naive?{}", shared.naive_base, query.join("&")),
+        _ => format!("{}/v1/stream?{}&mode={mode}", shared.base, query.join("&")),
+    };
+    let mut req = shared.http.get(url).header("accept", "text/event-stream").bearer_auth(&shared.token);
+    if let Some(t) = resume {
+        req = req.header("last-event-id", t);
+    }
+    let r = req.send().await.map_err(|e| e.to_string())?;
+    if r.status() != 200 {
+        return Err(format!("{}: {}", r.status(), r.text().await.unwrap_or_default()));
+    }
+    Ok(Conn::Sse { body: r.bytes_stream().boxed(), buf: Vec::new() })
+}
+
+/// A client: connect, read, and on any close or end reconnect with the last
+/// token; on a storm signal drop the connection and resume.
+async fn client(shared: Arc<Shared>, spec: Spec, mut storm: watch::Receiver<u32>, mut stop: watch::Receiver<bool>) -> Got {
+    let mut got = Got {
+        chans: spec.sources.iter().map(|&s| Chan { source: s, start: None, count: 0, dups: 0, last: -1, sum: 0 }).collect(),
+        ..Got::default()
+    };
+    let mut token: Option<String> = None;
+    let mut first_sub = true;
+    let mut resumed_at: Option<Instant> = None;
+    loop {
+        let conn = tokio::select! {
+            biased;
+            _ = stop.changed() => return got,
+            c = open(&shared, &spec, token.as_deref()) => c,
+        };
+        let mut conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                got.errors += 1;
+                got.first_error.get_or_insert(e);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        loop {
+            let item = tokio::select! {
+                biased;
+                _ = stop.changed() => return got,
+                _ = storm.changed() => {
+                    resumed_at = shared.storm_at.get().copied();
+                    break;
+                }
+                item = conn.next() => item,
+            };
+            let Some(item) = item else {
+                got.eofs += 1;
+                break;
+            };
+            match item.kind.as_str() {
+                "subscribed" => {
+                    if first_sub {
+                        first_sub = false;
+                        let t = item.token.as_deref().and_then(|t| ResumeToken::decode(t).ok());
+                        for c in &mut got.chans {
+                            c.start = t.as_ref().and_then(|t| t.position_of(&shared.channel(c.source))).map(|p| p.1);
+                        }
+                        shared.subscribed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let (Some(at), None) = (resumed_at, got.storm_sub) {
+                        got.storm_sub = Some(at.elapsed());
+                    }
+                }
+                "event" => {
+                    got.on_event(&shared, &spec, &item.data);
+                    if let (Some(at), None) = (resumed_at, got.storm_first) {
+                        got.storm_first = Some(at.elapsed());
+                    }
+                }
+                "close" => {
+                    if item.data.contains("slow_client") {
+                        got.slow_closes += 1;
+                    } else {
+                        got.other_closes += 1;
+                    }
+                    break;
+                }
+                _ => got.other_items += 1,
+            }
+            if item.token.is_some() {
+                token = item.token;
+            }
+        }
+    }
+}
+
+/// `GET /naive?channel=..`: a Redis Pub/Sub connection of its own,
+/// subscribed to the channels, every message forwarded as an SSE `event`.
+async fn naive_stream(
+    axum::extract::State(client): axum::extract::State<redis::Client>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> axum::response::Response {
+    use axum::response::sse::{Event as SseEvent, Sse};
+    use axum::response::IntoResponse;
+    let channels: Vec<String> = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        .filter(|(k, _)| k == "channel")
+        .map(|(_, v)| v.into_owned())
+        .collect();
+    let unavailable = |e: redis::RedisError| (axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
+    let mut ps = match client.get_async_pubsub().await {
+        Ok(p) => p,
+        Err(e) => return unavailable(e),
+    };
+    for c in &channels {
+        if let Err(e) = ps.subscribe(c).await {
+            return unavailable(e);
+        }
+    }
+    let first = futures::stream::once(async { Ok::<_, Infallible>(SseEvent::default().event("subscribed").data("{}")) });
+    let events = ps.into_on_message().map(|m| {
+        Ok(SseEvent::default().event("event").data(String::from_utf8_lossy(m.get_payload_bytes())))
+    });
+    Sse::new(first.chain(events)).into_response()
+}
+
+/// Sockets of this process connected to `port` (from /proc/self/fd and
+/// /proc/net/tcp{,6}).
+fn connections_to(port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let hex = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .map(|t| {
+            t.lines()
+                .skip(1)
+                .filter(|l| {
+                    let c: Vec<&str> = l.split_whitespace().collect();
+                    c.len() > 9 && c[2].ends_with(&hex) && c[3] == "01" && inodes.contains(c[9])
+                })
+                .count()
+        })
+        .sum()
+}
+
+fn port_of(url: &str) -> u16 {
+    let host = url.split("://").last().unwrap_or(url).split('/').next().unwrap_or_default();
+    host.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0)
+}
+
+/// CPU ticks of this process's threads: (gateway runtime `gw-rt`, librdkafka
+/// `rdk:*`, the rest: clients, ingest, the bench).
+fn thread_ticks() -> (u64, u64, u64) {
+    let mut t = (0, 0, 0);
+    for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let ticks = proc_ticks(&format!("self/task/{tid}")).unwrap_or(0);
+        if comm.starts_with("gw-rt") {
+            t.0 += ticks;
+        } else if comm.starts_with("rdk:") {
+            t.1 += ticks;
+        } else {
+            t.2 += ticks;
+        }
+    }
+    t
+}
+
+fn rdkafka_clients() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "rdk:main"))
+        .count()
+}
+
+async fn redis_clients(conn: &mut redis::aio::MultiplexedConnection) -> i64 {
+    let info: String = redis::cmd("INFO").arg("clients").query_async(conn).await.unwrap_or_default();
+    info.lines().find_map(|l| l.strip_prefix("connected_clients:")?.trim().parse().ok()).unwrap_or(-1)
+}
+
+/// Post `rate` events/s for `secs` in batches every 10 ms, round-robin over
+/// the sources, each with its send time in the payload and in `ids`; the
+/// events stored, errors and events per source.
+async fn ingest(shared: Arc<Shared>, producer: String, k: Knobs) -> (u64, u64, Vec<u64>) {
+    let per_tick = (k.rate / 100).max(1);
+    let url = format!("{}/v1/events", shared.base);
+    let mut per_source = vec![0u64; k.sources];
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let started = Instant::now();
+    let mut n = 0usize;
+    let mut posts = Vec::new();
+    while started.elapsed() < Duration::from_secs(k.secs) {
+        tick.tick().await;
+        let mut body = String::with_capacity(per_tick * 160);
+        body.push('[');
+        let mut ids = Vec::with_capacity(per_tick);
+        let t = now_us();
+        for i in n..n + per_tick {
+            let source = i % k.sources;
+            per_source[source] += 1;
+            let id = dualstream::EventId::new().to_string();
+            if i > n {
+                body.push(',');
+            }
+            body.push_str(&format!(
+                r#"{{"id":"{id}","type":"bench.tick","source_type":"user","source_id":"s{source}","payload":{{"t":{t}}}}}"#
+            ));
+            ids.push(id);
+        }
+        body.push(']');
+        n += per_tick;
+        shared.ids.write().expect("ids").extend(ids.into_iter().map(|id| (id, t)));
+        let req = shared.http.post(&url).bearer_auth(&producer).header("content-type", "application/json").body(body);
+        posts.push(tokio::spawn(async move {
+            match req.send().await {
+                Ok(r) if r.status() == 200 => {
+                    r.json::<serde_json::Value>().await.ok().and_then(|v| v["stored"].as_u64()).map_or((0, 1), |s| (s, 0))
+                }
+                _ => (0, 1),
+            }
+        }));
+    }
+    let (mut stored, mut errors) = (0, 0);
+    for p in posts {
+        let (s, e) = p.await.unwrap_or((0, 1));
+        stored += s;
+        errors += e;
+    }
+    (stored, errors, per_source)
+}
+
+/// Wait until deliveries stop growing for 2 s (at most 30 s).
+async fn settle(shared: &Shared) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut last, mut still) = (shared.delivered.load(Ordering::Relaxed), Instant::now());
+    while Instant::now() < deadline && still.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = shared.delivered.load(Ordering::Relaxed);
+        if now != last {
+            (last, still) = (now, Instant::now());
+        }
+    }
+}
+
+/// Seeded channel sets: 1–10 distinct sources each (splitmix64).
+fn channel_sets(n: usize, sources: usize) -> Vec<Vec<usize>> {
+    let mut state = 0x5eed_u64;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    (0..n)
+        .map(|_| {
+            let k = 1 + (next() % 10) as usize;
+            let mut set: Vec<usize> = Vec::with_capacity(k);
+            while set.len() < k.min(sources) {
+                let s = (next() % sources as u64) as usize;
+                if !set.contains(&s) {
+                    set.push(s);
+                }
+            }
+            set
+        })
+        .collect()
+}
+
+/// Start clients 100 at a time, each batch once the previous one is
+/// subscribed (at most 30 s a batch); how long it took.
+async fn start_clients(
+    shared: &Arc<Shared>,
+    specs: Vec<Spec>,
+    storm: &watch::Receiver<u32>,
+    stop: &watch::Receiver<bool>,
+) -> (Vec<tokio::task::JoinHandle<Got>>, f64) {
+    let started = Instant::now();
+    let base = shared.subscribed.load(Ordering::Relaxed);
+    let mut tasks = Vec::with_capacity(specs.len());
+    for spec in specs {
+        tasks.push(tokio::spawn(client(Arc::clone(shared), spec, storm.clone(), stop.clone())));
+        if tasks.len() % 100 == 0 {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while shared.subscribed.load(Ordering::Relaxed) - base < tasks.len() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if Instant::now() >= deadline {
+                println!("  only {} of {} clients subscribed after 30 s: not waiting for the rest", shared.subscribed.load(Ordering::Relaxed) - base, tasks.len());
+                break;
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while shared.subscribed.load(Ordering::Relaxed) - base < tasks.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (tasks, started.elapsed().as_secs_f64())
+}
+
+/// Figures of one run, for the rows.
+#[derive(Default)]
+struct Run {
+    deliveries_per_s: f64,
+    rss_before: u64,
+    rss_idle: u64,
+    rss_after: u64,
+    redis_conns: usize,
+    redis_info: i64,
+    kafka_conns: usize,
+    rdkafka_clients: usize,
+    gw_cores: f64,
+    rdk_cores: f64,
+    client_cores: f64,
+    broker_cores: Option<f64>,
+    redis_cores: Option<f64>,
+    stored: u64,
+    ingest_errors: u64,
+    connect_secs: f64,
+    subscribed: usize,
+    got: Vec<Got>,
+    per_source: Vec<u64>,
+}
+
+impl Run {
+    fn sum(&self, f: impl Fn(&Got) -> usize) -> usize {
+        self.got.iter().map(f).sum()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn load_phase(
+    shared: &Arc<Shared>,
+    producer: &str,
+    k: &Knobs,
+    pids: &Pids,
+    redis_conn: &mut redis::aio::MultiplexedConnection,
+    ports: (u16, u16),
+    storm: Option<&watch::Sender<u32>>,
+    run: &mut Run,
+) {
+    let (ticks0, snap0, delivered0, t0) = (thread_ticks(), CpuSnap::take(pids), shared.delivered.load(Ordering::Relaxed), Instant::now());
+    let load = tokio::spawn(ingest(Arc::clone(shared), producer.to_owned(), *k));
+    // Connections and memory in the middle of the load (before the storm).
+    tokio::time::sleep(Duration::from_secs(k.storm_at.min(k.secs) / 2 + 1)).await;
+    run.redis_conns = connections_to(ports.0);
+    run.kafka_conns = connections_to(ports.1);
+    run.redis_info = redis_clients(redis_conn).await;
+    run.rdkafka_clients = rdkafka_clients();
+    if let Some(storm) = storm {
+        let left = Duration::from_secs(k.storm_at).saturating_sub(t0.elapsed());
+        tokio::time::sleep(left).await;
+        let _ = shared.storm_at.set(Instant::now());
+        let _ = storm.send(1);
+        println!("  storm: every client drops and resumes");
+    }
+    let (stored, errors, per_source) = load.await.expect("ingest");
+    let secs = t0.elapsed().as_secs_f64();
+    let (ticks1, snap1) = (thread_ticks(), CpuSnap::take(pids));
+    run.deliveries_per_s = (shared.delivered.load(Ordering::Relaxed) - delivered0) as f64 / secs;
+    run.rss_after = rss_kib();
+    let cores = |a: u64, b: u64| a.saturating_sub(b) as f64 / clock_ticks() / secs;
+    (run.gw_cores, run.rdk_cores, run.client_cores) =
+        (cores(ticks1.0, ticks0.0), cores(ticks1.1, ticks0.1), cores(ticks1.2, ticks0.2));
+    run.broker_cores = snap1.broker.zip(snap0.broker).map(|(a, b)| cores(a, b));
+    run.redis_cores = snap1.redis.zip(snap0.redis).map(|(a, b)| cores(a, b));
+    (run.stored, run.ingest_errors, run.per_source) = (stored, errors, per_source);
+    settle(shared).await;
+}
+
+fn specs(sets: &[Vec<usize>], kinds: &[Kind]) -> Vec<Spec> {
+    sets.iter()
+        .enumerate()
+        .map(|(i, s)| Spec { kind: kinds[i % kinds.len()], full: (i / kinds.len()) % 2 == 1, sources: s.clone() })
+        .collect()
+}
+
+async fn collect(tasks: Vec<tokio::task::JoinHandle<Got>>, stop: &watch::Sender<bool>) -> Vec<Got> {
+    let _ = stop.send(true);
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.expect("client"));
+    }
+    out
+}
+
+pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut Vec<Row>) {
+    let k = Knobs {
+        clients: knob("CLIENTS", 1_000),
+        sources: knob("SOURCES", 200),
+        rate: knob("RATE", 5_000),
+        secs: knob("SECS", 24) as u64,
+        storm_at: knob("STORM_AT", 14) as u64,
+    };
+    let nofile = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Max open files"))?.split_whitespace().nth(3)?.parse::<usize>().ok())
+        .unwrap_or(0);
+    // Per client: its socket and the gateway's; the naive run adds a Redis
+    // connection each.
+    let need = k.clients * 2 * 3 + 500;
+    println!("  open-files limit {nofile} (need about {need})");
+    if nofile < need {
+        println!("  raise it first: `ulimit -n 65536` (the hard limit allows {nofile}?); skipping the gateway group");
+        return;
+    }
+    let (redis_port, broker_port) = (port_of(redis_url), port_of(brokers.split(',').next().unwrap_or_default()));
+    let topic = unique_topic("bench-gw");
+    create_topic(brokers, &topic, PARTITIONS).await;
+    let prefix = format!("gwb{}", &dualstream::EventId::new().as_uuid().simple().to_string()[20..]);
+    let client = redis::Client::open(redis_url).expect("redis url");
+    let mut redis_conn = client.get_multiplexed_async_connection().await.expect("redis");
+
+    let mut ours = Run { rss_before: rss_kib(), ..Run::default() };
+    let base_redis = (connections_to(redis_port), connections_to(broker_port), redis_clients(&mut redis_conn).await);
+    let base_rdk = rdkafka_clients();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("gw-rt")
+        .enable_all()
+        .build()
+        .expect("gateway runtime");
+    let mut config = GatewayConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        kafka_brokers: brokers.to_owned(),
+        redis_url: redis_url.to_owned(),
+        topic: topic.clone(),
+        dashboard: false,
+        auth: AuthConfig { secret: SECRET.into(), ..AuthConfig::default() },
+        ..GatewayConfig::default()
+    };
+    config.redis.channel_prefix = prefix.clone();
+    let (gateway, base) = rt
+        .spawn(async move {
+            let gateway = Gateway::new(config).await.expect("gateway");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let base = format!("http://{}", listener.local_addr().expect("addr"));
+            let g = gateway.clone();
+            tokio::spawn(async move { g.serve(listener, std::future::pending()).await });
+            (gateway, base)
+        })
+        .await
+        .expect("gateway task");
+    let naive_base = rt
+        .spawn(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let base = format!("http://{}", listener.local_addr().expect("addr"));
+            let app = axum::Router::new().route("/naive", axum::routing::get(naive_stream)).with_state(client);
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            base
+        })
+        .await
+        .expect("naive task");
+    let auth = gateway.auth();
+    let mint = |read: Vec<String>, publish: Vec<String>| auth.mint(&auth.claims(Some("bench".into()), read, publish, 3_600)).expect("mint");
+    let reader = mint(vec![format!("{prefix}:user:*")], vec![]);
+    let producer = mint(vec![], vec!["user".into()]);
+    let shared = Arc::new(Shared {
+        base: base.clone(),
+        naive_base,
+        token: reader,
+        prefix: prefix.clone(),
+        http: reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("http"),
+        ids: RwLock::new(HashMap::new()),
+        hists: (0..5).map(|_| Hist::new()).collect(),
+        delivered: AtomicU64::new(0),
+        subscribed: AtomicUsize::new(0),
+        storm_at: OnceLock::new(),
+    });
+    // Warm up ingest (the producer's first idempotent ack).
+    let warm = format!(r#"{{"type":"bench.warm","source_type":"user","source_id":"warm","payload":{{"t":{}}}}}"#, now_us());
+    let r = shared.http.post(format!("{base}/v1/events")).bearer_auth(&producer).header("content-type", "application/json").body(warm).send().await;
+    assert!(r.is_ok_and(|r| r.status() == 200), "warm-up ingest");
+
+    // Ours: SSE and WebSocket clients alternate; every other pair full mode.
+    let sets = channel_sets(k.clients * 2, k.sources);
+    let (storm_tx, storm_rx) = watch::channel(0u32);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (tasks, connect_secs) = start_clients(&shared, specs(&sets, &[Kind::Sse, Kind::Ws]), &storm_rx, &stop_rx).await;
+    ours.connect_secs = connect_secs;
+    ours.subscribed = shared.subscribed.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ours.rss_idle = rss_kib();
+    println!("  ours: {} of {} clients subscribed in {connect_secs:.1} s; RSS {} → {} MiB", ours.subscribed, tasks.len(), ours.rss_before >> 10, ours.rss_idle >> 10);
+    load_phase(&shared, &producer, &k, pids, &mut redis_conn, (redis_port, broker_port), Some(&storm_tx), &mut ours).await;
+    let hub = match shared.http.get(format!("{base}/readyz")).send().await {
+        Ok(r) => r.json::<serde_json::Value>().await.map(|v| v["hub"].clone()).unwrap_or_default(),
+        Err(_) => serde_json::Value::Null,
+    };
+    ours.got = collect(tasks, &stop_tx).await;
+    ours.redis_conns = ours.redis_conns.saturating_sub(base_redis.0);
+    ours.kafka_conns = ours.kafka_conns.saturating_sub(base_redis.1);
+    ours.redis_info -= base_redis.2;
+    ours.rdkafka_clients = ours.rdkafka_clients.saturating_sub(base_rdk);
+    drop(storm_tx);
+
+    // Exactness against an independent reading of the topic.
+    let records = read_topic(brokers, &topic, ours.stored as usize + 1, Duration::from_secs(120));
+    let mut by_source: Vec<Vec<i64>> = vec![Vec::new(); k.sources];
+    for r in &records {
+        let e = r.event();
+        if let Some(i) = e.source().source_id().strip_prefix('s').and_then(|s| s.parse::<usize>().ok()) {
+            by_source[i].push(r.offset);
+        }
+    }
+    by_source.iter_mut().for_each(|v| v.sort_unstable());
+    let (mut gaps, mut dups, mut mismatched, mut extra, mut no_start, mut exact_clients) = (0u64, 0u64, 0u64, 0u64, 0, 0);
+    // Deliveries a client had not received yet when the run stopped (its
+    // channel's tail after the last offset it got): behind, not a gap.
+    let mut behind = 0u64;
+    let mut prefix_clients = 0;
+    let mut example = None;
+    for (i, g) in ours.got.iter().enumerate() {
+        let (mut exact, mut prefix_ok) = (true, true);
+        for c in &g.chans {
+            let Some(start) = c.start else {
+                no_start += 1;
+                exact = false;
+                continue;
+            };
+            let want: Vec<i64> = by_source[c.source].iter().copied().filter(|o| *o >= start).collect();
+            let upto = want.iter().filter(|o| **o <= c.last).count() as u64;
+            let sum = want.iter().filter(|o| **o <= c.last).fold(0u64, |a, o| a.wrapping_add(*o as u64));
+            let prefix = c.count == upto && c.sum == sum && c.dups == 0;
+            gaps += upto.saturating_sub(c.count);
+            extra += c.count.saturating_sub(upto);
+            behind += want.len() as u64 - upto;
+            dups += c.dups;
+            mismatched += u64::from(c.count == upto && c.sum != sum);
+            if !prefix {
+                prefix_ok = false;
+            }
+            if !prefix || upto < want.len() as u64 {
+                exact = false;
+                example.get_or_insert_with(|| {
+                    format!("client {i} source s{}: want {} from offset {start}, got {} ({} dups)", c.source, want.len(), c.count, c.dups)
+                });
+            }
+        }
+        exact_clients += usize::from(exact);
+        prefix_clients += usize::from(prefix_ok);
+    }
+    let storm_subs: Vec<Duration> = ours.got.iter().filter_map(|g| g.storm_sub).collect();
+    let storm_firsts: Vec<Duration> = ours.got.iter().filter_map(|g| g.storm_first).collect();
+    let max_ms = |v: &[Duration]| v.iter().max().map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+    let mut sorted_firsts = storm_firsts.clone();
+    sorted_firsts.sort();
+    let (storm_sub_max, storm_first_max, storm_first_p50) =
+        (max_ms(&storm_subs), max_ms(&storm_firsts), super::percentile(&sorted_firsts, 0.5));
+    let h = &shared.hists;
+    println!(
+        "  ours: {:.0} deliveries/s; latency full p50 {:.1} p99 {:.1} ms (after the storm p50 {:.1} p99 {:.1}), notify p50 {:.1} p99 {:.1} ms (after {:.1} / {:.1}); RSS {} MiB; redis conns {} (INFO +{}), kafka conns {}, rdkafka clients {}; cores: gateway {:.2} rdkafka {:.2} clients {:.2} broker {:?} redis {:?}",
+        ours.deliveries_per_s, h[0].quantile(0.5), h[0].quantile(0.99), h[1].quantile(0.5), h[1].quantile(0.99),
+        h[2].quantile(0.5), h[2].quantile(0.99), h[3].quantile(0.5), h[3].quantile(0.99), ours.rss_after >> 10,
+        ours.redis_conns, ours.redis_info, ours.kafka_conns, ours.rdkafka_clients, ours.gw_cores, ours.rdk_cores,
+        ours.client_cores, ours.broker_cores, ours.redis_cores
+    );
+    println!(
+        "  exact clients {exact_clients}/{} (exact so far: {prefix_clients}); behind {behind}; gaps {gaps}, duplicates {dups}, mismatched {mismatched}, extra {extra}, no start {no_start}; storm: {} resubscribed (last after {storm_sub_max:.0} ms), {} live again (p50 {storm_first_p50:.0} ms, last {storm_first_max:.0} ms); slow closes {}, other closes {}, eofs {}, errors {} ({:?}); hub {hub}",
+        ours.got.len(), storm_subs.len(), storm_firsts.len(), ours.sum(|g| g.slow_closes), ours.sum(|g| g.other_closes),
+        ours.sum(|g| g.eofs), ours.sum(|g| g.errors), ours.got.iter().find_map(|g| g.first_error.clone())
+    );
+    if let Some(e) = &example {
+        println!("  first mismatch: {e}");
+    }
+
+    // The naive gateway: the same channel sets, all over SSE, the same load
+    // (ingest through our gateway, which has no stream clients now).
+    let mut naive = Run { rss_before: rss_kib(), ..Run::default() };
+    let naive_base_redis = (connections_to(redis_port), redis_clients(&mut redis_conn).await);
+    let (_storm_tx, storm_rx) = watch::channel(0u32);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let naive_specs: Vec<Spec> = sets.iter().map(|s| Spec { kind: Kind::Naive, full: false, sources: s.clone() }).collect();
+    let (tasks, connect_secs) = start_clients(&shared, naive_specs, &storm_rx, &stop_rx).await;
+    naive.connect_secs = connect_secs;
+    naive.subscribed = shared.subscribed.load(Ordering::Relaxed) - ours.subscribed;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    naive.rss_idle = rss_kib();
+    println!("  naive: {} of {} clients subscribed in {connect_secs:.1} s; RSS {} → {} MiB", naive.subscribed, tasks.len(), naive.rss_before >> 10, naive.rss_idle >> 10);
+    let naive_k = Knobs { storm_at: k.secs, ..k };
+    load_phase(&shared, &producer, &naive_k, pids, &mut redis_conn, (redis_port, broker_port), None, &mut naive).await;
+    naive.got = collect(tasks, &stop_tx).await;
+    naive.redis_conns = naive.redis_conns.saturating_sub(naive_base_redis.0);
+    naive.redis_info -= naive_base_redis.1;
+    let naive_expected: u64 = sets.iter().map(|s| s.iter().map(|i| naive.per_source[*i]).sum::<u64>()).sum();
+    let naive_delivered: u64 = naive.got.iter().map(|g| g.delivered).sum();
+    println!(
+        "  naive: {:.0} deliveries/s; latency p50 {:.1} p99 {:.1} ms; RSS {} MiB; redis conns {} (INFO +{}); delivered {naive_delivered} of {naive_expected}; cores: naive+gateway {:.2} clients {:.2} redis {:?}; eofs {} errors {}",
+        naive.deliveries_per_s, h[4].quantile(0.5), h[4].quantile(0.99), naive.rss_after >> 10, naive.redis_conns,
+        naive.redis_info, naive.gw_cores, naive.client_cores, naive.redis_cores, naive.sum(|g| g.eofs), naive.sum(|g| g.errors)
+    );
+    gateway.close_streams();
+    drop(gateway);
+    rt.shutdown_background();
+
+    // Rows.
+    let n = ours.got.len();
+    let setup = format!(
+        "{} SSE + {} WebSocket clients, each on 1–10 of {} channels (seeded; {} subscriptions in all), half in mode=full; ingest {} events/s over HTTP ({} per POST every 10 ms) for {} s; gateway in this process on 2 runtime threads, tansu and redis-server on the same 2 cores",
+        k.clients, k.clients, k.sources, sets.iter().map(Vec::len).sum::<usize>(), k.rate, k.rate / 100, k.secs
+    );
+    let cores = |r: &Run| {
+        format!(
+            "CPU in cores over the load: gateway runtime {:.2}, its librdkafka threads {:.2}, clients+ingest {:.2}, tansu {}, redis-server {}",
+            r.gw_cores, r.rdk_cores, r.client_cores,
+            r.broker_cores.map_or("?".into(), |c| format!("{c:.2}")), r.redis_cores.map_or("?".into(), |c| format!("{c:.2}"))
+        )
+    };
+    let mut row = |name: String, ours: f64, baseline: f64, unit: &'static str, goal: &str, met: Option<bool>, note: String| {
+        rows.push(Row { group: "gateway", name, ours, baseline, unit, goal: goal.into(), met, cpu: None, note })
+    };
+    row(
+        "gateway: ingest→client latency p50, notify clients vs naive (one Redis connection per client), ms".into(),
+        h[2].quantile(0.5),
+        h[4].quantile(0.5),
+        "ms",
+        "-",
+        None,
+        format!(
+            "before the storm; send time = just before the POST, looked up by event id on receipt (100 µs buckets); {} samples, naive {}; {setup}",
+            h[2].count(), h[4].count()
+        ),
+    );
+    row(
+        "gateway: ingest→client latency p99, notify clients vs naive, ms".into(),
+        h[2].quantile(0.99),
+        h[4].quantile(0.99),
+        "ms",
+        "-",
+        None,
+        format!("as above; after the storm began: p50 {:.1} ms, p99 {:.1} ms", h[3].quantile(0.5), h[3].quantile(0.99)),
+    );
+    row(
+        "gateway: ingest→client latency p50 / p99, mode=full clients, ms".into(),
+        h[0].quantile(0.5),
+        h[0].quantile(0.99),
+        "ms",
+        "-",
+        None,
+        format!(
+            "ours = p50, baseline column = p99 (send time in the payload); before the storm, {} samples; after it began p50 {:.1} ms, p99 {:.1} ms",
+            h[0].count(), h[1].quantile(0.5), h[1].quantile(0.99)
+        ),
+    );
+    row(
+        "gateway: deliveries/s to all clients vs naive".into(),
+        ours.deliveries_per_s,
+        naive.deliveries_per_s,
+        "deliveries/s",
+        "-",
+        None,
+        format!(
+            "over the load, storm included; {} events stored ({} failed POSTs), naive run {} stored ({} failed); naive delivered {naive_delivered} of the {naive_expected} its clients' channels carried; {}; naive run: {}",
+            ours.stored, ours.ingest_errors, naive.stored, naive.ingest_errors, cores(&ours), cores(&naive)
+        ),
+    );
+    row(
+        "gateway: process RSS growth with the clients under load vs naive, MiB".into(),
+        (ours.rss_after as f64 - ours.rss_before as f64) / 1024.0,
+        (naive.rss_after as f64 - naive.rss_before as f64) / 1024.0,
+        "MiB",
+        "-",
+        None,
+        format!(
+            "VmRSS of the bench process (gateway and clients together): ours {} MiB before the gateway, {} MiB with {} clients idle, {} MiB at the end of the load; naive {} → {} → {} MiB (after ours, whose memory the allocator keeps)",
+            ours.rss_before >> 10, ours.rss_idle >> 10, n, ours.rss_after >> 10,
+            naive.rss_before >> 10, naive.rss_idle >> 10, naive.rss_after >> 10
+        ),
+    );
+    row(
+        "gateway: Redis connections held vs naive".into(),
+        ours.redis_conns as f64,
+        naive.redis_conns as f64,
+        "connections",
+        "-",
+        None,
+        format!(
+            "this process's established sockets to redis-server's port during the load (/proc/self/fd × /proc/net/tcp); redis INFO connected_clients grew by {} (ours) and {} (naive); hub at the end: {hub}",
+            ours.redis_info, naive.redis_info
+        ),
+    );
+    row(
+        "gateway: Kafka clients held (librdkafka instances)".into(),
+        ours.rdkafka_clients as f64,
+        f64::NAN,
+        "clients",
+        "-",
+        None,
+        format!(
+            "rdk:main threads of the process during the load (one per librdkafka client: the ingest producer, the metadata consumer, the shared readers); {} TCP connections to the broker; the naive gateway reads no Kafka",
+            ours.kafka_conns
+        ),
+    );
+    row(
+        "gateway: clients whose every channel got exactly Kafka's sequence".into(),
+        exact_clients as f64,
+        n as f64,
+        "clients",
+        "all (ratio = 1)",
+        Some(exact_clients == n),
+        format!(
+            "across the storm and any slow_client reconnects; checked against a plain rdkafka consumer's reading of the topic ({} records), from each channel's position in the client's first token; gaps {gaps}, duplicates/out of order {dups}, same count but other offsets {mismatched}, extra {extra}, channels without a start {no_start}; closes: slow_client {}, other {}, ends {}, connect errors {}{}; not checked for the naive gateway (it has no positions to resume from)",
+            records.len(), ours.sum(|g| g.slow_closes), ours.sum(|g| g.other_closes), ours.sum(|g| g.eofs), ours.sum(|g| g.errors),
+            example.map(|e| format!("; first mismatch: {e}")).unwrap_or_default()
+        ),
+    );
+    row(
+        "gateway: gaps + duplicates in what the clients received".into(),
+        (gaps + dups + mismatched) as f64,
+        0.0,
+        "deliveries",
+        "0",
+        Some(gaps + dups + mismatched == 0),
+        format!(
+            "a gap = an offset of the channel missing before the last one the client got; {prefix_clients} of {n} clients got an exact prefix of each channel's sequence; {behind} deliveries were still owed (the tail after each client's last offset) when the run stopped, after waiting until deliveries stopped growing for 2 s (at most 30 s)"
+        ),
+    );
+    row(
+        "gateway: reconnect storm, time until every client is subscribed again, ms".into(),
+        storm_sub_max,
+        f64::NAN,
+        "ms",
+        "-",
+        None,
+        format!(
+            "at {} s of the load all {n} clients drop and resume (SSE: Last-Event-ID, WebSocket: subscribe with resume); {} of {n} resubscribed",
+            k.storm_at, storm_subs.len()
+        ),
+    );
+    row(
+        "gateway: reconnect storm, time until every client has its first item after resuming, ms".into(),
+        storm_first_max,
+        storm_first_p50,
+        "ms",
+        "-",
+        None,
+        format!("ours = the last client, baseline column = the median client; {} of {n} got an item after resuming", storm_firsts.len()),
+    );
+}
