@@ -6,6 +6,7 @@
 /// Whether a process listens on a port itself (shared with the test fixtures).
 #[path = "../../tests/src/ports.rs"]
 mod ports;
+mod fuzz;
 mod gateway;
 mod reliability;
 mod stack;
@@ -127,6 +128,16 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
+    /// Run each cargo-fuzz target of fuzz/ (event_record, notification, channel_parse, config,
+    /// gateway_ingest) for a bounded time from its seeds in fuzz/corpus/; fails on a crash. Installs
+    /// cargo-fuzz when missing; builds with ASAN into fuzz/target (a few minutes the first time).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Only these targets.
+        targets: Vec<String>,
+    },
 }
 
 fn cargo() -> Command {
@@ -213,6 +224,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Gateway { listen, broker } => gateway::run(listen, broker),
+        Cmd::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Cmd::Chaos { seed, minutes, rate, sqlite, debug } => {
             let mut args = vec!["--minutes".to_owned(), minutes.to_string(), "--rate".to_owned(), rate.to_string()];
             if let Some(seed) = seed {

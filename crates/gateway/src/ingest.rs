@@ -55,27 +55,73 @@ fn invalid(index: usize, message: impl std::fmt::Display) -> Response {
     error(StatusCode::BAD_REQUEST, "invalid_event", message, json!({"index": index}))
 }
 
+/// Why an ingest body was refused; nothing of it is stored.
+#[doc(hidden)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IngestBodyError {
+    /// More than `limit` events (`at_least` were seen): 413 `too_many_events`.
+    TooManyEvents {
+        /// `limits.max_events_per_request`.
+        limit: usize,
+        /// How many events the body holds, at least.
+        at_least: usize,
+    },
+    /// The body or event `index` is malformed or invalid: 400 `invalid_event`.
+    Invalid {
+        /// The event's index (0 for the body as a whole).
+        index: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl IngestBodyError {
+    fn response(&self) -> Response {
+        match self {
+            Self::TooManyEvents { limit, at_least } => error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_events",
+                format!("events: more than limits.max_events_per_request = {limit} (at least {at_least})"),
+                json!({"limit": limit}),
+            ),
+            Self::Invalid { index, message } => invalid(*index, message),
+        }
+    }
+}
+
+/// The events of an ingest body (one JSON event, a JSON array, or NDJSON by
+/// its content type), built and validated as `POST /v1/events` does before
+/// the claims check, without HTTP. Public for the fuzz targets (fuzz/).
+#[doc(hidden)]
+pub fn parse_ingest_body(
+    content_type: Option<&str>,
+    body: &[u8],
+    max_events: usize,
+) -> Result<Vec<Event>, IngestBodyError> {
+    let parsed = parse_body(content_type, body, max_events)?;
+    let mut events = Vec::with_capacity(parsed.len());
+    for (index, e) in parsed.into_iter().enumerate() {
+        let event = build(e).map_err(|m| IngestBodyError::Invalid { index, message: format!("events[{index}]: {m}") })?;
+        events.push(event);
+    }
+    Ok(events)
+}
+
 /// Split the body into events, by its content type.
-fn parse_body(headers: &HeaderMap, body: &[u8], max_events: usize) -> Result<Vec<IngestEvent>, Response> {
-    let ndjson = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-ndjson") || v.starts_with("application/ndjson"));
-    let too_many = |n: usize| {
-        error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_many_events",
-            format!("events: more than limits.max_events_per_request = {max_events} (at least {n})"),
-            json!({"limit": max_events}),
-        )
-    };
+fn parse_body(content_type: Option<&str>, body: &[u8], max_events: usize) -> Result<Vec<IngestEvent>, IngestBodyError> {
+    let ndjson =
+        content_type.is_some_and(|v| v.starts_with("application/x-ndjson") || v.starts_with("application/ndjson"));
+    let invalid = |index, message| IngestBodyError::Invalid { index, message };
+    let too_many = |at_least| IngestBodyError::TooManyEvents { limit: max_events, at_least };
     if ndjson {
         let mut out = Vec::new();
-        for (i, line) in body.split(|b| *b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)).enumerate() {
+        let lines = body.split(|b| *b == b'\n').enumerate().filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace));
+        for (i, (line_index, line)) in lines.enumerate() {
             if out.len() == max_events {
                 return Err(too_many(max_events + 1));
             }
-            out.push(serde_json::from_slice(line).map_err(|e| invalid(i, format!("line {}: {e}", i + 1)))?);
+            out.push(serde_json::from_slice(line).map_err(|e| invalid(i, format!("line {}: {e}", line_index + 1)))?);
         }
         return Ok(out);
     }
@@ -93,7 +139,7 @@ fn parse_body(headers: &HeaderMap, body: &[u8], max_events: usize) -> Result<Vec
                 .collect()
         }
         Some(_) => Ok(vec![serde_json::from_slice(body).map_err(|e| invalid(0, format!("body: {e}")))?]),
-        None => Err(invalid(0, "body: empty; send a JSON event, a JSON array of events, or NDJSON")),
+        None => Err(invalid(0, "body: empty; send a JSON event, a JSON array of events, or NDJSON".into())),
     }
 }
 
@@ -146,26 +192,21 @@ pub(crate) async fn post_events(State(state): State<Arc<AppState>>, headers: Hea
         Ok(a) => a,
         Err(e) => return error(e.status(), e.code(), &e, json!({})),
     };
-    let parsed = match parse_body(&headers, &body, state.config.limits.max_events_per_request) {
-        Ok(p) => p,
-        Err(r) => return r,
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let events = match parse_ingest_body(content_type, &body, state.config.limits.max_events_per_request) {
+        Ok(events) => events,
+        Err(e) => return e.response(),
     };
-    // Nothing is stored unless every event may be published and is valid.
-    for (i, e) in parsed.iter().enumerate() {
-        if !auth.may_publish(&e.source_type) {
+    // Nothing is stored unless every event is valid and may be published.
+    for (i, e) in events.iter().enumerate() {
+        let source_type = e.source().source_type();
+        if !auth.may_publish(source_type) {
             return error(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                format!("events[{i}]: the token's publish claims do not include source type {:?}", e.source_type),
+                format!("events[{i}]: the token's publish claims do not include source type {source_type:?}"),
                 json!({"index": i}),
             );
-        }
-    }
-    let mut events = Vec::with_capacity(parsed.len());
-    for (i, e) in parsed.into_iter().enumerate() {
-        match build(e) {
-            Ok(ev) => events.push(ev),
-            Err(m) => return invalid(i, format!("events[{i}]: {m}")),
         }
     }
     let summaries: Vec<(String, Value)> = events
@@ -209,5 +250,33 @@ pub(crate) async fn post_events(State(state): State<Arc<AppState>>, headers: Hea
         (StatusCode::BAD_GATEWAY, body).into_response()
     } else {
         (StatusCode::MULTI_STATUS, body).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str) -> String {
+        format!(r#"{{"type":"t","source_type":"user","source_id":"{id}"}}"#)
+    }
+
+    #[test]
+    fn ndjson_errors_name_the_line_of_the_body() {
+        let body = format!("{}\n\n   \n{}\nnot json\n", event("a"), event("b"));
+        let err = parse_ingest_body(Some("application/x-ndjson"), body.as_bytes(), 10).expect_err("line 5");
+        let IngestBodyError::Invalid { index, message } = err else { panic!("{err:?}") };
+        assert_eq!(index, 2, "the third event");
+        assert!(message.starts_with("line 5: "), "{message}");
+    }
+
+    #[test]
+    fn bodies_over_the_event_limit_are_refused_whole() {
+        let body = format!("[{},{},{}]", event("a"), event("b"), event("c"));
+        assert_eq!(parse_ingest_body(None, body.as_bytes(), 3).map(|v| v.len()), Ok(3));
+        let too_many = IngestBodyError::TooManyEvents { limit: 2, at_least: 3 };
+        assert_eq!(parse_ingest_body(None, body.as_bytes(), 2).map(|v| v.len()), Err(too_many.clone()));
+        let ndjson = format!("{}\n{}\n{}\n", event("a"), event("b"), event("c"));
+        assert_eq!(parse_ingest_body(Some("application/ndjson"), ndjson.as_bytes(), 2).map(|v| v.len()), Err(too_many));
     }
 }

@@ -59,6 +59,8 @@ use tokio::sync::watch;
 
 pub use auth::{Auth, AuthError, Claims, Verified};
 pub use config::{AuthConfig, ConfigError, GatewayConfig, GatewayLimits};
+#[doc(hidden)]
+pub use ingest::{parse_ingest_body, IngestBodyError};
 pub use session::{CloseReason, Mode};
 pub use token::{ResumeToken, TokenError, MAX_TOKEN_LEN};
 
