@@ -400,11 +400,16 @@ fn read_back(brokers: &str) -> BTreeMap<(i32, i64), (String, usize, u64)> {
     consumer.assign(&tpl).expect("assign");
     let mut out = BTreeMap::new();
     let mut next: HashMap<i32, i64> = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // Until every partition is read to the watermark taken first (and 2
+    // quiet seconds more), or nothing arrives for a minute.
     let mut quiet_since = Instant::now();
     loop {
         let done = highs.iter().all(|(p, h)| next.get(p).copied().unwrap_or(0) >= *h);
-        if (done && quiet_since.elapsed() > Duration::from_secs(2)) || Instant::now() > deadline {
+        if (done && quiet_since.elapsed() > Duration::from_secs(2)) || quiet_since.elapsed() > Duration::from_secs(60) {
+            if !done {
+                eprintln!("checker: the topic could not be read to its end: {next:?} of {highs:?}");
+                std::process::exit(1);
+            }
             break;
         }
         match consumer.poll(Duration::from_millis(200)) {
