@@ -405,7 +405,7 @@ async fn witness(url: String, stop: Arc<AtomicBool>, retain: bool, counts: Arc<C
 
 /// Every record of the topic, by a plain consumer: (partition, offset) →
 /// (event id, source, seq).
-fn read_back(brokers: &str) -> BTreeMap<(i32, i64), (String, usize, u64)> {
+fn read_back(brokers: &str) -> Result<BTreeMap<(i32, i64), (String, usize, u64)>, String> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "chaos-checker")
@@ -430,8 +430,7 @@ fn read_back(brokers: &str) -> BTreeMap<(i32, i64), (String, usize, u64)> {
         let done = highs.iter().all(|(p, h)| next.get(p).copied().unwrap_or(0) >= *h);
         if (done && quiet_since.elapsed() > Duration::from_secs(2)) || quiet_since.elapsed() > Duration::from_secs(60) {
             if !done {
-                eprintln!("checker: the topic could not be read to its end: {next:?} of {highs:?}");
-                std::process::exit(1);
+                return Err(format!("the topic could not be read to its end: {next:?} of {highs:?}"));
             }
             break;
         }
@@ -464,7 +463,7 @@ fn read_back(brokers: &str) -> BTreeMap<(i32, i64), (String, usize, u64)> {
             None => {}
         }
     }
-    out
+    Ok(out)
 }
 
 /// Records in the topic: the sum of its partitions' watermark spans.
@@ -866,7 +865,14 @@ async fn main() {
     let sent = std::mem::take(&mut *sent.lock().unwrap_or_else(PoisonError::into_inner));
     let ids = std::mem::take(&mut *sent_ids.lock().unwrap_or_else(PoisonError::into_inner));
     let (stored_len, anomalies, unknown_stored, acked, failed, unknown, somewhere) = if retain {
-        let stored = tokio::task::spawn_blocking(move || read_back(&b)).await.expect("read back");
+        let stored = match tokio::task::spawn_blocking(move || read_back(&b)).await.expect("read back") {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("checker: {e}");
+                drop(services);
+                std::process::exit(1);
+            }
+        };
         let (anomalies, unknown_stored) = check(&stored, &sent, &ids, &notes, &join_logs);
         let somewhere = sent.iter().filter(|s| matches!(s.told, Told::AckedSomewhere)).count();
         let acked = sent.iter().filter(|s| matches!(s.told, Told::Acked { .. })).count() + somewhere;
@@ -975,5 +981,8 @@ async fn main() {
         println!("\n{} samples, every 5 s; the first fifth is warm-up and not fitted", samples.len());
     }
     println!("\nresult: {}", if failed_run { "FAILED" } else { "ok" });
+    // exit() runs no destructors: stop the run's broker and Redis (and drop
+    // the broker's database) first.
+    drop(services);
     std::process::exit(i32::from(failed_run));
 }
