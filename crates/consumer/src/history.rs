@@ -216,7 +216,7 @@ struct Inner {
     /// broker that under-reports its watermark (tansu 0.6 reports the last
     /// batch's base offset + 1), the poller raises the watermark to it, so
     /// the rest of that batch is not left unseen until the next write.
-    seen: Arc<Mutex<HashMap<Tp, i64>>>,
+    seen: Arc<Mutex<HashMap<Tp, Arc<AtomicI64>>>>,
     counters: Counters,
     poller_started: std::sync::Once,
 }
@@ -420,7 +420,13 @@ async fn poll_watermarks(weak: Weak<Inner>) {
                 vec![Err(rdkafka::error::KafkaError::Canceled); n]
             }
         };
-        let seen = inner.seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let seen: HashMap<Tp, i64> = inner
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(tp, high)| (tp.clone(), high.load(Ordering::Relaxed)))
+            .collect();
         let watched = inner.watched.lock().unwrap_or_else(PoisonError::into_inner);
         for ((tp, waiting), result) in round.into_iter().zip(results) {
             match result {
@@ -542,13 +548,16 @@ struct Part {
     progress: Instant,
     /// When a join last asked for this partition.
     used: Instant,
+    /// One past the highest offset received, shared with the watermark
+    /// poller (`Inner::seen`).
+    seen: Arc<AtomicI64>,
 }
 
 struct TopicReader {
     topic: Arc<str>,
     parts: HashMap<i32, Part>,
     cache_records: usize,
-    seen: Arc<Mutex<HashMap<Tp, i64>>>,
+    seen: Arc<Mutex<HashMap<Tp, Arc<AtomicI64>>>>,
     timeout: Duration,
     inner: Weak<Inner>,
 }
@@ -627,6 +636,9 @@ impl TopicReader {
         }
         tracing::debug!(topic = %self.topic, partition = p, from = req.next, "history reader follows a partition");
         let probe = (req.next > 0).then_some(Probe { requested: req.next, back: 0 });
+        let seen = Arc::clone(
+            self.seen.lock().unwrap_or_else(PoisonError::into_inner).entry((Arc::clone(&self.topic), p)).or_default(),
+        );
         self.parts.insert(
             p,
             Part {
@@ -638,6 +650,7 @@ impl TopicReader {
                 probe,
                 progress: now,
                 used: now,
+                seen,
             },
         );
     }
@@ -696,11 +709,7 @@ impl TopicReader {
             part.reqs = std::mem::take(&mut part.reqs).into_iter().filter_map(|r| r.hole(from, to)).collect();
         }
         part.pos = offset + 1;
-        {
-            let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-            let high = seen.entry((Arc::clone(&self.topic), p)).or_insert(0);
-            *high = (*high).max(offset + 1);
-        }
+        part.seen.fetch_max(offset + 1, Ordering::Relaxed);
         let key = m.key().map(Box::from);
         let limits = decode_limits();
         let event = match m.headers() {
