@@ -522,14 +522,48 @@ impl Req {
     }
 }
 
-/// Checks that reading starts at or before the requested offset. Some
+/// Checks that reading starts at or before the offsets wanted. Some
 /// Kafka-compatible brokers (tansu 0.6) answer a fetch from an offset inside
-/// a record batch with the *next* batch. When the first record is past the
-/// requested offset the reader seeks further back until the first record is
-/// at or before it, or the seek reached offset 0.
+/// a record batch with the *next* batch. After every assignment or seek to
+/// an offset above 0, the first record decides: when it is past the lowest
+/// offset a waiting read needs (`requested`, or the `next` of a read added
+/// since), the reader seeks further back; otherwise reading starts at that
+/// record, and the cache covers the partition from it, not from the seek's
+/// target (the broker may have skipped records in between).
 struct Probe {
     requested: i64,
     back: i64,
+}
+
+/// What a topic reader asks of its Kafka consumer (a test gives it a
+/// broker of its own).
+pub(crate) trait Fetcher {
+    /// Start reading partition `p` at `offset`.
+    fn assign(&self, topic: &str, p: i32, offset: i64) -> rdkafka::error::KafkaResult<()>;
+    /// Move the read position of partition `p` to `offset`.
+    fn seek(&self, topic: &str, p: i32, offset: i64, timeout: Duration) -> rdkafka::error::KafkaResult<()>;
+    /// Stop reading partitions `ps`.
+    fn unassign(&self, topic: &str, ps: &[i32]) -> rdkafka::error::KafkaResult<()>;
+}
+
+impl Fetcher for StreamConsumer {
+    fn assign(&self, topic: &str, p: i32, offset: i64) -> rdkafka::error::KafkaResult<()> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Offset(offset))?;
+        self.incremental_assign(&tpl)
+    }
+
+    fn seek(&self, topic: &str, p: i32, offset: i64, timeout: Duration) -> rdkafka::error::KafkaResult<()> {
+        Consumer::seek(self, topic, p, Offset::Offset(offset), timeout)
+    }
+
+    fn unassign(&self, topic: &str, ps: &[i32]) -> rdkafka::error::KafkaResult<()> {
+        let mut tpl = TopicPartitionList::new();
+        for p in ps {
+            tpl.add_partition(topic, *p);
+        }
+        self.incremental_unassign(&tpl)
+    }
 }
 
 /// The reader's state of one partition.
@@ -582,7 +616,7 @@ impl TopicReader {
                     self.move_back(&consumer);
                 }
                 m = consumer.recv(), if !self.parts.is_empty() => match m {
-                    Ok(m) => self.on_record(&consumer, &m),
+                    Ok(m) => self.on_message(&consumer, &m),
                     Err(e) => tracing::debug!(topic = %self.topic, error = %e, "history reader: consumer error"),
                 },
                 _ = tick.tick() => self.housekeeping(&consumer),
@@ -590,14 +624,7 @@ impl TopicReader {
         }
     }
 
-    fn assign(&self, consumer: &StreamConsumer, p: i32, offset: i64) -> Result<(), ReplayError> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.topic, p, Offset::Offset(offset))?;
-        consumer.incremental_assign(&tpl)?;
-        Ok(())
-    }
-
-    fn add(&mut self, consumer: &StreamConsumer, p: i32, req: Req) {
+    fn add(&mut self, consumer: &impl Fetcher, p: i32, req: Req) {
         let now = Instant::now();
         if let Some(part) = self.parts.get_mut(&p) {
             part.used = now;
@@ -630,8 +657,8 @@ impl TopicReader {
             }
             return;
         }
-        if let Err(e) = self.assign(consumer, p, req.next) {
-            req.ticket.fail(e);
+        if let Err(e) = consumer.assign(&self.topic, p, req.next) {
+            req.ticket.fail(e.into());
             return;
         }
         tracing::debug!(topic = %self.topic, partition = p, from = req.next, "history reader follows a partition");
@@ -656,11 +683,11 @@ impl TopicReader {
     }
 
     /// Move the read position of partitions with older requests back.
-    fn move_back(&mut self, consumer: &StreamConsumer) {
+    fn move_back(&mut self, consumer: &impl Fetcher) {
         let mut seeks = 0;
         for (p, part) in &mut self.parts {
             let Some(to) = part.behind.iter().map(|r| r.next).min() else { continue };
-            if let Err(e) = consumer.seek(&self.topic, *p, Offset::Offset(to), self.timeout) {
+            if let Err(e) = consumer.seek(&self.topic, *p, to, self.timeout) {
                 for r in part.behind.drain(..) {
                     r.ticket.fail(e.clone().into());
                 }
@@ -679,29 +706,57 @@ impl TopicReader {
         }
     }
 
-    fn on_record(&mut self, consumer: &StreamConsumer, m: &BorrowedMessage<'_>) {
-        let (p, offset) = (m.partition(), m.offset());
+    fn on_message(&mut self, consumer: &StreamConsumer, m: &BorrowedMessage<'_>) {
+        let topic = Arc::clone(&self.topic);
+        self.on_record(consumer, m.partition(), m.offset(), || decode_message(topic, m));
+    }
+
+    /// A record the consumer returned; `rec` decodes it (only when it is
+    /// used).
+    fn on_record(&mut self, consumer: &impl Fetcher, p: i32, offset: i64, rec: impl FnOnce() -> Rec) {
         let Some(part) = self.parts.get_mut(&p) else { return };
         if offset < part.pos {
             return;
         }
-        if let Some(probe) = &mut part.probe {
-            let seek_from = probe.requested - probe.back;
-            if offset > probe.requested && seek_from > 0 {
-                probe.back = (probe.back * 4).max(64);
-                let to = (probe.requested - probe.back).max(0);
-                tracing::debug!(partition = p, requested = probe.requested, first = offset, seek = to, "first record past the requested offset; reading from earlier");
-                match consumer.seek(&self.topic, p, Offset::Offset(to), self.timeout) {
+        if let Some(probe) = part.probe.take() {
+            // The lowest offset a read waiting here needs: reads added since
+            // the seek may want less than the seek was made for.
+            let need = part.reqs.iter().map(|r| r.next).fold(probe.requested, i64::min);
+            if offset > need && part.pos > 0 {
+                let back = (probe.back * 4).max(64);
+                let to = (need - back).max(0);
+                tracing::debug!(partition = p, requested = need, first = offset, seek = to, "first record past the requested offset; reading from earlier");
+                match consumer.seek(&self.topic, p, to, self.timeout) {
                     Ok(()) => {
                         part.pos = to;
                         part.covered_from = to;
                         part.cache.clear();
+                        part.probe = Some(Probe { requested: need, back });
                         return;
                     }
-                    Err(e) => tracing::warn!(partition = p, error = %e, "history reader: seek failed"),
+                    Err(e) => {
+                        // Records below `offset` may exist and cannot be
+                        // read now: the reads that want them fail (and
+                        // their joins end with the error), none skips them.
+                        tracing::warn!(partition = p, error = %e, "history reader: seek failed");
+                        let (failing, going_on) = std::mem::take(&mut part.reqs).into_iter().partition(|r| r.next < offset);
+                        part.reqs = going_on;
+                        for r in failing {
+                            let r: Req = r;
+                            r.ticket.fail(ReplayError::Kafka(e.clone()));
+                        }
+                    }
                 }
             }
-            part.probe = None;
+            if offset > part.pos && part.pos > 0 {
+                // Reading starts here. A broker may have skipped records
+                // between the seek's target and this one (tansu's next
+                // batch), and no waiting read needs them: they are neither
+                // a hole nor covered by the cache. A read that wants them
+                // later moves the position back.
+                part.pos = offset;
+                part.covered_from = offset;
+            }
         }
         part.progress = Instant::now();
         if offset > part.pos {
@@ -710,37 +765,19 @@ impl TopicReader {
         }
         part.pos = offset + 1;
         part.seen.fetch_max(offset + 1, Ordering::Relaxed);
-        let key = m.key().map(Box::from);
-        let limits = decode_limits();
-        let event = match m.headers() {
-            Some(h) => record::decode(h.iter().map(|h| (h.key, h.value)), m.payload(), &limits),
-            None => record::decode(std::iter::empty(), m.payload(), &limits),
-        }
-        .map_err(|_| Raw {
-            headers: m
-                .headers()
-                .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
-                .unwrap_or_default(),
-            payload: m.payload().map(<[u8]>::to_vec),
-        });
-        let rec = Arc::new(Rec {
-            position: Position::new(Arc::clone(&self.topic), p, offset),
-            key,
-            timestamp_ms: m.timestamp().to_millis(),
-            event,
-        });
+        let rec = Arc::new(rec());
         part.reqs = std::mem::take(&mut part.reqs).into_iter().filter_map(|r| r.offer(&rec)).collect();
         part.cache.push_back(rec);
         while part.cache.len() > self.cache_records {
             part.cache.pop_front();
-            if let Some(front) = part.cache.front() {
-                part.covered_from = front.position.offset;
-            }
+            // What is left covers the partition from its first record, or,
+            // once nothing is left (`cache_records` 0), from the position.
+            part.covered_from = part.cache.front().map_or(part.pos, |front| front.position.offset);
         }
         self.count(|c| &c.records_read, 1);
     }
 
-    fn housekeeping(&mut self, consumer: &StreamConsumer) {
+    fn housekeeping(&mut self, consumer: &impl Fetcher) {
         let timeout = self.timeout;
         let mut drop_parts = Vec::new();
         for (p, part) in &mut self.parts {
@@ -761,13 +798,240 @@ impl TopicReader {
         if drop_parts.is_empty() {
             return;
         }
-        let mut tpl = TopicPartitionList::new();
         for p in &drop_parts {
             self.parts.remove(p);
-            tpl.add_partition(&self.topic, *p);
         }
-        if let Err(e) = consumer.incremental_unassign(&tpl) {
+        if let Err(e) = consumer.unassign(&self.topic, &drop_parts) {
             tracing::warn!(topic = %self.topic, error = %e, "history reader: unassign failed");
         }
+    }
+}
+
+/// A consumed record, decoded once for every join.
+fn decode_message(topic: Arc<str>, m: &BorrowedMessage<'_>) -> Rec {
+    let limits = decode_limits();
+    let event = match m.headers() {
+        Some(h) => record::decode(h.iter().map(|h| (h.key, h.value)), m.payload(), &limits),
+        None => record::decode(std::iter::empty(), m.payload(), &limits),
+    }
+    .map_err(|_| Raw {
+        headers: m
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
+            .unwrap_or_default(),
+        payload: m.payload().map(<[u8]>::to_vec),
+    });
+    Rec { position: Position::new(topic, m.partition(), m.offset()), key: m.key().map(Box::from), timestamp_ms: m.timestamp().to_millis(), event }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The topic reader's state machine, driven record by record against a
+    //! broker that answers like tansu 0.6: a fetch from an offset inside a
+    //! record batch returns the next batch.
+
+    use std::cell::{Cell, RefCell};
+
+    use super::*;
+
+    /// A partition `[0, end)` in batches of `batch` records; record `o` has
+    /// key "a" when `o % 3 == 0`, "b" otherwise.
+    struct Tansu {
+        batch: i64,
+        /// The first offset stored (fetches below it start there).
+        first: i64,
+        end: i64,
+        at: Cell<i64>,
+        seeks: RefCell<Vec<i64>>,
+    }
+
+    impl Tansu {
+        fn new(batch: i64, end: i64) -> Self {
+            Self { batch, first: 0, end, at: Cell::new(end), seeks: RefCell::new(Vec::new()) }
+        }
+
+        /// Where a fetch from `offset` starts: the batch's base when
+        /// `offset` is one, else the next batch.
+        fn fetch_from(&self, offset: i64) {
+            let start = if offset % self.batch == 0 { offset } else { (offset / self.batch + 1) * self.batch };
+            self.at.set(start.max(self.first).min(self.end));
+            self.seeks.borrow_mut().push(offset);
+        }
+
+        /// The next record the consumer returns.
+        fn next(&self) -> Option<i64> {
+            let o = self.at.get();
+            (o < self.end).then(|| {
+                self.at.set(o + 1);
+                o
+            })
+        }
+    }
+
+    impl Fetcher for Tansu {
+        fn assign(&self, _: &str, _: i32, offset: i64) -> rdkafka::error::KafkaResult<()> {
+            self.fetch_from(offset);
+            Ok(())
+        }
+
+        fn seek(&self, _: &str, _: i32, offset: i64, _: Duration) -> rdkafka::error::KafkaResult<()> {
+            self.fetch_from(offset);
+            Ok(())
+        }
+
+        fn unassign(&self, _: &str, _: &[i32]) -> rdkafka::error::KafkaResult<()> {
+            Ok(())
+        }
+    }
+
+    fn key_of(o: i64) -> &'static str {
+        if o % 3 == 0 {
+            "a"
+        } else {
+            "b"
+        }
+    }
+
+    fn rec(o: i64) -> Rec {
+        Rec {
+            position: Position::new(Arc::from("t"), 0, o),
+            key: Some(key_of(o).as_bytes().into()),
+            timestamp_ms: None,
+            event: Err(Raw { headers: Vec::new(), payload: None }),
+        }
+    }
+
+    fn reader(cache_records: usize) -> TopicReader {
+        TopicReader {
+            topic: Arc::from("t"),
+            parts: HashMap::new(),
+            cache_records,
+            seen: Arc::default(),
+            timeout: Duration::from_secs(1),
+            inner: Weak::new(),
+        }
+    }
+
+    /// What a range read received, as a join sees it.
+    struct Read {
+        rx: mpsc::Receiver<Item>,
+        got: Vec<i64>,
+        holes: Vec<(i64, i64)>,
+    }
+
+    impl Read {
+        fn new(from: i64, to: i64, key: &str) -> (Req, Self) {
+            let (tx, rx) = mpsc::channel(RANGE_BUFFER);
+            let ticket = Arc::new(Ticket { checked: AtomicI64::new(from), failed: Mutex::new(None) });
+            (Req { next: from, to, key: key.as_bytes().into(), tx, ticket }, Self { rx, got: Vec::new(), holes: Vec::new() })
+        }
+
+        fn drain(&mut self) {
+            while let Ok(item) = self.rx.try_recv() {
+                match item {
+                    Item::Record(r) => self.got.push(r.position.offset),
+                    Item::Hole { from, to } => self.holes.push((from, to)),
+                }
+            }
+        }
+    }
+
+    /// Hand the reader the broker's records while `go_on(offset)`; every
+    /// read takes its items after each record (none is dropped from the
+    /// sweep).
+    fn pump(r: &mut TopicReader, broker: &Tansu, reads: &mut [&mut Read], go_on: impl Fn(i64) -> bool) {
+        while let Some(o) = broker.next() {
+            r.on_record(broker, 0, o, || rec(o));
+            for read in reads.iter_mut() {
+                read.drain();
+            }
+            if !go_on(o) {
+                return;
+            }
+        }
+    }
+
+    fn of_key(from: i64, to: i64, key: &str) -> Vec<i64> {
+        (from..to).filter(|o| key_of(*o) == key).collect()
+    }
+
+    /// A read from 550 (key "b"), which assigns the partition there; the
+    /// broker answers with the next batch (600), the probe seeks back to 486
+    /// and the broker answers from 500, the batch after 486's. A read from
+    /// 490 (key "a") is added once the records up to `a_until` were handed
+    /// to the reader, after the seeks `seeks_before`. Each must get exactly
+    /// its key's records, and no hole (every record exists).
+    fn a_second_read_below_the_probe(a_until: i64, seeks_before: &[i64]) {
+        let broker = Tansu::new(100, 1_000);
+        let mut r = reader(4_096);
+        let (req_a, mut a) = Read::new(550, 1_000, "b");
+        r.add(&broker, 0, req_a);
+        pump(&mut r, &broker, &mut [&mut a], |o| o < a_until);
+        assert_eq!(*broker.seeks.borrow(), seeks_before);
+
+        let (req_b, mut b) = Read::new(490, 1_000, "a");
+        r.add(&broker, 0, req_b);
+        r.move_back(&broker);
+        pump(&mut r, &broker, &mut [&mut a, &mut b], |_| true);
+        b.drain();
+        assert_eq!(b.holes, [], "no hole: the records exist");
+        assert_eq!(b.got, of_key(490, 1_000, "a"), "every record of the key from 490");
+        assert_eq!(a.got, of_key(550, 1_000, "b"));
+    }
+
+    /// The lost events of issue #19: the cache used to say it covered the
+    /// partition from 486 while it held nothing below 500, so the read from
+    /// 490, added later, was served from the cache from 500, skipping
+    /// 490..499 without a hole or an error.
+    #[test]
+    fn a_read_added_after_a_probe_gets_the_records_the_broker_skipped() {
+        a_second_read_below_the_probe(700, &[550, 486]);
+    }
+
+    /// The same seeks, with the second read added while the probe waits for
+    /// its first record (nothing taken yet after the seek back): the
+    /// broker's answer from 500 used to be reported to it as a hole 490..500,
+    /// which a join takes for offsets that never held a record (the low
+    /// watermark is 0) and skips.
+    #[test]
+    fn a_read_added_during_a_probe_gets_no_hole_for_records_the_broker_skipped() {
+        a_second_read_below_the_probe(600, &[550, 486]);
+    }
+
+    /// Offsets the broker really does not have (its first batch starts at
+    /// 200, the rest was deleted) are still reported as a hole once the
+    /// probe has gone back to offset 0, so the join can say `Truncated`.
+    #[test]
+    fn offsets_missing_from_offset_0_on_are_a_hole() {
+        let broker = Tansu { first: 200, ..Tansu::new(100, 1_000) };
+        let mut r = reader(4_096);
+        let (req, mut read) = Read::new(150, 400, "a");
+        r.add(&broker, 0, req);
+        pump(&mut r, &broker, &mut [&mut read], |_| true);
+        read.drain();
+        assert_eq!(read.holes.first(), Some(&(150, 200)), "seeks: {:?}", broker.seeks.borrow());
+        assert_eq!(read.got, of_key(200, 400, "a"));
+    }
+
+    /// `cache_records = 0`: the cache holds nothing, so it covers nothing
+    /// below the read position. A read from an offset already passed moves
+    /// the position back (it used to be served from the empty cache and
+    /// skip to the position).
+    #[test]
+    fn without_a_cache_an_older_read_moves_the_position_back() {
+        let broker = Tansu::new(100, 1_000);
+        let mut r = reader(0);
+        let (req_a, mut a) = Read::new(0, 1_000, "b");
+        r.add(&broker, 0, req_a);
+        pump(&mut r, &broker, &mut [&mut a], |o| o < 299);
+
+        let (req_b, mut b) = Read::new(100, 1_000, "a");
+        r.add(&broker, 0, req_b);
+        r.move_back(&broker);
+        pump(&mut r, &broker, &mut [&mut a, &mut b], |_| true);
+        b.drain();
+        assert_eq!(b.holes, []);
+        assert_eq!(b.got, of_key(100, 1_000, "a"));
+        assert_eq!(a.got, of_key(0, 1_000, "b"));
     }
 }
