@@ -95,6 +95,31 @@ impl TestGateway {
         auth.mint(&claims).expect("mint")
     }
 
+    /// A token with the `admin` claim (the dashboard and its feed,
+    /// `/metrics`, the detail of `/readyz`), reading and publishing nothing.
+    pub fn admin_token(&self) -> String {
+        let auth = self.gateway.auth();
+        let claims = Claims { admin: true, ..auth.claims(Some("admin".into()), Vec::new(), Vec::new(), 3_600) };
+        auth.mint(&claims).expect("mint")
+    }
+
+    /// The gateway's address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.base.trim_start_matches("http://").parse().expect("addr")
+    }
+
+    /// `GET /readyz` with the admin token: the whole document.
+    pub async fn readyz(&self) -> Value {
+        let r = self.http.get(format!("{}/readyz", self.base)).bearer_auth(self.admin_token()).send().await.expect("readyz");
+        r.json().await.expect("readyz json")
+    }
+
+    /// `POST /v1/tickets` with this token and request (`{"channels": [..]}`,
+    /// `{"patterns": [..]}`, `{"dashboard": true}`); the status and reply.
+    pub async fn ticket(&self, token: &str, request: &Value) -> (u16, Value) {
+        self.post_json("/v1/tickets", token, request).await
+    }
+
     /// A token from explicit claims.
     pub fn token_with(&self, claims: &Claims) -> String {
         self.gateway.auth().mint(claims).expect("mint")
@@ -102,14 +127,13 @@ impl TestGateway {
 
     /// `POST /v1/events` with a JSON body; the status and the JSON reply.
     pub async fn ingest(&self, token: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}/v1/events", self.base))
-            .bearer_auth(token)
-            .json(body)
-            .send()
-            .await
-            .expect("ingest request");
+        self.post_json("/v1/events", token, body).await
+    }
+
+    /// `POST {path}` with a bearer token and a JSON body; the status and the
+    /// JSON reply.
+    pub async fn post_json(&self, path: &str, token: &str, body: &Value) -> (u16, Value) {
+        let r = self.http.post(format!("{}{path}", self.base)).bearer_auth(token).json(body).send().await.expect("POST");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }

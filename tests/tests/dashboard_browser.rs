@@ -37,7 +37,8 @@ async fn open_dashboard() -> (Chromedriver, TestGateway, fantoccini::Client) {
         .connect(&driver.url())
         .await
         .expect("a WebDriver session on chromedriver");
-    client.goto(&format!("{}/", gw.base)).await.expect("open the dashboard");
+    // The feed needs an admin token: in the fragment, as `cargo xtask gateway` prints it.
+    client.goto(&format!("{}/#token={}", gw.base, gw.admin_token())).await.expect("open the dashboard");
     (driver, gw, client)
 }
 
@@ -113,7 +114,8 @@ async fn the_dashboard_shows_published_events_in_a_headless_browser() {
 const EVENT_SOURCE: &str = r##"
 const [token, pattern, done] = arguments;
 window.received = [];
-fetch("/v1/tickets", { method: "POST", headers: { Authorization: `Bearer ${token}` } })
+fetch("/v1/tickets", { method: "POST", headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" },
+  body: JSON.stringify({ patterns: [pattern] }) })
   .then((r) => r.json())
   .then(({ ticket }) => {
     const es = new EventSource(`/v1/stream?pattern=${encodeURIComponent(pattern)}&ticket=${ticket}`);

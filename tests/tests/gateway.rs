@@ -322,8 +322,9 @@ async fn every_refusal_is_typed_and_nothing_is_delivered_or_stored() {
 
     // Tickets: a ticket opens a stream; a token in the URL does not, and a
     // ticket is no bearer token.
-    let r = gw.http.post(format!("{}/v1/tickets", gw.base)).bearer_auth(&good).send().await.expect("ticket");
-    let ticket = r.json::<Value>().await.expect("json")["ticket"].as_str().expect("ticket").to_owned();
+    let (s, v) = gw.ticket(&good, &json!({"channels": [&a]})).await;
+    assert_eq!(s, 200, "{v}");
+    let ticket = v["ticket"].as_str().expect("ticket").to_owned();
     let mut sse = Sse::open(&gw.http, &stream(&format!("{q}&ticket={ticket}")), &[]).await;
     assert_eq!(sse.status, 200, "{}", sse.error);
     assert_eq!(sse.next(Duration::from_secs(5)).await.expect("frame").event, "subscribed");
@@ -464,10 +465,11 @@ async fn expiry_shutdown_health_and_a_foreign_token() {
     let reset = kinds.get("reset").expect("a reset item");
     assert_eq!(reset["channels"], json!([&a]), "{reset}");
 
-    // Health.
+    // Health: the detail for an admin token, readiness alone for anyone.
     let r = gw.http.get(format!("{}/readyz", gw.base)).send().await.expect("readyz");
     assert_eq!(r.status().as_u16(), 200);
-    let doc: Value = r.json().await.expect("json");
+    assert_eq!(r.json::<Value>().await.expect("json"), json!({"ready": true}));
+    let doc = gw.readyz().await;
     assert_eq!((doc["kafka"]["ok"].as_bool(), doc["redis"]["breaker"].as_str()), (Some(true), Some("closed")), "{doc}");
     assert_eq!(doc["clients"]["sse"], 1, "{doc}");
     let r = gw.http.get(format!("{}/healthz", gw.base)).send().await.expect("healthz");

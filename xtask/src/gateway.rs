@@ -59,6 +59,21 @@ fn binary() -> PathBuf {
     target.join("debug").join("dualstream-gateway")
 }
 
+/// A token for 24 h from the gateway binary's `token` command.
+fn mint(bin: &Path, secret: &str, claims: &[&str]) -> Result<String, String> {
+    let out = Command::new(bin)
+        .env("DUALSTREAM_GATEWAY_SECRET", secret)
+        .arg("token")
+        .args(claims)
+        .args(["--ttl", "86400"])
+        .output()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    if !out.status.success() {
+        return Err(format!("minting a token failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 pub(crate) fn run(listen: SocketAddr, broker: Broker) -> Result<(), String> {
     crate::run(crate::cargo().args(["build", "--quiet", "-p", "dualstream-gateway", "--bin", "dualstream-gateway"]))?;
     let bin = binary();
@@ -82,15 +97,10 @@ pub(crate) fn run(listen: SocketAddr, broker: Broker) -> Result<(), String> {
         stack.env(&mut gateway);
         format!("{}, redis {} (the stack stays up: `cargo xtask down` stops it)", stack.kafka_brokers, stack.redis_url)
     };
-    let out = Command::new(&bin)
-        .env("DUALSTREAM_GATEWAY_SECRET", &secret)
-        .args(["token", "--sub", "xtask", "--read", "events:*", "--publish", "*", "--ttl", "86400"])
-        .output()
-        .map_err(|e| format!("{}: {e}", bin.display()))?;
-    if !out.status.success() {
-        return Err(format!("minting a token failed: {}", String::from_utf8_lossy(&out.stderr)));
-    }
-    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let token = mint(&bin, &secret, &["--sub", "xtask", "--read", "events:*", "--publish", "*"])?;
+    // The dashboard's feed needs the admin claim: its URL carries such a token in the fragment, which the
+    // browser keeps to itself (the page trades it for a single-use ticket).
+    let admin = mint(&bin, &secret, &["--sub", "xtask-dashboard", "--admin"])?;
     let mut child = gateway.arg("serve").spawn().map_err(|e| format!("{}: {e}", bin.display()))?;
     let pid = child.id();
     let came = wait_listening(pid, listen.port(), Duration::from_secs(60), || matches!(child.try_wait(), Ok(Some(_))));
@@ -103,9 +113,9 @@ pub(crate) fn run(listen: SocketAddr, broker: Broker) -> Result<(), String> {
     let event = r#"{"type":"order.created","source_type":"user","source_id":"alice","payload":{"total":42}}"#;
     let auth = format!("-H 'Authorization: Bearer {token}'");
     println!("\ndualstream gateway on {base}\n  kafka: {kafka}\n");
-    println!("  dashboard  {base}/\n  ingest     POST {base}/v1/events");
+    println!("  dashboard  {base}/#token={admin}\n  ingest     POST {base}/v1/events");
     println!("  SSE        GET  {base}/v1/stream?pattern=events:*\n  WebSocket  ws://{listen}/v1/ws");
-    println!("  readiness  {base}/readyz\n");
+    println!("  readiness  {base}/readyz (the detail with the admin token)\n");
     println!("token (read events:*, publish *, 24 h; signed with this run's random secret):\n{token}\n");
     println!("ingest an event:\n  curl -sS {auth} -H 'content-type: application/json' \\");
     println!("    -d '{event}' {base}/v1/events");

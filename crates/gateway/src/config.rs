@@ -71,9 +71,15 @@ pub struct GatewayConfig {
     pub auth: AuthConfig,
     /// Limits on what clients send and hold.
     pub limits: GatewayLimits,
-    /// Serve the live dashboard at `/`. Its data needs no token: turn it off
-    /// where event ids and source names are not for everyone who reaches the
-    /// port. Default: true.
+    /// Origins (`https://app.example.com`, scheme, host and port only) that
+    /// may open a WebSocket or send a cookie-authenticated request, besides
+    /// the gateway's own origin (the request's `Host`), which is always
+    /// allowed. Browsers send `Origin`; another site's page cannot forge it.
+    /// Default: none (same origin only).
+    pub allowed_origins: Vec<String>,
+    /// Serve the live dashboard at `/` and its feed at `/v1/dashboard`. The
+    /// page is static; the feed needs a token with the `admin` claim (or a
+    /// ticket made from one). Default: true.
     pub dashboard: bool,
     /// The Kafka sink (its `bootstrap_servers` and `topic` are overwritten).
     pub kafka: KafkaSinkConfig,
@@ -100,6 +106,7 @@ impl Default for GatewayConfig {
             stream_id: "default".to_owned(),
             auth: AuthConfig::default(),
             limits: GatewayLimits::default(),
+            allowed_origins: Vec::new(),
             dashboard: true,
             kafka: KafkaSinkConfig::default(),
             redis: RedisNotifierConfig::default(),
@@ -181,6 +188,33 @@ pub struct GatewayLimits {
     /// Interval between SSE keep-alive comments, in milliseconds. Default:
     /// 15,000.
     pub keep_alive_ms: u64,
+    /// Open TCP connections, in all; more are answered 503
+    /// `too_many_connections` (with `Retry-After`) and closed. Default:
+    /// 10,000.
+    pub max_connections: usize,
+    /// Open streams (SSE and WebSocket), in all; more get 503
+    /// `too_many_streams` with `Retry-After`. Default: 5,000.
+    pub max_streams: usize,
+    /// Open streams per token subject (`sub`; tokens without one share the
+    /// subject `""`); more get 429 `too_many_streams`. Default: 16.
+    pub max_streams_per_subject: usize,
+    /// Open streams per client address; more get 429 `too_many_streams`.
+    /// Default: 32.
+    pub max_streams_per_address: usize,
+    /// WebSocket commands (`subscribe`, `unsubscribe`) per second per
+    /// connection, with a burst of as many; more are answered with an error
+    /// `rate_limited` and not run. Default: 10.
+    pub commands_per_sec: u32,
+    /// How long a client may take to send a request's headers, in
+    /// milliseconds, counted from when the connection opens or its previous
+    /// response ended: a connection that sends no complete request within it
+    /// is closed (slowloris, idle keep-alive). Default: 10,000.
+    pub header_read_timeout_ms: u64,
+    /// The header a reverse proxy puts the client's address in
+    /// (`x-forwarded-for`: its last entry is used), for
+    /// `max_streams_per_address`. Set it only behind a proxy that always
+    /// sets it: a client can send any value. Default: none (the TCP peer).
+    pub client_address_header: Option<String>,
 }
 
 impl Default for GatewayLimits {
@@ -193,6 +227,13 @@ impl Default for GatewayLimits {
             send_timeout_ms: 5_000,
             sse_retry_ms: 2_000,
             keep_alive_ms: 15_000,
+            max_connections: 10_000,
+            max_streams: 5_000,
+            max_streams_per_subject: 16,
+            max_streams_per_address: 32,
+            commands_per_sec: 10,
+            header_read_timeout_ms: 10_000,
+            client_address_header: None,
         }
     }
 }
@@ -254,6 +295,28 @@ impl GatewayConfig {
         range("limits.send_timeout_ms", l.send_timeout_ms, 1, 600_000)?;
         range("limits.sse_retry_ms", l.sse_retry_ms, 1, 3_600_000)?;
         range("limits.keep_alive_ms", l.keep_alive_ms, 100, 3_600_000)?;
+        range("limits.max_connections", l.max_connections as u64, 1, 1_000_000)?;
+        range("limits.max_streams", l.max_streams as u64, 1, 1_000_000)?;
+        range("limits.max_streams_per_subject", l.max_streams_per_subject as u64, 1, 1_000_000)?;
+        range("limits.max_streams_per_address", l.max_streams_per_address as u64, 1, 1_000_000)?;
+        range("limits.commands_per_sec", u64::from(l.commands_per_sec), 1, 10_000)?;
+        range("limits.header_read_timeout_ms", l.header_read_timeout_ms, 100, 600_000)?;
+        if let Some(h) = &l.client_address_header {
+            if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(ConfigError::Invalid {
+                    field: "limits.client_address_header",
+                    reason: format!("{h:?} is not a header name"),
+                });
+            }
+        }
+        for (i, o) in self.allowed_origins.iter().enumerate() {
+            if let Err(reason) = crate::origin::parse_origin(o) {
+                return Err(ConfigError::Invalid {
+                    field: "allowed_origins",
+                    reason: format!("[{i}] {o:?}: {reason}; write scheme://host[:port], as a browser's Origin header"),
+                });
+            }
+        }
         let section = |section, reason: String| ConfigError::Section { section, reason };
         self.kafka.validate().map_err(|e| section("kafka", e.to_string()))?;
         self.redis.validate().map_err(|e| section("redis", e.to_string()))?;

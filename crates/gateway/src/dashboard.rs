@@ -5,7 +5,8 @@ use std::convert::Infallible;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use futures::StreamExt;
@@ -18,8 +19,20 @@ pub(crate) async fn page() -> Html<&'static str> {
     Html(include_str!("../assets/dashboard.html"))
 }
 
-/// `GET /v1/dashboard`: one `state` event per second.
-pub(crate) async fn feed(State(state): State<Arc<AppState>>) -> Response {
+/// `GET /v1/dashboard`: one `state` event per second, for an admin token
+/// (`Authorization`, the cookie, or `?ticket=` from a dashboard ticket).
+pub(crate) async fn feed(State(state): State<Arc<AppState>>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Response {
+    let ticket = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == "ticket")
+        .map(|(_, v)| v.into_owned());
+    match crate::admin(&state, &headers, ticket.as_deref()) {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            let e = crate::AuthError::Missing { cookie: state.config.auth.cookie.clone() };
+            return crate::ingest::error(e.status(), e.code(), &e, json!({}));
+        }
+        Err(r) => return r,
+    }
     let mut shutdown = state.shutdown.subscribe();
     let ticks = futures::stream::unfold((state, true), |(state, first)| async move {
         if !first {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -15,6 +15,7 @@ use dualstream_core::{Event, EventId};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::origin::Check;
 use crate::state::AppState;
 
 /// One event as a producer sends it.
@@ -186,13 +187,47 @@ fn batch_error_json(e: &BatchError) -> Value {
     json!({"code": code, "message": e.to_string(), "retriable": e.is_retriable()})
 }
 
-/// `POST /v1/events`.
-pub(crate) async fn post_events(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let auth = match state.auth.from_headers(&headers) {
+/// The media types a cookie-authenticated ingest accepts: none of them may
+/// be sent cross-site without a CORS preflight, unlike `text/plain` or a
+/// form's types.
+const COOKIE_MEDIA_TYPES: [&str; 3] = ["application/json", "application/x-ndjson", "application/ndjson"];
+
+/// `POST /v1/events`. The token, its origin (for the cookie), its publish
+/// claims and the content type are checked before the body is read.
+pub(crate) async fn post_events(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let auth = match state.auth.from_headers(&headers, Check::Unsafe) {
         Ok(a) => a,
         Err(e) => return error(e.status(), e.code(), &e, json!({})),
     };
+    if auth.claims.publish.is_empty() {
+        return error(StatusCode::FORBIDDEN, "forbidden", "the token has no publish claims", json!({}));
+    }
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let media_type = content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    if auth.via_cookie && !media_type.as_deref().is_some_and(|m| COOKIE_MEDIA_TYPES.contains(&m)) {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "content-type: {:?}; with the cookie, send one of {}",
+                content_type.unwrap_or(""),
+                COOKIE_MEDIA_TYPES.join(", ")
+            ),
+            json!({}),
+        );
+    }
+    let max = state.config.limits.max_body_bytes;
+    let body = match axum::body::to_bytes(body, max).await {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("body: larger than limits.max_body_bytes = {max}, or cut short ({e})"),
+                json!({"limit": max}),
+            )
+        }
+    };
     let events = match parse_ingest_body(content_type, &body, state.config.limits.max_events_per_request) {
         Ok(events) => events,
         Err(e) => return e.response(),

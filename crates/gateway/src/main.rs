@@ -41,9 +41,13 @@ struct Args {
     /// Names the event log resume tokens point into [default: default].
     #[arg(long, env = "DUALSTREAM_GATEWAY_STREAM_ID", global = true)]
     stream_id: Option<String>,
-    /// Do not serve the dashboard at /.
+    /// Do not serve the dashboard at / (it needs an admin token in any case).
     #[arg(long, global = true)]
     no_dashboard: bool,
+    /// An origin (https://app.example.com) allowed besides the gateway's own to open a WebSocket or use
+    /// the cookie (repeat, or separate with commas).
+    #[arg(long, env = "DUALSTREAM_GATEWAY_ALLOWED_ORIGINS", value_delimiter = ',', global = true)]
+    allowed_origin: Vec<String>,
     /// Development only (`cargo xtask gateway`): run librdkafka's in-process mock cluster as the broker,
     /// with the topic created on it. The log lives in this process's memory and is gone when it exits.
     #[arg(long, hide = true)]
@@ -72,6 +76,9 @@ enum Command {
         /// The `sub` claim.
         #[arg(long)]
         sub: Option<String>,
+        /// The `admin` claim: the dashboard, /metrics and the detail of /readyz.
+        #[arg(long)]
+        admin: bool,
     },
 }
 
@@ -103,6 +110,9 @@ fn config(args: &Args) -> Result<GatewayConfig, String> {
     }
     if let Some(v) = &args.stream_id {
         c.stream_id = v.clone();
+    }
+    if !args.allowed_origin.is_empty() {
+        c.allowed_origins = args.allowed_origin.clone();
     }
     if args.no_dashboard {
         c.dashboard = false;
@@ -177,7 +187,7 @@ async fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Token { read, publish, ttl, sub } => {
+        Command::Token { read, publish, ttl, sub, admin } => {
             let auth = match Auth::new(&config.auth) {
                 Ok(a) => a,
                 Err(e) => {
@@ -185,7 +195,8 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match auth.mint(&auth.claims(sub, read, publish, ttl)) {
+            let claims = dualstream_gateway::Claims { admin, ..auth.claims(sub, read, publish, ttl) };
+            match auth.mint(&claims) {
                 Ok(t) => {
                     println!("{t}");
                     ExitCode::SUCCESS

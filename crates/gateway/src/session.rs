@@ -7,7 +7,7 @@
 //! with the reason `slow_client`, and never holds up the hub, the shared
 //! Kafka reader or other clients.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::task::AbortHandle;
 
 use crate::auth::{now_secs, Verified};
 use crate::state::AppState;
@@ -49,6 +49,11 @@ pub(crate) struct SubError {
 impl SubError {
     fn new(code: &'static str, message: impl Into<String>) -> Self {
         Self { code, message: message.into() }
+    }
+
+    /// `n` subscriptions are more than `max`.
+    pub(crate) fn too_many(n: usize, max: usize) -> Self {
+        Self::new("too_many", format!("subscriptions: {n} would exceed limits.max_subscriptions = {max}"))
     }
 
     /// The HTTP status for a stream that cannot open.
@@ -212,7 +217,24 @@ pub(crate) fn want_pattern(state: &AppState, auth: &Verified, pattern: &str) -> 
     Ok(Want::Live { target: Target::Pattern(pattern.to_owned()), name: pattern.to_owned() })
 }
 
-/// One connection's subscriptions and resume state.
+/// A subscription's task, aborted when this is dropped (dropping a tokio
+/// `JoinHandle` would only detach it, leaving its join and hub subscriber
+/// running).
+#[derive(Debug)]
+struct Task(AbortHandle);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) -> Task {
+    Task(tokio::spawn(task).abort_handle())
+}
+
+/// One connection's subscriptions and resume state. Every task it starts is
+/// aborted when its subscription ends or the session is dropped.
 pub(crate) struct Session {
     state: Arc<AppState>,
     tx: mpsc::Sender<Msg>,
@@ -220,7 +242,7 @@ pub(crate) struct Session {
     close_tx: Arc<watch::Sender<Option<CloseReason>>>,
     close_rx: watch::Receiver<Option<CloseReason>>,
     shutdown: watch::Receiver<bool>,
-    subs: HashMap<String, JoinHandle<()>>,
+    subs: HashMap<String, Task>,
     /// Channel hash → (partition, next offset), for the resume token.
     positions: BTreeMap<u32, (i32, i64)>,
     /// Channel hash → channel, for the subscriptions that have one.
@@ -233,14 +255,6 @@ pub(crate) struct Session {
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session").field("subs", &self.subs.len()).field("positions", &self.positions).finish()
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        for (_, task) in self.subs.drain() {
-            task.abort();
-        }
     }
 }
 
@@ -274,18 +288,36 @@ impl Session {
     /// Start subscriptions. Channels present in `resume` continue from
     /// their position there; others start at the end of the log now. A
     /// resume token of another log resumes nothing: its channels get a
-    /// `reset`. Already-active names are left as they are.
+    /// `reset`. Already-active names are left as they are, and a name given
+    /// twice counts once. All or nothing: when one fails, those started by
+    /// this call are stopped again.
     pub(crate) async fn subscribe(&mut self, wants: Vec<Want>, mode: Mode, resume: Option<&ResumeToken>) -> Result<(), SubError> {
-        let new: Vec<Want> = wants.into_iter().filter(|w| !self.subs.contains_key(w.name())).collect();
-        if self.subs.len() + new.len() > self.state.config.limits.max_subscriptions {
+        let mut seen = HashSet::new();
+        let new: Vec<Want> =
+            wants.into_iter().filter(|w| !self.subs.contains_key(w.name()) && seen.insert(w.name().to_owned())).collect();
+        if let (Mode::Full, Some(live)) = (mode, new.iter().find(|w| matches!(w, Want::Live { .. }))) {
             return Err(SubError::new(
-                "too_many",
-                format!(
-                    "subscriptions: {} would exceed limits.max_subscriptions = {}",
-                    self.subs.len() + new.len(),
-                    self.state.config.limits.max_subscriptions
-                ),
+                "invalid_pattern",
+                format!("{}: patterns and aggregate channels deliver notifications only (mode=notify)", live.name()),
             ));
+        }
+        let mut added = Vec::with_capacity(new.len());
+        let result = self.start(new, mode, resume, &mut added).await;
+        if result.is_err() {
+            self.unsubscribe(&added);
+        }
+        result
+    }
+
+    async fn start(
+        &mut self,
+        new: Vec<Want>,
+        mode: Mode,
+        resume: Option<&ResumeToken>,
+        added: &mut Vec<String>,
+    ) -> Result<(), SubError> {
+        if self.subs.len() + new.len() > self.state.config.limits.max_subscriptions {
+            return Err(SubError::too_many(self.subs.len() + new.len(), self.state.config.limits.max_subscriptions));
         }
         let foreign = resume.filter(|r| r.log != self.state.log_hash);
         let resume = resume.filter(|r| r.log == self.state.log_hash);
@@ -334,15 +366,9 @@ impl Session {
                         tx: self.tx.clone(),
                         close: Arc::clone(&self.close_tx),
                     };
-                    tokio::spawn(fwd.run())
+                    spawn(fwd.run())
                 }
                 Want::Live { target, name } => {
-                    if mode == Mode::Full {
-                        return Err(SubError::new(
-                            "invalid_pattern",
-                            format!("{name}: patterns and aggregate channels deliver notifications only (mode=notify)"),
-                        ));
-                    }
                     if resume.is_some() || foreign.is_some() {
                         let body = json!({"kind": "reset", "channels": [&name],
                             "reason": "patterns and aggregate channels are live only: what was published while disconnected is not replayed"});
@@ -360,9 +386,10 @@ impl Session {
                         tx: self.tx.clone(),
                         close: Arc::clone(&self.close_tx),
                     };
-                    tokio::spawn(fwd.run(live))
+                    spawn(fwd.run(live))
                 }
             };
+            added.push(name.clone());
             self.subs.insert(name, task);
         }
         Ok(())
@@ -371,8 +398,7 @@ impl Session {
     /// Stop subscriptions by name; unknown names are ignored.
     pub(crate) fn unsubscribe(&mut self, names: &[String]) {
         for n in names {
-            if let Some(task) = self.subs.remove(n) {
-                task.abort();
+            if self.subs.remove(n).is_some() {
                 let h = hash(n);
                 self.positions.remove(&h);
                 self.channels.remove(&h);

@@ -1,6 +1,7 @@
 //! What every request handler shares.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -13,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::auth::Auth;
 use crate::config::GatewayConfig;
+use crate::limits::{LimitError, StreamCounts};
 
 /// Shared by every handler.
 pub(crate) struct AppState {
@@ -44,6 +46,13 @@ pub(crate) struct AppState {
     pub(crate) metrics: Option<PrometheusHandle>,
     /// What the dashboard shows.
     pub(crate) dashboard: Mutex<DashboardData>,
+    /// Open streams per subject and address.
+    pub(crate) streams: Mutex<StreamCounts>,
+    /// The last Kafka and Redis health check and when it was made: checked
+    /// at most once a second, however many ask.
+    pub(crate) health: tokio::sync::Mutex<Option<(tokio::time::Instant, crate::Health)>>,
+    /// How many times Kafka and Redis were checked.
+    pub(crate) health_checks: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for AppState {
@@ -61,24 +70,34 @@ pub(crate) enum Transport {
     Ws,
 }
 
-/// Counts a client while it is connected.
+/// Counts a client while it is connected, against the stream limits.
 #[derive(Debug)]
 pub(crate) struct ClientGuard {
     state: Arc<AppState>,
     transport: Transport,
+    subject: String,
+    address: Option<IpAddr>,
 }
 
 impl ClientGuard {
-    /// Count one client of this transport.
-    pub(crate) fn new(state: &Arc<AppState>, transport: Transport) -> Self {
+    /// Count one client of this transport, for this token subject and
+    /// client address, unless a limit is reached.
+    pub(crate) fn acquire(
+        state: &Arc<AppState>,
+        transport: Transport,
+        subject: &str,
+        address: Option<IpAddr>,
+    ) -> Result<Self, LimitError> {
+        state.streams.lock().unwrap_or_else(PoisonError::into_inner).acquire(&state.config.limits, subject, address)?;
         state.clients(transport).fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("dualstream_gateway_clients", "transport" => transport.name()).increment(1.0);
-        Self { state: Arc::clone(state), transport }
+        Ok(Self { state: Arc::clone(state), transport, subject: subject.to_owned(), address })
     }
 }
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
+        self.state.streams.lock().unwrap_or_else(PoisonError::into_inner).release(&self.subject, self.address);
         self.state.clients(self.transport).fetch_sub(1, Ordering::Relaxed);
         metrics::gauge!("dualstream_gateway_clients", "transport" => self.transport.name()).decrement(1.0);
     }

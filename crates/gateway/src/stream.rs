@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
+use axum::Extension;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -15,6 +16,8 @@ use serde_json::json;
 
 use crate::auth::Verified;
 use crate::ingest::error;
+use crate::limits::{client_address, CommandRate, PeerAddr};
+use crate::origin::Check;
 use crate::session::{want_channel, want_pattern, Mode, Out, Session, SubError, Want};
 use crate::state::{AppState, ClientGuard, Transport};
 use crate::token::ResumeToken;
@@ -79,8 +82,18 @@ fn resume_of(text: Option<&str>) -> Result<Option<ResumeToken>, Response> {
     }
 }
 
-fn wants(state: &AppState, auth: &Verified, channels: &[String], patterns: &[String]) -> Result<Vec<Want>, SubError> {
-    let mut out = Vec::with_capacity(channels.len() + patterns.len());
+/// The subscriptions of a request, each name once, checked against the
+/// token; more distinct names than `max_subscriptions` are refused before
+/// any is checked.
+pub(crate) fn wants(state: &AppState, auth: &Verified, channels: &[String], patterns: &[String]) -> Result<Vec<Want>, SubError> {
+    let mut seen = std::collections::HashSet::new();
+    let channels: Vec<&String> = channels.iter().filter(|c| seen.insert(c.as_str())).collect();
+    let patterns: Vec<&String> = patterns.iter().filter(|p| seen.insert(p.as_str())).collect();
+    let max = state.config.limits.max_subscriptions;
+    if seen.len() > max {
+        return Err(SubError::too_many(seen.len(), max));
+    }
+    let mut out = Vec::with_capacity(seen.len());
     for c in channels {
         out.push(want_channel(state, auth, c)?);
     }
@@ -90,13 +103,31 @@ fn wants(state: &AppState, auth: &Verified, channels: &[String], patterns: &[Str
     Ok(out)
 }
 
+/// Count a new stream against the limits for its token and address.
+fn guard(
+    state: &Arc<AppState>,
+    transport: Transport,
+    auth: &Verified,
+    headers: &HeaderMap,
+    peer: Option<Extension<PeerAddr>>,
+) -> Result<ClientGuard, Response> {
+    let address = client_address(&state.config.limits, headers, peer.map(|Extension(p)| p));
+    let subject = auth.claims.sub.as_deref().unwrap_or("");
+    ClientGuard::acquire(state, transport, subject, address).map_err(IntoResponse::into_response)
+}
+
 /// `GET /v1/stream`.
-pub(crate) async fn sse(State(state): State<Arc<AppState>>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Response {
+pub(crate) async fn sse(
+    State(state): State<Arc<AppState>>,
+    peer: Option<Extension<PeerAddr>>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
     let q = match parse_query(raw.as_deref()) {
         Ok(q) => q,
         Err(r) => return r,
     };
-    let auth = match state.auth.for_stream(&headers, q.ticket.as_deref()) {
+    let auth = match state.auth.for_stream(&headers, q.ticket.as_deref(), Check::Safe) {
         Ok(a) => a,
         Err(e) => return error(e.status(), e.code(), &e, json!({})),
     };
@@ -112,7 +143,11 @@ pub(crate) async fn sse(State(state): State<Arc<AppState>>, headers: HeaderMap, 
         Ok(w) => w,
         Err(e) => return sub_error(&e),
     };
-    let mut session = Session::new(Arc::clone(&state), &auth, ClientGuard::new(&state, Transport::Sse));
+    let guard = match guard(&state, Transport::Sse, &auth, &headers, peer) {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    let mut session = Session::new(Arc::clone(&state), &auth, guard);
     if let Err(e) = session.subscribe(wants, q.mode, resume.as_ref()).await {
         return sub_error(&e);
     }
@@ -164,8 +199,12 @@ enum Command {
 }
 
 /// `GET /v1/ws`.
+/// The origin is checked on every upgrade, whatever the credentials; frames
+/// and messages over `limits.max_body_bytes` close the connection (1009)
+/// before they are read in full.
 pub(crate) async fn ws(
     State(state): State<Arc<AppState>>,
+    peer: Option<Extension<PeerAddr>>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
     upgrade: WebSocketUpgrade,
@@ -173,17 +212,22 @@ pub(crate) async fn ws(
     let ticket = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
         .find(|(k, _)| k == "ticket")
         .map(|(_, v)| v.into_owned());
-    let auth = match state.auth.for_stream(&headers, ticket.as_deref()) {
+    let auth = match state.auth.for_stream(&headers, ticket.as_deref(), Check::WebSocket) {
         Ok(a) => a,
         Err(e) => return error(e.status(), e.code(), &e, json!({})),
     };
+    let guard = match guard(&state, Transport::Ws, &auth, &headers, peer) {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
     let max = state.config.limits.max_body_bytes;
-    upgrade.max_message_size(max).on_upgrade(move |socket| run_ws(state, auth, socket))
+    upgrade.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| run_ws(state, auth, guard, socket))
 }
 
-async fn run_ws(state: Arc<AppState>, auth: Verified, socket: WebSocket) {
+async fn run_ws(state: Arc<AppState>, auth: Verified, guard: ClientGuard, socket: WebSocket) {
     let send_timeout = Duration::from_millis(state.config.limits.send_timeout_ms);
-    let mut session = Session::new(Arc::clone(&state), &auth, ClientGuard::new(&state, Transport::Ws));
+    let mut rate = CommandRate::new(state.config.limits.commands_per_sec, std::time::Instant::now());
+    let mut session = Session::new(Arc::clone(&state), &auth, guard);
     let (mut sink, mut stream) = socket.split();
     loop {
         let msg = tokio::select! {
@@ -197,12 +241,14 @@ async fn run_ws(state: Arc<AppState>, auth: Verified, socket: WebSocket) {
                 None => return,
             },
             incoming = stream.next() => match incoming {
-                Some(Ok(Message::Text(text))) => {
-                    let reply = command(&state, &auth, &mut session, text.as_str()).await;
+                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+                    let reply = match (rate.take(std::time::Instant::now()), m) {
+                        (Err(e), _) => json!({"kind": "error", "code": e.code(), "message": e.to_string(), "field": e.field,
+                            "limit": e.limit, "retry_after_ms": e.retry_after.as_millis() as u64}).to_string(),
+                        (Ok(()), Message::Text(text)) => command(&state, &auth, &mut session, text.as_str()).await,
+                        (Ok(()), _) => json!({"kind": "error", "code": "invalid_command", "message": "send JSON text frames"}).to_string(),
+                    };
                     Message::Text(reply.into())
-                }
-                Some(Ok(Message::Binary(_))) => {
-                    Message::Text(json!({"kind": "error", "code": "invalid_command", "message": "send JSON text frames"}).to_string().into())
                 }
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return,
