@@ -58,6 +58,28 @@ pub enum SinkError {
         /// The setting the limit comes from, for example `message.max.bytes`.
         limit: &'static str,
     },
+    /// The event was handed to the store, but the store's answer does not
+    /// prove where, or whether, it was stored: an acknowledgement the sink
+    /// cannot reconcile (for Kafka: a negative offset, or one at or below an
+    /// offset the partition already acknowledged), or a failure reported
+    /// after the write may already have reached the broker (a fatal
+    /// producer error). The event may be stored or not. Publishing it again
+    /// is allowed, and may store it twice: consumers that need exactly one
+    /// copy drop repeats by event id.
+    #[error("outcome unknown: {reason}")]
+    OutcomeUnknown {
+        /// What the sink could not reconcile.
+        reason: String,
+    },
+    /// Nothing was sent: the sink cannot send for a moment (for Kafka:
+    /// its producer hit a fatal error and is being replaced once the
+    /// writes already in flight have their outcomes). Certainly not stored;
+    /// publishing again may succeed.
+    #[error("not sent: {reason}")]
+    Unavailable {
+        /// Why.
+        reason: String,
+    },
     /// The sink was shut down.
     #[error("sink is closed")]
     Closed,
@@ -79,10 +101,19 @@ impl SinkError {
     /// Whether publishing the same event again may succeed.
     pub fn is_retriable(&self) -> bool {
         match self {
-            Self::QueueFull { .. } | Self::Timeout { .. } => true,
+            Self::QueueFull { .. } | Self::Timeout { .. } | Self::OutcomeUnknown { .. } | Self::Unavailable { .. } => {
+                true
+            }
             Self::Broker { retriable, .. } | Self::EarlierFailed { retriable, .. } => *retriable,
             Self::Rejected { .. } | Self::RecordTooLarge { .. } | Self::Closed | Self::Other(_) => false,
         }
+    }
+
+    /// Whether the event may have been stored although the publish failed:
+    /// the write reached the store and its answer was lost, late or not
+    /// trustworthy. `false` means it was certainly not stored.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, Self::Timeout { .. } | Self::OutcomeUnknown { .. } | Self::Broker { .. } | Self::Other(_))
     }
 
     /// Wrap any error or message as [`SinkError::Other`].

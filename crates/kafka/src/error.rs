@@ -59,12 +59,35 @@ pub(crate) fn sink_error(e: &KafkaError, deadline: Duration) -> SinkError {
             | RDKafkaErrorCode::InvalidTopic
             | RDKafkaErrorCode::InvalidRecord
             | RDKafkaErrorCode::TopicAuthorizationFailed
-            | RDKafkaErrorCode::UnknownTopic
-            | RDKafkaErrorCode::Fatal,
+            | RDKafkaErrorCode::UnknownTopic,
         ) => SinkError::Rejected { reason: e.to_string() },
+        // Refused when handed over: the producer is being replaced.
+        Some(RDKafkaErrorCode::Fatal) => SinkError::Unavailable {
+            reason: format!("{e} (the producer is being replaced; nothing was sent)"),
+        },
         Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownPartition) => {
             SinkError::Rejected { reason: format!("{e} (create the topic first, or set create_topics)") }
         }
         _ => SinkError::Broker { message: e.to_string(), retriable: !matches!(e, KafkaError::Canceled) },
+    }
+}
+
+/// Map an error in a delivery report to the contract's error. The record
+/// was handed to the producer; `possibly_stored` is librdkafka's judgement
+/// of whether its request reached the broker. A failure that may have been
+/// stored is [`SinkError::OutcomeUnknown`] (a timeout stays
+/// [`SinkError::Timeout`], which says the same); a fatal error or a purge
+/// for a record that was never sent is [`SinkError::Unavailable`].
+pub(crate) fn delivery_error(e: &KafkaError, possibly_stored: bool, deadline: Duration) -> SinkError {
+    let code = e.rdkafka_error_code();
+    match code {
+        Some(RDKafkaErrorCode::MessageTimedOut) => SinkError::Timeout { deadline },
+        _ if possibly_stored => {
+            SinkError::OutcomeUnknown { reason: format!("{e} (the write may have reached the broker)") }
+        }
+        Some(RDKafkaErrorCode::Fatal | RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight) => {
+            SinkError::Unavailable { reason: format!("{e} (never sent)") }
+        }
+        _ => sink_error(e, deadline),
     }
 }

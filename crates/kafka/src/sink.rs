@@ -14,7 +14,7 @@ use rdkafka::util::Timeout;
 use rdkafka::ClientConfig;
 
 use crate::config::{KafkaSinkConfig, TopicRouting};
-use crate::error::{sink_error, ConfigError};
+use crate::error::{delivery_error, sink_error, ConfigError};
 use crate::topics::{Lookup, TopicCache};
 
 /// Framing counted besides a record's key, value and headers, in bytes:
@@ -58,7 +58,7 @@ pub type SinkProducer = ThreadedProducer<AckContext>;
 /// polling thread. One completion per batch: the awaiting task is woken once,
 /// when the last record of the batch is resolved. Opaque outside the sink.
 pub struct Acks {
-    slots: Vec<OnceLock<Result<(i32, i64), KafkaError>>>,
+    slots: Vec<OnceLock<Report>>,
     remaining: AtomicUsize,
     done: tokio::sync::Notify,
 }
@@ -88,51 +88,107 @@ impl Acks {
     }
 }
 
+/// One record's delivery report, as the sink judges it.
+#[derive(Debug)]
+enum Report {
+    /// Acknowledged at this partition and offset.
+    Stored(i32, i64),
+    /// Acknowledged at an offset the broker cannot have meant (see
+    /// [`OffsetGuard`]): the write may or may not be stored.
+    Unreconciled { partition: i32, offset: i64 },
+    /// The producer reported an error; `possibly_stored` is librdkafka's
+    /// own judgement (the request may have reached the broker).
+    Failed { error: KafkaError, possibly_stored: bool },
+}
+
+/// Whether librdkafka says a record whose delivery failed may nonetheless
+/// be stored: it tracks whether the record's request was sent and whether
+/// the broker's answer was seen (`rd_kafka_message_status`).
+#[allow(unsafe_code)]
+fn possibly_stored(m: &rdkafka::message::BorrowedMessage<'_>) -> bool {
+    use rdkafka::bindings::{rd_kafka_message_status, rd_kafka_msg_status_t};
+    // SAFETY: `m.ptr()` is the message librdkafka handed to this delivery
+    // report callback, valid for the callback's duration; the call only
+    // reads its status field.
+    let status = unsafe { rd_kafka_message_status(m.ptr()) };
+    status != rd_kafka_msg_status_t::RD_KAFKA_MSG_STATUS_NOT_PERSISTED
+}
+
 /// The producer context of the sink: hands each delivery report to its
 /// batch's [`Acks`]. The opaque of a record is its batch and its index.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AckContext {
-    offsets: OffsetGuard,
+    /// Shared by every producer of one sink, so a replaced producer's
+    /// successor keeps checking against what the broker already answered.
+    offsets: Arc<OffsetGuard>,
 }
 
 /// The offsets the broker acknowledged, per partition, to catch one it
 /// cannot have meant.
 ///
-/// A write acknowledged without a usable offset is reported with offset -1
-/// (`Position::UNKNOWN_OFFSET`): stored, but where is not known. That is the
-/// case for a negative offset (Kafka answers a retried batch it had stored
-/// already with `DUPLICATE_SEQUENCE_NUMBER` and offset -1), and for an
-/// offset at or below one the partition acknowledged before: librdkafka
-/// reports a partition's writes in order, so the offsets of a correct broker
-/// only grow. (tansu 0.6 answers such a retry with base offset 0, which made
-/// receipts and notifications point at other events; `cargo xtask chaos`
-/// found it.)
-#[derive(Debug, Default)]
+/// librdkafka reports a partition's writes in order, so the offsets a
+/// correct broker acknowledges to one producer only grow (other producers'
+/// writes only make them jump ahead). When a broker answers a produce
+/// request with `DUPLICATE_SEQUENCE_NUMBER` ("stored already"), librdkafka
+/// reports the batch as delivered at the answer's base offset, -1, plus each
+/// record's index: -1, 0, 1, … That answer is only as good as the broker's
+/// idempotence, and tansu 0.6's PostgreSQL engine gives it for batches it
+/// never stored (a race in its sequence check: docs/reliability.md).
+///
+/// So an acknowledgement is refused, and the sink reports
+/// [`SinkError::OutcomeUnknown`] instead of a position, when its offset is
+/// negative, at or below an offset the partition acknowledged before, or
+/// continues a run that began at -1 (the later records of a duplicate
+/// answer, which can lie above everything acknowledged while a partition is
+/// young). A run is at most one batch long (`batch_num_messages`), and ends
+/// at the first offset accepted.
+#[derive(Debug)]
 pub(crate) struct OffsetGuard {
-    /// Only librdkafka's one polling thread reports deliveries, so the lock
-    /// is never contended.
-    highest: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashMap<i32, i64>>>,
+    /// Only librdkafka's polling thread of the current producer reports
+    /// deliveries (a replaced producer has drained first), so the lock is
+    /// never contended.
+    partitions: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashMap<i32, Seen>>>,
+    /// The longest batch librdkafka sends (`batch.num.messages`).
+    max_run: u32,
+}
+
+/// What one partition's acknowledgements said so far.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    /// The highest offset accepted.
+    highest: i64,
+    /// The last offset of a refused run that began at -1, and its length.
+    run: Option<(i64, u32)>,
 }
 
 impl OffsetGuard {
-    /// The offset to report for a write acknowledged at `offset`.
-    pub(crate) fn check(&self, topic: &str, partition: i32, offset: i64) -> i64 {
-        if offset < 0 {
-            return Position::UNKNOWN_OFFSET;
-        }
-        let mut highest = self.highest.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let partitions = match highest.get_mut(topic) {
+    pub(crate) fn new(max_run: u32) -> Self {
+        Self { partitions: std::sync::Mutex::default(), max_run }
+    }
+
+    /// Whether an acknowledgement at `offset` can be right; a right one
+    /// raises the partition's highest offset.
+    pub(crate) fn check(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        let mut all = self.partitions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let partitions = match all.get_mut(topic) {
             Some(p) => p,
-            None => highest.entry(topic.to_owned()).or_default(),
+            None => all.entry(topic.to_owned()).or_default(),
         };
-        let last = partitions.entry(partition).or_insert(-1);
-        if offset <= *last {
-            drop(highest);
-            tracing::warn!(topic, partition, offset, "the broker acknowledged an offset at or below an earlier one: reported as unknown");
-            return Position::UNKNOWN_OFFSET;
+        let seen = partitions.entry(partition).or_insert(Seen { highest: -1, run: None });
+        let run = match seen.run {
+            Some((last, len)) if offset == last + 1 && len < self.max_run => Some((offset, len + 1)),
+            _ if offset == -1 => Some((-1, 1)),
+            _ => None,
+        };
+        if run.is_none() && offset > seen.highest {
+            *seen = Seen { highest: offset, run: None };
+            return true;
         }
-        *last = offset;
-        offset
+        seen.run = run;
+        let highest = seen.highest;
+        drop(all);
+        tracing::warn!(topic, partition, offset, highest, "the broker acknowledged a write at an offset it cannot have meant: outcome unknown");
+        false
     }
 }
 
@@ -144,8 +200,9 @@ impl ProducerContext for AckContext {
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
         let (acks, index) = *opaque;
         let outcome = match result {
-            Ok(m) => Ok((m.partition(), self.offsets.check(m.topic(), m.partition(), m.offset()))),
-            Err((e, _)) => Err(e.clone()),
+            Ok(m) if self.offsets.check(m.topic(), m.partition(), m.offset()) => Report::Stored(m.partition(), m.offset()),
+            Ok(m) => Report::Unreconciled { partition: m.partition(), offset: m.offset() },
+            Err((e, m)) => Report::Failed { error: e.clone(), possibly_stored: possibly_stored(m) },
         };
         if let Some(slot) = acks.slots.get(index) {
             let _ = slot.set(outcome);
@@ -169,6 +226,10 @@ pub struct KafkaSink {
 struct Inner {
     /// Replaced by a fresh producer after a fatal error (see `recover`).
     producer: RwLock<SinkProducer>,
+    /// The acknowledged offsets, shared by every producer of the sink.
+    offsets: Arc<OffsetGuard>,
+    /// A replacement is waiting for the failed producer to drain.
+    replacing: std::sync::atomic::AtomicBool,
     config: KafkaSinkConfig,
     /// The topic of every event when routing to a single topic.
     single: Option<Arc<str>>,
@@ -185,8 +246,9 @@ impl std::fmt::Debug for KafkaSink {
     }
 }
 
-fn create_producer(config: &KafkaSinkConfig) -> Result<SinkProducer, ConfigError> {
-    config.client_config()?.create_with_context(AckContext::default()).map_err(ConfigError::Client)
+fn create_producer(config: &KafkaSinkConfig, offsets: &Arc<OffsetGuard>) -> Result<SinkProducer, ConfigError> {
+    let context = AckContext { offsets: offsets.clone() };
+    config.client_config()?.create_with_context(context).map_err(ConfigError::Client)
 }
 
 /// What became of one event of a batch while it was handed over.
@@ -202,14 +264,23 @@ impl KafkaSink {
     /// in the background; call [`DurableSink::health_check`] to wait for the
     /// broker.
     pub fn new(config: KafkaSinkConfig) -> Result<Self, ConfigError> {
-        let producer = create_producer(&config)?;
+        let offsets = Arc::new(OffsetGuard::new(config.batch_num_messages));
+        let producer = create_producer(&config, &offsets)?;
         let topics = TopicCache::new(2 * Duration::from_millis(config.health_timeout_ms));
         let single = match (&config.topic, &config.create_topics) {
             (TopicRouting::Single { topic }, None) => Some(Arc::from(topic.as_str())),
             _ => None,
         };
         let max_record_bytes = config.message_max_bytes();
-        let inner = Inner { producer: RwLock::new(producer), config, single, topics, max_record_bytes };
+        let inner = Inner {
+            producer: RwLock::new(producer),
+            offsets,
+            replacing: std::sync::atomic::AtomicBool::new(false),
+            config,
+            single,
+            topics,
+            max_record_bytes,
+        };
         Ok(Self { inner: Arc::new(inner) })
     }
 
@@ -233,8 +304,18 @@ impl KafkaSink {
 
     /// After a failed delivery: if the producer hit a fatal error (for
     /// example the broker fenced its producer id after an outage), it can
-    /// never deliver again, so replace it with a fresh one. Later publishes
-    /// go to the new producer; nothing acknowledged is affected.
+    /// never deliver again, so replace it with a fresh one.
+    ///
+    /// The replacement waits until the failed producer has drained: every
+    /// record it holds has its delivery report (librdkafka purges what it
+    /// had not sent and reports what is in flight with the broker's answer).
+    /// Until then publishes still reach the failed producer, which refuses
+    /// them at once ([`SinkError::Unavailable`]: not sent). So no event is
+    /// sent by the new producer while an earlier event of its source may
+    /// still be stored by the old one: order holds, and the idempotent
+    /// producer's sequence of each partition starts afresh only when nothing
+    /// of the old one is pending. The wait is bounded by the delivery
+    /// deadline (`message_timeout_ms`).
     fn recover(&self, failed: &SinkProducer, error: &KafkaError) {
         let fenced = matches!(
             error.rdkafka_error_code(),
@@ -247,19 +328,50 @@ impl KafkaSink {
         else {
             return;
         };
+        if !self.is_current(failed) || self.inner.replacing.swap(true, Ordering::AcqRel) {
+            return; // replaced already, or a replacement is under way
+        }
+        tracing::warn!(?code, %reason, "kafka producer hit a fatal error; replacing it once its writes in flight have their outcomes");
+        let (sink, failed) = (self.clone(), failed.clone());
+        let deadline = Instant::now() + self.inner.config.message_timeout() + Duration::from_secs(1);
+        // A thread of its own: rare, and independent of the caller's runtime.
+        let spawned = std::thread::Builder::new().name("dualstream-kafka-replace".into()).spawn(move || {
+            while failed.in_flight_count() > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if failed.in_flight_count() > 0 {
+                tracing::error!(
+                    left = failed.in_flight_count(),
+                    "the failed producer did not drain within the delivery deadline; replacing it anyway"
+                );
+            }
+            sink.replace(&failed);
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "could not start the producer replacement; the sink keeps the failed producer");
+            self.inner.replacing.store(false, Ordering::Release);
+        }
+    }
+
+    fn is_current(&self, producer: &SinkProducer) -> bool {
+        let current = self.inner.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::ptr::eq(current.client().native_ptr(), producer.client().native_ptr())
+    }
+
+    /// Put a fresh producer in the failed one's place.
+    fn replace(&self, failed: &SinkProducer) {
         let mut current = self.inner.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !std::ptr::eq(current.client().native_ptr(), failed.client().native_ptr()) {
-            return; // another call replaced it already
-        }
-        match create_producer(&self.inner.config) {
-            Ok(fresh) => {
-                tracing::warn!(?code, %reason, "kafka producer hit a fatal error; replaced it with a new producer");
-                *current = fresh;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "kafka producer hit a fatal error and could not be replaced")
+        if std::ptr::eq(current.client().native_ptr(), failed.client().native_ptr()) {
+            match create_producer(&self.inner.config, &self.inner.offsets) {
+                Ok(fresh) => {
+                    tracing::warn!("kafka producer replaced after a fatal error");
+                    *current = fresh;
+                }
+                Err(e) => tracing::error!(error = %e, "kafka producer hit a fatal error and could not be replaced"),
             }
         }
+        drop(current);
+        self.inner.replacing.store(false, Ordering::Release);
     }
 
     /// Create these topics if they do not exist, with the configured
@@ -458,10 +570,20 @@ impl DurableSink for KafkaSink {
                 out.push(match handed {
                     Handed::Failed(e) => Err(DeliveryError::new(e, event)),
                     Handed::Sent(topic) => match slot.get() {
-                        Some(Ok((partition, offset))) => Ok(Position { topic, partition: *partition, offset: *offset }),
-                        Some(Err(e)) => {
-                            sink.recover(&producer, e);
-                            Err(DeliveryError::new(sink_error(e, sink.inner.config.message_timeout()), event))
+                        Some(Report::Stored(partition, offset)) => {
+                            Ok(Position { topic, partition: *partition, offset: *offset })
+                        }
+                        Some(Report::Unreconciled { partition, offset }) => {
+                            let reason = format!(
+                                "the broker acknowledged {topic}/{partition} at offset {offset}, which it cannot have \
+                                 meant (negative, or at or below an offset it acknowledged before)"
+                            );
+                            Err(DeliveryError::new(SinkError::OutcomeUnknown { reason }, event))
+                        }
+                        Some(Report::Failed { error, possibly_stored }) => {
+                            sink.recover(&producer, error);
+                            let deadline = sink.inner.config.message_timeout();
+                            Err(DeliveryError::new(delivery_error(error, *possibly_stored, deadline), event))
                         }
                         // Every record is resolved once `all_resolved`
                         // returns; a missing report would be a librdkafka bug.
@@ -517,18 +639,49 @@ mod offset_guard_tests {
     use super::*;
 
     #[test]
-    fn offsets_that_cannot_be_right_are_reported_as_unknown() {
-        let g = OffsetGuard::default();
-        assert_eq!(g.check("t", 0, 5), 5);
-        assert_eq!(g.check("t", 0, 6), 6);
-        assert_eq!(g.check("t", 1, 0), 0, "partitions are apart");
-        assert_eq!(g.check("u", 0, 1), 1, "topics are apart");
+    fn offsets_that_cannot_be_right_are_refused() {
+        let g = OffsetGuard::new(10_000);
+        assert!(g.check("t", 0, 5));
+        assert!(g.check("t", 0, 6));
+        assert!(g.check("t", 1, 0), "partitions are apart");
+        assert!(g.check("u", 0, 1), "topics are apart");
         // A retried batch answered with base offset 0 (tansu 0.6), or the
         // same offset twice.
-        assert_eq!(g.check("t", 0, 0), Position::UNKNOWN_OFFSET);
-        assert_eq!(g.check("t", 0, 6), Position::UNKNOWN_OFFSET);
+        assert!(!g.check("t", 0, 0));
+        assert!(!g.check("t", 0, 6));
         // Kafka's own answer for a duplicate: -1.
-        assert_eq!(g.check("t", 0, -1), Position::UNKNOWN_OFFSET);
-        assert_eq!(g.check("t", 0, 7), 7, "later writes are reported as before");
+        assert!(!g.check("t", 0, -1));
+        assert!(g.check("t", 0, 7), "later writes are accepted as before");
+    }
+
+    #[test]
+    fn a_duplicate_answer_is_refused_whole_even_above_the_highest_offset() {
+        // A young partition: offsets 0..=2 acknowledged. A batch of six
+        // answered DUPLICATE_SEQUENCE_NUMBER is reported at -1, 0, 1, 2, 3, 4:
+        // 3 and 4 lie above everything acknowledged, yet are no positions.
+        let g = OffsetGuard::new(10_000);
+        for o in 0..=2 {
+            assert!(g.check("t", 0, o));
+        }
+        for o in -1..=4 {
+            assert!(!g.check("t", 0, o), "offset {o} of the duplicate answer");
+        }
+        // The next real answer starts at the partition's end, not at 5.
+        assert!(g.check("t", 0, 3));
+        assert!(g.check("t", 0, 4));
+        assert!(!g.check("t", 0, 4), "the same offset twice");
+        assert!(g.check("t", 0, 5), "only a run that began at -1 continues");
+    }
+
+    #[test]
+    fn a_run_is_at_most_one_batch_long() {
+        // A partition whose next real offset happens to continue a refused
+        // run is refused for at most batch.num.messages records.
+        let g = OffsetGuard::new(4);
+        for o in -1..=2 {
+            assert!(!g.check("t", 0, o));
+        }
+        assert!(g.check("t", 0, 3), "past one batch, offsets are accepted again");
+        assert!(g.check("t", 0, 4));
     }
 }

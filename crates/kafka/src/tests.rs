@@ -277,6 +277,35 @@ async fn retriable_produce_errors_are_retried_without_duplicates() {
     }
 }
 
+/// The chaos finding, scripted: a broker answers a produce request with
+/// DUPLICATE_SEQUENCE_NUMBER ("stored already") for a batch it never stored
+/// (tansu 0.6 on PostgreSQL does, after a race in its sequence check).
+/// librdkafka reports the batch as delivered at offsets -1, 0, 1, …; the sink
+/// tells the caller "outcome unknown" for every record of it, never `Ok`, and
+/// the partition's next real acknowledgements are accepted as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_answer_for_an_unstored_batch_is_outcome_unknown_not_ok() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("t", 1, 1).expect("topic");
+    let sink = KafkaSink::new(mock_config(&cluster, "t")).expect("sink");
+    sink.health_check().await.expect("healthy");
+    cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_DUPLICATE_SEQUENCE_NUMBER]);
+    let lost: Vec<Event> = (0..5).map(|i| event("s", i)).collect();
+    for r in sink.publish_batch(lost.clone()).await {
+        match r {
+            Err(e) => assert!(matches!(e.error, SinkError::OutcomeUnknown { .. }), "{e}"),
+            Ok(p) => panic!("a write the broker never stored was acknowledged at {p}"),
+        }
+    }
+    let later: Vec<Event> = (5..10).map(|i| event("s", i)).collect();
+    let positions: Vec<i64> =
+        sink.publish_batch(later.clone()).await.into_iter().map(|r| r.expect("stored").offset).collect();
+    assert_eq!(positions, vec![0, 1, 2, 3, 4], "the partition's real offsets");
+    let back = read_back(&cluster.bootstrap_servers(), "t", 5);
+    let ids: Vec<_> = back.iter().map(|(_, _, e)| e.id()).collect();
+    assert_eq!(ids, later.iter().map(Event::id).collect::<Vec<_>>(), "only the later batch is stored");
+}
+
 /// A record over `message.max.bytes` fails alone (refused by the sink before
 /// librdkafka sees it); the later events of its source in the batch fail
 /// with `EarlierFailed` instead of overtaking it; other sources are
@@ -474,9 +503,11 @@ mod multi_broker {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use dualstream_core::{DurableSink, Event, PendingAcks, Position};
+    use dualstream_core::{DurableSink, Event, PendingAcks, Position, SinkError};
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::Producer;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     use rdkafka::producer::DefaultProducerContext;
     use rdkafka::ClientConfig;
 
@@ -497,7 +528,7 @@ mod multi_broker {
 
     /// What became of one event: its result, and whether it was published
     /// after the faults were over.
-    type Outcome = (Event, Result<Position, String>, bool);
+    type Outcome = (Event, Result<Position, SinkError>, bool);
 
     /// Publish events of `source` in batches until `calm` is set and `AFTER`
     /// more batches went out; every outcome, in publish order.
@@ -528,7 +559,7 @@ mod multi_broker {
         let Some((batch, is_after, acks)) = pending.pop_front() else { return };
         let results = tokio::time::timeout(ACK_BOUND, acks).await.expect("acknowledgements within the bound");
         for (e, r) in batch.into_iter().zip(results) {
-            out.push((e, r.map_err(|d| d.error.to_string()), is_after));
+            out.push((e, r.map_err(|d| d.error), is_after));
         }
     }
 
@@ -640,5 +671,90 @@ mod multi_broker {
             let seqs: Vec<usize> = records.iter().map(|r| r.2).collect();
             assert_eq!(seqs, (0..seqs.len()).collect::<Vec<_>>(), "{source}: stored in publish order, no gap");
         }
+    }
+
+    /// The stored (partition, offset, seq) of every record of `topic`, per source.
+    fn stored_per_source(brokers: &str, topic: &str, partitions: i32) -> HashMap<String, Vec<(i32, i64, usize)>> {
+        let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create().expect("consumer");
+        let stored: i64 = (0..partitions)
+            .map(|p| {
+                let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
+                high - low
+            })
+            .sum();
+        let back = read_back(brokers, topic, stored as usize);
+        assert_eq!(back.len() as i64, stored, "the read-back reached the watermarks");
+        let mut per_source: HashMap<String, Vec<(i32, i64, usize)>> = HashMap::new();
+        for (partition, offset, e) in &back {
+            let n: usize = std::str::from_utf8(e.payload()).expect("utf-8")["payload-".len()..].parse().expect("seq");
+            per_source.entry(e.source().source_id().to_owned()).or_default().push((*partition, *offset, n));
+        }
+        for records in per_source.values_mut() {
+            records.sort_unstable();
+        }
+        per_source
+    }
+
+    /// Under load from 12 sources with batches in flight, the broker answers
+    /// a produce request with OUT_OF_ORDER_SEQUENCE_NUMBER: librdkafka's
+    /// idempotent producer raises a fatal error and can never send again.
+    /// The sink replaces the producer by itself, once the failed one has
+    /// drained. What a caller relies on: every write in flight at the fatal
+    /// error is reported as outcome unknown (never as not stored), every
+    /// event refused meanwhile is reported as not sent and is not stored,
+    /// every acknowledged event is stored at its position, each source's
+    /// records are in its publish order with no duplicate, and publishing
+    /// succeeds again afterwards without the caller doing anything.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fatal_idempotence_error_under_load_replaces_the_producer_in_order_without_duplicates() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("t", PARTITIONS, 1).expect("topic");
+        let sink = KafkaSink::new(mock_config(&cluster, "t")).expect("sink");
+        tokio::time::timeout(Duration::from_secs(20), sink.health_check()).await.expect("bounded").expect("healthy");
+        let first = sink.producer().client().native_ptr() as usize;
+        let calm = Arc::new(AtomicBool::new(false));
+        let publishers: Vec<_> = (0..SOURCES)
+            .map(|i| tokio::spawn(publish_source(sink.clone(), format!("s{i}"), Arc::clone(&calm))))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER]);
+        let replaced = tokio::time::timeout(Duration::from_secs(30), async {
+            while sink.producer().client().native_ptr() as usize == first {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(replaced.is_ok(), "the sink replaced the failed producer by itself");
+        calm.store(true, Ordering::SeqCst);
+
+        let mut outcomes = Vec::new();
+        for p in publishers {
+            let done = tokio::time::timeout(Duration::from_secs(120), p).await.expect("publisher finishes");
+            outcomes.push(done.expect("publisher task"));
+        }
+        let stored = stored_per_source(&cluster.bootstrap_servers(), "t", PARTITIONS);
+        let (mut unknown, mut unsent) = (0, 0);
+        for source in &outcomes {
+            let id = source[0].0.source().source_id();
+            let records = stored.get(id).map(Vec::as_slice).unwrap_or_default();
+            let seqs: Vec<usize> = records.iter().map(|r| r.2).collect();
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{id}: stored in publish order, each once: {seqs:?}");
+            for (e, r, is_after) in source {
+                let n: usize = std::str::from_utf8(e.payload()).expect("utf-8")["payload-".len()..].parse().expect("seq");
+                let at = records.iter().find(|r| r.2 == n);
+                match r {
+                    Ok(p) => assert_eq!(at.map(|r| (r.0, r.1)), Some((p.partition, p.offset)), "{id} {n}: stored where acknowledged"),
+                    Err(SinkError::OutcomeUnknown { .. }) => unknown += 1,
+                    Err(SinkError::Unavailable { .. } | SinkError::EarlierFailed { .. }) => {
+                        unsent += 1;
+                        assert!(at.is_none(), "{id} {n}: reported as not sent, but stored");
+                    }
+                    Err(other) => panic!("{id} {n}: unexpected error {other}"),
+                }
+                assert!(!is_after || r.is_ok(), "{id} {n}: publishing after the replacement succeeds: {r:?}");
+            }
+        }
+        assert!(unknown > 0, "the writes in flight at the fatal error are reported as outcome unknown");
+        eprintln!("{unknown} outcome unknown, {unsent} not sent while the failed producer drained");
     }
 }

@@ -36,9 +36,12 @@ pub struct Receipt {
     /// The event's id.
     pub event_id: EventId,
     /// Where the durable sink stored it: `None` in the real-time-only mode,
-    /// and for a write the sink acknowledged without a usable offset
+    /// and for a write a custom sink reports as stored at an unknown offset
     /// ([`Position::UNKNOWN_OFFSET`]; the notification then has no position
-    /// either, and a catch-up join finds the event in Kafka).
+    /// either, and a catch-up join finds the event in Kafka). The Kafka sink
+    /// never does: an acknowledgement whose offset it cannot reconcile fails
+    /// the publish with `SinkError::OutcomeUnknown`, since such a write may
+    /// not be stored.
     pub position: Option<Position>,
     /// What happened to its notification.
     pub notification: NotificationOutcome,
