@@ -71,9 +71,9 @@ pub enum JoinError {
     /// The hub failed or stopped; the join ends.
     #[error(transparent)]
     Hub(#[from] HubError),
-    /// A live notification that cannot be placed in the Kafka order (no
-    /// position, or a position in another topic or partition). The join goes
-    /// on.
+    /// A live notification that cannot be placed in the Kafka order (a
+    /// position in another topic or partition). The join goes on. (One
+    /// without a position makes the join read Kafka instead.)
     #[error("notification {id} cannot be merged: {reason}")]
     Unmergeable {
         /// The event id.
@@ -224,6 +224,18 @@ impl CatchUp {
         tokio::spawn(joiner.run(live, watermarks, marks.high, idle));
         Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })))
     }
+}
+
+/// A join of `source` from `next` in `tp`, fed by `live`, without the
+/// initial watermark look-up and with no idle check: the test drives it.
+#[cfg(test)]
+pub(crate) fn join_for_test(history: History, tp: Tp, source: Source, live: LiveStream, next: i64) -> JoinStream {
+    let (tx, rx) = mpsc::channel(256);
+    let key: Arc<[u8]> = source.source_id().as_bytes().into();
+    let watermarks = history.watch(&tp);
+    let joiner = Joiner { tx, history, tp, source, key, next, low: 0, full: false };
+    tokio::spawn(joiner.run(live, watermarks, next, Duration::from_secs(3_600)));
+    Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }))
 }
 
 /// The offset of the `n`-th last event of `source`, found by reading windows
@@ -441,13 +453,14 @@ impl Joiner {
 
     async fn on_live(&mut self, n: Notification) -> Result<(), Stop> {
         let offset = match &n.position {
+            // No position (a write whose outcome the publisher did not
+            // learn, or real-time-only mode): the event, if stored, is in
+            // Kafka below the high watermark taken now. Catch up.
+            None => return self.catch_up().await,
+            Some(p) if !p.is_known() => return self.catch_up().await,
             Some(p) if *p.topic == *self.tp.0 && p.partition == self.tp.1 => p.offset,
             Some(p) => {
                 let reason = format!("position {p} is not in {}/{}", self.tp.0, self.tp.1);
-                return self.send(Err(JoinError::Unmergeable { id: n.id, reason })).await;
-            }
-            None => {
-                let reason = "it has no Kafka position (published in real-time-only mode)".to_owned();
                 return self.send(Err(JoinError::Unmergeable { id: n.id, reason })).await;
             }
         };

@@ -188,6 +188,24 @@ impl Slot {
     pub(crate) fn for_test(tx: mpsc::Sender<LiveItem>) -> Self {
         Self { tx, lag: Arc::default(), awaiting_gap: false }
     }
+
+    /// Hand the subscriber an item as the hub would, waiting for room.
+    pub(crate) async fn send_for_test(&self, item: LiveItem) {
+        self.tx.send(item).await.expect("the subscriber is there");
+    }
+}
+
+#[cfg(test)]
+impl LiveStream {
+    /// A stream of channel "c" outside any hub, and the slot that feeds it.
+    pub(crate) fn for_test(buffer: usize) -> (Slot, LiveStream) {
+        let (tx, rx) = mpsc::channel(buffer);
+        let (cmd, _cmd_rx) = mpsc::unbounded_channel();
+        let lag = Arc::new(Lag::default());
+        let slot = Slot { tx, lag: Arc::clone(&lag), awaiting_gap: false };
+        let stream = LiveStream { rx, cmd, target: Target::Channel("c".into()), id: 0, lag, ended: false };
+        (slot, stream)
+    }
 }
 
 pub(crate) enum Cmd {
@@ -904,12 +922,7 @@ mod tests {
     use dualstream_core::{Event, Notification};
 
     fn pair(buffer: usize) -> (Slot, LiveStream) {
-        let (tx, rx) = mpsc::channel(buffer);
-        let (cmd, _cmd_rx) = mpsc::unbounded_channel();
-        let lag = Arc::new(Lag::default());
-        let slot = Slot { tx, lag: Arc::clone(&lag), awaiting_gap: false };
-        let stream = LiveStream { rx, cmd, target: Target::Channel("c".into()), id: 0, lag, ended: false };
-        (slot, stream)
+        LiveStream::for_test(buffer)
     }
 
     fn note(i: u32) -> LiveItem {

@@ -610,3 +610,92 @@ mod leader_moves {
         cluster.broker_up(1).expect("up");
     }
 }
+
+mod positionless {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use dualstream_core::{DurableSink, Event, Notification, Position, Source};
+    use futures::StreamExt;
+    use rdkafka::mocking::MockCluster;
+
+    use super::{replay, sink};
+    use crate::catchup::join_for_test;
+    use crate::history::History;
+    use crate::hub::{LiveItem, LiveStream};
+    use crate::*;
+
+    /// Store `n` events alternating between sources u and v (u first).
+    async fn store(sink: &dualstream_kafka::KafkaSink, n: usize) -> Vec<(Event, Position)> {
+        let events: Vec<Event> = (0..n)
+            .map(|i| {
+                let source = if i % 2 == 0 { "u" } else { "v" };
+                Event::builder("n", "user", source).payload(format!("{i}")).build().expect("valid")
+            })
+            .collect();
+        let results = sink.publish_batch(events.clone()).await;
+        events.into_iter().zip(results).map(|(e, r)| (e, r.expect("stored"))).collect()
+    }
+
+    async fn next_item(join: &mut JoinStream) -> Delivery {
+        let item = tokio::time::timeout(Duration::from_secs(30), join.next()).await.expect("an item in time");
+        item.expect("the join goes on").expect("no error item")
+    }
+
+    fn history_of(stored: &[(Event, Position)]) -> Vec<Delivery> {
+        let u = Source::new("user", "u").expect("valid");
+        stored
+            .iter()
+            .filter(|(e, _)| e.source() == &u)
+            .map(|(e, p)| Delivery::History(Replayed { event: e.clone(), position: p.clone(), timestamp_ms: None }))
+            .collect()
+    }
+
+    /// As many items as `stored` has events of u, without the timestamps
+    /// (which the test does not know in advance).
+    async fn take(join: &mut JoinStream, stored: &[(Event, Position)]) -> Vec<Delivery> {
+        let mut got = Vec::new();
+        for _ in 0..history_of(stored).len() {
+            got.push(match next_item(join).await {
+                Delivery::History(r) => Delivery::History(Replayed { timestamp_ms: None, ..r }),
+                other => other,
+            });
+        }
+        got
+    }
+
+    /// A notification without a position (an unknown-outcome write, or
+    /// real-time-only mode) or with an unknown offset makes the join read
+    /// Kafka up to the high watermark: the events it had not delivered come
+    /// as history, with no error item. (It used to be an `Unmergeable`
+    /// error item, and the events waited for the next idle check.) The idle
+    /// check is an hour away here: only the notification can have done it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_notification_without_a_position_makes_the_join_catch_up_from_kafka() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("t", 1, 1).expect("topic");
+        let brokers = cluster.bootstrap_servers();
+        let sink = sink(&brokers, "t");
+        let history = History::new(Arc::new(replay(&brokers, "t").config().clone()), Duration::from_secs(3_600), 4_096)
+            .expect("history");
+        let (slot, live) = LiveStream::for_test(16);
+        let u = Source::new("user", "u").expect("valid");
+        let mut join = join_for_test(history, (Arc::from("t"), 0), u, live, 0);
+
+        let first = store(&sink, 6).await;
+        slot.send_for_test(LiveItem::Notification(Arc::new(Notification::for_event(&first[4].0, None)))).await;
+        assert_eq!(take(&mut join, &first).await, history_of(&first), "no position: u's events read from Kafka");
+
+        let second = store(&sink, 3).await;
+        let unknown = Position::new("t", 0, Position::UNKNOWN_OFFSET);
+        let n = Notification::for_event(&second[2].0, Some(unknown));
+        slot.send_for_test(LiveItem::Notification(Arc::new(n))).await;
+        assert_eq!(take(&mut join, &second).await, history_of(&second), "unknown offset: u's events read from Kafka");
+
+        // A positioned notification comes next, live: nothing came between.
+        let third = store(&sink, 1).await;
+        let n = Notification::for_event(&third[0].0, Some(third[0].1.clone()));
+        slot.send_for_test(LiveItem::Notification(Arc::new(n.clone()))).await;
+        assert_eq!(next_item(&mut join).await, Delivery::Live(n));
+    }
+}
