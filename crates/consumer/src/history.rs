@@ -137,6 +137,57 @@ const FOLLOW_LINGER: Duration = Duration::from_secs(30);
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
 /// How long a cached partition count is trusted.
 const COUNT_TTL: Duration = Duration::from_secs(60);
+/// The back-off after a topic's first failed partition-count look-up; it
+/// doubles after each failed retry, up to `COUNT_MAX_BACKOFF` (the idea of
+/// dualstream-kafka's `TopicCache`).
+const COUNT_MIN_BACKOFF: Duration = Duration::from_millis(100);
+const COUNT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// A topic's partition count, or its last failed look-up.
+enum Count {
+    Ready { count: i32, at: tokio::time::Instant },
+    Failed { error: ReplayError, until: tokio::time::Instant, backoff: Duration },
+}
+
+/// Partition counts per topic. Each topic has its own lock, held across
+/// its look-up: callers that arrive meanwhile wait for that one look-up
+/// (and take its answer), while other topics are not held up. A failure is
+/// kept for a back-off (100 ms, doubling up to 30 s) and returned at once
+/// meanwhile, so an outage costs one look-up per topic and back-off, not
+/// one per waiting join in turn.
+#[derive(Default)]
+pub(crate) struct CountCache {
+    topics: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Count>>>>>,
+}
+
+impl CountCache {
+    /// The partition count of `topic`: cached, or the cached failure, or
+    /// what `look_up` answers now.
+    pub(crate) async fn get<F>(&self, topic: &str, look_up: F) -> Result<i32, ReplayError>
+    where
+        F: std::future::Future<Output = Result<i32, ReplayError>>,
+    {
+        let slot = {
+            let mut topics = self.topics.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(topics.entry(topic.to_owned()).or_default())
+        };
+        let mut entry = slot.lock().await;
+        let now = tokio::time::Instant::now();
+        let backoff = match &*entry {
+            Some(Count::Ready { count, at }) if now.duration_since(*at) < COUNT_TTL => return Ok(*count),
+            Some(Count::Failed { error, until, .. }) if now < *until => return Err(error.replica()),
+            Some(Count::Failed { backoff, .. }) => (*backoff * 2).min(COUNT_MAX_BACKOFF),
+            _ => COUNT_MIN_BACKOFF,
+        };
+        let result = look_up.await;
+        let now = tokio::time::Instant::now();
+        *entry = Some(match &result {
+            Ok(count) => Count::Ready { count: *count, at: now },
+            Err(e) => Count::Failed { error: e.replica(), until: now + backoff, backoff },
+        });
+        result
+    }
+}
 
 /// Counters of the shared readers (for benchmarks and dashboards).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -205,8 +256,7 @@ struct Inner {
     poll_every: Duration,
     cache_records: usize,
     meta: Arc<BaseConsumer>,
-    counts: Mutex<HashMap<String, (i32, Instant)>>,
-    count_lookup: tokio::sync::Mutex<()>,
+    counts: CountCache,
     watched: Mutex<HashMap<Tp, Watched>>,
     wake: Notify,
     readers: Mutex<HashMap<Arc<str>, RangeSender>>,
@@ -235,8 +285,7 @@ impl History {
             poll_every,
             cache_records,
             meta: Arc::new(meta),
-            counts: Mutex::new(HashMap::new()),
-            count_lookup: tokio::sync::Mutex::new(()),
+            counts: CountCache::default(),
             watched: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             readers: Mutex::new(HashMap::new()),
@@ -266,26 +315,15 @@ impl History {
         tokio::task::spawn_blocking(move || f(&meta, timeout)).await.map_err(|e| ReplayError::Task(e.to_string()))?
     }
 
-    fn cached_count(&self, topic: &str) -> Option<i32> {
-        let counts = self.inner.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        counts.get(topic).filter(|(_, at)| at.elapsed() < COUNT_TTL).map(|(n, _)| *n)
-    }
-
-    /// The partition count of `topic`, cached for a minute. Joins that
-    /// start together wait for one look-up.
+    /// The partition count of `topic`, cached for a minute; a failure is
+    /// kept for a back-off ([`CountCache`]).
     pub(crate) async fn partition_count(&self, topic: &str) -> Result<i32, ReplayError> {
-        if let Some(n) = self.cached_count(topic) {
-            return Ok(n);
-        }
-        let _one_at_a_time = self.inner.count_lookup.lock().await;
-        if let Some(n) = self.cached_count(topic) {
-            return Ok(n);
-        }
-        Counters::add(&self.inner.counters.metadata_lookups, 1);
         let t = topic.to_owned();
-        let n = self.blocking(move |c, timeout| crate::reader::partition_count(c, &t, timeout)).await?;
-        self.inner.counts.lock().unwrap_or_else(PoisonError::into_inner).insert(topic.to_owned(), (n, Instant::now()));
-        Ok(n)
+        let look_up = async {
+            Counters::add(&self.inner.counters.metadata_lookups, 1);
+            self.blocking(move |c, timeout| crate::reader::partition_count(c, &t, timeout)).await
+        };
+        self.inner.counts.get(topic, look_up).await
     }
 
     /// The first offset whose timestamp is at or after `ts_ms` (the high
@@ -1034,4 +1072,68 @@ mod tests {
         assert_eq!(b.got, of_key(100, 1_000, "a"));
         assert_eq!(a.got, of_key(0, 1_000, "b"));
     }
+
+    fn failure() -> ReplayError {
+        use rdkafka::error::KafkaError;
+        ReplayError::Kafka(KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure))
+    }
+
+    /// A look-up of topic a that has not answered holds up the callers of
+    /// a only: b is looked up and answered meanwhile (one lock for every
+    /// topic used to hold b behind a).
+    #[tokio::test(start_paused = true)]
+    async fn a_pending_look_up_holds_up_its_topic_only() {
+        let cache = Arc::new(CountCache::default());
+        let (release, released) = oneshot::channel::<()>();
+        let (started, a_started) = oneshot::channel::<()>();
+        let a = tokio::spawn({
+            let cache = Arc::clone(&cache);
+            async move {
+                cache
+                    .get("a", async {
+                        let _ = started.send(());
+                        let _ = released.await;
+                        Err(failure())
+                    })
+                    .await
+            }
+        });
+        a_started.await.expect("a's look-up started");
+        assert_eq!(cache.get("b", async { Ok(3) }).await.ok(), Some(3), "b answered while a waits");
+        assert!(!a.is_finished());
+        let _ = release.send(());
+        assert!(a.await.expect("task").is_err());
+    }
+
+    /// A failure is returned from the cache until its back-off ends (100 ms,
+    /// then 200 ms after a failed retry), then looked up again once; a
+    /// success is kept.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_look_up_is_kept_for_a_doubling_back_off() {
+        let cache = CountCache::default();
+        let calls = AtomicU64::new(0);
+        let look_up = |ok: bool| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if ok {
+                    Ok(4)
+                } else {
+                    Err(failure())
+                }
+            }
+        };
+        let ms = |n| tokio::time::advance(Duration::from_millis(n));
+        assert!(cache.get("a", look_up(false)).await.is_err());
+        ms(99).await;
+        assert!(cache.get("a", async { unreachable!("within the back-off") }).await.is_err());
+        ms(1).await;
+        assert!(cache.get("a", look_up(false)).await.is_err(), "retried after 100 ms");
+        ms(199).await;
+        assert!(cache.get("a", async { unreachable!("within the doubled back-off") }).await.is_err());
+        ms(1).await;
+        assert_eq!(cache.get("a", look_up(true)).await.ok(), Some(4), "retried after 200 ms");
+        assert_eq!(cache.get("a", async { unreachable!("cached") }).await.ok(), Some(4));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
 }

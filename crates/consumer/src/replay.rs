@@ -73,6 +73,27 @@ pub enum ReplayError {
     },
 }
 
+impl ReplayError {
+    /// The same error again, for a cached failure (a `Decode` or `Config`
+    /// error, which no look-up returns, becomes a `Task` error with its
+    /// text).
+    pub(crate) fn replica(&self) -> Self {
+        match self {
+            ReplayError::Kafka(e) => ReplayError::Kafka(e.clone()),
+            ReplayError::UnknownTopic { topic } => ReplayError::UnknownTopic { topic: topic.clone() },
+            ReplayError::Request { field, reason } => ReplayError::Request { field, reason: reason.clone() },
+            ReplayError::Timeout { what, timeout_ms } => ReplayError::Timeout { what, timeout_ms: *timeout_ms },
+            ReplayError::Truncated { topic, partition, requested, first_available } => ReplayError::Truncated {
+                topic: topic.clone(),
+                partition: *partition,
+                requested: *requested,
+                first_available: *first_available,
+            },
+            other => ReplayError::Task(other.to_string()),
+        }
+    }
+}
+
 /// One event read back from Kafka.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Replayed {

@@ -699,3 +699,34 @@ mod positionless {
         assert_eq!(next_item(&mut join).await, Delivery::Live(n));
     }
 }
+
+mod partition_counts {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::history::History;
+    use crate::*;
+
+    /// Shared readers for a broker that does not answer (nothing listens
+    /// on port 1): every metadata look-up fails after `timeout_ms`.
+    fn unreachable() -> History {
+        let config =
+            ReplayConfig { bootstrap_servers: "127.0.0.1:1".into(), timeout_ms: 300, ..ReplayConfig::default() };
+        History::new(Arc::new(config), Duration::from_secs(3_600), 16).expect("history")
+    }
+
+    /// Joins waiting together for a topic's partition count share one
+    /// look-up, and its failure is kept for the back-off: they all get the
+    /// error of that one look-up, and so does a join that asks right after.
+    /// (Each waiter used to make its own look-up in turn, each taking the
+    /// whole timeout, and no failure was kept.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_look_ups_are_shared_and_kept_for_the_back_off() {
+        let h = unreachable();
+        let counts = futures::future::join_all((0..5).map(|_| h.partition_count("a"))).await;
+        assert!(counts.iter().all(Result::is_err), "{counts:?}");
+        assert_eq!(h.stats().metadata_lookups, 1, "one look-up for the five waiters");
+        assert!(h.partition_count("a").await.is_err());
+        assert_eq!(h.stats().metadata_lookups, 1, "the failure is kept for the back-off");
+    }
+}
