@@ -253,7 +253,7 @@ async fn node_task(
     auth: Auth,
     timing: Timing,
     mut cmds: mpsc::UnboundedReceiver<NodeCmd>,
-    events: mpsc::UnboundedSender<NodeEvent>,
+    events: mpsc::Sender<NodeEvent>,
 ) {
     let mut attempt = 0u32;
     let mut conn = 0u64;
@@ -264,18 +264,18 @@ async fn node_task(
                 // subscribes everything again on `Up`.
                 while cmds.try_recv().is_ok() {}
                 conn += 1;
-                if events.send(NodeEvent::Up { node: node.clone(), conn }).is_err() {
+                if events.send(NodeEvent::Up { node: node.clone(), conn }).await.is_err() {
                     return;
                 }
                 let stopped = serve_node(&node, conn, read, write, timing, &mut cmds, &events).await;
-                if stopped || events.send(NodeEvent::Down { node: node.clone(), conn }).is_err() {
+                if stopped || events.send(NodeEvent::Down { node: node.clone(), conn }).await.is_err() {
                     return;
                 }
                 attempt = 0;
             }
             Err(e) => {
                 tracing::debug!(%node, error = %e, "hub: cluster node unreachable");
-                if events.send(NodeEvent::Down { node: node.clone(), conn: 0 }).is_err() {
+                if events.send(NodeEvent::Down { node: node.clone(), conn: 0 }).await.is_err() {
                     return;
                 }
             }
@@ -303,7 +303,7 @@ async fn serve_node(
     mut write: OwnedWriteHalf,
     timing: Timing,
     cmds: &mut mpsc::UnboundedReceiver<NodeCmd>,
-    events: &mpsc::UnboundedSender<NodeEvent>,
+    events: &mpsc::Sender<NodeEvent>,
 ) -> bool {
     let (values_tx, mut values) = mpsc::channel::<Resp>(1_024);
     let reader = tokio::spawn(async move {
@@ -319,13 +319,22 @@ async fn serve_node(
     let mut last_ping = Instant::now();
     let mut tick = tokio::time::interval(timing.timeout.min(timing.ping_interval) / 4);
     let node_s = node.to_owned();
-    let send = |e: NodeEvent| events.send(e).is_ok();
+    let mut out = Vec::new();
     loop {
         tokio::select! {
             v = values.recv() => {
                 let Some(v) = v else { return false };
                 heard = Instant::now();
-                if !on_value(&node_s, conn, v, &mut waiting, &send) {
+                let fine = on_value(&node_s, conn, v, &mut waiting, &mut out);
+                // Waits while the shard task is behind: the backlog stays
+                // in this connection's socket and in Redis's output buffer,
+                // not in the process (see `EVENTS_BUFFER`).
+                for e in out.drain(..) {
+                    if events.send(e).await.is_err() {
+                        return true;
+                    }
+                }
+                if !fine {
                     return false;
                 }
             }
@@ -377,14 +386,19 @@ fn sub_command(verb: &'static [u8], channels: &[String]) -> Vec<u8> {
     encode(std::iter::once(verb).chain(channels.iter().map(String::as_bytes)))
 }
 
-/// Handle one value from a master. Returns whether the connection is fine.
+/// Handle one value from a master: the events for the shard task go to
+/// `out`. Returns whether the connection is fine.
 fn on_value(
     node: &str,
     conn: u64,
     v: Resp,
     waiting: &mut std::collections::VecDeque<Waiting>,
-    send: &impl Fn(NodeEvent) -> bool,
+    out: &mut Vec<NodeEvent>,
 ) -> bool {
+    let mut send = |e: NodeEvent| {
+        out.push(e);
+        true
+    };
     let name_of = node;
     let node = || name_of.to_owned();
     match v {
@@ -448,6 +462,15 @@ fn on_value(
     }
 }
 
+/// Events (messages above all) the masters' connections may have waiting for
+/// the shard task. When it is behind, a connection waits to hand over its
+/// next message and stops reading its socket, so the backlog waits in Redis
+/// (up to `client-output-buffer-limit pubsub`, past which Redis closes the
+/// connection and the subscribers get `Disconnected`, then `Gap`), as with
+/// the single-node hub; a subscriber that does not read gets `Lagged` from
+/// the fan-out. (This channel used to be unbounded.)
+pub(crate) const EVENTS_BUFFER: usize = 1_024;
+
 /// One channel of the shard task.
 struct Channel {
     slot: u16,
@@ -482,8 +505,8 @@ pub(crate) struct ShardTask {
     auth: Auth,
     timing: Timing,
     rx: mpsc::UnboundedReceiver<Cmd>,
-    events_tx: mpsc::UnboundedSender<NodeEvent>,
-    events: mpsc::UnboundedReceiver<NodeEvent>,
+    events_tx: mpsc::Sender<NodeEvent>,
+    events: mpsc::Receiver<NodeEvent>,
     channels: HashMap<String, Channel>,
     nodes: HashMap<String, Node>,
     /// The slot map, once read.
@@ -518,7 +541,7 @@ impl ShardTask {
             reconnect_min_ms: config.reconnect_min_ms,
             reconnect_max_ms: config.reconnect_max_ms,
         };
-        let (events_tx, events) = mpsc::unbounded_channel();
+        let (events_tx, events) = mpsc::channel(EVENTS_BUFFER);
         Self {
             config,
             auth,
@@ -577,7 +600,7 @@ impl ShardTask {
                     break;
                 }
             }
-            let _ = events.send(NodeEvent::Slots(last));
+            let _ = events.send(NodeEvent::Slots(last)).await;
         });
     }
 
@@ -827,6 +850,25 @@ impl ShardTask {
         }
     }
 
+    /// Masters that own no slot in the slot map and serve no channel left
+    /// the cluster (or became replicas): their connections are closed
+    /// (dropping the sender ends the node's task).
+    fn forget_departed(&mut self) {
+        let Some(map) = &self.slots else { return };
+        let departed: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|a| !map.iter().any(|(_, _, owner)| owner == *a))
+            .filter(|a| !self.channels.values().any(|c| c.node.as_deref() == Some(a.as_str())))
+            .cloned()
+            .collect();
+        for node in departed {
+            tracing::debug!(%node, "hub: Redis Cluster node no longer a master; closing its connection");
+            self.nodes.remove(&node);
+            self.outstanding.retain(|(n, _), _| *n != node);
+        }
+    }
+
     fn on_slots(&mut self, read: Result<SlotMap, String>) {
         self.reading = false;
         match read {
@@ -847,6 +889,7 @@ impl ShardTask {
                     }
                     self.place(&name);
                 }
+                self.forget_departed();
                 if std::mem::take(&mut self.again) {
                     self.read_slots(Duration::ZERO);
                 }
@@ -910,6 +953,49 @@ mod tests {
         assert!(second.try_recv().is_err(), "not answered by the first SSUBSCRIBE's confirmation");
         task.on_event(confirmed());
         assert!(second.try_recv().is_ok(), "answered by its own");
+    }
+
+    /// A master that left the slot map has its connection's task ended and
+    /// is forgotten, once no channel is on it; the others stay (they used
+    /// to be kept for ever, one task and connection attempt each).
+    #[test]
+    fn a_master_that_left_the_slot_map_is_forgotten() {
+        let (_cmds, rx) = mpsc::unbounded_channel();
+        let config = HubConfig { cluster_urls: vec!["redis://n:1".into()], ..HubConfig::default() };
+        let mut task = ShardTask::new(config, rx);
+        let mut node_rx = Vec::new();
+        for node in ["n:1", "n:2"] {
+            let (tx, rx) = mpsc::unbounded_channel();
+            task.nodes.insert(node.into(), Node { tx, conn: Some(1), tried: true });
+            node_rx.push(rx);
+        }
+        task.slots = Some(vec![(0, 8_000, "n:1".into()), (8_001, SLOTS - 1, "n:2".into())]);
+        // "c" (slot 7,365) is on n:1.
+        let (tx, _items) = mpsc::channel(8);
+        let (reply, _answered) = oneshot::channel();
+        let target = Target::Channel("c".into());
+        task.handle(Cmd::Subscribe { target, id: 0, slot: Slot::for_test(tx), reply });
+        task.reading = true;
+        task.on_slots(Ok(vec![(0, SLOTS - 1, "n:1".into())]));
+        assert!(task.nodes.contains_key("n:1"));
+        assert!(!task.nodes.contains_key("n:2"), "n:2 left the slot map");
+        let n2 = &mut node_rx[1];
+        assert!(matches!(n2.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)), "n:2's task is told to end");
+        assert!(!node_rx[0].is_closed());
+    }
+
+    /// The masters' events reach the shard task through a bounded channel:
+    /// past `EVENTS_BUFFER` waiting, a connection waits (and stops reading
+    /// its socket) instead of queueing more in memory.
+    #[test]
+    fn the_masters_events_are_bounded() {
+        let (_cmds, rx) = mpsc::unbounded_channel();
+        let task = ShardTask::new(HubConfig { cluster_urls: vec!["redis://n:1".into()], ..HubConfig::default() }, rx);
+        let message = || NodeEvent::Message { channel: "c".into(), payload: Vec::new() };
+        for _ in 0..EVENTS_BUFFER {
+            task.events_tx.try_send(message()).expect("room");
+        }
+        assert!(matches!(task.events_tx.try_send(message()), Err(mpsc::error::TrySendError::Full(_))));
     }
 
     #[tokio::test]
