@@ -386,6 +386,15 @@ fn spawn_tansu(tansu: &std::path::Path, port: u16, storage: &str, dir: &std::pat
 impl OwnedBroker {
     const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+    /// Run `sql` on the broker's own PostgreSQL database (a durable broker
+    /// on PostgreSQL only): psql's unaligned output, `|` between columns.
+    /// For a witness that reads what the broker stored, beside the Kafka
+    /// protocol.
+    pub fn query_own_database(&self, sql: &str) -> Result<String, String> {
+        let url = self.own_database.as_deref().ok_or("this broker keeps no PostgreSQL database of its own")?;
+        tansu_pg::query(url, sql).map_err(|e| e.to_string())
+    }
+
     pub fn start() -> Self {
         Self::start_with("memory://tansu/".to_owned(), std::env::temp_dir(), None)
     }

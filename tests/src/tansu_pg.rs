@@ -113,6 +113,12 @@ fn psql(url: &str, sql: &str) -> Result<String, (bool, String)> {
     }
 }
 
+/// Run `sql` on the database of `url` itself.
+#[allow(dead_code)] // xtask includes this file too, and has no use for it
+pub(crate) fn query(url: &str, sql: &str) -> Result<String, PgError> {
+    on_server(url, url, "querying the broker's database", sql)
+}
+
 /// Run `sql` on the server's `postgres` database; a failure to connect is
 /// [`PgError::Unreachable`].
 fn on_server(url: &str, server: &str, what: &'static str, sql: &str) -> Result<String, PgError> {

@@ -113,6 +113,18 @@ enum Cmd {
         /// Run the debug build (no release build; slower, what CI runs).
         #[arg(long)]
         debug: bool,
+        /// Run this many seeds, each on a fresh broker, database and Redis (from --seed upwards,
+        /// or drawn from the clock), and print a table of their anomaly counts.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        seeds: u32,
+        /// Leave these fault kinds out of the schedule (comma-separated: redis-kill, redis-hang,
+        /// redis-slow, redis-debug-sleep, broker-hang, broker-kill, broker-cut).
+        #[arg(long)]
+        without: Option<String>,
+        /// Keep this many busy loops (`sh -c 'while :; do :; done'`) running beside the runs:
+        /// idle cores hide races.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
+        busy: u32,
     },
     /// Steady load with a Redis kill -9 and restart every minute, sampling RSS, the engine's queue
     /// depth, open descriptors and the Kafka and Redis connections every 5 s; prints each one's slope
@@ -142,6 +154,11 @@ enum Cmd {
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// A seed from the clock (printed by the run, so it can be replayed).
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64 % 1_000_000_007)
 }
 
 fn run(cmd: &mut Command) -> Result<(), String> {
@@ -225,20 +242,24 @@ fn main() -> ExitCode {
         }
         Cmd::Gateway { listen, broker } => gateway::run(listen, broker),
         Cmd::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
-        Cmd::Chaos { seed, minutes, rate, sqlite, debug } => {
+        Cmd::Chaos { seed, minutes, rate, sqlite, debug, seeds, without, busy } => {
             let mut args = vec!["--minutes".to_owned(), minutes.to_string(), "--rate".to_owned(), rate.to_string()];
-            if let Some(seed) = seed {
-                args.extend(["--seed".to_owned(), seed.to_string()]);
-            }
             if sqlite {
                 args.push("--sqlite".to_owned());
             }
-            reliability::run_chaos(args, debug)
+            if let Some(w) = without {
+                args.extend(["--without".to_owned(), w]);
+            }
+            let first = seed.unwrap_or_else(clock_seed);
+            let seeds = if seed.is_none() && seeds == 1 { Vec::new() } else { (0..u64::from(seeds)).map(|i| first.wrapping_add(i)).collect() };
+            reliability::run_chaos(reliability::Plan { args, debug, seeds, busy: busy as usize })
         }
-        Cmd::Soak { minutes, rate, debug } => reliability::run_chaos(
-            vec!["--soak".to_owned(), "--minutes".to_owned(), minutes.to_string(), "--rate".to_owned(), rate.to_string()],
+        Cmd::Soak { minutes, rate, debug } => reliability::run_chaos(reliability::Plan {
+            args: vec!["--soak".to_owned(), "--minutes".to_owned(), minutes.to_string(), "--rate".to_owned(), rate.to_string()],
             debug,
-        ),
+            seeds: Vec::new(),
+            busy: 0,
+        }),
         Cmd::Bench { full, filter } => with_stack(|s| {
             if filter.is_empty() || filter.iter().any(|f| "micro".contains(f.as_str())) {
                 let time = if full { "5" } else { "2" };

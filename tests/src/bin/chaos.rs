@@ -55,6 +55,8 @@ struct Args {
     joins: usize,
     soak: bool,
     sqlite: bool,
+    /// The fault kinds left out of the schedule.
+    without: Vec<Fault>,
 }
 
 const HELP: &str = "\
@@ -69,13 +71,16 @@ usage: chaos [--seed S] [--minutes M] [--rate R] [--sources N] [--joins J] [--sq
   --sources N   sources the events are spread over (default 64)
   --joins J     catch-up join clients connecting and disconnecting at random (default 12)
   --sqlite      the broker keeps its log in SQLite instead of PostgreSQL
+  --without K   leave these fault kinds out (comma-separated: redis-kill, redis-hang, redis-slow,
+                redis-debug-sleep, broker-hang, broker-kill, broker-cut)
   --soak        steady load, a Redis fault every minute, and resource samples every 5 s; fails when a
                 resource keeps growing (RSS, queue depth, descriptors, Kafka or Redis connections)
 
 Exit status: 0 when no anomaly was found, 1 when one was, 2 on a usage error.";
 
 fn args() -> Result<Args, String> {
-    let mut a = Args { seed: 0, minutes: 2.0, rate: 2_000, sources: 64, joins: 12, soak: false, sqlite: false };
+    let mut a =
+        Args { seed: 0, minutes: 2.0, rate: 2_000, sources: 64, joins: 12, soak: false, sqlite: false, without: Vec::new() };
     let mut seed = None;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -88,6 +93,15 @@ fn args() -> Result<Args, String> {
             "--joins" => a.joins = value("--joins")?.parse().map_err(|e| format!("--joins: {e}"))?,
             "--soak" => a.soak = true,
             "--sqlite" => a.sqlite = true,
+            "--without" => {
+                for name in value("--without")?.split(',').filter(|n| !n.is_empty()) {
+                    let f = Fault::ALL.into_iter().find(|f| f.flag() == name).ok_or_else(|| {
+                        let known: Vec<&str> = Fault::ALL.iter().map(|f| f.flag()).collect();
+                        format!("--without: unknown fault kind {name:?}; known: {}", known.join(", "))
+                    })?;
+                    a.without.push(f);
+                }
+            }
             "--help" | "-h" => {
                 println!("{HELP}");
                 std::process::exit(0);
@@ -97,6 +111,9 @@ fn args() -> Result<Args, String> {
     }
     if !(a.minutes > 0.0 && a.minutes <= 24.0 * 60.0) {
         return Err(format!("--minutes: {} is outside (0, 1440]", a.minutes));
+    }
+    if a.without.len() >= Fault::ALL.len() {
+        return Err("--without: at least one fault kind must stay".to_owned());
     }
     if a.rate == 0 || a.rate > 200_000 {
         return Err(format!("--rate: {} is outside 1..=200000", a.rate));
@@ -130,6 +147,9 @@ struct Sent {
     source: usize,
     seq: u64,
     told: Told,
+    /// When its `submit_many` call began and returned, in ms since the start.
+    submitted_ms: u32,
+    told_ms: u32,
 }
 
 fn classify(r: Result<dualstream::Receipt, BatchError>) -> Told {
@@ -151,6 +171,7 @@ fn classify(r: Result<dualstream::Receipt, BatchError>) -> Told {
                         | SinkError::RecordTooLarge { .. }
                         | SinkError::Closed
                         | SinkError::EarlierFailed { .. }
+                        | SinkError::Unavailable { .. }
                 ),
                 _ => false,
             };
@@ -210,6 +231,19 @@ impl Fault {
         Fault::BrokerKill,
         Fault::BrokerCut,
     ];
+
+    /// Its name on the command line.
+    fn flag(self) -> &'static str {
+        match self {
+            Fault::RedisKill => "redis-kill",
+            Fault::RedisHang => "redis-hang",
+            Fault::RedisSlow => "redis-slow",
+            Fault::RedisDebugSleep => "redis-debug-sleep",
+            Fault::BrokerHang => "broker-hang",
+            Fault::BrokerKill => "broker-kill",
+            Fault::BrokerCut => "broker-cut",
+        }
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -506,25 +540,43 @@ impl Anomalies {
     }
 }
 
+/// One anomalous write, for the run's detail lines.
+#[derive(Debug)]
+struct Finding {
+    kind: &'static str,
+    /// Its index in the submitted events, when the checker can tell.
+    sent: Option<usize>,
+    /// Where Kafka holds it.
+    stored_at: Vec<(i32, i64)>,
+}
+
 fn check(
     stored: &BTreeMap<(i32, i64), (String, usize, u64)>,
     sent: &[Sent],
     ids: &[String],
     notes: &[Notification],
     joins: &[JoinLog],
-) -> (Anomalies, u64) {
+) -> (Anomalies, u64, Vec<Finding>) {
     let mut a = Anomalies::default();
+    let mut findings = Vec::new();
     let mut where_: HashMap<&str, Vec<(i32, i64)>> = HashMap::new();
     for (pos, (id, _, _)) in stored {
         where_.entry(id.as_str()).or_default().push(*pos);
     }
+    let index_of: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
     a.duplicates = where_.values().map(|v| v.len() as u64 - 1).sum();
+    for (id, at) in where_.iter().filter(|(_, v)| v.len() > 1) {
+        findings.push(Finding { kind: "duplicate", sent: index_of.get(id).copied(), stored_at: at.clone() });
+    }
     let mut unknown_stored = 0;
-    for (s, id) in sent.iter().zip(ids) {
+    for (i, (s, id)) in sent.iter().zip(ids).enumerate() {
         let found = where_.get(id.as_str());
         match &s.told {
             Told::Acked { partition, offset } => match found {
-                None => a.lost += 1,
+                None => {
+                    a.lost += 1;
+                    findings.push(Finding { kind: "lost", sent: Some(i), stored_at: Vec::new() });
+                }
                 Some(v) if !v.contains(&(*partition, *offset)) => {
                     if a.wrong_position < 5 {
                         let there = stored.get(&(*partition, *offset)).map(|(id, s, q)| format!("{id} (s{s} seq {q})"));
@@ -537,18 +589,26 @@ fn check(
                 }
                 Some(_) => {}
             },
-            Told::AckedSomewhere if found.is_none() => a.lost += 1,
-            Told::Failed(_) if found.is_some() => a.failed_but_stored += 1,
+            Told::AckedSomewhere if found.is_none() => {
+                a.lost += 1;
+                findings.push(Finding { kind: "lost", sent: Some(i), stored_at: Vec::new() });
+            }
+            Told::Failed(_) if found.is_some() => {
+                a.failed_but_stored += 1;
+                findings.push(Finding { kind: "failed but stored", sent: Some(i), stored_at: found.cloned().unwrap_or_default() });
+            }
             Told::Unknown(_) if found.is_some() => unknown_stored += 1,
             _ => {}
         }
     }
     // Per source, the stored seqs in Kafka order must increase.
     let mut last: HashMap<usize, u64> = HashMap::new();
-    for (_, (_, source, seq)) in stored.iter() {
+    for (pos, (id, source, seq)) in stored.iter() {
         if let Some(prev) = last.insert(*source, *seq) {
             if *seq <= prev {
                 a.order += 1;
+                let stored_at = where_.get(id.as_str()).cloned().unwrap_or_else(|| vec![*pos]);
+                findings.push(Finding { kind: "order (stored after a later seq)", sent: index_of.get(id.as_str()).copied(), stored_at });
             }
         }
     }
@@ -585,7 +645,144 @@ fn check(
             }
         }
     }
-    (a, unknown_stored)
+    (a, unknown_stored, findings)
+}
+
+/// The broker's own record of the copies of duplicated events, read from
+/// its PostgreSQL tables: (partition, offset) → (writing transaction, when
+/// written). (tansu 0.6 keeps no producer id for a non-transactional
+/// producer's records.)
+fn broker_rows(broker: &OwnedBroker, at: &[(i32, i64)]) -> Result<HashMap<(i32, i64), (String, String)>, String> {
+    let mut rows = HashMap::new();
+    for chunk in at.chunks(500) {
+        let list: Vec<String> = chunk.iter().map(|(p, o)| format!("({p},{o})")).collect();
+        let sql = format!(
+            "select t.partition, r.offset_id, r.transaction_id::text, to_char(r.created_at, 'HH24:MI:SS.US') \
+             from record r join topition t on t.id = r.topition join topic k on k.id = t.topic \
+             where k.name = '{TOPIC}' and (t.partition, r.offset_id) in ({});",
+            list.join(",")
+        );
+        for line in broker.query_own_database(&sql)?.lines().filter(|l| !l.is_empty()) {
+            let f: Vec<&str> = line.split('|').collect();
+            let [p, o, txn, when] = f[..] else { return Err(format!("unexpected row {line:?}")) };
+            let num = |v: &str| v.parse::<i64>().map_err(|e| format!("{v:?}: {e}"));
+            rows.insert((num(p)? as i32, num(o)?), (txn.to_owned(), when.to_owned()));
+        }
+    }
+    Ok(rows)
+}
+
+/// Duplicates (and the order violations they make) that the broker's own
+/// tables prove are the broker's. The proof: the event's two copies were
+/// committed by two different broker transactions, and every event of the
+/// first transaction's block that is stored twice is stored again by the
+/// second, record for record at one fixed distance. That is one produce
+/// batch stored twice. librdkafka sends a batch again only with its
+/// original producer id, epoch and sequence, and neither dualstream nor
+/// this harness sends an event twice, so an idempotent broker must have
+/// refused the second copy. Prints the proof; returns (duplicates, order
+/// violations) so attributed. The run still fails on them.
+fn attribute_to_broker(broker: &OwnedBroker, findings: &[Finding]) -> (u64, u64) {
+    let at: Vec<(i32, i64)> =
+        findings.iter().filter(|f| f.stored_at.len() > 1).flat_map(|f| f.stored_at.iter().copied()).collect();
+    if at.is_empty() {
+        return (0, 0);
+    }
+    let rows = match broker_rows(broker, &at) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("\nbroker witness: could not read the broker's tables ({e}): nothing is attributed to the broker");
+            return (0, 0);
+        }
+    };
+    // Pairs of copies, grouped by their two transactions: (distances, partition, first offsets).
+    let mut blocks: BTreeMap<(String, String), (HashSet<i64>, i32, Vec<i64>)> = BTreeMap::new();
+    let pair = |f: &Finding| -> Option<(String, String, i32, i64, i64)> {
+        let [a, b] = f.stored_at[..] else { return None };
+        let ((ta, _), (tb, _)) = (rows.get(&a)?, rows.get(&b)?);
+        (a.0 == b.0 && ta != tb).then(|| (ta.clone(), tb.clone(), a.0, a.1, b.1))
+    };
+    for f in findings.iter().filter(|f| f.kind == "duplicate") {
+        if let Some((ta, tb, partition, first, second)) = pair(f) {
+            let block = blocks.entry((ta, tb)).or_insert_with(|| (HashSet::new(), partition, Vec::new()));
+            block.0.insert(second - first);
+            block.2.push(first);
+        }
+    }
+    let proven_block = |key: &(String, String)| blocks.get(key).is_some_and(|b| b.0.len() == 1);
+    let (mut duplicates, mut order) = (0, 0);
+    for f in findings.iter().filter(|f| f.stored_at.len() > 1) {
+        let Some((ta, tb, ..)) = pair(f) else { continue };
+        if proven_block(&(ta, tb)) {
+            if f.kind == "duplicate" {
+                duplicates += 1;
+            } else {
+                order += 1;
+            }
+        }
+    }
+    println!("\nbroker witness (the broker's PostgreSQL tables): duplicated blocks, by the transactions that wrote the two copies");
+    println!("\n| partition | first copy: transaction, offsets | second copy: transaction | distance | records | one batch stored twice |\n|---|---|---|---|---|---|");
+    for ((ta, tb), (distances, partition, firsts)) in &blocks {
+        let (lo, hi) = (firsts.iter().min().copied().unwrap_or(0), firsts.iter().max().copied().unwrap_or(0));
+        let distance: Vec<String> = distances.iter().map(i64::to_string).collect();
+        println!(
+            "| {partition} | {ta}, {lo}..={hi} | {tb} | {} | {} | {} |",
+            distance.join(", "),
+            firsts.len(),
+            if distances.len() == 1 { "yes" } else { "not proven" }
+        );
+    }
+    (duplicates, order)
+}
+
+/// One line per anomalous write: its receipt, partition and sequence, when
+/// it was submitted and answered, and the faults around that.
+fn print_findings(findings: &[Finding], sent: &[Sent], ids: &[String], faults: &[(Fault, Duration, Duration)]) {
+    if findings.is_empty() {
+        return;
+    }
+    let mut by: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    for f in findings {
+        let receipt = f.sent.map_or("not submitted by this run", |i| match sent[i].told {
+            Told::Acked { .. } => "acknowledged at a position",
+            Told::AckedSomewhere => "acknowledged without a position",
+            Told::Failed(_) => "failed (told: not stored)",
+            Told::Unknown(_) => "outcome unknown",
+        });
+        *by.entry((f.kind, receipt)).or_default() += 1;
+    }
+    println!("\n| anomaly | receipt the caller got | count |\n|---|---|---|");
+    for ((kind, receipt), n) in &by {
+        println!("| {kind} | {receipt} | {n} |");
+    }
+    const SHOWN: usize = 60;
+    println!("\nanomalous writes (the first {SHOWN}; times in ms since the start; faults within 2 s before the submit to 1 s after the answer):");
+    for f in findings.iter().take(SHOWN) {
+        let Some(i) = f.sent else {
+            println!("  {}: stored at {:?}, not an event this run submitted", f.kind, f.stored_at);
+            continue;
+        };
+        let s = &sent[i];
+        let (from, to) = (Duration::from_millis(s.submitted_ms.saturating_sub(2_000).into()), Duration::from_millis(u64::from(s.told_ms) + 1_000));
+        let around: Vec<String> = faults
+            .iter()
+            .filter(|(_, a, b)| *a <= to && *b >= from)
+            .map(|(k, a, b)| format!("{} {}..{}", k.name(), a.as_millis(), b.as_millis()))
+            .collect();
+        println!(
+            "  {}: {} s{} seq {} · told {:?} · submitted {} answered {} · stored at {:?} · faults: {}",
+            f.kind,
+            ids[i],
+            s.source,
+            s.seq,
+            s.told,
+            s.submitted_ms,
+            s.told_ms,
+            f.stored_at,
+            if around.is_empty() { "none".to_owned() } else { around.join(", ") }
+        );
+    }
 }
 
 fn rss_kib() -> u64 {
@@ -662,13 +859,14 @@ async fn main() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     let mode = if a.soak { "soak" } else { "chaos" };
     println!(
-        "{mode}: seed {} · {} min · {} events/s · {} sources · {} joins · broker log in {}",
+        "{mode}: seed {} · {} min · {} events/s · {} sources · {} joins · broker log in {} · faults left out: {:?}",
         a.seed,
         a.minutes,
         a.rate,
         a.sources,
         a.joins,
-        if a.sqlite { "SQLite" } else { "PostgreSQL" }
+        if a.sqlite { "SQLite" } else { "PostgreSQL" },
+        a.without.iter().map(|f| f.flag()).collect::<Vec<_>>()
     );
 
     // Services of our own: the broker behind a proxy it advertises, Redis
@@ -781,7 +979,9 @@ async fn main() {
                 if events.is_empty() {
                     continue;
                 }
+                let submitted_ms = started.elapsed().as_millis() as u32;
                 let results = engine.submit_many(events).await;
+                let told_ms = started.elapsed().as_millis() as u32;
                 let mut acked = 0;
                 let mut s = sent.lock().unwrap_or_else(PoisonError::into_inner);
                 let mut ids = sent_ids.lock().unwrap_or_else(PoisonError::into_inner);
@@ -789,7 +989,7 @@ async fn main() {
                     let told = classify(r);
                     acked += u64::from(matches!(told, Told::Acked { .. } | Told::AckedSomewhere));
                     if retain {
-                        s.push(Sent { source, seq, told });
+                        s.push(Sent { source, seq, told, submitted_ms, told_ms });
                         ids.push(id);
                     } else {
                         counts.add(&told);
@@ -805,6 +1005,7 @@ async fn main() {
         .collect();
 
     // The schedule.
+    let kinds: Vec<Fault> = Fault::ALL.into_iter().filter(|f| !a.without.contains(f)).collect();
     let run = Duration::from_secs_f64(a.minutes * 60.0);
     let mut rng = StdRng::seed_from_u64(a.seed);
     let mut faults: Vec<(Fault, Duration, Duration)> = Vec::new();
@@ -834,7 +1035,7 @@ async fn main() {
             }
             continue;
         }
-        let fault = Fault::ALL[rng.random_range(0..Fault::ALL.len())];
+        let fault = kinds[rng.random_range(0..kinds.len())];
         let hold = Duration::from_millis(rng.random_range(1_500..5_000));
         let from = started.elapsed();
         inject(&services, fault, hold, &mut rng).await;
@@ -843,27 +1044,36 @@ async fn main() {
         tokio::time::sleep(calm.min(run.saturating_sub(started.elapsed()))).await;
     }
     stop.store(true, Ordering::Relaxed);
+    // A harness task that panicked took its log with it: the run fails.
+    let mut harness_panics = 0;
     for p in publishers {
-        let _ = p.await;
+        harness_panics += usize::from(p.await.is_err());
     }
     let mut join_logs = Vec::new();
     let mut join_errors = 0;
     for j in joiners {
-        if let Ok((logs, errors)) = j.await {
-            join_logs.extend(logs);
-            join_errors += errors;
+        match j.await {
+            Ok((logs, errors)) => {
+                join_logs.extend(logs);
+                join_errors += errors;
+            }
+            Err(_) => harness_panics += 1,
         }
     }
     engine.shutdown().await;
     // Let the last notifications arrive.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let notes = witness_task.await.unwrap_or_default();
+    let notes = witness_task.await.unwrap_or_else(|_| {
+        harness_panics += 1;
+        Vec::new()
+    });
     let elapsed = started.elapsed();
 
     // The checker: an independent read of the whole topic.
     let b = brokers.clone();
     let sent = std::mem::take(&mut *sent.lock().unwrap_or_else(PoisonError::into_inner));
     let ids = std::mem::take(&mut *sent_ids.lock().unwrap_or_else(PoisonError::into_inner));
+    let mut findings = Vec::new();
     let (stored_len, anomalies, unknown_stored, acked, failed, unknown, somewhere) = if retain {
         let stored = match tokio::task::spawn_blocking(move || read_back(&b)).await.expect("read back") {
             Ok(s) => s,
@@ -873,7 +1083,8 @@ async fn main() {
                 std::process::exit(1);
             }
         };
-        let (anomalies, unknown_stored) = check(&stored, &sent, &ids, &notes, &join_logs);
+        let (anomalies, unknown_stored, found) = check(&stored, &sent, &ids, &notes, &join_logs);
+        findings = found;
         let somewhere = sent.iter().filter(|s| matches!(s.told, Told::AckedSomewhere)).count();
         let acked = sent.iter().filter(|s| matches!(s.told, Told::Acked { .. })).count() + somewhere;
         let failed = sent.iter().filter(|s| matches!(s.told, Told::Failed(_))).count();
@@ -946,9 +1157,41 @@ async fn main() {
     println!("| join gap | {} |", anomalies.join_gaps);
     println!("| join duplicate | {} |", anomalies.join_duplicates);
 
+    print_findings(&findings, &sent, &ids, &faults);
+    let (broker_duplicates, broker_order) = if a.sqlite || findings.is_empty() {
+        (0, 0)
+    } else {
+        attribute_to_broker(&services.broker.lock().unwrap_or_else(PoisonError::into_inner), &findings)
+    };
+    if broker_duplicates + broker_order > 0 {
+        println!(
+            "\nproven the broker's: {broker_duplicates} of {} duplicates and {broker_order} of {} order violations \
+             (one produce batch committed twice by two broker transactions: the broker's idempotence let a retried \
+             batch through; see docs/reliability.md). The run still fails on them.",
+            anomalies.duplicates, anomalies.order
+        );
+    }
+
     let mut failed_run = anomalies.total() > 0;
+    if harness_panics > 0 {
+        println!("\n{harness_panics} harness tasks panicked: their logs are missing, so the run proves nothing");
+        failed_run = true;
+    }
     if acked == 0 {
         println!("\nno event was acknowledged: the run proves nothing");
+        failed_run = true;
+    }
+    // Bounds on what the checker cannot hold to a position: a regression
+    // that turned acknowledgements into errors, or receipts into
+    // positionless ones, would otherwise pass.
+    let submitted = acked + failed + unknown;
+    let unknown_bound = submitted / 100;
+    if unknown > unknown_bound {
+        println!("\noutcome unknown for {unknown} events, over the bound of 1 % of those submitted ({unknown_bound})");
+        failed_run = true;
+    }
+    if somewhere > 0 {
+        println!("\n{somewhere} receipts without a position: the Kafka sink reports an acknowledgement it cannot reconcile as outcome unknown, never as stored");
         failed_run = true;
     }
     if a.soak {
@@ -980,6 +1223,25 @@ async fn main() {
         }
         println!("\n{} samples, every 5 s; the first fifth is warm-up and not fitted", samples.len());
     }
+    // One line for `cargo xtask chaos --seeds N` to collect.
+    println!(
+        "\nsummary: seed={} minutes={:.1} faults={} submitted={submitted} acked={acked} failed={failed} unknown={unknown} \
+         unknown_stored={unknown_stored} positionless={somewhere} lost={} duplicates={} order={} failed_but_stored={} \
+         wrong_position={} bad_notifications={} join_gaps={} join_duplicates={} broker_duplicates={broker_duplicates} \
+         broker_order={broker_order} result={}",
+        a.seed,
+        elapsed.as_secs_f64() / 60.0,
+        faults.len(),
+        anomalies.lost,
+        anomalies.duplicates,
+        anomalies.order,
+        anomalies.failed_but_stored,
+        anomalies.wrong_position,
+        anomalies.bad_notifications,
+        anomalies.join_gaps,
+        anomalies.join_duplicates,
+        if failed_run { "FAILED" } else { "ok" }
+    );
     println!("\nresult: {}", if failed_run { "FAILED" } else { "ok" });
     // exit() runs no destructors: stop the run's broker and Redis (and drop
     // the broker's database) first.
