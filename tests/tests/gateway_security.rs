@@ -1,0 +1,472 @@
+//! The gateway against hostile clients, black-box over real HTTP on the real services: another site
+//! using a browser's cookie (WebSocket, a form post), subscriptions left behind by their connection,
+//! slowloris, oversized frames, the connection and rate limits, the anonymous dashboard feed, and
+//! tickets used twice. Each test is an attack that worked before the limits and checks of issue #20.
+
+use std::time::{Duration, Instant};
+
+use dualstream_tests::gateway::{user_event, Sse, TestGateway};
+use dualstream_tests::{init_tracing, kafka_brokers, read_topic};
+use futures::{SinkExt, StreamExt};
+use proptest::prelude::*;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const EVIL: &str = "https://evil.example";
+
+fn urlenc(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket upgrade with these headers: the socket, or the HTTP status and body it was refused with.
+async fn ws_open(gw: &TestGateway, query: &str, headers: &[(&'static str, String)]) -> Result<Ws, (u16, Value)> {
+    let mut req = format!("ws://{}/v1/ws{query}", gw.addr()).into_client_request().expect("request");
+    for (k, v) in headers {
+        req.headers_mut().insert(*k, v.parse().expect("header"));
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            let body = r.body().as_deref().and_then(|b| serde_json::from_slice(b).ok()).unwrap_or(Value::Null);
+            Err((r.status().as_u16(), body))
+        }
+        Err(e) => panic!("ws connect: {e}"),
+    }
+}
+
+async fn ws_send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.expect("send");
+}
+
+async fn ws_reply(ws: &mut Ws) -> Value {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(15), ws.next()).await.expect("a reply within 15 s") {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(t.as_str()).expect("json"),
+            Some(Ok(_)) => continue,
+            other => panic!("the connection ended: {other:?}"),
+        }
+    }
+}
+
+fn code(v: &Value) -> Option<&str> {
+    v["error"]["code"].as_str()
+}
+
+/// Poll the admin `/readyz` until the hub has `want` subscribers; the last count.
+async fn hub_subscribers_reach(gw: &TestGateway, want: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = gw.readyz().await["hub"]["subscribers"].as_u64().expect("hub subscribers");
+        if n == want || Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_site_cannot_open_a_websocket_with_the_cookie() {
+    init_tracing();
+    let gw = TestGateway::start(|_| {}).await;
+    let a = gw.channel("a");
+    let cookie = format!("dualstream_token={}", gw.token(&[&a], &[]));
+    let own = format!("http://{}", gw.addr());
+    for (what, origin) in [("another site", Some(EVIL.to_owned())), ("no Origin", None), ("a sibling port", Some(format!("http://127.0.0.1:{}", gw.addr().port() + 1)))] {
+        let mut headers = vec![("cookie", cookie.clone())];
+        headers.extend(origin.map(|o| ("origin", o)));
+        let (status, body) = ws_open(&gw, "", &headers).await.err().unwrap_or_else(|| panic!("{what}: upgraded"));
+        assert_eq!((status, code(&body)), (403, Some("origin_not_allowed")), "{what}: {body}");
+    }
+    // Every upgrade is checked, whatever its credentials.
+    let bearer = format!("Bearer {}", gw.token(&[&a], &[]));
+    let (status, _) = ws_open(&gw, "", &[("authorization", bearer.clone()), ("origin", EVIL.into())]).await.err().expect("refused");
+    assert_eq!(status, 403);
+    // The gateway's own page may.
+    let mut ws = ws_open(&gw, "", &[("cookie", cookie), ("origin", own)]).await.expect("same origin upgrades");
+    ws_send(&mut ws, json!({"op": "subscribe", "channels": [&a]})).await;
+    assert_eq!(ws_reply(&mut ws).await["kind"], "subscribed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cross_site_form_post_stores_nothing() {
+    init_tracing();
+    let gw = TestGateway::start(|_| {}).await;
+    let cookie = format!("dualstream_token={}", gw.token(&[], &["user"]));
+    let own = format!("http://{}", gw.addr());
+    let body = user_event("a", 1).to_string();
+    let post = |origin: Option<&str>, ct: &str| {
+        let mut req = gw.http.post(format!("{}/v1/events", gw.base)).header("cookie", &cookie).header("content-type", ct);
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        let body = body.clone();
+        async move {
+            let r = req.body(body).send().await.expect("post");
+            (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    // What an HTML form on another site sends: no preflight, the victim's cookie.
+    let (s, v) = post(Some(EVIL), "text/plain").await;
+    assert_eq!((s, code(&v)), (403, Some("origin_not_allowed")), "{v}");
+    let (s, v) = post(Some(EVIL), "application/json").await;
+    assert_eq!((s, code(&v)), (403, Some("origin_not_allowed")), "{v}");
+    let (s, v) = post(None, "application/json").await;
+    assert_eq!((s, code(&v)), (403, Some("origin_not_allowed")), "a cookie POST without Origin: {v}");
+    let (s, v) = post(Some(&own), "text/plain").await;
+    assert_eq!((s, code(&v)), (415, Some("unsupported_media_type")), "{v}");
+    // The gateway's own page, with JSON: stored, and the only record.
+    let (s, v) = post(Some(&own), "application/json; charset=utf-8").await;
+    assert_eq!(s, 200, "{v}");
+    let records = read_topic(&kafka_brokers(), &gw.topic, 1, Duration::from_secs(15));
+    assert_eq!(records.len(), 1, "a refused post was stored");
+    // Two token cookies (one tossed in by a sibling domain): neither is trusted.
+    let r = gw
+        .http
+        .post(format!("{}/v1/events", gw.base))
+        .header("cookie", format!("{cookie}; dualstream_token=tossed"))
+        .header("origin", &own)
+        .json(&user_event("a", 2))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(code(&r.json::<Value>().await.expect("json")), Some("duplicate_cookie"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_connections_naming_a_channel_sixty_times_leave_no_subscriber_behind() {
+    init_tracing();
+    let gw = TestGateway::start(|c| {
+        c.limits.max_streams_per_subject = 200;
+        c.limits.max_streams_per_address = 200;
+    })
+    .await;
+    let a = gw.channel("a");
+    let baseline = gw.readyz().await["hub"]["subscribers"].as_u64().expect("subscribers");
+    let query = std::iter::repeat_n(format!("channel={}", urlenc(&a)), 60).collect::<Vec<_>>().join("&");
+    let url = format!("{}/v1/stream?{query}", gw.base);
+    let auth = format!("Bearer {}", gw.token(&[&a], &[]));
+    let opened = futures::stream::iter(0..100)
+        .map(|_| async {
+            let mut sse = Sse::open(&gw.http, &url, &[("authorization", &auth)]).await;
+            assert_eq!(sse.status, 200, "{}", sse.error);
+            let f = sse.next(Duration::from_secs(20)).await.expect("subscribed");
+            assert_eq!(f.json()["subscriptions"], json!([&a]), "the name counts once");
+            sse
+        })
+        .buffer_unordered(10)
+        .collect::<Vec<_>>()
+        .await;
+    assert_eq!(gw.readyz().await["clients"]["sse"], 100);
+    drop(opened);
+    let left = hub_subscribers_reach(&gw, baseline).await;
+    assert_eq!(left, baseline, "hub subscribers left behind by closed connections");
+}
+
+/// One step of a WebSocket client.
+#[derive(Clone, Debug)]
+enum Op {
+    /// Subscribe to these of the test's channels (indices; repeats allowed) and maybe its pattern.
+    Subscribe(Vec<usize>, bool),
+    /// Unsubscribe from these.
+    Unsubscribe(Vec<usize>, bool),
+    /// Close the connection and open another.
+    Reconnect,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let names = proptest::collection::vec(0usize..5, 0..8);
+    prop_oneof![
+        4 => (names.clone(), any::<bool>()).prop_map(|(n, p)| Op::Subscribe(n, p)),
+        3 => (names, any::<bool>()).prop_map(|(n, p)| Op::Unsubscribe(n, p)),
+        1 => Just(Op::Reconnect),
+    ]
+}
+
+/// The channel of an index: 0 to 3 are `user` channels, 4 a `repo` channel outside the token's claims
+/// (a subscribe naming it is refused whole).
+fn channel_of(gw: &TestGateway, i: usize) -> String {
+    if i == 4 { format!("{}:repo:x", gw.prefix) } else { gw.channel(&format!("p{i}")) }
+}
+
+/// Run the commands on one connection (a new one after `Reconnect`), checking each reply.
+async fn run_ops(gw: &TestGateway, token: &str, ops: &[Op]) {
+    let names = |idx: &[usize]| idx.iter().map(|i| channel_of(gw, *i)).collect::<Vec<_>>();
+    let pattern = format!("{}:user:*", gw.prefix);
+    let auth = [("authorization", format!("Bearer {token}"))];
+    let mut ws = ws_open(gw, "", &auth).await.expect("upgrade");
+    for op in ops {
+        match op {
+            Op::Subscribe(idx, p) => {
+                let patterns: Vec<&String> = p.then_some(&pattern).into_iter().collect();
+                ws_send(&mut ws, json!({"op": "subscribe", "channels": names(idx), "patterns": patterns})).await;
+                let reply = ws_reply(&mut ws).await;
+                let forbidden = idx.contains(&4);
+                assert_eq!(reply["kind"], if forbidden { "error" } else { "subscribed" }, "{op:?}: {reply}");
+            }
+            Op::Unsubscribe(idx, p) => {
+                let patterns: Vec<&String> = p.then_some(&pattern).into_iter().collect();
+                ws_send(&mut ws, json!({"op": "unsubscribe", "channels": names(idx), "patterns": patterns})).await;
+                assert_eq!(ws_reply(&mut ws).await["kind"], "subscribed");
+            }
+            Op::Reconnect => {
+                drop(ws);
+                ws = ws_open(gw, "", &auth).await.expect("upgrade");
+            }
+        }
+    }
+}
+
+/// Whatever a client subscribes, unsubscribes and disconnects, the hub's subscribers return to
+/// where they were once its connections are closed.
+#[test]
+fn hub_subscribers_return_to_baseline_after_any_command_sequence() {
+    init_tracing();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let gw = rt.block_on(TestGateway::start(|c| c.limits.commands_per_sec = 10_000));
+    let token = gw.token(&[&format!("{}:user:*", gw.prefix)], &[]);
+    let baseline = rt.block_on(gw.readyz())["hub"]["subscribers"].as_u64().expect("subscribers");
+    let config = ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    runner
+        .run(&proptest::collection::vec(op(), 1..12), |ops| {
+            rt.block_on(run_ops(&gw, &token, &ops));
+            let left = rt.block_on(hub_subscribers_reach(&gw, baseline));
+            prop_assert_eq!(left, baseline, "hub subscribers after {:?}", ops);
+            Ok(())
+        })
+        .expect("every sequence returns to the baseline");
+}
+
+/// Connect, send `bytes`, and read until the server closes; `None` when it has not closed within 20 s.
+async fn closed_after(gw: &TestGateway, bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut s = TcpStream::connect(gw.addr()).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return Some(got),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_connections_are_closed_within_the_header_timeout() {
+    init_tracing();
+    let gw = TestGateway::start(|c| c.limits.header_read_timeout_ms = 300).await;
+    let partial = b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: ";
+    let conns = (0..20).map(|i| closed_after(&gw, if i % 4 == 0 { b"" } else { partial }));
+    for (i, closed) in futures::future::join_all(conns).await.into_iter().enumerate() {
+        assert!(closed.is_some(), "connection {i} (partial headers or nothing) was still open after 20 s");
+    }
+    // A complete request is still answered.
+    let r = gw.http.get(format!("{}/healthz", gw.base)).send().await.expect("healthz");
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_websocket_frame_is_refused_from_its_header() {
+    init_tracing();
+    let gw = TestGateway::start(|c| c.limits.max_body_bytes = 4_096).await;
+    let token = gw.token(&[&gw.channel("a")], &[]);
+    let upgrade = format!(
+        "GET /v1/ws HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {token}\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        gw.addr()
+    );
+    let mut s = TcpStream::connect(gw.addr()).await.expect("connect");
+    s.write_all(upgrade.as_bytes()).await.expect("upgrade");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.expect("response");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    // A masked text frame that says it carries 2 MiB; only its first bytes follow. Before the limit
+    // applied to frames, the gateway waited for (and buffered) all of it.
+    let mut frame = vec![0x81, 0x80 | 127];
+    frame.extend_from_slice(&(2u64 << 20).to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    frame.extend_from_slice(&[b'x'; 100]);
+    s.write_all(&frame).await.expect("frame");
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the connection stayed open waiting for the 2 MiB frame");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_connection_and_command_limits_refuse_with_typed_errors() {
+    init_tracing();
+    let gw = TestGateway::start(|c| {
+        c.limits.max_streams_per_subject = 2;
+        c.limits.max_streams_per_address = 3;
+        c.limits.commands_per_sec = 1;
+    })
+    .await;
+    let a = gw.channel("a");
+    let url = format!("{}/v1/stream?channel={}", gw.base, urlenc(&a));
+    let bearer = |sub: &str| {
+        let claims = gw.gateway.auth().claims(Some(sub.into()), vec![a.clone()], vec![], 3_600);
+        format!("Bearer {}", gw.token_with(&claims))
+    };
+    let open = |auth: String| {
+        let (http, url) = (gw.http.clone(), url.clone());
+        async move { Sse::open(&http, &url, &[("authorization", &auth)]).await }
+    };
+    // Per subject.
+    let first = open(bearer("alice")).await;
+    let _second = open(bearer("alice")).await;
+    assert_eq!((first.status, _second.status), (200, 200));
+    let r = gw.http.get(&url).header("authorization", bearer("alice")).send().await.expect("get");
+    assert_eq!(r.status().as_u16(), 429);
+    assert!(r.headers().contains_key("retry-after"), "a 429 says when to retry");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!((code(&v), v["error"]["field"].as_str()), (Some("too_many_streams"), Some("limits.max_streams_per_subject")), "{v}");
+    // Per address: a third subject's stream is this address's third, a fourth subject's is refused.
+    let _third = open(bearer("bob")).await;
+    assert_eq!(_third.status, 200);
+    let fourth = open(bearer("carol")).await;
+    assert_eq!((fourth.status, fourth.error["error"]["field"].as_str()), (429, Some("limits.max_streams_per_address")));
+    // A closed stream frees its slot.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let again = open(bearer("alice")).await;
+        if again.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the closed stream's slot was never freed: {}", again.error);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop((_second, _third));
+
+    // WebSocket commands: 1 a second with a burst of 1; 30 sent back to back.
+    let gw2 = TestGateway::start(|c| c.limits.commands_per_sec = 1).await;
+    let mut ws = ws_open(&gw2, "", &[("authorization", format!("Bearer {}", gw2.token(&[], &[])))]).await.expect("upgrade");
+    for _ in 0..30 {
+        ws_send(&mut ws, json!({"op": "unsubscribe", "channels": ["x"]})).await;
+    }
+    let mut limited = 0;
+    for _ in 0..30 {
+        let v = ws_reply(&mut ws).await;
+        if v["code"] == "rate_limited" {
+            assert_eq!(v["field"], "limits.commands_per_sec", "{v}");
+            limited += 1;
+        }
+    }
+    assert!(limited >= 20, "only {limited} of 30 back-to-back commands were refused at 1/s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_get_a_503() {
+    init_tracing();
+    let gw = TestGateway::start(|c| c.limits.max_connections = 4).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(gw.addr()).await.expect("connect");
+        // A complete request on each, so that each is known to be served.
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.expect("write");
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await.expect("response");
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        held.push(s);
+    }
+    let refused = closed_after(&gw, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.expect("answered and closed");
+    let text = String::from_utf8_lossy(&refused);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("retry-after: 1") && text.contains("too_many_connections"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_token_is_refused_before_its_body_is_read() {
+    init_tracing();
+    let gw = TestGateway::start(|_| {}).await;
+    let reader = gw.token(&[&gw.channel("a")], &[]);
+    // Headers that announce 500 kB (under the body limit), and no body: the answer must not wait for it.
+    let req = format!(
+        "POST /v1/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {reader}\r\ncontent-type: application/json\r\n\
+         content-length: 500000\r\nconnection: close\r\n\r\n"
+    );
+    let mut s = TcpStream::connect(gw.addr()).await.expect("connect");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut buf))
+        .await
+        .expect("answered without the body")
+        .expect("read");
+    assert_eq!(&buf, b"HTTP/1.1 403");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_metrics_and_readiness_detail_need_an_admin_token() {
+    init_tracing();
+    let gw = TestGateway::start(|_| {}).await;
+    let reader = format!("Bearer {}", gw.token(&[&gw.channel("a")], &["user"]));
+    let admin = format!("Bearer {}", gw.admin_token());
+    let get = |path: &str, auth: Option<&str>| {
+        let mut req = gw.http.get(format!("{}{path}", gw.base));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        async move { req.send().await.expect("get").status().as_u16() }
+    };
+    assert_eq!(get("/v1/dashboard", None).await, 401, "the anonymous feed");
+    assert_eq!(get("/v1/dashboard", Some(&reader)).await, 403, "a token without admin");
+    assert_eq!(get("/metrics", None).await, 401);
+    assert_eq!(get("/metrics", Some(&reader)).await, 403);
+    assert_eq!(get("/healthz", None).await, 200);
+    let anonymous: Value = gw.http.get(format!("{}/readyz", gw.base)).send().await.expect("readyz").json().await.expect("json");
+    assert_eq!(anonymous, json!({"ready": true}), "readiness only, no detail");
+    assert!(gw.readyz().await["hub"].is_object(), "the detail for the admin");
+    let mut feed = Sse::open(&gw.http, &format!("{}/v1/dashboard", gw.base), &[("authorization", &admin)]).await;
+    assert_eq!(feed.status, 200);
+    assert_eq!(feed.next(Duration::from_secs(10)).await.expect("state").event, "state");
+    // A dashboard ticket, for the page's EventSource: only from an admin token, once.
+    let (s, _) = gw.ticket(&gw.token(&[&gw.channel("a")], &[]), &json!({"dashboard": true})).await;
+    assert_eq!(s, 403);
+    let (s, v) = gw.ticket(&gw.admin_token(), &json!({"dashboard": true})).await;
+    assert_eq!(s, 200, "{v}");
+    let url = format!("{}/v1/dashboard?ticket={}", gw.base, v["ticket"].as_str().expect("ticket"));
+    assert_eq!(Sse::open(&gw.http, &url, &[]).await.status, 200);
+    assert_eq!(Sse::open(&gw.http, &url, &[]).await.status, 401, "the ticket again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_opens_one_stream_of_what_it_names() {
+    init_tracing();
+    let gw = TestGateway::start(|_| {}).await;
+    let (a, b) = (gw.channel("a"), gw.channel("b"));
+    let token = gw.token(&[&format!("{}:user:*", gw.prefix)], &[]);
+    let (s, v) = gw.ticket(&token, &json!({"channels": [&a]})).await;
+    assert_eq!(s, 200, "{v}");
+    let ticket = v["ticket"].as_str().expect("ticket").to_owned();
+    let stream = |ch: &str, t: &str| format!("{}/v1/stream?channel={}&ticket={t}", gw.base, urlenc(ch));
+    // Another channel than the one named: refused (and the ticket is spent on the attempt).
+    let wrong = Sse::open(&gw.http, &stream(&b, &ticket), &[]).await;
+    assert_eq!((wrong.status, code(&wrong.error)), (403, Some("forbidden")), "{}", wrong.error);
+    let (_, v) = gw.ticket(&token, &json!({"channels": [&a]})).await;
+    let ticket = v["ticket"].as_str().expect("ticket").to_owned();
+    let mut first = Sse::open(&gw.http, &stream(&a, &ticket), &[]).await;
+    assert_eq!(first.status, 200, "{}", first.error);
+    assert_eq!(first.next(Duration::from_secs(10)).await.expect("subscribed").event, "subscribed");
+    let again = Sse::open(&gw.http, &stream(&a, &ticket), &[]).await;
+    assert_eq!((again.status, code(&again.error)), (401, Some("ticket_used")), "{}", again.error);
+    let (status, body) = ws_open(&gw, &format!("?ticket={ticket}"), &[]).await.err().expect("refused");
+    assert_eq!((status, code(&body)), (401, Some("ticket_used")));
+    // A ticket names only what its token reads, and names something.
+    let (s, v) = gw.ticket(&token, &json!({"channels": [format!("{}:repo:x", gw.prefix)]})).await;
+    assert_eq!((s, code(&v)), (403, Some("forbidden")), "{v}");
+    let (s, v) = gw.ticket(&token, &json!({})).await;
+    assert_eq!((s, code(&v)), (400, Some("invalid_ticket_request")), "{v}");
+}
