@@ -51,6 +51,15 @@ enum Cmd {
     },
     /// Bring the stack up, run every test of the workspace, bring down what was started.
     Test {
+        /// Run only these integration-test targets of `dualstream-tests` (for example `consumer`,
+        /// `gateway`) and these packages' unit tests (`-p`-style names such as `dualstream-consumer`),
+        /// instead of the whole workspace.
+        #[arg(long = "only", value_name = "TARGET")]
+        only: Vec<String>,
+        /// Keep this many busy loops (`sh -c 'while :; do :; done'`) running beside the tests:
+        /// idle cores hide races.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
+        busy: u32,
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -218,7 +227,27 @@ fn main() -> ExitCode {
         Cmd::Up { durable, redis_cluster } => stack::up(durable, redis_cluster).map(|s| s.print()),
         Cmd::Down { wipe } => stack::down().and_then(|()| if wipe { stack::wipe_durable() } else { Ok(()) }),
         Cmd::InstallTansu => stack::install_tansu().map(|p| println!("tansu: {}", p.display())),
-        Cmd::Test { args } => stack::install_tansu().and_then(|_| with_stack(|s| {
+        Cmd::Test { only, busy, args } if !only.is_empty() => stack::install_tansu().and_then(|_| with_stack(|s| {
+            let mut totals = (0, 0);
+            let mut cmd = cargo();
+            cmd.args(["test", "--no-fail-fast"]);
+            for t in &only {
+                if t.starts_with("dualstream-") {
+                    cmd.args(["-p", t, "--lib"]);
+                } else {
+                    cmd.args(["-p", "dualstream-tests", "--test", t]);
+                }
+            }
+            if !args.is_empty() {
+                cmd.arg("--").args(&args);
+            }
+            let _busy = reliability::Busy::start(busy as usize)?;
+            let result = run_tests(s.env(&mut cmd), &mut totals);
+            println!("xtask: {} passed, {} failed", totals.0, totals.1);
+            result
+        })),
+        Cmd::Test { only: _, busy, args } => stack::install_tansu().and_then(|_| with_stack(|s| {
+            let _busy = reliability::Busy::start(busy as usize)?;
             let mut totals = (0, 0);
             let unit = run_tests(s.env(cargo().args(["test", "--workspace", "--all-targets", "--no-fail-fast"]).args(&args)), &mut totals);
             let doc = run_tests(s.env(cargo().args(["test", "--workspace", "--doc"])), &mut totals);

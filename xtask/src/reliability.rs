@@ -35,10 +35,10 @@ fn chaos_command(debug: bool, tansu: &std::path::Path) -> Command {
 }
 
 /// Busy loops, killed when dropped.
-struct Busy(Vec<Child>);
+pub(crate) struct Busy(Vec<Child>);
 
 impl Busy {
-    fn start(n: usize) -> Result<Self, String> {
+    pub(crate) fn start(n: usize) -> Result<Self, String> {
         let mut children = Vec::with_capacity(n);
         for _ in 0..n {
             let child = Command::new("sh")
@@ -49,7 +49,7 @@ impl Busy {
             children.push(child);
         }
         if n > 0 {
-            eprintln!("xtask: {n} busy loops beside the runs");
+            eprintln!("xtask: {n} busy loops running beside");
         }
         Ok(Self(children))
     }

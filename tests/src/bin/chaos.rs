@@ -184,9 +184,14 @@ fn classify(r: Result<dualstream::Receipt, BatchError>) -> Told {
     }
 }
 
-fn short_error(e: &impl std::fmt::Display) -> String {
-    let s = e.to_string();
-    s.chars().take(80).collect()
+/// The error's kind and reason, without the event's id, so the run's table
+/// counts reasons rather than events.
+fn short_error(e: &BatchError) -> String {
+    let s = match e {
+        BatchError::Publish(PublishError::Durable(d)) => d.error.to_string(),
+        other => other.to_string(),
+    };
+    s.chars().take(100).collect()
 }
 
 /// What the soak keeps instead of a log.
@@ -450,7 +455,19 @@ fn read_back(brokers: &str) -> Result<BTreeMap<(i32, i64), (String, usize, u64)>
     let mut tpl = TopicPartitionList::new();
     let mut highs = HashMap::new();
     for p in 0..PARTITIONS {
-        let (_, high) = consumer.fetch_watermarks(TOPIC, p, Duration::from_secs(30)).expect("watermarks");
+        // The broker may still be coming back from the last fault: ask
+        // for up to two minutes, then fail the run saying so.
+        let mut tries = 0;
+        let (_, high) = loop {
+            match consumer.fetch_watermarks(TOPIC, p, Duration::from_secs(10)) {
+                Ok(marks) => break marks,
+                Err(e) if tries < 12 => {
+                    tries += 1;
+                    eprintln!("checker: watermarks of partition {p}: {e}; asking again");
+                }
+                Err(e) => return Err(format!("the broker did not answer for the read-back: watermarks of partition {p}: {e}")),
+            }
+        };
         highs.insert(p, high);
         tpl.add_partition_offset(TOPIC, p, Offset::Beginning).expect("tpl");
     }
