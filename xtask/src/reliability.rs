@@ -24,13 +24,23 @@ pub(crate) struct Plan {
     pub(crate) busy: usize,
 }
 
+/// `cargo run` of the chaos binary, or the binary named by
+/// `DUALSTREAM_CHAOS_BIN` (one fixed build for a long table of seeds, while
+/// the source tree changes).
 fn chaos_command(debug: bool, tansu: &std::path::Path) -> Command {
-    let mut cmd = cargo();
-    cmd.args(["run", "--quiet", "-p", "dualstream-tests", "--bin", "chaos"]);
-    if !debug {
-        cmd.arg("--release");
-    }
-    cmd.arg("--").env("DUALSTREAM_TANSU", tansu);
+    let mut cmd = match std::env::var_os("DUALSTREAM_CHAOS_BIN") {
+        Some(bin) => Command::new(bin),
+        None => {
+            let mut cmd = cargo();
+            cmd.args(["run", "--quiet", "-p", "dualstream-tests", "--bin", "chaos"]);
+            if !debug {
+                cmd.arg("--release");
+            }
+            cmd.arg("--");
+            cmd
+        }
+    };
+    cmd.env("DUALSTREAM_TANSU", tansu);
     cmd
 }
 
