@@ -25,13 +25,10 @@ pub(crate) async fn feed(State(state): State<Arc<AppState>>, headers: HeaderMap,
     let ticket = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
         .find(|(k, _)| k == "ticket")
         .map(|(_, v)| v.into_owned());
-    match crate::admin(&state, &headers, ticket.as_deref()) {
-        Ok(Some(_)) => {}
-        Ok(None) => {
-            let e = crate::AuthError::Missing { cookie: state.config.auth.cookie.clone() };
-            return crate::ingest::error(e.status(), e.code(), &e, json!({}));
-        }
-        Err(r) => return r,
+    if let Err(e) = crate::admin(&state, &headers, ticket.as_deref())
+        .and_then(|a| a.ok_or_else(|| crate::AuthError::Missing { cookie: state.config.auth.cookie.clone() }))
+    {
+        return crate::auth_error(&e);
     }
     let mut shutdown = state.shutdown.subscribe();
     let ticks = futures::stream::unfold((state, true), |(state, first)| async move {

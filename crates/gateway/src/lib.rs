@@ -276,7 +276,7 @@ async fn refuse_connection(mut stream: tokio::net::TcpStream, limit: usize) {
     .await;
 }
 
-fn auth_error(e: &AuthError) -> Response {
+pub(crate) fn auth_error(e: &AuthError) -> Response {
     ingest::error(e.status(), e.code(), e, json!({}))
 }
 
@@ -336,18 +336,17 @@ async fn session_route(State(state): State<Arc<AppState>>, headers: HeaderMap) -
 }
 
 /// The admin's token, when the request sends one: `Ok(None)` with no
-/// credentials, an error response for a bad token or one without `admin`.
-pub(crate) fn admin(state: &AppState, headers: &HeaderMap, ticket: Option<&str>) -> Result<Option<Verified>, Response> {
+/// credentials, an error for a bad token or one without `admin`.
+pub(crate) fn admin(state: &AppState, headers: &HeaderMap, ticket: Option<&str>) -> Result<Option<Verified>, AuthError> {
     let has_cookie = headers.get_all(header::COOKIE).iter().any(|v| {
         v.to_str().is_ok_and(|v| v.split(';').any(|kv| kv.trim().starts_with(&format!("{}=", state.config.auth.cookie))))
     });
     if ticket.is_none() && headers.get(header::AUTHORIZATION).is_none() && !has_cookie {
         return Ok(None);
     }
-    match state.auth.for_stream(headers, ticket, Check::Safe) {
-        Ok(v) if v.is_admin() => Ok(Some(v)),
-        Ok(_) => Err(auth_error(&AuthError::Forbidden("this needs a token with the admin claim".into()))),
-        Err(e) => Err(auth_error(&e)),
+    match state.auth.for_stream(headers, ticket, Check::Safe)? {
+        v if v.is_admin() => Ok(Some(v)),
+        _ => Err(AuthError::Forbidden("this needs a token with the admin claim".into())),
     }
 }
 
@@ -409,7 +408,7 @@ pub(crate) async fn readiness(state: &AppState) -> (bool, serde_json::Value) {
 async fn readyz(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let detail = match admin(&state, &headers, None) {
         Ok(a) => a.is_some(),
-        Err(r) => return r,
+        Err(e) => return auth_error(&e),
     };
     let (ready, doc) = readiness(&state).await;
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -420,10 +419,10 @@ async fn readyz(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respo
 /// `GET /metrics`: for an admin token only (Prometheus sends it with
 /// `authorization: {credentials: ...}`).
 async fn metrics_page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    match admin(&state, &headers, None) {
-        Ok(Some(_)) => {}
-        Ok(None) => return auth_error(&AuthError::Missing { cookie: state.config.auth.cookie.clone() }),
-        Err(r) => return r,
+    if let Err(e) = admin(&state, &headers, None)
+        .and_then(|a| a.ok_or_else(|| AuthError::Missing { cookie: state.config.auth.cookie.clone() }))
+    {
+        return auth_error(&e);
     }
     match &state.metrics {
         Some(h) => {

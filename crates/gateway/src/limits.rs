@@ -172,7 +172,7 @@ mod tests {
         c.acquire(&l, "bob", Some(a)).expect("3");
         let e = c.acquire(&l, "carol", Some(b)).expect_err("total");
         assert_eq!((e.field, e.status), ("limits.max_streams", StatusCode::SERVICE_UNAVAILABLE));
-        c.release(&"alice".to_owned(), Some(b));
+        c.release("alice", Some(b));
         let e = c.acquire(&l, "carol", Some(a)).expect_err("address");
         assert_eq!(e.field, "limits.max_streams_per_address");
         c.acquire(&l, "carol", Some(b)).expect("a released slot is reused");

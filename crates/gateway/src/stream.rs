@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::auth::Verified;
 use crate::ingest::error;
-use crate::limits::{client_address, CommandRate, PeerAddr};
+use crate::limits::{client_address, CommandRate, LimitError, PeerAddr};
 use crate::origin::Check;
 use crate::session::{want_channel, want_pattern, Mode, Out, Session, SubError, Want};
 use crate::state::{AppState, ClientGuard, Transport};
@@ -110,10 +110,10 @@ fn guard(
     auth: &Verified,
     headers: &HeaderMap,
     peer: Option<Extension<PeerAddr>>,
-) -> Result<ClientGuard, Response> {
+) -> Result<ClientGuard, LimitError> {
     let address = client_address(&state.config.limits, headers, peer.map(|Extension(p)| p));
     let subject = auth.claims.sub.as_deref().unwrap_or("");
-    ClientGuard::acquire(state, transport, subject, address).map_err(IntoResponse::into_response)
+    ClientGuard::acquire(state, transport, subject, address)
 }
 
 /// `GET /v1/stream`.
@@ -145,7 +145,7 @@ pub(crate) async fn sse(
     };
     let guard = match guard(&state, Transport::Sse, &auth, &headers, peer) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let mut session = Session::new(Arc::clone(&state), &auth, guard);
     if let Err(e) = session.subscribe(wants, q.mode, resume.as_ref()).await {
@@ -218,7 +218,7 @@ pub(crate) async fn ws(
     };
     let guard = match guard(&state, Transport::Ws, &auth, &headers, peer) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let max = state.config.limits.max_body_bytes;
     upgrade.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| run_ws(state, auth, guard, socket))
