@@ -470,3 +470,26 @@ async fn a_ticket_opens_one_stream_of_what_it_names() {
     let (s, v) = gw.ticket(&token, &json!({})).await;
     assert_eq!((s, code(&v)), (400, Some("invalid_ticket_request")), "{v}");
 }
+
+/// Eight dashboards open for a few seconds make Kafka and Redis be checked about once a second in all,
+/// not once a second each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboards_share_one_health_check_a_second() {
+    init_tracing();
+    let gw = TestGateway::start(|_| {}).await;
+    let admin = format!("Bearer {}", gw.admin_token());
+    let before = gw.readyz().await["health_checks"].as_u64().expect("health_checks");
+    let started = Instant::now();
+    let feeds = (0..8).map(|_| async {
+        let mut feed = Sse::open(&gw.http, &format!("{}/v1/dashboard", gw.base), &[("authorization", &admin)]).await;
+        assert_eq!(feed.status, 200, "{}", feed.error);
+        for _ in 0..3 {
+            assert_eq!(feed.next(Duration::from_secs(20)).await.expect("state").event, "state");
+        }
+    });
+    futures::future::join_all(feeds).await;
+    let checks = gw.readyz().await["health_checks"].as_u64().expect("health_checks") - before;
+    let secs = started.elapsed().as_secs();
+    // 24 states were sent; one check per second of wall time, plus the first and the last.
+    assert!(checks <= secs + 2, "{checks} health checks in {secs} s for 8 viewers");
+}
