@@ -316,22 +316,30 @@ impl KafkaSink {
     /// producer's sequence of each partition starts afresh only when nothing
     /// of the old one is pending. The wait is bounded by the delivery
     /// deadline (`message_timeout_ms`).
+    ///
+    /// A batch refused with `UNKNOWN_SERVER_ERROR` is treated the same way.
+    /// After a record times out, librdkafka bumps its producer epoch by
+    /// itself; a broker without that part of the protocol (tansu 0.6) then
+    /// refuses every later batch with that error, and librdkafka bumps
+    /// again, so the producer would never deliver again. A fresh producer
+    /// asks the broker for its id and epoch. On Kafka the error is rare,
+    /// and a replacement costs a new producer id.
     fn recover(&self, failed: &SinkProducer, error: &KafkaError) {
-        let fenced = matches!(
+        let replaceable = matches!(
             error.rdkafka_error_code(),
-            Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+            Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Unknown)
         );
         let Some((code, reason)) = failed
             .client()
             .fatal_error()
-            .or_else(|| fenced.then(|| (RDKafkaErrorCode::ProducerFenced, error.to_string())))
+            .or_else(|| replaceable.then(|| (error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Unknown), error.to_string())))
         else {
             return;
         };
         if !self.is_current(failed) || self.inner.replacing.swap(true, Ordering::AcqRel) {
             return; // replaced already, or a replacement is under way
         }
-        tracing::warn!(?code, %reason, "kafka producer hit a fatal error; replacing it once its writes in flight have their outcomes");
+        tracing::warn!(?code, %reason, "kafka producer cannot deliver again; replacing it once its writes in flight have their outcomes");
         let (sink, failed) = (self.clone(), failed.clone());
         let deadline = Instant::now() + self.inner.config.message_timeout() + Duration::from_secs(1);
         // A thread of its own: rare, and independent of the caller's runtime.
@@ -364,7 +372,7 @@ impl KafkaSink {
         if std::ptr::eq(current.client().native_ptr(), failed.client().native_ptr()) {
             match create_producer(&self.inner.config, &self.inner.offsets) {
                 Ok(fresh) => {
-                    tracing::warn!("kafka producer replaced after a fatal error");
+                    tracing::warn!("kafka producer replaced");
                     *current = fresh;
                 }
                 Err(e) => tracing::error!(error = %e, "kafka producer hit a fatal error and could not be replaced"),
@@ -505,11 +513,18 @@ impl KafkaSink {
         let until = self.enqueue_deadline();
         let mut handed = Vec::with_capacity(events.len());
         let mut full: Option<Duration> = None;
+        // While a replacement waits for the failed producer to drain, nothing
+        // more is handed to it: the drain ends, and nothing overtakes.
+        let replacing = self.inner.replacing.load(Ordering::Acquire);
         // Sources with a failed event in this batch (rare: allocated on the
         // first failure only).
         let mut failed: Vec<(&Source, String, bool)> = Vec::new();
         for (index, event) in events.iter().enumerate() {
-            let refused = if let Some(waited) = full {
+            let refused = if replacing {
+                Some(SinkError::Unavailable {
+                    reason: "the Kafka producer is being replaced once its writes in flight have their outcomes".into(),
+                })
+            } else if let Some(waited) = full {
                 Some(SinkError::QueueFull { waited })
             } else {
                 failed.iter().find(|(s, ..)| *s == event.source()).map(|(_, earlier, retriable)| {
@@ -529,6 +544,7 @@ impl KafkaSink {
                     match &e {
                         SinkError::QueueFull { waited } => full = Some(*waited),
                         SinkError::EarlierFailed { .. } => {}
+                        _ if replacing => {}
                         other => failed.push((event.source(), other.to_string(), other.is_retriable())),
                     }
                     acks.resolve_one();
