@@ -1,5 +1,5 @@
 //! `cargo xtask chaos` and `cargo xtask soak`: run the `chaos` binary of
-//! `dualstream-tests` (tests/src/bin/chaos.rs), which starts its own tansu
+//! `dualstream-tests` (tests/src/bin/chaos/main.rs), which starts its own tansu
 //! (durable, on PostgreSQL or SQLite) and redis-server and harms only those.
 //!
 //! `--seeds N` runs the binary once per seed, each run on a fresh broker,
@@ -122,7 +122,7 @@ fn field<'a>(summary: &'a str, key: &str) -> &'a str {
 }
 
 fn print_table(rows: &[(u64, bool, Option<String>)]) {
-    const COLUMNS: [&str; 16] = [
+    const COLUMNS: [&str; 23] = [
         "faults",
         "submitted",
         "acked",
@@ -139,6 +139,13 @@ fn print_table(rows: &[(u64, bool, Option<String>)]) {
         "join_duplicates",
         "broker_duplicates",
         "broker_order",
+        "unknown_calm",
+        "malformed_records",
+        "malformed_notifications",
+        "join_order",
+        "join_wrong",
+        "join_foreign",
+        "join_errors",
     ];
     println!("\n| seed | {} | result |", COLUMNS.join(" | ").replace('_', " "));
     println!("|---|{}---|", "---|".repeat(COLUMNS.len()));

@@ -26,18 +26,21 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use dualstream::batch::{BatchConfig, BatchEngine, BatchError};
-use dualstream::consumer::{CatchUp, Delivery, Hub, HubConfig, JoinConfig, Replay, ReplayConfig, StartAt};
+use dualstream::consumer::{CatchUp, Hub, HubConfig, JoinConfig, Replay, ReplayConfig};
 use dualstream::kafka::{KafkaSink, KafkaSinkConfig, TopicRouting};
 use dualstream::redis::{RedisNotifier, RedisNotifierConfig};
-use dualstream::{DualPublisher, Event, Notification, PublishError, SinkError, Source};
+use dualstream::{DualPublisher, Event, PublishError, SinkError};
 use dualstream_tests::proxy::DelayProxy;
 use dualstream_tests::{create_topic, DurableEngine, OwnedBroker, OwnedRedis};
-use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+mod checker;
+mod clients;
+mod soak;
+mod wire;
+
+use checker::{Finding, Window};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -53,6 +56,8 @@ struct Args {
     rate: u64,
     sources: usize,
     joins: usize,
+    /// `join_events` clients, beside the `join` clients.
+    event_joins: usize,
     soak: bool,
     sqlite: bool,
     /// The fault kinds left out of the schedule.
@@ -62,7 +67,7 @@ struct Args {
 const HELP: &str = "\
 chaos: publish through the batching engine under seeded faults, then check Kafka with an independent reader
 
-usage: chaos [--seed S] [--minutes M] [--rate R] [--sources N] [--joins J] [--sqlite]
+usage: chaos [--seed S] [--minutes M] [--rate R] [--sources N] [--joins J] [--event-joins E] [--sqlite]
        chaos --soak [--minutes M] [--rate R]
 
   --seed S      the fault schedule's seed (default: from the clock; printed, so a run can be repeated)
@@ -70,6 +75,7 @@ usage: chaos [--seed S] [--minutes M] [--rate R] [--sources N] [--joins J] [--sq
   --rate R      events per second offered (default 2000)
   --sources N   sources the events are spread over (default 64)
   --joins J     catch-up join clients connecting and disconnecting at random (default 12)
+  --event-joins E  join_events clients (whole events, as the gateway's full mode) beside them (default 6)
   --sqlite      the broker keeps its log in SQLite instead of PostgreSQL
   --without K   leave these fault kinds out (comma-separated: redis-kill, redis-hang, redis-slow,
                 redis-debug-sleep, broker-hang, broker-kill, broker-cut)
@@ -79,8 +85,17 @@ usage: chaos [--seed S] [--minutes M] [--rate R] [--sources N] [--joins J] [--sq
 Exit status: 0 when no anomaly was found, 1 when one was, 2 on a usage error.";
 
 fn args() -> Result<Args, String> {
-    let mut a =
-        Args { seed: 0, minutes: 2.0, rate: 2_000, sources: 64, joins: 12, soak: false, sqlite: false, without: Vec::new() };
+    let mut a = Args {
+        seed: 0,
+        minutes: 2.0,
+        rate: 2_000,
+        sources: 64,
+        joins: 12,
+        event_joins: 6,
+        soak: false,
+        sqlite: false,
+        without: Vec::new(),
+    };
     let mut seed = None;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -91,6 +106,9 @@ fn args() -> Result<Args, String> {
             "--rate" => a.rate = value("--rate")?.parse().map_err(|e| format!("--rate: {e}"))?,
             "--sources" => a.sources = value("--sources")?.parse().map_err(|e| format!("--sources: {e}"))?,
             "--joins" => a.joins = value("--joins")?.parse().map_err(|e| format!("--joins: {e}"))?,
+            "--event-joins" => {
+                a.event_joins = value("--event-joins")?.parse().map_err(|e| format!("--event-joins: {e}"))?
+            }
             "--soak" => a.soak = true,
             "--sqlite" => a.sqlite = true,
             "--without" => {
@@ -261,6 +279,11 @@ impl Fault {
             Fault::BrokerCut => "broker connections cut",
         }
     }
+
+    /// A broker outage: joins may fail during it.
+    fn is_broker(self) -> bool {
+        matches!(self, Fault::BrokerHang | Fault::BrokerKill | Fault::BrokerCut)
+    }
 }
 
 struct Services {
@@ -348,323 +371,6 @@ impl Timeline {
     }
 }
 
-/// One join client's connection: what it asked for and what it got.
-#[derive(Debug)]
-struct JoinLog {
-    source: usize,
-    start: Option<i64>,
-    got: Vec<(i64, String)>,
-    truncated: u64,
-}
-
-async fn join_client(catchup: CatchUp, sources: usize, sent: Arc<Mutex<Vec<Sent>>>, stop: Arc<AtomicBool>, seed: u64)
-    -> (Vec<JoinLog>, u64) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut logs = Vec::new();
-    let mut errors = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        let source = rng.random_range(0..sources);
-        // Start from an acknowledged position of that source, or the end.
-        let start = {
-            let sent = sent.lock().unwrap_or_else(PoisonError::into_inner);
-            let acked: Vec<i64> = sent
-                .iter()
-                .rev()
-                .take(5_000)
-                .filter(|s| s.source == source)
-                .filter_map(|s| match s.told {
-                    Told::Acked { offset, .. } => Some(offset),
-                    _ => None,
-                })
-                .collect();
-            (!acked.is_empty() && rng.random_range(0..3) > 0).then(|| acked[rng.random_range(0..acked.len())])
-        };
-        let src = Source::new("chaos", format!("s{source}")).expect("source");
-        let at = start.map_or(StartAt::End, StartAt::Offset);
-        let mut log = JoinLog { source, start, got: Vec::new(), truncated: 0 };
-        let lasts = Duration::from_millis(rng.random_range(1_000..8_000));
-        match tokio::time::timeout(Duration::from_secs(10), catchup.join(src, at)).await {
-            Ok(Ok(mut stream)) => {
-                let until = tokio::time::Instant::now() + lasts;
-                while let Ok(Some(item)) = tokio::time::timeout_at(until, stream.next()).await {
-                    match item {
-                        Ok(Delivery::Truncated { .. }) => log.truncated += 1,
-                        Ok(d) => {
-                            if let (Some(p), Some(id)) = (d.position(), d.id()) {
-                                log.got.push((p.offset, id.to_string()));
-                            }
-                        }
-                        Err(_) => {
-                            errors += 1;
-                            break;
-                        }
-                    }
-                }
-            }
-            _ => errors += 1,
-        }
-        logs.push(log);
-        tokio::time::sleep(Duration::from_millis(rng.random_range(0..500))).await;
-    }
-    (logs, errors)
-}
-
-/// Notifications seen by a subscriber that is not our code's: redis-rs
-/// PSUBSCRIBE, reconnecting after every Redis fault.
-async fn witness(url: String, stop: Arc<AtomicBool>, retain: bool, counts: Arc<Counts>) -> Vec<Notification> {
-    let mut got = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        let Ok(client) = deadpool_redis::redis::Client::open(url.as_str()) else { return got };
-        let Ok(Ok(mut pubsub)) = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub()).await else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        if pubsub.psubscribe(format!("{PREFIX}:*")).await.is_err() {
-            continue;
-        }
-        let mut messages = pubsub.on_message();
-        loop {
-            match tokio::time::timeout(Duration::from_millis(500), messages.next()).await {
-                Ok(Some(m)) => {
-                    if let Ok(n) = Notification::from_json(m.get_payload_bytes()) {
-                        counts.notifications.fetch_add(1, Ordering::Relaxed);
-                        if retain {
-                            got.push(n);
-                        }
-                    }
-                }
-                Ok(None) => break,
-                Err(_) if stop.load(Ordering::Relaxed) => return got,
-                Err(_) => {}
-            }
-        }
-    }
-    got
-}
-
-/// Every record of the topic, by a plain consumer: (partition, offset) →
-/// (event id, source, seq).
-fn read_back(brokers: &str) -> Result<BTreeMap<(i32, i64), (String, usize, u64)>, String> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "chaos-checker")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_uncommitted")
-        .create()
-        .expect("checker consumer");
-    let mut tpl = TopicPartitionList::new();
-    let mut highs = HashMap::new();
-    for p in 0..PARTITIONS {
-        // The broker may still be coming back from the last fault: ask
-        // for up to two minutes, then fail the run saying so.
-        let mut tries = 0;
-        let (_, high) = loop {
-            match consumer.fetch_watermarks(TOPIC, p, Duration::from_secs(10)) {
-                Ok(marks) => break marks,
-                Err(e) if tries < 12 => {
-                    tries += 1;
-                    eprintln!("checker: watermarks of partition {p}: {e}; asking again");
-                }
-                Err(e) => return Err(format!("the broker did not answer for the read-back: watermarks of partition {p}: {e}")),
-            }
-        };
-        highs.insert(p, high);
-        tpl.add_partition_offset(TOPIC, p, Offset::Beginning).expect("tpl");
-    }
-    consumer.assign(&tpl).expect("assign");
-    let mut out = BTreeMap::new();
-    let mut next: HashMap<i32, i64> = HashMap::new();
-    // Until every partition is read to the watermark taken first (and 2
-    // quiet seconds more), or nothing arrives for a minute.
-    let mut quiet_since = Instant::now();
-    loop {
-        let done = highs.iter().all(|(p, h)| next.get(p).copied().unwrap_or(0) >= *h);
-        if (done && quiet_since.elapsed() > Duration::from_secs(2)) || quiet_since.elapsed() > Duration::from_secs(60) {
-            if !done {
-                return Err(format!("the topic could not be read to its end: {next:?} of {highs:?}"));
-            }
-            break;
-        }
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                quiet_since = Instant::now();
-                next.insert(m.partition(), m.offset() + 1);
-                let headers: Vec<(String, Option<Vec<u8>>)> = m
-                    .headers()
-                    .map(|h| {
-                        use rdkafka::message::Headers;
-                        h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect()
-                    })
-                    .unwrap_or_default();
-                let event = dualstream::core::record::decode(
-                    headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
-                    m.payload(),
-                    &dualstream::Limits::lenient(),
-                );
-                if let Ok(e) = event {
-                    let source = e.source().source_id().trim_start_matches('s').parse().unwrap_or(usize::MAX);
-                    let seq = serde_json::from_slice::<serde_json::Value>(e.payload())
-                        .ok()
-                        .and_then(|v| v["seq"].as_u64())
-                        .unwrap_or(u64::MAX);
-                    out.insert((m.partition(), m.offset()), (e.id().to_string(), source, seq));
-                }
-            }
-            Some(Err(e)) => eprintln!("checker: {e}"),
-            None => {}
-        }
-    }
-    Ok(out)
-}
-
-/// Records in the topic: the sum of its partitions' watermark spans.
-fn stored_count(brokers: &str) -> i64 {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("isolation.level", "read_uncommitted")
-        .create()
-        .expect("checker consumer");
-    (0..PARTITIONS)
-        .map(|p| {
-            let (low, high) = consumer.fetch_watermarks(TOPIC, p, Duration::from_secs(30)).expect("watermarks");
-            high - low
-        })
-        .sum()
-}
-
-#[derive(Default, Debug)]
-struct Anomalies {
-    lost: u64,
-    duplicates: u64,
-    order: u64,
-    failed_but_stored: u64,
-    wrong_position: u64,
-    bad_notifications: u64,
-    join_gaps: u64,
-    join_duplicates: u64,
-}
-
-impl Anomalies {
-    fn total(&self) -> u64 {
-        self.lost
-            + self.duplicates
-            + self.order
-            + self.failed_but_stored
-            + self.wrong_position
-            + self.bad_notifications
-            + self.join_gaps
-            + self.join_duplicates
-    }
-}
-
-/// One anomalous write, for the run's detail lines.
-#[derive(Debug)]
-struct Finding {
-    kind: &'static str,
-    /// Its index in the submitted events, when the checker can tell.
-    sent: Option<usize>,
-    /// Where Kafka holds it.
-    stored_at: Vec<(i32, i64)>,
-}
-
-fn check(
-    stored: &BTreeMap<(i32, i64), (String, usize, u64)>,
-    sent: &[Sent],
-    ids: &[String],
-    notes: &[Notification],
-    joins: &[JoinLog],
-) -> (Anomalies, u64, Vec<Finding>) {
-    let mut a = Anomalies::default();
-    let mut findings = Vec::new();
-    let mut where_: HashMap<&str, Vec<(i32, i64)>> = HashMap::new();
-    for (pos, (id, _, _)) in stored {
-        where_.entry(id.as_str()).or_default().push(*pos);
-    }
-    let index_of: HashMap<&str, usize> = ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
-    a.duplicates = where_.values().map(|v| v.len() as u64 - 1).sum();
-    for (id, at) in where_.iter().filter(|(_, v)| v.len() > 1) {
-        findings.push(Finding { kind: "duplicate", sent: index_of.get(id).copied(), stored_at: at.clone() });
-    }
-    let mut unknown_stored = 0;
-    for (i, (s, id)) in sent.iter().zip(ids).enumerate() {
-        let found = where_.get(id.as_str());
-        match &s.told {
-            Told::Acked { partition, offset } => match found {
-                None => {
-                    a.lost += 1;
-                    findings.push(Finding { kind: "lost", sent: Some(i), stored_at: Vec::new() });
-                }
-                Some(v) if !v.contains(&(*partition, *offset)) => {
-                    if a.wrong_position < 5 {
-                        let there = stored.get(&(*partition, *offset)).map(|(id, s, q)| format!("{id} (s{s} seq {q})"));
-                        eprintln!(
-                            "checker: {id} (s{} seq {}) acknowledged at {partition}/{offset}, stored at {v:?}; that position holds {there:?}",
-                            s.source, s.seq
-                        );
-                    }
-                    a.wrong_position += 1
-                }
-                Some(_) => {}
-            },
-            Told::AckedSomewhere if found.is_none() => {
-                a.lost += 1;
-                findings.push(Finding { kind: "lost", sent: Some(i), stored_at: Vec::new() });
-            }
-            Told::Failed(_) if found.is_some() => {
-                a.failed_but_stored += 1;
-                findings.push(Finding { kind: "failed but stored", sent: Some(i), stored_at: found.cloned().unwrap_or_default() });
-            }
-            Told::Unknown(_) if found.is_some() => unknown_stored += 1,
-            _ => {}
-        }
-    }
-    // Per source, the stored seqs in Kafka order must increase.
-    let mut last: HashMap<usize, u64> = HashMap::new();
-    for (pos, (id, source, seq)) in stored.iter() {
-        if let Some(prev) = last.insert(*source, *seq) {
-            if *seq <= prev {
-                a.order += 1;
-                let stored_at = where_.get(id.as_str()).cloned().unwrap_or_else(|| vec![*pos]);
-                findings.push(Finding { kind: "order (stored after a later seq)", sent: index_of.get(id.as_str()).copied(), stored_at });
-            }
-        }
-    }
-    // A notification's position holds its event.
-    for n in notes.iter().filter(|n| n.position.is_some()) {
-        let ok = n.position.as_ref().and_then(|p| stored.get(&(p.partition, p.offset))).is_some_and(|(id, _, _)| *id == n.id.to_string());
-        if !ok {
-            a.bad_notifications += 1;
-        }
-    }
-    // A join's deliveries are exactly the source's records from its first
-    // delivered offset to its last.
-    let mut by_source: HashMap<usize, Vec<(i64, &str)>> = HashMap::new();
-    for ((_, offset), (id, source, _)) in stored {
-        by_source.entry(*source).or_default().push((*offset, id.as_str()));
-    }
-    for j in joins {
-        let Some(&(first, _)) = j.got.first() else { continue };
-        let last = j.got.last().map(|g| g.0).unwrap_or(first);
-        let want: Vec<(i64, &str)> = by_source
-            .get(&j.source)
-            .map(|v| v.iter().copied().filter(|(o, _)| *o >= first && *o <= last).collect())
-            .unwrap_or_default();
-        let got: Vec<(i64, &str)> = j.got.iter().map(|(o, id)| (*o, id.as_str())).collect();
-        let seen: HashSet<i64> = got.iter().map(|g| g.0).collect();
-        a.join_duplicates += (got.len() - seen.len()) as u64;
-        a.join_gaps += want.iter().filter(|(o, _)| !seen.contains(o)).count() as u64;
-        // A join from an offset starts at the source's first record from there.
-        if let (Some(start), Some(first_stored)) =
-            (j.start, by_source.get(&j.source).and_then(|v| v.iter().find(|(o, _)| *o >= j.start.unwrap_or(0))))
-        {
-            if j.truncated == 0 && first > first_stored.0 && first_stored.0 >= start {
-                a.join_gaps += 1;
-            }
-        }
-    }
-    (a, unknown_stored, findings)
-}
-
 /// The broker's own record of the copies of duplicated events, read from
 /// its PostgreSQL tables: (partition, offset) → (writing transaction, when
 /// written). (tansu 0.6 keeps no producer id for a non-transactional
@@ -681,7 +387,9 @@ fn broker_rows(broker: &OwnedBroker, at: &[(i32, i64)]) -> Result<HashMap<(i32, 
         );
         for line in broker.query_own_database(&sql)?.lines().filter(|l| !l.is_empty()) {
             let f: Vec<&str> = line.split('|').collect();
-            let [p, o, txn, when] = f[..] else { return Err(format!("unexpected row {line:?}")) };
+            let [p, o, txn, when] = f[..] else {
+                return Err(format!("unexpected row {line:?}"));
+            };
             let num = |v: &str| v.parse::<i64>().map_err(|e| format!("{v:?}: {e}"));
             rows.insert((num(p)? as i32, num(o)?), (txn.to_owned(), when.to_owned()));
         }
@@ -729,7 +437,9 @@ fn attribute_to_broker(broker: &OwnedBroker, findings: &[Finding]) -> (u64, u64)
     let proven_block = |key: &(String, String)| blocks.get(key).is_some_and(|b| b.0.len() == 1);
     let (mut duplicates, mut order) = (0, 0);
     for f in findings.iter().filter(|f| f.stored_at.len() > 1) {
-        let Some((ta, tb, ..)) = pair(f) else { continue };
+        let Some((ta, tb, ..)) = pair(f) else {
+            continue;
+        };
         if proven_block(&(ta, tb)) {
             if f.kind == "duplicate" {
                 duplicates += 1;
@@ -755,7 +465,7 @@ fn attribute_to_broker(broker: &OwnedBroker, findings: &[Finding]) -> (u64, u64)
 
 /// One line per anomalous write: its receipt, partition and sequence, when
 /// it was submitted and answered, and the faults around that.
-fn print_findings(findings: &[Finding], sent: &[Sent], ids: &[String], faults: &[(Fault, Duration, Duration)]) {
+fn print_findings(findings: &[Finding], sent: &[Sent], ids: &[u128], faults: &[(Fault, Duration, Duration)]) {
     if findings.is_empty() {
         return;
     }
@@ -781,7 +491,10 @@ fn print_findings(findings: &[Finding], sent: &[Sent], ids: &[String], faults: &
             continue;
         };
         let s = &sent[i];
-        let (from, to) = (Duration::from_millis(s.submitted_ms.saturating_sub(2_000).into()), Duration::from_millis(u64::from(s.told_ms) + 1_000));
+        let (from, to) = (
+            Duration::from_millis(s.submitted_ms.saturating_sub(2_000).into()),
+            Duration::from_millis(u64::from(s.told_ms) + 1_000),
+        );
         let around: Vec<String> = faults
             .iter()
             .filter(|(_, a, b)| *a <= to && *b >= from)
@@ -790,7 +503,7 @@ fn print_findings(findings: &[Finding], sent: &[Sent], ids: &[String], faults: &
         println!(
             "  {}: {} s{} seq {} · told {:?} · submitted {} answered {} · stored at {:?} · faults: {}",
             f.kind,
-            ids[i],
+            wire::uuid_text(ids[i]),
             s.source,
             s.seq,
             s.told,
@@ -805,7 +518,9 @@ fn print_findings(findings: &[Finding], sent: &[Sent], ids: &[String], faults: &
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -826,10 +541,14 @@ fn fds_and_connections(ports: &[u16]) -> (u64, Vec<u64>) {
     }
     let mut counts = vec![0; ports.len()];
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
-            let (Some(remote), Some(state), Some(inode)) = (f.get(2), f.get(3), f.get(9)) else { continue };
+            let (Some(remote), Some(state), Some(inode)) = (f.get(2), f.get(3), f.get(9)) else {
+                continue;
+            };
             if *state != "01" || !inodes.contains(*inode) {
                 continue;
             }
@@ -842,22 +561,6 @@ fn fds_and_connections(ports: &[u16]) -> (u64, Vec<u64>) {
         }
     }
     (fds, counts)
-}
-
-/// Least-squares slope of `ys` over `xs`.
-fn slope(xs: &[f64], ys: &[f64]) -> f64 {
-    let n = xs.len() as f64;
-    if n < 2.0 {
-        return 0.0;
-    }
-    let (mx, my) = (xs.iter().sum::<f64>() / n, ys.iter().sum::<f64>() / n);
-    let num: f64 = xs.iter().zip(ys).map(|(x, y)| (x - mx) * (y - my)).sum();
-    let den: f64 = xs.iter().map(|x| (x - mx).powi(2)).sum();
-    if den == 0.0 {
-        0.0
-    } else {
-        num / den
-    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
@@ -902,12 +605,8 @@ async fn main() {
     let brokers = kafka_proxy.addr().to_string();
     let redis_url = redis_proxy.redis_url();
     let direct_redis = redis.url();
-    let services = Arc::new(Services {
-        broker: Mutex::new(broker),
-        redis: Mutex::new(redis),
-        redis_proxy,
-        kafka_proxy,
-    });
+    let services =
+        Arc::new(Services { broker: Mutex::new(broker), redis: Mutex::new(redis), redis_proxy, kafka_proxy });
     create_topic(&brokers, TOPIC, PARTITIONS).await;
 
     let sink = KafkaSink::new(KafkaSinkConfig {
@@ -924,7 +623,8 @@ async fn main() {
         ..RedisNotifierConfig::default()
     })
     .expect("notifier");
-    let publisher = DualPublisher::builder().durable(Arc::new(sink)).notifier(Arc::new(notifier)).build().expect("publisher");
+    let publisher =
+        DualPublisher::builder().durable(Arc::new(sink)).notifier(Arc::new(notifier)).build().expect("publisher");
     let engine = Arc::new(BatchEngine::new(publisher, BatchConfig::default()).expect("engine"));
 
     let reader_options: BTreeMap<String, String> =
@@ -936,15 +636,22 @@ async fn main() {
         ..ReplayConfig::default()
     })
     .expect("replay");
-    let hub = Hub::new(HubConfig { url: redis_url.clone(), channel_prefix: PREFIX.into(), timeout_ms: 500, ..HubConfig::default() })
-        .expect("hub");
+    let hub = Hub::new(HubConfig {
+        url: redis_url.clone(),
+        channel_prefix: PREFIX.into(),
+        timeout_ms: 500,
+        ..HubConfig::default()
+    })
+    .expect("hub");
     let catchup = CatchUp::new(replay, hub, JoinConfig { idle_check_ms: 300, ..JoinConfig::default() }).expect("joins");
 
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
+    let run_began_ms = checker::now_ms();
     let timeline = Arc::new(Timeline::default());
     let sent: Arc<Mutex<Vec<Sent>>> = Arc::default();
-    let sent_ids: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sent_ids: Arc<Mutex<Vec<u128>>> = Arc::default();
+    let outcomes = Arc::new(soak::Outcomes::default());
     // The soak keeps no per-event log (its RSS would be the log's): counts
     // only, and the checker compares counts with the topic's watermarks.
     let retain = !a.soak;
@@ -955,13 +662,14 @@ async fn main() {
     let tasks = 8usize;
     let mut publishers = Vec::new();
     for t in 0..tasks {
-        let (engine, stop, timeline, sent, sent_ids, counts) = (
+        let (engine, stop, timeline, sent, sent_ids, counts, outcomes) = (
             Arc::clone(&engine),
             Arc::clone(&stop),
             Arc::clone(&timeline),
             Arc::clone(&sent),
             Arc::clone(&sent_ids),
             Arc::clone(&counts),
+            Arc::clone(&outcomes),
         );
         let mine: Vec<usize> = (0..a.sources).filter(|s| s % tasks == t).collect();
         let per_sec = a.rate as f64 / tasks as f64;
@@ -989,8 +697,13 @@ async fn main() {
                     let (source, seq) = (mine[k], seqs[k]);
                     seqs[k] += 1;
                     let payload = serde_json::json!({"seq": seq, "pad": "x".repeat(100)}).to_string();
-                    let e = Event::builder("chaos.tick", "chaos", format!("s{source}")).payload(payload).build().expect("valid");
-                    meta.push((source, seq, e.id().to_string()));
+                    let e = Event::builder(checker::EVENT_TYPE, checker::SOURCE_TYPE, format!("s{source}"))
+                        .payload(payload)
+                        .header(checker::SEQ_HEADER, seq.to_string())
+                        .build()
+                        .expect("valid");
+                    let id = wire::parse_uuid7(&e.id().to_string()).expect("dualstream's event ids are UUIDv7 text");
+                    meta.push((source, seq, id));
                     events.push(e);
                 }
                 if events.is_empty() {
@@ -1010,15 +723,31 @@ async fn main() {
                         ids.push(id);
                     } else {
                         counts.add(&told);
+                        outcomes.record(source, seq, &told);
                     }
                 }
                 timeline.add(started.elapsed(), acked);
             }
         }));
     }
-    let witness_task = tokio::spawn(witness(direct_redis.clone(), Arc::clone(&stop), retain, Arc::clone(&counts)));
-    let joiners: Vec<_> = (0..if a.soak { 0 } else { a.joins })
-        .map(|j| tokio::spawn(join_client(catchup.clone(), a.sources, Arc::clone(&sent), Arc::clone(&stop), a.seed ^ (j as u64 + 1))))
+    let witness_task =
+        tokio::spawn(clients::witness(direct_redis.clone(), Arc::clone(&stop), retain, Arc::clone(&counts)));
+    // `join` clients, and `join_events` clients beside them (the gateway's full events).
+    let clients = if a.soak { 0 } else { a.joins + a.event_joins };
+    let joiners: Vec<_> = (0..clients)
+        .map(|j| {
+            let (sent, stop) = (Arc::clone(&sent), Arc::clone(&stop));
+            let events = j >= a.joins;
+            tokio::spawn(clients::join_client(
+                catchup.clone(),
+                a.sources,
+                sent,
+                stop,
+                a.seed ^ (j as u64 + 1),
+                events,
+                started,
+            ))
+        })
         .collect();
 
     // The schedule.
@@ -1067,59 +796,62 @@ async fn main() {
         harness_panics += usize::from(p.await.is_err());
     }
     let mut join_logs = Vec::new();
-    let mut join_errors = 0;
     for j in joiners {
         match j.await {
-            Ok((logs, errors)) => {
-                join_logs.extend(logs);
-                join_errors += errors;
-            }
+            Ok(logs) => join_logs.extend(logs),
             Err(_) => harness_panics += 1,
         }
     }
     engine.shutdown().await;
     // Let the last notifications arrive.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let notes = witness_task.await.unwrap_or_else(|_| {
+    let witnessed = witness_task.await.unwrap_or_else(|_| {
         harness_panics += 1;
-        Vec::new()
+        clients::Witnessed::default()
     });
     let elapsed = started.elapsed();
+    let windows: Vec<Window> = faults
+        .iter()
+        .map(|(f, from, to)| Window { from: from.as_millis() as u32, to: to.as_millis() as u32, broker: f.is_broker() })
+        .collect();
 
     // The checker: an independent read of the whole topic.
-    let b = brokers.clone();
     let sent = std::mem::take(&mut *sent.lock().unwrap_or_else(PoisonError::into_inner));
     let ids = std::mem::take(&mut *sent_ids.lock().unwrap_or_else(PoisonError::into_inner));
-    let mut findings = Vec::new();
-    let (stored_len, anomalies, unknown_stored, acked, failed, unknown, somewhere) = if retain {
-        let stored = match tokio::task::spawn_blocking(move || read_back(&b)).await.expect("read back") {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("checker: {e}");
-                drop(services);
-                std::process::exit(1);
-            }
-        };
-        let (anomalies, unknown_stored, found) = check(&stored, &sent, &ids, &notes, &join_logs);
-        findings = found;
-        let somewhere = sent.iter().filter(|s| matches!(s.told, Told::AckedSomewhere)).count();
-        let acked = sent.iter().filter(|s| matches!(s.told, Told::Acked { .. })).count() + somewhere;
-        let failed = sent.iter().filter(|s| matches!(s.told, Told::Failed(_))).count();
-        (stored.len(), anomalies, unknown_stored, acked, failed, sent.len() - acked - failed, somewhere)
+    let (checked, stored_len) = if retain {
+        check_run(&brokers, run_began_ms, &sent, &ids, &witnessed, &join_logs, &windows).await
     } else {
-        // Counts only: the topic must hold every acknowledged event, plus
-        // at most the unknown ones, and nothing else.
-        let stored = tokio::task::spawn_blocking(move || stored_count(&b)).await.expect("watermarks") as usize;
-        let (acked, failed, unknown) = (
-            counts.acked.load(Ordering::Relaxed) as usize,
-            counts.failed.load(Ordering::Relaxed) as usize,
-            counts.unknown.load(Ordering::Relaxed) as usize,
-        );
-        let mut anomalies = Anomalies::default();
-        anomalies.lost = acked.saturating_sub(stored) as u64;
-        anomalies.duplicates = stored.saturating_sub(acked + unknown) as u64;
-        (stored, anomalies, stored.saturating_sub(acked).min(unknown) as u64, acked, failed, unknown, 0)
+        check_soak(&brokers, run_began_ms, &outcomes, &counts).await
     };
+    let Checked { mut anomalies, unknown_stored, findings, join_errors_in_outage, join_lines, malformed_lines } =
+        checked;
+    anomalies.malformed_notifications += witnessed.malformed;
+    let totals = Totals::of(&sent, &counts, retain);
+    let unknown_calm = if retain { outcomes_outside_faults(&sent, &windows) } else { 0 };
+
+    println!("\n## {mode} run: seed {}, {:.1} min, offered {} events/s", a.seed, elapsed.as_secs_f64() / 60.0, a.rate);
+    print_faults(&faults, &timeline, elapsed);
+    let join_deliveries: usize = join_logs.iter().map(|j| j.got.len()).sum();
+    println!("\n| events | count |\n|---|---|");
+    println!("| submitted | {} |", totals.submitted());
+    println!("| acknowledged | {} |", totals.acked);
+    println!("| acknowledged without a usable offset (receipt without position) | {} |", totals.somewhere);
+    println!("| failed (told: not stored) | {} |", totals.failed);
+    println!("| outcome unknown (told so) | {} |", totals.unknown);
+    println!("| outcome unknown, found stored | {unknown_stored} |");
+    println!("| outcome unknown, not stored | {} |", totals.unknown as u64 - unknown_stored.min(totals.unknown as u64));
+    println!("| outcome unknown or positionless outside fault windows | {unknown_calm} |");
+    println!("| records read back | {stored_len} |");
+    println!(
+        "| notifications seen | {} ({} without a position, {} malformed) |",
+        counts.notifications.load(Ordering::Relaxed),
+        witnessed.notes.iter().filter(|n| n.position.is_none()).count(),
+        witnessed.malformed
+    );
+    let events_joins = join_logs.iter().filter(|j| j.events).count();
+    println!("| join connections | {} ({} of them join_events) |", join_logs.len(), events_joins);
+    println!("| join errors inside a broker outage (counted apart) | {join_errors_in_outage} |");
+    println!("| join deliveries | {join_deliveries} |");
     let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
     for s in &sent {
         match &s.told {
@@ -1128,51 +860,19 @@ async fn main() {
             Told::Acked { .. } | Told::AckedSomewhere => {}
         }
     }
-
-    println!("\n## {mode} run: seed {}, {:.1} min, offered {} events/s", a.seed, elapsed.as_secs_f64() / 60.0, a.rate);
-    println!("\n| fault | injected | acknowledged events/s during it |");
-    println!("|---|---|---|");
-    let mut by_kind: BTreeMap<Fault, (u64, f64, f64)> = BTreeMap::new();
-    for (f, from, to) in &faults {
-        let e = by_kind.entry(*f).or_default();
-        e.0 += 1;
-        e.1 += timeline.rate(*from, *to) * (*to - *from).as_secs_f64();
-        e.2 += (*to - *from).as_secs_f64();
-    }
-    for (f, (n, weighted, secs)) in &by_kind {
-        println!("| {} | {n} | {:.0} |", f.name(), weighted / secs.max(0.001));
-    }
-    println!("| (whole run) | {} | {:.0} |", faults.len(), timeline.rate(Duration::ZERO, elapsed));
-    println!("\n| events | count |\n|---|---|");
-    println!("| submitted | {} |", acked + failed + unknown);
-    println!("| acknowledged | {acked} |");
-    println!("| acknowledged without a usable offset (receipt without position) | {somewhere} |");
-    println!("| failed (told: not stored) | {failed} |");
-    println!("| outcome unknown (told so) | {unknown} |");
-    println!("| outcome unknown, found stored | {unknown_stored} |");
-    println!("| records {} | {stored_len} |", if retain { "read back" } else { "in the topic (watermarks)" });
-    println!(
-        "| notifications seen | {} ({} without a position) |",
-        counts.notifications.load(Ordering::Relaxed),
-        notes.iter().filter(|n| n.position.is_none()).count()
-    );
-    println!("| join connections | {} ({} ended by an error and were not resumed) |", join_logs.len(), join_errors);
-    println!("| join deliveries | {} |", join_logs.iter().map(|j| j.got.len()).sum::<usize>());
     for (r, n) in reasons.iter().take(8) {
         println!("| {r} | {n} |");
     }
-    println!("\n| anomaly | count |\n|---|---|");
-    if !retain {
-        println!("| (a soak checks counts only: lost and duplicated writes against the topic's watermarks) | |");
+    print_anomalies(&anomalies, retain);
+    for line in malformed_lines
+        .iter()
+        .chain(&witnessed.examples.iter().map(|e| format!("malformed notification: {e}")).collect::<Vec<_>>())
+    {
+        println!("  {line}");
     }
-    println!("| lost write (acknowledged, not stored) | {} |", anomalies.lost);
-    println!("| duplicate (id stored twice) | {} |", anomalies.duplicates);
-    println!("| order violation (a source out of publish order) | {} |", anomalies.order);
-    println!("| failed but stored (told: not stored) | {} |", anomalies.failed_but_stored);
-    println!("| acknowledged at a position that does not hold it | {} |", anomalies.wrong_position);
-    println!("| bad notification (its position does not hold its event) | {} |", anomalies.bad_notifications);
-    println!("| join gap | {} |", anomalies.join_gaps);
-    println!("| join duplicate | {} |", anomalies.join_duplicates);
+    for line in &join_lines {
+        println!("  {line}");
+    }
 
     print_findings(&findings, &sent, &ids, &faults);
     let (broker_duplicates, broker_order) = if a.sqlite || findings.is_empty() {
@@ -1194,61 +894,30 @@ async fn main() {
         println!("\n{harness_panics} harness tasks panicked: their logs are missing, so the run proves nothing");
         failed_run = true;
     }
-    if acked == 0 {
-        println!("\nno event was acknowledged: the run proves nothing");
-        failed_run = true;
-    }
-    // Bounds on what the checker cannot hold to a position: a regression
-    // that turned acknowledgements into errors, or receipts into
-    // positionless ones, would otherwise pass.
-    let submitted = acked + failed + unknown;
-    let unknown_bound = submitted / 100;
-    if unknown > unknown_bound {
-        println!("\noutcome unknown for {unknown} events, over the bound of 1 % of those submitted ({unknown_bound})");
-        failed_run = true;
-    }
-    if somewhere > 0 {
-        println!("\n{somewhere} receipts without a position: the Kafka sink reports an acknowledgement it cannot reconcile as outcome unknown, never as stored");
+    failed_run |= totals.out_of_bounds(unknown_calm);
+    if retain && a.joins + a.event_joins > 0 && join_deliveries == 0 {
+        println!("\nno join delivered anything: the join check proves nothing");
         failed_run = true;
     }
     if a.soak {
-        println!("\n| resource | first | last | slope per minute | mean, 2nd → 4th quarter | verdict |\n|---|---|---|---|---|---|");
-        let names = ["RSS (KiB)", "queue depth (events)", "open descriptors", "Kafka connections", "Redis connections"];
-        let skip = samples.len() / 5; // warm-up
-        let xs: Vec<f64> = samples.iter().skip(skip).map(|s| s.0).collect();
-        // A resource grows without bound when the mean of the run's last
-        // quarter is above that of its second quarter by more than a fifth
-        // and by more than a floor (the noise of a bounded value: the
-        // engine's queue swings with every fault).
-        let floors = [32.0 * 1024.0, 10_000.0, 8.0, 4.0, 4.0];
-        let quarter = |q: usize, i: usize| {
-            let n = samples.len();
-            let part: Vec<f64> = samples[n * q / 4..n * (q + 1) / 4].iter().map(|s| s.1[i]).collect();
-            part.iter().sum::<f64>() / part.len().max(1) as f64
-        };
-        for (i, name) in names.iter().enumerate() {
-            let ys: Vec<f64> = samples.iter().skip(skip).map(|s| s.1[i]).collect();
-            let (first, last) = (ys.first().copied().unwrap_or(0.0), ys.last().copied().unwrap_or(0.0));
-            let per_min = slope(&xs, &ys) * 60.0;
-            let (early, late) = (quarter(1, i), quarter(3, i));
-            let grows = samples.len() >= 8 && late - early > (early * 0.2).max(floors[i]);
-            failed_run |= grows;
-            println!(
-                "| {name} | {first:.0} | {last:.0} | {per_min:.1} | {early:.0} → {late:.0} | {} |",
-                if grows { "GROWS" } else { "flat" }
-            );
-        }
-        println!("\n{} samples, every 5 s; the first fifth is warm-up and not fitted", samples.len());
+        failed_run |= print_soak(&samples);
     }
     // One line for `cargo xtask chaos --seeds N` to collect.
     println!(
-        "\nsummary: seed={} minutes={:.1} faults={} submitted={submitted} acked={acked} failed={failed} unknown={unknown} \
-         unknown_stored={unknown_stored} positionless={somewhere} lost={} duplicates={} order={} failed_but_stored={} \
+        "\nsummary: seed={} minutes={:.1} faults={} submitted={} acked={} failed={} unknown={} \
+         unknown_stored={unknown_stored} positionless={} lost={} duplicates={} order={} failed_but_stored={} \
          wrong_position={} bad_notifications={} join_gaps={} join_duplicates={} broker_duplicates={broker_duplicates} \
-         broker_order={broker_order} result={}",
+         broker_order={broker_order} unknown_calm={unknown_calm} malformed_records={} malformed_notifications={} \
+         join_order={} join_wrong={} join_foreign={} join_errors={} join_errors_in_outage={join_errors_in_outage} \
+         joins={} join_deliveries={join_deliveries} result={}",
         a.seed,
         elapsed.as_secs_f64() / 60.0,
         faults.len(),
+        totals.submitted(),
+        totals.acked,
+        totals.failed,
+        totals.unknown,
+        totals.somewhere,
         anomalies.lost,
         anomalies.duplicates,
         anomalies.order,
@@ -1257,6 +926,13 @@ async fn main() {
         anomalies.bad_notifications,
         anomalies.join_gaps,
         anomalies.join_duplicates,
+        anomalies.malformed_records,
+        anomalies.malformed_notifications,
+        anomalies.join_order,
+        anomalies.join_wrong,
+        anomalies.join_foreign,
+        anomalies.join_errors,
+        join_logs.len(),
         if failed_run { "FAILED" } else { "ok" }
     );
     println!("\nresult: {}", if failed_run { "FAILED" } else { "ok" });
@@ -1264,4 +940,235 @@ async fn main() {
     // the broker's database) first.
     drop(services);
     std::process::exit(i32::from(failed_run));
+}
+
+/// What the checker found.
+#[derive(Default)]
+struct Checked {
+    anomalies: checker::Anomalies,
+    unknown_stored: u64,
+    findings: Vec<Finding>,
+    join_errors_in_outage: u64,
+    join_lines: Vec<String>,
+    /// The first malformed records, with the reason.
+    malformed_lines: Vec<String>,
+}
+
+/// The chaos run's checker: the whole topic read back, every record decoded
+/// by the checker's own parser and held to what the harness sent.
+async fn check_run(
+    brokers: &str,
+    run_began_ms: u64,
+    sent: &[Sent],
+    ids: &[u128],
+    witnessed: &clients::Witnessed,
+    joins: &[checker::JoinLog],
+    windows: &[Window],
+) -> (Checked, usize) {
+    let b = brokers.to_owned();
+    let read = tokio::task::spawn_blocking(move || {
+        let mut stored = BTreeMap::new();
+        let mut malformed = Vec::new();
+        checker::read_back(&b, |pos, r| match r.and_then(|e| checker::expect_chaos(&e, run_began_ms)) {
+            Ok(s) => {
+                stored.insert(pos, s);
+            }
+            Err(e) => malformed.push(format!("malformed record at {pos:?}: {e}")),
+        })
+        .map(|()| (stored, malformed))
+    })
+    .await
+    .expect("read back");
+    let (stored, malformed) = match read {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("checker: {e}");
+            println!("\nsummary: result=FAILED (the checker could not read the topic: {e})");
+            std::process::exit(1);
+        }
+    };
+    let input = checker::Input { stored: &stored, sent, ids, notes: &witnessed.notes, joins, faults: windows };
+    let mut out = checker::check(&input);
+    out.anomalies.malformed_records += malformed.len() as u64;
+    let read = stored.len() + malformed.len();
+    let checked = Checked {
+        anomalies: out.anomalies,
+        unknown_stored: out.unknown_stored,
+        findings: out.findings,
+        join_errors_in_outage: out.join_errors_in_outage,
+        join_lines: out.join_lines,
+        malformed_lines: malformed.into_iter().take(10).collect(),
+    };
+    (checked, read)
+}
+
+/// The soak's checker: every event's outcome (two bits each) against the
+/// topic read back, so lost and duplicated writes are counted apart.
+async fn check_soak(
+    brokers: &str,
+    run_began_ms: u64,
+    outcomes: &Arc<soak::Outcomes>,
+    counts: &Counts,
+) -> (Checked, usize) {
+    let (b, o) = (brokers.to_owned(), Arc::clone(outcomes));
+    let stored = {
+        let b = b.clone();
+        tokio::task::spawn_blocking(move || checker::stored_count(&b)).await.expect("watermarks") as usize
+    };
+    match tokio::task::spawn_blocking(move || o.check(&b, run_began_ms)).await.expect("read back") {
+        Ok((anomalies, unknown_stored)) => {
+            let acked = counts.acked.load(Ordering::Relaxed) as usize;
+            let unknown = counts.unknown.load(Ordering::Relaxed) as usize;
+            println!(
+                "\nsoak counts: {stored} records in the topic; stored < acknowledged: {}; stored > acknowledged + unknown: {}",
+                stored < acked,
+                stored > acked + unknown
+            );
+            (Checked { anomalies, unknown_stored, ..Checked::default() }, stored)
+        }
+        Err(e) => {
+            eprintln!("checker: {e}");
+            println!("\nsummary: result=FAILED (the checker could not read the topic: {e})");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Events whose outcome was unknown, or whose receipt had no position,
+/// with no fault from 20 s before their submit to their answer: 0 allowed.
+fn outcomes_outside_faults(sent: &[Sent], windows: &[Window]) -> u64 {
+    sent.iter()
+        .filter(|s| matches!(s.told, Told::Unknown(_) | Told::AckedSomewhere))
+        .filter(|s| !windows.iter().any(|w| w.from <= s.told_ms && s.submitted_ms <= w.to + 20_000))
+        .count() as u64
+}
+
+/// The run's outcome counts.
+struct Totals {
+    acked: usize,
+    failed: usize,
+    unknown: usize,
+    somewhere: usize,
+}
+
+impl Totals {
+    fn of(sent: &[Sent], counts: &Counts, retain: bool) -> Self {
+        if !retain {
+            return Self {
+                acked: counts.acked.load(Ordering::Relaxed) as usize,
+                failed: counts.failed.load(Ordering::Relaxed) as usize,
+                unknown: counts.unknown.load(Ordering::Relaxed) as usize,
+                somewhere: 0,
+            };
+        }
+        let somewhere = sent.iter().filter(|s| matches!(s.told, Told::AckedSomewhere)).count();
+        let acked = sent.iter().filter(|s| matches!(s.told, Told::Acked { .. })).count() + somewhere;
+        let failed = sent.iter().filter(|s| matches!(s.told, Told::Failed(_))).count();
+        Self { acked, failed, unknown: sent.len() - acked - failed, somewhere }
+    }
+
+    fn submitted(&self) -> usize {
+        self.acked + self.failed + self.unknown
+    }
+
+    /// Bounds on what the checker cannot hold to a position: a regression
+    /// that turned acknowledgements into errors, or receipts into
+    /// positionless ones, would otherwise pass. Prints what is out of bounds.
+    fn out_of_bounds(&self, unknown_calm: u64) -> bool {
+        let mut out = false;
+        if self.acked == 0 {
+            println!("\nno event was acknowledged: the run proves nothing");
+            out = true;
+        }
+        let unknown_bound = self.submitted() / 100;
+        if self.unknown > unknown_bound {
+            println!(
+                "\noutcome unknown for {} events, over the bound of 1 % of those submitted ({unknown_bound})",
+                self.unknown
+            );
+            out = true;
+        }
+        if self.somewhere > 0 {
+            println!(
+                "\n{} receipts without a position: the Kafka sink reports an acknowledgement it cannot reconcile as outcome unknown, never as stored",
+                self.somewhere
+            );
+            out = true;
+        }
+        if unknown_calm > 0 {
+            println!("\n{unknown_calm} outcomes unknown or positionless with no fault from 20 s before their submit to their answer");
+            out = true;
+        }
+        out
+    }
+}
+
+fn print_faults(faults: &[(Fault, Duration, Duration)], timeline: &Timeline, elapsed: Duration) {
+    println!("\n| fault | injected | acknowledged events/s during it |");
+    println!("|---|---|---|");
+    let mut by_kind: BTreeMap<Fault, (u64, f64, f64)> = BTreeMap::new();
+    for (f, from, to) in faults {
+        let e = by_kind.entry(*f).or_default();
+        e.0 += 1;
+        e.1 += timeline.rate(*from, *to) * (*to - *from).as_secs_f64();
+        e.2 += (*to - *from).as_secs_f64();
+    }
+    for (f, (n, weighted, secs)) in &by_kind {
+        println!("| {} | {n} | {:.0} |", f.name(), weighted / secs.max(0.001));
+    }
+    println!("| (whole run) | {} | {:.0} |", faults.len(), timeline.rate(Duration::ZERO, elapsed));
+    let list: Vec<String> =
+        faults.iter().map(|(f, a, b)| format!("{} {}..{}", f.flag(), a.as_millis(), b.as_millis())).collect();
+    println!("\nfaults (ms since the start): {}", list.join(", "));
+}
+
+fn print_anomalies(a: &checker::Anomalies, retain: bool) {
+    println!("\n| anomaly | count |\n|---|---|");
+    if !retain {
+        println!("| (a soak keeps two bits per event: lost, duplicated and failed-but-stored writes against the topic read back) | |");
+    }
+    let rows: [(&str, u64); 14] = [
+        ("lost write (acknowledged, not stored)", a.lost),
+        ("duplicate (id stored twice)", a.duplicates),
+        ("order violation (a source out of publish order)", a.order),
+        ("failed but stored (told: not stored)", a.failed_but_stored),
+        ("acknowledged at a position that does not hold it", a.wrong_position),
+        ("bad notification (its position does not hold its event)", a.bad_notifications),
+        ("malformed record (the checker's parser refuses it, or it is not what was sent)", a.malformed_records),
+        ("malformed notification", a.malformed_notifications),
+        ("join gap (a record of its source from its start not delivered, the tail included)", a.join_gaps),
+        ("join duplicate", a.join_duplicates),
+        ("join order (an earlier record delivered after a later one)", a.join_order),
+        ("join wrong event (another event or payload at the right offset, or unreadable)", a.join_wrong),
+        ("join foreign event (another source's)", a.join_foreign),
+        ("join error outside a broker outage", a.join_errors),
+    ];
+    for (name, n) in rows {
+        println!("| {name} | {n} |");
+    }
+}
+
+/// The soak's resource table; whether one keeps growing.
+fn print_soak(samples: &[(f64, [f64; 5])]) -> bool {
+    println!(
+        "\n| resource | first | last | slope per minute | floor per minute | verdict |\n|---|---|---|---|---|---|"
+    );
+    let names = ["RSS (KiB)", "queue depth (events)", "open descriptors", "Kafka connections", "Redis connections"];
+    let mut failed = false;
+    for (i, name) in names.iter().enumerate() {
+        let series: Vec<(f64, f64)> = samples.iter().map(|s| (s.0, s.1[i])).collect();
+        let fitted = &series[series.len() / 5..];
+        let (xs, ys): (Vec<f64>, Vec<f64>) = fitted.iter().copied().unzip();
+        let (first, last) = (ys.first().copied().unwrap_or(0.0), ys.last().copied().unwrap_or(0.0));
+        let grows = soak::resource_grows(&series, soak::FLOORS_PER_MIN[i]);
+        failed |= grows;
+        println!(
+            "| {name} | {first:.0} | {last:.0} | {:.2} | {} | {} |",
+            soak::slope(&xs, &ys) * 60.0,
+            soak::FLOORS_PER_MIN[i],
+            if grows { "GROWS" } else { "flat" }
+        );
+    }
+    println!("\n{} samples, every 5 s; the first fifth is warm-up and not fitted", samples.len());
+    failed
 }
