@@ -12,6 +12,7 @@ use dualstream::consumer::{
     Target, Until,
 };
 use dualstream::prelude::*;
+use dualstream::redis::{RedisNotifier, RedisNotifierConfig};
 use dualstream::{EventId, Source};
 use dualstream_tests::*;
 use futures::StreamExt;
@@ -53,6 +54,19 @@ async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, timeout: Du
         assert!(Instant::now() < until, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A notifier whose bounds only guard against a hang, for tests of delivery:
+/// the default 200 ms per PUBLISH was missed on a busy machine while the hub
+/// fanned out to 2,000 subscribers.
+fn patient_notifier(url: &str) -> RedisNotifier {
+    RedisNotifier::new(RedisNotifierConfig {
+        url: url.to_owned(),
+        timeout_ms: 10_000,
+        connect_timeout_ms: 10_000,
+        ..RedisNotifierConfig::default()
+    })
+    .expect("redis notifier")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +155,7 @@ async fn a_thousand_local_subscribers_share_one_redis_subscription() {
     assert_eq!((stats.channels, stats.patterns, stats.subscribers), (1, 1, 2_000));
 
     // Every local subscriber receives every notification, in order.
-    let notifier = redis_notifier(&url);
+    let notifier = patient_notifier(&url);
     let events: Vec<Event> =
         (0..100).map(|i| Event::builder("user.seen", "user", "octocat").payload(format!("{i}")).build().expect("valid")).collect();
     for (i, e) in events.iter().enumerate() {
@@ -200,7 +214,7 @@ async fn a_slow_subscriber_does_not_delay_the_others_and_is_told_it_lagged() {
             got
         }));
     }
-    let notifier = redis_notifier(&url);
+    let notifier = patient_notifier(&url);
     let mut want = Vec::new();
     for chunk in 0..(total / 10) {
         let batch: Vec<Notification> = (0..10)
@@ -283,7 +297,7 @@ async fn a_hung_redis_is_noticed_by_the_ping_and_the_gap_signalled_when_it_answe
     assert_eq!(next(&mut s).await, LiveItem::Gap);
     let e = Event::builder("t", "user", "a").build().expect("valid");
     let n = Notification::for_event(&e, None);
-    redis_notifier(&url).notify(&n).await.expect("published");
+    patient_notifier(&url).notify(&n).await.expect("published");
     assert_eq!(next(&mut s).await, LiveItem::Notification(Arc::new(n)));
     assert!(hub.stats().await.expect("stats").disconnects >= 1);
 }
@@ -310,16 +324,24 @@ async fn join_mid_stream(redis_url: String, mut redis: Option<&mut OwnedRedis>) 
     let (stop, producer) = start_load(&engine, &sources, 30);
 
     // Let history build up, then pick a past position of the watched source.
+    // Waited for, not slept for: a busy machine stores fewer events a second.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let replay = replay_for(&brokers, &topic);
-    let history: Vec<_> = replay
-        .stream(ReplayRequest::new(Scope::Source(watched.clone())))
-        .await
-        .expect("stream")
-        .map(|r| r.expect("valid"))
-        .collect()
-        .await;
-    assert!(history.len() > 50, "history exists: {}", history.len());
+    let until = Instant::now() + Duration::from_secs(60);
+    let history = loop {
+        let history: Vec<_> = replay
+            .stream(ReplayRequest::new(Scope::Source(watched.clone())))
+            .await
+            .expect("stream")
+            .map(|r| r.expect("valid"))
+            .collect()
+            .await;
+        if history.len() > 50 {
+            break history;
+        }
+        assert!(Instant::now() < until, "history exists: {}", history.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let from = history[history.len() / 2].position.clone();
 
     let hub = Hub::new(HubConfig { url: redis_url.clone(), ping_interval_ms: 500, ..HubConfig::default() }).expect("hub");
