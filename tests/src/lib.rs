@@ -147,6 +147,18 @@ pub fn read_topic(brokers: &str, topic: &str, expect: usize, timeout: Duration) 
         }
     }
     consumer.assign(&tpl).expect("assign");
+    // Read at least to every partition's high watermark as it is now, so a
+    // pause in the fetches (a busy machine) cannot end the read early and a
+    // late duplicate cannot hide behind the expected count.
+    let mut behind: std::collections::HashMap<i32, i64> = std::collections::HashMap::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            let (_, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).expect("watermarks");
+            if high > 0 {
+                behind.insert(p.id(), high);
+            }
+        }
+    }
     let mut out = Vec::new();
     let until = Instant::now() + timeout;
     let mut quiet_since = Instant::now();
@@ -154,6 +166,9 @@ pub fn read_topic(brokers: &str, topic: &str, expect: usize, timeout: Duration) 
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 quiet_since = Instant::now();
+                if behind.get(&m.partition()).is_some_and(|high| m.offset() + 1 >= *high) {
+                    behind.remove(&m.partition());
+                }
                 out.push(Record {
                     partition: m.partition(),
                     offset: m.offset(),
@@ -167,12 +182,13 @@ pub fn read_topic(brokers: &str, topic: &str, expect: usize, timeout: Duration) 
             }
             Some(Err(e)) => panic!("consumer error: {e}"),
             None => {
-                if out.len() >= expect && quiet_since.elapsed() > Duration::from_secs(1) {
+                if behind.is_empty() && out.len() >= expect && quiet_since.elapsed() > Duration::from_secs(1) {
                     break;
                 }
             }
         }
     }
+    assert!(behind.is_empty(), "read_topic({topic}): partitions {behind:?} not read to their high watermarks within {timeout:?}");
     out
 }
 
