@@ -602,7 +602,17 @@ mod leader_moves {
     fn kafka_only(cluster: &Cluster, config: JoinConfig) -> CatchUp {
         let hub = Hub::new(HubConfig { url: "redis://127.0.0.1:1".into(), timeout_ms: 100, ..HubConfig::default() })
             .expect("hub");
-        CatchUp::new(replay(&cluster.bootstrap_servers(), "t"), hub, config).expect("joiner")
+        // The look-ups are asked again after a leader move within
+        // `timeout_ms`; 20 s only bounds a hang, so a busy machine's slow
+        // metadata refresh does not decide the outcome.
+        let replay = Replay::new(ReplayConfig {
+            bootstrap_servers: cluster.bootstrap_servers(),
+            topic: super::TopicRouting::Single { topic: "t".to_owned() },
+            timeout_ms: 20_000,
+            ..ReplayConfig::default()
+        })
+        .expect("replay");
+        CatchUp::new(replay, hub, config).expect("joiner")
     }
 
     /// A join's items, each expected from Kafka (there is no Redis).
