@@ -109,13 +109,6 @@ impl SinkError {
         }
     }
 
-    /// Whether the event may have been stored although the publish failed:
-    /// the write reached the store and its answer was lost, late or not
-    /// trustworthy. `false` means it was certainly not stored.
-    pub fn outcome_unknown(&self) -> bool {
-        matches!(self, Self::Timeout { .. } | Self::OutcomeUnknown { .. } | Self::Broker { .. } | Self::Other(_))
-    }
-
     /// Wrap any error or message as [`SinkError::Other`].
     pub fn other(e: impl Into<BoxError>) -> Self {
         Self::Other(e.into())

@@ -11,7 +11,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use dualstream_batch::BatchError;
-use dualstream_core::{Event, EventId};
+use dualstream_core::{Event, EventId, SinkError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -182,6 +182,12 @@ fn batch_error_json(e: &BatchError) -> Value {
         BatchError::Closed { .. } => "shutting_down",
         BatchError::WorkerGone => "outcome_unknown",
         BatchError::LaneDead { .. } => "lane_dead",
+        // Handed to Kafka, and its answer does not prove whether it was stored.
+        BatchError::Publish(dualstream_publisher::PublishError::Durable(d))
+            if matches!(d.error, SinkError::OutcomeUnknown { .. } | SinkError::Timeout { .. }) =>
+        {
+            "outcome_unknown"
+        }
         _ => "not_stored",
     };
     json!({"code": code, "message": e.to_string(), "retriable": e.is_retriable()})
@@ -313,5 +319,31 @@ mod tests {
         assert_eq!(parse_ingest_body(None, body.as_bytes(), 2).map(|v| v.len()), Err(too_many.clone()));
         let ndjson = format!("{}\n{}\n{}\n", event("a"), event("b"), event("c"));
         assert_eq!(parse_ingest_body(Some("application/ndjson"), ndjson.as_bytes(), 2).map(|v| v.len()), Err(too_many));
+    }
+}
+
+#[cfg(test)]
+mod error_code_tests {
+    use dualstream_core::{DeliveryError, Event, SinkError};
+    use dualstream_publisher::PublishError;
+
+    use super::{batch_error_json, BatchError};
+
+    fn durable(error: SinkError) -> BatchError {
+        let event = Event::builder("t", "user", "u").build().expect("valid");
+        BatchError::Publish(PublishError::Durable(DeliveryError::new(error, event)))
+    }
+
+    /// A client told `not_stored` may safely send again; one whose write
+    /// Kafka may hold is told `outcome_unknown`.
+    #[test]
+    fn a_write_kafka_may_hold_is_outcome_unknown_not_not_stored() {
+        let code = |e: BatchError| batch_error_json(&e)["code"].as_str().map(str::to_owned);
+        let unknown = durable(SinkError::OutcomeUnknown { reason: "offset -1".into() });
+        assert_eq!(code(unknown).as_deref(), Some("outcome_unknown"));
+        let late = durable(SinkError::Timeout { deadline: std::time::Duration::from_secs(1) });
+        assert_eq!(code(late).as_deref(), Some("outcome_unknown"));
+        let unsent = durable(SinkError::Unavailable { reason: "replacing".into() });
+        assert_eq!(code(unsent).as_deref(), Some("not_stored"));
     }
 }

@@ -661,7 +661,7 @@ mod offset_guard_tests {
         assert!(g.check("t", 0, 6));
         assert!(g.check("t", 1, 0), "partitions are apart");
         assert!(g.check("u", 0, 1), "topics are apart");
-        // A retried batch answered with base offset 0 (tansu 0.6), or the
+        // A duplicate answer's records at -1 + index (librdkafka), or the
         // same offset twice.
         assert!(!g.check("t", 0, 0));
         assert!(!g.check("t", 0, 6));
