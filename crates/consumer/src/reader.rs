@@ -61,7 +61,10 @@ fn leader_moved(e: &KafkaError) -> bool {
 
 /// Whether the broker asked could not be reached: it may be down, with the
 /// partition led by another broker since. librdkafka does not refresh its
-/// metadata on these errors by itself.
+/// metadata on these errors by itself. Its local `UnknownPartition` belongs
+/// here too: right after the leader went down, its metadata names no leader
+/// for the partition until the refresh (the partitions asked for come from
+/// the topic's own partition count, so the partition exists).
 fn broker_gone(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
@@ -69,6 +72,7 @@ fn broker_gone(e: &KafkaError) -> bool {
             RDKafkaErrorCode::BrokerTransportFailure
                 | RDKafkaErrorCode::DestroyBroker
                 | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::UnknownPartition
         )
     )
 }
