@@ -256,6 +256,43 @@ impl RedisCluster {
         }
     }
 
+    /// Send `cmd` to the node on `port`, bounded by 5 s (`CLIENT LIST`, an
+    /// `SPUBLISH` straight to a node, and the like).
+    pub fn query<T: redis::FromRedisValue>(&self, port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        query(port, cmd)
+    }
+
+    /// Make the node on `port` announce `announced` as its client port
+    /// (`CONFIG SET cluster-announce-port`), as a node behind a proxy or a
+    /// NAT does: a client that reads the slot map from this node connects
+    /// to `announced` for its slots (the other nodes learn it by gossip,
+    /// later). Returns once the node's own `CLUSTER SLOTS` names it.
+    pub fn announce_port(&self, port: u16, announced: u16) {
+        let mut set = redis::cmd("CONFIG");
+        set.arg("SET").arg("cluster-announce-port").arg(announced);
+        query::<()>(port, &set).unwrap_or_else(|e| panic!("CONFIG SET cluster-announce-port on {port}: {e}"));
+        // [[first, last, [host, port, id, ..], ..], ..]
+        let names_it = |v: &redis::Value| {
+            let redis::Value::Array(ranges) = v else { return false };
+            let port = redis::Value::Int(i64::from(announced));
+            ranges.iter().any(|r| match r {
+                redis::Value::Array(fields) => {
+                    matches!(fields.get(2), Some(redis::Value::Array(m)) if m.get(1) == Some(&port))
+                }
+                _ => false,
+            })
+        };
+        let until = Instant::now() + HEALTHY_TIMEOUT;
+        loop {
+            let slots: redis::Value = query(port, redis::cmd("CLUSTER").arg("SLOTS")).expect("CLUSTER SLOTS");
+            if names_it(&slots) {
+                return;
+            }
+            assert!(Instant::now() < until, "node {port} does not announce {announced} within {HEALTHY_TIMEOUT:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Kill -9 node `i` (its slots are not served until it restarts).
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {

@@ -6,6 +6,12 @@
 //! Each direction of each connection is a reader that stamps what it reads
 //! and a writer that forwards each chunk once its stamp is `delay` old, so
 //! the delay adds latency but no bandwidth limit, and order is kept.
+//!
+//! A direction can also be held ([`DelayProxy::hold`]): what arrives is
+//! still read and kept, in order, and forwarded on
+//! [`release`](DelayProxy::release). Tests use it to order what two parties
+//! see (a reply held while a command is sent, a command held while a reply
+//! passes) without timing.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,8 +20,17 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+
+/// A direction of the connections through a [`DelayProxy`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// From the client to the upstream server.
+    ToServer,
+    /// From the upstream server to the client.
+    ToClient,
+}
 
 /// A running delay proxy. Stops (closing every connection) on drop.
 #[derive(Debug)]
@@ -25,6 +40,8 @@ pub struct DelayProxy {
     connections: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     /// The delay each way, in microseconds.
     delay_us: Arc<AtomicU64>,
+    /// Whether each direction is held: `[ToServer, ToClient]`.
+    held: [watch::Sender<bool>; 2],
 }
 
 impl DelayProxy {
@@ -42,7 +59,9 @@ impl DelayProxy {
         let addr = listener.local_addr()?;
         let connections: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
         let delay_us = Arc::new(AtomicU64::new(delay.as_micros() as u64));
+        let held = [watch::Sender::new(false), watch::Sender::new(false)];
         let (conns, d) = (connections.clone(), delay_us.clone());
+        let (to_server, to_client) = (held[0].clone(), held[1].clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(upstream).await else { continue };
@@ -52,11 +71,24 @@ impl DelayProxy {
                 let (sr, sw) = server.into_split();
                 let mut c = conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 c.retain(|t| !t.is_finished());
-                c.push(tokio::spawn(pipe(cr, sw, d.clone())));
-                c.push(tokio::spawn(pipe(sr, cw, d.clone())));
+                c.push(tokio::spawn(pipe(cr, sw, d.clone(), to_server.subscribe())));
+                c.push(tokio::spawn(pipe(sr, cw, d.clone(), to_client.subscribe())));
             }
         });
-        Ok(Self { addr, task, connections, delay_us })
+        Ok(Self { addr, task, connections, delay_us, held })
+    }
+
+    /// Stop forwarding in `direction`, on every connection (and those
+    /// accepted later): what arrives is read and kept, in order, until
+    /// [`release`](Self::release). A chunk being written when this is
+    /// called still goes through.
+    pub fn hold(&self, direction: Direction) {
+        self.held[direction as usize].send_replace(true);
+    }
+
+    /// Forward in `direction` again, starting with what was kept.
+    pub fn release(&self, direction: Direction) {
+        self.held[direction as usize].send_replace(false);
     }
 
     /// Change the delay of every connection, from the next chunk on.
@@ -96,11 +128,19 @@ impl Drop for DelayProxy {
     }
 }
 
-async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, delay_us: Arc<AtomicU64>) {
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay_us: Arc<AtomicU64>,
+    mut held: watch::Receiver<bool>,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     let writer = tokio::spawn(async move {
         while let Some((at, chunk)) = rx.recv().await {
             tokio::time::sleep_until(at + Duration::from_micros(delay_us.load(Ordering::Relaxed))).await;
+            if held.wait_for(|h| !*h).await.is_err() {
+                return;
+            }
             if to.write_all(&chunk).await.is_err() {
                 return;
             }

@@ -70,25 +70,46 @@ async fn sse_resume_with_last_event_id_is_exact_across_channels() {
     assert!(first.id.is_some(), "the subscribed item carries a resume token");
 
     // 900 events over a, b and c (c is not subscribed) while the client
-    // disconnects and resumes twice.
-    let load = tokio::spawn(ingest_load(Arc::clone(&gw), producer, vec!["a", "b", "c"], 900));
+    // disconnects and resumes twice; then a marker on a and on b, after
+    // which nothing more is published: the client reads until both came, so
+    // a duplicate or a late event would come before them.
+    let load = {
+        let gw = Arc::clone(&gw);
+        tokio::spawn(async move {
+            let stored = ingest_load(Arc::clone(&gw), producer.clone(), vec!["a", "b", "c"], 900).await;
+            for source in ["a", "b"] {
+                let marker = json!({"type": "test.marker", "source_type": "user", "source_id": source, "payload": {}});
+                let (status, reply) = gw.ingest(&producer, &marker).await;
+                assert_eq!(status, 200, "{reply}");
+            }
+            stored
+        })
+    };
     let mut delivered = BTreeMap::new();
     let mut last_id = first.id.clone();
+    let mut markers = 0;
     for round in 0..3 {
         let mut frames = Vec::new();
-        let want = if round < 2 { 120 } else { usize::MAX };
+        let events = |frames: &[Frame]| frames.iter().filter(|f| f.event == "event").count();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while frames.iter().filter(|f: &&Frame| f.event == "event").count() < want && Instant::now() < deadline {
-            match sse.next(Duration::from_secs(5)).await {
-                Some(f) => {
-                    assert!(matches!(f.event.as_str(), "event" | "subscribed"), "unexpected {f:?}");
-                    if f.id.is_some() {
-                        last_id = f.id.clone();
-                    }
-                    frames.push(f);
+        while if round < 2 { events(&frames) < 120 } else { markers < 2 } {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(f) = sse.next(left.min(Duration::from_secs(5))).await else {
+                // Rounds 0 and 1 only choose where to cut the connection.
+                if round < 2 {
+                    break;
                 }
-                None => break, // quiet for 5 s: the load is over
+                assert!(Instant::now() < deadline, "{markers} of the 2 markers within 60 s");
+                continue;
+            };
+            assert!(matches!(f.event.as_str(), "event" | "subscribed"), "unexpected {f:?}");
+            if f.id.is_some() {
+                last_id = f.id.clone();
             }
+            if f.event == "event" && f.json()["type"] == "test.marker" {
+                markers += 1;
+            }
+            frames.push(f);
         }
         record(&frames, &mut delivered);
         if round < 2 {
@@ -102,11 +123,11 @@ async fn sse_resume_with_last_event_id_is_exact_across_channels() {
     }
     let stored = load.await.expect("load");
     assert_eq!(stored, 900);
-    let kafka = kafka_offsets(&gw.topic, 900);
+    let kafka = kafka_offsets(&gw.topic, 902);
     assert!(!delivered.contains_key("c"), "an unsubscribed channel was delivered");
     for source in ["a", "b"] {
         let got = delivered.get(source).cloned().unwrap_or_default();
-        assert_eq!(got.len(), 300, "{source}: delivered {} of 300", got.len());
+        assert_eq!(got.len(), 301, "{source}: delivered {} of 300 and the marker", got.len());
         assert_eq!(&got, &kafka[source], "{source}: the delivered sequence is not Kafka's (gap, duplicate or order)");
     }
     // The last token holds both channels at the end of their sequences.
@@ -371,6 +392,9 @@ async fn a_slow_client_is_closed_with_a_reason_and_never_stalls_the_others() {
     tokio::io::AsyncWriteExt::write_all(&mut slow, request.as_bytes()).await.expect("request");
     let mut fast = Sse::open(&gw.http, &url, &[("authorization", &auth)]).await;
     assert_eq!(fast.next(Duration::from_secs(10)).await.expect("subscribed").event, "subscribed");
+    // Each stream's join holds one subscription of the gateway's hub: the
+    // slow one's request was sent first, but nothing of it is read.
+    wait_for_hub_subscribers(&gw, 2).await;
 
     // 1,500 events of 8 KiB: far more than the socket buffers hold.
     const TOTAL: u64 = 1_500;
@@ -402,9 +426,11 @@ async fn a_slow_client_is_closed_with_a_reason_and_never_stalls_the_others() {
     // Now the slow client reads what was buffered for it: a prefix of the
     // events, then the close with its reason and a reconnect hint, then the
     // end of the response.
-    // It has now read nothing for longer than send_timeout_ms (1 s) while
-    // its buffer was full (the load above is ~12 MB; its socket holds ~3).
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // It reads nothing until the gateway has closed it: once its buffer
+    // stayed full for send_timeout_ms (1 s; the load above is ~12 MB, its
+    // socket holds ~3), its join ends and with it its hub subscription.
+    // (Reading earlier would make room, and it might not be too slow.)
+    wait_for_hub_subscribers(&gw, 1).await;
     let mut raw = Vec::new();
     let mut chunk = vec![0u8; 1 << 16];
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -432,6 +458,20 @@ async fn a_slow_client_is_closed_with_a_reason_and_never_stalls_the_others() {
     assert!(text[close..].contains("retry: 2000"), "the close carries a reconnect hint");
     assert!(!text[close..].contains("event: event"), "nothing after the close");
     assert!(slow_events < TOTAL, "the slow client was closed before the end ({slow_events} of {TOTAL})");
+}
+
+/// Wait until the gateway's hub has `want` local subscribers (`/readyz`);
+/// panics after 30 s.
+async fn wait_for_hub_subscribers(gw: &TestGateway, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let doc = gw.readyz().await;
+        if doc["hub"]["subscribers"].as_u64() == Some(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the hub has not {want} subscribers within 30 s: {}", doc["hub"]);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

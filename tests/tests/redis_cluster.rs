@@ -308,23 +308,87 @@ async fn moved_channels_keep_their_subscriptions(move_to: impl FnOnce(&RedisClus
     }
 }
 
-/// A channel unsubscribed and at once subscribed again, 20 times: what is
-/// published after `subscribe` returned arrives each time. (The race of a
-/// confirmation of the SSUBSCRIBE before the SUNSUBSCRIBE answering the
-/// new subscriber is pinned by a unit test in `shard_hub.rs`; here Redis
-/// has usually answered all three commands before the publish.)
+/// A channel unsubscribed before Redis confirmed it and at once subscribed
+/// again: the hub's connection to the channel's master carries SSUBSCRIBE,
+/// SUNSUBSCRIBE, SSUBSCRIBE, and the first confirmation must not answer the
+/// new subscriber (its own SSUBSCRIBE may not have reached Redis yet, so
+/// what is published then would be lost to it).
+///
+/// The race is reproduced, not hoped for: the master announces the port of
+/// a proxy (`cluster-announce-port`), so the hub's connection to it goes
+/// through the proxy; the replies are held while the first SSUBSCRIBE and
+/// the SUNSUBSCRIBE run, then the commands are held (the second SSUBSCRIBE
+/// waits in the proxy) while the replies pass, followed by a marker message
+/// on another channel of the same slot. Once the marker is delivered the
+/// hub has handled the first confirmation, and `subscribe` must still be
+/// waiting. (Fails without the count of unanswered SSUBSCRIBEs in
+/// `shard_hub.rs`; the unit test there pins the same rule.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_subscribed_again_right_after_its_last_subscriber_left_receives() {
+    use deadpool_redis::redis;
+    use dualstream_tests::proxy::{DelayProxy, Direction};
+
     let cluster = RedisCluster::start();
-    let hub = cluster_hub(&cluster);
-    let notifier = cluster_notifier(&cluster);
-    let source = Source::new("user", "again").expect("source");
-    for round in 0..20 {
-        drop(hub.subscribe_source(&source).await.expect("subscribed"));
-        let mut stream = hub.subscribe_source(&source).await.expect("subscribed again");
-        notifier.notify(&notification("again", round)).await.expect("published");
-        assert_eq!(offsets(&mut stream, 1).await, [round]);
+    let channel = "events:user:again".to_owned();
+    // Same slot (the hash tag is the channel's name), so same connection.
+    let marker = format!("{{{channel}}}:marker");
+    let owner = cluster.owner_of(&channel);
+    assert_eq!(cluster.slot(&marker), cluster.slot(&channel));
+    let proxy = DelayProxy::start(([127, 0, 0, 1], owner).into(), Duration::ZERO).await.expect("proxy");
+    cluster.announce_port(owner, proxy.addr().port());
+    // The hub reads the slot map from the owner, which names the proxy.
+    let hub = Hub::new(HubConfig {
+        cluster_urls: vec![format!("redis://127.0.0.1:{owner}")],
+        timeout_ms: 10_000,
+        ..HubConfig::default()
+    })
+    .expect("hub");
+    let spublish = |channel: &str, round: i64| {
+        let payload = notification("again", round).to_json();
+        let cmd = redis::cmd("SPUBLISH").arg(channel).arg(payload).clone();
+        let receivers: i64 = cluster.query(owner, &cmd).expect("SPUBLISH");
+        receivers
+    };
+    let mut markers = hub.subscribe(Target::Channel(marker.clone())).await.expect("marker subscribed");
+    assert_eq!(spublish(&marker, 0), 1, "the hub's connection (through the proxy) is subscribed");
+    assert_eq!(offsets(&mut markers, 1).await, [0]);
+
+    // SSUBSCRIBE and SUNSUBSCRIBE run, their replies held.
+    proxy.hold(Direction::ToClient);
+    {
+        let first = hub.subscribe(Target::Channel(channel.clone()));
+        futures::pin_mut!(first);
+        assert!(futures::poll!(first.as_mut()).is_pending(), "not confirmed while the replies are held");
     }
+    let until = std::time::Instant::now() + WAIT;
+    loop {
+        let clients: String = cluster.query(owner, &redis::cmd("CLIENT").arg("LIST").clone()).expect("CLIENT LIST");
+        if clients.lines().any(|l| l.split_whitespace().any(|f| f == "cmd=sunsubscribe")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "no SUNSUBSCRIBE ran within {WAIT:?}:\n{clients}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The second SSUBSCRIBE is sent and held in the proxy; the hub's task
+    // has handled the subscription once `stats` (queued after it) answers.
+    proxy.hold(Direction::ToServer);
+    let second = hub.subscribe(Target::Channel(channel.clone()));
+    futures::pin_mut!(second);
+    assert!(futures::poll!(second.as_mut()).is_pending());
+    hub.stats().await.expect("stats");
+    // Behind the two replies on the hub's connection: a marker message.
+    assert_eq!(spublish(&marker, 1), 1);
+    proxy.release(Direction::ToClient);
+    assert_eq!(offsets(&mut markers, 1).await, [1], "the replies and the marker reached the hub");
+    assert!(
+        futures::poll!(second.as_mut()).is_pending(),
+        "subscribe returned on the confirmation of the SSUBSCRIBE sent before the SUNSUBSCRIBE, \
+         while its own is not in Redis yet: a notification published now would be lost"
+    );
+    proxy.release(Direction::ToServer);
+    let mut stream = tokio::time::timeout(WAIT, second).await.expect("confirmed").expect("subscribed again");
+    assert_eq!(spublish(&channel, 2), 1);
+    assert_eq!(offsets(&mut stream, 1).await, [2]);
 }
 
 /// A catch-up join whose live side is the sharded hub stays exact when the
@@ -352,6 +416,7 @@ async fn a_join_over_the_cluster_stays_exact_when_its_node_restarts() {
     let run = dualstream::EventId::new().as_uuid().simple().to_string();
     let sources: Vec<Source> = (0..6).map(|i| Source::new("sensor", format!("{run}-{i}")).expect("valid")).collect();
     let (stop, load) = dualstream_tests::start_load(&engine, &sources, 12);
+    // Lets history build up before the join (which is exact either way).
     tokio::time::sleep(Duration::from_millis(1_000)).await;
 
     let watched = sources[0].clone();
@@ -378,33 +443,50 @@ async fn a_join_over_the_cluster_stays_exact_when_its_node_restarts() {
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let live_since = |from: usize| got.lock().expect("lock").iter().skip(from).any(|(_, live)| *live);
+    // The join is on its live path when the node goes down.
+    wait_until("a live delivery before the kill", Duration::from_secs(60), || live_since(0)).await;
     let owner = cluster.owner_of(&channel);
     let node = cluster.ports().iter().position(|p| *p == owner).expect("owner is a node");
     cluster.kill(node);
+    // Lets the load run while the node is down: the join gets those events
+    // from Kafka.
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     cluster.restart(node);
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // The join is back on its live path after the restart.
+    let restarted = got.lock().expect("lock").len();
+    wait_until("a live delivery after the restart", Duration::from_secs(60), || live_since(restarted)).await;
     stop.store(true, Ordering::Relaxed);
     let published = load.await.expect("load");
+    // A marker published after every other event: on the join's channel and
+    // in its partition it comes after all of them, so a duplicate (or a
+    // late event) would be delivered before it.
+    let marker = Event::builder("marker", watched.source_type(), watched.source_id()).build().expect("event");
+    let receipt = engine.submit(marker).await.expect("marker published");
+    let marker = receipt.position.expect("stored in Kafka").offset;
+    let published = published + 1;
 
     let records = read_topic(&brokers, &topic, published, Duration::from_secs(60));
     assert_eq!(records.len(), published, "every event is in Kafka once");
     let mut want: Vec<i64> = records.iter().filter(|r| r.event().source() == &watched).map(|r| r.offset).collect();
     want.sort_unstable();
-    let last = *want.last().expect("events of the watched source");
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    while !got.lock().expect("lock").iter().any(|(o, _)| *o == last) {
-        assert!(std::time::Instant::now() < until, "the join delivers the last event");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(want.last(), Some(&marker), "the marker is the watched source's last event");
+    let delivered = || got.lock().expect("lock").iter().any(|(o, _)| *o == marker);
+    wait_until("the join delivers the marker", Duration::from_secs(30), delivered).await;
     reader.abort();
     let got = got.lock().expect("lock").clone();
     let offsets: Vec<i64> = got.iter().map(|(o, _)| *o).collect();
     assert_eq!(offsets, want, "exactly the Kafka sequence: no gap, no duplicate");
     let live = got.iter().filter(|(_, l)| *l).count();
     eprintln!("cluster join: {} delivered, {live} live, node {node} restarted", got.len());
-    assert!(live > 0, "the live path was used");
     engine.shutdown().await;
+}
+
+/// Wait until `done()`, checking every 20 ms; panics after `limit`.
+async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + limit;
+    while !done() {
+        assert!(std::time::Instant::now() < until, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
