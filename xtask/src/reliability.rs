@@ -24,13 +24,21 @@ pub(crate) struct Plan {
     pub(crate) busy: usize,
 }
 
-/// `cargo run` of the chaos binary, or the binary named by
-/// `DUALSTREAM_CHAOS_BIN` (one fixed build for a long table of seeds, while
-/// the source tree changes).
-fn chaos_command(debug: bool, tansu: &std::path::Path) -> Command {
+/// `cargo run` of the chaos binary (after building the gateway binary it
+/// starts, `dualstream-gateway`, into the same folder), or the binary named
+/// by `DUALSTREAM_CHAOS_BIN` (one fixed build for a long table of seeds,
+/// while the source tree changes; its gateway is `DUALSTREAM_GATEWAY_BIN`,
+/// or `dualstream-gateway` beside it).
+fn chaos_command(debug: bool, tansu: &std::path::Path) -> Result<Command, String> {
     let mut cmd = match std::env::var_os("DUALSTREAM_CHAOS_BIN") {
         Some(bin) => Command::new(bin),
         None => {
+            let mut gateway = cargo();
+            gateway.args(["build", "--quiet", "-p", "dualstream-gateway", "--bin", "dualstream-gateway"]);
+            if !debug {
+                gateway.arg("--release");
+            }
+            run(&mut gateway)?;
             let mut cmd = cargo();
             cmd.args(["run", "--quiet", "-p", "dualstream-tests", "--bin", "chaos"]);
             if !debug {
@@ -41,7 +49,7 @@ fn chaos_command(debug: bool, tansu: &std::path::Path) -> Command {
         }
     };
     cmd.env("DUALSTREAM_TANSU", tansu);
-    cmd
+    Ok(cmd)
 }
 
 /// Busy loops, killed when dropped.
@@ -79,7 +87,7 @@ pub(crate) fn run_chaos(plan: Plan) -> Result<(), String> {
     let tansu = stack::install_tansu()?;
     let _busy = Busy::start(plan.busy)?;
     if plan.seeds.len() <= 1 {
-        let mut cmd = chaos_command(plan.debug, &tansu);
+        let mut cmd = chaos_command(plan.debug, &tansu)?;
         cmd.args(&plan.args);
         if let Some(seed) = plan.seeds.first() {
             cmd.args(["--seed".to_owned(), seed.to_string()]);
@@ -89,7 +97,7 @@ pub(crate) fn run_chaos(plan: Plan) -> Result<(), String> {
     let mut rows = Vec::new();
     for seed in &plan.seeds {
         eprintln!("xtask: chaos seed {seed} ({} of {})", rows.len() + 1, plan.seeds.len());
-        let mut cmd = chaos_command(plan.debug, &tansu);
+        let mut cmd = chaos_command(plan.debug, &tansu)?;
         cmd.args(&plan.args).args(["--seed".to_owned(), seed.to_string()]).stdout(Stdio::piped());
         let mut child = cmd.spawn().map_err(|e| format!("could not run chaos: {e}"))?;
         let mut summary = None;
@@ -122,7 +130,7 @@ fn field<'a>(summary: &'a str, key: &str) -> &'a str {
 }
 
 fn print_table(rows: &[(u64, bool, Option<String>)]) {
-    const COLUMNS: [&str; 23] = [
+    const COLUMNS: [&str; 30] = [
         "faults",
         "submitted",
         "acked",
@@ -146,6 +154,13 @@ fn print_table(rows: &[(u64, bool, Option<String>)]) {
         "join_wrong",
         "join_foreign",
         "join_errors",
+        "gateway_items",
+        "gateway_gaps",
+        "gateway_duplicates",
+        "gateway_order",
+        "gateway_wrong",
+        "gateway_errors",
+        "gateway_resets",
     ];
     println!("\n| seed | {} | result |", COLUMNS.join(" | ").replace('_', " "));
     println!("|---|{}---|", "---|".repeat(COLUMNS.len()));

@@ -10,6 +10,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use super::wire::{self, WireEvent};
+use super::gateway::GatewayLog;
 use super::{Sent, Told, PARTITIONS, TOPIC};
 
 /// The event type, source type and user header the harness publishes with.
@@ -216,6 +217,18 @@ pub(crate) struct Anomalies {
     pub(crate) join_foreign: u64,
     /// Join errors outside broker outages.
     pub(crate) join_errors: u64,
+    /// Gateway clients, each channel across its connections: a record of
+    /// its source from the first token's offset not delivered (the tail
+    /// included), delivered twice, out of order, or another event.
+    pub(crate) gateway_gaps: u64,
+    pub(crate) gateway_duplicates: u64,
+    pub(crate) gateway_order: u64,
+    pub(crate) gateway_wrong: u64,
+    /// Refused or broken connections and `error` items outside broker
+    /// outages and gateway restarts.
+    pub(crate) gateway_errors: u64,
+    /// `reset` items: nothing is deleted during a run, so none is due.
+    pub(crate) gateway_resets: u64,
 }
 
 impl Anomalies {
@@ -234,6 +247,12 @@ impl Anomalies {
             + self.join_wrong
             + self.join_foreign
             + self.join_errors
+            + self.gateway_gaps
+            + self.gateway_duplicates
+            + self.gateway_order
+            + self.gateway_wrong
+            + self.gateway_errors
+            + self.gateway_resets
     }
 }
 
@@ -253,6 +272,8 @@ pub(crate) struct Window {
     pub(crate) from: u32,
     pub(crate) to: u32,
     pub(crate) broker: bool,
+    /// The gateway's kill -9 and restart.
+    pub(crate) gateway: bool,
 }
 
 pub(crate) struct Input<'a> {
@@ -261,6 +282,7 @@ pub(crate) struct Input<'a> {
     pub(crate) ids: &'a [u128],
     pub(crate) notes: &'a [Note],
     pub(crate) joins: &'a [JoinLog],
+    pub(crate) gateway: &'a [GatewayLog],
     pub(crate) faults: &'a [Window],
 }
 
@@ -272,6 +294,11 @@ pub(crate) struct Outcome {
     pub(crate) join_errors_in_outage: u64,
     /// One line per anomalous join (the first ones).
     pub(crate) join_lines: Vec<String>,
+    /// Gateway client errors inside a broker outage or a gateway restart
+    /// (counted apart, not anomalies).
+    pub(crate) gateway_errors_in_outage: u64,
+    /// One line per anomalous gateway client channel (the first ones).
+    pub(crate) gateway_lines: Vec<String>,
 }
 
 pub(crate) fn check(input: &Input<'_>) -> Outcome {
@@ -363,37 +390,57 @@ pub(crate) fn check(input: &Input<'_>) -> Outcome {
             }
         }
     }
-    let (join_errors_in_outage, join_lines) = check_joins(input, &where_, &index_of, &mut a);
-    Outcome { anomalies: a, unknown_stored, findings, join_errors_in_outage, join_lines }
+    let by_source = source_logs(input, &index_of);
+    let source_of: HashMap<u128, usize> =
+        where_.iter().filter_map(|(id, at)| Some((*id, input.stored.get(at.first()?)?.source))).collect();
+    let (join_errors_in_outage, join_lines) = check_joins(input, &by_source, &source_of, &mut a);
+    let (gateway_errors_in_outage, gateway_lines) = check_gateway(input, &by_source, &source_of, &mut a);
+    Outcome {
+        anomalies: a,
+        unknown_stored,
+        findings,
+        join_errors_in_outage,
+        join_lines,
+        gateway_errors_in_outage,
+        gateway_lines,
+    }
 }
 
 /// A source's records in offset order: (offset, id, digest, index in `sent`).
 type SourceLog = Vec<(i64, u128, u32, Option<usize>)>;
 
-fn check_joins(
-    input: &Input<'_>,
-    where_: &HashMap<u128, Vec<(i32, i64)>>,
-    index_of: &HashMap<u128, usize>,
-    a: &mut Anomalies,
-) -> (u64, Vec<String>) {
+/// Every source's records, in offset order.
+fn source_logs(input: &Input<'_>, index_of: &HashMap<u128, usize>) -> HashMap<usize, SourceLog> {
     let mut by_source: HashMap<usize, SourceLog> = HashMap::new();
     for ((_, offset), r) in input.stored {
         by_source.entry(r.source).or_default().push((*offset, r.id, r.digest, index_of.get(&r.id).copied()));
     }
-    let source_of: HashMap<u128, usize> =
-        where_.iter().filter_map(|(id, at)| Some((*id, input.stored.get(at.first()?)?.source))).collect();
-    let mut in_outage = 0;
+    by_source
+}
+
+/// Whether an error at `at` falls in an outage of the kinds `counts` picks:
+/// from its start until `OUTAGE_GRACE_MS` after it healed, or a wait of up
+/// to `JOIN_READ_WAIT_MS` that began by then.
+fn in_outage(faults: &[Window], at: u32, counts: impl Fn(&Window) -> bool) -> bool {
+    faults
+        .iter()
+        .any(|f| counts(f) && f.from <= at && at.saturating_sub(JOIN_READ_WAIT_MS) <= f.to + OUTAGE_GRACE_MS)
+}
+
+fn check_joins(
+    input: &Input<'_>,
+    by_source: &HashMap<usize, SourceLog>,
+    source_of: &HashMap<u128, usize>,
+    a: &mut Anomalies,
+) -> (u64, Vec<String>) {
+    let mut in_outage_count = 0;
     let mut lines = Vec::new();
     let empty = Vec::new();
     for (n, j) in input.joins.iter().enumerate() {
         let mut found = Anomalies::default();
         if let Some((at, _)) = &j.error {
-            if input
-                .faults
-                .iter()
-                .any(|f| f.broker && f.from <= *at && at.saturating_sub(JOIN_READ_WAIT_MS) <= f.to + OUTAGE_GRACE_MS)
-            {
-                in_outage += 1;
+            if in_outage(input.faults, *at, |f| f.broker) {
+                in_outage_count += 1;
             } else {
                 found.join_errors += 1;
             }
@@ -401,7 +448,7 @@ fn check_joins(
         found.join_wrong += j.unreadable.len() as u64;
         let log = by_source.get(&j.source).unwrap_or(&empty);
         let cutoff = tail_cutoff(j.end_ms, input.faults);
-        check_one_join(j, log, &source_of, input.sent, cutoff, &mut found);
+        check_one_join(j, log, source_of, input.sent, cutoff, &mut found);
         if found.total() > 0 && lines.len() < 20 {
             lines.push(format!(
                 "join {n} ({}, source s{}, from {}, ready at {:?} ms, ended at {} ms, {} deliveries{}{}): {found:?}",
@@ -422,7 +469,86 @@ fn check_joins(
         a.join_order += found.join_order;
         a.join_foreign += found.join_foreign;
     }
-    (in_outage, lines)
+    (in_outage_count, lines)
+}
+
+/// Every gateway client's channels, each as one sequence across the
+/// client's connections (the join check, from the offset of the first
+/// token that named the channel to the end of its last connection); its
+/// errors outside broker outages and gateway restarts; its resets.
+fn check_gateway(
+    input: &Input<'_>,
+    by_source: &HashMap<usize, SourceLog>,
+    source_of: &HashMap<u128, usize>,
+    a: &mut Anomalies,
+) -> (u64, Vec<String>) {
+    let mut in_outage_count = 0;
+    let mut lines = Vec::new();
+    let empty = Vec::new();
+    for g in input.gateway {
+        let mut errors = 0;
+        for (at, e) in &g.errors {
+            if in_outage(input.faults, *at, |f| f.broker || f.gateway) {
+                in_outage_count += 1;
+            } else {
+                errors += 1;
+                if lines.len() < 20 {
+                    lines.push(format!("gateway client {} ({:?}, {}): error at {at} ms outside outages: {e}", g.client, g.transport, mode(g.full)));
+                }
+            }
+        }
+        a.gateway_errors += errors;
+        a.gateway_resets += g.resets.len() as u64;
+        for (at, r) in g.resets.iter().take(3) {
+            if lines.len() < 20 {
+                lines.push(format!("gateway client {} ({:?}, {}): reset at {at} ms: {r}", g.client, g.transport, mode(g.full)));
+            }
+        }
+        for c in &g.channels {
+            let mut found = Anomalies { join_wrong: c.unreadable.len() as u64, ..Anomalies::default() };
+            if c.start.is_some() {
+                let j = JoinLog {
+                    source: c.source,
+                    events: g.full,
+                    start: c.start,
+                    ready_ms: c.ready_ms,
+                    end_ms: g.end_ms,
+                    got: c.got.clone(),
+                    ..JoinLog::default()
+                };
+                let cutoff = tail_cutoff(g.end_ms, input.faults);
+                check_one_join(&j, by_source.get(&c.source).unwrap_or(&empty), source_of, input.sent, cutoff, &mut found);
+            }
+            if found.total() > 0 && lines.len() < 20 {
+                lines.push(format!(
+                    "gateway client {} ({:?}, {}), source s{}, from offset {:?} at {:?} ms, last connection ended at {} ms, {} items over {} connections: {found:?}{}",
+                    g.client,
+                    g.transport,
+                    mode(g.full),
+                    c.source,
+                    c.start,
+                    c.ready_ms,
+                    g.end_ms,
+                    c.got.len(),
+                    g.connections,
+                    c.unreadable.first().map(|u| format!(", unreadable: {u}")).unwrap_or_default(),
+                ));
+            }
+            a.gateway_gaps += found.join_gaps;
+            a.gateway_duplicates += found.join_duplicates;
+            a.gateway_order += found.join_order;
+            a.gateway_wrong += found.join_wrong + found.join_foreign;
+        }
+    }
+    (in_outage_count, lines)
+}
+
+fn mode(full: bool) -> &'static str {
+    if full {
+        "full"
+    } else {
+        "notify"
+    }
 }
 
 /// Events acknowledged by this time (ms since the run began) must have been
@@ -612,10 +738,55 @@ mod tests {
         assert_eq!(run(&[], Some(12), 500).total(), 0);
     }
 
+    /// A gateway client's channel on source 1 from offset 12, over two
+    /// connections; errors at these times; the anomalies the whole check finds.
+    fn gateway_run(connections: [&[(i64, u128)]; 2], errors: &[u32], resets: usize) -> Anomalies {
+        use crate::gateway::{ChannelLog, GatewayLog, Transport};
+        let mut stored = BTreeMap::new();
+        for (i, (offset, id, ..)) in log().into_iter().enumerate() {
+            stored.insert((0, offset), Stored { id, source: 1, seq: i as u64, digest: 7 });
+        }
+        let got: Vec<(i64, u128, Option<u32>)> =
+            connections.iter().flat_map(|c| c.iter()).map(|(o, id)| (*o, *id, None)).collect();
+        let g = GatewayLog {
+            client: 0,
+            transport: Transport::Sse,
+            full: false,
+            channels: vec![ChannelLog { source: 1, start: Some(12), ready_ms: Some(0), got, unreadable: Vec::new() }],
+            connections: 2,
+            errors: errors.iter().map(|at| (*at, "the stream broke".to_owned())).collect(),
+            resets: (0..resets).map(|_| (30_000, "{}".to_owned())).collect(),
+            slow_closes: 0,
+            end_ms: 60_000,
+        };
+        let mut sent = sent(4, 1_000);
+        for (i, s) in sent.iter_mut().enumerate() {
+            s.told = Told::Acked { partition: 0, offset: 10 + 2 * i as i64 };
+        }
+        let ids: Vec<u128> = (100..104).collect();
+        let faults = [Window { from: 20_000, to: 22_000, broker: false, gateway: true }];
+        let input = Input { stored: &stored, sent: &sent, ids: &ids, notes: &[], joins: &[], gateway: &[g], faults: &faults };
+        check(&input).anomalies
+    }
+
+    #[test]
+    fn a_gateway_client_is_held_to_its_sequence_across_reconnects() {
+        assert_eq!(gateway_run([&[(12, 101)], &[(14, 102), (16, 103)]], &[], 0).total(), 0);
+        // A resume token that skipped 14, or repeated 12.
+        assert_eq!(gateway_run([&[(12, 101)], &[(16, 103)]], &[], 0).gateway_gaps, 1);
+        assert_eq!(gateway_run([&[(12, 101)], &[(12, 101), (14, 102), (16, 103)]], &[], 0).gateway_duplicates, 1);
+        assert_eq!(gateway_run([&[(12, 101)], &[(14, 102)]], &[], 0).gateway_gaps, 1, "a missing tail");
+        assert_eq!(gateway_run([&[(12, 101)], &[(14, 999), (16, 103)]], &[], 0).gateway_wrong, 1);
+        // An error during the gateway's restart, or within 10 s after it, is the outage's.
+        assert_eq!(gateway_run([&[(12, 101)], &[(14, 102), (16, 103)]], &[21_000, 31_000], 0).total(), 0);
+        assert_eq!(gateway_run([&[(12, 101)], &[(14, 102), (16, 103)]], &[10_000, 45_000], 0).gateway_errors, 2);
+        assert_eq!(gateway_run([&[(12, 101)], &[(14, 102), (16, 103)]], &[], 1).gateway_resets, 1);
+    }
+
     #[test]
     fn the_cutoff_moves_before_faults() {
         assert_eq!(tail_cutoff(60_000, &[]), 55_000);
-        let f = [Window { from: 50_000, to: 54_000, broker: false }];
+        let f = [Window { from: 50_000, to: 54_000, broker: false, gateway: false }];
         assert_eq!(tail_cutoff(60_000, &f), 44_999);
         assert_eq!(tail_cutoff(70_000, &f), 65_000);
     }

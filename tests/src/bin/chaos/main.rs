@@ -7,14 +7,18 @@
 //! delay proxy. Publishers submit through the batching engine from many
 //! sources; catch-up joins come and go at random; an independent Redis
 //! subscriber records the notifications. Faults come from a seeded schedule,
-//! so a failure can be replayed from its seed.
+//! so a failure can be replayed from its seed. Clients of a gateway process
+//! of the run's own (SSE and WebSocket, notify and full mode) disconnect
+//! and resume with their tokens throughout, and the gateway's kill -9 and
+//! restart is one of the faults.
 //!
 //! Afterwards a plain rdkafka consumer reads the topic and the checker
 //! counts, in the spirit of Jepsen's Kafka checker: lost writes, duplicates,
 //! order violations, failed-but-stored events (apart from those whose
 //! outcome the caller was told is unknown), notifications whose position
-//! does not hold their event, and gaps and duplicates in every join. It
-//! exits 1 on any anomaly.
+//! does not hold their event, and gaps and duplicates in every join and in
+//! every gateway client's channel across its reconnects. It exits 1 on any
+//! anomaly.
 //!
 //! `--soak` runs a steady load with a Redis fault every minute and samples
 //! RSS, the engine's queue, open descriptors and the Kafka and Redis
@@ -31,12 +35,13 @@ use dualstream::kafka::{KafkaSink, KafkaSinkConfig, TopicRouting};
 use dualstream::redis::{RedisNotifier, RedisNotifierConfig};
 use dualstream::{DualPublisher, Event, PublishError, SinkError};
 use dualstream_tests::proxy::DelayProxy;
-use dualstream_tests::{create_topic, DurableEngine, OwnedBroker, OwnedRedis};
+use dualstream_tests::{create_topic, DurableEngine, OwnedBroker, OwnedGateway, OwnedRedis};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 mod checker;
 mod clients;
+mod gateway;
 mod soak;
 mod wire;
 
@@ -58,6 +63,8 @@ struct Args {
     joins: usize,
     /// `join_events` clients, beside the `join` clients.
     event_joins: usize,
+    /// Clients of the run's own gateway process (SSE and WebSocket, notify and full mode).
+    gateway_clients: usize,
     soak: bool,
     sqlite: bool,
     /// The fault kinds left out of the schedule.
@@ -67,7 +74,7 @@ struct Args {
 const HELP: &str = "\
 chaos: publish through the batching engine under seeded faults, then check Kafka with an independent reader
 
-usage: chaos [--seed S] [--minutes M] [--rate R] [--sources N] [--joins J] [--event-joins E] [--sqlite]
+usage: chaos [--seed S] [--minutes M] [--rate R] [--sources N] [--joins J] [--event-joins E] [--gateway-clients G] [--sqlite]
        chaos --soak [--minutes M] [--rate R]
 
   --seed S      the fault schedule's seed (default: from the clock; printed, so a run can be repeated)
@@ -76,9 +83,13 @@ usage: chaos [--seed S] [--minutes M] [--rate R] [--sources N] [--joins J] [--ev
   --sources N   sources the events are spread over (default 64)
   --joins J     catch-up join clients connecting and disconnecting at random (default 12)
   --event-joins E  join_events clients (whole events, as the gateway's full mode) beside them (default 6)
+  --gateway-clients G  clients of a dualstream-gateway process of the run's own, SSE and WebSocket in notify
+                and full mode in turn, each on 2 channels, disconnecting and resuming at random (default 8;
+                0 runs no gateway). The gateway's kill -9 and restart is then one of the faults. The binary
+                is DUALSTREAM_GATEWAY_BIN, or dualstream-gateway beside this one.
   --sqlite      the broker keeps its log in SQLite instead of PostgreSQL
   --without K   leave these fault kinds out (comma-separated: redis-kill, redis-hang, redis-slow,
-                redis-debug-sleep, broker-hang, broker-kill, broker-cut)
+                redis-debug-sleep, broker-hang, broker-kill, broker-cut, gateway-kill)
   --soak        steady load, a Redis fault every minute, and resource samples every 5 s; fails when a
                 resource keeps growing (RSS, queue depth, descriptors, Kafka or Redis connections)
 
@@ -92,6 +103,7 @@ fn args() -> Result<Args, String> {
         sources: 64,
         joins: 12,
         event_joins: 6,
+        gateway_clients: 8,
         soak: false,
         sqlite: false,
         without: Vec::new(),
@@ -108,6 +120,10 @@ fn args() -> Result<Args, String> {
             "--joins" => a.joins = value("--joins")?.parse().map_err(|e| format!("--joins: {e}"))?,
             "--event-joins" => {
                 a.event_joins = value("--event-joins")?.parse().map_err(|e| format!("--event-joins: {e}"))?
+            }
+            "--gateway-clients" => {
+                a.gateway_clients =
+                    value("--gateway-clients")?.parse().map_err(|e| format!("--gateway-clients: {e}"))?
             }
             "--soak" => a.soak = true,
             "--sqlite" => a.sqlite = true,
@@ -130,11 +146,21 @@ fn args() -> Result<Args, String> {
     if !(a.minutes > 0.0 && a.minutes <= 24.0 * 60.0) {
         return Err(format!("--minutes: {} is outside (0, 1440]", a.minutes));
     }
-    if a.without.len() >= Fault::ALL.len() {
-        return Err("--without: at least one fault kind must stay".to_owned());
-    }
     if a.rate == 0 || a.rate > 200_000 {
         return Err(format!("--rate: {} is outside 1..=200000", a.rate));
+    }
+    if a.gateway_clients > 64 {
+        return Err(format!("--gateway-clients: {} is outside 0..=64", a.gateway_clients));
+    }
+    if a.soak || a.gateway_clients == 0 {
+        // No gateway, so no gateway to kill.
+        if !a.without.contains(&Fault::GatewayKill) {
+            a.without.push(Fault::GatewayKill);
+        }
+        a.gateway_clients = 0;
+    }
+    if a.without.len() >= Fault::ALL.len() {
+        return Err("--without: at least one fault kind must stay".to_owned());
     }
     if a.sources == 0 || a.sources > 100_000 {
         return Err(format!("--sources: {} is outside 1..=100000", a.sources));
@@ -242,10 +268,11 @@ enum Fault {
     BrokerHang,
     BrokerKill,
     BrokerCut,
+    GatewayKill,
 }
 
 impl Fault {
-    const ALL: [Fault; 7] = [
+    const ALL: [Fault; 8] = [
         Fault::RedisKill,
         Fault::RedisHang,
         Fault::RedisSlow,
@@ -253,6 +280,7 @@ impl Fault {
         Fault::BrokerHang,
         Fault::BrokerKill,
         Fault::BrokerCut,
+        Fault::GatewayKill,
     ];
 
     /// Its name on the command line.
@@ -265,6 +293,7 @@ impl Fault {
             Fault::BrokerHang => "broker-hang",
             Fault::BrokerKill => "broker-kill",
             Fault::BrokerCut => "broker-cut",
+            Fault::GatewayKill => "gateway-kill",
         }
     }
 
@@ -277,6 +306,7 @@ impl Fault {
             Fault::BrokerHang => "broker SIGSTOP/SIGCONT",
             Fault::BrokerKill => "broker kill -9 + restart",
             Fault::BrokerCut => "broker connections cut",
+            Fault::GatewayKill => "gateway kill -9 + restart",
         }
     }
 
@@ -291,6 +321,8 @@ struct Services {
     redis: Mutex<OwnedRedis>,
     redis_proxy: DelayProxy,
     kafka_proxy: DelayProxy,
+    /// The run's gateway, when it has gateway clients.
+    gateway: Mutex<Option<OwnedGateway>>,
 }
 
 /// One fault, applied and healed. Returns when it is over.
@@ -338,6 +370,22 @@ async fn inject(services: &Arc<Services>, fault: Fault, hold: Duration, rng: &mu
         Fault::BrokerCut => {
             s.kafka_proxy.cut();
             tokio::time::sleep(hold.min(Duration::from_secs(1))).await;
+        }
+        Fault::GatewayKill => {
+            blocking(move || {
+                if let Some(g) = s.gateway.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
+                    g.kill();
+                }
+            })
+            .await;
+            tokio::time::sleep(hold.min(Duration::from_secs(2))).await;
+            let s = Arc::clone(services);
+            blocking(move || {
+                if let Some(g) = s.gateway.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
+                    g.restart();
+                }
+            })
+            .await;
         }
     }
 }
@@ -579,12 +627,14 @@ async fn main() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     let mode = if a.soak { "soak" } else { "chaos" };
     println!(
-        "{mode}: seed {} · {} min · {} events/s · {} sources · {} joins · broker log in {} · faults left out: {:?}",
+        "{mode}: seed {} · {} min · {} events/s · {} sources · {} joins + {} join_events · {} gateway clients · broker log in {} · faults left out: {:?}",
         a.seed,
         a.minutes,
         a.rate,
         a.sources,
         a.joins,
+        a.event_joins,
+        a.gateway_clients,
         if a.sqlite { "SQLite" } else { "PostgreSQL" },
         a.without.iter().map(|f| f.flag()).collect::<Vec<_>>()
     );
@@ -605,9 +655,26 @@ async fn main() {
     let brokers = kafka_proxy.addr().to_string();
     let redis_url = redis_proxy.redis_url();
     let direct_redis = redis.url();
-    let services =
-        Arc::new(Services { broker: Mutex::new(broker), redis: Mutex::new(redis), redis_proxy, kafka_proxy });
     create_topic(&brokers, TOPIC, PARTITIONS).await;
+    let gateway = if a.gateway_clients > 0 {
+        let (b, r) = (brokers.clone(), redis_url.clone());
+        match tokio::task::spawn_blocking(move || start_gateway(&b, &r)).await.expect("gateway") {
+            Ok(g) => Some(g),
+            Err(e) => {
+                eprintln!("chaos: {e}");
+                std::process::exit(2);
+            }
+        }
+    } else {
+        None
+    };
+    let services = Arc::new(Services {
+        broker: Mutex::new(broker),
+        redis: Mutex::new(redis),
+        redis_proxy,
+        kafka_proxy,
+        gateway: Mutex::new(gateway),
+    });
 
     let sink = KafkaSink::new(KafkaSinkConfig {
         bootstrap_servers: brokers.clone(),
@@ -750,6 +817,25 @@ async fn main() {
         })
         .collect();
 
+    // Gateway clients: SSE and WebSocket, notify and full mode, in turn.
+    let gateway_stop = Arc::new(AtomicBool::new(false));
+    let gateway_base = services.gateway.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(OwnedGateway::base);
+    let mut gateway_rng = StdRng::seed_from_u64(a.seed ^ 0x6761_7465);
+    let gateway_clients: Vec<_> = gateway_base
+        .iter()
+        .flat_map(|base| (0..a.gateway_clients).map(move |c| (base.clone(), c)))
+        .map(|(base, c)| {
+            let spec = gateway::Spec {
+                client: c,
+                transport: if c % 2 == 0 { gateway::Transport::Sse } else { gateway::Transport::Ws },
+                full: c % 4 >= 2,
+                sources: (0..2).map(|_| gateway_rng.random_range(0..a.sources)).collect::<HashSet<_>>().into_iter().collect(),
+            };
+            let jwt = gateway_token(c);
+            tokio::spawn(gateway::client(base, jwt, spec, Arc::clone(&gateway_stop), a.seed ^ (0x1000 + c as u64), started))
+        })
+        .collect();
+
     // The schedule.
     let kinds: Vec<Fault> = Fault::ALL.into_iter().filter(|f| !a.without.contains(f)).collect();
     let run = Duration::from_secs_f64(a.minutes * 60.0);
@@ -803,8 +889,17 @@ async fn main() {
         }
     }
     engine.shutdown().await;
-    // Let the last notifications arrive.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Let the last notifications arrive, and the gateway's clients read the
+    // tail (their last connection runs on to its own end, up to 8 s).
+    tokio::time::sleep(Duration::from_secs(if gateway_clients.is_empty() { 1 } else { 3 })).await;
+    gateway_stop.store(true, Ordering::Relaxed);
+    let mut gateway_logs = Vec::new();
+    for g in gateway_clients {
+        match g.await {
+            Ok(log) => gateway_logs.push(log),
+            Err(_) => harness_panics += 1,
+        }
+    }
     let witnessed = witness_task.await.unwrap_or_else(|_| {
         harness_panics += 1;
         clients::Witnessed::default()
@@ -812,19 +907,32 @@ async fn main() {
     let elapsed = started.elapsed();
     let windows: Vec<Window> = faults
         .iter()
-        .map(|(f, from, to)| Window { from: from.as_millis() as u32, to: to.as_millis() as u32, broker: f.is_broker() })
+        .map(|(f, from, to)| Window {
+            from: from.as_millis() as u32,
+            to: to.as_millis() as u32,
+            broker: f.is_broker(),
+            gateway: *f == Fault::GatewayKill,
+        })
         .collect();
 
     // The checker: an independent read of the whole topic.
     let sent = std::mem::take(&mut *sent.lock().unwrap_or_else(PoisonError::into_inner));
     let ids = std::mem::take(&mut *sent_ids.lock().unwrap_or_else(PoisonError::into_inner));
     let (checked, stored_len) = if retain {
-        check_run(&brokers, run_began_ms, &sent, &ids, &witnessed, &join_logs, &windows).await
+        check_run(&brokers, run_began_ms, &sent, &ids, &witnessed, &join_logs, &gateway_logs, &windows).await
     } else {
         check_soak(&brokers, run_began_ms, &outcomes, &counts).await
     };
-    let Checked { mut anomalies, unknown_stored, findings, join_errors_in_outage, join_lines, malformed_lines } =
-        checked;
+    let Checked {
+        mut anomalies,
+        unknown_stored,
+        findings,
+        join_errors_in_outage,
+        join_lines,
+        malformed_lines,
+        gateway_errors_in_outage,
+        gateway_lines,
+    } = checked;
     anomalies.malformed_notifications += witnessed.malformed;
     let totals = Totals::of(&sent, &counts, retain);
     let unknown_calm = if retain { outcomes_outside_faults(&sent, &windows) } else { 0 };
@@ -852,6 +960,35 @@ async fn main() {
     println!("| join connections | {} ({} of them join_events) |", join_logs.len(), events_joins);
     println!("| join errors inside a broker outage (counted apart) | {join_errors_in_outage} |");
     println!("| join deliveries | {join_deliveries} |");
+    let gateway_items: usize = gateway_logs.iter().flat_map(|g| &g.channels).map(|c| c.got.len()).sum();
+    if !gateway_logs.is_empty() {
+        println!(
+            "| gateway clients, connections | {}, {} |",
+            gateway_logs.len(),
+            gateway_logs.iter().map(|g| g.connections).sum::<u32>()
+        );
+        println!("| gateway items delivered | {gateway_items} |");
+        println!("| gateway client errors inside a broker outage or gateway restart (counted apart) | {gateway_errors_in_outage} |");
+        println!(
+            "| gateway connections closed as a slow client (resumed; counted apart) | {} |",
+            gateway_logs.iter().map(|g| g.slow_closes).sum::<u32>()
+        );
+        // What the clients' errors were, by the kind of fault around them.
+        let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+        for (at, e) in gateway_logs.iter().flat_map(|g| &g.errors) {
+            let around = faults
+                .iter()
+                .filter(|(_, from, to)| from.as_millis() as u32 <= *at && *at <= to.as_millis() as u32 + 20_000)
+                .map(|(f, ..)| f.flag())
+                .last()
+                .unwrap_or("no fault");
+            let e: String = e.split(" (").next().unwrap_or(e).chars().take(70).collect();
+            *reasons.entry(format!("gateway client error after {around}: {e}")).or_default() += 1;
+        }
+        for (r, n) in reasons.iter().take(12) {
+            println!("| {r} | {n} |");
+        }
+    }
     let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
     for s in &sent {
         match &s.told {
@@ -870,7 +1007,7 @@ async fn main() {
     {
         println!("  {line}");
     }
-    for line in &join_lines {
+    for line in join_lines.iter().chain(&gateway_lines) {
         println!("  {line}");
     }
 
@@ -899,6 +1036,10 @@ async fn main() {
         println!("\nno join delivered anything: the join check proves nothing");
         failed_run = true;
     }
+    if retain && !gateway_logs.is_empty() && gateway_logs.iter().any(|g| g.channels.iter().all(|c| c.got.is_empty())) {
+        println!("\na gateway client received nothing: the gateway check proves nothing for it");
+        failed_run = true;
+    }
     if a.soak {
         failed_run |= print_soak(&samples);
     }
@@ -909,7 +1050,9 @@ async fn main() {
          wrong_position={} bad_notifications={} join_gaps={} join_duplicates={} broker_duplicates={broker_duplicates} \
          broker_order={broker_order} unknown_calm={unknown_calm} malformed_records={} malformed_notifications={} \
          join_order={} join_wrong={} join_foreign={} join_errors={} join_errors_in_outage={join_errors_in_outage} \
-         joins={} join_deliveries={join_deliveries} result={}",
+         joins={} join_deliveries={join_deliveries} gateway_gaps={} gateway_duplicates={} gateway_order={} \
+         gateway_wrong={} gateway_errors={} gateway_resets={} gateway_errors_in_outage={gateway_errors_in_outage} \
+         gateway_items={gateway_items} result={}",
         a.seed,
         elapsed.as_secs_f64() / 60.0,
         faults.len(),
@@ -933,6 +1076,12 @@ async fn main() {
         anomalies.join_foreign,
         anomalies.join_errors,
         join_logs.len(),
+        anomalies.gateway_gaps,
+        anomalies.gateway_duplicates,
+        anomalies.gateway_order,
+        anomalies.gateway_wrong,
+        anomalies.gateway_errors,
+        anomalies.gateway_resets,
         if failed_run { "FAILED" } else { "ok" }
     );
     println!("\nresult: {}", if failed_run { "FAILED" } else { "ok" });
@@ -940,6 +1089,52 @@ async fn main() {
     // the broker's database) first.
     drop(services);
     std::process::exit(i32::from(failed_run));
+}
+
+/// The secret the run's gateway signs with.
+const GATEWAY_SECRET: &str = "chaos-gateway-secret-of-at-least-32-bytes";
+
+/// The run's gateway: `DUALSTREAM_GATEWAY_BIN`, or `dualstream-gateway`
+/// beside this binary, on the run's broker (through its proxy) and Redis
+/// (through its delay proxy), reading uncommitted as the joins do.
+fn start_gateway(brokers: &str, redis_url: &str) -> Result<OwnedGateway, String> {
+    let bin = match std::env::var_os("DUALSTREAM_GATEWAY_BIN") {
+        Some(b) => std::path::PathBuf::from(b),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("dualstream-gateway"),
+    };
+    if !bin.exists() {
+        return Err(format!(
+            "no gateway binary at {} (cargo build -p dualstream-gateway, or set DUALSTREAM_GATEWAY_BIN; \
+             --gateway-clients 0 runs without)",
+            bin.display()
+        ));
+    }
+    let config = format!(
+        "topic = \"{TOPIC}\"\ndashboard = false\n\
+         [redis]\nchannel_prefix = \"{PREFIX}\"\n\
+         [join]\nidle_check_ms = 300\n\
+         [replay.librdkafka_options]\n\"isolation.level\" = \"read_uncommitted\"\n"
+    );
+    let env = [
+        ("KAFKA_BROKERS", brokers),
+        ("REDIS_URL", redis_url),
+        ("DUALSTREAM_GATEWAY_SECRET", GATEWAY_SECRET),
+        ("RUST_LOG", "warn,rdkafka=off,librdkafka=off"),
+    ];
+    Ok(OwnedGateway::start(&bin, &config, &env))
+}
+
+/// A token for gateway client `c`, reading every channel of the run.
+fn gateway_token(c: usize) -> String {
+    let auth = dualstream_gateway::Auth::new(&dualstream_gateway::AuthConfig {
+        secret: GATEWAY_SECRET.into(),
+        ..dualstream_gateway::AuthConfig::default()
+    })
+    .expect("auth");
+    auth.mint(&auth.claims(Some(format!("chaos-{c}")), vec![format!("{PREFIX}:*")], Vec::new(), 24 * 3_600))
+        .expect("token")
 }
 
 /// What the checker found.
@@ -952,6 +1147,8 @@ struct Checked {
     join_lines: Vec<String>,
     /// The first malformed records, with the reason.
     malformed_lines: Vec<String>,
+    gateway_errors_in_outage: u64,
+    gateway_lines: Vec<String>,
 }
 
 /// The chaos run's checker: the whole topic read back, every record decoded
@@ -963,6 +1160,7 @@ async fn check_run(
     ids: &[u128],
     witnessed: &clients::Witnessed,
     joins: &[checker::JoinLog],
+    gateway: &[gateway::GatewayLog],
     windows: &[Window],
 ) -> (Checked, usize) {
     let b = brokers.to_owned();
@@ -987,7 +1185,7 @@ async fn check_run(
             std::process::exit(1);
         }
     };
-    let input = checker::Input { stored: &stored, sent, ids, notes: &witnessed.notes, joins, faults: windows };
+    let input = checker::Input { stored: &stored, sent, ids, notes: &witnessed.notes, joins, gateway, faults: windows };
     let mut out = checker::check(&input);
     out.anomalies.malformed_records += malformed.len() as u64;
     let read = stored.len() + malformed.len();
@@ -998,6 +1196,8 @@ async fn check_run(
         join_errors_in_outage: out.join_errors_in_outage,
         join_lines: out.join_lines,
         malformed_lines: malformed.into_iter().take(10).collect(),
+        gateway_errors_in_outage: out.gateway_errors_in_outage,
+        gateway_lines: out.gateway_lines,
     };
     (checked, read)
 }
@@ -1127,7 +1327,7 @@ fn print_anomalies(a: &checker::Anomalies, retain: bool) {
     if !retain {
         println!("| (a soak keeps two bits per event: lost, duplicated and failed-but-stored writes against the topic read back) | |");
     }
-    let rows: [(&str, u64); 14] = [
+    let rows: [(&str, u64); 20] = [
         ("lost write (acknowledged, not stored)", a.lost),
         ("duplicate (id stored twice)", a.duplicates),
         ("order violation (a source out of publish order)", a.order),
@@ -1142,6 +1342,12 @@ fn print_anomalies(a: &checker::Anomalies, retain: bool) {
         ("join wrong event (another event or payload at the right offset, or unreadable)", a.join_wrong),
         ("join foreign event (another source's)", a.join_foreign),
         ("join error outside a broker outage", a.join_errors),
+        ("gateway gap (a record of the channel's source from its first token not delivered, the tail included)", a.gateway_gaps),
+        ("gateway duplicate", a.gateway_duplicates),
+        ("gateway order", a.gateway_order),
+        ("gateway wrong event (another event, source or payload, or unreadable)", a.gateway_wrong),
+        ("gateway error outside a broker outage or gateway restart", a.gateway_errors),
+        ("gateway reset (nothing is deleted during a run)", a.gateway_resets),
     ];
     for (name, n) in rows {
         println!("| {name} | {n} |");
