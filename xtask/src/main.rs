@@ -6,6 +6,7 @@
 /// Whether a process listens on a port itself (shared with the test fixtures).
 #[path = "../../tests/src/ports.rs"]
 mod ports;
+mod arch;
 mod fuzz;
 mod gateway;
 mod reliability;

@@ -1,4 +1,4 @@
-//! The batching engine of dualstream (PATTERN §4, §6).
+//! The batching engine of dualstream (docs/design.md, "Batch publishing").
 //!
 //! Callers [`submit`](BatchEngine::submit) single events, or
 //! [`submit_many`](BatchEngine::submit_many) a batch at hand, and await

@@ -1,5 +1,5 @@
-//! Redis Pub/Sub channel names for dualstream (PATTERN §3). Pure functions:
-//! this crate does no I/O.
+//! Redis Pub/Sub channel names for dualstream (docs/design.md, "Channel
+//! names"). Pure functions: this crate does no I/O.
 //!
 //! One channel per source: `events:{source_type}:{source_id}`.
 //!

@@ -1,5 +1,5 @@
 //! The catch-up join: history from Kafka, then live notifications, merged by
-//! Kafka position (PATTERN §6, "Client connects mid-stream").
+//! Kafka position (docs/design.md, "Joining mid-stream").
 
 use std::collections::VecDeque;
 use std::pin::Pin;

@@ -1,4 +1,4 @@
-//! Live Redis subscriptions with local fan-out (PATTERN §5, "many
+//! Live Redis subscriptions with local fan-out (docs/design.md, "Many
 //! subscribers per channel").
 //!
 //! One task per hub owns the connection and every subscriber slot. Its loop

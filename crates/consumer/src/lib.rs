@@ -1,17 +1,18 @@
 //! The consuming side of dualstream: what WebSocket and SSE gateways, live
 //! dashboards and event processors need behind Redis.
 //!
-//! - [`Replay`]: read events back from Kafka (PATTERN §6, "Need event
-//!   replay") from an offset, a timestamp or the last N events, for one
+//! - [`Replay`]: read events back from Kafka (docs/design.md,
+//!   "Replay") from an offset, a timestamp or the last N events, for one
 //!   source (only its partition is read) or for all, as a bounded-memory
 //!   [`Stream`](futures::Stream). Records that are not valid events are typed
 //!   errors ([`ReplayError::Decode`]) and the stream goes on.
-//! - [`Hub`]: live Redis subscriptions with local fan-out (PATTERN §5): one
-//!   dedicated connection and one Redis subscription per distinct channel or
-//!   pattern, however many local subscribers, each with a bounded buffer. It
+//! - [`Hub`]: live Redis subscriptions with local fan-out (docs/design.md,
+//!   "Many subscribers per channel"): one dedicated connection and one Redis
+//!   subscription per distinct channel or pattern, however many local
+//!   subscribers, each with a bounded buffer. It
 //!   reconnects by itself and tells subscribers about the
 //!   [`Gap`](LiveItem::Gap) a reconnection leaves.
-//! - [`CatchUp`]: the mid-stream join (PATTERN §6, "Client connects
+//! - [`CatchUp`]: the mid-stream join (docs/design.md, "Joining
 //!   mid-stream"): history from Kafka, then live notifications, merged by
 //!   Kafka offset with no gap and no duplicate, catching up again after every
 //!   gap.

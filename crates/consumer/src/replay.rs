@@ -1,4 +1,4 @@
-//! Replay from Kafka (PATTERN §6, "Need event replay").
+//! Replay from Kafka (docs/design.md, "Replay").
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;

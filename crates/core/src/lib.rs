@@ -3,13 +3,13 @@
 //! **Who should depend on this crate:** authors of custom sinks and anyone who
 //! only needs the types. It is the stable boundary of dualstream: it has no
 //! broker client in its dependency tree (no rdkafka, no redis) and does no I/O.
-//! The orchestrator ([`dualstream-publisher`]) and the batching engine depend on
-//! it alone, so a sink you write is exactly as first-class as the Kafka and
-//! Redis ones.
+//! The orchestrator ([`dualstream-publisher`]) depends on it alone, and the
+//! batching engine on the orchestrator, so a sink you write is exactly as
+//! first-class as the Kafka and Redis ones.
 //!
-//! - [`Event`] and [`EventBuilder`]: the validated event (PATTERN §1).
+//! - [`Event`] and [`EventBuilder`]: the validated event.
 //! - [`Notification`]: the lightweight real-time message with the Kafka
-//!   [`Position`] (PATTERN §2).
+//!   [`Position`] (docs/design.md, "The notification").
 //! - [`DurableSink`] and [`RealtimeNotifier`]: the object-safe async traits
 //!   every sink implements.
 //! - [`record`]: how an event maps onto a Kafka-style record (key, headers,

@@ -1,4 +1,4 @@
-//! The lightweight real-time message (PATTERN §2).
+//! The lightweight real-time message (docs/design.md, "The notification").
 
 use std::sync::Arc;
 

@@ -1,7 +1,7 @@
 //! How an [`Event`] maps onto a Kafka-style record, without any Kafka client.
 //!
 //! - **key**: the source id, so all events of one source land in one
-//!   partition, in order (PATTERN §1);
+//!   partition, in order (docs/design.md, "Ordering");
 //! - **value**: the payload, unchanged, so other consumers read it as is;
 //! - **headers**: dualstream's own (`ds-id`, `ds-type`, `ds-source-type`,
 //!   `ds-source-id`, `ds-occurred-at`) followed by the user headers.

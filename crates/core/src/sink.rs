@@ -169,8 +169,8 @@ impl NotifyError {
     }
 }
 
-/// The durable path (PATTERN §1): it must succeed, and it says where it stored
-/// each event.
+/// The durable path (docs/design.md, "The contract"): it must succeed, and it
+/// says where it stored each event.
 ///
 /// Implementations must be cheap to call concurrently. Each event's result is
 /// its [`Position`] once the store acknowledged it, or a [`DeliveryError`] that
@@ -184,10 +184,10 @@ pub trait DurableSink: Send + Sync + 'static {
     /// Store many events with one result per event, in the input order.
     ///
     /// Implementations should hand every event to the store before awaiting
-    /// any acknowledgement (PATTERN §4). If an event cannot be handed over,
-    /// the later events of its source in the batch must fail too
-    /// ([`SinkError::EarlierFailed`]), so that none overtakes it. The default
-    /// publishes one by one and follows that rule.
+    /// any acknowledgement (docs/design.md, "Batch publishing"). If an event
+    /// cannot be handed over, the later events of its source in the batch
+    /// must fail too ([`SinkError::EarlierFailed`]), so that none overtakes
+    /// it. The default publishes one by one and follows that rule.
     async fn publish_batch(&self, events: Vec<Event>) -> Vec<Result<Position, DeliveryError>> {
         let mut out: Vec<Result<Position, DeliveryError>> = Vec::with_capacity(events.len());
         let mut failed: Vec<(crate::Source, String, bool)> = Vec::new();
@@ -233,7 +233,7 @@ pub trait DurableSink: Send + Sync + 'static {
     }
 }
 
-/// The real-time path (PATTERN §1, §2): best effort and bounded in time.
+/// The real-time path (docs/design.md, "The contract"): best effort and bounded in time.
 ///
 /// A notification that reaches no subscriber is a success.
 #[cfg_attr(feature = "mock", mockall::automock)]

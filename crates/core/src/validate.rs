@@ -1,4 +1,4 @@
-//! Limits and the typed errors for bad input (PATTERN §8).
+//! Limits and the typed errors for bad input (docs/design.md, "Bad input").
 
 use serde::{Deserialize, Serialize};
 

@@ -1,5 +1,5 @@
 //! **dualstream-gateway**: the HTTP layer of the dual-stream pattern
-//! (PATTERN §9). Producers `POST` events, which go through the batching
+//! (docs/design.md, "The gateway"). Producers `POST` events, which go through the batching
 //! engine to Kafka and Redis; browsers and services read them over SSE or
 //! WebSocket, each item with its Kafka position, and resume after a
 //! disconnect with no gap and no duplicate across all their channels.

@@ -1,4 +1,5 @@
-//! The Kafka durable sink of dualstream (PATTERN §1, §4, §6).
+//! The Kafka durable sink of dualstream (docs/design.md, "The contract" and
+//! "Kafka down or slow").
 //!
 //! [`KafkaSink`] implements [`DurableSink`](dualstream_core::DurableSink) with
 //! rdkafka's `ThreadedProducer` (one wake-up per batch of delivery reports):

@@ -1,4 +1,4 @@
-//! The dual publisher of dualstream (PATTERN §1, §4, §5).
+//! The dual publisher of dualstream (docs/design.md, "The contract" and "Choosing streams").
 //!
 //! [`DualPublisher`] composes any [`DurableSink`](dualstream_core::DurableSink) and any
 //! [`RealtimeNotifier`](dualstream_core::RealtimeNotifier): the built-in Kafka and Redis ones, or yours. It

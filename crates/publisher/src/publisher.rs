@@ -287,7 +287,7 @@ impl DualPublisher {
         }
     }
 
-    /// Publish one event (PATTERN §1).
+    /// Publish one event (docs/design.md, "The contract").
     ///
     /// Resolves once the durable sink acknowledged the write; then the
     /// notification is sent (or queued), bounded in time. Fails only if the
@@ -329,8 +329,9 @@ impl DualPublisher {
         .await
     }
 
-    /// Publish many events (PATTERN §4): one durable burst, then one batch of
-    /// notifications for the events that were stored.
+    /// Publish many events (docs/design.md, "Batch publishing"): one durable
+    /// burst, then one batch of notifications for the events that were
+    /// stored.
     ///
     /// Returns one result per event, in input order. A partial failure is
     /// reported per event and hands the failed events back.

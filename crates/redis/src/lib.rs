@@ -1,4 +1,4 @@
-//! The Redis Pub/Sub notifier of dualstream (PATTERN §1, §3, §6).
+//! The Redis Pub/Sub notifier of dualstream (docs/design.md, "Redis down or slow").
 //!
 //! [`RedisNotifier`] implements
 //! [`RealtimeNotifier`](dualstream_core::RealtimeNotifier): it `PUBLISH`es the

@@ -7,9 +7,10 @@
 //! - [`PgNotifier`], a [`RealtimeNotifier`](dualstream_core::RealtimeNotifier):
 //!   every notification is a `NOTIFY` on the channel of its source.
 //!
-//! Both depend on `dualstream-core` (the contract) and `tokio-postgres`
-//! only, and plug into the same [`DualPublisher`] and [`BatchEngine`] as
-//! the Kafka sink and the Redis notifier:
+//! Both depend on `dualstream-core` (the contract), `tokio-postgres` and,
+//! for the notifier's channel names, `dualstream-channel` only, and plug
+//! into the same [`DualPublisher`] and [`BatchEngine`] as the Kafka sink and
+//! the Redis notifier:
 //!
 //! ```no_run
 //! use std::sync::Arc;

@@ -514,7 +514,7 @@ async fn latency(brokers: &str, redis_url: &str, p: &Profile, rows: &mut Vec<Row
         drop(raw);
         // Ours: through the engine (submit), and the direct publish() in dual
         // mode; above 10,000 events/s also the high-volume mode, which
-        // PATTERN §5 prescribes there.
+        // docs/design.md, "Choosing streams", suggests there.
         let mut variants = vec![("engine submit()", Mode::Dual, true), ("publish()", Mode::Dual, false)];
         if rate > 10_000 {
             variants.push(("publish(), high-volume mode", Mode::HighVolume, false));

@@ -1,0 +1,113 @@
+//! The layering of ARCHITECTURE.md ("The layering, and the test that checks
+//! it"), checked against `cargo metadata`: `cargo test -p xtask`.
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::process::Command;
+
+    use serde_json::Value;
+
+    /// One row of ARCHITECTURE.md's table.
+    struct Rule {
+        /// A workspace member.
+        package: &'static str,
+        /// The workspace members it may depend on (normal and build
+        /// dependencies; dev-dependencies are not checked).
+        may_use: &'static [&'static str],
+        /// Packages from outside the workspace it must never depend on directly.
+        never: &'static [&'static str],
+    }
+
+    const CORE: &str = "dualstream-core";
+    const CHANNEL: &str = "dualstream-channel";
+    const KAFKA: &str = "dualstream-kafka";
+    const REDIS: &str = "dualstream-redis";
+    const PUBLISHER: &str = "dualstream-publisher";
+    const BATCH: &str = "dualstream-batch";
+    const CONSUMER: &str = "dualstream-consumer";
+    const FACADE: &str = "dualstream";
+    const GATEWAY: &str = "dualstream-gateway";
+
+    /// No broker client and no runtime: the pure crates.
+    const PURE: &[&str] = &["rdkafka", "deadpool-redis", "redis", "tokio"];
+    /// No broker client at all.
+    const NO_BROKER: &[&str] = &["rdkafka", "deadpool-redis", "redis"];
+    /// No Redis client.
+    const NO_REDIS: &[&str] = &["deadpool-redis", "redis"];
+    /// No Kafka client.
+    const NO_KAFKA: &[&str] = &["rdkafka"];
+
+    const RULES: &[Rule] = &[
+        Rule { package: CORE, may_use: &[], never: PURE },
+        Rule { package: CHANNEL, may_use: &[CORE], never: PURE },
+        Rule { package: KAFKA, may_use: &[CORE], never: NO_REDIS },
+        Rule { package: REDIS, may_use: &[CORE, CHANNEL], never: NO_KAFKA },
+        Rule { package: PUBLISHER, may_use: &[CORE], never: NO_BROKER },
+        Rule { package: BATCH, may_use: &[CORE, PUBLISHER], never: NO_BROKER },
+        Rule { package: CONSUMER, may_use: &[CORE, CHANNEL, KAFKA], never: &[] },
+        Rule { package: FACADE, may_use: &[CORE, CHANNEL, KAFKA, REDIS, PUBLISHER, BATCH, CONSUMER], never: &[] },
+        Rule { package: GATEWAY, may_use: &[CORE, CHANNEL, KAFKA, REDIS, PUBLISHER, BATCH, CONSUMER], never: NO_REDIS },
+        Rule { package: "dualstream-tests", may_use: &[FACADE, GATEWAY], never: &[] },
+        Rule { package: "xtask", may_use: &[], never: &[] },
+        Rule { package: "dualstream-example-postgres", may_use: &[CORE, CHANNEL, PUBLISHER, BATCH], never: NO_BROKER },
+    ];
+
+    /// `cargo metadata --format-version 1 --no-deps` of this workspace.
+    fn metadata() -> Value {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
+        let output = Command::new(&cargo)
+            .args(["metadata", "--format-version", "1", "--no-deps", "--manifest-path", manifest])
+            .output()
+            .expect("could not run cargo metadata");
+        assert!(
+            output.status.success(),
+            "cargo metadata failed with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("cargo metadata printed no JSON")
+    }
+
+    #[test]
+    fn workspace_dependencies_follow_architecture_md() {
+        let metadata = metadata();
+        let packages = metadata["packages"].as_array().expect("cargo metadata has no packages");
+        let members: BTreeSet<&str> = packages.iter().filter_map(|p| p["name"].as_str()).collect();
+        let rules: BTreeMap<&str, &Rule> = RULES.iter().map(|r| (r.package, r)).collect();
+
+        let mut problems: Vec<String> = Vec::new();
+        for rule in RULES {
+            if !members.contains(rule.package) {
+                problems.push(format!("the table names {}, which is not a workspace member", rule.package));
+            }
+        }
+        for package in packages {
+            let name = package["name"].as_str().expect("a package without a name");
+            let Some(rule) = rules.get(name) else {
+                problems.push(format!("{name} is a workspace member the table does not list"));
+                continue;
+            };
+            let dependencies = package["dependencies"].as_array().expect("a package without dependencies");
+            for dependency in dependencies {
+                if dependency["kind"].as_str() == Some("dev") {
+                    continue;
+                }
+                let dep = dependency["name"].as_str().expect("a dependency without a name");
+                if members.contains(dep) && !rule.may_use.contains(&dep) {
+                    problems.push(format!("{name} depends on {dep}; it may depend on {:?} only", rule.may_use));
+                }
+                if rule.never.contains(&dep) {
+                    problems.push(format!("{name} depends on {dep} directly, which it must never do"));
+                }
+            }
+        }
+        assert!(
+            problems.is_empty(),
+            "the workspace breaks the layering of ARCHITECTURE.md (the table is in xtask/src/arch.rs; \
+             change both together):\n{}",
+            problems.join("\n")
+        );
+    }
+}
