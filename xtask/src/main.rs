@@ -135,6 +135,10 @@ enum Cmd {
         /// idle cores hide races.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
         busy: u32,
+        /// Clients of a gateway process of the run's own (SSE and WebSocket, notify and full mode),
+        /// resuming with their tokens throughout; 0 runs no gateway (and no gateway-kill fault).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=64))]
+        gateway_clients: u32,
     },
     /// Steady load with a Redis kill -9 and restart every minute, sampling RSS, the engine's queue
     /// depth, open descriptors and the Kafka and Redis connections every 5 s; prints each one's slope
@@ -272,8 +276,15 @@ fn main() -> ExitCode {
         }
         Cmd::Gateway { listen, broker } => gateway::run(listen, broker),
         Cmd::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
-        Cmd::Chaos { seed, minutes, rate, sqlite, debug, seeds, without, busy } => {
-            let mut args = vec!["--minutes".to_owned(), minutes.to_string(), "--rate".to_owned(), rate.to_string()];
+        Cmd::Chaos { seed, minutes, rate, sqlite, debug, seeds, without, busy, gateway_clients } => {
+            let mut args = vec![
+                "--minutes".to_owned(),
+                minutes.to_string(),
+                "--rate".to_owned(),
+                rate.to_string(),
+                "--gateway-clients".to_owned(),
+                gateway_clients.to_string(),
+            ];
             if sqlite {
                 args.push("--sqlite".to_owned());
             }

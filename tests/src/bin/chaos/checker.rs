@@ -520,6 +520,19 @@ fn check_gateway(
                 check_one_join(&j, by_source.get(&c.source).unwrap_or(&empty), source_of, input.sent, cutoff, &mut found);
             }
             if found.total() > 0 && lines.len() < 20 {
+                // Where the missing records are: inside what was delivered, or a tail not caught up.
+                let log = by_source.get(&c.source).unwrap_or(&empty);
+                let delivered: HashSet<i64> = c.got.iter().map(|g| g.0).collect();
+                let last = c.got.iter().map(|g| g.0).max().unwrap_or(-1);
+                let missing: Vec<&(i64, u128, u32, Option<usize>)> =
+                    log.iter().filter(|r| c.start.is_some_and(|s| r.0 >= s) && !delivered.contains(&r.0)).collect();
+                let inside = missing.iter().filter(|r| r.0 < last).count();
+                let first_tail_acked =
+                    missing.iter().find(|r| r.0 > last).and_then(|r| r.3).map(|i| input.sent[i].told_ms);
+                let waits: Vec<u32> =
+                    g.sessions.iter().filter_map(|s| s.first_item_ms.map(|f| f - s.began_ms)).collect();
+                let mut sorted = waits.clone();
+                sorted.sort_unstable();
                 lines.push(format!(
                     "gateway client {} ({:?}, {}), source s{}, from offset {:?} at {:?} ms, last connection ended at {} ms, {} items over {} connections: {found:?}{}",
                     g.client,
@@ -532,6 +545,15 @@ fn check_gateway(
                     c.got.len(),
                     g.connections,
                     c.unreadable.first().map(|u| format!(", unreadable: {u}")).unwrap_or_default(),
+                ));
+                lines.push(format!(
+                    "  missing: {inside} inside what was delivered, {} after the last delivered offset {last} \
+                     (the first acknowledged at {first_tail_acked:?} ms); connect to first item: median {:?} ms, max {:?} ms \
+                     over {} connections with items",
+                    missing.len() - inside,
+                    sorted.get(sorted.len() / 2),
+                    sorted.last(),
+                    sorted.len()
                 ));
             }
             a.gateway_gaps += found.join_gaps;
@@ -758,6 +780,9 @@ mod tests {
             resets: (0..resets).map(|_| (30_000, "{}".to_owned())).collect(),
             slow_closes: 0,
             end_ms: 60_000,
+            sessions: Vec::new(),
+            final_began_ms: 0,
+            caught_up_ms: None,
         };
         let mut sent = sent(4, 1_000);
         for (i, s) in sent.iter_mut().enumerate() {

@@ -64,6 +64,26 @@ pub(crate) struct GatewayLog {
     pub(crate) slow_closes: u32,
     /// When its last connection ended.
     pub(crate) end_ms: u32,
+    /// Each connection: when it began, its first item (if any), when it
+    /// ended, and how many items it carried.
+    pub(crate) sessions: Vec<Session>,
+    /// After the run: when the final connection began, and when every
+    /// channel had reached its source's last acknowledged offset.
+    pub(crate) final_began_ms: u32,
+    pub(crate) caught_up_ms: Option<u32>,
+}
+
+/// How long a client may take, after the run, to deliver every
+/// acknowledged event of its channels.
+pub(crate) const CATCH_UP_BOUND: Duration = Duration::from_secs(60);
+
+/// One connection of a client.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Session {
+    pub(crate) began_ms: u32,
+    pub(crate) first_item_ms: Option<u32>,
+    pub(crate) ended_ms: u32,
+    pub(crate) items: u32,
 }
 
 /// A client's state between connections.
@@ -75,6 +95,8 @@ struct Client {
     resume: Option<String>,
     log: GatewayLog,
     started: Instant,
+    /// In the final connection: each channel's last acknowledged offset.
+    targets: Option<Vec<Option<i64>>>,
 }
 
 /// How one connection ended, when it was not the client's own choice.
@@ -140,6 +162,10 @@ impl Client {
                     self.log.errors.push((now, format!("an item of a channel not subscribed: {v}")));
                     return None;
                 };
+                if let Some(s) = self.log.sessions.last_mut() {
+                    s.items += 1;
+                    s.first_item_ms.get_or_insert(now);
+                }
                 match self.read_item(v) {
                     Ok(got) if self.log.channels[i].start.is_some() => self.log.channels[i].got.push(got),
                     Ok(_) => self.log.channels[i].unreadable.push(format!("an item before the channel's first token: {v}")),
@@ -148,6 +174,10 @@ impl Client {
                 match token {
                     Some(t) => self.resume = Some(t.to_owned()),
                     None => self.log.channels[i].unreadable.push(format!("an item without a resume token: {v}")),
+                }
+                if self.caught_up() {
+                    self.log.caught_up_ms = Some(now);
+                    return Some(Ended::Ours);
                 }
                 None
             }
@@ -162,6 +192,16 @@ impl Client {
             Some("error" | "close") => Some(Ended::Error(v.to_string())),
             _ => Some(Ended::Error(format!("an unknown message: {v}"))),
         }
+    }
+
+    /// Whether, in the final connection, every channel has delivered its
+    /// source's last acknowledged offset.
+    fn caught_up(&self) -> bool {
+        let Some(targets) = &self.targets else { return false };
+        self.log.channels.iter().zip(targets).all(|(c, t)| match t {
+            None => true,
+            Some(t) => c.got.last().is_some_and(|g| g.0 >= *t),
+        })
     }
 
     /// An item's position, id and (full mode) the digest of its event.
@@ -204,6 +244,41 @@ impl Client {
             "full"
         } else {
             "notify"
+        }
+    }
+
+    /// One connection until `until`, logged as a session; errors are
+    /// logged with `context` first. Returns false when it ended in an error.
+    async fn connection(
+        &mut self,
+        transport: Transport,
+        http: &reqwest::Client,
+        base: &str,
+        jwt: &str,
+        until: tokio::time::Instant,
+        context: &str,
+    ) -> bool {
+        self.log.connections += 1;
+        let began_ms = self.ms();
+        self.log.sessions.push(Session { began_ms, ..Session::default() });
+        let ended = match transport {
+            Transport::Sse => self.sse(http, base, jwt, until).await,
+            Transport::Ws => self.ws(base, jwt, until).await,
+        };
+        self.log.end_ms = self.ms();
+        if let Some(s) = self.log.sessions.last_mut() {
+            s.ended_ms = self.log.end_ms;
+        }
+        match ended {
+            Ended::Ours => true,
+            Ended::Slow => {
+                self.log.slow_closes += 1;
+                true
+            }
+            Ended::Error(e) => {
+                self.log.errors.push((self.log.end_ms, format!("{context}{e}")));
+                false
+            }
         }
     }
 
@@ -324,13 +399,20 @@ pub(crate) struct Spec {
     pub(crate) sources: Vec<usize>,
 }
 
+/// Each source's last acknowledged offset, sent when the publishers have
+/// stopped.
+pub(crate) type Targets = tokio::sync::watch::Receiver<Option<Arc<std::collections::HashMap<usize, i64>>>>;
+
 /// A client: connect, read for 1–8 s, drop, wait up to 1 s, resume with the
-/// last token, until `stop`.
+/// last token, until `stop`. Then, once the targets come, one final
+/// connection (again after an error) until every channel has delivered its
+/// source's last acknowledged offset, or `CATCH_UP_BOUND` has passed.
 pub(crate) async fn client(
     base: String,
     jwt: String,
     spec: Spec,
     stop: Arc<AtomicBool>,
+    mut targets: Targets,
     seed: u64,
     started: Instant,
 ) -> GatewayLog {
@@ -354,27 +436,32 @@ pub(crate) async fn client(
             resets: Vec::new(),
             slow_closes: 0,
             end_ms: 0,
+            sessions: Vec::new(),
+            final_began_ms: 0,
+            caught_up_ms: None,
         },
         started,
+        targets: None,
     };
     let http = reqwest::Client::new();
     while !stop.load(Ordering::Relaxed) {
-        c.log.connections += 1;
         let until = tokio::time::Instant::now() + Duration::from_millis(rng.random_range(1_000..8_000));
-        let ended = match spec.transport {
-            Transport::Sse => c.sse(&http, &base, &jwt, until).await,
-            Transport::Ws => c.ws(&base, &jwt, until).await,
-        };
-        c.log.end_ms = c.ms();
-        match ended {
-            Ended::Ours => {}
-            Ended::Slow => c.log.slow_closes += 1,
-            Ended::Error(e) => {
-                let now = c.ms();
-                c.log.errors.push((now, e));
-            }
-        }
+        c.connection(spec.transport, &http, &base, &jwt, until, "").await;
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..1_000))).await;
+    }
+    let Ok(t) = targets.wait_for(Option::is_some).await.map(|t| t.clone().unwrap_or_default()) else {
+        return c.log;
+    };
+    c.targets = Some(spec.sources.iter().map(|s| t.get(s).copied()).collect());
+    c.log.final_began_ms = c.ms();
+    let deadline = tokio::time::Instant::now() + CATCH_UP_BOUND;
+    if c.caught_up() {
+        c.log.caught_up_ms = Some(c.ms());
+    }
+    while c.log.caught_up_ms.is_none() && tokio::time::Instant::now() < deadline {
+        if !c.connection(spec.transport, &http, &base, &jwt, deadline, "after the run: ").await {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
     c.log
 }

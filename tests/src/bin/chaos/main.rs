@@ -819,6 +819,7 @@ async fn main() {
 
     // Gateway clients: SSE and WebSocket, notify and full mode, in turn.
     let gateway_stop = Arc::new(AtomicBool::new(false));
+    let (targets_tx, targets_rx) = tokio::sync::watch::channel(None);
     let gateway_base = services.gateway.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(OwnedGateway::base);
     let mut gateway_rng = StdRng::seed_from_u64(a.seed ^ 0x6761_7465);
     let gateway_clients: Vec<_> = gateway_base
@@ -832,7 +833,15 @@ async fn main() {
                 sources: (0..2).map(|_| gateway_rng.random_range(0..a.sources)).collect::<HashSet<_>>().into_iter().collect(),
             };
             let jwt = gateway_token(c);
-            tokio::spawn(gateway::client(base, jwt, spec, Arc::clone(&gateway_stop), a.seed ^ (0x1000 + c as u64), started))
+            tokio::spawn(gateway::client(
+                base,
+                jwt,
+                spec,
+                Arc::clone(&gateway_stop),
+                targets_rx.clone(),
+                a.seed ^ (0x1000 + c as u64),
+                started,
+            ))
         })
         .collect();
 
@@ -889,9 +898,17 @@ async fn main() {
         }
     }
     engine.shutdown().await;
-    // Let the last notifications arrive, and the gateway's clients read the
-    // tail (their last connection runs on to its own end, up to 8 s).
-    tokio::time::sleep(Duration::from_secs(if gateway_clients.is_empty() { 1 } else { 3 })).await;
+    // Let the last notifications arrive.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The gateway's clients catch up: each source's last acknowledged offset.
+    let mut last_acked: HashMap<usize, i64> = HashMap::new();
+    for s in sent.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+        if let Told::Acked { offset, .. } = s.told {
+            let o = last_acked.entry(s.source).or_insert(offset);
+            *o = (*o).max(offset);
+        }
+    }
+    targets_tx.send_replace(Some(Arc::new(last_acked)));
     gateway_stop.store(true, Ordering::Relaxed);
     let mut gateway_logs = Vec::new();
     for g in gateway_clients {
@@ -948,7 +965,7 @@ async fn main() {
     println!("| outcome unknown (told so) | {} |", totals.unknown);
     println!("| outcome unknown, found stored | {unknown_stored} |");
     println!("| outcome unknown, not stored | {} |", totals.unknown as u64 - unknown_stored.min(totals.unknown as u64));
-    println!("| outcome unknown or positionless outside fault windows | {unknown_calm} |");
+    println!("| outcome unknown or positionless with no broker fault around | {unknown_calm} |");
     println!("| records read back | {stored_len} |");
     println!(
         "| notifications seen | {} ({} without a position, {} malformed) |",
@@ -968,6 +985,30 @@ async fn main() {
             gateway_logs.iter().map(|g| g.connections).sum::<u32>()
         );
         println!("| gateway items delivered | {gateway_items} |");
+        let mut waits: Vec<u32> = gateway_logs
+            .iter()
+            .flat_map(|g| &g.sessions)
+            .filter_map(|s| s.first_item_ms.map(|f| f - s.began_ms))
+            .collect();
+        waits.sort_unstable();
+        let quantile = |q: f64| waits.get(((waits.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0);
+        println!(
+            "| gateway connect to first item, ms: p50 / p90 / max (connections with an item: {} of {}) | {} / {} / {} |",
+            waits.len(),
+            gateway_logs.iter().map(|g| g.sessions.len()).sum::<usize>(),
+            quantile(0.5),
+            quantile(0.9),
+            quantile(1.0)
+        );
+        let catch_up: Vec<String> = gateway_logs
+            .iter()
+            .map(|g| g.caught_up_ms.map_or("not within the bound".to_owned(), |t| format!("{} ms", t - g.final_began_ms)))
+            .collect();
+        println!(
+            "| gateway catch-up after the run (every acknowledged event of the client's channels delivered; bound {} s) | {} |",
+            gateway::CATCH_UP_BOUND.as_secs(),
+            catch_up.join(", ")
+        );
         println!("| gateway client errors inside a broker outage or gateway restart (counted apart) | {gateway_errors_in_outage} |");
         println!(
             "| gateway connections closed as a slow client (resumed; counted apart) | {} |",
@@ -1052,7 +1093,7 @@ async fn main() {
          join_order={} join_wrong={} join_foreign={} join_errors={} join_errors_in_outage={join_errors_in_outage} \
          joins={} join_deliveries={join_deliveries} gateway_gaps={} gateway_duplicates={} gateway_order={} \
          gateway_wrong={} gateway_errors={} gateway_resets={} gateway_errors_in_outage={gateway_errors_in_outage} \
-         gateway_items={gateway_items} result={}",
+         gateway_items={gateway_items} gateway_catch_up_max_ms={} result={}",
         a.seed,
         elapsed.as_secs_f64() / 60.0,
         faults.len(),
@@ -1082,6 +1123,11 @@ async fn main() {
         anomalies.gateway_wrong,
         anomalies.gateway_errors,
         anomalies.gateway_resets,
+        gateway_logs
+            .iter()
+            .map(|g| g.caught_up_ms.map_or(u32::MAX, |t| t - g.final_began_ms))
+            .max()
+            .map_or("-".to_owned(), |m| if m == u32::MAX { "unbounded".to_owned() } else { m.to_string() }),
         if failed_run { "FAILED" } else { "ok" }
     );
     println!("\nresult: {}", if failed_run { "FAILED" } else { "ok" });
@@ -1117,11 +1163,13 @@ fn start_gateway(brokers: &str, redis_url: &str) -> Result<OwnedGateway, String>
          [join]\nidle_check_ms = 300\n\
          [replay.librdkafka_options]\n\"isolation.level\" = \"read_uncommitted\"\n"
     );
+    // DUALSTREAM_CHAOS_GATEWAY_LOG: the gateway's RUST_LOG (its log file is named at the end).
+    let log = std::env::var("DUALSTREAM_CHAOS_GATEWAY_LOG").unwrap_or_else(|_| "warn,rdkafka=off,librdkafka=off".to_owned());
     let env = [
         ("KAFKA_BROKERS", brokers),
         ("REDIS_URL", redis_url),
         ("DUALSTREAM_GATEWAY_SECRET", GATEWAY_SECRET),
-        ("RUST_LOG", "warn,rdkafka=off,librdkafka=off"),
+        ("RUST_LOG", log.as_str()),
     ];
     Ok(OwnedGateway::start(&bin, &config, &env))
 }
@@ -1235,11 +1283,13 @@ async fn check_soak(
 }
 
 /// Events whose outcome was unknown, or whose receipt had no position,
-/// with no fault from 20 s before their submit to their answer: 0 allowed.
+/// with no broker fault from 20 s before their submit to their answer: 0
+/// allowed. (Only the broker's trouble can leave a Kafka write's outcome
+/// open; a Redis or gateway fault cannot.)
 fn outcomes_outside_faults(sent: &[Sent], windows: &[Window]) -> u64 {
     sent.iter()
         .filter(|s| matches!(s.told, Told::Unknown(_) | Told::AckedSomewhere))
-        .filter(|s| !windows.iter().any(|w| w.from <= s.told_ms && s.submitted_ms <= w.to + 20_000))
+        .filter(|s| !windows.iter().any(|w| w.broker && w.from <= s.told_ms && s.submitted_ms <= w.to + 20_000))
         .count() as u64
 }
 
@@ -1280,10 +1330,13 @@ impl Totals {
             println!("\nno event was acknowledged: the run proves nothing");
             out = true;
         }
-        let unknown_bound = self.submitted() / 100;
+        // Every unknown outcome must also lie near a broker fault (`unknown_calm`).
+        // One broker kill -9 on tansu can leave about 2 s of writes unknown (seed 7:
+        // 4,040 of 200,649, none of them stored; docs/reliability.md).
+        let unknown_bound = self.submitted() / 20;
         if self.unknown > unknown_bound {
             println!(
-                "\noutcome unknown for {} events, over the bound of 1 % of those submitted ({unknown_bound})",
+                "\noutcome unknown for {} events, over the bound of 5 % of those submitted ({unknown_bound})",
                 self.unknown
             );
             out = true;
@@ -1296,7 +1349,7 @@ impl Totals {
             out = true;
         }
         if unknown_calm > 0 {
-            println!("\n{unknown_calm} outcomes unknown or positionless with no fault from 20 s before their submit to their answer");
+            println!("\n{unknown_calm} outcomes unknown or positionless with no broker fault from 20 s before their submit to their answer");
             out = true;
         }
         out
@@ -1377,4 +1430,27 @@ fn print_soak(samples: &[(f64, [f64; 5])]) -> bool {
     }
     println!("\n{} samples, every 5 s; the first fifth is warm-up and not fitted", samples.len());
     failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Totals;
+
+    fn totals(acked: usize, unknown: usize, somewhere: usize) -> Totals {
+        Totals { acked, failed: 0, unknown, somewhere }
+    }
+
+    /// A build whose `OffsetGuard` marked every offset unknown would give
+    /// receipts without a position (or unknown outcomes) where the broker
+    /// answered: the run fails on either, and on a run that acknowledged
+    /// nothing.
+    #[test]
+    fn excuses_past_their_bounds_fail_the_run() {
+        assert!(!totals(10_000, 500, 0).out_of_bounds(0), "5 % unknown is allowed");
+        assert!(totals(10_000, 527, 0).out_of_bounds(0), "more than 5 % unknown");
+        assert!(totals(10_000, 0, 10_000).out_of_bounds(0), "every receipt without a position");
+        assert!(totals(10_000, 0, 1).out_of_bounds(0), "one receipt without a position");
+        assert!(totals(10_000, 1, 0).out_of_bounds(1), "an unknown outcome with no fault around it");
+        assert!(totals(0, 0, 0).out_of_bounds(0), "nothing acknowledged");
+    }
 }
