@@ -1,22 +1,38 @@
-use std::collections::VecDeque;
-use std::future::Future;
+//! The engine's front: the public [`BatchEngine`] and [`BatchError`], the
+//! wiring of the stages, and the callers' side.
+//!
+//! `submit` and `submit_many` reserve the events' share of the queue
+//! ([`Budget`]) and send them to the lane their source maps to; each caller
+//! then awaits its own reply. The stages behind it are in their own modules:
+//! [`lane`](crate::lane) collects batches and hands them to the durable
+//! sink, [`ack`](crate::ack) awaits each batch's acknowledgements and gives
+//! its queue share back, [`notify`](crate::notify) sends the notifications
+//! and resolves callers. [`resolve`] is where every caller gets its result.
+//!
+//! Guarantees kept here: an event that is refused (queue full, too large,
+//! closed, lane dead) is handed back, never dropped; an accepted event's
+//! caller gets a result even when a stage died with it
+//! ([`BatchError::WorkerGone`]); `submit_many` returns one result per
+//! event, in input order, and once a chunk is refused nothing later of the
+//! call is accepted, so nothing overtakes.
+
 use std::hash::BuildHasher;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dualstream_core::{Event, Notification};
-use dualstream_publisher::{DualPublisher, NotificationOutcome, PendingStore, PublishError, Receipt, StoredBatch};
+use dualstream_core::Event;
+use dualstream_publisher::{DualPublisher, PublishError, Receipt};
 use tokio::sync::{mpsc, oneshot, OnceCell};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
-use crate::budget::{Budget, Held};
+use crate::budget::Budget;
 use crate::config::{BatchConfig, ConfigError};
+use crate::lane::{lane, Msg};
+use crate::notify::{notify_stage, Stored};
 
 /// Gauge: events accepted by the engine and not yet resolved.
-const QUEUE_DEPTH: &str = "dualstream_batch_queue_depth";
+pub(crate) const QUEUE_DEPTH: &str = "dualstream_batch_queue_depth";
 
 /// Why a submitted event has no receipt.
 #[derive(Debug, thiserror::Error)]
@@ -89,27 +105,10 @@ impl BatchError {
     }
 }
 
-type Results = Vec<Result<Receipt, BatchError>>;
-
-/// What a lane receives.
-enum Msg {
-    /// One event from `submit`, holding its share of the queue.
-    One {
-        event: Event,
-        held: Held,
-        reply: oneshot::Sender<Result<Receipt, BatchError>>,
-    },
-    /// Events of one source lane from `submit_many`, one reply for all.
-    Many {
-        events: Vec<Event>,
-        held: Held,
-        reply: oneshot::Sender<Results>,
-    },
-    Stop,
-}
+pub(crate) type Results = Vec<Result<Receipt, BatchError>>;
 
 /// Whom to resolve, in batch order.
-enum Waiter {
+pub(crate) enum Waiter {
     One(oneshot::Sender<Result<Receipt, BatchError>>),
     Many(oneshot::Sender<Results>, usize),
 }
@@ -470,326 +469,7 @@ impl Chunk {
     }
 }
 
-/// A batch handed to the durable sink, on its way through the lane's stages.
-struct InFlight {
-    pending: PendingStore,
-    waiters: Vec<Waiter>,
-    held: Held,
-    /// The lane's in-flight slot, given back with the queue share.
-    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-/// A stored batch on its way to the notification stage.
-struct Stored {
-    batch: StoredBatch,
-    waiters: Vec<Waiter>,
-}
-
-/// One lane: collect a batch, hand it to the durable sink, pass it on to the
-/// lane's ack stage; repeat at once. The ack stage awaits each batch's
-/// durable acknowledgements in order and gives its queue share back; the
-/// engine's notification stage sends notifications and resolves callers, in
-/// the order batches reach it. Per-source order holds on both paths: a source always maps to one
-/// lane, the sink keeps the order of what it is handed, and each stage
-/// works in batch order. Neither Redis nor the acknowledgements hold up the
-/// next batch's hand-over.
-async fn lane(
-    mut rx: mpsc::UnboundedReceiver<Msg>,
-    publisher: DualPublisher,
-    config: BatchConfig,
-    budget: Arc<Budget>,
-    notify: Option<mpsc::UnboundedSender<Stored>>,
-) {
-    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<InFlight>();
-    let acks = tokio::spawn(ack_stage(ack_rx, notify, publisher.clone(), budget));
-    // Batches of this lane handed over and not yet acknowledged.
-    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight_batches));
-    let mut events: Vec<Event> = Vec::with_capacity(config.max_batch_events.min(1024));
-    let mut waiters: Vec<Waiter> = Vec::new();
-    let mut held = Held::none();
-    let mut bytes = 0usize;
-    let mut stopping = false;
-    let add =
-        |msg: Msg, events: &mut Vec<Event>, waiters: &mut Vec<Waiter>, held: &mut Held, bytes: &mut usize| -> bool {
-            match msg {
-                Msg::One { event, held: h, reply } => {
-                    *bytes += h.bytes() as usize;
-                    held.merge(h);
-                    events.push(event);
-                    waiters.push(Waiter::One(reply));
-                    true
-                }
-                Msg::Many { events: evs, held: h, reply } => {
-                    *bytes += h.bytes() as usize;
-                    held.merge(h);
-                    waiters.push(Waiter::Many(reply, evs.len()));
-                    events.extend(evs);
-                    true
-                }
-                Msg::Stop => false,
-            }
-        };
-    while !stopping {
-        match rx.recv().await {
-            Some(msg) => {
-                if !add(msg, &mut events, &mut waiters, &mut held, &mut bytes) {
-                    break;
-                }
-            }
-            None => break,
-        }
-        let linger_until = Instant::now() + config.linger();
-        while events.len() < config.max_batch_events && bytes < config.max_batch_bytes {
-            let next = match rx.try_recv() {
-                Ok(m) => Some(m),
-                Err(mpsc::error::TryRecvError::Disconnected) => None,
-                Err(mpsc::error::TryRecvError::Empty) if config.linger_ms == 0 => break,
-                Err(mpsc::error::TryRecvError::Empty) => match tokio::time::timeout_at(linger_until, rx.recv()).await {
-                    Ok(m) => m,
-                    Err(_) => break,
-                },
-            };
-            match next {
-                Some(msg) => {
-                    if !add(msg, &mut events, &mut waiters, &mut held, &mut bytes) {
-                        stopping = true;
-                        break;
-                    }
-                }
-                None => {
-                    stopping = true;
-                    break;
-                }
-            }
-        }
-        // Wait for an in-flight slot, collecting meanwhile: under load a
-        // lane's batches grow instead of multiplying, and at low load a
-        // batch goes at once.
-        let slot = loop {
-            if let Ok(p) = slots.clone().try_acquire_owned() {
-                break Some(p);
-            }
-            let full = events.len() >= config.max_batch_events || bytes >= config.max_batch_bytes;
-            tokio::select! {
-                p = slots.clone().acquire_owned() => break p.ok(),
-                m = rx.recv(), if !full && !stopping => match m {
-                    Some(msg) => {
-                        if !add(msg, &mut events, &mut waiters, &mut held, &mut bytes) {
-                            stopping = true;
-                        }
-                    }
-                    None => stopping = true,
-                },
-            }
-        };
-        if !hand_over(&publisher, &mut events, &mut waiters, &mut held, slot, &ack_tx).await {
-            tracing::error!("batch ack stage is gone; the lane stops");
-            return;
-        }
-        bytes = 0;
-    }
-    // Refuse new items, then publish everything already accepted.
-    rx.close();
-    while let Some(msg) = rx.recv().await {
-        add(msg, &mut events, &mut waiters, &mut held, &mut bytes);
-        if events.len() >= config.max_batch_events
-            && !hand_over(&publisher, &mut events, &mut waiters, &mut held, None, &ack_tx).await
-        {
-            return;
-        }
-    }
-    let _ = hand_over(&publisher, &mut events, &mut waiters, &mut held, None, &ack_tx).await;
-    drop(ack_tx);
-    if let Err(e) = acks.await {
-        tracing::error!(error = %e, "batch ack stage ended abnormally");
-    }
-}
-
-/// Hand a collected batch to the durable sink and pass it to the ack stage.
-async fn hand_over(
-    publisher: &DualPublisher,
-    events: &mut Vec<Event>,
-    waiters: &mut Vec<Waiter>,
-    held: &mut Held,
-    slot: Option<tokio::sync::OwnedSemaphorePermit>,
-    next: &mpsc::UnboundedSender<InFlight>,
-) -> bool {
-    if events.is_empty() {
-        return true;
-    }
-    // Exactly sized: the batch lives until its acknowledgements, and the
-    // lane's buffers keep their capacity for the next one.
-    let batch: Vec<Event> = events.drain(..).collect();
-    let pending = publisher.enqueue_batch(batch).await;
-    let item = InFlight {
-        pending,
-        waiters: waiters.drain(..).collect(),
-        held: std::mem::replace(held, Held::none()),
-        _slot: slot,
-    };
-    // If the ack stage died (it panicked), dropping the item resolves its
-    // callers with WorkerGone and gives the queue share back; the lane ends
-    // too, so its sources are refused (LaneDead) from then on.
-    next.send(item).is_ok()
-}
-
-/// Await each batch's durable acknowledgements in order, give its queue
-/// share back, then resolve it (no notifier, or one that does not wait) or
-/// pass it to the notification stage.
-async fn ack_stage(
-    mut rx: mpsc::UnboundedReceiver<InFlight>,
-    notify: Option<mpsc::UnboundedSender<Stored>>,
-    publisher: DualPublisher,
-    budget: Arc<Budget>,
-) {
-    while let Some(InFlight { pending, waiters, held, _slot }) = rx.recv().await {
-        let mut batch = pending.stored().await;
-        drop((held, _slot));
-        metrics::gauge!(QUEUE_DEPTH).set(budget.used().0 as f64);
-        match &notify {
-            Some(tx) => {
-                if let Err(mpsc::error::SendError(stored)) = tx.send(Stored { batch, waiters }) {
-                    // The notification stage died: resolve here, without
-                    // notifications, rather than leave callers waiting.
-                    resolve(stored.batch.finish(NotificationOutcome::Failed), stored.waiters);
-                }
-            }
-            None => {
-                // High-volume mode queues notifications without waiting;
-                // without a notifier there are none.
-                let outcome = publisher.notify(batch.take_notifications()).await;
-                resolve(batch.finish(outcome), waiters);
-            }
-        }
-    }
-}
-
-type Pipeline = Pin<Box<dyn Future<Output = (u64, NotificationOutcome)> + Send>>;
-
-/// A stored batch whose callers wait for its notifications.
-struct Awaiting {
-    batch: StoredBatch,
-    waiters: Vec<Waiter>,
-    /// Its callers are resolved by then at the latest.
-    deadline: Instant,
-    /// The pipeline that carries (or will carry) its notifications.
-    pipeline: u64,
-    /// Its notifications in the not-yet-sent buffer (until a pipeline
-    /// takes them).
-    notes: usize,
-    /// Set when its notifications were shed.
-    outcome: Option<NotificationOutcome>,
-}
-
-impl Awaiting {
-    fn resolve(self, outcome: NotificationOutcome) {
-        resolve(self.batch.finish(self.outcome.unwrap_or(outcome)), self.waiters);
-    }
-}
-
-/// Send notifications and resolve callers, in batch order.
-///
-/// - Everything that waits when a pipeline can start goes into that one
-///   pipeline, with up to `max_in_flight` pipelines in flight, started in
-///   batch order: a slow Redis (answering within the bound) costs latency,
-///   not throughput or notifications.
-/// - No caller waits more than the publisher's notify bound here: a batch
-///   whose notifications are not confirmed by then is resolved as
-///   [`NotificationOutcome::Queued`] (they are still on their way).
-/// - At most `cap` notifications wait to be sent; beyond that the oldest
-///   are dropped and their batches resolved as skipped.
-async fn notify_stage(mut rx: mpsc::UnboundedReceiver<Stored>, publisher: DualPublisher, max_in_flight: usize, cap: usize) {
-    use futures::stream::{FuturesOrdered, StreamExt};
-    let bound = Duration::from_millis(publisher.config().notify_timeout_ms);
-    let mut in_flight: FuturesOrdered<Pipeline> = FuturesOrdered::new();
-    let mut queue: VecDeque<Awaiting> = VecDeque::new();
-    let mut unsent: VecDeque<Notification> = VecDeque::new();
-    let mut next_pipeline = 0u64;
-    let mut incoming: Vec<Stored> = Vec::new();
-    let mut open = true;
-    while open || !queue.is_empty() || !in_flight.is_empty() {
-        // A batch at the front with nothing left to send (all its events
-        // failed, or its notifications were shed) has only its turn to wait
-        // for.
-        while queue.front().is_some_and(|a| a.pipeline >= next_pipeline && a.notes == 0) {
-            if let Some(a) = queue.pop_front() {
-                a.resolve(NotificationOutcome::Disabled);
-            }
-        }
-        if !unsent.is_empty() && in_flight.len() < max_in_flight {
-            let notes: Vec<Notification> = unsent.drain(..).collect();
-            for a in queue.iter_mut().rev().take_while(|a| a.pipeline == next_pipeline) {
-                a.notes = 0;
-            }
-            let (seq, publisher) = (next_pipeline, publisher.clone());
-            in_flight.push_back(Box::pin(async move { (seq, publisher.notify(notes).await) }));
-            next_pipeline += 1;
-        }
-        let first_deadline = queue.front().map(|a| a.deadline);
-        tokio::select! {
-            biased;
-            Some((seq, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
-                while queue.front().is_some_and(|a| a.pipeline == seq) {
-                    if let Some(a) = queue.pop_front() {
-                        a.resolve(outcome);
-                    }
-                }
-            }
-            () = tokio::time::sleep_until(first_deadline.unwrap_or_else(Instant::now)), if first_deadline.is_some() => {
-                let now = Instant::now();
-                while queue.front().is_some_and(|a| a.deadline <= now) {
-                    if let Some(a) = queue.pop_front() {
-                        a.resolve(NotificationOutcome::Queued);
-                    }
-                }
-            }
-            n = rx.recv_many(&mut incoming, usize::MAX), if open => {
-                if n == 0 {
-                    open = false;
-                    continue;
-                }
-                let deadline = Instant::now() + bound;
-                for mut stored in incoming.drain(..) {
-                    let notes = stored.batch.take_notifications();
-                    let count = notes.len();
-                    unsent.extend(notes);
-                    queue.push_back(Awaiting {
-                        batch: stored.batch,
-                        waiters: stored.waiters,
-                        deadline,
-                        pipeline: next_pipeline,
-                        notes: count,
-                        outcome: None,
-                    });
-                }
-                shed_over(&mut queue, &mut unsent, cap);
-            }
-        }
-    }
-}
-
-/// While more than `cap` notifications wait to be sent, drop the oldest
-/// batches' notifications; those batches resolve as skipped in their turn.
-fn shed_over(queue: &mut VecDeque<Awaiting>, unsent: &mut VecDeque<Notification>, cap: usize) {
-    if unsent.len() <= cap {
-        return;
-    }
-    let mut shed = 0usize;
-    for a in queue.iter_mut().filter(|a| a.notes > 0) {
-        if unsent.len() - shed <= cap {
-            break;
-        }
-        shed += a.notes;
-        a.notes = 0;
-        a.outcome = Some(NotificationOutcome::Skipped);
-    }
-    // The unsent buffer holds the batches' notifications in batch order.
-    unsent.drain(..shed.min(unsent.len()));
-    tracing::warn!(shed, cap, "notification backlog over its bound; oldest notifications skipped");
-    metrics::counter!("dualstream_notifications_total", "outcome" => "skipped").increment(shed as u64);
-}
-
-fn resolve(results: Vec<Result<Receipt, PublishError>>, waiters: Vec<Waiter>) {
+pub(crate) fn resolve(results: Vec<Result<Receipt, PublishError>>, waiters: Vec<Waiter>) {
     let mut results = results.into_iter();
     for waiter in waiters {
         match waiter {

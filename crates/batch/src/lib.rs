@@ -46,9 +46,12 @@
 //! # Ok::<_, Box<dyn std::error::Error>>(()) }).unwrap();
 //! ```
 
+mod ack;
 mod budget;
 mod config;
 mod engine;
+mod lane;
+mod notify;
 #[cfg(test)]
 mod tests;
 
