@@ -91,3 +91,36 @@ pub(crate) fn delivery_error(e: &KafkaError, possibly_stored: bool, deadline: Du
         _ => sink_error(e, deadline),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEADLINE: Duration = Duration::from_secs(30);
+
+    fn produce(code: RDKafkaErrorCode) -> KafkaError {
+        KafkaError::MessageProduction(code)
+    }
+
+    /// librdkafka's fatal error says nothing about the records in flight
+    /// when it was raised: those librdkafka marks as possibly persisted may
+    /// be stored (outcome unknown), the others were never sent. Neither is
+    /// "rejected" (can never be stored).
+    #[test]
+    fn a_fatal_error_is_outcome_unknown_or_not_sent_never_rejected() {
+        for code in [RDKafkaErrorCode::Fatal, RDKafkaErrorCode::OutOfOrderSequenceNumber, RDKafkaErrorCode::ProducerFenced] {
+            let in_flight = delivery_error(&produce(code), true, DEADLINE);
+            assert!(matches!(in_flight, SinkError::OutcomeUnknown { .. }), "{code:?}, possibly persisted: {in_flight}");
+        }
+        let unsent = delivery_error(&produce(RDKafkaErrorCode::Fatal), false, DEADLINE);
+        assert!(matches!(unsent, SinkError::Unavailable { .. }), "{unsent}");
+        // Refused when handed over: the producer is fatally failed.
+        let refused = sink_error(&produce(RDKafkaErrorCode::Fatal), DEADLINE);
+        assert!(matches!(refused, SinkError::Unavailable { .. }), "{refused}");
+        // A purge of what was never sent, and a delivery deadline.
+        let purged = delivery_error(&produce(RDKafkaErrorCode::PurgeQueue), false, DEADLINE);
+        assert!(matches!(purged, SinkError::Unavailable { .. }), "{purged}");
+        let late = delivery_error(&produce(RDKafkaErrorCode::MessageTimedOut), true, DEADLINE);
+        assert!(matches!(late, SinkError::Timeout { deadline: DEADLINE }), "{late}");
+    }
+}

@@ -120,7 +120,7 @@ fn possibly_stored(m: &rdkafka::message::BorrowedMessage<'_>) -> bool {
 pub struct AckContext {
     /// Shared by every producer of one sink, so a replaced producer's
     /// successor keeps checking against what the broker already answered.
-    offsets: Arc<OffsetGuard>,
+    pub(crate) offsets: Arc<OffsetGuard>,
 }
 
 /// The offsets the broker acknowledged, per partition, to catch one it

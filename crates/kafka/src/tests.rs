@@ -306,6 +306,51 @@ async fn a_duplicate_answer_for_an_unstored_batch_is_outcome_unknown_not_ok() {
     assert_eq!(ids, later.iter().map(Event::id).collect::<Vec<_>>(), "only the later batch is stored");
 }
 
+/// Whether the sink replaced its producer `first` (a native client
+/// pointer) within 30 s.
+async fn replaced(sink: &KafkaSink, first: usize) -> bool {
+    let changed = async {
+        while sink.producer().client().native_ptr() as usize == first {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), changed).await.is_ok()
+}
+
+/// A producer replaced mid-stream (after librdkafka's fatal idempotence
+/// error) does not take the acknowledged offsets with it: its successor's
+/// deliveries are checked against what the broker acknowledged before, so
+/// an answer at an old offset stays outcome unknown, and the partition's
+/// next real offsets are accepted. The write in flight at the fatal error
+/// may be stored: outcome unknown, never rejected. MockCluster answers every
+/// produce request at the partition's real end (or with a scripted error
+/// and offset -1), so it cannot answer the new producer at an old offset:
+/// that answer is put to the guard the new producer's deliveries go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_offset_guard_outlives_a_producer_replaced_mid_stream() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("t", 1, 1).expect("topic");
+    let sink = KafkaSink::new(mock_config(&cluster, "t")).expect("sink");
+    sink.health_check().await.expect("healthy");
+    let stored = |results: Vec<Result<dualstream_core::Position, dualstream_core::DeliveryError>>| -> Vec<i64> {
+        results.into_iter().map(|r| r.expect("stored").offset).collect()
+    };
+    assert_eq!(stored(sink.publish_batch((0..5).map(|i| event("s", i)).collect()).await), [0, 1, 2, 3, 4]);
+    let first = sink.producer().client().native_ptr() as usize;
+    // The head-of-line request answered OUT_OF_ORDER_SEQUENCE_NUMBER: the
+    // idempotent producer's fatal error. One event, so one request.
+    cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER]);
+    let fatal = sink.publish(event("s", 5)).await.expect_err("answered with a fatal error");
+    assert!(matches!(fatal.error, SinkError::OutcomeUnknown { .. }), "in flight at the fatal error: {fatal}");
+    assert!(replaced(&sink, first).await, "the sink replaced the failed producer by itself");
+    let producer = sink.producer();
+    for old in [0, 4] {
+        assert!(!producer.context().offsets.check("t", 0, old), "offset {old}, acknowledged before the replacement, is refused after it");
+    }
+    // The scripted answer stored nothing: the partition goes on at 5.
+    assert_eq!(stored(sink.publish_batch((6..9).map(|i| event("s", i)).collect()).await), [5, 6, 7]);
+}
+
 /// A record over `message.max.bytes` fails alone (refused by the sink before
 /// librdkafka sees it); the later events of its source in the batch fail
 /// with `EarlierFailed` instead of overtaking it; other sources are
@@ -511,7 +556,7 @@ mod multi_broker {
     use rdkafka::producer::DefaultProducerContext;
     use rdkafka::ClientConfig;
 
-    use super::{event, mock_config, read_back};
+    use super::{event, mock_config, read_back, replaced};
     use crate::KafkaSink;
 
     const PARTITIONS: i32 = 6;
@@ -736,13 +781,7 @@ mod multi_broker {
             .collect();
         tokio::time::sleep(Duration::from_millis(400)).await;
         cluster.request_errors(RDKafkaApiKey::Produce, &[error]);
-        let replaced = tokio::time::timeout(Duration::from_secs(30), async {
-            while sink.producer().client().native_ptr() as usize == first {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
-        assert!(replaced.is_ok(), "the sink replaced the failed producer by itself");
+        assert!(replaced(&sink, first).await, "the sink replaced the failed producer by itself");
         calm.store(true, Ordering::SeqCst);
 
         let mut outcomes = Vec::new();
