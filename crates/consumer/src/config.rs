@@ -28,8 +28,17 @@ pub(crate) fn range(field: &'static str, value: u64, min: u64, max: u64) -> Resu
 
 /// librdkafka keys the reader sets itself; giving them in
 /// `librdkafka_options` is an error rather than a silent override.
-const READER_KEYS: &[&str] =
-    &["bootstrap.servers", "enable.auto.commit", "enable.auto.offset.store", "auto.offset.reset", "group.id"];
+const READER_KEYS: &[&str] = &[
+    "bootstrap.servers",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "group.id",
+    "enable.partition.eof",
+    "fetch.wait.max.ms",
+    "queued.max.messages.kbytes",
+    "fetch.max.bytes",
+];
 
 /// Configuration of the Kafka [`Replay`](crate::Replay) reader (also used by
 /// the [`CatchUp`](crate::CatchUp) join).
@@ -51,6 +60,16 @@ pub struct ReplayConfig {
     /// (`queued.max.messages.kbytes`): the reader's memory bound. Default:
     /// 8,192.
     pub prefetch_max_kbytes: u32,
+    /// Bound on one fetch answer, in bytes (`fetch.max.bytes`; librdkafka
+    /// raises it to `message.max.bytes` when lower, so one record of any
+    /// size still fits). Small answers keep records flowing while a reader
+    /// goes through a long stretch of a partition: a broker that builds the
+    /// whole answer before sending it (tansu 0.6 reads it from its storage
+    /// record by record, about 10,000 records a second on PostgreSQL, and
+    /// bounds it by this value only, not by the per-partition bound) would
+    /// otherwise answer a read from far back with tens of thousands of
+    /// records after many seconds. Default: 1,048,576.
+    pub fetch_max_bytes: u32,
     /// Bound on a metadata, watermark or offset look-up and on the wait for
     /// a record that the watermarks say exists, in milliseconds. Default:
     /// 10,000.
@@ -67,6 +86,7 @@ impl Default for ReplayConfig {
             topic: TopicRouting::default(),
             fetch_wait_max_ms: 50,
             prefetch_max_kbytes: 8_192,
+            fetch_max_bytes: 1_048_576,
             timeout_ms: 10_000,
             librdkafka_options: BTreeMap::new(),
         }
@@ -94,6 +114,7 @@ impl ReplayConfig {
         .map_err(|e| ConfigError::Invalid { field: "topic", reason: e.to_string() })?;
         range("fetch_wait_max_ms", self.fetch_wait_max_ms, 0, 300_000)?;
         range("prefetch_max_kbytes", self.prefetch_max_kbytes.into(), 1, 2_097_151)?;
+        range("fetch_max_bytes", self.fetch_max_bytes.into(), 1_024, 2_147_483_135)?;
         range("timeout_ms", self.timeout_ms, 1, 3_600_000)?;
         if let Some(k) = self.librdkafka_options.keys().find(|k| READER_KEYS.contains(&k.trim())) {
             return Err(ConfigError::Invalid {
@@ -119,7 +140,8 @@ impl ReplayConfig {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("fetch.wait.max.ms", self.fetch_wait_max_ms.to_string())
-            .set("queued.max.messages.kbytes", self.prefetch_max_kbytes.to_string());
+            .set("queued.max.messages.kbytes", self.prefetch_max_kbytes.to_string())
+            .set("fetch.max.bytes", self.fetch_max_bytes.to_string());
         Ok(c)
     }
 }
@@ -278,6 +300,17 @@ mod tests {
             ..ReplayConfig::default()
         };
         assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "librdkafka_options", .. })));
+        // The reader's own fetch bounds are fields, never silently overridden.
+        let c = ReplayConfig {
+            librdkafka_options: [("fetch.max.bytes".to_owned(), "52428800".to_owned())].into(),
+            ..ReplayConfig::default()
+        };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "librdkafka_options", .. })));
+        let c = ReplayConfig { fetch_max_bytes: 100, ..ReplayConfig::default() };
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::Invalid { field: "fetch_max_bytes", reason: "100 is outside 1024..=2147483135".into() })
+        );
         let c = ReplayConfig { topic: TopicRouting::Single { topic: "bad topic".into() }, ..ReplayConfig::default() };
         assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "topic", .. })));
         let c = HubConfig { subscriber_buffer: 0, ..HubConfig::default() };
