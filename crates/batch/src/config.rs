@@ -99,8 +99,11 @@ impl BatchConfig {
         range("max_batch_events", self.max_batch_events as u64, 1, 1_000_000)?;
         range("max_batch_bytes", self.max_batch_bytes as u64, 1, 1 << 32)?;
         range("linger_ms", self.linger_ms, 0, 60_000)?;
-        range("max_queued_events", self.max_queued_events as u64, 1, 1 << 30)?;
-        range("max_queued_bytes", self.max_queued_bytes as u64, 1024, u32::MAX as u64)?;
+        // The queue bound is two semaphores (budget.rs): both bounds must fit
+        // one (a smaller limit on 32-bit targets) and a u32.
+        let permits = tokio::sync::Semaphore::MAX_PERMITS as u64;
+        range("max_queued_events", self.max_queued_events as u64, 1, (1 << 30).min(permits))?;
+        range("max_queued_bytes", self.max_queued_bytes as u64, 1024, (u32::MAX as u64).min(permits))?;
         range("submit_timeout_ms", self.submit_timeout_ms, 0, 3_600_000)?;
         range("lanes", self.lanes as u64, 1, 1_024)?;
         range("notify_pipelines", self.notify_pipelines as u64, 1, 64)?;

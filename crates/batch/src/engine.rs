@@ -222,7 +222,8 @@ impl BatchEngine {
 
     /// Submit one event and wait for its own result.
     ///
-    /// Waits up to the submit timeout for room in the queue. Once accepted,
+    /// Waits up to the submit timeout for room in the queue, behind the
+    /// submits that were waiting before it. Once accepted,
     /// the event is resolved even if this future is dropped.
     pub async fn submit(&self, event: Event) -> Result<Receipt, BatchError> {
         let shared = &self.inner;

@@ -11,7 +11,8 @@
 //!
 //! - **Bounded memory**: the queue is bounded in events and bytes (accepted
 //!   and not yet acknowledged by the durable sink). When full, `submit`
-//!   waits up to [`BatchConfig::submit_timeout_ms`], then fails with
+//!   waits (behind those that came first) up to
+//!   [`BatchConfig::submit_timeout_ms`], then fails with
 //!   [`BatchError::QueueFull`], handing the event back. Notifications
 //!   waiting to be sent are bounded too. Nothing is dropped silently.
 //! - **Order**: each source maps to one lane; a lane hands its batches to
