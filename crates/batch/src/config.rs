@@ -6,11 +6,16 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BatchConfig {
-    /// Most events in one batch. Default: 10,000 (batches only grow this
-    /// large while the previous batch of the lane is in flight, that is
-    /// under load; larger produce requests cost the broker less per event).
+    /// Most events in one batch, a hard bound: what would take a batch past
+    /// it (one event, or one lane's part of a `submit_many` chunk, which
+    /// is never larger than this) starts the next batch. Default: 10,000
+    /// (batches only grow this large while the previous batch of the lane
+    /// is in flight, that is under load; larger produce requests cost the
+    /// broker less per event).
     pub max_batch_events: usize,
-    /// Most bytes (payload and metadata) in one batch. Default: 8 MiB.
+    /// Bytes (payload and metadata) at which a lane stops adding to a
+    /// batch. Default: 8 MiB. Not a hard bound: the last event, or
+    /// `submit_many` part, taken in can take the batch past it.
     pub max_batch_bytes: usize,
     /// How long a lane waits for more events before handing over a batch
     /// that is not full, in milliseconds. Default: 0: a lane hands over what

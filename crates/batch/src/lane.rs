@@ -2,8 +2,9 @@
 //!
 //! Each lane is one task with its own unbounded channel of [`Msg`]s (the
 //! queue's bound is the engine's budget, reserved before a message is
-//! sent). It collects what waits into a batch of about `max_batch_events`
-//! events and `max_batch_bytes` bytes (waiting
+//! sent). It collects what waits into a batch of at most
+//! `max_batch_events` events (a message that would take it past that
+//! starts the next batch) until it reaches `max_batch_bytes` bytes (waiting
 //! `linger_ms` for more when set), hands it to the sink at once with
 //! [`DualPublisher::enqueue_batch`] and passes it on to its own
 //! [`ack`](crate::ack) stage without waiting for the acknowledgements. Up to
@@ -18,6 +19,7 @@
 //! [`BatchError::WorkerGone`] and gives the
 //! queue share back.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use dualstream_core::Event;
@@ -39,7 +41,8 @@ pub(crate) enum Msg {
         held: Held,
         reply: oneshot::Sender<Result<Receipt, BatchError>>,
     },
-    /// Events of one source lane from `submit_many`, one reply for all.
+    /// Events of one lane from `submit_many`, one reply for all: at most
+    /// `max_batch_events` of them (the chunks are no larger).
     Many {
         events: Vec<Event>,
         held: Held,
@@ -67,42 +70,23 @@ pub(crate) async fn lane(
     let acks = tokio::spawn(ack_stage(ack_rx, notify, publisher.clone(), budget));
     // Batches of this lane handed over and not yet acknowledged.
     let slots = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight_batches));
-    let mut events: Vec<Event> = Vec::with_capacity(config.max_batch_events.min(1024));
-    let mut waiters: Vec<Waiter> = Vec::new();
-    let mut held = Held::none();
-    let mut bytes = 0usize;
+    let mut batch = Collecting::new(&config);
     let mut stopping = false;
-    let add =
-        |msg: Msg, events: &mut Vec<Event>, waiters: &mut Vec<Waiter>, held: &mut Held, bytes: &mut usize| -> bool {
-            match msg {
-                Msg::One { event, held: h, reply } => {
-                    *bytes += h.bytes() as usize;
-                    held.merge(h);
-                    events.push(event);
-                    waiters.push(Waiter::One(reply));
-                    true
-                }
-                Msg::Many { events: evs, held: h, reply } => {
-                    *bytes += h.bytes() as usize;
-                    held.merge(h);
-                    waiters.push(Waiter::Many(reply, evs.len()));
-                    events.extend(evs);
-                    true
-                }
-                Msg::Stop => false,
-            }
-        };
     while !stopping {
-        match rx.recv().await {
-            Some(msg) => {
-                if !add(msg, &mut events, &mut waiters, &mut held, &mut bytes) {
-                    break;
+        // Messages carried over from the last batch start this one;
+        // otherwise wait for one.
+        if batch.is_empty() {
+            match rx.recv().await {
+                Some(msg) => {
+                    if !batch.add(msg) {
+                        break;
+                    }
                 }
+                None => break,
             }
-            None => break,
         }
         let linger_until = Instant::now() + config.linger();
-        while events.len() < config.max_batch_events && bytes < config.max_batch_bytes {
+        while !batch.full() {
             let next = match rx.try_recv() {
                 Ok(m) => Some(m),
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
@@ -114,7 +98,7 @@ pub(crate) async fn lane(
             };
             match next {
                 Some(msg) => {
-                    if !add(msg, &mut events, &mut waiters, &mut held, &mut bytes) {
+                    if !batch.add(msg) {
                         stopping = true;
                         break;
                     }
@@ -132,12 +116,12 @@ pub(crate) async fn lane(
             if let Ok(p) = slots.clone().try_acquire_owned() {
                 break Some(p);
             }
-            let full = events.len() >= config.max_batch_events || bytes >= config.max_batch_bytes;
+            let full = batch.full();
             tokio::select! {
                 p = slots.clone().acquire_owned() => break p.ok(),
                 m = rx.recv(), if !full && !stopping => match m {
                     Some(msg) => {
-                        if !add(msg, &mut events, &mut waiters, &mut held, &mut bytes) {
+                        if !batch.add(msg) {
                             stopping = true;
                         }
                     }
@@ -145,51 +129,131 @@ pub(crate) async fn lane(
                 },
             }
         };
-        if !hand_over(&publisher, &mut events, &mut waiters, &mut held, slot, &ack_tx).await {
+        if !hand_over(&publisher, &mut batch, slot, &ack_tx).await {
             tracing::error!("batch ack stage is gone; the lane stops");
             return;
         }
-        bytes = 0;
     }
     // Refuse new items, then publish everything already accepted.
     rx.close();
     while let Some(msg) = rx.recv().await {
-        add(msg, &mut events, &mut waiters, &mut held, &mut bytes);
-        if events.len() >= config.max_batch_events
-            && !hand_over(&publisher, &mut events, &mut waiters, &mut held, None, &ack_tx).await
-        {
+        batch.add(msg);
+        if batch.full() && !hand_over(&publisher, &mut batch, None, &ack_tx).await {
             return;
         }
     }
-    let _ = hand_over(&publisher, &mut events, &mut waiters, &mut held, None, &ack_tx).await;
+    // What is left, the carried-over messages last.
+    while !batch.is_empty() {
+        if !hand_over(&publisher, &mut batch, None, &ack_tx).await {
+            return;
+        }
+    }
     drop(ack_tx);
     if let Err(e) = acks.await {
         tracing::error!(error = %e, "batch ack stage ended abnormally");
     }
 }
 
+/// The batch a lane is collecting.
+struct Collecting {
+    events: Vec<Event>,
+    waiters: Vec<Waiter>,
+    held: Held,
+    bytes: usize,
+    max_events: usize,
+    max_bytes: usize,
+    /// Messages that would have taken the batch past `max_batch_events`, in
+    /// the order they came: they start the next batch.
+    carried: VecDeque<Msg>,
+}
+
+impl Collecting {
+    fn new(config: &BatchConfig) -> Self {
+        Self {
+            events: Vec::with_capacity(config.max_batch_events.min(1024)),
+            waiters: Vec::new(),
+            held: Held::none(),
+            bytes: 0,
+            max_events: config.max_batch_events,
+            max_bytes: config.max_batch_bytes,
+            carried: VecDeque::new(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.carried.is_empty()
+    }
+
+    /// Nothing more goes into this batch: it holds `max_batch_events`, its
+    /// bytes reached `max_batch_bytes`, or a message waits for the next one.
+    fn full(&self) -> bool {
+        !self.carried.is_empty() || self.events.len() >= self.max_events || self.bytes >= self.max_bytes
+    }
+
+    /// Take a message in, or carry it over to the next batch if it would
+    /// take this one past `max_batch_events` (or an earlier one was carried
+    /// over: order holds). A message alone always fits an empty batch: a
+    /// `submit_many` part is at most `max_batch_events` events. False on
+    /// `Stop`.
+    fn add(&mut self, msg: Msg) -> bool {
+        let count = match &msg {
+            Msg::One { .. } => 1,
+            Msg::Many { events, .. } => events.len(),
+            Msg::Stop => return false,
+        };
+        if !self.carried.is_empty() || (!self.events.is_empty() && self.events.len() + count > self.max_events) {
+            self.carried.push_back(msg);
+            return true;
+        }
+        match msg {
+            Msg::One { event, held, reply } => {
+                self.bytes += held.bytes() as usize;
+                self.held.merge(held);
+                self.events.push(event);
+                self.waiters.push(Waiter::One(reply));
+            }
+            Msg::Many { events, held, reply } => {
+                self.bytes += held.bytes() as usize;
+                self.held.merge(held);
+                self.waiters.push(Waiter::Many(reply, events.len()));
+                self.events.extend(events);
+            }
+            Msg::Stop => return false,
+        }
+        true
+    }
+
+    /// Take the batch out and start the next one with what was carried
+    /// over.
+    fn take(&mut self) -> (Vec<Event>, Vec<Waiter>, Held) {
+        // Exactly sized: the batch lives until its acknowledgements, and the
+        // lane's buffers keep their capacity for the next one.
+        let out = (
+            self.events.drain(..).collect(),
+            self.waiters.drain(..).collect(),
+            std::mem::replace(&mut self.held, Held::none()),
+        );
+        self.bytes = 0;
+        for msg in std::mem::take(&mut self.carried) {
+            self.add(msg);
+        }
+        out
+    }
+}
+
 /// Hand a collected batch to the durable sink and pass it to the ack stage.
 async fn hand_over(
     publisher: &DualPublisher,
-    events: &mut Vec<Event>,
-    waiters: &mut Vec<Waiter>,
-    held: &mut Held,
+    batch: &mut Collecting,
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
     next: &mpsc::UnboundedSender<InFlight>,
 ) -> bool {
+    let (events, waiters, held) = batch.take();
     if events.is_empty() {
         return true;
     }
-    // Exactly sized: the batch lives until its acknowledgements, and the
-    // lane's buffers keep their capacity for the next one.
-    let batch: Vec<Event> = events.drain(..).collect();
-    let pending = publisher.enqueue_batch(batch).await;
-    let item = InFlight {
-        pending,
-        waiters: waiters.drain(..).collect(),
-        held: std::mem::replace(held, Held::none()),
-        _slot: slot,
-    };
+    let pending = publisher.enqueue_batch(events).await;
+    let item = InFlight { pending, waiters, held, _slot: slot };
     // If the ack stage died (it panicked), dropping the item resolves its
     // callers with WorkerGone and gives the queue share back; the lane ends
     // too, so its sources are refused (LaneDead) from then on.

@@ -687,3 +687,60 @@ async fn a_lane_overlaps_its_batches_up_to_the_in_flight_bound() {
     }
     engine.shutdown().await;
 }
+
+/// `max_batch_events` is a hard bound: a `submit_many` part that would take
+/// the batch a lane is collecting past it starts the next batch instead.
+/// Here the lane lingers (60 s) with five events when a part of ten comes;
+/// the five go at once, the ten next, without waiting for the linger (the
+/// 30 s bound only ends the test if they do wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_many_part_never_takes_a_lingering_batch_past_max_batch_events() {
+    let sink = Arc::new(TwoPhaseSink::default());
+    sink.acks.add_permits(1_000);
+    let publisher = DualPublisher::builder().durable(sink.clone()).mode(Mode::DurableOnly).build().expect("publisher");
+    let config = BatchConfig { lanes: 1, max_batch_events: 10, linger_ms: 60_000, ..BatchConfig::default() };
+    let engine = BatchEngine::new(publisher, config).expect("engine");
+    let five = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.submit_many((0..5).map(|i| event("a", &i.to_string())).collect()).await }
+    });
+    wait_until("the five are accepted", || engine.queued() == 5).await;
+    let ten = engine.submit_many((5..15).map(|i| event("a", &i.to_string())).collect());
+    let ten = tokio::time::timeout(Duration::from_secs(30), ten).await.expect("the full batch went without the linger");
+    let five = five.await.expect("task");
+    assert!(five.iter().chain(&ten).all(Result::is_ok));
+    // (Sorted: a part holds its queue share a moment before it reaches the
+    // lane, so the two could arrive the other way round.)
+    let mut handed = sink.handed.lock().expect("lock").clone();
+    handed.sort_unstable();
+    assert_eq!(handed, vec![5, 10]);
+    engine.shutdown().await;
+}
+
+/// The same while the lane collects behind its in-flight batches: parts of
+/// five and ten come while the one slot is taken; they make two batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_collecting_behind_its_in_flight_batch_keeps_max_batch_events() {
+    let sink = Arc::new(TwoPhaseSink::default());
+    let publisher = DualPublisher::builder().durable(sink.clone()).mode(Mode::DurableOnly).build().expect("publisher");
+    let config = BatchConfig { lanes: 1, max_batch_events: 10, max_in_flight_batches: 1, ..BatchConfig::default() };
+    let engine = BatchEngine::new(publisher, config).expect("engine");
+    let submit = |range: std::ops::Range<usize>| {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.submit_many(range.map(|i| event("a", &i.to_string())).collect()).await })
+    };
+    let mut calls = vec![submit(0..1)];
+    wait_until("the first batch is handed over", || sink.handed.lock().expect("lock").len() == 1).await;
+    calls.push(submit(1..6));
+    calls.push(submit(6..16));
+    wait_until("the parts are accepted", || engine.queued() == 16).await;
+    sink.acks.add_permits(1_000);
+    for c in calls {
+        assert!(c.await.expect("task").iter().all(Result::is_ok));
+    }
+    // (The two parts may reach the lane in either order.)
+    let mut handed = sink.handed.lock().expect("lock").clone();
+    handed[1..].sort_unstable();
+    assert_eq!(handed, vec![1, 5, 10]);
+    engine.shutdown().await;
+}
