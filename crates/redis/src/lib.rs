@@ -38,6 +38,8 @@
 
 mod breaker;
 mod config;
+#[cfg(test)]
+mod live_tests;
 mod notifier;
 #[cfg(test)]
 mod tests;

@@ -12,17 +12,20 @@ use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use dualstream_channel::ChannelNamer;
 use dualstream_core::{Notification, NotifyError, RealtimeNotifier};
 
-use crate::breaker::{Admit, Breaker, BreakerState};
+use crate::breaker::{Admit, Breaker, BreakerState, Ticket};
 use crate::config::{ConfigError, RedisNotifierConfig};
 
-/// Counters of a [`RedisNotifier`], since it was created.
+/// Counters of a [`RedisNotifier`], since it was created. Every
+/// notification of an admitted call is counted once, when the call ends (or
+/// when its caller gives up on it): as published or failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NotifierStats {
     /// Notifications Redis accepted.
     pub published: u64,
     /// Notifications skipped at once because the breaker was open.
     pub skipped: u64,
-    /// Notifications whose call failed or timed out.
+    /// Notifications whose call failed or timed out, or whose caller gave
+    /// up on the call.
     pub failed: u64,
     /// The breaker's state now.
     pub breaker: BreakerState,
@@ -38,12 +41,15 @@ pub struct RedisNotifier {
 struct Inner {
     config: RedisNotifierConfig,
     pool: Pool,
-    /// One multiplexed connection shared by all calls; replaced after a
-    /// connection error (or when the breaker opens). The pool creates it
-    /// (with its timeouts). In cluster mode, one cluster connection (a
-    /// multiplexed connection per node, kept up by redis-rs), replaced only
-    /// when the breaker opens.
-    conn: Mutex<Option<Conn>>,
+    /// One multiplexed connection shared by all calls, with its id;
+    /// replaced after a connection error on it (or when a failure on it
+    /// opens the breaker). The pool creates it (with its timeouts). In
+    /// cluster mode, one cluster connection (a multiplexed connection per
+    /// node, kept up by redis-rs), replaced only when the breaker opens.
+    /// A call drops only the connection it used, never one made since.
+    conn: Mutex<Option<(u64, Conn)>>,
+    /// The id of the next connection made.
+    next_conn: AtomicU64,
     /// The connection being made, if any: every caller waits for the same
     /// attempt, which runs in a task of its own.
     connecting: Mutex<Option<Connecting>>,
@@ -55,6 +61,7 @@ struct Inner {
     warn: Mutex<WarnState>,
 }
 
+#[derive(Default)]
 struct WarnState {
     last: Option<Instant>,
     skipped: u64,
@@ -77,7 +84,7 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
-type Connecting = futures::future::Shared<futures::future::BoxFuture<'static, Result<Conn, String>>>;
+type Connecting = futures::future::Shared<futures::future::BoxFuture<'static, Result<(u64, Conn), String>>>;
 
 /// A batch's commands in cluster mode: one pipeline per hash slot, in the
 /// order the slots first appear. redis-rs refuses a cluster pipeline whose
@@ -137,13 +144,14 @@ impl RedisNotifier {
                 config,
                 pool,
                 conn: Mutex::new(None),
+                next_conn: AtomicU64::new(0),
                 connecting: Mutex::new(None),
                 namer,
                 breaker: Mutex::new(breaker),
                 published: AtomicU64::new(0),
                 skipped: AtomicU64::new(0),
                 failed: AtomicU64::new(0),
-                warn: Mutex::new(WarnState { last: None, skipped: 0, failed: 0 }),
+                warn: Mutex::new(WarnState::default()),
             }),
         })
     }
@@ -179,7 +187,17 @@ impl RedisNotifier {
         }
     }
 
-    async fn connection(&self) -> Result<Conn, NotifyError> {
+    /// Drop the connection `id` if it is still the current one; one made
+    /// since (by another call) stays.
+    fn drop_connection(&self, id: u64) {
+        let mut current = lock(&self.inner.conn);
+        if current.as_ref().is_some_and(|(c, _)| *c == id) {
+            *current = None;
+        }
+    }
+
+    /// The current connection and its id, or the one being made.
+    async fn connection(&self) -> Result<(u64, Conn), NotifyError> {
         use futures::FutureExt;
         if let Some(c) = lock(&self.inner.conn).as_ref() {
             return Ok(c.clone());
@@ -202,6 +220,7 @@ impl RedisNotifier {
                                 Err(e) => Err(e.to_string()),
                             }
                         };
+                        let made = made.map(|conn| (inner.next_conn.fetch_add(1, Ordering::Relaxed), conn));
                         if let Ok(conn) = &made {
                             *lock(&inner.conn) = Some(conn.clone());
                         }
@@ -297,9 +316,93 @@ impl RedisNotifier {
                 cause = %cause,
                 "redis notifications not delivered (real-time path degraded; durable path unaffected)"
             );
-            w.last = Some(now);
-            w.skipped = 0;
-            w.failed = 0;
+            *w = WarnState { last: Some(now), ..WarnState::default() };
+        }
+    }
+}
+
+/// How an admitted call ended, as the counters and the breaker see it.
+enum End<'e> {
+    /// Redis accepted every notification.
+    Delivered,
+    /// Not delivered, or not confirmed in time; `broken`: the connection
+    /// failed. Counts toward the breaker.
+    Failed { cause: &'e dyn std::fmt::Display, broken: bool },
+}
+
+/// One call the breaker admitted. Its outcome is reported exactly once, to
+/// the breaker (with the admission's ticket) and to the counters: when the
+/// call ends, or when it is dropped unfinished because its caller stopped
+/// waiting (the publisher's `notify_timeout_ms` is shorter than a
+/// connection attempt's `connect_timeout_ms`): a failure.
+struct Call<'a> {
+    notifier: &'a RedisNotifier,
+    ticket: Ticket,
+    count: u64,
+    /// The connection the call uses, once it has one: the only one it may
+    /// drop.
+    conn: Option<u64>,
+    done: bool,
+}
+
+impl<'a> Call<'a> {
+    fn new(notifier: &'a RedisNotifier, ticket: Ticket, count: u64) -> Self {
+        Self { notifier, ticket, count, conn: None, done: false }
+    }
+
+    /// The call's commands are about to go out on connection `id`.
+    fn sending(&mut self, id: u64) {
+        self.conn = Some(id);
+    }
+
+    fn finish(mut self, outcome: &Result<(), NotifyError>) {
+        match outcome {
+            Ok(()) => self.end(End::Delivered),
+            Err(e @ NotifyError::Timeout { .. }) => self.end(End::Failed { cause: e, broken: false }),
+            Err(e) => self.end(End::Failed { cause: e, broken: true }),
+        }
+    }
+
+    fn end(&mut self, end: End<'_>) {
+        self.done = true;
+        let inner = &self.notifier.inner;
+        let count = self.count;
+        let (cause, broken) = match end {
+            End::Delivered => {
+                inner.published.fetch_add(count, Ordering::Relaxed);
+                if lock(&inner.breaker).on_success(self.ticket) {
+                    tracing::info!("redis answers again: circuit breaker closed, notifications resume");
+                }
+                return;
+            }
+            End::Failed { cause, broken } => {
+                inner.failed.fetch_add(count, Ordering::Relaxed);
+                self.notifier.warn_rate_limited(0, count, cause);
+                (cause, broken)
+            }
+        };
+        let opened = lock(&inner.breaker).on_failure(self.ticket, Instant::now());
+        // A connection error drops the connection the call used, and so
+        // does the breaker opening (the probe then reconnects); a slow
+        // answer alone keeps it, since the other calls on it may be fine. A
+        // cluster connection is kept up to the breaker opening: redis-rs
+        // reconnects a failed node and follows slots that moved, and the
+        // other nodes are fine.
+        if opened || (broken && !inner.config.is_cluster()) {
+            if let Some(id) = self.conn {
+                self.notifier.drop_connection(id);
+            }
+        }
+        if opened {
+            tracing::warn!(error = %cause, "redis failing: circuit breaker open, skipping notifications");
+        }
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.end(End::Failed { cause: &"the caller stopped waiting", broken: false });
         }
     }
 }
@@ -316,8 +419,8 @@ impl RealtimeNotifier for RedisNotifier {
         }
         let count = notifications.len() as u64;
         let admit = lock(&self.inner.breaker).admit(Instant::now());
-        let ticket = match admit {
-            Admit::Yes(ticket) | Admit::Probe(ticket) => ticket,
+        let mut call = match admit {
+            Admit::Yes(ticket) | Admit::Probe(ticket) => Call::new(self, ticket, count),
             Admit::No => {
                 self.inner.skipped.fetch_add(count, Ordering::Relaxed);
                 self.warn_rate_limited(count, 0, &"circuit breaker open");
@@ -326,55 +429,36 @@ impl RealtimeNotifier for RedisNotifier {
         };
         // Waiting for a connection being made is bounded by
         // connect_timeout_ms, apart from the call's own bound: a far-away
-        // Redis takes several round trips to connect.
+        // Redis takes several round trips to connect. A caller that stops
+        // waiting earlier drops `call`, which reports it.
         let outcome = match self.connection().await {
-            Ok(conn) => self.send(conn, notifications).await,
+            Ok((id, conn)) => {
+                call.sending(id);
+                self.send(conn, notifications).await
+            }
             Err(e) => Err(e),
         };
-        match outcome {
-            Ok(()) => {
-                self.inner.published.fetch_add(count, Ordering::Relaxed);
-                if lock(&self.inner.breaker).on_success(ticket) {
-                    tracing::info!("redis answers again: circuit breaker closed, notifications resume");
-                }
-                Ok(())
-            }
-            Err(e) => {
-                self.inner.failed.fetch_add(count, Ordering::Relaxed);
-                let opened = lock(&self.inner.breaker).on_failure(ticket, Instant::now());
-                // A connection error drops the shared connection, and so
-                // does the breaker opening (the probe then reconnects); a
-                // slow answer alone keeps it, since the other calls on it
-                // may be fine. A cluster connection is kept up to the
-                // breaker opening: redis-rs reconnects a failed node and
-                // follows slots that moved, and the other nodes are fine.
-                let cluster = self.inner.config.is_cluster();
-                if opened || (!cluster && !matches!(e, NotifyError::Timeout { .. })) {
-                    lock(&self.inner.conn).take();
-                }
-                if opened {
-                    tracing::warn!(error = %e, "redis failing: circuit breaker open, skipping notifications");
-                }
-                self.warn_rate_limited(0, count, &e);
-                Err(e)
-            }
-        }
+        call.finish(&outcome);
+        outcome
     }
 
     async fn health_check(&self) -> Result<(), NotifyError> {
         let timeout = self.inner.config.timeout();
         // In cluster mode redis-rs sends PING to every master.
         let ping = async {
-            let pinged = match self.connection().await? {
+            let (id, conn) = self.connection().await.map_err(|e| (None, e))?;
+            let pinged = match conn {
                 Conn::Single(mut conn) => redis::cmd("PING").query_async::<String>(&mut conn).await,
                 Conn::Cluster(mut conn) => redis::cmd("PING").query_async::<String>(&mut conn).await,
             };
-            pinged.map_err(|e| NotifyError::Connection(e.to_string()))
+            pinged.map_err(|e| (Some(id), NotifyError::Connection(e.to_string())))
         };
         match tokio::time::timeout(timeout, ping).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => {
-                lock(&self.inner.conn).take();
+            Ok(Err((id, e))) => {
+                if let Some(id) = id {
+                    self.drop_connection(id);
+                }
                 Err(e)
             }
             Err(_) => Err(NotifyError::Timeout { after: timeout }),
