@@ -14,13 +14,11 @@
 //! if the stage dies); if the notification stage is gone, callers are
 //! resolved here without notifications rather than left waiting.
 
-use std::sync::Arc;
-
 use dualstream_publisher::{DualPublisher, NotificationOutcome, PendingStore};
 use tokio::sync::mpsc;
 
-use crate::budget::{Budget, Held};
-use crate::engine::{resolve, Waiter, QUEUE_DEPTH};
+use crate::budget::Held;
+use crate::engine::{resolve, Waiter};
 use crate::notify::Stored;
 
 /// A batch handed to the durable sink, on its way through the lane's stages.
@@ -39,12 +37,11 @@ pub(crate) async fn ack_stage(
     mut rx: mpsc::UnboundedReceiver<InFlight>,
     notify: Option<mpsc::UnboundedSender<Stored>>,
     publisher: DualPublisher,
-    budget: Arc<Budget>,
 ) {
     while let Some(InFlight { pending, waiters, held, _slot }) = rx.recv().await {
         let mut batch = pending.stored().await;
+        // Also lowers the engine's queue gauge.
         drop((held, _slot));
-        metrics::gauge!(QUEUE_DEPTH).set(budget.used().0 as f64);
         match &notify {
             Some(tx) => {
                 if let Err(mpsc::error::SendError(stored)) = tx.send(Stored { batch, waiters }) {

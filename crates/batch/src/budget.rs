@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use metrics::Gauge;
 use tokio::sync::Semaphore;
 
 /// `used` keeps events in the high 32 bits, bytes in the low 32 bits, for
@@ -37,18 +38,23 @@ pub(crate) struct Budget {
     /// What is reserved now (the semaphores' free permits also leave out
     /// what a waiter has been granted so far).
     used: AtomicU64,
+    /// The engine's `dualstream_batch_queue_depth`: raised and lowered by
+    /// each reservation's events, never set, so concurrent updates add up
+    /// instead of the last one winning.
+    depth: Gauge,
 }
 
 impl Budget {
     /// `max_events` and `max_bytes` are validated to fit a semaphore and a
     /// `u32` (`BatchConfig::validate`).
-    pub(crate) fn new(max_events: u64, max_bytes: u64) -> Self {
+    pub(crate) fn new(max_events: u64, max_bytes: u64, depth: Gauge) -> Self {
         Self {
             events: Semaphore::new(max_events as usize),
             bytes: Semaphore::new(max_bytes as usize),
             max_events,
             max_bytes,
             used: AtomicU64::new(0),
+            depth,
         }
     }
 
@@ -67,6 +73,8 @@ impl Budget {
     }
 
     fn held(self: &Arc<Self>, events: u64, bytes: u64) -> Held {
+        // The gauge first: once `used` shows a reservation, so does it.
+        self.depth.increment(events as f64);
         self.used.fetch_add(pack(events, bytes), Ordering::AcqRel);
         Held { budget: Some(self.clone()), events, bytes }
     }
@@ -102,6 +110,7 @@ impl Budget {
 
     fn release(&self, events: u64, bytes: u64) {
         self.used.fetch_sub(pack(events, bytes), Ordering::AcqRel);
+        self.depth.decrement(events as f64);
         // Both bounded by the maxima the semaphores were created with.
         self.events.add_permits(events as usize);
         self.bytes.add_permits(bytes as usize);
@@ -158,9 +167,13 @@ impl Drop for Held {
 mod tests {
     use super::*;
 
+    fn budget(max_events: u64, max_bytes: u64) -> Arc<Budget> {
+        Arc::new(Budget::new(max_events, max_bytes, Gauge::noop()))
+    }
+
     #[test]
     fn reservations_stay_within_both_bounds_and_come_back_on_drop() {
-        let b = Arc::new(Budget::new(3, 100));
+        let b = budget(3, 100);
         let a = b.try_take(2, 60).expect("room");
         assert!(b.try_take(1, 41).is_none(), "bytes bound");
         let c = b.try_take(1, 40).expect("room");
@@ -174,7 +187,7 @@ mod tests {
 
     #[test]
     fn merged_and_split_shares_release_exactly_once() {
-        let b = Arc::new(Budget::new(10, 1000));
+        let b = budget(10, 1000);
         let mut all = Held::none();
         for _ in 0..4 {
             all.merge(b.try_take(1, 10).expect("room"));
@@ -189,7 +202,7 @@ mod tests {
 
     #[test]
     fn the_largest_bounds_do_not_carry_between_halves() {
-        let b = Arc::new(Budget::new(1 << 30, u32::MAX as u64));
+        let b = budget(1 << 30, u32::MAX as u64);
         let h = b.try_take(1 << 30, u32::MAX as u64).expect("room");
         assert_eq!(b.used(), (1 << 30, u32::MAX as u64));
         drop(h);
@@ -198,7 +211,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_waiting_reservation_gets_room_when_it_is_given_back() {
-        let b = Arc::new(Budget::new(1, 10));
+        let b = budget(1, 10);
         let first = b.try_take(1, 10).expect("room");
         let waiter = tokio::spawn({
             let b = b.clone();
@@ -219,7 +232,7 @@ mod tests {
     /// waiters' 10 s).
     #[tokio::test(start_paused = true)]
     async fn one_release_lets_in_every_waiter_that_fits() {
-        let b = Arc::new(Budget::new(10, 1000));
+        let b = budget(10, 1000);
         let all = b.try_take(10, 10).expect("room");
         let waiters: Vec<_> = (0..10)
             .map(|_| {
@@ -241,7 +254,7 @@ mod tests {
     /// run out. The outer bound of 100 ms is a point on the paused clock.
     #[tokio::test(start_paused = true)]
     async fn a_waiter_woken_without_room_still_gets_the_room_of_the_next_release() {
-        let b = Arc::new(Budget::new(10, 100));
+        let b = budget(10, 100);
         let h1 = b.try_take(1, 30).expect("room");
         let h2 = b.try_take(1, 40).expect("room");
         let h3 = b.try_take(1, 30).expect("room");
@@ -283,7 +296,7 @@ mod tests {
     /// room, and the bounds hold throughout.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn waiters_of_mixed_sizes_all_get_room_while_shares_come_back_concurrently() {
-        let b = Arc::new(Budget::new(8, 1000));
+        let b = budget(8, 1000);
         let tasks: Vec<_> = (0..16u64)
             .map(|t| {
                 let b = b.clone();
@@ -317,7 +330,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_release_racing_a_new_waiter_is_never_missed() {
         for round in 0..20_000u32 {
-            let b = Arc::new(Budget::new(1, 10));
+            let b = budget(1, 10);
             let held = b.try_take(1, 10).expect("room");
             let waiter = tokio::spawn({
                 let b = b.clone();
@@ -340,7 +353,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_reservation_that_finds_no_room_gives_up_after_its_wait() {
-        let b = Arc::new(Budget::new(1, 10));
+        let b = budget(1, 10);
         let _held = b.try_take(1, 10).expect("room");
         assert!(b.take(1, 1, Duration::from_millis(100)).await.is_none());
         assert!(b.take(2, 1, Duration::from_secs(1)).await.is_none(), "can never fit");

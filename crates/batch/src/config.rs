@@ -6,6 +6,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BatchConfig {
+    /// The engine's name, the `engine` label of its metrics
+    /// (`dualstream_batch_queue_depth`), so that several engines in one
+    /// process are told apart. 1 to 64 ASCII letters, digits, `-`, `_` or
+    /// `.`. Engines of the same name add up on one gauge. Default:
+    /// `default`.
+    pub name: String,
     /// Most events in one batch, a hard bound: what would take a batch past
     /// it (one event, or one lane's part of a `submit_many` chunk, which
     /// is never larger than this) starts the next batch. Default: 10,000
@@ -53,6 +59,7 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
+            name: "default".to_owned(),
             max_batch_events: 10_000,
             max_batch_bytes: 8 * 1024 * 1024,
             linger_ms: 0,
@@ -90,6 +97,20 @@ fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), Conf
     Ok(())
 }
 
+/// Longest engine name, in bytes.
+const MAX_NAME: usize = 64;
+
+fn validate_name(name: &str) -> Result<(), ConfigError> {
+    let invalid = |reason: String| Err(ConfigError::Invalid { field: "name", reason });
+    if name.is_empty() || name.len() > MAX_NAME {
+        return invalid(format!("{} bytes long; it must be 1..={MAX_NAME}", name.len()));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        return invalid(format!("{c:?} is not an ASCII letter, digit, '-', '_' or '.'"));
+    }
+    Ok(())
+}
+
 impl BatchConfig {
     pub(crate) fn linger(&self) -> Duration {
         Duration::from_millis(self.linger_ms)
@@ -101,6 +122,7 @@ impl BatchConfig {
 
     /// Check every field.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_name(&self.name)?;
         range("max_batch_events", self.max_batch_events as u64, 1, 1_000_000)?;
         range("max_batch_bytes", self.max_batch_bytes as u64, 1, 1 << 32)?;
         range("linger_ms", self.linger_ms, 0, 60_000)?;

@@ -31,8 +31,9 @@ use crate::config::{BatchConfig, ConfigError};
 use crate::lane::{lane, Msg};
 use crate::notify::{notify_stage, Stored};
 
-/// Gauge: events accepted by the engine and not yet resolved.
-pub(crate) const QUEUE_DEPTH: &str = "dualstream_batch_queue_depth";
+/// Gauge, labelled `engine` (`BatchConfig::name`): events accepted by the
+/// engine and not yet acknowledged by the durable sink (or failed).
+const QUEUE_DEPTH: &str = "dualstream_batch_queue_depth";
 
 /// Why a submitted event has no receipt.
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +146,9 @@ impl BatchEngine {
     pub fn new(publisher: DualPublisher, config: BatchConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         let rt = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
-        let budget = Arc::new(Budget::new(config.max_queued_events as u64, config.max_queued_bytes as u64));
+        // A handle of the engine's own: install the metrics recorder first.
+        let depth = metrics::gauge!(QUEUE_DEPTH, "engine" => config.name.clone());
+        let budget = Arc::new(Budget::new(config.max_queued_events as u64, config.max_queued_bytes as u64, depth));
         let mut lanes = Vec::with_capacity(config.lanes);
         let mut workers = Vec::with_capacity(config.lanes + 1);
         // One notification stage for the engine: the lanes' notifications
@@ -162,7 +165,7 @@ impl BatchEngine {
         for _ in 0..config.lanes {
             let (tx, rx) = mpsc::unbounded_channel();
             lanes.push(tx);
-            workers.push(rt.spawn(lane(rx, publisher.clone(), config.clone(), budget.clone(), notify_tx.clone())));
+            workers.push(rt.spawn(lane(rx, publisher.clone(), config.clone(), notify_tx.clone())));
         }
         drop(notify_tx);
         workers.extend(notify_stage);
@@ -255,7 +258,6 @@ impl BatchEngine {
                 _ => Err(BatchError::WorkerGone),
             };
         }
-        metrics::gauge!(QUEUE_DEPTH).set(self.queued() as f64);
         match rx.await {
             Ok(result) => result,
             Err(_) => {
@@ -336,7 +338,6 @@ impl BatchEngine {
             // A refusal here has already resolved every event of the chunk.
             let _ = self.dispatch(&mut chunk, &mut pending, &mut out).await;
         }
-        metrics::gauge!(QUEUE_DEPTH).set(self.queued() as f64);
         for (lane, indices, rx) in pending {
             // A worker that died leaves its slots empty: WorkerGone below.
             match rx.await {

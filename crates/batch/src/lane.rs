@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::ack::{ack_stage, InFlight};
-use crate::budget::{Budget, Held};
+use crate::budget::Held;
 use crate::config::BatchConfig;
 use crate::engine::{BatchError, Results, Waiter};
 use crate::notify::Stored;
@@ -63,11 +63,10 @@ pub(crate) async fn lane(
     mut rx: mpsc::UnboundedReceiver<Msg>,
     publisher: DualPublisher,
     config: BatchConfig,
-    budget: Arc<Budget>,
     notify: Option<mpsc::UnboundedSender<Stored>>,
 ) {
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<InFlight>();
-    let acks = tokio::spawn(ack_stage(ack_rx, notify, publisher.clone(), budget));
+    let acks = tokio::spawn(ack_stage(ack_rx, notify, publisher.clone()));
     // Batches of this lane handed over and not yet acknowledged.
     let slots = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight_batches));
     let mut batch = Collecting::new(&config);

@@ -219,8 +219,13 @@ async fn a_dead_worker_resolves_its_callers_instead_of_leaving_them_hanging() {
 async fn config_is_validated() {
     let sink = Arc::new(TestSink::default());
     let publisher = DualPublisher::builder().durable(sink).mode(Mode::DurableOnly).build().expect("publisher");
-    let err = BatchEngine::new(publisher, BatchConfig { lanes: 0, ..BatchConfig::default() }).unwrap_err();
+    let err = BatchEngine::new(publisher, BatchConfig { lanes: 0, ..BatchConfig::default() }).expect_err("lanes");
     assert!(matches!(err, ConfigError::Invalid { field: "lanes", .. }));
+    for name in ["", "a b", "ingest\n", &"x".repeat(65)] {
+        let err = BatchConfig { name: name.to_owned(), ..BatchConfig::default() }.validate().expect_err(name);
+        assert!(matches!(err, ConfigError::Invalid { field: "name", .. }), "{err}");
+    }
+    BatchConfig { name: "ingest-1.eu_west".to_owned(), ..BatchConfig::default() }.validate().expect("a good name");
 }
 
 /// A notifier whose first batch waits until the durable sink has received a
