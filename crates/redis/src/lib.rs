@@ -16,8 +16,8 @@
 //!   `SPUBLISH` to the master serving each channel's slot; a batch goes as
 //!   one pipeline per slot (redis-rs refuses a cluster pipeline across
 //!   slots), so each channel keeps its order.
-//! - Counters ([`RedisNotifier::stats`]): published, skipped, failed, and the
-//!   breaker state.
+//! - Counters ([`RedisNotifier::stats`]): published, skipped, failed, timed
+//!   out (sent, no answer in time: outcome unknown), and the breaker state.
 //!
 //! ```no_run
 //! use dualstream_core::{Event, Notification, Position, RealtimeNotifier};

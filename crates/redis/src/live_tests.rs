@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use deadpool_redis::redis::{self, aio::MultiplexedConnection};
 use dualstream_core::{Event, Notification, NotifyError, Position, RealtimeNotifier};
+use futures::StreamExt;
 
 use crate::{BreakerConfig, BreakerState, RedisNotifier, RedisNotifierConfig};
 
@@ -171,7 +172,7 @@ async fn until_delivered(notifier: &RedisNotifier, n: &Notification) {
 /// `notify_timeout_ms` (250 ms), before a connection attempt to a hung
 /// Redis ends (`connect_timeout_ms`, 1 s). Each call given up on still
 /// counts toward the breaker, so three of them open it, as three failures
-/// do.
+/// do; nothing was sent, so they are failed, not timed out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_given_up_on_during_a_hung_reconnect_open_the_breaker() {
     let dir = Dir::new();
@@ -187,7 +188,7 @@ async fn calls_given_up_on_during_a_hung_reconnect_open_the_breaker() {
     }
     let stats = notifier.stats();
     assert_eq!(stats.breaker, BreakerState::Open, "{stats:?}");
-    assert_eq!((stats.failed, stats.published), (3, 0), "{stats:?}");
+    assert_eq!((stats.failed, stats.timed_out, stats.published), (3, 0, 0), "{stats:?}");
     assert!(matches!(notifier.notify(&n).await, Err(NotifyError::CircuitOpen)), "skipped at once now");
 }
 
@@ -204,7 +205,7 @@ async fn a_call_given_up_while_connecting_counts_and_keeps_the_connection_made_m
     let made = connections_received(&mut admin).await;
     drop(waiting);
     let stats = notifier.stats();
-    assert_eq!((stats.failed, stats.published), (1, 0), "{stats:?}");
+    assert_eq!((stats.failed, stats.timed_out, stats.published), (1, 0, 0), "nothing was sent: {stats:?}");
     assert_eq!(stats.breaker, BreakerState::Open, "counted by the breaker (threshold 1)");
     until_delivered(&notifier, &n).await;
     assert_eq!(connections_received(&mut admin).await, made, "the probe used the connection made meanwhile");
@@ -233,4 +234,70 @@ async fn a_failed_call_drops_its_own_connection_not_one_made_since() {
     assert!(matches!(late, Err(NotifyError::Connection(_))), "the answer went with X: {late:?}");
     notifier.notify(&n).await.expect("delivered");
     assert_eq!(connections_received(&mut admin).await, made, "Y was kept");
+}
+
+/// Redis paused (CLIENT PAUSE WRITE holds every PUBLISH) past the call's
+/// bound: the call ends with `Timeout` at its own bound (700 ms, above
+/// redis-rs's default response timeout of 500 ms, which must not cut it as
+/// an error), and is counted as timed out, not failed. Redis delivers the
+/// notification once it resumes.
+#[tokio::test]
+async fn a_timeout_is_outcome_unknown_and_redis_may_deliver_it() {
+    let redis = OwnRedis::start();
+    let mut admin = redis.admin().await;
+    let notifier = RedisNotifier::new(RedisNotifierConfig {
+        url: redis.url(),
+        timeout_ms: 700,
+        timeout_per_notification_us: 0,
+        ..RedisNotifierConfig::default()
+    })
+    .expect("notifier");
+    let n = notification("c1", 1);
+    let channel = notifier.namer().channel("customer", "c1").expect("channel");
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut subscriber = client.get_async_pubsub().await.expect("subscriber");
+    subscriber.subscribe(&channel).await.expect("subscribed");
+    notifier.notify(&notification("c1", 0)).await.expect("connected");
+
+    pause(&mut admin).await;
+    let r = notifier.notify(&n).await;
+    assert!(matches!(r, Err(NotifyError::Timeout { after }) if after == Duration::from_millis(700)), "{r:?}");
+    unpause(&mut admin).await;
+
+    let mut messages = subscriber.on_message();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let m = tokio::time::timeout(Duration::from_secs(5), messages.next()).await.expect("a message").expect("open");
+        got.push(Notification::from_json(m.get_payload_bytes()).expect("notification JSON"));
+    }
+    assert_eq!(got[1], n, "Redis delivered the notification the call timed out on");
+    let stats = notifier.stats();
+    assert_eq!((stats.published, stats.failed, stats.timed_out), (1, 0, 1), "{stats:?}");
+    assert_eq!(stats.breaker, BreakerState::Closed, "one timeout of three");
+}
+
+/// A call given up on after it was sent counts toward the breaker when
+/// Redis answered nothing meanwhile (so a hung Redis opens it), and not
+/// when Redis answered another call while it waited (Redis is up; the call
+/// waited behind work). Either way it is counted as timed out.
+#[tokio::test]
+async fn a_timeout_counts_toward_the_breaker_unless_redis_answered_meanwhile() {
+    let (_redis, _admin, notifier) = own_redis(1).await;
+    notifier.notify(&notification("c1", 0)).await.expect("connected");
+
+    let (n1, n3) = (notification("c1", 1), notification("c1", 3));
+    let mut slow = notifier.notify(&n1);
+    assert!(futures::poll!(&mut slow).is_pending(), "sent, waiting for the answer");
+    notifier.notify(&notification("c1", 2)).await.expect("Redis answers another call meanwhile");
+    drop(slow);
+    let stats = notifier.stats();
+    assert_eq!((stats.published, stats.failed, stats.timed_out), (2, 0, 1), "{stats:?}");
+    assert_eq!(stats.breaker, BreakerState::Closed, "Redis answered meanwhile: not counted");
+
+    let mut unanswered = notifier.notify(&n3);
+    assert!(futures::poll!(&mut unanswered).is_pending(), "sent, waiting for the answer");
+    drop(unanswered);
+    let stats = notifier.stats();
+    assert_eq!((stats.published, stats.failed, stats.timed_out), (2, 0, 2), "{stats:?}");
+    assert_eq!(stats.breaker, BreakerState::Open, "no answer meanwhile: counted (threshold 1)");
 }

@@ -17,16 +17,24 @@ use crate::config::{ConfigError, RedisNotifierConfig};
 
 /// Counters of a [`RedisNotifier`], since it was created. Every
 /// notification of an admitted call is counted once, when the call ends (or
-/// when its caller gives up on it): as published or failed.
+/// when its caller gives up on it): as published, failed or timed out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NotifierStats {
     /// Notifications Redis accepted.
     pub published: u64,
     /// Notifications skipped at once because the breaker was open.
     pub skipped: u64,
-    /// Notifications whose call failed or timed out, or whose caller gave
-    /// up on the call.
+    /// Notifications not delivered, or not all of them: a connection
+    /// error, an error answer, no connection within `connect_timeout_ms`,
+    /// or a caller that gave up before the call had a connection (nothing
+    /// was sent).
     pub failed: u64,
+    /// Notifications sent whose answer did not come within the call's
+    /// bound (`timeout_ms` plus the per-notification allowance, or the
+    /// caller's own bound, whichever ended first): the outcome is unknown,
+    /// Redis may well have delivered them (on a busy machine it usually
+    /// has).
+    pub timed_out: u64,
     /// The breaker's state now.
     pub breaker: BreakerState,
 }
@@ -58,6 +66,10 @@ struct Inner {
     published: AtomicU64,
     skipped: AtomicU64,
     failed: AtomicU64,
+    timed_out: AtomicU64,
+    /// Calls Redis answered: a call that timed out while this moved was
+    /// waiting behind work Redis was doing, not on a hung Redis.
+    answered: AtomicU64,
     warn: Mutex<WarnState>,
 }
 
@@ -66,6 +78,7 @@ struct WarnState {
     last: Option<Instant>,
     skipped: u64,
     failed: u64,
+    timed_out: u64,
 }
 
 impl std::fmt::Debug for RedisNotifier {
@@ -151,6 +164,8 @@ impl RedisNotifier {
                 published: AtomicU64::new(0),
                 skipped: AtomicU64::new(0),
                 failed: AtomicU64::new(0),
+                timed_out: AtomicU64::new(0),
+                answered: AtomicU64::new(0),
                 warn: Mutex::new(WarnState::default()),
             }),
         })
@@ -183,6 +198,7 @@ impl RedisNotifier {
             published: self.inner.published.load(Ordering::Relaxed),
             skipped: self.inner.skipped.load(Ordering::Relaxed),
             failed: self.inner.failed.load(Ordering::Relaxed),
+            timed_out: self.inner.timed_out.load(Ordering::Relaxed),
             breaker: lock(&self.inner.breaker).state(),
         }
     }
@@ -279,13 +295,20 @@ impl RedisNotifier {
     /// mode the slots' pipelines go out together (redis-rs sends each to
     /// its slot's master); the call fails if any of them fails, as a
     /// single pipeline fails as a whole (the others may have been
-    /// delivered).
+    /// delivered). An answer that does not come in time, by this bound or
+    /// redis-rs's own response timeout, is [`NotifyError::Timeout`].
     async fn send(&self, conn: Conn, notifications: &[Notification]) -> Result<(), NotifyError> {
         let timeout = self.inner.config.timeout()
             + Duration::from_micros(self.inner.config.timeout_per_notification_us.saturating_mul(notifications.len() as u64));
         let call = async {
             match conn {
-                Conn::Single(mut conn) => self.pipeline(notifications).query_async::<()>(&mut conn).await,
+                Conn::Single(mut conn) => {
+                    // This call's own handle: redis-rs would otherwise cut
+                    // the answer at its default 500 ms, as an error, however
+                    // long the call's bound is.
+                    conn.set_response_timeout(timeout);
+                    self.pipeline(notifications).query_async::<()>(&mut conn).await
+                }
                 Conn::Cluster(conn) => {
                     let pipes = self.slot_pipelines(notifications);
                     let calls = pipes.iter().map(|pipe| {
@@ -295,7 +318,7 @@ impl RedisNotifier {
                     futures::future::join_all(calls).await.into_iter().collect::<Result<(), _>>()
                 }
             }
-            .map_err(|e| NotifyError::Connection(e.to_string()))
+            .map_err(|e| if e.is_timeout() { NotifyError::Timeout { after: timeout } } else { NotifyError::Connection(e.to_string()) })
         };
         match tokio::time::timeout(timeout, call).await {
             Ok(r) => r,
@@ -303,18 +326,23 @@ impl RedisNotifier {
         }
     }
 
-    fn warn_rate_limited(&self, skipped: u64, failed: u64, cause: &dyn std::fmt::Display) {
+    /// Count notifications skipped, failed or timed out for the next
+    /// warning, and warn at most once per `warn_interval_ms`.
+    fn warn_rate_limited(&self, add: [u64; 3], cause: &dyn std::fmt::Display) {
         let mut w = lock(&self.inner.warn);
+        let [skipped, failed, timed_out] = add;
         w.skipped += skipped;
         w.failed += failed;
+        w.timed_out += timed_out;
         let interval = Duration::from_millis(self.inner.config.warn_interval_ms);
         let now = Instant::now();
         if w.last.is_none_or(|t| now.duration_since(t) >= interval) {
             tracing::warn!(
                 skipped = w.skipped,
                 failed = w.failed,
+                timed_out = w.timed_out,
                 cause = %cause,
-                "redis notifications not delivered (real-time path degraded; durable path unaffected)"
+                "redis notifications not delivered or not confirmed (real-time path degraded; durable path unaffected)"
             );
             *w = WarnState { last: Some(now), ..WarnState::default() };
         }
@@ -325,44 +353,64 @@ impl RedisNotifier {
 enum End<'e> {
     /// Redis accepted every notification.
     Delivered,
-    /// Not delivered, or not confirmed in time; `broken`: the connection
-    /// failed. Counts toward the breaker.
+    /// Not delivered, or not all: an error (`broken`: the connection
+    /// failed), or no connection in time. Counts toward the breaker.
     Failed { cause: &'e dyn std::fmt::Display, broken: bool },
+    /// Sent, with no answer within the call's bound or before the caller
+    /// gave up: Redis may have delivered them. Counts toward the breaker
+    /// unless Redis answered other calls meanwhile (see [`Call::end`]).
+    Unknown { cause: &'e dyn std::fmt::Display },
 }
 
 /// One call the breaker admitted. Its outcome is reported exactly once, to
 /// the breaker (with the admission's ticket) and to the counters: when the
 /// call ends, or when it is dropped unfinished because its caller stopped
 /// waiting (the publisher's `notify_timeout_ms` is shorter than a
-/// connection attempt's `connect_timeout_ms`): a failure.
+/// connection attempt's `connect_timeout_ms`). A call given up on is a
+/// failure when nothing was sent yet, and a timeout once its commands went
+/// to Redis.
 struct Call<'a> {
     notifier: &'a RedisNotifier,
     ticket: Ticket,
+    probe: bool,
     count: u64,
     /// The connection the call uses, once it has one: the only one it may
     /// drop.
     conn: Option<u64>,
+    /// `answered` when the commands were handed to the connection; `None`
+    /// before.
+    sent: Option<u64>,
     done: bool,
 }
 
 impl<'a> Call<'a> {
-    fn new(notifier: &'a RedisNotifier, ticket: Ticket, count: u64) -> Self {
-        Self { notifier, ticket, count, conn: None, done: false }
+    fn new(notifier: &'a RedisNotifier, ticket: Ticket, probe: bool, count: u64) -> Self {
+        Self { notifier, ticket, probe, count, conn: None, sent: None, done: false }
     }
 
     /// The call's commands are about to go out on connection `id`.
     fn sending(&mut self, id: u64) {
         self.conn = Some(id);
+        self.sent = Some(self.notifier.inner.answered.load(Ordering::Relaxed));
     }
 
     fn finish(mut self, outcome: &Result<(), NotifyError>) {
         match outcome {
             Ok(()) => self.end(End::Delivered),
-            Err(e @ NotifyError::Timeout { .. }) => self.end(End::Failed { cause: e, broken: false }),
+            Err(e @ NotifyError::Timeout { .. }) => self.end(End::Unknown { cause: e }),
             Err(e) => self.end(End::Failed { cause: e, broken: true }),
         }
     }
 
+    /// Report the outcome. A timeout counts toward the breaker: a hung
+    /// Redis (stopped, or behind a dead network path) shows as nothing
+    /// else, and the breaker is what spares every later caller the full
+    /// bound. Except when Redis answered other calls while this one waited
+    /// (one Redis, not a probe): then Redis is up and the call waited
+    /// behind work, its own large pipeline or a busy machine, and counting
+    /// it would open the breaker on a healthy Redis. On a cluster a timeout
+    /// always counts: answers from the other masters say nothing about the
+    /// one that did not answer.
     fn end(&mut self, end: End<'_>) {
         self.done = true;
         let inner = &self.notifier.inner;
@@ -370,6 +418,7 @@ impl<'a> Call<'a> {
         let (cause, broken) = match end {
             End::Delivered => {
                 inner.published.fetch_add(count, Ordering::Relaxed);
+                inner.answered.fetch_add(1, Ordering::Relaxed);
                 if lock(&inner.breaker).on_success(self.ticket) {
                     tracing::info!("redis answers again: circuit breaker closed, notifications resume");
                 }
@@ -377,8 +426,17 @@ impl<'a> Call<'a> {
             }
             End::Failed { cause, broken } => {
                 inner.failed.fetch_add(count, Ordering::Relaxed);
-                self.notifier.warn_rate_limited(0, count, cause);
+                self.notifier.warn_rate_limited([0, count, 0], cause);
                 (cause, broken)
+            }
+            End::Unknown { cause } => {
+                inner.timed_out.fetch_add(count, Ordering::Relaxed);
+                self.notifier.warn_rate_limited([0, 0, count], cause);
+                let answered_meanwhile = self.sent.is_some_and(|at| inner.answered.load(Ordering::Relaxed) != at);
+                if answered_meanwhile && !self.probe && !inner.config.is_cluster() {
+                    return;
+                }
+                (cause, false)
             }
         };
         let opened = lock(&inner.breaker).on_failure(self.ticket, Instant::now());
@@ -401,8 +459,13 @@ impl<'a> Call<'a> {
 
 impl Drop for Call<'_> {
     fn drop(&mut self) {
-        if !self.done {
-            self.end(End::Failed { cause: &"the caller stopped waiting", broken: false });
+        if self.done {
+            return;
+        }
+        if self.sent.is_some() {
+            self.end(End::Unknown { cause: &"the caller stopped waiting for the answer" });
+        } else {
+            self.end(End::Failed { cause: &"the caller stopped waiting for a connection", broken: false });
         }
     }
 }
@@ -420,10 +483,11 @@ impl RealtimeNotifier for RedisNotifier {
         let count = notifications.len() as u64;
         let admit = lock(&self.inner.breaker).admit(Instant::now());
         let mut call = match admit {
-            Admit::Yes(ticket) | Admit::Probe(ticket) => Call::new(self, ticket, count),
+            Admit::Yes(ticket) => Call::new(self, ticket, false, count),
+            Admit::Probe(ticket) => Call::new(self, ticket, true, count),
             Admit::No => {
                 self.inner.skipped.fetch_add(count, Ordering::Relaxed);
-                self.warn_rate_limited(count, 0, &"circuit breaker open");
+                self.warn_rate_limited([count, 0, 0], &"circuit breaker open");
                 return Err(NotifyError::CircuitOpen);
             }
         };
