@@ -61,8 +61,9 @@ pub mod metric_names {
     pub const PUBLISHED: &str = "dualstream_published_total";
     /// Counter: events the durable sink failed to store.
     pub const FAILED: &str = "dualstream_publish_failed_total";
-    /// Counter with label `outcome` (`sent`, `queued`, `skipped`, `failed`):
-    /// notifications.
+    /// Counter with label `outcome` (`sent`, `queued`, `skipped`, `failed`,
+    /// `timed_out`): notifications. `timed_out` ones were not confirmed in
+    /// time and may have been delivered.
     pub const NOTIFICATIONS: &str = "dualstream_notifications_total";
     /// Histogram, seconds: from `publish` to the durable acknowledgement.
     pub const PUBLISH_SECONDS: &str = "dualstream_publish_duration_seconds";

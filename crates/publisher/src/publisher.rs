@@ -24,8 +24,14 @@ pub enum NotificationOutcome {
     /// Not sent: the notifier's breaker was open, or the high-volume queue
     /// was full.
     Skipped,
-    /// The notifier failed or did not answer in time.
+    /// The notifier failed: not delivered, or not all of it.
     Failed,
+    /// Not confirmed in time: the notifier's own timeout, or the
+    /// publisher's bound (`notify_timeout_ms`, or `pipeline_timeout_ms` for
+    /// a background pipeline), ended first. The outcome is unknown: the
+    /// notification may well have been delivered (on a busy machine it
+    /// usually has).
+    TimedOut,
     /// The mode sends no notifications.
     Disabled,
 }
@@ -180,6 +186,7 @@ fn record_outcome(outcome: NotificationOutcome, count: u64) {
         NotificationOutcome::Queued => "queued",
         NotificationOutcome::Skipped => "skipped",
         NotificationOutcome::Failed => "failed",
+        NotificationOutcome::TimedOut => "timed_out",
         NotificationOutcome::Disabled => return,
     };
     metrics::counter!(m::NOTIFICATIONS, "outcome" => label).increment(count);
@@ -201,13 +208,17 @@ async fn notify_bounded(
     let outcome = match tokio::time::timeout(bound, call).await {
         Ok(Ok(())) => NotificationOutcome::Sent,
         Ok(Err(NotifyError::CircuitOpen)) => NotificationOutcome::Skipped,
+        Ok(Err(e @ NotifyError::Timeout { .. })) => {
+            tracing::debug!(error = %e, count = batch.len(), "notification not confirmed in time");
+            NotificationOutcome::TimedOut
+        }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, count = batch.len(), "notification failed");
             NotificationOutcome::Failed
         }
         Err(_) => {
             tracing::debug!(?bound, count = batch.len(), "notifier did not answer in time");
-            NotificationOutcome::Failed
+            NotificationOutcome::TimedOut
         }
     };
     record_outcome(outcome, batch.len() as u64);

@@ -138,9 +138,26 @@ async fn a_hung_notifier_delays_a_publish_by_the_bound_only() {
         .expect("valid");
     let start = tokio::time::Instant::now();
     let r = p.publish(event("a")).await.expect("published");
-    assert_eq!(r.notification, NotificationOutcome::Failed);
+    assert_eq!(r.notification, NotificationOutcome::TimedOut, "not confirmed: may be delivered, not failed");
     // 120 ms plus 2 ms for the one notification the call carries.
     assert_eq!(start.elapsed(), Duration::from_millis(122), "exactly the bound on the (paused) clock");
+}
+
+/// A notifier's timeout, and the publisher's own bound on a call, say the
+/// notification was not confirmed in time, not that it failed: Redis may
+/// have delivered it. In `publish` and for a background pipeline.
+#[tokio::test(start_paused = true)]
+async fn a_timeout_is_timed_out_not_failed() {
+    let mut durable = MockDurableSink::new();
+    durable.expect_publish().returning(|_| Ok(pos(1)));
+    let mut notifier = MockRealtimeNotifier::new();
+    notifier.expect_notify().returning(|_| Err(NotifyError::Timeout { after: Duration::from_millis(200) }));
+    let r = publisher(durable, notifier, Mode::Dual).publish(event("a")).await.expect("published");
+    assert_eq!(r.notification, NotificationOutcome::TimedOut);
+
+    let p = DualPublisher::builder().notifier(Arc::new(Hung)).mode(Mode::RealtimeOnly).build().expect("valid");
+    let batch = vec![Notification::for_event(&event("a"), None), Notification::for_event(&event("b"), None)];
+    assert_eq!(p.notify(batch).await, NotificationOutcome::TimedOut, "the pipeline bound ended first");
 }
 
 #[tokio::test]
