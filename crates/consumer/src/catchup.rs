@@ -153,6 +153,7 @@ impl CatchUp {
             Arc::new(self.replay.config().clone()),
             Duration::from_millis(self.config.idle_check_ms),
             self.config.cache_records,
+            self.config.backfill_readers,
         )?;
         *h = Some(made.clone());
         Ok(made)
@@ -213,7 +214,9 @@ impl CatchUp {
             }
             StartAt::Offset(o) => o.min(marks.high),
             StartAt::Timestamp(ts) if ts < 0 => {
-                return Err(ReplayError::Request { field: "start", reason: format!("timestamp {ts} is negative") }.into())
+                return Err(
+                    ReplayError::Request { field: "start", reason: format!("timestamp {ts} is negative") }.into()
+                )
             }
             StartAt::Timestamp(ts) => history.offset_for_time(&tp, ts).await?.unwrap_or(marks.high).min(marks.high),
             StartAt::LastN(n) => last_n_start(&history, &tp, &key, &source, n, marks).await?,
@@ -415,7 +418,9 @@ impl Joiner {
                                 timestamp_ms: rec.timestamp_ms,
                             })),
                             Ok(_) => continue,
-                            Err(raw) => Err(ReplayError::Decode { position: rec.position.clone(), error: raw.error() }.into()),
+                            Err(raw) => {
+                                Err(ReplayError::Decode { position: rec.position.clone(), error: raw.error() }.into())
+                            }
                         };
                         self.send(item).await?;
                     }

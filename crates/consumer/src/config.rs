@@ -259,11 +259,16 @@ pub struct JoinConfig {
     /// the checks after a notification jump or an idle period read memory
     /// rather than Kafka. Default: 4,096.
     pub cache_records: usize,
+    /// Kafka consumers per topic that serve reads older than the cache (a
+    /// resume from minutes ago, from offset 0), so that such a read never
+    /// moves the shared tail reader back for every join. A partition always
+    /// goes to the same one. Default: 2.
+    pub backfill_readers: usize,
 }
 
 impl Default for JoinConfig {
     fn default() -> Self {
-        Self { buffer: 256, idle_check_ms: 1_000, cache_records: 4_096 }
+        Self { buffer: 256, idle_check_ms: 1_000, cache_records: 4_096, backfill_readers: 2 }
     }
 }
 
@@ -273,6 +278,7 @@ impl JoinConfig {
         range("buffer", self.buffer as u64, 1, 16_777_216)?;
         range("idle_check_ms", self.idle_check_ms, 10, 3_600_000)?;
         range("cache_records", self.cache_records as u64, 0, 16_777_216)?;
+        range("backfill_readers", self.backfill_readers as u64, 1, 64)?;
         Ok(())
     }
 }
@@ -325,5 +331,10 @@ mod tests {
         }
         let c = JoinConfig { buffer: 0, ..JoinConfig::default() };
         assert!(matches!(c.validate(), Err(ConfigError::Invalid { field: "buffer", .. })));
+        let c = JoinConfig { backfill_readers: 0, ..JoinConfig::default() };
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::Invalid { field: "backfill_readers", reason: "0 is outside 1..=64".into() })
+        );
     }
 }

@@ -11,11 +11,19 @@
 //!   While any join reads a partition the task follows it forward and keeps
 //!   the last `cache_records` records in memory, so a range near the tail
 //!   (the records between two notifications of a source, the records since
-//!   the last watermark poll) is served from memory. A range older than the
-//!   cache moves the partition's read position back; the joins already
-//!   reading it skip what they have. The task never waits for a join: a join
-//!   whose buffer is full is dropped from the sweep with the offset it got
-//!   to ([`Ticket::checked`]), and asks again from there.
+//!   the last watermark poll) is served from memory. The task never waits
+//!   for a join: a join whose buffer is full is dropped from the sweep with
+//!   the offset it got to ([`Ticket::checked`]), and asks again from there.
+//! - **Reads from far back.** A range older than the tail reader's cache
+//!   (a resume from minutes ago, from offset 0) never moves the tail
+//!   reader's position back, which would hold every join at the tail behind
+//!   it. The tail reader hands it to a small pool of backfill readers per
+//!   topic (`backfill_readers`, one consumer each; a partition always goes
+//!   to the same one). A backfill reader works like the tail reader, except
+//!   that an older range moves its own position back (the reads it already
+//!   serves skip what they have) and it stops following a partition a few
+//!   seconds after its last read. A join's next range, near the tail, goes
+//!   to the tail reader again.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -131,8 +139,13 @@ pub(crate) struct Range {
 
 /// Items a range read may have waiting before the join takes them.
 const RANGE_BUFFER: usize = 64;
-/// A partition nobody asked for this long is no longer followed.
+/// A partition nobody asked the tail reader for this long is no longer
+/// followed.
 const FOLLOW_LINGER: Duration = Duration::from_secs(30);
+/// The same for a backfill reader: long enough for a join's next range
+/// (which starts where the last one ended), short enough not to follow
+/// the tail for nothing.
+const BACKFILL_LINGER: Duration = Duration::from_secs(5);
 /// How often the reader checks for stalled reads and idle partitions.
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
 /// How long a cached partition count is trusted.
@@ -204,8 +217,13 @@ pub struct HistoryStats {
     pub range_reads: u64,
     /// Range reads served entirely from the in-memory cache.
     pub range_reads_cached: u64,
-    /// Times a partition's read position was moved back for an older range.
+    /// Times a backfill reader moved a partition's read position back for
+    /// an older range (the tail reader never does; it hands such ranges to
+    /// a backfill reader).
     pub seeks: u64,
+    /// Range reads older than the tail reader's cache, handed to a backfill
+    /// reader.
+    pub backfill_reads: u64,
     /// Records read from Kafka by the shared readers.
     pub records_read: u64,
 }
@@ -218,6 +236,7 @@ struct Counters {
     range_reads: AtomicU64,
     range_reads_cached: AtomicU64,
     seeks: AtomicU64,
+    backfill_reads: AtomicU64,
     records_read: AtomicU64,
 }
 
@@ -235,6 +254,7 @@ impl Counters {
             range_reads: get(&self.range_reads),
             range_reads_cached: get(&self.range_reads_cached),
             seeks: get(&self.seeks),
+            backfill_reads: get(&self.backfill_reads),
             records_read: get(&self.records_read),
         }
     }
@@ -260,6 +280,10 @@ struct Inner {
     watched: Mutex<HashMap<Tp, Watched>>,
     wake: Notify,
     readers: Mutex<HashMap<Arc<str>, RangeSender>>,
+    /// The backfill readers, per topic and slot (`partition %
+    /// backfill_readers`).
+    backfill: Mutex<HashMap<(Arc<str>, usize), RangeSender>>,
+    backfill_readers: usize,
     /// Per partition, one past the highest offset the topic readers have
     /// received. A broker never returns a record at or above its high
     /// watermark, so this is at most the watermark on Apache Kafka; on a
@@ -278,7 +302,12 @@ pub(crate) struct History {
 }
 
 impl History {
-    pub(crate) fn new(config: Arc<ReplayConfig>, poll_every: Duration, cache_records: usize) -> Result<Self, ReplayError> {
+    pub(crate) fn new(
+        config: Arc<ReplayConfig>,
+        poll_every: Duration,
+        cache_records: usize,
+        backfill_readers: usize,
+    ) -> Result<Self, ReplayError> {
         let meta: BaseConsumer = config.client_config()?.create()?;
         let inner = Inner {
             config,
@@ -289,6 +318,8 @@ impl History {
             watched: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             readers: Mutex::new(HashMap::new()),
+            backfill: Mutex::new(HashMap::new()),
+            backfill_readers: backfill_readers.max(1),
             seen: Arc::new(Mutex::new(HashMap::new())),
             counters: Counters::default(),
             poller_started: std::sync::Once::new(),
@@ -385,28 +416,74 @@ impl History {
         let (tx, rx) = mpsc::channel(RANGE_BUFFER);
         let ticket = Arc::new(Ticket { checked: AtomicI64::new(from), failed: Mutex::new(None) });
         let req = Req { next: from, to, key, tx, ticket: Arc::clone(&ticket) };
-        let mut readers = self.inner.readers.lock().unwrap_or_else(PoisonError::into_inner);
-        let sender = match readers.get(&tp.0) {
-            Some(s) if !s.is_closed() => s.clone(),
-            _ => {
-                let consumer: StreamConsumer = self.inner.config.client_config()?.create()?;
-                Counters::add(&self.inner.counters.consumers, 1);
-                let (s, r) = mpsc::unbounded_channel();
-                let reader = TopicReader {
-                    topic: Arc::clone(&tp.0),
-                    parts: HashMap::new(),
-                    cache_records: self.inner.cache_records,
-                    seen: Arc::clone(&self.inner.seen),
-                    timeout: self.timeout(),
-                    inner: Arc::downgrade(&self.inner),
-                };
-                tokio::spawn(reader.run(consumer, r));
-                readers.insert(Arc::clone(&tp.0), s.clone());
-                s
+        let sender = {
+            let mut readers = self.inner.readers.lock().unwrap_or_else(PoisonError::into_inner);
+            match readers.get(&tp.0) {
+                Some(s) if !s.is_closed() => s.clone(),
+                _ => {
+                    let s = self.inner.spawn_reader(&tp.0, Role::Tail)?;
+                    readers.insert(Arc::clone(&tp.0), s.clone());
+                    s
+                }
             }
         };
         sender.send((tp.1, req)).map_err(|_| ReplayError::Task("the history reader stopped".into()))?;
         Ok(Range { rx, ticket })
+    }
+}
+
+impl Inner {
+    /// A topic reader task of `role` with a consumer of its own.
+    fn spawn_reader(self: &Arc<Self>, topic: &Arc<str>, role: Role) -> Result<RangeSender, ReplayError> {
+        let consumer: StreamConsumer = self.config.client_config()?.create()?;
+        Counters::add(&self.counters.consumers, 1);
+        let (s, r) = mpsc::unbounded_channel();
+        let reader = TopicReader {
+            topic: Arc::clone(topic),
+            role,
+            parts: HashMap::new(),
+            cache_records: self.cache_records,
+            seen: Arc::clone(&self.seen),
+            timeout: self.config.timeout(),
+            inner: Arc::downgrade(self),
+        };
+        tokio::spawn(reader.run(consumer, r));
+        Ok(s)
+    }
+
+    /// Hand a read from far back to the topic's backfill reader for its
+    /// partition; a read that cannot be handed over fails (its join ends
+    /// with the error, nothing is skipped).
+    fn backfill(self: &Arc<Self>, topic: &Arc<str>, p: i32, req: Req) {
+        Counters::add(&self.counters.backfill_reads, 1);
+        let slot = (Arc::clone(topic), p.rem_euclid(self.backfill_readers as i32) as usize);
+        let sender = {
+            let mut pool = self.backfill.lock().unwrap_or_else(PoisonError::into_inner);
+            match pool.get(&slot) {
+                Some(s) if !s.is_closed() => Ok(s.clone()),
+                _ => self.spawn_reader(topic, Role::Backfill).inspect(|s| {
+                    pool.insert(slot, s.clone());
+                }),
+            }
+        };
+        match sender {
+            Ok(s) => {
+                if let Err(mpsc::error::SendError((_, req))) = s.send((p, req)) {
+                    req.ticket.fail(ReplayError::Task("the backfill reader stopped".into()));
+                }
+            }
+            Err(e) => req.ticket.fail(e),
+        }
+    }
+
+    /// The highest offset known to exist in a partition, from the polled
+    /// watermarks and what the readers received (0 when unknown).
+    fn known_high(&self, tp: &Tp) -> i64 {
+        let polled =
+            self.watched.lock().unwrap_or_else(PoisonError::into_inner).get(tp).map_or(0, |w| w.tx.borrow().high);
+        let seen =
+            self.seen.lock().unwrap_or_else(PoisonError::into_inner).get(tp).map_or(0, |s| s.load(Ordering::Relaxed));
+        polled.max(seen)
     }
 }
 
@@ -625,8 +702,18 @@ struct Part {
     seen: Arc<AtomicI64>,
 }
 
+/// What a topic reader serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Reads near the tail; an older read goes to a backfill reader.
+    Tail,
+    /// Reads from far back; an older read moves its position back.
+    Backfill,
+}
+
 struct TopicReader {
     topic: Arc<str>,
+    role: Role,
     parts: HashMap<i32, Part>,
     cache_records: usize,
     seen: Arc<Mutex<HashMap<Tp, Arc<AtomicI64>>>>,
@@ -662,11 +749,31 @@ impl TopicReader {
         }
     }
 
+    /// Hand a read older than this tail reader's cache to a backfill
+    /// reader.
+    fn hand_off(&self, p: i32, req: Req) {
+        match self.inner.upgrade() {
+            Some(inner) => inner.backfill(&self.topic, p, req),
+            None => req.ticket.fail(ReplayError::Task("the shared history was dropped".into())),
+        }
+    }
+
     fn add(&mut self, consumer: &impl Fetcher, p: i32, req: Req) {
         let now = Instant::now();
+        let far = match self.parts.get(&p) {
+            Some(part) => req.next < part.covered_from,
+            None => {
+                let high = self.inner.upgrade().map_or(0, |inner| inner.known_high(&(Arc::clone(&self.topic), p)));
+                high - req.next > self.cache_records as i64
+            }
+        };
+        if far && self.role == Role::Tail {
+            self.hand_off(p, req);
+            return;
+        }
         if let Some(part) = self.parts.get_mut(&p) {
             part.used = now;
-            if req.next < part.covered_from {
+            if far {
                 part.behind.push(req);
                 return;
             }
@@ -724,7 +831,9 @@ impl TopicReader {
     fn move_back(&mut self, consumer: &impl Fetcher) {
         let mut seeks = 0;
         for (p, part) in &mut self.parts {
-            let Some(to) = part.behind.iter().map(|r| r.next).min() else { continue };
+            let Some(to) = part.behind.iter().map(|r| r.next).min() else {
+                continue;
+            };
             if let Err(e) = consumer.seek(&self.topic, *p, to, self.timeout) {
                 for r in part.behind.drain(..) {
                     r.ticket.fail(e.clone().into());
@@ -752,7 +861,9 @@ impl TopicReader {
     /// A record the consumer returned; `rec` decodes it (only when it is
     /// used).
     fn on_record(&mut self, consumer: &impl Fetcher, p: i32, offset: i64, rec: impl FnOnce() -> Rec) {
-        let Some(part) = self.parts.get_mut(&p) else { return };
+        let Some(part) = self.parts.get_mut(&p) else {
+            return;
+        };
         if offset < part.pos {
             return;
         }
@@ -763,7 +874,13 @@ impl TopicReader {
             if offset > need && part.pos > 0 {
                 let back = (probe.back * 4).max(64);
                 let to = (need - back).max(0);
-                tracing::debug!(partition = p, requested = need, first = offset, seek = to, "first record past the requested offset; reading from earlier");
+                tracing::debug!(
+                    partition = p,
+                    requested = need,
+                    first = offset,
+                    seek = to,
+                    "first record past the requested offset; reading from earlier"
+                );
                 match consumer.seek(&self.topic, p, to, self.timeout) {
                     Ok(()) => {
                         part.pos = to;
@@ -777,7 +894,8 @@ impl TopicReader {
                         // read now: the reads that want them fail (and
                         // their joins end with the error), none skips them.
                         tracing::warn!(partition = p, error = %e, "history reader: seek failed");
-                        let (failing, going_on) = std::mem::take(&mut part.reqs).into_iter().partition(|r| r.next < offset);
+                        let (failing, going_on) =
+                            std::mem::take(&mut part.reqs).into_iter().partition(|r| r.next < offset);
                         part.reqs = going_on;
                         for r in failing {
                             let r: Req = r;
@@ -817,6 +935,10 @@ impl TopicReader {
 
     fn housekeeping(&mut self, consumer: &impl Fetcher) {
         let timeout = self.timeout;
+        let linger = match self.role {
+            Role::Tail => FOLLOW_LINGER,
+            Role::Backfill => BACKFILL_LINGER,
+        };
         let mut drop_parts = Vec::new();
         for (p, part) in &mut self.parts {
             part.reqs.retain(|r| !r.tx.is_closed());
@@ -829,7 +951,7 @@ impl TopicReader {
                     });
                 }
             }
-            if part.reqs.is_empty() && part.behind.is_empty() && part.used.elapsed() > FOLLOW_LINGER {
+            if part.reqs.is_empty() && part.behind.is_empty() && part.used.elapsed() > linger {
                 drop_parts.push(*p);
             }
         }
@@ -859,7 +981,12 @@ fn decode_message(topic: Arc<str>, m: &BorrowedMessage<'_>) -> Rec {
             .unwrap_or_default(),
         payload: m.payload().map(<[u8]>::to_vec),
     });
-    Rec { position: Position::new(topic, m.partition(), m.offset()), key: m.key().map(Box::from), timestamp_ms: m.timestamp().to_millis(), event }
+    Rec {
+        position: Position::new(topic, m.partition(), m.offset()),
+        key: m.key().map(Box::from),
+        timestamp_ms: m.timestamp().to_millis(),
+        event,
+    }
 }
 
 #[cfg(test)]
@@ -942,6 +1069,7 @@ mod tests {
     fn reader(cache_records: usize) -> TopicReader {
         TopicReader {
             topic: Arc::from("t"),
+            role: Role::Backfill,
             parts: HashMap::new(),
             cache_records,
             seen: Arc::default(),
@@ -961,7 +1089,10 @@ mod tests {
         fn new(from: i64, to: i64, key: &str) -> (Req, Self) {
             let (tx, rx) = mpsc::channel(RANGE_BUFFER);
             let ticket = Arc::new(Ticket { checked: AtomicI64::new(from), failed: Mutex::new(None) });
-            (Req { next: from, to, key: key.as_bytes().into(), tx, ticket }, Self { rx, got: Vec::new(), holes: Vec::new() })
+            (
+                Req { next: from, to, key: key.as_bytes().into(), tx, ticket },
+                Self { rx, got: Vec::new(), holes: Vec::new() },
+            )
         }
 
         fn drain(&mut self) {
@@ -1135,5 +1266,4 @@ mod tests {
         assert_eq!(cache.get("a", async { unreachable!("cached") }).await.ok(), Some(4));
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
-
 }
