@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use dualstream_core::{check_range, FieldError};
 use serde::{Deserialize, Serialize};
 
 /// Configuration of the [`BatchEngine`](crate::BatchEngine).
@@ -90,11 +91,10 @@ pub enum ConfigError {
     NoRuntime,
 }
 
-fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
-    if value < min || value > max {
-        return Err(ConfigError::Invalid { field, reason: format!("{value} is outside {min}..={max}") });
+impl From<FieldError> for ConfigError {
+    fn from(e: FieldError) -> Self {
+        Self::Invalid { field: e.field, reason: e.reason }
     }
-    Ok(())
 }
 
 /// Longest engine name, in bytes.
@@ -123,18 +123,18 @@ impl BatchConfig {
     /// Check every field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_name(&self.name)?;
-        range("max_batch_events", self.max_batch_events as u64, 1, 1_000_000)?;
-        range("max_batch_bytes", self.max_batch_bytes as u64, 1, 1 << 32)?;
-        range("linger_ms", self.linger_ms, 0, 60_000)?;
+        check_range("max_batch_events", self.max_batch_events as u64, 1, 1_000_000)?;
+        check_range("max_batch_bytes", self.max_batch_bytes as u64, 1, 1 << 32)?;
+        check_range("linger_ms", self.linger_ms, 0, 60_000)?;
         // The queue bound is two semaphores (budget.rs): both bounds must fit
         // one (a smaller limit on 32-bit targets) and a u32.
         let permits = tokio::sync::Semaphore::MAX_PERMITS as u64;
-        range("max_queued_events", self.max_queued_events as u64, 1, (1 << 30).min(permits))?;
-        range("max_queued_bytes", self.max_queued_bytes as u64, 1024, (u32::MAX as u64).min(permits))?;
-        range("submit_timeout_ms", self.submit_timeout_ms, 0, 3_600_000)?;
-        range("lanes", self.lanes as u64, 1, 1_024)?;
-        range("notify_pipelines", self.notify_pipelines as u64, 1, 64)?;
-        range("max_in_flight_batches", self.max_in_flight_batches as u64, 1, 64)?;
+        check_range("max_queued_events", self.max_queued_events as u64, 1, (1 << 30).min(permits))?;
+        check_range("max_queued_bytes", self.max_queued_bytes as u64, 1024, (u32::MAX as u64).min(permits))?;
+        check_range("submit_timeout_ms", self.submit_timeout_ms, 0, 3_600_000)?;
+        check_range("lanes", self.lanes as u64, 1, 1_024)?;
+        check_range("notify_pipelines", self.notify_pipelines as u64, 1, 64)?;
+        check_range("max_in_flight_batches", self.max_in_flight_batches as u64, 1, 64)?;
         Ok(())
     }
 }

@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use dualstream_core::{check_range, FieldError};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -200,11 +201,10 @@ fn topic_name_ok(name: &str) -> Result<(), String> {
     }
 }
 
-fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
-    if value < min || value > max {
-        return Err(ConfigError::Invalid { field, reason: format!("{value} is outside {min}..={max}") });
+impl From<FieldError> for ConfigError {
+    fn from(e: FieldError) -> Self {
+        Self::Invalid { field: e.field, reason: e.reason }
     }
-    Ok(())
 }
 
 impl KafkaSinkConfig {
@@ -254,23 +254,23 @@ impl KafkaSinkConfig {
                 }
             }
         }
-        range("linger_ms", self.linger_ms, 0, 900_000)?;
-        range("batch_size_bytes", self.batch_size_bytes.into(), 1, 2_147_483_647)?;
-        range("batch_num_messages", self.batch_num_messages.into(), 1, 1_000_000)?;
-        range("message_timeout_ms", self.message_timeout_ms, 1, 2_147_483_647)?;
-        range("enqueue_timeout_ms", self.enqueue_timeout_ms, 0, 3_600_000)?;
-        range("queue_max_messages", self.queue_max_messages.into(), 1, 2_147_483_647)?;
-        range("queue_max_kbytes", self.queue_max_kbytes.into(), 1, 2_147_483_647)?;
-        range("health_timeout_ms", self.health_timeout_ms, 1, 3_600_000)?;
+        check_range("linger_ms", self.linger_ms, 0, 900_000)?;
+        check_range("batch_size_bytes", self.batch_size_bytes.into(), 1, 2_147_483_647)?;
+        check_range("batch_num_messages", self.batch_num_messages.into(), 1, 1_000_000)?;
+        check_range("message_timeout_ms", self.message_timeout_ms, 1, 2_147_483_647)?;
+        check_range("enqueue_timeout_ms", self.enqueue_timeout_ms, 0, 3_600_000)?;
+        check_range("queue_max_messages", self.queue_max_messages.into(), 1, 2_147_483_647)?;
+        check_range("queue_max_kbytes", self.queue_max_kbytes.into(), 1, 2_147_483_647)?;
+        check_range("health_timeout_ms", self.health_timeout_ms, 1, 3_600_000)?;
         if let Some(c) = &self.create_topics {
-            range("create_topics.partitions", c.partitions.max(0) as u64, 1, 1_000_000)?;
-            range("create_topics.replication_factor", c.replication_factor.max(0) as u64, 1, 32_767)?;
+            check_range("create_topics.partitions", c.partitions.max(0) as u64, 1, 1_000_000)?;
+            check_range("create_topics.replication_factor", c.replication_factor.max(0) as u64, 1, 32_767)?;
         }
         if let Some(v) = self.raw_message_max_bytes() {
             let field = "librdkafka_options.message.max.bytes";
             let v = v.map_err(|e| ConfigError::Invalid { field, reason: e.to_string() })?;
             // librdkafka's own range for the option.
-            range(field, v as u64, 1_000, 1_000_000_000)?;
+            check_range(field, v as u64, 1_000, 1_000_000_000)?;
         }
         for key in self.librdkafka_options.keys() {
             let k = raw_name(key);

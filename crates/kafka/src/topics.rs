@@ -39,12 +39,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use dualstream_core::SinkError;
+use dualstream_core::{Backoff, SinkError};
 
 /// The back-off after the first failure of a source type's topic.
 pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest back-off: it doubles after each failed retry, up to this.
 pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The back-off of a source type's failing topic.
+const BACKOFF: Backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
 
 /// What [`TopicCache::lookup`] says about a source type.
 #[derive(Debug)]
@@ -174,7 +176,7 @@ impl TopicCache {
             Some(Entry::Ready(_)) => {}
             Some(Entry::Failed(f)) => {
                 if f.retrying {
-                    f.backoff = (f.backoff * 2).min(MAX_BACKOFF);
+                    f.backoff = BACKOFF.after(f.backoff);
                     f.until = now + f.backoff;
                     f.retrying = false;
                 }
@@ -183,7 +185,7 @@ impl TopicCache {
             }
             None => {
                 let failure =
-                    Failure { message, retriable, until: now + MIN_BACKOFF, backoff: MIN_BACKOFF, retrying: false };
+                    Failure { message, retriable, until: now + BACKOFF.first(), backoff: BACKOFF.first(), retrying: false };
                 entries.insert(source_type.into(), Entry::Failed(failure));
             }
         }

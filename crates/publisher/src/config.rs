@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use dualstream_core::{check_range, FieldError};
 use serde::{Deserialize, Serialize};
 
 /// How the publisher uses its two paths (docs/design.md, "Choosing streams").
@@ -92,26 +93,18 @@ impl PublisherConfig {
 
     /// Check every field.
     pub fn validate(&self) -> Result<(), BuildError> {
-        let invalid = |field, reason: &str| Err(BuildError::Invalid { field, reason: reason.to_owned() });
-        if !(1..=60_000).contains(&self.notify_timeout_ms) {
-            return invalid("notify_timeout_ms", &format!("{} is outside 1..=60000", self.notify_timeout_ms));
-        }
-        if !(1..=600_000).contains(&self.pipeline_timeout_ms) {
-            return invalid("pipeline_timeout_ms", &format!("{} is outside 1..=600000", self.pipeline_timeout_ms));
-        }
-        if self.notify_timeout_per_notification_us > 10_000 {
-            return invalid(
-                "notify_timeout_per_notification_us",
-                &format!("{} is outside 0..=10000", self.notify_timeout_per_notification_us),
-            );
-        }
-        if !(1..=16_777_216).contains(&self.high_volume.queue_capacity) {
-            return invalid("high_volume.queue_capacity", &format!("{} is outside 1..=16777216", self.high_volume.queue_capacity));
-        }
-        if !(1..=100_000).contains(&self.high_volume.max_batch) {
-            return invalid("high_volume.max_batch", &format!("{} is outside 1..=100000", self.high_volume.max_batch));
-        }
+        check_range("notify_timeout_ms", self.notify_timeout_ms, 1, 60_000)?;
+        check_range("pipeline_timeout_ms", self.pipeline_timeout_ms, 1, 600_000)?;
+        check_range("notify_timeout_per_notification_us", self.notify_timeout_per_notification_us, 0, 10_000)?;
+        check_range("high_volume.queue_capacity", self.high_volume.queue_capacity as u64, 1, 16_777_216)?;
+        check_range("high_volume.max_batch", self.high_volume.max_batch as u64, 1, 100_000)?;
         Ok(())
+    }
+}
+
+impl From<FieldError> for BuildError {
+    fn from(e: FieldError) -> Self {
+        Self::Invalid { field: e.field, reason: e.reason }
     }
 }
 

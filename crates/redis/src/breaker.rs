@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use dualstream_core::Backoff;
+
 use crate::config::BreakerConfig;
 
 /// The breaker's state, as reported in [`NotifierStats`](crate::NotifierStats).
@@ -135,22 +137,22 @@ impl Breaker {
         if ticket.generation != self.generation {
             return false;
         }
-        let min = Duration::from_millis(self.config.open_min_ms);
-        let max = Duration::from_millis(self.config.open_max_ms).max(min);
+        let backoff =
+            Backoff::new(Duration::from_millis(self.config.open_min_ms), Duration::from_millis(self.config.open_max_ms));
         match self.state {
             State::Closed { failures } => {
                 let failures = failures + 1;
                 if failures >= self.config.failure_threshold {
-                    self.enter(State::Open { until: now + min, backoff: min });
+                    self.enter(State::Open { until: now + backoff.first(), backoff: backoff.first() });
                     true
                 } else {
                     self.state = State::Closed { failures };
                     false
                 }
             }
-            State::HalfOpen { backoff, .. } => {
-                let backoff = (backoff * 2).min(max);
-                self.enter(State::Open { until: now + backoff, backoff });
+            State::HalfOpen { backoff: last, .. } => {
+                let next = backoff.after(last);
+                self.enter(State::Open { until: now + next, backoff: next });
                 false
             }
             // No ticket is handed out while open.

@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use dualstream_core::{check_range, FieldError};
 use serde::{Deserialize, Serialize};
 
 /// Circuit breaker settings.
@@ -95,11 +96,10 @@ pub enum ConfigError {
     },
 }
 
-fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
-    if value < min || value > max {
-        return Err(ConfigError::Invalid { field, reason: format!("{value} is outside {min}..={max}") });
+impl From<FieldError> for ConfigError {
+    fn from(e: FieldError) -> Self {
+        Self::Invalid { field: e.field, reason: e.reason }
     }
-    Ok(())
 }
 
 impl RedisNotifierConfig {
@@ -124,13 +124,13 @@ impl RedisNotifierConfig {
             url.into_connection_info().map(|i| i.redis_settings().db()).map_err(|e| e.to_string())
         })
         .map_err(|reason| ConfigError::Invalid { field: "cluster_urls", reason })?;
-        range("timeout_ms", self.timeout_ms, 1, 60_000)?;
-        range("timeout_per_notification_us", self.timeout_per_notification_us, 0, 10_000)?;
-        range("connect_timeout_ms", self.connect_timeout_ms, 1, 60_000)?;
-        range("warn_interval_ms", self.warn_interval_ms, 0, 3_600_000)?;
-        range("breaker.failure_threshold", self.breaker.failure_threshold.into(), 1, 1_000_000)?;
-        range("breaker.open_min_ms", self.breaker.open_min_ms, 1, 3_600_000)?;
-        range("breaker.open_max_ms", self.breaker.open_max_ms, self.breaker.open_min_ms, 3_600_000)?;
+        check_range("timeout_ms", self.timeout_ms, 1, 60_000)?;
+        check_range("timeout_per_notification_us", self.timeout_per_notification_us, 0, 10_000)?;
+        check_range("connect_timeout_ms", self.connect_timeout_ms, 1, 60_000)?;
+        check_range("warn_interval_ms", self.warn_interval_ms, 0, 3_600_000)?;
+        check_range("breaker.failure_threshold", self.breaker.failure_threshold.into(), 1, 1_000_000)?;
+        check_range("breaker.open_min_ms", self.breaker.open_min_ms, 1, 3_600_000)?;
+        check_range("breaker.open_max_ms", self.breaker.open_max_ms, self.breaker.open_min_ms, 3_600_000)?;
         dualstream_channel::ChannelNamer::with_prefix(self.channel_prefix.clone())
             .map_err(|e| ConfigError::Invalid { field: "channel_prefix", reason: e.to_string() })?;
         Ok(())
