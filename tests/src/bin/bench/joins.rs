@@ -274,10 +274,10 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
     row(
         "joins: Kafka consumers open".into(),
         stats.consumers as f64,
-        2.0, // one topic
+        4.0, // one topic: metadata, the tail reader, two backfill readers
         "consumers",
-        "≤ topics × 2 (ratio ≤ 1)",
-        Some(stats.consumers <= 2),
+        "≤ 1 + topics × (1 + backfill_readers) (ratio ≤ 1)",
+        Some(stats.consumers <= 4),
         format!("baseline column = the target for one topic; {setup}"),
     );
     row(
