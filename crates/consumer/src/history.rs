@@ -697,6 +697,9 @@ struct Part {
     progress: Instant,
     /// When a join last asked for this partition.
     used: Instant,
+    /// Records received below the position since the last one at or above
+    /// it.
+    skipped: u64,
     /// One past the highest offset received, shared with the watermark
     /// poller (`Inner::seen`).
     seen: Arc<AtomicI64>,
@@ -742,7 +745,7 @@ impl TopicReader {
                 }
                 m = consumer.recv(), if !self.parts.is_empty() => match m {
                     Ok(m) => self.on_message(&consumer, &m),
-                    Err(e) => tracing::debug!(topic = %self.topic, error = %e, "history reader: consumer error"),
+                    Err(e) => tracing::debug!(topic = %self.topic, role = ?self.role, error = %e, "history reader: consumer error"),
                 },
                 _ = tick.tick() => self.housekeeping(&consumer),
             }
@@ -822,6 +825,7 @@ impl TopicReader {
                 probe,
                 progress: now,
                 used: now,
+                skipped: 0,
                 seen,
             },
         );
@@ -865,7 +869,17 @@ impl TopicReader {
             return;
         };
         if offset < part.pos {
+            // Records from before a seek, or a consumer that went back on
+            // its own (an offset reset): skipped, and said at debug level.
+            if part.skipped == 0 {
+                tracing::debug!(topic = %self.topic, role = ?self.role, partition = p, offset, at = part.pos, "history reader: a record below the read position; skipping");
+            }
+            part.skipped += 1;
             return;
+        }
+        if part.skipped > 0 {
+            tracing::debug!(topic = %self.topic, role = ?self.role, partition = p, skipped = part.skipped, offset, "history reader: back at the read position");
+            part.skipped = 0;
         }
         if let Some(probe) = part.probe.take() {
             // The lowest offset a read waiting here needs: reads added since
@@ -943,7 +957,7 @@ impl TopicReader {
         for (p, part) in &mut self.parts {
             part.reqs.retain(|r| !r.tx.is_closed());
             if !part.reqs.is_empty() && part.progress.elapsed() > timeout {
-                tracing::warn!(topic = %self.topic, partition = p, at = part.pos, "history reader: no record within the timeout");
+                tracing::warn!(topic = %self.topic, role = ?self.role, partition = p, at = part.pos, "history reader: no record within the timeout");
                 for r in part.reqs.drain(..) {
                     r.ticket.fail(ReplayError::Timeout {
                         what: "reading a record below the high watermark",
