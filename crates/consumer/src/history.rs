@@ -20,9 +20,9 @@
 //!   it. The tail reader hands it to a small pool of backfill readers per
 //!   topic (`backfill_readers`, one consumer each; a partition always goes
 //!   to the same one). A backfill reader works like the tail reader, except
-//!   that an older range moves its own position back (the reads it already
-//!   serves skip what they have) and it stops following a partition a few
-//!   seconds after its last read. A join's next range, near the tail, goes
+//!   that a range older than its cache waits for the reads in progress to
+//!   end, then moves its position back once for all that waited, and it
+//!   stops following a partition a few seconds after its last read. A join's next range, near the tail, goes
 //!   to the tail reader again.
 
 use std::collections::{HashMap, VecDeque};
@@ -832,9 +832,20 @@ impl TopicReader {
     }
 
     /// Move the read position of partitions with older requests back.
+    ///
+    /// Only once the reads in progress are done (or have failed): moving
+    /// back under them throws away the answer the broker is building and
+    /// makes them read again what they had, so with clients resuming every
+    /// few seconds from scattered offsets a backfill reader that moved back
+    /// for each of them got almost nowhere (tens of records a second
+    /// against tansu, whose answers take about a second to build). The
+    /// reads waiting meanwhile are served by one sweep from the oldest.
     fn move_back(&mut self, consumer: &impl Fetcher) {
         let mut seeks = 0;
         for (p, part) in &mut self.parts {
+            if !part.reqs.is_empty() {
+                continue;
+            }
             let Some(to) = part.behind.iter().map(|r| r.next).min() else {
                 continue;
             };
@@ -956,6 +967,7 @@ impl TopicReader {
         let mut drop_parts = Vec::new();
         for (p, part) in &mut self.parts {
             part.reqs.retain(|r| !r.tx.is_closed());
+            part.behind.retain(|r| !r.tx.is_closed());
             if !part.reqs.is_empty() && part.progress.elapsed() > timeout {
                 tracing::warn!(topic = %self.topic, role = ?self.role, partition = p, at = part.pos, "history reader: no record within the timeout");
                 for r in part.reqs.drain(..) {
@@ -969,6 +981,8 @@ impl TopicReader {
                 drop_parts.push(*p);
             }
         }
+        // Reads that waited for the ones in progress to end.
+        self.move_back(consumer);
         if drop_parts.is_empty() {
             return;
         }
@@ -1156,6 +1170,9 @@ mod tests {
         r.add(&broker, 0, req_b);
         r.move_back(&broker);
         pump(&mut r, &broker, &mut [&mut a, &mut b], |_| true);
+        // A read older than the cache waits for the one in progress.
+        r.move_back(&broker);
+        pump(&mut r, &broker, &mut [&mut a, &mut b], |_| true);
         b.drain();
         assert_eq!(b.holes, [], "no hole: the records exist");
         assert_eq!(b.got, of_key(490, 1_000, "a"), "every record of the key from 490");
@@ -1212,10 +1229,39 @@ mod tests {
         r.add(&broker, 0, req_b);
         r.move_back(&broker);
         pump(&mut r, &broker, &mut [&mut a, &mut b], |_| true);
+        r.move_back(&broker);
+        pump(&mut r, &broker, &mut [&mut a, &mut b], |_| true);
         b.drain();
         assert_eq!(b.holes, []);
         assert_eq!(b.got, of_key(100, 1_000, "a"));
         assert_eq!(a.got, of_key(0, 1_000, "b"));
+    }
+
+    /// A backfill reader does not move back under a read in progress: a
+    /// read from older than its cache waits until the reads in progress are
+    /// done, then one move back serves it (and every read that waited with
+    /// it). It used to move back at once, throwing away the broker's answer
+    /// in the making and the reads' progress; with clients resuming every
+    /// few seconds from scattered offsets it got almost nowhere.
+    #[test]
+    fn a_backfill_reader_moves_back_only_once_the_reads_in_progress_are_done() {
+        let broker = Tansu::new(1, 1_000);
+        let mut r = reader(64);
+        let (req_a, mut a) = Read::new(500, 1_000, "b");
+        r.add(&broker, 0, req_a);
+        pump(&mut r, &broker, &mut [&mut a], |o| o < 700);
+        let (req_b, mut b) = Read::new(100, 400, "a");
+        r.add(&broker, 0, req_b);
+        r.move_back(&broker);
+        assert_eq!(*broker.seeks.borrow(), [500], "no move back while a read is in progress");
+        pump(&mut r, &broker, &mut [&mut a, &mut b], |_| true);
+        assert_eq!(a.got, of_key(500, 1_000, "b"), "the read in progress went on to its end");
+        assert!(b.got.is_empty(), "the older read waited");
+        r.move_back(&broker);
+        assert_eq!(*broker.seeks.borrow(), [500, 100], "then one move back");
+        pump(&mut r, &broker, &mut [&mut a, &mut b], |_| true);
+        b.drain();
+        assert_eq!((b.got, b.holes), (of_key(100, 400, "a"), vec![]));
     }
 
     fn failure() -> ReplayError {
