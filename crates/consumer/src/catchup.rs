@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dualstream_core::{EventId, Notification, Position, Source};
+use dualstream_kafka::partition_for_key;
 use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -14,7 +15,6 @@ use tokio::time::Instant;
 use crate::config::{ConfigError, JoinConfig};
 use crate::history::{History, HistoryStats, Item, Marks, Tp};
 use crate::hub::{Hub, HubError, LiveItem, LiveStream};
-use crate::reader::partition_for_key;
 use crate::replay::{Replay, ReplayError, Replayed, StartAt};
 
 /// One item of a join, in Kafka order.

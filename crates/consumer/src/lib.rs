@@ -97,9 +97,9 @@ mod shard_hub;
 
 pub use catchup::{CatchUp, Delivery, JoinError, JoinStream};
 pub use config::{ConfigError, HubConfig, JoinConfig, Overflow, ReplayConfig};
+pub use dualstream_kafka::partition_for_key;
 pub use history::HistoryStats;
 pub use hub::{Hub, HubError, HubStats, LiveItem, LiveStream, Target, MAX_TARGET_LEN};
-pub use reader::partition_for_key;
 pub use replay::{Replay, ReplayError, ReplayRequest, ReplayStream, Replayed, Scope, StartAt, Until};
 
 #[cfg(test)]

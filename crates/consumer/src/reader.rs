@@ -14,17 +14,6 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::config::ReplayConfig;
 use crate::replay::ReplayError;
 
-/// The partition of a record key under librdkafka's default partitioner
-/// (`consistent_random`): CRC-32 of the key modulo the partition count. The
-/// Kafka sink keys every record by its source id, so this is the partition
-/// that holds all events of a source.
-pub fn partition_for_key(key: &[u8], partition_count: i32) -> i32 {
-    if partition_count <= 0 {
-        return 0;
-    }
-    (crc32fast::hash(key) % partition_count as u32) as i32
-}
-
 /// The number of partitions of `topic` (a blocking metadata request).
 pub(crate) fn partition_count<C: rdkafka::consumer::ConsumerContext>(
     c: &impl Consumer<C>,

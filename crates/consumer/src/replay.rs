@@ -5,12 +5,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use dualstream_core::{DecodeError, Event, Position, Source};
-use dualstream_kafka::TopicRouting;
+use dualstream_kafka::{partition_for_key, TopicRouting};
 use futures::Stream;
 
 use crate::config::{ConfigError, ReplayConfig};
 use crate::history::Marks;
-use crate::reader::{partition_for_key, Fetched, Reader};
+use crate::reader::{Fetched, Reader};
 
 /// Why a replay (or a read of a join) failed.
 #[derive(Debug, thiserror::Error)]

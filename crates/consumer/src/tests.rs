@@ -37,23 +37,6 @@ async fn collect(stream: ReplayStream) -> Vec<Result<Replayed, ReplayError>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partition_for_key_matches_librdkafka_default_partitioner() {
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("p", 7, 1).expect("topic");
-    let producer: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", cluster.bootstrap_servers()).create().expect("producer");
-    for i in 0..200 {
-        let key = format!("source-{i}");
-        let partition = producer
-            .send(FutureRecord::<_, [u8]>::to("p").key(&key), Duration::from_secs(5))
-            .await
-            .expect("delivered")
-            .partition;
-        assert_eq!(partition, partition_for_key(key.as_bytes(), 7), "key {key}");
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_reads_one_source_in_order_and_stops_at_the_watermark() {
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic("t", 3, 1).expect("topic");

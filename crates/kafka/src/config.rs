@@ -175,9 +175,20 @@ const LOCKED_KEYS: &[&str] = &["acks", "request.required.acks", "enable.idempote
 
 /// librdkafka keys that would change which partition a source's events go
 /// to. The consumer finds a source's partition with librdkafka's default
-/// partitioner (`partition_for_key` in `dualstream-consumer`), so the sink
-/// must keep it.
+/// partitioner ([`partition_for_key`]), so the sink must keep it.
 const PARTITIONER_KEYS: &[&str] = &["partitioner", "partitioner_cb"];
+
+/// The partition of a record key under librdkafka's default partitioner
+/// (`consistent_random`): CRC-32 of the key modulo the partition count. The
+/// Kafka sink keys every record by its source id and refuses any other
+/// partitioner (`PARTITIONER_KEYS`), so this is the partition that holds all
+/// events of a source.
+pub fn partition_for_key(key: &[u8], partition_count: i32) -> i32 {
+    if partition_count <= 0 {
+        return 0;
+    }
+    (crc32fast::hash(key) % partition_count as u32) as i32
+}
 
 /// The name librdkafka resolves a raw key to: it ignores surrounding
 /// whitespace here, and it accepts topic properties with a `topic.` prefix

@@ -49,7 +49,9 @@ mod sink;
 mod tests;
 mod topics;
 
-pub use config::{Compression, CreateTopics, KafkaSinkConfig, TopicRouting, LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES};
+pub use config::{
+    partition_for_key, Compression, CreateTopics, KafkaSinkConfig, TopicRouting, LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES,
+};
 pub use error::ConfigError;
 pub use sink::{record_size, AckContext, Acks, KafkaSink, SinkProducer, RECORD_FRAMING_BYTES};
 

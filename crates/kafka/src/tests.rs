@@ -9,12 +9,16 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer, PurgeConfig};
+use rdkafka::producer::{
+    BaseProducer, BaseRecord, DefaultProducerContext, FutureProducer, FutureRecord, Producer, PurgeConfig,
+};
 use rdkafka::types::RDKafkaApiKey;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientConfig;
 
-use crate::{record_size, ConfigError, KafkaSink, KafkaSinkConfig, TopicRouting, RECORD_FRAMING_BYTES};
+use crate::{
+    partition_for_key, record_size, ConfigError, KafkaSink, KafkaSinkConfig, TopicRouting, RECORD_FRAMING_BYTES,
+};
 
 #[test]
 fn default_config_is_valid_and_durable() {
@@ -60,6 +64,25 @@ fn raw_partitioner_options_are_refused() {
         let msg = err.to_string();
         assert!(msg.contains(&format!("{key:?}")) && msg.contains("default partitioner"), "{msg}");
         assert!(c.client_config().is_err(), "{key}: no producer is built from it");
+    }
+}
+
+/// `partition_for_key` is the partition librdkafka's default partitioner,
+/// which the sink keeps, gives a key: where the consumer finds a source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_for_key_matches_librdkafka_default_partitioner() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("p", 7, 1).expect("topic");
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", cluster.bootstrap_servers()).create().expect("producer");
+    for i in 0..200 {
+        let key = format!("source-{i}");
+        let partition = producer
+            .send(FutureRecord::<_, [u8]>::to("p").key(&key), Duration::from_secs(5))
+            .await
+            .expect("delivered")
+            .partition;
+        assert_eq!(partition, partition_for_key(key.as_bytes(), 7), "key {key}");
     }
 }
 
