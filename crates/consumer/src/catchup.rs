@@ -13,9 +13,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::config::{ConfigError, JoinConfig};
-use crate::history::{History, HistoryStats, Item, Marks, Tp};
+use crate::error::ReplayError;
+use crate::history::{History, HistoryStats, Item, Tp};
 use crate::hub::{Hub, HubError, LiveItem, LiveStream};
-use crate::replay::{Replay, ReplayError, Replayed, StartAt};
+use crate::reader::Marks;
+use crate::replay::{Replay, Replayed, StartAt};
 
 /// One item of a join, in Kafka order.
 #[derive(Clone, Debug, PartialEq, Eq)]

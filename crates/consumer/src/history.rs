@@ -30,34 +30,19 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use dualstream_core::{record, DecodeError, Event, Limits, Position};
+use dualstream_core::{record, DecodeError, Event, Position};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::config::ReplayConfig;
-use crate::replay::ReplayError;
+use crate::decode::{decode_limits, event_of};
+use crate::error::ReplayError;
+use crate::reader::Marks;
 
 /// A topic and partition.
 pub(crate) type Tp = (Arc<str>, i32);
-
-/// The watermarks of a partition: the first offset still stored and the
-/// offset the next record will get.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Marks {
-    pub(crate) low: i64,
-    pub(crate) high: i64,
-}
-
-impl Marks {
-    /// Watermarks made consistent: a broker that reports `low > high` (or
-    /// negative values) gets `high = low`, never a panic.
-    pub(crate) fn sane(low: i64, high: i64) -> Self {
-        let low = low.max(0);
-        Self { low, high: high.max(low) }
-    }
-}
 
 /// One record of a partition, decoded once and shared by every join that
 /// reads it.
@@ -87,13 +72,6 @@ impl Raw {
             Ok(_) => DecodeError::BadHeader { name: String::new(), reason: "decoded on a second attempt".into() },
         }
     }
-}
-
-/// The limits stored records are decoded with: lenient, since what the
-/// broker stored was validated when it was produced, under whatever limits
-/// the publisher had (see docs/consumer.md, "One set of limits").
-pub(crate) fn decode_limits() -> Limits {
-    Limits::lenient()
 }
 
 /// An item of a range read.
@@ -997,12 +975,7 @@ impl TopicReader {
 
 /// A consumed record, decoded once for every join.
 fn decode_message(topic: Arc<str>, m: &BorrowedMessage<'_>) -> Rec {
-    let limits = decode_limits();
-    let event = match m.headers() {
-        Some(h) => record::decode(h.iter().map(|h| (h.key, h.value)), m.payload(), &limits),
-        None => record::decode(std::iter::empty(), m.payload(), &limits),
-    }
-    .map_err(|_| Raw {
+    let event = event_of(m).map_err(|_| Raw {
         headers: m
             .headers()
             .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())

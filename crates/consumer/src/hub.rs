@@ -696,7 +696,7 @@ pub(crate) fn announce_to(slots: &mut HashMap<u64, Slot>, item: &LiveItem, await
 /// The notification in a message's payload, decoded with the lenient limits
 /// of the consuming side (docs/consumer.md, "One set of limits").
 pub(crate) fn decode(channel: &str, payload: &[u8]) -> LiveItem {
-    match Notification::from_json_with_limits(payload, &crate::history::decode_limits()) {
+    match Notification::from_json_with_limits(payload, &crate::decode::decode_limits()) {
         Ok(n) => LiveItem::Notification(Arc::new(n)),
         Err(e) => LiveItem::Malformed { channel: channel.into(), reason: e.to_string().into() },
     }

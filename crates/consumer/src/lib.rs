@@ -89,6 +89,8 @@
 
 mod catchup;
 mod config;
+mod decode;
+mod error;
 mod history;
 mod hub;
 mod reader;
@@ -98,9 +100,10 @@ mod shard_hub;
 pub use catchup::{CatchUp, Delivery, JoinError, JoinStream};
 pub use config::{ConfigError, HubConfig, JoinConfig, Overflow, ReplayConfig};
 pub use dualstream_kafka::partition_for_key;
+pub use error::ReplayError;
 pub use history::HistoryStats;
 pub use hub::{Hub, HubError, HubStats, LiveItem, LiveStream, Target, MAX_TARGET_LEN};
-pub use replay::{Replay, ReplayError, ReplayRequest, ReplayStream, Replayed, Scope, StartAt, Until};
+pub use replay::{Replay, ReplayRequest, ReplayStream, Replayed, Scope, StartAt, Until};
 
 #[cfg(test)]
 mod tests;

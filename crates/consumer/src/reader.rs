@@ -5,14 +5,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dualstream_core::{record, DecodeError, Event, Limits, Position};
+use dualstream_core::{DecodeError, Event, Position};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::ReplayConfig;
-use crate::replay::ReplayError;
+use crate::decode::event_of;
+use crate::error::ReplayError;
 
 /// The number of partitions of `topic` (a blocking metadata request).
 pub(crate) fn partition_count<C: rdkafka::consumer::ConsumerContext>(
@@ -97,6 +98,23 @@ pub(crate) fn watermarks_at_leader<C: rdkafka::consumer::ConsumerContext>(
     }
 }
 
+/// The watermarks of a partition: the first offset still stored and the
+/// offset the next record will get.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Marks {
+    pub(crate) low: i64,
+    pub(crate) high: i64,
+}
+
+impl Marks {
+    /// Watermarks made consistent: a broker that reports `low > high` (or
+    /// negative values) gets `high = low`, never a panic.
+    pub(crate) fn sane(low: i64, high: i64) -> Self {
+        let low = low.max(0);
+        Self { low, high: high.max(low) }
+    }
+}
+
 /// One record read, decoded unless it was filtered out by key.
 pub(crate) enum Fetched {
     /// Not of the wanted key: only its position matters.
@@ -116,7 +134,6 @@ impl Fetched {
 pub(crate) struct Reader {
     consumer: Arc<StreamConsumer>,
     timeout: Duration,
-    limits: Limits,
     /// Partitions whose first record after an assignment has not come yet.
     probes: Mutex<HashMap<i32, Probe>>,
 }
@@ -140,7 +157,6 @@ impl Reader {
         Ok(Self {
             consumer: Arc::new(consumer),
             timeout: config.timeout(),
-            limits: crate::history::decode_limits(),
             probes: Mutex::new(HashMap::new()),
         })
     }
@@ -266,10 +282,6 @@ impl Reader {
                 return Ok(Fetched::Skipped(position));
             }
         }
-        let event = match m.headers() {
-            Some(h) => record::decode(h.iter().map(|h| (h.key, h.value)), m.payload(), &self.limits),
-            None => record::decode(std::iter::empty(), m.payload(), &self.limits),
-        };
-        Ok(Fetched::Record { position, timestamp_ms: m.timestamp().to_millis(), event })
+        Ok(Fetched::Record { position, timestamp_ms: m.timestamp().to_millis(), event: event_of(&m) })
     }
 }

@@ -180,7 +180,8 @@ mod shared_history {
     use rdkafka::mocking::MockCluster;
 
     use super::sink;
-    use crate::history::{History, Item, Marks, Tp};
+    use crate::history::{History, Item, Tp};
+    use crate::reader::Marks;
     use crate::*;
 
     /// Everything one range read delivers, and how far it got.
