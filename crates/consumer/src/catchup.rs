@@ -7,17 +7,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dualstream_core::{EventId, Notification, Position, Source};
-use dualstream_kafka::partition_for_key;
+use dualstream_history::{
+    partition_for_key, ConfigError, History, HistoryStats, Item, Marks, Replay, ReplayError, Replayed, StartAt, Tp,
+};
 use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::config::{ConfigError, JoinConfig};
-use crate::error::ReplayError;
-use crate::history::{History, HistoryStats, Item, Tp};
+use crate::config::JoinConfig;
 use crate::hub::{Hub, HubError, LiveItem, LiveStream};
-use crate::reader::Marks;
-use crate::replay::{Replay, Replayed, StartAt};
 
 /// One item of a join, in Kafka order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -222,6 +220,12 @@ impl CatchUp {
             }
             StartAt::Timestamp(ts) => history.offset_for_time(&tp, ts).await?.unwrap_or(marks.high).min(marks.high),
             StartAt::LastN(n) => last_n_start(&history, &tp, &key, &source, n, marks).await?,
+            // `StartAt` is `non_exhaustive`: a start added to the replay
+            // is refused by joins until they know it.
+            other => {
+                let reason = format!("{other:?} is not supported by joins");
+                return Err(ReplayError::Request { field: "start", reason }.into());
+            }
         };
         let (tx, rx) = mpsc::channel(self.config.buffer);
         let joiner = Joiner { tx, history, tp, source, key, next: begin, low: marks.low, full };

@@ -24,14 +24,15 @@ use deadpool_redis::redis::{
     Msg,
 };
 use dualstream_channel::ChannelNamer;
-use dualstream_core::{Notification, Source};
+use dualstream_core::{Limits, Notification, Source};
+use dualstream_history::ConfigError;
 use futures::future::BoxFuture;
 use futures::task::AtomicWaker;
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::config::{ConfigError, HubConfig, Overflow};
+use crate::config::{HubConfig, Overflow};
 
 /// Longest channel name or pattern accepted, in bytes.
 pub const MAX_TARGET_LEN: usize = 4_096;
@@ -696,7 +697,7 @@ pub(crate) fn announce_to(slots: &mut HashMap<u64, Slot>, item: &LiveItem, await
 /// The notification in a message's payload, decoded with the lenient limits
 /// of the consuming side (docs/consumer.md, "One set of limits").
 pub(crate) fn decode(channel: &str, payload: &[u8]) -> LiveItem {
-    match Notification::from_json_with_limits(payload, &crate::decode::decode_limits()) {
+    match Notification::from_json_with_limits(payload, &Limits::lenient()) {
         Ok(n) => LiveItem::Notification(Arc::new(n)),
         Err(e) => LiveItem::Malformed { channel: channel.into(), reason: e.to_string().into() },
     }

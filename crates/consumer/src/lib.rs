@@ -89,21 +89,16 @@
 
 mod catchup;
 mod config;
-mod decode;
-mod error;
-mod history;
 mod hub;
-mod reader;
-mod replay;
 mod shard_hub;
 
 pub use catchup::{CatchUp, Delivery, JoinError, JoinStream};
-pub use config::{ConfigError, HubConfig, JoinConfig, Overflow, ReplayConfig};
-pub use dualstream_kafka::partition_for_key;
-pub use error::ReplayError;
-pub use history::HistoryStats;
+pub use config::{HubConfig, JoinConfig, Overflow};
+pub use dualstream_history::{
+    partition_for_key, ConfigError, HistoryStats, Replay, ReplayConfig, ReplayError, ReplayRequest, ReplayStream,
+    Replayed, Scope, StartAt, Until,
+};
 pub use hub::{Hub, HubError, HubStats, LiveItem, LiveStream, Target, MAX_TARGET_LEN};
-pub use replay::{Replay, ReplayRequest, ReplayStream, Replayed, Scope, StartAt, Until};
 
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,6 @@
-//! Shared history: every join of one [`CatchUp`](crate::CatchUp) reads Kafka
-//! through one consumer per topic, and learns the watermarks from one poller.
+//! Shared history: every join of one catch-up joiner (`dualstream-consumer`'s
+//! `CatchUp`) reads Kafka through one consumer per topic, and learns the
+//! watermarks from one poller ([`History`]).
 //!
 //! - **Watermarks.** One task polls the low and high watermarks of every
 //!   partition some join watches, once per `idle_check_ms`, and on demand
@@ -42,30 +43,32 @@ use crate::error::ReplayError;
 use crate::reader::Marks;
 
 /// A topic and partition.
-pub(crate) type Tp = (Arc<str>, i32);
+pub type Tp = (Arc<str>, i32);
 
 /// One record of a partition, decoded once and shared by every join that
 /// reads it.
 #[derive(Debug)]
-pub(crate) struct Rec {
-    pub(crate) position: Position,
+pub struct Rec {
+    /// Where it is stored.
+    pub position: Position,
     pub(crate) key: Option<Box<[u8]>>,
-    pub(crate) timestamp_ms: Option<i64>,
+    /// Its Kafka timestamp, in milliseconds since the Unix epoch.
+    pub timestamp_ms: Option<i64>,
     /// The event, or the raw record when it does not decode (rare: each
     /// join decodes it again for its own error item).
-    pub(crate) event: Result<Event, Raw>,
+    pub event: Result<Event, Raw>,
 }
 
 /// A record that is not a valid event, kept to report the error.
 #[derive(Debug)]
-pub(crate) struct Raw {
+pub struct Raw {
     headers: Vec<(String, Option<Vec<u8>>)>,
     payload: Option<Vec<u8>>,
 }
 
 impl Raw {
     /// Why the record is not a valid event.
-    pub(crate) fn error(&self) -> DecodeError {
+    pub fn error(&self) -> DecodeError {
         let headers = self.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref()));
         match record::decode(headers, self.payload.as_deref(), &decode_limits()) {
             Err(e) => e,
@@ -76,30 +79,35 @@ impl Raw {
 
 /// An item of a range read.
 #[derive(Debug)]
-pub(crate) enum Item {
+pub enum Item {
     /// A record of the requested key.
     Record(Arc<Rec>),
     /// Offsets `[from, to)` of the partition were not returned by the broker
     /// (deleted by retention or delete-records, compacted, or control
     /// records): the reader checks the low watermark.
-    Hole { from: i64, to: i64 },
+    Hole {
+        /// The first offset not returned.
+        from: i64,
+        /// The offset of the next record returned (or the end of the range).
+        to: i64,
+    },
 }
 
 /// How far a range read got; final once its channel is closed.
 #[derive(Debug)]
-pub(crate) struct Ticket {
+pub struct Ticket {
     checked: AtomicI64,
     failed: Mutex<Option<ReplayError>>,
 }
 
 impl Ticket {
     /// Every offset below this was delivered or is not of the key.
-    pub(crate) fn checked(&self) -> i64 {
+    pub fn checked(&self) -> i64 {
         self.checked.load(Ordering::SeqCst)
     }
 
     /// The error that ended the read, if one did.
-    pub(crate) fn take_error(&self) -> Option<ReplayError> {
+    pub fn take_error(&self) -> Option<ReplayError> {
         self.failed.lock().unwrap_or_else(PoisonError::into_inner).take()
     }
 
@@ -110,9 +118,12 @@ impl Ticket {
 
 /// A range read in progress: items until the channel closes, then the
 /// ticket says how far it got.
-pub(crate) struct Range {
-    pub(crate) rx: mpsc::Receiver<Item>,
-    pub(crate) ticket: Arc<Ticket>,
+#[derive(Debug)]
+pub struct Range {
+    /// The records of the key, in offset order, and the holes.
+    pub rx: mpsc::Receiver<Item>,
+    /// How far the read got, and the error that ended it, if any.
+    pub ticket: Arc<Ticket>,
 }
 
 /// Items a range read may have waiting before the join takes them.
@@ -273,14 +284,28 @@ struct Inner {
     poller_started: std::sync::Once,
 }
 
-/// The shared readers of one `CatchUp` (and its clones).
+/// The shared readers of one catch-up joiner (and its clones): one consumer
+/// for metadata and watermarks, one record consumer per topic (and its
+/// backfill readers), the watermark poller (see the module's description).
+/// Cheap to clone.
 #[derive(Clone)]
-pub(crate) struct History {
+pub struct History {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("History").field("config", &self.inner.config).finish_non_exhaustive()
+    }
+}
+
 impl History {
-    pub(crate) fn new(
+    /// Shared readers for `config`: watermarks polled every `poll_every`,
+    /// the latest `cache_records` records of each partition read kept in
+    /// memory, reads older than the cache served by `backfill_readers`
+    /// consumers per topic. Makes the metadata consumer; the others start
+    /// with the first read of their topic.
+    pub fn new(
         config: Arc<ReplayConfig>,
         poll_every: Duration,
         cache_records: usize,
@@ -306,7 +331,8 @@ impl History {
         Ok(Self { inner: Arc::new(inner) })
     }
 
-    pub(crate) fn stats(&self) -> HistoryStats {
+    /// Counters of the shared readers.
+    pub fn stats(&self) -> HistoryStats {
         self.inner.counters.snapshot()
     }
 
@@ -326,7 +352,7 @@ impl History {
 
     /// The partition count of `topic`, cached for a minute; a failure is
     /// kept for a back-off ([`CountCache`]).
-    pub(crate) async fn partition_count(&self, topic: &str) -> Result<i32, ReplayError> {
+    pub async fn partition_count(&self, topic: &str) -> Result<i32, ReplayError> {
         let t = topic.to_owned();
         let look_up = async {
             Counters::add(&self.inner.counters.metadata_lookups, 1);
@@ -337,7 +363,7 @@ impl History {
 
     /// The first offset whose timestamp is at or after `ts_ms` (the high
     /// watermark when there is none).
-    pub(crate) async fn offset_for_time(&self, tp: &Tp, ts_ms: i64) -> Result<Option<i64>, ReplayError> {
+    pub async fn offset_for_time(&self, tp: &Tp, ts_ms: i64) -> Result<Option<i64>, ReplayError> {
         Counters::add(&self.inner.counters.metadata_lookups, 1);
         let (t, p) = (tp.0.to_string(), tp.1);
         self.blocking(move |c, timeout| {
@@ -354,7 +380,7 @@ impl History {
 
     /// The partition's watermarks as polled: changes whenever a poll round
     /// sees them move. Keeping the receiver keeps the partition polled.
-    pub(crate) fn watch(&self, tp: &Tp) -> watch::Receiver<Marks> {
+    pub fn watch(&self, tp: &Tp) -> watch::Receiver<Marks> {
         self.start_poller();
         let mut watched = self.inner.watched.lock().unwrap_or_else(PoisonError::into_inner);
         watched
@@ -366,7 +392,7 @@ impl History {
 
     /// Watermarks read from the broker after this call: waits for the next
     /// poll round, which serves every caller waiting for it.
-    pub(crate) async fn fresh(&self, tp: &Tp) -> Result<Marks, ReplayError> {
+    pub async fn fresh(&self, tp: &Tp) -> Result<Marks, ReplayError> {
         self.start_poller();
         let (reply, rx) = oneshot::channel();
         {
@@ -389,7 +415,7 @@ impl History {
     }
 
     /// Read the records of `key` in `[from, to)` of a partition.
-    pub(crate) fn read(&self, tp: &Tp, from: i64, to: i64, key: Arc<[u8]>) -> Result<Range, ReplayError> {
+    pub fn read(&self, tp: &Tp, from: i64, to: i64, key: Arc<[u8]>) -> Result<Range, ReplayError> {
         Counters::add(&self.inner.counters.range_reads, 1);
         let (tx, rx) = mpsc::channel(RANGE_BUFFER);
         let ticket = Arc::new(Ticket { checked: AtomicI64::new(from), failed: Mutex::new(None) });

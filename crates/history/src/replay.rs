@@ -173,11 +173,9 @@ impl Replay {
     pub(crate) async fn resolve(&self, reader: &Reader, scope: &Scope) -> Result<Resolved, ReplayError> {
         let routing = &self.config.topic;
         let (topic, key, filter) = match scope {
-            Scope::Source(s) => (
-                routing.topic_for(s.source_type()),
-                Some(s.source_id().as_bytes().to_vec()),
-                Filter::Source(s.clone()),
-            ),
+            Scope::Source(s) => {
+                (routing.topic_for(s.source_type()), Some(s.source_id().as_bytes().to_vec()), Filter::Source(s.clone()))
+            }
             Scope::SourceType(t) => {
                 dualstream_core::Limits::lenient()
                     .check_source_type(t)

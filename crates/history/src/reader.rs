@@ -1,5 +1,5 @@
 //! A Kafka reader that assigns partitions itself (no consumer group, no
-//! commits), shared by the replay and the catch-up join.
+//! commits), for the replay; the watermark look-up the shared readers use too.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -101,15 +101,17 @@ pub(crate) fn watermarks_at_leader<C: rdkafka::consumer::ConsumerContext>(
 /// The watermarks of a partition: the first offset still stored and the
 /// offset the next record will get.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Marks {
-    pub(crate) low: i64,
-    pub(crate) high: i64,
+pub struct Marks {
+    /// The first offset still stored.
+    pub low: i64,
+    /// The offset the next record will get.
+    pub high: i64,
 }
 
 impl Marks {
     /// Watermarks made consistent: a broker that reports `low > high` (or
     /// negative values) gets `high = low`, never a panic.
-    pub(crate) fn sane(low: i64, high: i64) -> Self {
+    pub fn sane(low: i64, high: i64) -> Self {
         let low = low.max(0);
         Self { low, high: high.max(low) }
     }
@@ -154,11 +156,7 @@ struct Probe {
 impl Reader {
     pub(crate) fn new(config: &ReplayConfig) -> Result<Self, ReplayError> {
         let consumer: StreamConsumer = config.client_config()?.create()?;
-        Ok(Self {
-            consumer: Arc::new(consumer),
-            timeout: config.timeout(),
-            probes: Mutex::new(HashMap::new()),
-        })
+        Ok(Self { consumer: Arc::new(consumer), timeout: config.timeout(), probes: Mutex::new(HashMap::new()) })
     }
 
     fn timeout_ms(&self) -> u64 {
@@ -252,7 +250,13 @@ impl Reader {
         }
         probe.back = (probe.back * 4).max(64);
         let to = (probe.requested - probe.back).max(0);
-        tracing::debug!(partition, requested = probe.requested, first = offset, seek = to, "first record past the requested offset; reading from earlier");
+        tracing::debug!(
+            partition,
+            requested = probe.requested,
+            first = offset,
+            seek = to,
+            "first record past the requested offset; reading from earlier"
+        );
         self.consumer.seek(&probe.topic, partition, Offset::Offset(to), Duration::ZERO)?;
         Ok(false)
     }
@@ -264,7 +268,10 @@ impl Reader {
     pub(crate) async fn recv(&self, key: Option<&[u8]>) -> Result<Fetched, ReplayError> {
         match tokio::time::timeout(self.timeout, self.recv_follow(key)).await {
             Ok(r) => r,
-            Err(_) => Err(ReplayError::Timeout { what: "reading a record below the high watermark", timeout_ms: self.timeout_ms() }),
+            Err(_) => Err(ReplayError::Timeout {
+                what: "reading a record below the high watermark",
+                timeout_ms: self.timeout_ms(),
+            }),
         }
     }
 
