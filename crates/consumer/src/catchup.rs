@@ -15,7 +15,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::config::JoinConfig;
-use crate::hub::{Hub, HubError, LiveItem, LiveStream};
+use crate::error::HubError;
+use crate::hub::Hub;
+use crate::live::{LiveItem, LiveStream};
 
 /// One item of a join, in Kafka order.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -87,9 +87,12 @@
 //! `rdkafka` and `deadpool_redis` (for its `redis`) are not re-exported here;
 //! `dualstream-kafka` and `dualstream-redis` do.
 
+mod backoff;
 mod catchup;
 mod config;
+mod error;
 mod hub;
+mod live;
 mod shard_hub;
 
 pub use catchup::{CatchUp, Delivery, JoinError, JoinStream};
@@ -98,7 +101,9 @@ pub use dualstream_history::{
     partition_for_key, ConfigError, HistoryStats, Replay, ReplayConfig, ReplayError, ReplayRequest, ReplayStream,
     Replayed, Scope, StartAt, Until,
 };
-pub use hub::{Hub, HubError, HubStats, LiveItem, LiveStream, Target, MAX_TARGET_LEN};
+pub use error::HubError;
+pub use hub::Hub;
+pub use live::{HubStats, LiveItem, LiveStream, Target, MAX_TARGET_LEN};
 
 #[cfg(test)]
 mod tests;

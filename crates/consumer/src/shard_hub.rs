@@ -28,7 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config::{HubConfig, Overflow};
-use crate::hub::{announce_to, decode, deliver, fan_out, reconnect_delay, Cmd, HubStats, LiveItem, Slot, Target};
+use crate::backoff::reconnect_delay;
+use crate::live::{announce_to, decode, deliver, fan_out, Cmd, HubStats, LiveItem, Slot, Target};
 
 /// Hash slots of a Redis Cluster.
 const SLOTS: u16 = 16_384;

@@ -228,7 +228,7 @@ mod positionless {
 
     use super::testkit::{replay, sink};
     use crate::catchup::join_for_test;
-    use crate::hub::{LiveItem, LiveStream};
+    use crate::live::{LiveItem, LiveStream};
     use crate::*;
 
     /// Store `n` events alternating between sources u and v (u first).
