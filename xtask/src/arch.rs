@@ -26,6 +26,7 @@ mod tests {
     const PUBLISHER: &str = "dualstream-publisher";
     const BATCH: &str = "dualstream-batch";
     const HISTORY: &str = "dualstream-history";
+    const HUB: &str = "dualstream-hub";
     const CONSUMER: &str = "dualstream-consumer";
     const FACADE: &str = "dualstream";
     const GATEWAY: &str = "dualstream-gateway";
@@ -47,7 +48,8 @@ mod tests {
         Rule { package: PUBLISHER, may_use: &[CORE], never: NO_BROKER },
         Rule { package: BATCH, may_use: &[CORE, PUBLISHER], never: NO_BROKER },
         Rule { package: HISTORY, may_use: &[CORE, KAFKA], never: NO_REDIS },
-        Rule { package: CONSUMER, may_use: &[CORE, CHANNEL, HISTORY], never: NO_KAFKA },
+        Rule { package: HUB, may_use: &[CORE, CHANNEL], never: NO_KAFKA },
+        Rule { package: CONSUMER, may_use: &[CORE, HISTORY, HUB], never: NO_BROKER },
         Rule { package: FACADE, may_use: &[CORE, CHANNEL, KAFKA, REDIS, PUBLISHER, BATCH, CONSUMER], never: &[] },
         Rule { package: GATEWAY, may_use: &[CORE, CHANNEL, KAFKA, REDIS, PUBLISHER, BATCH, CONSUMER], never: NO_REDIS },
         Rule { package: "dualstream-tests", may_use: &[FACADE, GATEWAY], never: &[] },

@@ -10,14 +10,12 @@ use dualstream_core::{EventId, Notification, Position, Source};
 use dualstream_history::{
     partition_for_key, ConfigError, History, HistoryStats, Item, Marks, Replay, ReplayError, Replayed, StartAt, Tp,
 };
+use dualstream_hub::{Hub, HubError, LiveItem};
 use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::config::JoinConfig;
-use crate::error::HubError;
-use crate::hub::Hub;
-use crate::live::{LiveItem, LiveStream};
 
 /// One item of a join, in Kafka order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -240,7 +238,13 @@ impl CatchUp {
 /// A join of `source` from `next` in `tp`, fed by `live`, without the
 /// initial watermark look-up and with no idle check: the test drives it.
 #[cfg(test)]
-pub(crate) fn join_for_test(history: History, tp: Tp, source: Source, live: LiveStream, next: i64) -> JoinStream {
+pub(crate) fn join_for_test(
+    history: History,
+    tp: Tp,
+    source: Source,
+    live: impl Stream<Item = LiveItem> + Unpin + Send + 'static,
+    next: i64,
+) -> JoinStream {
     let (tx, rx) = mpsc::channel(256);
     let key: Arc<[u8]> = source.source_id().as_bytes().into();
     let watermarks = history.watch(&tp);
@@ -322,7 +326,15 @@ struct Joiner {
 }
 
 impl Joiner {
-    async fn run(mut self, mut live: LiveStream, mut marks: watch::Receiver<Marks>, high: i64, idle: Duration) {
+    /// The join's loop, on the items of `live`: a hub subscription (a test's
+    /// own stream in `join_for_test`).
+    async fn run(
+        mut self,
+        mut live: impl Stream<Item = LiveItem> + Unpin,
+        mut marks: watch::Receiver<Marks>,
+        high: i64,
+        idle: Duration,
+    ) {
         if self.scan_to(high).await.is_err() {
             return;
         }
@@ -347,6 +359,10 @@ impl Joiner {
                             let _ = self.send(Err(JoinError::Hub(HubError::Closed))).await;
                             return;
                         }
+                        // `LiveItem` is `non_exhaustive`: an item added to the
+                        // hub is taken as a possible gap until joins know it
+                        // (reading Kafka is never wrong). No such item exists.
+                        Some(_) => self.catch_up().await,
                     }
                 }
                 changed = marks.changed() => {

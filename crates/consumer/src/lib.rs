@@ -1,6 +1,12 @@
 //! The consuming side of dualstream: what WebSocket and SSE gateways, live
 //! dashboards and event processors need behind Redis.
 //!
+//! This crate is the catch-up join, [`CatchUp`]; it re-exports the public
+//! items of the two crates it composes, `dualstream-history` (the Kafka
+//! side: [`Replay`] and the shared readers) and `dualstream-hub` (the Redis
+//! side: [`Hub`]), so that one dependency gives all three. Depend on either
+//! of those alone for one side without the other's broker client.
+//!
 //! - [`Replay`]: read events back from Kafka (docs/design.md,
 //!   "Replay") from an offset, a timestamp or the last N events, for one
 //!   source (only its partition is read) or for all, as a bounded-memory
@@ -85,25 +91,20 @@
 //! ```
 //!
 //! `rdkafka` and `deadpool_redis` (for its `redis`) are not re-exported here;
-//! `dualstream-kafka` and `dualstream-redis` do.
+//! `dualstream-kafka` and `dualstream-redis` do. The hub's configuration
+//! errors are `dualstream_hub::ConfigError`; [`ConfigError`] here is the
+//! replay's and the join's.
 
-mod backoff;
 mod catchup;
 mod config;
-mod error;
-mod hub;
-mod live;
-mod shard_hub;
 
 pub use catchup::{CatchUp, Delivery, JoinError, JoinStream};
-pub use config::{HubConfig, JoinConfig, Overflow};
+pub use config::JoinConfig;
 pub use dualstream_history::{
     partition_for_key, ConfigError, HistoryStats, Replay, ReplayConfig, ReplayError, ReplayRequest, ReplayStream,
     Replayed, Scope, StartAt, Until,
 };
-pub use error::HubError;
-pub use hub::Hub;
-pub use live::{HubStats, LiveItem, LiveStream, Target, MAX_TARGET_LEN};
+pub use dualstream_hub::{Hub, HubConfig, HubError, HubStats, LiveItem, LiveStream, Overflow, Target, MAX_TARGET_LEN};
 
 #[cfg(test)]
 mod tests;

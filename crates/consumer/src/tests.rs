@@ -1,46 +1,8 @@
-//! Unit tests against librdkafka's in-process `MockCluster` (the joins), and
-//! the hub's delivery rule without Redis.
-
-use std::time::Duration;
-
-use futures::StreamExt;
-
-use crate::*;
+//! Unit tests of the joins against librdkafka's in-process `MockCluster`.
 
 /// The history crate's `MockCluster` helpers.
 #[path = "../../history/src/testkit.rs"]
 mod testkit;
-
-#[tokio::test]
-async fn hub_rejects_bad_targets_with_the_field() {
-    let hub = Hub::new(HubConfig { url: "redis://127.0.0.1:1".into(), ..HubConfig::default() }).expect("hub");
-    let e = hub.subscribe(Target::Channel(String::new())).await.err();
-    assert!(matches!(e, Some(HubError::InvalidTarget { field: "channel", .. })), "{e:?}");
-    let e = hub.subscribe(Target::Pattern("x".repeat(MAX_TARGET_LEN + 1))).await.err();
-    assert!(matches!(e, Some(HubError::InvalidTarget { field: "pattern", .. })), "{e:?}");
-    assert!(matches!(hub.subscribe_source_type("a:b").await, Err(HubError::Channel(_))));
-}
-
-#[test]
-fn hub_outside_a_runtime_is_a_typed_error() {
-    assert!(matches!(Hub::new(HubConfig::default()), Err(HubError::NoRuntime)));
-}
-
-#[tokio::test]
-async fn an_unreachable_redis_is_reported_to_the_subscriber() {
-    // Nothing listens on port 1: the subscription starts disconnected.
-    let hub = Hub::new(HubConfig { url: "redis://127.0.0.1:1".into(), timeout_ms: 100, ..HubConfig::default() })
-        .expect("hub");
-    let mut s = hub.subscribe(Target::Channel("events:user:a".into())).await.expect("registered");
-    let first = tokio::time::timeout(Duration::from_secs(5), s.next()).await.expect("an item");
-    assert_eq!(first, Some(LiveItem::Disconnected));
-    let stats = hub.stats().await.expect("stats");
-    assert!(!stats.connected);
-    assert_eq!((stats.channels, stats.subscribers), (1, 1));
-    drop(s);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(hub.stats().await.expect("stats").channels, 0, "released with its last subscriber");
-}
 
 /// librdkafka's mock broker keeps at most 5 MiB per partition and deletes the
 /// oldest batches beyond it: a real deleted range at the head of the log.
@@ -221,15 +183,18 @@ mod positionless {
     use std::time::Duration;
 
     use dualstream_core::{DurableSink, Event, Notification, Position, Source};
+    use dualstream_history::History;
     use futures::StreamExt;
     use rdkafka::mocking::MockCluster;
 
-    use dualstream_history::History;
-
     use super::testkit::{replay, sink};
     use crate::catchup::join_for_test;
-    use crate::live::{LiveItem, LiveStream};
     use crate::*;
+
+    /// Hand the join a live notification, as the hub would.
+    async fn feed(slot: &tokio::sync::mpsc::Sender<LiveItem>, n: Notification) {
+        slot.send(LiveItem::Notification(Arc::new(n))).await.expect("the join is there");
+    }
 
     /// Store `n` events alternating between sources u and v (u first).
     async fn store(sink: &dualstream_kafka::KafkaSink, n: usize) -> Vec<(Event, Position)> {
@@ -285,24 +250,26 @@ mod positionless {
         let history =
             History::new(Arc::new(replay(&brokers, "t").config().clone()), Duration::from_secs(3_600), 4_096, 2)
                 .expect("history");
-        let (slot, live) = LiveStream::for_test(16);
+        // The hub's side of the join: a stream the test feeds.
+        let (slot, rx) = tokio::sync::mpsc::channel(16);
+        let live = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }).boxed();
         let u = Source::new("user", "u").expect("valid");
         let mut join = join_for_test(history, (Arc::from("t"), 0), u, live, 0);
 
         let first = store(&sink, 6).await;
-        slot.send_for_test(LiveItem::Notification(Arc::new(Notification::for_event(&first[4].0, None)))).await;
+        feed(&slot, Notification::for_event(&first[4].0, None)).await;
         assert_eq!(take(&mut join, &first).await, history_of(&first), "no position: u's events read from Kafka");
 
         let second = store(&sink, 3).await;
         let unknown = Position::new("t", 0, Position::UNKNOWN_OFFSET);
         let n = Notification::for_event(&second[2].0, Some(unknown));
-        slot.send_for_test(LiveItem::Notification(Arc::new(n))).await;
+        feed(&slot, n).await;
         assert_eq!(take(&mut join, &second).await, history_of(&second), "unknown offset: u's events read from Kafka");
 
         // A positioned notification comes next, live: nothing came between.
         let third = store(&sink, 1).await;
         let n = Notification::for_event(&third[0].0, Some(third[0].1.clone()));
-        slot.send_for_test(LiveItem::Notification(Arc::new(n.clone()))).await;
+        feed(&slot, n.clone()).await;
         assert_eq!(next_item(&mut join).await, Delivery::Live(n));
     }
 }

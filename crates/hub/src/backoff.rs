@@ -33,8 +33,7 @@ mod tests {
     fn each_wait_is_drawn_between_half_the_backoff_and_the_backoff() {
         for attempt in 0..8 {
             let backoff = backoff_ms(100, 2_000, attempt);
-            let draws: Vec<u64> =
-                (0..1_000).map(|_| reconnect_delay(100, 2_000, attempt).as_millis() as u64).collect();
+            let draws: Vec<u64> = (0..1_000).map(|_| reconnect_delay(100, 2_000, attempt).as_millis() as u64).collect();
             assert!(draws.iter().all(|d| (backoff / 2..=backoff).contains(d)), "attempt {attempt}: {draws:?}");
             let distinct: std::collections::HashSet<u64> = draws.iter().copied().collect();
             assert!(distinct.len() > 10, "attempt {attempt}: jittered, {} distinct waits", distinct.len());

@@ -24,14 +24,13 @@ use deadpool_redis::redis::{
 };
 use dualstream_channel::ChannelNamer;
 use dualstream_core::Source;
-use dualstream_history::ConfigError;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::backoff::reconnect_delay;
-use crate::config::{HubConfig, Overflow};
+use crate::config::{ConfigError, HubConfig, Overflow};
 use crate::error::HubError;
 use crate::live::{
     announce_to, decode, deliver, fan_out, subscriber, Cmd, HubStats, LiveItem, LiveStream, Slot, Target,
@@ -393,7 +392,6 @@ impl Task {
             }
         }
     }
-
 
     fn dispatch(&mut self, msg: &Msg) {
         self.stats.received += 1;

@@ -27,8 +27,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::config::{HubConfig, Overflow};
 use crate::backoff::reconnect_delay;
+use crate::config::{HubConfig, Overflow};
 use crate::live::{announce_to, decode, deliver, fan_out, Cmd, HubStats, LiveItem, Slot, Target};
 
 /// Hash slots of a Redis Cluster.
@@ -172,7 +172,8 @@ async fn fetch_slots(node: &str, auth: &Auth, timeout: Duration) -> Result<SlotM
         write.write_all(&encode([&b"CLUSTER"[..], b"SLOTS"])).await.map_err(|e| e.to_string())?;
         read_value(&mut read).await.map_err(|e| e.to_string())
     };
-    let reply = tokio::time::timeout(timeout, ask).await.map_err(|_| format!("{node}: no answer within {timeout:?}"))??;
+    let reply =
+        tokio::time::timeout(timeout, ask).await.map_err(|_| format!("{node}: no answer within {timeout:?}"))??;
     let Resp::Array(Some(ranges)) = reply else { return Err(format!("{node}: CLUSTER SLOTS answered {reply:?}")) };
     let mut map = Vec::new();
     for range in ranges {
@@ -210,14 +211,36 @@ enum NodeCmd {
 /// node's connections, so that news of an older one is recognised.
 #[derive(Debug)]
 enum NodeEvent {
-    Up { node: String, conn: u64 },
+    Up {
+        node: String,
+        conn: u64,
+    },
     /// The connection was lost, or (`conn` 0) could not be made.
-    Down { node: String, conn: u64 },
-    Confirmed { node: String, conn: u64, channel: String },
-    Refused { node: String, conn: u64, channels: Vec<String>, error: String },
+    Down {
+        node: String,
+        conn: u64,
+    },
+    Confirmed {
+        node: String,
+        conn: u64,
+        channel: String,
+    },
+    Refused {
+        node: String,
+        conn: u64,
+        channels: Vec<String>,
+        error: String,
+    },
     /// A `sunsubscribe` the hub did not ask for: the slot moved.
-    Dropped { node: String, conn: u64, channel: String },
-    Message { channel: String, payload: Vec<u8> },
+    Dropped {
+        node: String,
+        conn: u64,
+        channel: String,
+    },
+    Message {
+        channel: String,
+        payload: Vec<u8>,
+    },
     Slots(Result<SlotMap, String>),
 }
 
@@ -585,12 +608,12 @@ impl ShardTask {
         let mut seeds: Vec<(bool, String)> = self.nodes.iter().map(|(a, n)| (n.conn.is_none(), a.clone())).collect();
         seeds.sort();
         let mut seeds: Vec<String> = seeds.into_iter().map(|(_, a)| a).collect();
-        seeds.extend(self.config.cluster_urls.iter().filter_map(|u| {
-            match u.as_str().into_connection_info().ok()?.addr() {
+        seeds.extend(self.config.cluster_urls.iter().filter_map(
+            |u| match u.as_str().into_connection_info().ok()?.addr() {
                 deadpool_redis::redis::ConnectionAddr::Tcp(host, port) => Some(format!("{host}:{port}")),
                 _ => None,
-            }
-        }));
+            },
+        ));
         let (auth, timeout, events) = (self.auth.clone(), self.timing.timeout, self.events_tx.clone());
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -742,9 +765,8 @@ impl ShardTask {
             }
             Cmd::Stats { reply } => {
                 let mut s = self.stats;
-                let up = |c: &Channel| {
-                    c.node.as_ref().and_then(|n| self.nodes.get(n)).is_some_and(|n| n.conn.is_some())
-                };
+                let up =
+                    |c: &Channel| c.node.as_ref().and_then(|n| self.nodes.get(n)).is_some_and(|n| n.conn.is_some());
                 s.connected = self.slots.is_some() && self.channels.values().all(up);
                 s.channels = self.channels.len();
                 s.patterns = 0;
@@ -789,9 +811,8 @@ impl ShardTask {
                     self.stats.disconnects += 1;
                     tracing::warn!(%node, "hub lost a Redis Cluster node; reconnecting");
                 }
-                let on_node = |(name, c): (&String, &Channel)| {
-                    (c.node.as_deref() == Some(node.as_str())).then(|| name.clone())
-                };
+                let on_node =
+                    |(name, c): (&String, &Channel)| (c.node.as_deref() == Some(node.as_str())).then(|| name.clone());
                 let names: Vec<String> = self.channels.iter().filter_map(on_node).collect();
                 for name in &names {
                     self.lose(name);

@@ -1,6 +1,6 @@
 //! Why a hub call failed.
 
-use dualstream_history::ConfigError;
+use crate::config::ConfigError;
 
 /// Why a hub call failed.
 #[derive(Debug, thiserror::Error)]

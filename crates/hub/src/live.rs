@@ -139,11 +139,6 @@ impl Slot {
     pub(crate) fn for_test(tx: mpsc::Sender<LiveItem>) -> Self {
         Self { tx, lag: Arc::default(), awaiting_gap: false }
     }
-
-    /// Hand the subscriber an item as the hub would, waiting for room.
-    pub(crate) async fn send_for_test(&self, item: LiveItem) {
-        self.tx.send(item).await.expect("the subscriber is there");
-    }
 }
 
 #[cfg(test)]
