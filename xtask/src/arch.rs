@@ -48,7 +48,7 @@ mod tests {
         Rule { package: PUBLISHER, may_use: &[CORE], never: NO_BROKER },
         Rule { package: BATCH, may_use: &[CORE, PUBLISHER], never: NO_BROKER },
         Rule { package: HISTORY, may_use: &[CORE, KAFKA], never: NO_REDIS },
-        Rule { package: HUB, may_use: &[CORE, CHANNEL], never: NO_KAFKA },
+        Rule { package: HUB, may_use: &[CORE, CHANNEL, REDIS], never: NO_KAFKA },
         Rule { package: CONSUMER, may_use: &[CORE, HISTORY, HUB], never: NO_BROKER },
         Rule { package: FACADE, may_use: &[CORE, CHANNEL, KAFKA, REDIS, PUBLISHER, BATCH, CONSUMER], never: &[] },
         Rule { package: GATEWAY, may_use: &[CORE, CHANNEL, KAFKA, REDIS, PUBLISHER, BATCH, CONSUMER], never: NO_REDIS },

@@ -241,20 +241,6 @@ impl ChannelNamer {
     }
 }
 
-/// Check the node URLs of a Redis Cluster configuration (`cluster_urls` of
-/// the notifier and of the hub): `database_of(url)` parses one URL into the
-/// database it selects, or says why it is not a Redis URL. A cluster has
-/// database 0 only. The error names the entry.
-pub fn check_cluster_urls(urls: &[String], database_of: impl Fn(&str) -> Result<i64, String>) -> Result<(), String> {
-    for (i, url) in urls.iter().enumerate() {
-        let db = database_of(url).map_err(|e| format!("entry {i} ({url:?}): {e}"))?;
-        if db != 0 {
-            return Err(format!("entry {i} ({url:?}) selects database {db}: a cluster has database 0 only"));
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod glob_model;
 #[cfg(test)]

@@ -102,10 +102,8 @@ impl HubConfig {
             .as_str()
             .into_connection_info()
             .map_err(|e| ConfigError::Invalid { field: "url", reason: e.to_string() })?;
-        dualstream_channel::check_cluster_urls(&self.cluster_urls, |url| {
-            url.into_connection_info().map(|i| i.redis_settings().db()).map_err(|e| e.to_string())
-        })
-        .map_err(|reason| ConfigError::Invalid { field: "cluster_urls", reason })?;
+        dualstream_redis::check_cluster_urls(&self.cluster_urls)
+            .map_err(|reason| ConfigError::Invalid { field: "cluster_urls", reason })?;
         dualstream_channel::ChannelNamer::with_prefix(self.channel_prefix.clone())
             .map_err(|e| ConfigError::Invalid { field: "channel_prefix", reason: e.to_string() })?;
         check_range("subscriber_buffer", self.subscriber_buffer as u64, 1, 16_777_216)?;

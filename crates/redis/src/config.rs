@@ -120,10 +120,8 @@ impl RedisNotifierConfig {
             .as_str()
             .into_connection_info()
             .map_err(|e| ConfigError::Invalid { field: "url", reason: e.to_string() })?;
-        dualstream_channel::check_cluster_urls(&self.cluster_urls, |url| {
-            url.into_connection_info().map(|i| i.redis_settings().db()).map_err(|e| e.to_string())
-        })
-        .map_err(|reason| ConfigError::Invalid { field: "cluster_urls", reason })?;
+        check_cluster_urls(&self.cluster_urls)
+            .map_err(|reason| ConfigError::Invalid { field: "cluster_urls", reason })?;
         check_range("timeout_ms", self.timeout_ms, 1, 60_000)?;
         check_range("timeout_per_notification_us", self.timeout_per_notification_us, 0, 10_000)?;
         check_range("connect_timeout_ms", self.connect_timeout_ms, 1, 60_000)?;
@@ -135,4 +133,23 @@ impl RedisNotifierConfig {
             .map_err(|e| ConfigError::Invalid { field: "channel_prefix", reason: e.to_string() })?;
         Ok(())
     }
+}
+
+/// Check the node URLs of a Redis Cluster configuration (`cluster_urls` of
+/// the notifier, and of `dualstream-hub`'s hub): each must be a Redis URL,
+/// and select database 0, the only one a cluster has. The error names the
+/// entry.
+pub fn check_cluster_urls(urls: &[String]) -> Result<(), String> {
+    use deadpool_redis::redis::IntoConnectionInfo;
+    for (i, url) in urls.iter().enumerate() {
+        let db = url
+            .as_str()
+            .into_connection_info()
+            .map(|info| info.redis_settings().db())
+            .map_err(|e| format!("entry {i} ({url:?}): {e}"))?;
+        if db != 0 {
+            return Err(format!("entry {i} ({url:?}) selects database {db}: a cluster has database 0 only"));
+        }
+    }
+    Ok(())
 }

@@ -45,7 +45,7 @@ mod notifier;
 mod tests;
 
 pub use breaker::{Admit, Breaker, BreakerState, Ticket};
-pub use config::{BreakerConfig, ConfigError, RedisNotifierConfig};
+pub use config::{check_cluster_urls, BreakerConfig, ConfigError, RedisNotifierConfig};
 pub use notifier::{NotifierStats, RedisNotifier};
 
 pub use deadpool_redis;

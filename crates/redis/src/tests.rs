@@ -1,6 +1,9 @@
 use std::time::{Duration, Instant};
 
-use crate::{Admit, Breaker, BreakerConfig, BreakerState, ConfigError, RedisNotifier, RedisNotifierConfig, Ticket};
+use crate::{
+    check_cluster_urls, Admit, Breaker, BreakerConfig, BreakerState, ConfigError, RedisNotifier, RedisNotifierConfig,
+    Ticket,
+};
 
 fn breaker() -> Breaker {
     Breaker::new(BreakerConfig { failure_threshold: 3, open_min_ms: 100, open_max_ms: 400 }, Duration::from_secs(1))
@@ -172,6 +175,17 @@ fn outcomes_from_an_earlier_closed_episode_are_ignored() {
     b.on_failure(c, t1);
     assert!(!b.on_failure(ancient, t1), "a failure from before the last episode does not count");
     assert_eq!(b.state(), BreakerState::Closed);
+}
+
+/// The notifier's and the hub's `cluster_urls`: Redis URLs of database 0,
+/// the error naming the entry.
+#[test]
+fn cluster_urls_are_checked_entry_by_entry() {
+    assert_eq!(check_cluster_urls(&["redis://h:1".into(), "redis://h:2/0".into()]), Ok(()));
+    let e = check_cluster_urls(&["redis://h:1".into(), "redis://h:2/3".into()]).expect_err("database 3");
+    assert_eq!(e, r#"entry 1 ("redis://h:2/3") selects database 3: a cluster has database 0 only"#);
+    let e = check_cluster_urls(&["nope://".into()]).expect_err("not a Redis URL");
+    assert!(e.starts_with(r#"entry 0 ("nope://"): "#), "{e}");
 }
 
 #[test]
