@@ -14,15 +14,24 @@
 //!   subscribers are told `Disconnected`, the slot map is read again
 //!   (`CLUSTER SLOTS`) and the channel subscribed on the slot's owner, then
 //!   `Gap`.
+//!
+//! redis-rs parses the replies (`parse_redis_value_async`), packs the
+//! commands (`redis::cmd`) and computes a channel's slot (`Slot::for_key`,
+//! as the notifier's cluster connection routes). The connections, their
+//! timeouts and reconnection are the hub's own: redis-rs's cluster
+//! connection (`ssubscribe`, RESP3 only) resubscribes by itself, with one
+//! `SSUBSCRIBE` across slots, which Redis refuses (docs/operations.md,
+//! "Redis Cluster"), and its `aio::PubSub` has no `SSUBSCRIBE`.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use deadpool_redis::redis::IntoConnectionInfo;
-use futures::future::BoxFuture;
-use futures::FutureExt;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use deadpool_redis::redis::{self, IntoConnectionInfo, RedisResult, Value};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -34,106 +43,67 @@ use crate::live::{announce_to, decode, deliver, fan_out, Cmd, HubStats, LiveItem
 /// Hash slots of a Redis Cluster.
 const SLOTS: u16 = 16_384;
 
-/// The hash slot of a key or channel: CRC16 (XMODEM) of its hash tag (the
-/// part between the first `{` and the next `}`, if not empty) or of the
-/// whole name, modulo 16,384, as Redis computes it.
+/// The hash slot of a key or channel, as Redis computes it (CRC16 of its
+/// hash tag, the part between the first `{` and the next `}` if not empty,
+/// or of the whole name, modulo 16,384): redis-rs's `Slot::for_key`, by
+/// which the notifier's cluster connection routes each `SPUBLISH`, so the
+/// hub subscribes where the notifier publishes. redis-rs keeps a slot's
+/// number to itself, and the hub compares it with the ranges of `CLUSTER
+/// SLOTS`: it is looked up in a table of every slot, made once.
 pub(crate) fn slot_of(name: &[u8]) -> u16 {
-    let tagged = name
-        .iter()
-        .position(|&b| b == b'{')
-        .and_then(|open| {
-            let rest = &name[open + 1..];
-            rest.iter().position(|&b| b == b'}').map(|close| &rest[..close])
-        })
-        .filter(|tag| !tag.is_empty());
-    let mut crc: u16 = 0;
-    for &byte in tagged.unwrap_or(name) {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
-        }
-    }
-    crc % SLOTS
-}
-
-/// A RESP2 value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Resp {
-    Simple(String),
-    Error(String),
-    Int(i64),
-    Bulk(Option<Vec<u8>>),
-    Array(Option<Vec<Resp>>),
-}
-
-impl Resp {
-    fn bytes(&self) -> Option<&[u8]> {
-        match self {
-            Resp::Bulk(Some(b)) => Some(b),
-            Resp::Simple(s) => Some(s.as_bytes()),
-            _ => None,
-        }
-    }
+    use redis::cluster_routing::Slot as KeySlot;
+    static NUMBERS: OnceLock<HashMap<KeySlot, u16>> = OnceLock::new();
+    let numbers = NUMBERS.get_or_init(|| (0..SLOTS).filter_map(|n| KeySlot::new(n).map(|slot| (slot, n))).collect());
+    numbers.get(&KeySlot::for_key(name)).copied().expect("a key's slot is one of 0..16,384")
 }
 
 fn bad(what: impl Into<String>) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, what.into())
 }
 
-/// Read one RESP2 value. Not cancel-safe: it runs in a reader task of its
-/// own.
-fn read_value<R: AsyncBufRead + Unpin + Send>(r: &mut R) -> BoxFuture<'_, std::io::Result<Resp>> {
-    async move {
-        let mut line = Vec::new();
-        if r.read_until(b'\n', &mut line).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+/// The values a connection's read half brings, parsed by redis-rs's RESP
+/// parser (`parse_redis_value_async`, whose state keeps what was read past
+/// a value); the stream ends after its first error (the connection closed
+/// or broken).
+type Values = BoxStream<'static, RedisResult<Value>>;
+
+fn values(read: impl AsyncRead + Unpin + Send + 'static) -> Values {
+    futures::stream::unfold(Some((read, Default::default())), |state| async move {
+        let (mut read, mut parser) = state?;
+        match redis::parse_redis_value_async(&mut parser, &mut read).await {
+            Ok(value) => Some((Ok(value), Some((read, parser)))),
+            Err(e) => Some((Err(e), None)),
         }
-        let text = line.strip_suffix(b"\r\n").ok_or_else(|| bad("line without CRLF"))?;
-        let (&kind, rest) = text.split_first().ok_or_else(|| bad("empty line"))?;
-        let rest = String::from_utf8_lossy(rest).into_owned();
-        let number = || rest.parse::<i64>().map_err(|_| bad(format!("bad number {rest:?}")));
-        Ok(match kind {
-            b'+' => Resp::Simple(rest),
-            b'-' => Resp::Error(rest),
-            b':' => Resp::Int(number()?),
-            b'$' => match usize::try_from(number()?) {
-                Err(_) => Resp::Bulk(None),
-                Ok(len) => {
-                    let mut buf = vec![0; len + 2];
-                    r.read_exact(&mut buf).await?;
-                    buf.truncate(len);
-                    Resp::Bulk(Some(buf))
-                }
-            },
-            b'*' => match usize::try_from(number()?) {
-                Err(_) => Resp::Array(None),
-                Ok(len) => {
-                    let mut items = Vec::with_capacity(len.min(1_024));
-                    for _ in 0..len {
-                        items.push(read_value(r).await?);
-                    }
-                    Resp::Array(Some(items))
-                }
-            },
-            other => return Err(bad(format!("unknown RESP type {:?}", other as char))),
-        })
-    }
+    })
     .boxed()
 }
 
-/// A command in RESP.
-fn encode<'a>(args: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
-    let args: Vec<&[u8]> = args.into_iter().collect();
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
+/// The next value of a connection, or why there is none.
+async fn next_value(values: &mut Values) -> std::io::Result<Value> {
+    match values.next().await {
+        Some(Ok(value)) => Ok(value),
+        Some(Err(e)) => Err(bad(e.to_string())),
+        None => Err(std::io::ErrorKind::UnexpectedEof.into()),
     }
-    out
 }
 
-type Reader = BufReader<OwnedReadHalf>;
+/// A server's error as it sent it (`MOVED 3999 127.0.0.1:6381`): redis-rs
+/// splits it into a code and the rest.
+fn error_text(e: &redis::ServerError) -> String {
+    match e.details() {
+        Some(details) => format!("{} {details}", e.code()),
+        None => e.code().to_owned(),
+    }
+}
+
+/// A bulk or simple string's bytes.
+fn bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
 
 /// Credentials from the first cluster URL, sent with `AUTH` on every
 /// connection.
@@ -144,17 +114,19 @@ struct Auth {
 }
 
 /// A connection to `node` (`host:port`), authenticated, within `timeout`.
-async fn connect(node: &str, auth: &Auth, timeout: Duration) -> std::io::Result<(Reader, OwnedWriteHalf)> {
+async fn connect(node: &str, auth: &Auth, timeout: Duration) -> std::io::Result<(Values, OwnedWriteHalf)> {
     let made = async {
         let (read, mut write) = TcpStream::connect(node).await?.into_split();
-        let mut read = BufReader::new(read);
+        let mut read = values(read);
         if let Some(password) = &auth.password {
-            let mut args: Vec<&[u8]> = vec![b"AUTH"];
-            args.extend(auth.username.as_deref().map(str::as_bytes));
-            args.push(password.as_bytes());
-            write.write_all(&encode(args)).await?;
-            if let Resp::Error(e) = read_value(&mut read).await? {
-                return Err(bad(format!("AUTH: {e}")));
+            let mut command = redis::cmd("AUTH");
+            if let Some(username) = &auth.username {
+                command.arg(username);
+            }
+            command.arg(password);
+            write.write_all(&command.get_packed_command()).await?;
+            if let Value::ServerError(e) = next_value(&mut read).await? {
+                return Err(bad(format!("AUTH: {}", error_text(&e))));
             }
         }
         Ok((read, write))
@@ -169,18 +141,18 @@ type SlotMap = Vec<(u16, u16, String)>;
 async fn fetch_slots(node: &str, auth: &Auth, timeout: Duration) -> Result<SlotMap, String> {
     let ask = async {
         let (mut read, mut write) = connect(node, auth, timeout).await.map_err(|e| e.to_string())?;
-        write.write_all(&encode([&b"CLUSTER"[..], b"SLOTS"])).await.map_err(|e| e.to_string())?;
-        read_value(&mut read).await.map_err(|e| e.to_string())
+        write.write_all(&redis::cmd("CLUSTER").arg("SLOTS").get_packed_command()).await.map_err(|e| e.to_string())?;
+        next_value(&mut read).await.map_err(|e| e.to_string())
     };
     let reply =
         tokio::time::timeout(timeout, ask).await.map_err(|_| format!("{node}: no answer within {timeout:?}"))??;
-    let Resp::Array(Some(ranges)) = reply else { return Err(format!("{node}: CLUSTER SLOTS answered {reply:?}")) };
+    let Value::Array(ranges) = reply else { return Err(format!("{node}: CLUSTER SLOTS answered {reply:?}")) };
     let mut map = Vec::new();
     for range in ranges {
-        let Resp::Array(Some(fields)) = range else { continue };
-        if let [Resp::Int(lo), Resp::Int(hi), Resp::Array(Some(master)), ..] = fields.as_slice() {
-            if let [host, Resp::Int(port), ..] = master.as_slice() {
-                let host = String::from_utf8_lossy(host.bytes().unwrap_or_default()).into_owned();
+        let Value::Array(fields) = range else { continue };
+        if let [Value::Int(lo), Value::Int(hi), Value::Array(master), ..] = fields.as_slice() {
+            if let [host, Value::Int(port), ..] = master.as_slice() {
+                let host = String::from_utf8_lossy(bytes(host).unwrap_or_default()).into_owned();
                 // An empty host means "the address you reached me at".
                 let host = match node.rsplit_once(':') {
                     Some((reached, _)) if host.is_empty() => reached.to_owned(),
@@ -317,21 +289,22 @@ async fn node_task(
 }
 
 /// Serve one connection until it is lost (`false`) or the shard task is
-/// gone (`true`). Values are read in a task of their own (reading is not
-/// cancel-safe); a command or ping unanswered for `timeout` while nothing
-/// else arrived either gives the connection up.
+/// gone (`true`). Values are read in a task of their own, which hands at
+/// most 1,024 on (past that the socket is not read); a command or ping
+/// unanswered for `timeout` while nothing else arrived either gives the
+/// connection up.
 async fn serve_node(
     node: &str,
     conn: u64,
-    mut read: BufReader<OwnedReadHalf>,
+    mut read: Values,
     mut write: OwnedWriteHalf,
     timing: Timing,
     cmds: &mut mpsc::UnboundedReceiver<NodeCmd>,
     events: &mpsc::Sender<NodeEvent>,
 ) -> bool {
-    let (values_tx, mut values) = mpsc::channel::<Resp>(1_024);
+    let (values_tx, mut values) = mpsc::channel::<Value>(1_024);
     let reader = tokio::spawn(async move {
-        while let Ok(v) = read_value(&mut read).await {
+        while let Some(Ok(v)) = read.next().await {
             if values_tx.send(v).await.is_err() {
                 return;
             }
@@ -366,8 +339,8 @@ async fn serve_node(
                 let now = Instant::now();
                 let (bytes, w) = match cmd {
                     None => return true,
-                    Some(NodeCmd::Subscribe(c)) => (sub_command(b"SSUBSCRIBE", &c), Waiting::Subscribe(c, now)),
-                    Some(NodeCmd::Unsubscribe(c)) => (sub_command(b"SUNSUBSCRIBE", &c), Waiting::Unsubscribe(c, now)),
+                    Some(NodeCmd::Subscribe(c)) => (sub_command("SSUBSCRIBE", &c), Waiting::Subscribe(c, now)),
+                    Some(NodeCmd::Unsubscribe(c)) => (sub_command("SUNSUBSCRIBE", &c), Waiting::Unsubscribe(c, now)),
                 };
                 if !write_bounded(&mut write, &bytes, timing.timeout).await {
                     return false;
@@ -382,7 +355,7 @@ async fn serve_node(
                 }
                 let pinging = waiting.iter().any(|w| matches!(w, Waiting::Ping(_)));
                 if !pinging && last_ping + timing.ping_interval <= now {
-                    if !write_bounded(&mut write, &encode([&b"PING"[..]]), timing.timeout).await {
+                    if !write_bounded(&mut write, &redis::cmd("PING").get_packed_command(), timing.timeout).await {
                         return false;
                     }
                     last_ping = now;
@@ -406,8 +379,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn sub_command(verb: &'static [u8], channels: &[String]) -> Vec<u8> {
-    encode(std::iter::once(verb).chain(channels.iter().map(String::as_bytes)))
+/// `SSUBSCRIBE` or `SUNSUBSCRIBE` of `channels`, packed by redis-rs.
+fn sub_command(verb: &'static str, channels: &[String]) -> Vec<u8> {
+    redis::cmd(verb).arg(channels).get_packed_command()
 }
 
 /// Handle one value from a master: the events for the shard task go to
@@ -415,7 +389,7 @@ fn sub_command(verb: &'static [u8], channels: &[String]) -> Vec<u8> {
 fn on_value(
     node: &str,
     conn: u64,
-    v: Resp,
+    v: Value,
     waiting: &mut std::collections::VecDeque<Waiting>,
     out: &mut Vec<NodeEvent>,
 ) -> bool {
@@ -426,13 +400,13 @@ fn on_value(
     let name_of = node;
     let node = || name_of.to_owned();
     match v {
-        Resp::Array(Some(items)) => {
-            let kind = items.first().and_then(Resp::bytes).map(<[u8]>::to_ascii_lowercase).unwrap_or_default();
-            let name = items.get(1).and_then(Resp::bytes).map(|b| String::from_utf8_lossy(b).into_owned());
+        Value::Array(items) => {
+            let kind = items.first().and_then(bytes).map(<[u8]>::to_ascii_lowercase).unwrap_or_default();
+            let name = items.get(1).and_then(bytes).map(|b| String::from_utf8_lossy(b).into_owned());
             match (kind.as_slice(), name) {
                 (b"smessage", Some(channel)) => {
                     let payload = match items.get(2) {
-                        Some(Resp::Bulk(Some(p))) => p.clone(),
+                        Some(Value::BulkString(p)) => p.clone(),
                         _ => Vec::new(),
                     };
                     send(NodeEvent::Message { channel, payload })
@@ -467,17 +441,19 @@ fn on_value(
                 _ => true,
             }
         }
-        Resp::Simple(_) => {
+        Value::SimpleString(_) | Value::Okay => {
             // PONG on a connection with no subscription.
             if matches!(waiting.front(), Some(Waiting::Ping(_))) {
                 waiting.pop_front();
             }
             true
         }
-        Resp::Error(error) => match waiting.pop_front() {
-            Some(Waiting::Subscribe(channels, _)) => send(NodeEvent::Refused { node: node(), conn, channels, error }),
-            Some(Waiting::Unsubscribe(..)) => true,
-            Some(Waiting::Ping(_)) | None => {
+        Value::ServerError(e) => match (waiting.pop_front(), error_text(&e)) {
+            (Some(Waiting::Subscribe(channels, _)), error) => {
+                send(NodeEvent::Refused { node: node(), conn, channels, error })
+            }
+            (Some(Waiting::Unsubscribe(..)), _) => true,
+            (Some(Waiting::Ping(_)) | None, error) => {
                 tracing::debug!(node = %name_of, %error, "hub: cluster node answered an error");
                 false
             }
@@ -1020,21 +996,25 @@ mod tests {
         assert!(matches!(task.events_tx.try_send(message()), Err(mpsc::error::TrySendError::Full(_))));
     }
 
+    /// What the hub reads with redis-rs's parser, in the forms `on_value` and
+    /// `fetch_slots` match on, and the commands it writes with redis-rs.
     #[tokio::test]
     async fn resp_values_are_read_and_written() {
-        let input = b"*3\r\n$8\r\nsmessage\r\n$2\r\nch\r\n$5\r\nhello\r\n-MOVED 1 h:1\r\n:7\r\n+PONG\r\n$-1\r\n";
-        let mut r = BufReader::new(&input[..]);
-        let msg = Resp::Array(Some(vec![
-            Resp::Bulk(Some(b"smessage".to_vec())),
-            Resp::Bulk(Some(b"ch".to_vec())),
-            Resp::Bulk(Some(b"hello".to_vec())),
-        ]));
-        assert_eq!(read_value(&mut r).await.expect("array"), msg);
-        assert_eq!(read_value(&mut r).await.expect("error"), Resp::Error("MOVED 1 h:1".into()));
-        assert_eq!(read_value(&mut r).await.expect("int"), Resp::Int(7));
-        assert_eq!(read_value(&mut r).await.expect("simple"), Resp::Simple("PONG".into()));
-        assert_eq!(read_value(&mut r).await.expect("nil"), Resp::Bulk(None));
-        assert!(read_value(&mut r).await.is_err(), "end of input");
-        assert_eq!(encode([&b"SSUBSCRIBE"[..], b"a"]), b"*2\r\n$10\r\nSSUBSCRIBE\r\n$1\r\na\r\n");
+        let input: &'static [u8] =
+            b"*3\r\n$8\r\nsmessage\r\n$2\r\nch\r\n$5\r\nhello\r\n-MOVED 1 h:1\r\n:7\r\n+PONG\r\n+OK\r\n$-1\r\n";
+        let mut r = values(input);
+        let message = ["smessage", "ch", "hello"].map(|s| Value::BulkString(s.as_bytes().to_vec()));
+        assert_eq!(next_value(&mut r).await.expect("array"), Value::Array(message.to_vec()));
+        let Value::ServerError(e) = next_value(&mut r).await.expect("error") else { panic!("a server error") };
+        assert_eq!(error_text(&e), "MOVED 1 h:1", "as the server sent it");
+        assert_eq!(next_value(&mut r).await.expect("int"), Value::Int(7));
+        assert_eq!(next_value(&mut r).await.expect("simple"), Value::SimpleString("PONG".into()));
+        assert_eq!(next_value(&mut r).await.expect("ok"), Value::Okay);
+        assert_eq!(next_value(&mut r).await.expect("nil"), Value::Nil);
+        assert!(next_value(&mut r).await.is_err(), "end of input");
+        assert!(r.next().await.is_none(), "nothing after the first error");
+        assert_eq!(sub_command("SSUBSCRIBE", &["a".into()]), b"*2\r\n$10\r\nSSUBSCRIBE\r\n$1\r\na\r\n");
+        let two = sub_command("SUNSUBSCRIBE", &["a".into(), "bc".into()]);
+        assert_eq!(two, b"*3\r\n$12\r\nSUNSUBSCRIBE\r\n$1\r\na\r\n$2\r\nbc\r\n");
     }
 }
