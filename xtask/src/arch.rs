@@ -50,28 +50,66 @@ mod tests {
         Rule { package: HISTORY, may_use: &[CORE, KAFKA], never: NO_REDIS },
         Rule { package: HUB, may_use: &[CORE, CHANNEL, REDIS], never: NO_KAFKA },
         Rule { package: CONSUMER, may_use: &[CORE, HISTORY, HUB], never: NO_BROKER },
-        Rule { package: FACADE, may_use: &[CORE, CHANNEL, KAFKA, REDIS, PUBLISHER, BATCH, CONSUMER], never: &[] },
+        Rule {
+            package: FACADE,
+            may_use: &[CORE, CHANNEL, KAFKA, REDIS, PUBLISHER, BATCH, HISTORY, HUB, CONSUMER],
+            never: &[],
+        },
         Rule { package: GATEWAY, may_use: &[CORE, CHANNEL, KAFKA, REDIS, PUBLISHER, BATCH, CONSUMER], never: NO_REDIS },
         Rule { package: "dualstream-tests", may_use: &[FACADE, GATEWAY], never: &[] },
         Rule { package: "xtask", may_use: &[], never: &[] },
         Rule { package: "dualstream-example-postgres", may_use: &[CORE, CHANNEL, PUBLISHER, BATCH], never: NO_BROKER },
     ];
 
-    /// `cargo metadata --format-version 1 --no-deps` of this workspace.
-    fn metadata() -> Value {
+    /// `cargo <args>` on this workspace: its standard output.
+    fn cargo(args: &[&str]) -> Vec<u8> {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
-        let output = Command::new(&cargo)
-            .args(["metadata", "--format-version", "1", "--no-deps", "--manifest-path", manifest])
-            .output()
-            .expect("could not run cargo metadata");
+        let output =
+            Command::new(&cargo).args(args).args(["--manifest-path", manifest]).output().expect("could not run cargo");
         assert!(
             output.status.success(),
-            "cargo metadata failed with {}: {}",
+            "cargo {args:?} failed with {}: {}",
             output.status,
             String::from_utf8_lossy(&output.stderr)
         );
-        serde_json::from_slice(&output.stdout).expect("cargo metadata printed no JSON")
+        output.stdout
+    }
+
+    /// `cargo metadata --format-version 1 --no-deps` of this workspace.
+    fn metadata() -> Value {
+        serde_json::from_slice(&cargo(&["metadata", "--format-version", "1", "--no-deps"]))
+            .expect("cargo metadata printed no JSON")
+    }
+
+    /// Every package the facade builds with only `feature` (normal
+    /// dependencies, `cargo tree`).
+    fn facade_packages(feature: &str) -> BTreeSet<String> {
+        let args = ["tree", "-p", FACADE, "--no-default-features", "--features", feature, "-e", "normal"];
+        let tree = cargo(&[&args[..], &["--prefix", "none", "--format", "{p}"]].concat());
+        let tree = String::from_utf8(tree).expect("cargo tree printed UTF-8");
+        tree.lines().filter_map(|line| line.split_whitespace().next()).map(str::to_owned).collect()
+    }
+
+    /// The facade's features pull in what they name: `hub` no Kafka client,
+    /// `history` no Redis client, `consumer` both (ARCHITECTURE.md,
+    /// `crates/dualstream`).
+    #[test]
+    fn facade_features_pull_in_only_what_they_name() {
+        let hub = facade_packages("hub");
+        assert!(hub.contains(HUB) && hub.contains("deadpool-redis"), "{hub:?}");
+        for kafka in ["rdkafka", KAFKA, HISTORY, CONSUMER] {
+            assert!(!hub.contains(kafka), "the hub feature pulls in {kafka}");
+        }
+        let history = facade_packages("history");
+        assert!(history.contains(HISTORY) && history.contains("rdkafka"), "{history:?}");
+        for redis in ["deadpool-redis", "redis", REDIS, HUB, CONSUMER] {
+            assert!(!history.contains(redis), "the history feature pulls in {redis}");
+        }
+        let consumer = facade_packages("consumer");
+        for both in [CONSUMER, HISTORY, HUB, "rdkafka", "deadpool-redis"] {
+            assert!(consumer.contains(both), "the consumer feature lacks {both}");
+        }
     }
 
     #[test]

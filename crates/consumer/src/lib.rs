@@ -102,7 +102,7 @@ pub use catchup::{CatchUp, Delivery, JoinError, JoinStream};
 pub use config::JoinConfig;
 pub use dualstream_history::{
     partition_for_key, ConfigError, HistoryStats, Replay, ReplayConfig, ReplayError, ReplayRequest, ReplayStream,
-    Replayed, Scope, StartAt, Until,
+    Replayed, Scope, StartAt, TopicRouting, Until,
 };
 pub use dualstream_hub::{Hub, HubConfig, HubError, HubStats, LiveItem, LiveStream, Overflow, Target, MAX_TARGET_LEN};
 

@@ -10,7 +10,9 @@
 //! | `kafka` | yes | [`kafka`]: the Kafka durable sink (rdkafka) |
 //! | `redis` | yes | [`redis`]: the Redis Pub/Sub notifier (deadpool-redis) |
 //! | `batch` | yes | [`batch`]: the batching engine |
-//! | `consumer` | yes | [`consumer`]: replay from Kafka, live subscriptions with local fan-out, gap-free catch-up joins |
+//! | `history` | yes (with `consumer`) | [`history`]: replay from Kafka and the shared Kafka readers (rdkafka, no Redis client) |
+//! | `hub` | yes (with `consumer`) | [`hub`]: live Redis subscriptions with local fan-out (deadpool-redis, no Kafka client) |
+//! | `consumer` | yes | [`consumer`]: gap-free catch-up joins; turns on `history` and `hub`, whose items it re-exports |
 //! | `mock` | no | mockall mocks of the sink traits: [`MockDurableSink`], [`MockRealtimeNotifier`] |
 //!
 //! Always present: the event model and sink contract ([`core`]), channel
@@ -63,8 +65,14 @@ pub use dualstream_publisher as publisher;
 /// The batching engine (`dualstream-batch`).
 #[cfg(feature = "batch")]
 pub use dualstream_batch as batch;
-/// The consuming side (`dualstream-consumer`): replay, live subscriptions,
-/// catch-up joins.
+/// Replay from Kafka and the shared Kafka readers (`dualstream-history`).
+#[cfg(feature = "history")]
+pub use dualstream_history as history;
+/// Live Redis subscriptions with local fan-out (`dualstream-hub`).
+#[cfg(feature = "hub")]
+pub use dualstream_hub as hub;
+/// The consuming side (`dualstream-consumer`): catch-up joins, and the
+/// replay and the hub re-exported.
 #[cfg(feature = "consumer")]
 pub use dualstream_consumer as consumer;
 /// The Kafka durable sink (`dualstream-kafka`).
@@ -83,10 +91,11 @@ pub mod prelude {
     #[cfg(feature = "batch")]
     pub use dualstream_batch::{BatchConfig, BatchEngine, BatchError};
     #[cfg(feature = "consumer")]
-    pub use dualstream_consumer::{
-        CatchUp, Delivery, Hub, HubConfig, JoinConfig, LiveItem, Replay, ReplayConfig, ReplayRequest, Scope, StartAt,
-        Target, Until,
-    };
+    pub use dualstream_consumer::{CatchUp, Delivery, JoinConfig};
+    #[cfg(feature = "history")]
+    pub use dualstream_history::{Replay, ReplayConfig, ReplayRequest, Scope, StartAt, Until};
+    #[cfg(feature = "hub")]
+    pub use dualstream_hub::{Hub, HubConfig, LiveItem, Target};
     #[cfg(feature = "kafka")]
     pub use dualstream_kafka::{KafkaSink, KafkaSinkConfig, TopicRouting};
     #[cfg(feature = "redis")]

@@ -13,8 +13,9 @@
 //!   number of joins.
 //!
 //! Every reader assigns partitions itself: no consumer group, no commits.
-//! It finds a source's partition as the sink placed it
-//! ([`partition_for_key`], from `dualstream-kafka`).
+//! It reads where the Kafka sink wrote: the sink's [`TopicRouting`], and a
+//! source's partition as the sink placed it ([`partition_for_key`]), both
+//! re-exported from `dualstream-kafka`.
 //!
 //! # Replay one source from a timestamp
 //!
@@ -47,7 +48,7 @@ mod reader;
 mod replay;
 
 pub use config::{ConfigError, ReplayConfig};
-pub use dualstream_kafka::partition_for_key;
+pub use dualstream_kafka::{partition_for_key, TopicRouting};
 pub use error::ReplayError;
 pub use history::{History, HistoryStats, Item, Range, Raw, Rec, Ticket, Tp};
 pub use reader::Marks;
