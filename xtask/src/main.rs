@@ -238,10 +238,14 @@ fn main() -> ExitCode {
             cmd.args(["test", "--no-fail-fast"]);
             for t in &only {
                 if t.starts_with("dualstream-") {
-                    cmd.args(["-p", t, "--lib"]);
+                    cmd.args(["-p", t]);
                 } else {
                     cmd.args(["-p", "dualstream-tests", "--test", t]);
                 }
+            }
+            if only.iter().any(|t| t.starts_with("dualstream-")) {
+                // Once: cargo refuses `--lib` given twice.
+                cmd.arg("--lib");
             }
             if !args.is_empty() {
                 cmd.arg("--").args(&args);
