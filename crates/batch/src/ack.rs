@@ -14,7 +14,8 @@
 //! if the stage dies); if the notification stage is gone, callers are
 //! resolved here without notifications rather than left waiting.
 
-use dualstream_publisher::{DualPublisher, NotificationOutcome, PendingStore};
+use dualstream_core::Notification;
+use dualstream_publisher::{DualPublisher, NotificationOutcome, PendingStore, PublishError, Receipt, StoredBatch};
 use tokio::sync::mpsc;
 
 use crate::budget::Held;
@@ -39,23 +40,39 @@ pub(crate) async fn ack_stage(
     publisher: DualPublisher,
 ) {
     while let Some(InFlight { pending, waiters, held, _slot }) = rx.recv().await {
-        let mut batch = pending.stored().await;
+        let batch = pending.stored().await;
         // Also lowers the engine's queue gauge.
         drop((held, _slot));
+        let (results, notes) = per_event(batch);
+        let stored = Stored { results, notes, waiters };
         match &notify {
             Some(tx) => {
-                if let Err(mpsc::error::SendError(stored)) = tx.send(Stored { batch, waiters }) {
+                if let Err(mpsc::error::SendError(stored)) = tx.send(stored) {
                     // The notification stage died: resolve here, without
                     // notifications, rather than leave callers waiting.
-                    resolve(stored.batch.finish(NotificationOutcome::Failed), stored.waiters);
+                    resolve(stored.results, NotificationOutcome::Failed, stored.waiters);
                 }
             }
             None => {
                 // High-volume mode queues notifications without waiting;
                 // without a notifier there are none.
-                let outcome = publisher.notify(batch.take_notifications()).await;
-                resolve(batch.finish(outcome), waiters);
+                let outcome = publisher.notify(stored.notes.into_iter().flatten().collect()).await;
+                resolve(stored.results, outcome, stored.waiters);
             }
         }
     }
+}
+
+/// A stored batch's results and each event's notification (`None`: not
+/// stored, or no notifier), the outcome still to be set.
+fn per_event(mut batch: StoredBatch) -> (Vec<Result<Receipt, PublishError>>, Vec<Option<Notification>>) {
+    let mut notes = batch.take_notifications().into_iter().peekable();
+    let results = batch.finish(NotificationOutcome::Disabled);
+    // The publisher makes one notification per stored event, in order, when
+    // it has a notifier.
+    let notes = results
+        .iter()
+        .map(|r| r.as_ref().ok().and_then(|receipt| notes.next_if(|n| n.id == receipt.event_id)))
+        .collect();
+    (results, notes)
 }

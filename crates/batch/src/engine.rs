@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dualstream_core::Event;
-use dualstream_publisher::{DualPublisher, PublishError, Receipt};
+use dualstream_publisher::{DualPublisher, NotificationOutcome, PublishError, Receipt};
 use tokio::sync::{mpsc, oneshot, OnceCell};
 use tokio::task::JoinHandle;
 
@@ -471,22 +471,37 @@ impl Chunk {
     }
 }
 
-pub(crate) fn resolve(results: Vec<Result<Receipt, PublishError>>, waiters: Vec<Waiter>) {
+/// Give each waiter its results, with `outcome` as the notification outcome
+/// of every stored event.
+pub(crate) fn resolve(results: Vec<Result<Receipt, PublishError>>, outcome: NotificationOutcome, waiters: Vec<Waiter>) {
     let mut results = results.into_iter();
     for waiter in waiters {
         match waiter {
             Waiter::One(reply) => {
-                let r = results.next().map_or(Err(BatchError::WorkerGone), |r| r.map_err(BatchError::from));
                 // The caller may have gone away; the result is dropped then.
-                let _ = reply.send(r);
+                let _ = reply.send(answer(results.next(), outcome));
             }
             Waiter::Many(reply, count) => {
                 let mut rs: Results = Vec::with_capacity(count);
                 for _ in 0..count {
-                    rs.push(results.next().map_or(Err(BatchError::WorkerGone), |r| r.map_err(BatchError::from)));
+                    rs.push(answer(results.next(), outcome));
                 }
                 let _ = reply.send(rs);
             }
         }
+    }
+}
+
+/// A caller's result: `result` (`None`: the sink gave none) with `outcome`
+/// as its notification outcome.
+#[allow(clippy::result_large_err)] // The error hands the event back, by design.
+fn answer(result: Option<Result<Receipt, PublishError>>, outcome: NotificationOutcome) -> Result<Receipt, BatchError> {
+    match result {
+        Some(Ok(mut receipt)) => {
+            receipt.notification = outcome;
+            Ok(receipt)
+        }
+        Some(Err(e)) => Err(e.into()),
+        None => Err(BatchError::WorkerGone),
     }
 }

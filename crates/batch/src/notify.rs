@@ -1,13 +1,15 @@
-//! The notification stage: one per engine, sending the stored batches'
-//! notifications and resolving their callers.
+//! The notification stage: one per engine, sending the notifications of
+//! acknowledged events and resolving their callers.
 //!
-//! Every lane's ack stage passes its stored batches here ([`Stored`]).
-//! Everything waiting when a pipeline can start goes into that one
-//! notifier call, with up to `notify_pipelines` calls in flight, started in
-//! the order batches arrived; callers are resolved in that order too.
+//! Every lane's ack stage passes its released events here ([`Stored`]),
+//! each source's in order. Everything waiting when a pipeline can start
+//! goes into that one notifier call, with up to `notify_pipelines` calls in
+//! flight, started in the order events arrived; callers are resolved in
+//! that order too.
 //!
-//! Guarantees: each lane's notifications are sent, and its callers
-//! resolved, in batch order; no caller waits longer than the publisher's
+//! Guarantees: each source's notifications are sent, and its callers
+//! resolved, in the order the ack stage released them, which is the
+//! source's order; no caller waits longer than the publisher's
 //! `notify_timeout_ms` here (then `NotificationOutcome::Queued`: still being
 //! sent); at most `max_queued_events` notifications wait to be sent, the
 //! oldest beyond that skipped (`NotificationOutcome::Skipped`) and counted.
@@ -19,23 +21,26 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use dualstream_core::Notification;
-use dualstream_publisher::{DualPublisher, NotificationOutcome, StoredBatch};
+use dualstream_publisher::{DualPublisher, NotificationOutcome, PublishError, Receipt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::engine::{resolve, Waiter};
 
-/// A stored batch on its way to the notification stage.
+/// Acknowledged events released by an ack stage, in order: one result per
+/// event, each stored event's notification (`None` for a failed one, or
+/// without a notifier), and the waiters of those events.
 pub(crate) struct Stored {
-    pub(crate) batch: StoredBatch,
+    pub(crate) results: Vec<Result<Receipt, PublishError>>,
+    pub(crate) notes: Vec<Option<Notification>>,
     pub(crate) waiters: Vec<Waiter>,
 }
 
 type Pipeline = Pin<Box<dyn Future<Output = (u64, NotificationOutcome)> + Send>>;
 
-/// A stored batch whose callers wait for its notifications.
+/// Released events whose callers wait for their notifications.
 struct Awaiting {
-    batch: StoredBatch,
+    results: Vec<Result<Receipt, PublishError>>,
     waiters: Vec<Waiter>,
     /// Its callers are resolved by then at the latest.
     deadline: Instant,
@@ -50,21 +55,21 @@ struct Awaiting {
 
 impl Awaiting {
     fn resolve(self, outcome: NotificationOutcome) {
-        resolve(self.batch.finish(self.outcome.unwrap_or(outcome)), self.waiters);
+        resolve(self.results, self.outcome.unwrap_or(outcome), self.waiters);
     }
 }
 
-/// Send notifications and resolve callers, in batch order.
+/// Send notifications and resolve callers, in the order events arrive.
 ///
 /// - Everything that waits when a pipeline can start goes into that one
 ///   pipeline, with up to `max_in_flight` pipelines in flight, started in
-///   batch order: a slow Redis (answering within the bound) costs latency,
+///   arrival order: a slow Redis (answering within the bound) costs latency,
 ///   not throughput or notifications.
-/// - No caller waits more than the publisher's notify bound here: a batch
-///   whose notifications are not confirmed by then is resolved as
+/// - No caller waits more than the publisher's notify bound here: events
+///   whose notifications are not confirmed by then are resolved as
 ///   [`NotificationOutcome::Queued`] (they are still on their way).
 /// - At most `cap` notifications wait to be sent; beyond that the oldest
-///   are dropped and their batches resolved as skipped.
+///   are dropped and their events resolved as skipped.
 pub(crate) async fn notify_stage(mut rx: mpsc::UnboundedReceiver<Stored>, publisher: DualPublisher, max_in_flight: usize, cap: usize) {
     use futures::stream::{FuturesOrdered, StreamExt};
     let bound = Duration::from_millis(publisher.config().notify_timeout_ms);
@@ -75,7 +80,7 @@ pub(crate) async fn notify_stage(mut rx: mpsc::UnboundedReceiver<Stored>, publis
     let mut incoming: Vec<Stored> = Vec::new();
     let mut open = true;
     while open || !queue.is_empty() || !in_flight.is_empty() {
-        // A batch at the front with nothing left to send (all its events
+        // An arrival at the front with nothing left to send (all its events
         // failed, or its notifications were shed) has only its turn to wait
         // for.
         while queue.front().is_some_and(|a| a.pipeline >= next_pipeline && a.notes == 0) {
@@ -116,16 +121,15 @@ pub(crate) async fn notify_stage(mut rx: mpsc::UnboundedReceiver<Stored>, publis
                     continue;
                 }
                 let deadline = Instant::now() + bound;
-                for mut stored in incoming.drain(..) {
-                    let notes = stored.batch.take_notifications();
-                    let count = notes.len();
-                    unsent.extend(notes);
+                for stored in incoming.drain(..) {
+                    let before = unsent.len();
+                    unsent.extend(stored.notes.into_iter().flatten());
                     queue.push_back(Awaiting {
-                        batch: stored.batch,
+                        results: stored.results,
                         waiters: stored.waiters,
                         deadline,
                         pipeline: next_pipeline,
-                        notes: count,
+                        notes: unsent.len() - before,
                         outcome: None,
                     });
                 }
@@ -136,7 +140,7 @@ pub(crate) async fn notify_stage(mut rx: mpsc::UnboundedReceiver<Stored>, publis
 }
 
 /// While more than `cap` notifications wait to be sent, drop the oldest
-/// batches' notifications; those batches resolve as skipped in their turn.
+/// arrivals' notifications; those events resolve as skipped in their turn.
 fn shed_over(queue: &mut VecDeque<Awaiting>, unsent: &mut VecDeque<Notification>, cap: usize) {
     if unsent.len() <= cap {
         return;
@@ -150,7 +154,7 @@ fn shed_over(queue: &mut VecDeque<Awaiting>, unsent: &mut VecDeque<Notification>
         a.notes = 0;
         a.outcome = Some(NotificationOutcome::Skipped);
     }
-    // The unsent buffer holds the batches' notifications in batch order.
+    // The unsent buffer holds the arrivals' notifications in arrival order.
     unsent.drain(..shed.min(unsent.len()));
     tracing::warn!(shed, cap, "notification backlog over its bound; oldest notifications skipped");
     metrics::counter!("dualstream_notifications_total", "outcome" => "skipped").increment(shed as u64);
