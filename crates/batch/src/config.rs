@@ -38,20 +38,22 @@ pub struct BatchConfig {
     /// Default: 5,000.
     pub submit_timeout_ms: u64,
     /// Lanes; a source always uses the same lane, and each lane keeps the
-    /// order of its batches on both paths. Default: 4.
+    /// order of each source on both paths. Default: 4.
     pub lanes: usize,
     /// Notification pipelines the engine keeps in flight (one notification
     /// stage serves every lane). Everything waiting
     /// when a pipeline starts goes into it, so a slow Redis costs latency,
-    /// not throughput. Pipelines start in batch order; with more than one, a
+    /// not throughput. Pipelines start in the order events are released
+    /// (each source's in order, ack.rs); with more than one, a
     /// custom notifier must send concurrent calls in the order they were
     /// started, as the Redis notifier's one multiplexed connection does.
     /// Default: 2.
     pub notify_pipelines: usize,
     /// Batches a lane hands to the durable sink before the first of them is
-    /// acknowledged. While all are out, the lane keeps collecting, so under
-    /// load batches grow rather than multiply; at low load a batch goes at
-    /// once. Each batch waits for the producer's linger before its
+    /// done: acknowledged, with every event released (an event also waits
+    /// for the earlier events of its source). While all are out, the lane
+    /// keeps collecting, so under load batches grow rather than multiply; at
+    /// low load a batch goes at once. Each batch waits for the producer's linger before its
     /// acknowledgement, so too few slots would add that wait to the next
     /// batch. Default: 16.
     pub max_in_flight_batches: usize,

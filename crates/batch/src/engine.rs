@@ -112,6 +112,55 @@ pub(crate) type Results = Vec<Result<Receipt, BatchError>>;
 pub(crate) enum Waiter {
     One(oneshot::Sender<Result<Receipt, BatchError>>),
     Many(oneshot::Sender<Results>, usize),
+    /// Events `from..from + count` of a `submit_many` reply whose events are
+    /// released at different times (ack.rs): it is sent once all are in.
+    Part(Arc<Mutex<Gather>>, usize, usize),
+}
+
+/// The results of a `submit_many` reply released in parts.
+pub(crate) struct Gather {
+    results: Vec<Option<Result<Receipt, BatchError>>>,
+    left: usize,
+    /// Dropped unsent with the last part if a stage died: the caller then
+    /// gets `WorkerGone` for every event.
+    reply: Option<oneshot::Sender<Results>>,
+}
+
+impl Waiter {
+    /// Its events.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Self::One(_) => 1,
+            Self::Many(_, count) | Self::Part(_, _, count) => *count,
+        }
+    }
+
+    /// Split into runs of events that go the same way: `free[i]` says where
+    /// its event `i` goes. Each run is `(free, its waiter)`, in order.
+    pub(crate) fn split(self, free: &[bool]) -> Vec<(bool, Waiter)> {
+        let first = free.first().copied().unwrap_or(true);
+        if free.iter().all(|f| *f == first) {
+            return vec![(first, self)];
+        }
+        let (gather, base) = match self {
+            Self::Many(reply, count) => {
+                let gather = Gather { results: (0..count).map(|_| None).collect(), left: count, reply: Some(reply) };
+                (Arc::new(Mutex::new(gather)), 0)
+            }
+            Self::Part(gather, from, _) => (gather, from),
+            // One event goes one way (above).
+            one @ Self::One(_) => return vec![(first, one)],
+        };
+        let mut runs = Vec::new();
+        let mut start = 0;
+        for (i, f) in free.iter().enumerate() {
+            if free.get(i + 1) != Some(f) {
+                runs.push((*f, Self::Part(gather.clone(), base + start, i + 1 - start)));
+                start = i + 1;
+            }
+        }
+        runs
+    }
 }
 
 /// The batching engine. Cheap to clone; clones share the queue and workers.
@@ -487,6 +536,22 @@ pub(crate) fn resolve(results: Vec<Result<Receipt, PublishError>>, outcome: Noti
                     rs.push(answer(results.next(), outcome));
                 }
                 let _ = reply.send(rs);
+            }
+            Waiter::Part(gather, from, count) => {
+                let mut g = gather.lock().unwrap_or_else(|p| p.into_inner());
+                for slot in g.results.iter_mut().skip(from).take(count) {
+                    *slot = Some(answer(results.next(), outcome));
+                }
+                g.left = g.left.saturating_sub(count);
+                if g.left == 0 {
+                    let mut rs: Results = Vec::with_capacity(g.results.len());
+                    for r in std::mem::take(&mut g.results) {
+                        rs.push(r.unwrap_or(Err(BatchError::WorkerGone)));
+                    }
+                    if let Some(reply) = g.reply.take() {
+                        let _ = reply.send(rs);
+                    }
+                }
             }
         }
     }

@@ -11,6 +11,9 @@
 //! `max_in_flight_batches` of its batches are out at a time; while all are,
 //! it keeps collecting, so under load batches grow rather than multiply.
 //!
+//! Each event goes with its order key (its source's hash,
+//! [`order_key`]), by which the ack stage releases it.
+//!
 //! Guarantees: a source maps to one lane, and the lane hands its batches
 //! over in the order it received the events, which the sink keeps per
 //! partition. On `Stop` (shutdown) it refuses new messages and hands over
@@ -20,6 +23,7 @@
 //! queue share back.
 
 use std::collections::VecDeque;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use dualstream_core::Event;
@@ -52,13 +56,14 @@ pub(crate) enum Msg {
 }
 
 /// One lane: collect a batch, hand it to the durable sink, pass it on to the
-/// lane's ack stage; repeat at once. The ack stage awaits each batch's
-/// durable acknowledgements in order and gives its queue share back; the
-/// engine's notification stage sends notifications and resolves callers, in
-/// the order batches reach it. Per-source order holds on both paths: a source always maps to one
-/// lane, the sink keeps the order of what it is handed, and each stage
-/// works in batch order. Neither Redis nor the acknowledgements hold up the
-/// next batch's hand-over.
+/// lane's ack stage; repeat at once. The ack stage awaits the batches'
+/// durable acknowledgements, gives each batch's queue share back at its own,
+/// and releases each event once it and the earlier events of its source are
+/// acknowledged; the engine's notification stage sends notifications and
+/// resolves callers in the order events reach it. Per-source order holds on
+/// both paths: a source always maps to one lane, the sink keeps the order of
+/// what it is handed, and each stage keeps the order of each source. Neither
+/// Redis nor the acknowledgements hold up the next batch's hand-over.
 pub(crate) async fn lane(
     mut rx: mpsc::UnboundedReceiver<Msg>,
     publisher: DualPublisher,
@@ -153,9 +158,19 @@ pub(crate) async fn lane(
     }
 }
 
+/// The key by which the ack stage orders an event's release: its source's
+/// hash (ack.rs says why the source). Two sources of one hash are released
+/// in their joint order, which keeps each one's.
+fn order_key(hasher: &RandomState, event: &Event) -> u64 {
+    hasher.hash_one(event.source())
+}
+
 /// The batch a lane is collecting.
 struct Collecting {
     events: Vec<Event>,
+    /// Each event's [`order_key`].
+    keys: Vec<u64>,
+    hasher: RandomState,
     waiters: Vec<Waiter>,
     held: Held,
     bytes: usize,
@@ -170,6 +185,8 @@ impl Collecting {
     fn new(config: &BatchConfig) -> Self {
         Self {
             events: Vec::with_capacity(config.max_batch_events.min(1024)),
+            keys: Vec::with_capacity(config.max_batch_events.min(1024)),
+            hasher: RandomState::new(),
             waiters: Vec::new(),
             held: Held::none(),
             bytes: 0,
@@ -208,6 +225,7 @@ impl Collecting {
             Msg::One { event, held, reply } => {
                 self.bytes += held.bytes() as usize;
                 self.held.merge(held);
+                self.keys.push(order_key(&self.hasher, &event));
                 self.events.push(event);
                 self.waiters.push(Waiter::One(reply));
             }
@@ -215,6 +233,7 @@ impl Collecting {
                 self.bytes += held.bytes() as usize;
                 self.held.merge(held);
                 self.waiters.push(Waiter::Many(reply, events.len()));
+                self.keys.extend(events.iter().map(|e| order_key(&self.hasher, e)));
                 self.events.extend(events);
             }
             Msg::Stop => return false,
@@ -224,11 +243,12 @@ impl Collecting {
 
     /// Take the batch out and start the next one with what was carried
     /// over.
-    fn take(&mut self) -> (Vec<Event>, Vec<Waiter>, Held) {
+    fn take(&mut self) -> (Vec<Event>, Vec<u64>, Vec<Waiter>, Held) {
         // Exactly sized: the batch lives until its acknowledgements, and the
         // lane's buffers keep their capacity for the next one.
         let out = (
             self.events.drain(..).collect(),
+            self.keys.drain(..).collect(),
             self.waiters.drain(..).collect(),
             std::mem::replace(&mut self.held, Held::none()),
         );
@@ -247,12 +267,12 @@ async fn hand_over(
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
     next: &mpsc::UnboundedSender<InFlight>,
 ) -> bool {
-    let (events, waiters, held) = batch.take();
+    let (events, keys, waiters, held) = batch.take();
     if events.is_empty() {
         return true;
     }
     let pending = publisher.enqueue_batch(events).await;
-    let item = InFlight { pending, waiters, held, _slot: slot };
+    let item = InFlight { pending, keys, waiters, held, slot };
     // If the ack stage died (it panicked), dropping the item resolves its
     // callers with WorkerGone and gives the queue share back; the lane ends
     // too, so its sources are refused (LaneDead) from then on.

@@ -16,8 +16,10 @@
 //!   [`BatchError::QueueFull`], handing the event back. Notifications
 //!   waiting to be sent are bounded too. Nothing is dropped silently.
 //! - **Order**: each source maps to one lane; a lane hands its batches to
-//!   the sink in order (which keeps the order of a partition), and callers
-//!   are resolved and notifications sent in batch order.
+//!   the sink in order (which keeps the order of a partition). An event's
+//!   caller is resolved and its notification sent once it and every earlier
+//!   event of its source are acknowledged, in each source's order, whatever
+//!   other sources (a slow partition) wait for.
 //! - **Bounded waits**: a caller waits at most the publisher's
 //!   `notify_timeout_ms` for its notification's outcome once its event is
 //!   stored; a slow Redis costs latency, not Kafka throughput.

@@ -30,10 +30,20 @@ use crate::engine::{resolve, Waiter};
 /// Acknowledged events released by an ack stage, in order: one result per
 /// event, each stored event's notification (`None` for a failed one, or
 /// without a notifier), and the waiters of those events.
+#[derive(Default)]
 pub(crate) struct Stored {
     pub(crate) results: Vec<Result<Receipt, PublishError>>,
     pub(crate) notes: Vec<Option<Notification>>,
     pub(crate) waiters: Vec<Waiter>,
+}
+
+impl Stored {
+    /// Add `later`'s events after these.
+    pub(crate) fn append(&mut self, mut later: Stored) {
+        self.results.append(&mut later.results);
+        self.notes.append(&mut later.notes);
+        self.waiters.append(&mut later.waiters);
+    }
 }
 
 type Pipeline = Pin<Box<dyn Future<Output = (u64, NotificationOutcome)> + Send>>;

@@ -1,5 +1,6 @@
 //! The engine's rules, with test sinks behind a real `DualPublisher`.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -316,7 +317,15 @@ struct HeldNotifier {
     hold: Option<Arc<Semaphore>>,
     /// Per call: the offsets it carried, recorded when the call starts.
     calls: Mutex<Vec<Vec<i64>>>,
+    /// Every notification as (source id, offset), in the same order.
+    seen: Mutex<Vec<(String, i64)>>,
     delay: Duration,
+}
+
+impl HeldNotifier {
+    fn seen(&self) -> Vec<(String, i64)> {
+        self.seen.lock().expect("lock").clone()
+    }
 }
 
 #[async_trait]
@@ -326,10 +335,14 @@ impl dualstream_core::RealtimeNotifier for HeldNotifier {
     }
     async fn notify_batch(&self, ns: &[dualstream_core::Notification]) -> Result<(), dualstream_core::NotifyError> {
         self.calls.lock().expect("lock").push(ns.iter().filter_map(|n| n.position.as_ref().map(|p| p.offset)).collect());
+        let offset = |n: &dualstream_core::Notification| n.position.as_ref().map_or(-1, |p| p.offset);
+        self.seen.lock().expect("lock").extend(ns.iter().map(|n| (n.source_id.to_string(), offset(n))));
         if let Some(hold) = &self.hold {
             hold.acquire().await.expect("hold").forget();
         }
-        tokio::time::sleep(self.delay).await;
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
         Ok(())
     }
     async fn health_check(&self) -> Result<(), dualstream_core::NotifyError> {
@@ -337,7 +350,7 @@ impl dualstream_core::RealtimeNotifier for HeldNotifier {
     }
 }
 
-fn dual_engine(sink: Arc<TestSink>, notifier: Arc<HeldNotifier>, config: BatchConfig) -> BatchEngine {
+fn dual_engine(sink: Arc<dyn DurableSink>, notifier: Arc<HeldNotifier>, config: BatchConfig) -> BatchEngine {
     let publisher = DualPublisher::builder()
         .durable(sink)
         .notifier(notifier)
@@ -748,4 +761,416 @@ async fn a_lane_collecting_behind_its_in_flight_batch_keeps_max_batch_events() {
     handed[1..].sort_unstable();
     assert_eq!(handed, vec![1, 5, 10]);
     engine.shutdown().await;
+}
+
+/// A durable sink of partitions, one per source (numbered in the order of
+/// first use), that acknowledges each batch as a whole, as the Kafka sink
+/// does, and only when the test lets it: a batch waits for its own gate
+/// (open from the start unless `manual`) and for the gate of every held
+/// source it has an event of, like a batch with events for a slow
+/// partition. Offsets count per partition in hand-over order; an event
+/// whose payload starts with "fail" is not stored.
+#[derive(Default)]
+struct PartitionSink {
+    manual: bool,
+    state: Mutex<Partitions>,
+}
+
+/// An event as the sink got it: source id, payload, position (`None`: not
+/// stored).
+type Handed = (String, String, Option<Position>);
+
+#[derive(Default)]
+struct Partitions {
+    partitions: HashMap<String, i32>,
+    next_offset: HashMap<i32, i64>,
+    /// Each batch handed over, in order, with its gate.
+    batches: Vec<(Vec<Handed>, Arc<Semaphore>)>,
+    /// The gates of held sources.
+    held: HashMap<String, Arc<Semaphore>>,
+}
+
+impl PartitionSink {
+    fn state(&self) -> std::sync::MutexGuard<'_, Partitions> {
+        self.state.lock().expect("lock")
+    }
+    /// Batches with an event of `source` wait until `release(source)`.
+    fn hold(&self, source: &str) {
+        self.state().held.insert(source.to_owned(), Arc::new(Semaphore::new(0)));
+    }
+    fn release(&self, source: &str) {
+        // Each waiter takes the permit and gives it back: open for good.
+        self.state().held[source].add_permits(1);
+    }
+    /// Open the gate of batch `index` (`manual`).
+    fn ack(&self, index: usize) {
+        self.state().batches[index].1.add_permits(1);
+    }
+    fn handed(&self) -> usize {
+        self.state().batches.len()
+    }
+}
+
+#[async_trait]
+impl DurableSink for PartitionSink {
+    async fn publish(&self, event: Event) -> Result<Position, DeliveryError> {
+        self.enqueue_batch(vec![event]).await.await.pop().expect("one result")
+    }
+    async fn enqueue_batch(&self, events: Vec<Event>) -> dualstream_core::PendingAcks {
+        let mut st = self.state();
+        let gate = Arc::new(Semaphore::new(usize::from(!self.manual)));
+        let mut gates = vec![gate.clone()];
+        let mut handed = Vec::with_capacity(events.len());
+        let mut results = Vec::with_capacity(events.len());
+        for e in events {
+            let source = e.source().source_id().to_owned();
+            if let Some(g) = st.held.get(&source) {
+                if !gates.iter().any(|x| Arc::ptr_eq(x, g)) {
+                    gates.push(g.clone());
+                }
+            }
+            let payload = String::from_utf8_lossy(e.payload()).into_owned();
+            let position = if payload.starts_with("fail") {
+                None
+            } else {
+                let fresh = st.partitions.len() as i32;
+                let partition = *st.partitions.entry(source.clone()).or_insert(fresh);
+                let offset = st.next_offset.entry(partition).or_default();
+                *offset += 1;
+                Some(Position::new("t", partition, *offset - 1))
+            };
+            results.push(match &position {
+                Some(p) => Ok(p.clone()),
+                None => Err(DeliveryError::new(SinkError::Rejected { reason: "fail".into() }, e)),
+            });
+            handed.push((source, payload, position));
+        }
+        st.batches.push((handed, gate));
+        Box::pin(async move {
+            for g in gates {
+                drop(g.acquire().await.expect("gate"));
+            }
+            results
+        })
+    }
+    async fn health_check(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// A one-lane dual engine on a [`PartitionSink`] whose batches with an
+/// event of `held` wait until `sink.release(held)`.
+fn one_lane_holding(held: &str) -> (Arc<PartitionSink>, Arc<HeldNotifier>, BatchEngine) {
+    let sink = Arc::new(PartitionSink::default());
+    sink.hold(held);
+    let notifier = Arc::new(HeldNotifier::default());
+    let engine = dual_engine(sink.clone(), notifier.clone(), BatchConfig { lanes: 1, ..BatchConfig::default() });
+    (sink, notifier, engine)
+}
+
+fn spawn_submit(engine: &BatchEngine, event: Event) -> Submitted {
+    let engine = engine.clone();
+    tokio::spawn(async move { engine.submit(event).await })
+}
+
+/// Submit and expect the receipt within 10 s: a point on the paused clock,
+/// reached at once if the engine waits for a held source.
+async fn answered(engine: &BatchEngine, event: Event, what: &str) -> dualstream_publisher::Receipt {
+    match tokio::time::timeout(Duration::from_secs(10), engine.submit(event)).await {
+        Ok(result) => result.expect("stored"),
+        Err(_) => panic!("timed out: {what}"),
+    }
+}
+
+fn seen(pairs: &[(&str, i64)]) -> Vec<(String, i64)> {
+    pairs.iter().map(|(s, o)| ((*s).to_owned(), *o)).collect()
+}
+
+/// Issue #23, item 2: the acknowledgements of source "a" (a slow
+/// partition) are held back; an event of "b", handed over after it on the
+/// same lane, gets its receipt and notification meanwhile (paused time:
+/// see `answered`).
+#[tokio::test(start_paused = true)]
+async fn a_held_source_does_not_hold_back_the_receipts_and_notifications_of_another() {
+    let (sink, notifier, engine) = one_lane_holding("a");
+    let a = spawn_submit(&engine, event("a", "1"));
+    wait_until("a's batch is handed over", || sink.handed() == 1).await;
+    let b = answered(&engine, event("b", "1"), "b's receipt comes while a's acknowledgement is held").await;
+    assert_eq!(b.notification, dualstream_publisher::NotificationOutcome::Sent);
+    assert_eq!(b.position.map(|p| (p.partition, p.offset)), Some((1, 0)));
+    assert_eq!(notifier.seen(), seen(&[("b", 0)]), "b notified, a not yet");
+    assert!(!a.is_finished(), "a is answered only at its acknowledgement");
+    assert_eq!(engine.queued(), 1, "b's queue share is back, a's is not");
+    sink.release("a");
+    let a = a.await.expect("task").expect("stored");
+    assert_eq!(a.notification, dualstream_publisher::NotificationOutcome::Sent);
+    assert_eq!(notifier.seen(), seen(&[("b", 0), ("a", 0)]));
+    assert_eq!(engine.queued(), 0);
+    engine.shutdown().await;
+}
+
+/// An acknowledged batch with events of a source that an earlier,
+/// unacknowledged batch holds too ("a", behind the slow "x"): its other
+/// source's event ("b") is notified at once, and a later event of "b" is
+/// answered; the `submit_many` reply holding both comes with "a"'s.
+#[tokio::test(start_paused = true)]
+async fn an_acknowledged_batch_releases_the_sources_no_earlier_batch_holds() {
+    let (sink, notifier, engine) = one_lane_holding("x");
+    let many = |events: Vec<Event>| {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.submit_many(events).await })
+    };
+    let first = many(vec![event("a", "1"), event("x", "1")]);
+    wait_until("the first batch is handed over", || sink.handed() == 1).await;
+    let second = many(vec![event("a", "2"), event("b", "1")]);
+    wait_until("the second batch is handed over", || sink.handed() == 2).await;
+    let b2 = answered(&engine, event("b", "2"), "b's second event is answered while x's acknowledgement is held").await;
+    assert_eq!(b2.notification, dualstream_publisher::NotificationOutcome::Sent);
+    assert_eq!(notifier.seen(), seen(&[("b", 0), ("b", 1)]), "b's events notified in order, a's wait for a's first");
+    assert!(!first.is_finished() && !second.is_finished());
+    sink.release("x");
+    for call in [first, second] {
+        for r in call.await.expect("task") {
+            assert_eq!(r.expect("stored").notification, dualstream_publisher::NotificationOutcome::Sent);
+        }
+    }
+    assert_eq!(notifier.seen(), seen(&[("b", 0), ("b", 1), ("a", 0), ("x", 0), ("a", 1)]));
+    engine.shutdown().await;
+}
+
+/// Shutdown flushes: it waits for a held source's acknowledgement while
+/// the other source's caller is answered, and returns once every caller is.
+#[tokio::test(start_paused = true)]
+async fn shutdown_waits_for_a_held_source_and_answers_the_others_meanwhile() {
+    let (sink, notifier, engine) = one_lane_holding("a");
+    let a = spawn_submit(&engine, event("a", "1"));
+    wait_until("a's batch is handed over", || sink.handed() == 1).await;
+    let b = spawn_submit(&engine, event("b", "1"));
+    wait_until("b's batch is handed over", || sink.handed() == 2).await;
+    let shutdown = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.shutdown().await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), b)
+        .await
+        .expect("b is answered during the shutdown")
+        .expect("task")
+        .expect("stored");
+    assert!(!shutdown.is_finished() && !a.is_finished(), "the shutdown waits for a's acknowledgement");
+    sink.release("a");
+    tokio::time::timeout(Duration::from_secs(10), shutdown).await.expect("the shutdown returns").expect("task");
+    assert!(a.is_finished(), "a is answered before the shutdown returns");
+    a.await.expect("task").expect("stored");
+    assert_eq!(notifier.seen(), seen(&[("b", 0), ("a", 0)]));
+    assert_eq!(engine.queued(), 0);
+    match engine.submit(event("a", "2")).await {
+        Err(BatchError::Closed { .. }) => {}
+        other => panic!("expected Closed, got {other:?}"),
+    }
+}
+
+/// The release rule as a model, under random submissions and random orders
+/// of acknowledgement (proptest): at every moment the engine is idle,
+///
+/// - exactly the stored events that are released have been notified, each
+///   once, each source's in offset order; an event is released once its
+///   batch and every earlier batch with an event of its source are
+///   acknowledged;
+/// - exactly the callers whose events are all released have their answer;
+/// - the queue holds exactly the events not acknowledged yet (each share
+///   given back once, at its batch's acknowledgement);
+///
+/// and a shutdown started with batches unacknowledged returns once they are
+/// acknowledged, every caller answered. Paused time on one thread: `settle`
+/// lets every task run until it waits.
+mod release_model {
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        /// Submit an event of source `s{n}`, failing if true.
+        One(usize, bool),
+        /// `submit_many` events of these sources.
+        Many(Vec<(usize, bool)>),
+        /// Let every task run until it waits, then check.
+        Settle,
+        /// Settle, then acknowledge one of the batches not acknowledged.
+        Ack(Index),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let event = || (0..4usize, prop::bool::weighted(0.1));
+        prop_oneof![
+            3 => event().prop_map(|(s, fail)| Step::One(s, fail)),
+            1 => prop::collection::vec(event(), 1..6).prop_map(Step::Many),
+            2 => Just(Step::Settle),
+            3 => any::<Index>().prop_map(Step::Ack),
+        ]
+    }
+
+    type Call = (Vec<String>, tokio::task::JoinHandle<Vec<Result<dualstream_publisher::Receipt, BatchError>>>);
+
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    struct Run {
+        sink: Arc<PartitionSink>,
+        notifier: Arc<HeldNotifier>,
+        engine: BatchEngine,
+        calls: Vec<Call>,
+        acked: HashSet<usize>,
+        submitted: usize,
+    }
+
+    impl Run {
+        fn event(&mut self, (source, fail): (usize, bool)) -> Event {
+            self.submitted += 1;
+            let payload = format!("{}{}", if fail { "fail" } else { "ok" }, self.submitted);
+            event(&format!("s{source}"), &payload)
+        }
+
+        fn unacked(&self) -> Vec<usize> {
+            (0..self.sink.handed()).filter(|b| !self.acked.contains(b)).collect()
+        }
+
+        fn ack(&mut self, pick: &Index) {
+            let open = self.unacked();
+            if !open.is_empty() {
+                let b = open[pick.index(open.len())];
+                self.sink.ack(b);
+                self.acked.insert(b);
+            }
+        }
+
+        /// The model against the engine, which must be idle.
+        fn check(&self) -> Result<(), TestCaseError> {
+            let st = self.sink.state();
+            let mut released: HashSet<&str> = HashSet::new();
+            let mut notes: HashSet<(String, i64)> = HashSet::new();
+            let mut acked_events = 0;
+            for (b, (events, _)) in st.batches.iter().enumerate() {
+                if self.acked.contains(&b) {
+                    acked_events += events.len();
+                }
+                for (source, payload, position) in events {
+                    let earlier_acked = st.batches[..b]
+                        .iter()
+                        .enumerate()
+                        .all(|(j, (evs, _))| self.acked.contains(&j) || !evs.iter().any(|(s, ..)| s == source));
+                    if self.acked.contains(&b) && earlier_acked {
+                        released.insert(payload);
+                        if let Some(p) = position {
+                            notes.insert((source.clone(), p.offset));
+                        }
+                    }
+                }
+            }
+            let seen = self.notifier.seen();
+            prop_assert_eq!(seen.len(), notes.len(), "one notification per released stored event: {:?}", seen);
+            prop_assert_eq!(seen.iter().cloned().collect::<HashSet<_>>(), notes);
+            let mut last: HashMap<&str, i64> = HashMap::new();
+            for (source, offset) in &seen {
+                let before = last.insert(source, *offset).unwrap_or(-1);
+                prop_assert!(before < *offset, "{}'s notifications out of order: {:?}", source, seen);
+            }
+            for (payloads, call) in &self.calls {
+                let all = payloads.iter().all(|p| released.contains(p.as_str()));
+                prop_assert_eq!(call.is_finished(), all, "the caller of {:?}", payloads);
+            }
+            prop_assert_eq!(self.engine.queued(), self.submitted - acked_events, "queue shares");
+            Ok(())
+        }
+
+        async fn answers(self) -> Result<(), TestCaseError> {
+            let positions: HashMap<String, Option<Position>> = {
+                let st = self.sink.state();
+                st.batches.iter().flat_map(|(evs, _)| evs).map(|(_, p, pos)| (p.clone(), pos.clone())).collect()
+            };
+            for (payloads, call) in self.calls {
+                let results = call.await.expect("task");
+                prop_assert_eq!(results.len(), payloads.len());
+                for (p, r) in payloads.iter().zip(results) {
+                    match r {
+                        Ok(receipt) => {
+                            prop_assert_eq!(&receipt.position, &positions[p]);
+                            prop_assert_eq!(receipt.notification, dualstream_publisher::NotificationOutcome::Sent);
+                        }
+                        Err(e) => {
+                            prop_assert!(p.starts_with("fail"), "{}: {}", p, e);
+                            prop_assert_eq!(e.into_event().map(|e| e.payload().clone()), Some(p.clone().into()));
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    async fn run(steps: Vec<Step>, config: BatchConfig, picks: Vec<Index>) -> Result<(), TestCaseError> {
+        let sink = Arc::new(PartitionSink { manual: true, ..PartitionSink::default() });
+        let notifier = Arc::new(HeldNotifier::default());
+        let engine = dual_engine(sink.clone(), notifier.clone(), config);
+        let mut run = Run { sink, notifier, engine, calls: Vec::new(), acked: HashSet::new(), submitted: 0 };
+        for step in steps {
+            match step {
+                Step::One(s, fail) => {
+                    let e = run.event((s, fail));
+                    let payload = String::from_utf8_lossy(e.payload()).into_owned();
+                    let engine = run.engine.clone();
+                    run.calls.push((vec![payload], tokio::spawn(async move { vec![engine.submit(e).await] })));
+                }
+                Step::Many(list) => {
+                    let events: Vec<Event> = list.into_iter().map(|x| run.event(x)).collect();
+                    let payloads = events.iter().map(|e| String::from_utf8_lossy(e.payload()).into_owned()).collect();
+                    let engine = run.engine.clone();
+                    run.calls.push((payloads, tokio::spawn(async move { engine.submit_many(events).await })));
+                }
+                Step::Settle => {
+                    settle().await;
+                    run.check()?;
+                }
+                Step::Ack(pick) => {
+                    settle().await;
+                    run.ack(&pick);
+                }
+            }
+        }
+        settle().await;
+        run.check()?;
+        let shutdown = tokio::spawn({
+            let engine = run.engine.clone();
+            async move { engine.shutdown().await }
+        });
+        for pick in picks.iter().cycle() {
+            settle().await;
+            run.check()?;
+            if run.unacked().is_empty() {
+                break;
+            }
+            run.ack(pick);
+        }
+        prop_assert!(shutdown.is_finished(), "the shutdown returns once every batch is acknowledged");
+        prop_assert_eq!(run.engine.queued(), 0);
+        run.answers().await
+    }
+
+    proptest! {
+        #[test]
+        fn each_event_is_released_once_it_and_the_earlier_events_of_its_source_are_acknowledged(
+            steps in prop::collection::vec(step(), 1..40),
+            lanes in 1..3usize,
+            max_batch_events in 1..5usize,
+            max_in_flight_batches in 1..4usize,
+            notify_pipelines in 1..3usize,
+            picks in prop::collection::vec(any::<Index>(), 1..8),
+        ) {
+            let config = BatchConfig { lanes, max_batch_events, max_in_flight_batches, notify_pipelines, ..BatchConfig::default() };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().expect("runtime");
+            rt.block_on(run(steps, config, picks))?;
+        }
+    }
 }
