@@ -9,6 +9,7 @@ mod ports;
 mod arch;
 mod fuzz;
 mod gateway;
+mod preflight;
 mod reliability;
 mod stack;
 /// The durable broker's PostgreSQL database (shared with the test fixtures).
@@ -50,7 +51,10 @@ enum Cmd {
         #[arg(long)]
         wipe: bool,
     },
-    /// Bring the stack up, run every test of the workspace, bring down what was started.
+    /// Bring the stack up, run every test of the workspace, bring down what was started. First checks
+    /// that redis-server, Chromium with chromedriver and PostgreSQL (127.0.0.1:5432, or DATABASE_URL and
+    /// DUALSTREAM_TANSU_PG) are there: run as root with apt-get, installs what is missing; otherwise stops
+    /// at once with the one command that does it. Then installs tansu when missing.
     Test {
         /// Run only these integration-test targets of `dualstream-tests` (for example `consumer`,
         /// `gateway`) and these packages' unit tests (`-p`-style names such as `dualstream-consumer`),
@@ -100,7 +104,7 @@ enum Cmd {
         #[arg(long)]
         filter: Vec<String>,
     },
-    /// Install the tansu broker into the cache folder (about 10 minutes on 2 cores).
+    /// Install the tansu broker into the cache folder (11 to 17 minutes on 2 cores).
     InstallTansu,
     /// Publish through the batching engine from many sources while catch-up joins come and go,
     /// under seeded faults (Redis kill -9, SIGSTOP, slowed, DEBUG SLEEP; broker SIGSTOP, kill -9 and
@@ -232,7 +236,7 @@ fn main() -> ExitCode {
         Cmd::Up { durable, redis_cluster } => stack::up(durable, redis_cluster).map(|s| s.print()),
         Cmd::Down { wipe } => stack::down().and_then(|()| if wipe { stack::wipe_durable() } else { Ok(()) }),
         Cmd::InstallTansu => stack::install_tansu().map(|p| println!("tansu: {}", p.display())),
-        Cmd::Test { only, busy, args } if !only.is_empty() => stack::install_tansu().and_then(|_| with_stack(|s| {
+        Cmd::Test { only, busy, args } if !only.is_empty() => preflight::ensure(&only).and_then(|()| stack::install_tansu()).and_then(|_| with_stack(|s| {
             let mut totals = (0, 0);
             let mut cmd = cargo();
             cmd.args(["test", "--no-fail-fast"]);
@@ -255,7 +259,7 @@ fn main() -> ExitCode {
             println!("xtask: {} passed, {} failed", totals.0, totals.1);
             result
         })),
-        Cmd::Test { only: _, busy, args } => stack::install_tansu().and_then(|_| with_stack(|s| {
+        Cmd::Test { only, busy, args } => preflight::ensure(&only).and_then(|()| stack::install_tansu()).and_then(|_| with_stack(|s| {
             let _busy = reliability::Busy::start(busy as usize)?;
             let mut totals = (0, 0);
             let unit = run_tests(s.env(cargo().args(["test", "--workspace", "--all-targets", "--no-fail-fast"]).args(&args)), &mut totals);

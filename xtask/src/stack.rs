@@ -76,7 +76,7 @@ fn cache_dir() -> PathBuf {
         .join("dualstream")
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+pub(crate) fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|f| f.is_file()))
 }
 
@@ -100,7 +100,7 @@ pub(crate) fn install_tansu() -> Result<PathBuf, String> {
     let root = tansu_root();
     eprintln!(
         "xtask: tansu {TANSU_VERSION} (the Kafka-compatible broker) is not installed; installing it into {} \
-         (about 20 minutes on 2 cores, once)",
+         (11 to 17 minutes on 2 cores, once)",
         root.display()
     );
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
