@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use dualstream_batch::BatchConfig;
 use dualstream_consumer::{HubConfig, JoinConfig, ReplayConfig};
+use dualstream_core::{check_range, FieldError};
 use dualstream_kafka::KafkaSinkConfig;
 use dualstream_redis::RedisNotifierConfig;
 use serde::{Deserialize, Serialize};
@@ -39,11 +40,10 @@ pub enum ConfigError {
     },
 }
 
-fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
-    if value < min || value > max {
-        return Err(ConfigError::Invalid { field, reason: format!("{value} is outside {min}..={max}") });
+impl From<FieldError> for ConfigError {
+    fn from(e: FieldError) -> Self {
+        Self::Invalid { field: e.field, reason: e.reason }
     }
-    Ok(())
 }
 
 /// Everything a gateway needs.
@@ -285,22 +285,22 @@ impl GatewayConfig {
                 reason: "must be ASCII letters, digits, '_' or '-'".into(),
             });
         }
-        range("auth.ticket_ttl_secs", self.auth.ticket_ttl_secs, 1, 3_600)?;
-        range("auth.leeway_secs", self.auth.leeway_secs, 0, 300)?;
+        check_range("auth.ticket_ttl_secs", self.auth.ticket_ttl_secs, 1, 3_600)?;
+        check_range("auth.leeway_secs", self.auth.leeway_secs, 0, 300)?;
         let l = &self.limits;
-        range("limits.max_body_bytes", l.max_body_bytes as u64, 1_024, 1 << 30)?;
-        range("limits.max_events_per_request", l.max_events_per_request as u64, 1, 1_000_000)?;
-        range("limits.client_buffer", l.client_buffer as u64, 1, 1 << 20)?;
-        range("limits.max_subscriptions", l.max_subscriptions as u64, 1, 10_000)?;
-        range("limits.send_timeout_ms", l.send_timeout_ms, 1, 600_000)?;
-        range("limits.sse_retry_ms", l.sse_retry_ms, 1, 3_600_000)?;
-        range("limits.keep_alive_ms", l.keep_alive_ms, 100, 3_600_000)?;
-        range("limits.max_connections", l.max_connections as u64, 1, 1_000_000)?;
-        range("limits.max_streams", l.max_streams as u64, 1, 1_000_000)?;
-        range("limits.max_streams_per_subject", l.max_streams_per_subject as u64, 1, 1_000_000)?;
-        range("limits.max_streams_per_address", l.max_streams_per_address as u64, 1, 1_000_000)?;
-        range("limits.commands_per_sec", u64::from(l.commands_per_sec), 1, 10_000)?;
-        range("limits.header_read_timeout_ms", l.header_read_timeout_ms, 100, 600_000)?;
+        check_range("limits.max_body_bytes", l.max_body_bytes as u64, 1_024, 1 << 30)?;
+        check_range("limits.max_events_per_request", l.max_events_per_request as u64, 1, 1_000_000)?;
+        check_range("limits.client_buffer", l.client_buffer as u64, 1, 1 << 20)?;
+        check_range("limits.max_subscriptions", l.max_subscriptions as u64, 1, 10_000)?;
+        check_range("limits.send_timeout_ms", l.send_timeout_ms, 1, 600_000)?;
+        check_range("limits.sse_retry_ms", l.sse_retry_ms, 1, 3_600_000)?;
+        check_range("limits.keep_alive_ms", l.keep_alive_ms, 100, 3_600_000)?;
+        check_range("limits.max_connections", l.max_connections as u64, 1, 1_000_000)?;
+        check_range("limits.max_streams", l.max_streams as u64, 1, 1_000_000)?;
+        check_range("limits.max_streams_per_subject", l.max_streams_per_subject as u64, 1, 1_000_000)?;
+        check_range("limits.max_streams_per_address", l.max_streams_per_address as u64, 1, 1_000_000)?;
+        check_range("limits.commands_per_sec", u64::from(l.commands_per_sec), 1, 10_000)?;
+        check_range("limits.header_read_timeout_ms", l.header_read_timeout_ms, 100, 600_000)?;
         if let Some(h) = &l.client_address_header {
             if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
                 return Err(ConfigError::Invalid {

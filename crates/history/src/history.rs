@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use dualstream_core::{record, DecodeError, Event, Position};
+use dualstream_core::{record, Backoff, DecodeError, Event, Position};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
@@ -144,6 +144,7 @@ const COUNT_TTL: Duration = Duration::from_secs(60);
 /// dualstream-kafka's `TopicCache`).
 const COUNT_MIN_BACKOFF: Duration = Duration::from_millis(100);
 const COUNT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+const COUNT_BACKOFF: Backoff = Backoff::new(COUNT_MIN_BACKOFF, COUNT_MAX_BACKOFF);
 
 /// A topic's partition count, or its last failed look-up.
 enum Count {
@@ -178,8 +179,8 @@ impl CountCache {
         let backoff = match &*entry {
             Some(Count::Ready { count, at }) if now.duration_since(*at) < COUNT_TTL => return Ok(*count),
             Some(Count::Failed { error, until, .. }) if now < *until => return Err(error.replica()),
-            Some(Count::Failed { backoff, .. }) => (*backoff * 2).min(COUNT_MAX_BACKOFF),
-            _ => COUNT_MIN_BACKOFF,
+            Some(Count::Failed { backoff, .. }) => COUNT_BACKOFF.after(*backoff),
+            _ => COUNT_BACKOFF.first(),
         };
         let result = look_up.await;
         let now = tokio::time::Instant::now();

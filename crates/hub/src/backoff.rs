@@ -3,10 +3,13 @@
 
 use std::time::Duration;
 
+use dualstream_core::Backoff;
+
 /// The backoff after `attempt` attempts since the connection was last live
 /// (0 for the first wait): `min_ms` doubled per attempt, at most `max_ms`.
 fn backoff_ms(min_ms: u64, max_ms: u64, attempt: u32) -> u64 {
-    min_ms.saturating_mul(1u64.checked_shl(attempt).unwrap_or(u64::MAX)).min(max_ms)
+    let backoff = Backoff::new(Duration::from_millis(min_ms), Duration::from_millis(max_ms));
+    backoff.nth(attempt).as_millis() as u64
 }
 
 /// The wait before the next connection attempt: drawn uniformly from
