@@ -13,8 +13,11 @@
 //!   the last `cache_records` records in memory, so a range near the tail
 //!   (the records between two notifications of a source, the records since
 //!   the last watermark poll) is served from memory. The task never waits
-//!   for a join: a join whose buffer is full is dropped from the sweep with
-//!   the offset it got to ([`Ticket::checked`]), and asks again from there.
+//!   for a join: a join whose buffer is full is parked at the record it did
+//!   not take, and served from the cache once it takes its items (the cache
+//!   keeps up to `PARKED_EXTRA` more records while a parked join needs
+//!   them); past that it is dropped from the sweep with the offset it got
+//!   to ([`Ticket::checked`]), and asks again from there.
 //! - **Reads from far back.** A range older than the tail reader's cache
 //!   (a resume from minutes ago, from offset 0) never moves the tail
 //!   reader's position back, which would hold every join at the tail behind
@@ -135,6 +138,12 @@ const FOLLOW_LINGER: Duration = Duration::from_secs(30);
 /// (which starts where the last one ended), short enough not to follow
 /// the tail for nothing.
 const BACKFILL_LINGER: Duration = Duration::from_secs(5);
+/// Records the cache may hold past `cache_records` while a parked read
+/// still needs its oldest ones (see [`Part::trim`]).
+const PARKED_EXTRA: usize = 8_192;
+/// How often a reader with parked reads looks whether their joins took
+/// items.
+const PARKED_POLL: Duration = Duration::from_millis(2);
 /// How often the reader checks for stalled reads and idle partitions.
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
 /// How long a cached partition count is trusted.
@@ -216,6 +225,12 @@ pub struct HistoryStats {
     pub backfill_reads: u64,
     /// Records read from Kafka by the shared readers.
     pub records_read: u64,
+    /// Times a read waited, parked, because its join's buffer was full;
+    /// the reader serves it from its cache once the join takes items.
+    pub parked: u64,
+    /// Parked reads dropped because the records they still needed left the
+    /// cache (their joins ask again, from far back).
+    pub parked_dropped: u64,
 }
 
 #[derive(Default)]
@@ -228,6 +243,8 @@ struct Counters {
     seeks: AtomicU64,
     backfill_reads: AtomicU64,
     records_read: AtomicU64,
+    parked: AtomicU64,
+    parked_dropped: AtomicU64,
 }
 
 impl Counters {
@@ -246,6 +263,8 @@ impl Counters {
             seeks: get(&self.seeks),
             backfill_reads: get(&self.backfill_reads),
             records_read: get(&self.records_read),
+            parked: get(&self.parked),
+            parked_dropped: get(&self.parked_dropped),
         }
     }
 }
@@ -583,40 +602,47 @@ struct Req {
     ticket: Arc<Ticket>,
 }
 
+/// What a read does after a record was offered to it.
+enum Step {
+    /// It goes on.
+    Go(Req),
+    /// Its join's buffer is full: it waits, parked, at its `next` offset.
+    Full(Req),
+    /// It is done (or its join is gone).
+    Done,
+}
+
 impl Req {
     /// Finish: every offset below `checked` was delivered or not of the key.
     fn finish(&self, checked: i64) {
         self.ticket.checked.store(checked, Ordering::SeqCst);
     }
 
-    /// Offer a record. `Some(self)` while the read goes on.
-    fn offer(mut self, rec: &Arc<Rec>) -> Option<Self> {
+    /// Offer a record.
+    fn offer(mut self, rec: &Arc<Rec>) -> Step {
         let offset = rec.position.offset;
         if offset < self.next {
-            return Some(self);
+            return Step::Go(self);
         }
         if offset >= self.to {
             self.finish(self.to);
-            return None;
+            return Step::Done;
         }
         if rec.key.as_deref() == Some(&*self.key) {
             use mpsc::error::TrySendError;
             match self.tx.try_send(Item::Record(Arc::clone(rec))) {
                 Ok(()) => {}
-                Err(TrySendError::Full(_)) => {
-                    // The join is busy: it asks again from here.
-                    self.finish(offset);
-                    return None;
-                }
-                Err(TrySendError::Closed(_)) => return None,
+                // The join is busy: the read is parked at this record.
+                Err(TrySendError::Full(_)) => return Step::Full(self),
+                Err(TrySendError::Closed(_)) => return Step::Done,
             }
         }
         self.next = offset + 1;
         if self.next >= self.to {
             self.finish(self.to);
-            return None;
+            return Step::Done;
         }
-        Some(self)
+        Step::Go(self)
     }
 
     /// Tell the reader about offsets the broker did not return.
@@ -695,6 +721,9 @@ struct Part {
     covered_from: i64,
     cache: VecDeque<Arc<Rec>>,
     reqs: Vec<Req>,
+    /// Reads whose join's buffer was full, waiting at their `next` offset
+    /// (at or above `covered_from`); served from the cache.
+    parked: Vec<Req>,
     /// Requests older than the cache, waiting for the position to move back.
     behind: Vec<Req>,
     probe: Option<Probe>,
@@ -708,6 +737,95 @@ struct Part {
     /// One past the highest offset received, shared with the watermark
     /// poller (`Inner::seen`).
     seen: Arc<AtomicI64>,
+}
+
+impl Part {
+    /// Offer a read the cached records from its `next` on. `Step::Go` means
+    /// it has them all and waits at the position for the next record.
+    fn serve_cached(&self, r: Req) -> Step {
+        let start = self.cache.partition_point(|c| c.position.offset < r.next);
+        let mut step = Step::Go(r);
+        for rec in self.cache.range(start..) {
+            let Step::Go(r) = step else { break };
+            step = r.offer(rec);
+        }
+        match step {
+            Step::Go(mut r) => {
+                r.next = r.next.max(self.pos);
+                if r.next >= r.to {
+                    r.finish(r.to);
+                    return Step::Done;
+                }
+                Step::Go(r)
+            }
+            other => other,
+        }
+    }
+
+    /// Serve the parked reads whose joins took items since, from the cache:
+    /// up to the position, then they follow the partition again (or are
+    /// parked once more). A read whose records left the cache is dropped
+    /// with the offset it got to, and its join asks again. Returns the
+    /// reads dropped.
+    fn serve_parked(&mut self) -> u64 {
+        let mut dropped = 0;
+        for r in std::mem::take(&mut self.parked) {
+            if r.tx.is_closed() {
+                continue;
+            }
+            if r.next < self.covered_from {
+                r.finish(r.next);
+                dropped += 1;
+                continue;
+            }
+            if r.tx.capacity() == 0 {
+                self.parked.push(r);
+                continue;
+            }
+            match self.serve_cached(r) {
+                Step::Go(r) => self.reqs.push(r),
+                Step::Full(r) => self.parked.push(r),
+                Step::Done => {}
+            }
+        }
+        dropped
+    }
+
+    /// Keep the cache at `cache_records` records. While a parked read still
+    /// needs the oldest ones it may hold up to `PARKED_EXTRA` more: a
+    /// reader hands its joins a whole fetch answer (thousands of records)
+    /// in one go, faster than a join takes them, and a join that was dropped
+    /// there asked again from older than the cache, so a backfill reader
+    /// went back for it, again and again (the gateway's catch-up fell behind
+    /// the tail for good in 20-minute chaos runs). Past that, the parked
+    /// reads that need the oldest record are dropped with the offset they
+    /// got to. Returns the reads dropped.
+    fn trim(&mut self, cache_records: usize) -> u64 {
+        let mut dropped = 0;
+        while self.cache.len() > cache_records {
+            let Some(front) = self.cache.front().map(|r| r.position.offset) else { break };
+            let needs = |r: &Req| r.next <= front && r.next >= self.covered_from;
+            if self.parked.iter().any(needs) {
+                if self.cache.len() <= cache_records + PARKED_EXTRA {
+                    break;
+                }
+                let covered_from = self.covered_from;
+                self.parked.retain(|r| {
+                    let keep = !(r.next <= front && r.next >= covered_from);
+                    if !keep {
+                        r.finish(r.next);
+                        dropped += 1;
+                    }
+                    keep
+                });
+            }
+            self.cache.pop_front();
+            // What is left covers the partition from its first record, or,
+            // once nothing is left (`cache_records` 0), from the position.
+            self.covered_from = self.cache.front().map_or(self.pos, |front| front.position.offset);
+        }
+        dropped
+    }
 }
 
 /// What a topic reader serves.
@@ -738,6 +856,8 @@ impl TopicReader {
 
     async fn run(mut self, consumer: StreamConsumer, mut rx: mpsc::UnboundedReceiver<(i32, Req)>) {
         let mut tick = tokio::time::interval(HOUSEKEEPING);
+        let mut parked_poll = tokio::time::interval(PARKED_POLL);
+        parked_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 req = rx.recv() => {
@@ -752,8 +872,16 @@ impl TopicReader {
                     Ok(m) => self.on_message(&consumer, &m),
                     Err(e) => tracing::debug!(topic = %self.topic, role = ?self.role, error = %e, "history reader: consumer error"),
                 },
+                _ = parked_poll.tick(), if self.parts.values().any(|p| !p.parked.is_empty()) => self.serve_parked(),
                 _ = tick.tick() => self.housekeeping(&consumer),
             }
+        }
+    }
+
+    fn serve_parked(&mut self) {
+        let dropped: u64 = self.parts.values_mut().map(Part::serve_parked).sum();
+        if dropped > 0 {
+            self.count(|c| &c.parked_dropped, dropped);
         }
     }
 
@@ -786,27 +914,18 @@ impl TopicReader {
                 return;
             }
             // Serve what the cache has, then follow the partition.
-            let start = part.cache.partition_point(|r| r.position.offset < req.next);
-            let mut req = Some(req);
-            for rec in part.cache.range(start..) {
-                req = match req.take() {
-                    Some(r) => r.offer(rec),
-                    None => break,
-                };
-            }
-            if let Some(mut r) = req {
-                r.next = r.next.max(part.pos);
-                if r.next >= r.to {
-                    r.finish(r.to);
-                    self.count(|c| &c.range_reads_cached, 1);
-                } else {
+            match part.serve_cached(req) {
+                Step::Go(r) => {
                     if part.reqs.is_empty() {
                         part.progress = now;
                     }
                     part.reqs.push(r);
                 }
-            } else {
-                self.count(|c| &c.range_reads_cached, 1);
+                Step::Full(r) => {
+                    part.parked.push(r);
+                    self.count(|c| &c.parked, 1);
+                }
+                Step::Done => self.count(|c| &c.range_reads_cached, 1),
             }
             return;
         }
@@ -826,6 +945,7 @@ impl TopicReader {
                 covered_from: req.next,
                 cache: VecDeque::new(),
                 reqs: vec![req],
+                parked: Vec::new(),
                 behind: Vec::new(),
                 probe,
                 progress: now,
@@ -848,7 +968,7 @@ impl TopicReader {
     fn move_back(&mut self, consumer: &impl Fetcher) {
         let mut seeks = 0;
         for (p, part) in &mut self.parts {
-            if !part.reqs.is_empty() {
+            if !part.reqs.is_empty() || !part.parked.is_empty() {
                 continue;
             }
             let Some(to) = part.behind.iter().map(|r| r.next).min() else {
@@ -952,15 +1072,26 @@ impl TopicReader {
         part.pos = offset + 1;
         part.seen.fetch_max(offset + 1, Ordering::Relaxed);
         let rec = Arc::new(rec());
-        part.reqs = std::mem::take(&mut part.reqs).into_iter().filter_map(|r| r.offer(&rec)).collect();
-        part.cache.push_back(rec);
-        while part.cache.len() > self.cache_records {
-            part.cache.pop_front();
-            // What is left covers the partition from its first record, or,
-            // once nothing is left (`cache_records` 0), from the position.
-            part.covered_from = part.cache.front().map_or(part.pos, |front| front.position.offset);
+        let mut parked = 0;
+        for r in std::mem::take(&mut part.reqs) {
+            match r.offer(&rec) {
+                Step::Go(r) => part.reqs.push(r),
+                Step::Full(r) => {
+                    part.parked.push(r);
+                    parked += 1;
+                }
+                Step::Done => {}
+            }
         }
+        part.cache.push_back(rec);
+        let dropped = part.serve_parked() + part.trim(self.cache_records);
         self.count(|c| &c.records_read, 1);
+        if parked > 0 {
+            self.count(|c| &c.parked, parked);
+        }
+        if dropped > 0 {
+            self.count(|c| &c.parked_dropped, dropped);
+        }
     }
 
     fn housekeeping(&mut self, consumer: &impl Fetcher) {
@@ -972,6 +1103,7 @@ impl TopicReader {
         let mut drop_parts = Vec::new();
         for (p, part) in &mut self.parts {
             part.reqs.retain(|r| !r.tx.is_closed());
+            part.parked.retain(|r| !r.tx.is_closed());
             part.behind.retain(|r| !r.tx.is_closed());
             if !part.reqs.is_empty() && part.progress.elapsed() > timeout {
                 tracing::warn!(topic = %self.topic, role = ?self.role, partition = p, at = part.pos, "history reader: no record within the timeout");
@@ -982,7 +1114,8 @@ impl TopicReader {
                     });
                 }
             }
-            if part.reqs.is_empty() && part.behind.is_empty() && part.used.elapsed() > linger {
+            if part.reqs.is_empty() && part.parked.is_empty() && part.behind.is_empty() && part.used.elapsed() > linger
+            {
                 drop_parts.push(*p);
             }
         }
@@ -1262,6 +1395,78 @@ mod tests {
         pump(&mut r, &broker, &mut [&mut a, &mut b], |_| true);
         b.drain();
         assert_eq!((b.got, b.holes), (of_key(100, 400, "a"), vec![]));
+    }
+
+    /// Hand the reader the broker's records in answers of `answer` records;
+    /// the joins take their items between answers only (a reader goes
+    /// through a whole fetch answer faster than a join takes it), and the
+    /// reader serves its parked reads until they have caught up.
+    fn pump_in_answers(r: &mut TopicReader, broker: &Tansu, reads: &mut [&mut Read], answer: usize) {
+        loop {
+            let mut n = 0;
+            while n < answer {
+                let Some(o) = broker.next() else { break };
+                r.on_record(broker, 0, o, || rec(o));
+                n += 1;
+            }
+            loop {
+                for read in reads.iter_mut() {
+                    read.drain();
+                }
+                r.serve_parked();
+                if r.parts.values().all(|p| p.parked.is_empty()) {
+                    break;
+                }
+            }
+            if n == 0 {
+                return;
+            }
+        }
+    }
+
+    /// A join whose buffer fills in the middle of a fetch answer is parked
+    /// and served from the cache once it takes its items: one read from the
+    /// start, no move back. It used to be dropped from the sweep there, ask
+    /// again from older than the cache (the rest of the answer had pushed
+    /// its records out), and send the backfill reader back, once per
+    /// answer and join: the gateway's catch-up fell behind the tail for good
+    /// in 20-minute chaos runs.
+    #[test]
+    fn a_join_that_falls_behind_within_an_answer_is_parked_not_sent_back() {
+        let broker = Tansu::new(1_000, 3_000);
+        let mut r = reader(256);
+        let (req, mut a) = Read::new(0, 3_000, "a");
+        let ticket = Arc::clone(&req.ticket);
+        r.add(&broker, 0, req);
+        pump_in_answers(&mut r, &broker, &mut [&mut a], 1_000);
+        a.drain();
+        assert_eq!((a.got, a.holes), (of_key(0, 3_000, "a"), vec![]));
+        assert_eq!(ticket.checked(), 3_000, "read to its end");
+        assert_eq!(*broker.seeks.borrow(), [0], "no move back");
+    }
+
+    /// A join that takes nothing holds the cache only up to `PARKED_EXTRA`
+    /// records past `cache_records`; then its read is dropped with the
+    /// offset it got to (so its join asks again from there, skipping
+    /// nothing), and the cache is back to its size.
+    #[test]
+    fn a_parked_read_is_dropped_where_it_stopped_once_the_cache_is_full() {
+        let end = (PARKED_EXTRA + 2_000) as i64;
+        let broker = Tansu::new(1, end);
+        let mut r = reader(16);
+        let (req, mut a) = Read::new(0, end, "a");
+        let ticket = Arc::clone(&req.ticket);
+        r.add(&broker, 0, req);
+        while let Some(o) = broker.next() {
+            r.on_record(&broker, 0, o, || rec(o));
+        }
+        a.drain();
+        let first_not_taken = 3 * RANGE_BUFFER as i64;
+        assert_eq!(a.got, of_key(0, first_not_taken, "a"), "its buffer's worth");
+        assert_eq!(ticket.checked(), first_not_taken, "it asks again from the record it did not take");
+        assert!(a.rx.is_closed() || r.parts[&0].parked.is_empty(), "no longer parked");
+        assert!(r.parts[&0].cache.len() <= 16 + PARKED_EXTRA);
+        assert_eq!(r.parts[&0].cache.len(), 16, "the cache shrank back once nobody needed its oldest records");
     }
 
     fn failure() -> ReplayError {
