@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::{start_on_own_port, PortHold};
+use dualstream_devstack::{start_on_own_port, PortHold};
 
 const INSTALL: &str = "the browser tests need Chromium and its WebDriver on PATH. Debian: \
     `apt-get install -y chromium chromium-driver` (.ci/run does it); elsewhere install Chrome or Chromium and the \

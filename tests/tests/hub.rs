@@ -4,85 +4,19 @@
 //! restart, and memory through a burst to subscribers that never read.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use deadpool_redis::redis;
 use dualstream::consumer::{Hub, HubConfig, LiveItem, LiveStream, Target};
 use dualstream::prelude::*;
 use dualstream::Source;
+use dualstream_tests::proxy::{DelayProxy, Direction};
 use dualstream_tests::*;
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 /// The tests of this file run one at a time, so that the memory figures of
 /// the burst are this test's alone.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A TCP proxy to Redis whose client-to-Redis direction can be held: the
-/// hub's commands wait in the proxy while Redis's messages keep flowing to
-/// the hub.
-struct Gate {
-    addr: SocketAddr,
-    open: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Gate {
-    async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (open, _) = watch::channel(true);
-        let gate = open.clone();
-        let task = tokio::spawn(async move {
-            let mut pipes = tokio::task::JoinSet::new();
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(upstream).await else { continue };
-                let (mut cr, cw) = client.into_split();
-                let (mut sr, mut sw) = server.into_split();
-                let mut open = gate.subscribe();
-                pipes.spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match cr.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        // Bytes read while the gate is held wait here.
-                        if open.wait_for(|open| *open).await.is_err() || sw.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-                pipes.spawn(async move {
-                    let mut cw = cw;
-                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
-                });
-            }
-        });
-        Self { addr, open, task }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://{}", self.addr)
-    }
-
-    fn hold(&self) {
-        self.open.send_replace(false);
-    }
-
-    fn release(&self) {
-        self.open.send_replace(true);
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 async fn conn(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url).expect("url").get_multiplexed_async_connection().await.expect("redis")
@@ -142,9 +76,12 @@ async fn pending_subscription_changes_do_not_hold_up_delivery() {
     init_tracing();
     let _alone = ONE_AT_A_TIME.lock().await;
     let redis = OwnedRedis::start();
-    let gate = Gate::start(format!("127.0.0.1:{}", redis.port).parse().expect("addr")).await;
-    let hub = Hub::new(HubConfig { url: gate.url(), timeout_ms: 60_000, ping_interval_ms: 50, ..HubConfig::default() })
-        .expect("hub");
+    // The hub's commands wait in the proxy while Redis's messages keep flowing to the hub.
+    let upstream = format!("127.0.0.1:{}", redis.port).parse().expect("addr");
+    let gate = DelayProxy::start(upstream, Duration::ZERO).await.expect("proxy");
+    let hub =
+        Hub::new(HubConfig { url: gate.redis_url(), timeout_ms: 60_000, ping_interval_ms: 50, ..HubConfig::default() })
+            .expect("hub");
     let namer = hub.namer().clone();
     let a = Source::new("user", "a").expect("valid");
     let mut sa = hub.subscribe_source(&a).await.expect("subscribed");
@@ -152,7 +89,7 @@ async fn pending_subscription_changes_do_not_hold_up_delivery() {
     let sx = hub.subscribe(x.clone()).await.expect("subscribed");
     let (subscribes, unsubscribes) = (calls(&redis.url(), "subscribe").await, calls(&redis.url(), "unsubscribe").await);
 
-    gate.hold();
+    gate.hold(Direction::ToServer);
     // Unsubscribe x (in flight), then, queued behind it: x again, y, y
     // dropped before Redis confirmed it, y again, and 100 more channels.
     drop(sx);
@@ -181,8 +118,7 @@ async fn pending_subscription_changes_do_not_hold_up_delivery() {
                 .collect::<Vec<_>>()
         })
     };
-    eventually("all subscribed locally", Duration::from_secs(5), || async { local_channels(&hub).await == 103 })
-        .await;
+    eventually("all subscribed locally", Duration::from_secs(5), || async { local_channels(&hub).await == 103 }).await;
 
     // Redis has seen none of it, and delivery goes on.
     let notifier = redis_notifier(&redis.url());
@@ -203,7 +139,7 @@ async fn pending_subscription_changes_do_not_hold_up_delivery() {
     assert!(!x_again.is_finished() && !y_again.is_finished() && !more_streams.is_finished(), "not confirmed yet");
     assert_eq!(calls(&redis.url(), "subscribe").await, subscribes, "held in the proxy");
 
-    gate.release();
+    gate.release(Direction::ToServer);
     let done = Duration::from_secs(10);
     let mut sx = tokio::time::timeout(done, x_again).await.expect("confirmed").expect("task");
     let mut sy = tokio::time::timeout(done, y_again).await.expect("confirmed").expect("task");
@@ -422,4 +358,53 @@ async fn output_buffer(url: &str) -> u64 {
         .filter(|l| l.split(' ').any(|f| f == "flags=P"))
         .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("omem=")).and_then(|n| n.parse::<u64>().ok()))
         .sum()
+}
+
+/// A hub that follows the partitions (`Hub::follow_partitions`, what a
+/// catch-up join proves a jump with) records the position of every
+/// notification published on a source channel, through a Redis restart, with
+/// one pattern subscription that a local subscriber of the same pattern does
+/// not take away when it leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_hub_records_every_position_through_a_restart() {
+    use dualstream::consumer::{key_of, Seen};
+    init_tracing();
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let mut redis = OwnedRedis::start();
+    let url = redis.url();
+    let hub = Hub::new(HubConfig { url: url.clone(), ping_interval_ms: 200, ..HubConfig::default() }).expect("hub");
+    let seen = hub.follow_partitions().expect("a single Redis: followed");
+    let same = hub.subscribe(Target::Pattern(hub.namer().pattern_all_sources())).await.expect("subscribed");
+    drop(same);
+    eventually("the followed pattern alone", Duration::from_secs(5), || async { patterns(&url).await == 1 }).await;
+    let (a, b) = (Source::new("user", "a").expect("valid"), Source::new("user", "b").expect("valid"));
+    let publish_range = |from: i64, to: i64| {
+        let mut pipe = redis::pipe();
+        for o in from..to {
+            let s = if o % 2 == 0 { &a } else { &b };
+            let e = Event::builder("t", s.source_type(), s.source_id()).build().expect("valid");
+            let n = Notification::for_event(&e, Some(Position::new("events", 0, o)));
+            pipe.cmd("PUBLISH").arg(hub.namer().channel_for(s)).arg(n.to_json());
+        }
+        pipe
+    };
+    let mut publisher = conn(&url).await;
+    let () = publish_range(0, 100).query_async(&mut publisher).await.expect("published");
+    let c = key_of(&Source::new("user", "c").expect("valid"));
+    eventually("0..100 seen", Duration::from_secs(10), || async { seen.check("events", 0, 0, 100, c) == Seen::Clear })
+        .await;
+    assert_eq!(seen.check("events", 0, 0, 100, key_of(&a)), Seen::Mine { offset: 0 });
+    assert_eq!(seen.check("events", 0, 1, 100, key_of(&b)), Seen::Mine { offset: 1 });
+
+    redis.kill();
+    redis.restart();
+    eventually("followed again", Duration::from_secs(15), || async { patterns(&url).await == 1 }).await;
+    let mut publisher = conn(&url).await;
+    let () = publish_range(100, 200).query_async(&mut publisher).await.expect("published");
+    eventually("100..200 seen", Duration::from_secs(10), || async {
+        seen.check("events", 0, 100, 200, c) == Seen::Clear
+    })
+    .await;
+    assert_eq!(seen.check("events", 0, 0, 200, c), Seen::Clear, "what was seen before the restart is kept");
+    assert_eq!(seen.check("events", 0, 200, 201, c), Seen::Missing { offset: 200 });
 }

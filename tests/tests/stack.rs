@@ -4,10 +4,8 @@
 
 use std::time::Duration;
 
-#[path = "../../crates/channel/src/glob_model.rs"]
-mod glob_model;
-
 use dualstream::channel::ChannelNamer;
+use dualstream_channel::glob_model;
 use dualstream_tests::*;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -52,7 +50,12 @@ async fn psubscribe_on_a_built_pattern_receives_matches_and_not_near_misses() {
     let publish = |channel: String| {
         let mut conn = conn.clone();
         async move {
-            deadpool_redis::redis::cmd("PUBLISH").arg(&channel).arg("x").query_async::<i64>(&mut conn).await.expect("publish")
+            deadpool_redis::redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg("x")
+                .query_async::<i64>(&mut conn)
+                .await
+                .expect("publish")
         }
     };
     let p = names.prefix().to_owned();
@@ -99,8 +102,8 @@ async fn the_glob_model_agrees_with_a_real_psubscribe() {
     let mut tails = words(b"a?*[]^-\\", 3);
     for longer in [
         r"a[bc]d", r"a[^bc]d", r"[a-c]", r"[c-a]", r"[^a-c]", r"[a-]", r"[^a-]", r"[]-a]", r"[\]]", r"[^\]]", r"[\^]",
-        r"[\-a]", r"[a\-c]", r"[^]a]", r"[a-\]", r"a\[b]", r"a\?", r"a\*b", r"[ab", r"[^", r"*[ab]*", r"?\\?",
-        r"[]]]", r"[^^]", r"*-*", r"[*?]", r"\a\b",
+        r"[\-a]", r"[a\-c]", r"[^]a]", r"[a-\]", r"a\[b]", r"a\?", r"a\*b", r"[ab", r"[^", r"*[ab]*", r"?\\?", r"[]]]",
+        r"[^^]", r"*-*", r"[*?]", r"\a\b",
     ] {
         tails.push(longer.as_bytes().to_vec());
     }

@@ -30,6 +30,14 @@ mod tests {
     const CONSUMER: &str = "dualstream-consumer";
     const FACADE: &str = "dualstream";
     const GATEWAY: &str = "dualstream-gateway";
+    const DEVSTACK: &str = "dualstream-devstack";
+    const HARNESS: &str = "dualstream-harness";
+    const TESTS: &str = "dualstream-tests";
+    const XTASK: &str = "xtask";
+
+    /// The dev-only crates, and the only packages that may depend on each
+    /// (in any kind, dev-dependencies included): no library crate does.
+    const DEV_ONLY: &[(&str, &[&str])] = &[(DEVSTACK, &[HARNESS, TESTS, XTASK]), (HARNESS, &[])];
 
     /// No broker client and no runtime: the pure crates.
     const PURE: &[&str] = &["rdkafka", "deadpool-redis", "redis", "tokio"];
@@ -56,8 +64,10 @@ mod tests {
             never: &[],
         },
         Rule { package: GATEWAY, may_use: &[CORE, CHANNEL, KAFKA, REDIS, PUBLISHER, BATCH, CONSUMER], never: NO_REDIS },
-        Rule { package: "dualstream-tests", may_use: &[FACADE, GATEWAY], never: &[] },
-        Rule { package: "xtask", may_use: &[], never: &[] },
+        Rule { package: DEVSTACK, may_use: &[FACADE], never: &[] },
+        Rule { package: HARNESS, may_use: &[FACADE, GATEWAY, DEVSTACK], never: &[] },
+        Rule { package: TESTS, may_use: &[FACADE, GATEWAY, DEVSTACK], never: &[] },
+        Rule { package: XTASK, may_use: &[DEVSTACK], never: &[] },
         Rule { package: "dualstream-example-postgres", may_use: &[CORE, CHANNEL, PUBLISHER, BATCH], never: NO_BROKER },
     ];
 
@@ -82,13 +92,33 @@ mod tests {
             .expect("cargo metadata printed no JSON")
     }
 
-    /// Every package the facade builds with only `feature` (normal
+    /// Every package `package` builds with these arguments (normal
     /// dependencies, `cargo tree`).
-    fn facade_packages(feature: &str) -> BTreeSet<String> {
-        let args = ["tree", "-p", FACADE, "--no-default-features", "--features", feature, "-e", "normal"];
-        let tree = cargo(&[&args[..], &["--prefix", "none", "--format", "{p}"]].concat());
-        let tree = String::from_utf8(tree).expect("cargo tree printed UTF-8");
+    fn packages(package: &str, features: &[&str]) -> BTreeSet<String> {
+        let args = [&["tree", "-p", package, "-e", "normal"][..], features, &["--prefix", "none", "--format", "{p}"]];
+        let tree = String::from_utf8(cargo(&args.concat())).expect("cargo tree printed UTF-8");
         tree.lines().filter_map(|line| line.split_whitespace().next()).map(str::to_owned).collect()
+    }
+
+    /// Every package the facade builds with only `feature`.
+    fn facade_packages(feature: &str) -> BTreeSet<String> {
+        packages(FACADE, &["--no-default-features", "--features", feature])
+    }
+
+    /// The demo, a newcomer's first build, builds none of the bench's and
+    /// the chaos run's dependencies, and `cargo xtask` none of the services'
+    /// clients (ARCHITECTURE.md, `crates/harness` and `xtask/`).
+    #[test]
+    fn the_demo_and_xtask_build_only_what_they_use() {
+        let demo = packages(HARNESS, &[]);
+        assert!(demo.contains(DEVSTACK) && demo.contains("rdkafka"), "{demo:?}");
+        for heavy in [GATEWAY, "axum", "mimalloc", "reqwest", "tokio-tungstenite", "dualstream-consumer"] {
+            assert!(!demo.contains(heavy), "the demo's build pulls in {heavy}");
+        }
+        let xtask = packages(XTASK, &[]);
+        for client in ["tokio", "rdkafka", "deadpool-redis", FACADE] {
+            assert!(!xtask.contains(client), "xtask's build pulls in {client}");
+        }
     }
 
     /// The facade's features pull in what they name: `hub` no Kafka client,
@@ -118,6 +148,7 @@ mod tests {
         let packages = metadata["packages"].as_array().expect("cargo metadata has no packages");
         let members: BTreeSet<&str> = packages.iter().filter_map(|p| p["name"].as_str()).collect();
         let rules: BTreeMap<&str, &Rule> = RULES.iter().map(|r| (r.package, r)).collect();
+        let dev_only: BTreeMap<&str, &[&str]> = DEV_ONLY.iter().copied().collect();
 
         let mut problems: Vec<String> = Vec::new();
         for rule in RULES {
@@ -133,10 +164,13 @@ mod tests {
             };
             let dependencies = package["dependencies"].as_array().expect("a package without dependencies");
             for dependency in dependencies {
+                let dep = dependency["name"].as_str().expect("a dependency without a name");
+                if dev_only.get(dep).is_some_and(|users| !users.contains(&name)) {
+                    problems.push(format!("{name} depends on {dep}, which is dev-only"));
+                }
                 if dependency["kind"].as_str() == Some("dev") {
                     continue;
                 }
-                let dep = dependency["name"].as_str().expect("a dependency without a name");
                 if members.contains(dep) && !rule.may_use.contains(&dep) {
                     problems.push(format!("{name} depends on {dep}; it may depend on {:?} only", rule.may_use));
                 }

@@ -9,41 +9,13 @@
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use crate::ports::{wait_listening, Came};
+use dualstream_devstack::ports::{wait_listening, Came};
+use dualstream_devstack::OwnedRedis;
+
 use crate::Broker;
-
-/// A redis-server owned by this command: it gets the terminal's Ctrl-C as the gateway does, and is
-/// killed when the gateway exits.
-struct OwnRedis(Child);
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_redis() -> Result<(OwnRedis, String), String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("no free port: {e}"))?
-        .port();
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("redis-server: {e} (Debian/Ubuntu: `apt-get install redis-server`, or set REDIS_URL)"))?;
-    let mut redis = OwnRedis(child);
-    let pid = redis.0.id();
-    match wait_listening(pid, port, Duration::from_secs(10), || matches!(redis.0.try_wait(), Ok(Some(_)))) {
-        Came::Listening => Ok((redis, format!("redis://127.0.0.1:{port}"))),
-        how => Err(format!("redis-server on port {port}: {how:?}")),
-    }
-}
 
 /// A secret for this run only: tokens printed by an earlier run stop working.
 fn random_secret() -> Result<String, String> {
@@ -85,7 +57,13 @@ pub(crate) fn run(listen: SocketAddr, broker: Broker) -> Result<(), String> {
         let url = match std::env::var("REDIS_URL") {
             Ok(url) => url,
             Err(_) => {
-                let (redis, url) = start_redis()?;
+                // Ours: it gets the terminal's Ctrl-C as the gateway does, and is killed when the gateway exits.
+                crate::stack::which("redis-server").ok_or(format!(
+                    "redis-server not found: install it ({}) or set REDIS_URL",
+                    dualstream_devstack::redis::INSTALL_HINT
+                ))?;
+                let redis = OwnedRedis::start();
+                let url = redis.url();
                 _redis = Some(redis);
                 url
             }
@@ -122,5 +100,9 @@ pub(crate) fn run(listen: SocketAddr, broker: Broker) -> Result<(), String> {
     println!("watch the stream (in another terminal):\n  curl -sN {auth} '{base}/v1/stream?pattern=events:*'\n");
     println!("Ctrl-C stops the gateway.");
     let status = child.wait().map_err(|e| e.to_string())?;
-    if status.success() { Ok(()) } else { Err(format!("the gateway exited with {status}")) }
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("the gateway exited with {status}"))
+    }
 }

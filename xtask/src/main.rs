@@ -3,18 +3,12 @@
 //! Bare `cargo xtask` prints help. Every command that needs services brings
 //! them up through [`stack`] and takes down only what it started.
 
-/// Whether a process listens on a port itself (shared with the test fixtures).
-#[path = "../../tests/src/ports.rs"]
-mod ports;
 mod arch;
 mod fuzz;
 mod gateway;
 mod preflight;
 mod reliability;
 mod stack;
-/// The durable broker's PostgreSQL database (shared with the test fixtures).
-#[path = "../../tests/src/tansu_pg.rs"]
-mod tansu_pg;
 
 use std::process::{Command, ExitCode};
 
@@ -176,7 +170,9 @@ fn cargo() -> Command {
 
 /// A seed from the clock (printed by the run, so it can be replayed).
 fn clock_seed() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64 % 1_000_000_007)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64 % 1_000_000_007)
 }
 
 fn run(cmd: &mut Command) -> Result<(), String> {
@@ -192,14 +188,19 @@ fn run(cmd: &mut Command) -> Result<(), String> {
 /// lines into `totals` (passed, failed).
 fn run_tests(cmd: &mut Command, totals: &mut (u64, u64)) -> Result<(), String> {
     use std::io::BufRead;
-    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().map_err(|e| format!("could not run cargo test: {e}"))?;
+    let mut child =
+        cmd.stdout(std::process::Stdio::piped()).spawn().map_err(|e| format!("could not run cargo test: {e}"))?;
     if let Some(out) = child.stdout.take() {
         for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
             println!("{line}");
             if let Some(rest) = line.strip_prefix("test result: ") {
                 let count = |word: &str| {
                     rest.split(';')
-                        .find_map(|part| part.trim().strip_suffix(word).and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok()))
+                        .find_map(|part| {
+                            part.trim()
+                                .strip_suffix(word)
+                                .and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
+                        })
                         .unwrap_or(0)
                 };
                 totals.0 += count(" passed");
@@ -208,7 +209,11 @@ fn run_tests(cmd: &mut Command, totals: &mut (u64, u64)) -> Result<(), String> {
         }
     }
     let status = child.wait().map_err(|e| e.to_string())?;
-    if status.success() { Ok(()) } else { Err(format!("cargo test failed with {status}")) }
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("cargo test failed with {status}"))
+    }
 }
 
 /// Run `f` with the stack up, then take down what this call started.
@@ -236,40 +241,51 @@ fn main() -> ExitCode {
         Cmd::Up { durable, redis_cluster } => stack::up(durable, redis_cluster).map(|s| s.print()),
         Cmd::Down { wipe } => stack::down().and_then(|()| if wipe { stack::wipe_durable() } else { Ok(()) }),
         Cmd::InstallTansu => stack::install_tansu().map(|p| println!("tansu: {}", p.display())),
-        Cmd::Test { only, busy, args } if !only.is_empty() => preflight::ensure(&only).and_then(|()| stack::install_tansu()).and_then(|_| with_stack(|s| {
-            let mut totals = (0, 0);
-            let mut cmd = cargo();
-            cmd.args(["test", "--no-fail-fast"]);
-            for t in &only {
-                if t.starts_with("dualstream-") {
-                    cmd.args(["-p", t]);
-                } else {
-                    cmd.args(["-p", "dualstream-tests", "--test", t]);
-                }
-            }
-            if only.iter().any(|t| t.starts_with("dualstream-")) {
-                // Once: cargo refuses `--lib` given twice.
-                cmd.arg("--lib");
-            }
-            if !args.is_empty() {
-                cmd.arg("--").args(&args);
-            }
-            let _busy = reliability::Busy::start(busy as usize)?;
-            let result = run_tests(s.env(&mut cmd), &mut totals);
-            println!("xtask: {} passed, {} failed", totals.0, totals.1);
-            result
-        })),
-        Cmd::Test { only, busy, args } => preflight::ensure(&only).and_then(|()| stack::install_tansu()).and_then(|_| with_stack(|s| {
-            let _busy = reliability::Busy::start(busy as usize)?;
-            let mut totals = (0, 0);
-            let unit = run_tests(s.env(cargo().args(["test", "--workspace", "--all-targets", "--no-fail-fast"]).args(&args)), &mut totals);
-            let doc = run_tests(s.env(cargo().args(["test", "--workspace", "--doc"])), &mut totals);
-            println!("xtask: {} passed, {} failed", totals.0, totals.1);
-            unit.and(doc)
-        })),
+        Cmd::Test { only, busy, args } if !only.is_empty() => {
+            preflight::ensure(&only).and_then(|()| stack::install_tansu()).and_then(|_| {
+                with_stack(|s| {
+                    let mut totals = (0, 0);
+                    let mut cmd = cargo();
+                    cmd.args(["test", "--no-fail-fast"]);
+                    for t in &only {
+                        if t.starts_with("dualstream-") {
+                            cmd.args(["-p", t]);
+                        } else {
+                            cmd.args(["-p", "dualstream-tests", "--test", t]);
+                        }
+                    }
+                    if only.iter().any(|t| t.starts_with("dualstream-")) {
+                        // Once: cargo refuses `--lib` given twice.
+                        cmd.arg("--lib");
+                    }
+                    if !args.is_empty() {
+                        cmd.arg("--").args(&args);
+                    }
+                    let _busy = reliability::Busy::start(busy as usize)?;
+                    let result = run_tests(s.env(&mut cmd), &mut totals);
+                    println!("xtask: {} passed, {} failed", totals.0, totals.1);
+                    result
+                })
+            })
+        }
+        Cmd::Test { only, busy, args } => {
+            preflight::ensure(&only).and_then(|()| stack::install_tansu()).and_then(|_| {
+                with_stack(|s| {
+                    let _busy = reliability::Busy::start(busy as usize)?;
+                    let mut totals = (0, 0);
+                    let unit = run_tests(
+                        s.env(cargo().args(["test", "--workspace", "--all-targets", "--no-fail-fast"]).args(&args)),
+                        &mut totals,
+                    );
+                    let doc = run_tests(s.env(cargo().args(["test", "--workspace", "--doc"])), &mut totals);
+                    println!("xtask: {} passed, {} failed", totals.0, totals.1);
+                    unit.and(doc)
+                })
+            })
+        }
         Cmd::Demo { seconds, rate, broker } => {
             let mut demo = cargo();
-            demo.args(["run", "--release", "--quiet", "-p", "dualstream-tests", "--bin", "demo", "--"]).args([
+            demo.args(["run", "--release", "--quiet", "-p", "dualstream-harness", "--bin", "demo", "--"]).args([
                 "--seconds".to_owned(),
                 seconds.to_string(),
                 "--rate".to_owned(),
@@ -300,11 +316,21 @@ fn main() -> ExitCode {
                 args.extend(["--without".to_owned(), w]);
             }
             let first = seed.unwrap_or_else(clock_seed);
-            let seeds = if seed.is_none() && seeds == 1 { Vec::new() } else { (0..u64::from(seeds)).map(|i| first.wrapping_add(i)).collect() };
+            let seeds = if seed.is_none() && seeds == 1 {
+                Vec::new()
+            } else {
+                (0..u64::from(seeds)).map(|i| first.wrapping_add(i)).collect()
+            };
             reliability::run_chaos(reliability::Plan { args, debug, seeds, busy: busy as usize })
         }
         Cmd::Soak { minutes, rate, debug } => reliability::run_chaos(reliability::Plan {
-            args: vec!["--soak".to_owned(), "--minutes".to_owned(), minutes.to_string(), "--rate".to_owned(), rate.to_string()],
+            args: vec![
+                "--soak".to_owned(),
+                "--minutes".to_owned(),
+                minutes.to_string(),
+                "--rate".to_owned(),
+                rate.to_string(),
+            ],
             debug,
             seeds: Vec::new(),
             busy: 0,
@@ -312,10 +338,32 @@ fn main() -> ExitCode {
         Cmd::Bench { full, filter } => with_stack(|s| {
             if filter.is_empty() || filter.iter().any(|f| "micro".contains(f.as_str())) {
                 let time = if full { "5" } else { "2" };
-                run(cargo().args(["bench", "-p", "dualstream", "--bench", "micro", "--", "--warm-up-time", "1", "--measurement-time", time]))?;
+                run(cargo().args([
+                    "bench",
+                    "-p",
+                    "dualstream",
+                    "--bench",
+                    "micro",
+                    "--",
+                    "--warm-up-time",
+                    "1",
+                    "--measurement-time",
+                    time,
+                ]))?;
             }
             let mut cmd = cargo();
-            cmd.args(["run", "--release", "--quiet", "-p", "dualstream-tests", "--bin", "bench", "--"]);
+            cmd.args([
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "dualstream-harness",
+                "--features",
+                "bench",
+                "--bin",
+                "bench",
+                "--",
+            ]);
             if full {
                 cmd.arg("--full");
             }

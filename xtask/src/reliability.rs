@@ -123,10 +123,7 @@ pub(crate) fn run_chaos(plan: Plan) -> Result<(), String> {
 
 /// The value of `key=` in a summary line.
 fn field<'a>(summary: &'a str, key: &str) -> &'a str {
-    summary
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
-        .unwrap_or("?")
+    summary.split_whitespace().find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('='))).unwrap_or("?")
 }
 
 fn print_table(rows: &[(u64, bool, Option<String>)]) {

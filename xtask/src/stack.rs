@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::ports::Came;
+use dualstream_devstack::ports::{self, Came};
+use dualstream_devstack::{redis, tansu_pg};
 
 const TANSU_VERSION: &str = "0.6.0";
 /// tansu's features: `dynostore` for the in-memory engine, `postgres` for
@@ -65,7 +66,10 @@ fn root() -> PathBuf {
 }
 
 fn state_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target")).join("dualstream-stack")
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+        .join("dualstream-stack")
 }
 
 fn cache_dir() -> PathBuf {
@@ -144,7 +148,7 @@ fn start_on_free_port(
         let port = free_port()?;
         let pid = spawn_on(port)?;
         let log = || log_tail(name);
-        match crate::ports::wait_listening(pid, port, timeout, || !alive(pid)) {
+        match ports::wait_listening(pid, port, timeout, || !alive(pid)) {
             Came::Listening => return Ok((port, pid)),
             Came::Exited => failures.push(format!("port {port}: exited; its log says:\n{}", log())),
             Came::TimedOut => {
@@ -205,7 +209,11 @@ fn redis_addr(url: &str) -> String {
     let rest = url.split("://").nth(1).unwrap_or(url);
     let rest = rest.rsplit('@').next().unwrap_or(rest);
     let hostport = rest.split('/').next().unwrap_or(rest);
-    if hostport.contains(':') { hostport.to_owned() } else { format!("{hostport}:6379") }
+    if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:6379")
+    }
 }
 
 fn redis_pings(addr: &str) -> bool {
@@ -232,8 +240,9 @@ const CLUSTER_NODES: usize = 3;
 /// Start a Redis Cluster of [`CLUSTER_NODES`] masters on loopback (each with
 /// its cluster bus on a port of its own), join them, and wait until every
 /// node reports `cluster_state:ok`. Returns the nodes' URLs.
-fn start_redis_cluster(server: &Path, started_here: &mut Vec<PathBuf>) -> Result<Vec<String>, String> {
-    let cli = which("redis-cli").ok_or("redis-cli not found: install it (Debian/Ubuntu: `apt-get install redis-tools`)")?;
+fn start_redis_cluster(started_here: &mut Vec<PathBuf>) -> Result<Vec<String>, String> {
+    let cli =
+        which("redis-cli").ok_or("redis-cli not found: install it (Debian/Ubuntu: `apt-get install redis-tools`)")?;
     let mut addrs = Vec::new();
     for i in 0..CLUSTER_NODES {
         let name = format!("redis-cluster-{i}");
@@ -242,11 +251,7 @@ fn start_redis_cluster(server: &Path, started_here: &mut Vec<PathBuf>) -> Result
         let _ = std::fs::remove_dir_all(&node_dir);
         std::fs::create_dir_all(&node_dir).map_err(|e| format!("{}: {e}", node_dir.display()))?;
         let (port, _pid) = start_on_free_port(&name, Duration::from_secs(10), |port| {
-            let bus = free_port()?;
-            let (port, bus) = (port.to_string(), bus.to_string());
-            let args = ["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
-            let cluster = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-port", &bus];
-            spawn(&name, Command::new(server).current_dir(&node_dir).args(args).args(cluster))
+            spawn(&name, &mut redis::cluster_node_command(port, free_port()?, &node_dir))
         })?;
         started_here.push(state_dir().join(format!("{name}.pid")));
         addrs.push(format!("127.0.0.1:{port}"));
@@ -279,8 +284,8 @@ fn start_redis_cluster(server: &Path, started_here: &mut Vec<PathBuf>) -> Result
 fn broker_storage(durable: Option<Durable>, dir: &Path) -> Result<(String, PathBuf), String> {
     Ok(match durable {
         Some(Durable::Postgres) => {
-            let url = crate::tansu_pg::url_from_env();
-            let created = crate::tansu_pg::prepare(&url).map_err(|e| e.to_string())?;
+            let url = tansu_pg::url_from_env();
+            let created = tansu_pg::prepare(&url).map_err(|e| e.to_string())?;
             let how = if created { "created, " } else { "" };
             eprintln!("xtask: durable broker: the log is kept in PostgreSQL, {url} ({how}schema applied)");
             (url, dir.to_owned())
@@ -322,12 +327,10 @@ pub(crate) fn up(durable: Option<Durable>, redis_cluster: bool) -> Result<Stack,
             url
         }
         Err(_) => {
-            let server = which("redis-server").ok_or(
-                "redis-server not found: install it (Debian/Ubuntu: `apt-get install redis-server`) or set REDIS_URL",
-            )?;
+            which("redis-server")
+                .ok_or(format!("redis-server not found: install it ({}) or set REDIS_URL", redis::INSTALL_HINT))?;
             let (port, pid) = start_on_free_port("redis", Duration::from_secs(10), |port| {
-                let args = ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
-                spawn("redis", Command::new(&server).args(args))
+                spawn("redis", &mut redis::server_command(port))
             })?;
             started_here.push(dir.join("redis.pid"));
             let addr = format!("127.0.0.1:{port}");
@@ -337,8 +340,8 @@ pub(crate) fn up(durable: Option<Durable>, redis_cluster: bool) -> Result<Stack,
     };
 
     let redis_cluster_urls = if redis_cluster {
-        let server = which("redis-server").ok_or("redis-server not found: install it (`apt-get install redis-server`)")?;
-        Some(start_redis_cluster(&server, &mut started_here)?.join(","))
+        which("redis-server").ok_or(format!("redis-server not found: install it ({})", redis::INSTALL_HINT))?;
+        Some(start_redis_cluster(&mut started_here)?.join(","))
     } else {
         None
     };
@@ -354,10 +357,7 @@ pub(crate) fn up(durable: Option<Durable>, redis_cluster: bool) -> Result<Stack,
             let (storage, workdir) = storage.ok_or("no storage chosen for the broker")?;
             std::fs::create_dir_all(&workdir).map_err(|e| e.to_string())?;
             let (port, pid) = start_on_free_port("tansu", Duration::from_secs(30), |port| {
-                let url = format!("tcp://127.0.0.1:{port}");
-                let listener = ["--listener-url", &url, "--advertised-listener-url", &url];
-                let broker = ["broker", "--storage-engine", &storage];
-                spawn("tansu", Command::new(&tansu).current_dir(&workdir).args(broker).args(listener))
+                spawn("tansu", &mut dualstream_devstack::tansu::broker_command(&tansu, port, &storage, &workdir, None))
             })?;
             started_here.push(dir.join("tansu.pid"));
             let url = format!("tcp://127.0.0.1:{port}");
@@ -435,10 +435,10 @@ pub(crate) fn wipe_durable() -> Result<(), String> {
         std::fs::remove_dir_all(&sqlite).map_err(|e| format!("{}: {e}", sqlite.display()))?;
         println!("removed {}", sqlite.display());
     }
-    let url = crate::tansu_pg::url_from_env();
-    match crate::tansu_pg::drop_database(&url) {
+    let url = tansu_pg::url_from_env();
+    match tansu_pg::drop_database(&url) {
         Ok(()) => println!("dropped the database of {url} (if it existed)"),
-        Err(e @ (crate::tansu_pg::PgError::NoPsql | crate::tansu_pg::PgError::Unreachable { .. })) => {
+        Err(e @ (tansu_pg::PgError::NoPsql | tansu_pg::PgError::Unreachable { .. })) => {
             eprintln!("xtask: nothing dropped in PostgreSQL: {e}")
         }
         Err(e) => return Err(e.to_string()),

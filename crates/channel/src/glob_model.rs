@@ -1,12 +1,13 @@
 //! A model of how Redis matches a channel against a `PSUBSCRIBE` pattern
 //! (`stringmatchlen` in its util.c): `*`, `?`, `[...]` with `^` negation
 //! and ranges, and `\` escapes, byte by byte. The channel crate's property
-//! tests prove the naming rules against it; `tests/tests/stack.rs` includes
-//! this file and checks the model against a real Redis, pattern by pattern.
+//! tests prove the naming rules against it; `tests/tests/stack.rs` (through
+//! the feature `glob-model`) checks the model against a real Redis, pattern
+//! by pattern.
 
 /// Whether Redis's `PSUBSCRIBE pattern` receives a message published to
 /// `channel`.
-pub(crate) fn redis_glob(pattern: &[u8], channel: &[u8]) -> bool {
+pub fn redis_glob(pattern: &[u8], channel: &[u8]) -> bool {
     // Redis matches nothing against an empty string but an empty pattern
     // (not even `*`): its loop runs while both have bytes left.
     if channel.is_empty() {

@@ -178,7 +178,8 @@ impl ChannelNamer {
 
     /// The channel of an already validated source.
     pub fn channel_for(&self, source: &Source) -> String {
-        let mut out = String::with_capacity(self.prefix.len() + 2 + source.source_type().len() + source.source_id().len());
+        let mut out =
+            String::with_capacity(self.prefix.len() + 2 + source.source_type().len() + source.source_id().len());
         self.write_channel(source.source_type(), source.source_id(), &mut out);
         out
     }
@@ -241,7 +242,8 @@ impl ChannelNamer {
     }
 }
 
-#[cfg(test)]
-mod glob_model;
+#[cfg(any(test, feature = "glob-model"))]
+#[doc(hidden)]
+pub mod glob_model;
 #[cfg(test)]
 mod tests;

@@ -1,31 +1,31 @@
 //! The PostgreSQL database a durable tansu broker keeps its log in: created
 //! when missing and given our schema for tansu 0.6's PostgreSQL engine
 //! (`xtask/assets/tansu-0.6-postgres.sql`; the engine creates none itself),
-//! all through the `psql` command. Shared by `cargo xtask up --durable`
-//! (which includes this file) and the test fixtures (`tests/src/lib.rs`).
+//! all through the `psql` command. Used by `cargo xtask up --durable` and
+//! by durable test brokers ([`crate::OwnedBroker::start_durable`]).
 
 use std::fmt;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
 /// Our schema for tansu 0.6's PostgreSQL engine. Idempotent.
-pub(crate) const SCHEMA: &str = include_str!("../../xtask/assets/tansu-0.6-postgres.sql");
+pub const SCHEMA: &str = include_str!("../../../xtask/assets/tansu-0.6-postgres.sql");
 
 /// The database of `cargo xtask up --durable` when `DUALSTREAM_TANSU_PG`
 /// is not set. `sslmode=disable`: where a server offers TLS, tansu 0.6
 /// checks its certificate against the system's roots and the host name, which
 /// a local server's self-signed one (Debian's "snakeoil", made out to its
 /// host name) fails on 127.0.0.1.
-pub(crate) const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/dualstream_tansu?sslmode=disable";
+pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/dualstream_tansu?sslmode=disable";
 
 /// `DUALSTREAM_TANSU_PG`, or [`DEFAULT_URL`].
-pub(crate) fn url_from_env() -> String {
+pub fn url_from_env() -> String {
     std::env::var("DUALSTREAM_TANSU_PG").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| DEFAULT_URL.to_owned())
 }
 
 /// Why the database could not be made ready (or dropped).
 #[derive(Debug)]
-pub(crate) enum PgError {
+pub enum PgError {
     /// The `psql` command is not on PATH.
     NoPsql,
     /// The URL names no database, or one that is not a plain name
@@ -78,8 +78,7 @@ fn parts(url: &str) -> Result<(&str, &str, &str), PgError> {
 }
 
 /// The URL of database `db` on the server of `url`.
-#[allow(dead_code)] // xtask, which includes this file too, has no use for it
-pub(crate) fn with_database(url: &str, db: &str) -> Result<String, PgError> {
+pub fn with_database(url: &str, db: &str) -> Result<String, PgError> {
     let (base, _, query) = parts(url)?;
     Ok(format!("{base}{db}{query}"))
 }
@@ -114,8 +113,7 @@ fn psql(url: &str, sql: &str) -> Result<String, (bool, String)> {
 }
 
 /// Run `sql` on the database of `url` itself.
-#[allow(dead_code)] // xtask includes this file too, and has no use for it
-pub(crate) fn query(url: &str, sql: &str) -> Result<String, PgError> {
+pub fn query(url: &str, sql: &str) -> Result<String, PgError> {
     on_server(url, url, "querying the broker's database", sql)
 }
 
@@ -136,7 +134,7 @@ fn on_server(url: &str, server: &str, what: &'static str, sql: &str) -> Result<S
 /// Create the database of `url` if it does not exist, and apply the schema
 /// (which changes nothing where it is already there). Returns whether the
 /// database was created.
-pub(crate) fn prepare(url: &str) -> Result<bool, PgError> {
+pub fn prepare(url: &str) -> Result<bool, PgError> {
     let (server, db) = split(url)?;
     let lookup = format!("select 1 from pg_database where datname = '{db}';");
     let exists = on_server(url, &server, "looking the database up", &lookup)?;
@@ -155,7 +153,7 @@ pub(crate) fn prepare(url: &str) -> Result<bool, PgError> {
 
 /// Drop the database of `url` (connections to it are ended first); a
 /// missing one is fine.
-pub(crate) fn drop_database(url: &str) -> Result<(), PgError> {
+pub fn drop_database(url: &str) -> Result<(), PgError> {
     let (server, db) = split(url)?;
     let sql = format!("drop database if exists \"{db}\" with (force);");
     on_server(url, &server, "dropping the database", &sql).map(drop)

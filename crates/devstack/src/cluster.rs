@@ -1,8 +1,8 @@
-//! A Redis Cluster of three masters on loopback, owned by one test: each
-//! node a `redis-server --cluster-enabled yes` on a port reserved for it (and
-//! a second reserved port for its cluster bus, given with `--cluster-port`,
-//! so the bus never lands on `port + 10000`, which may be in the ephemeral
-//! range), joined with `redis-cli --cluster create`. Nodes can be killed and
+//! A Redis Cluster of three masters on loopback, owned by one test (feature
+//! `cluster`): each node a `redis-server --cluster-enabled yes` on a port
+//! reserved for it (and a second reserved port for its cluster bus, given
+//! with `--cluster-port`, so the bus never lands on `port + 10000`, which
+//! may be in the ephemeral range), joined with `redis-cli --cluster create`. Nodes can be killed and
 //! restarted; everything is stopped, and the node files removed, on drop.
 //!
 //! The nodes run with `--cluster-require-full-coverage no`, so the other two
@@ -14,7 +14,6 @@ use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use deadpool_redis::redis;
@@ -47,19 +46,13 @@ pub struct RedisCluster {
 }
 
 fn spawn_node(dir: &std::path::Path, port: u16, bus: u16) -> Child {
-    let conf = dir.join(format!("nodes-{port}.conf"));
-    Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .args(["--cluster-enabled", "yes", "--cluster-port", &bus.to_string()])
-        .arg("--cluster-config-file")
-        .arg(&conf)
-        .arg("--dir")
-        .arg(dir)
+    crate::redis::cluster_node_command(port, bus, dir)
         .args(["--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "no"])
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("redis-server on PATH (apt-get install redis-server)")
+        .unwrap_or_else(|e| panic!("redis-server on PATH ({}): {e}", crate::redis::INSTALL_HINT))
 }
 
 /// Run `cmd`, killing it after `timeout`; its stdout, or why it failed.
@@ -97,13 +90,7 @@ fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisR
 }
 
 fn unique_dir() -> PathBuf {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    std::env::temp_dir().join(format!(
-        "dualstream-cluster-{}-{}-{nanos}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ))
+    std::env::temp_dir().join(format!("dualstream-cluster-{}", crate::unique_suffix()))
 }
 
 impl RedisCluster {

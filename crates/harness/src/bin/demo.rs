@@ -11,9 +11,6 @@
 //! librdkafka's in-process mock cluster as the broker, so nothing needs to be
 //! installed; `--broker env` uses `KAFKA_BROKERS` (a real broker).
 
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use dualstream::prelude::*;
 use dualstream::redis::NotifierStats;
-use dualstream_tests::*;
+use dualstream_devstack::clients::*;
+use dualstream_devstack::OwnedRedis;
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -64,11 +62,8 @@ async fn main() -> std::process::ExitCode {
 
     let kafka = kafka_sink(&brokers, &topic);
     let notifier = Arc::new(redis_notifier(&redis.url()));
-    let publisher = DualPublisher::builder()
-        .durable(Arc::new(kafka))
-        .notifier(notifier.clone())
-        .build()
-        .expect("publisher");
+    let publisher =
+        DualPublisher::builder().durable(Arc::new(kafka)).notifier(notifier.clone()).build().expect("publisher");
     let engine = BatchEngine::new(publisher, BatchConfig::default()).expect("engine");
 
     // Live subscriber: prints a sample of what it receives.
@@ -168,7 +163,10 @@ async fn main() -> std::process::ExitCode {
     ];
     println!();
     println!("summary");
-    println!("  events published       {sent} in {publish_secs:.1}s ({:.0}/s offered {rate}/s)", sent as f64 / publish_secs);
+    println!(
+        "  events published       {sent} in {publish_secs:.1}s ({:.0}/s offered {rate}/s)",
+        sent as f64 / publish_secs
+    );
     println!("  publish errors         {errors}");
     println!("  notifications          sent {} / skipped {} / failed {}", stats.published, stats.skipped, stats.failed);
     println!("  live messages received {received} ({received_before_outage} before the outage)");

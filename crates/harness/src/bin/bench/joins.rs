@@ -8,10 +8,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dualstream::consumer::{partition_for_key, CatchUp, Delivery, Hub, HubConfig, JoinConfig, Replay, ReplayConfig, StartAt};
+use dualstream::consumer::{
+    partition_for_key, CatchUp, Delivery, Hub, HubConfig, JoinConfig, Replay, ReplayConfig, StartAt,
+};
 use dualstream::prelude::*;
 use dualstream::Source;
-use dualstream_tests::*;
+use dualstream_devstack::clients::*;
 use futures::StreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
@@ -31,7 +33,9 @@ const IDLE_WINDOW: Duration = Duration::from_secs(10);
 pub(super) fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -48,7 +52,12 @@ struct Seen {
 }
 
 /// Follow one join's stream into `seen`.
-fn collect(mut stream: dualstream::consumer::JoinStream, seen: Arc<Mutex<Seen>>, opened: Instant, delivered: Arc<AtomicUsize>) {
+fn collect(
+    mut stream: dualstream::consumer::JoinStream,
+    seen: Arc<Mutex<Seen>>,
+    opened: Instant,
+    delivered: Arc<AtomicUsize>,
+) {
     tokio::spawn(async move {
         while let Some(item) = stream.next().await {
             let mut s = seen.lock().expect("lock");
@@ -120,9 +129,8 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
     let (s1, c1) = (joiner.stats(), CpuSnap::take(pids));
     let secs = IDLE_WINDOW.as_secs_f64();
     // A watermark look-up is two list-offsets requests.
-    let idle_requests = ((s1.watermark_lookups - s0.watermark_lookups) * 2 + (s1.metadata_lookups - s0.metadata_lookups))
-        as f64
-        / secs;
+    let idle_requests =
+        ((s1.watermark_lookups - s0.watermark_lookups) * 2 + (s1.metadata_lookups - s0.metadata_lookups)) as f64 / secs;
     let broker_cores = c1.broker.zip(c0.broker).map(|(a, b)| (a - b) as f64 / clock_ticks() / secs);
     println!(
         "  {} idle joins opened in {open_secs:.1} s; RSS {} → {} MiB; threads {threads_before} → {threads_idle}; {idle_requests:.1} requests/s; broker {:?} cores; {:?}",
@@ -147,7 +155,9 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
                     (0..LOAD_RATE / 100).map(|k| event("bench.load", &sources[(i + k) % CHANNELS], i + k)).collect();
                 i += batch.len();
                 let engine = engine.clone();
-                pending.push(tokio::spawn(async move { engine.submit_many(batch).await.iter().filter(|r| r.is_err()).count() }));
+                pending.push(tokio::spawn(async move {
+                    engine.submit_many(batch).await.iter().filter(|r| r.is_err()).count()
+                }));
             }
             let mut errors = 0;
             for t in pending {
@@ -194,7 +204,10 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
     let mut by_source: HashMap<String, Vec<(i64, bool)>> = HashMap::new();
     for r in &records {
         let e = r.event();
-        by_source.entry(e.source().source_id().to_string()).or_default().push((r.offset, e.event_type() == "bench.load"));
+        by_source
+            .entry(e.source().source_id().to_string())
+            .or_default()
+            .push((r.offset, e.event_type() == "bench.load"));
     }
     for v in by_source.values_mut() {
         v.sort();
@@ -221,7 +234,9 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
     loop {
         let behind = joins
             .iter()
-            .filter(|(s, from, seen)| want(*s, *from, first_seen(seen)).last() != seen.lock().expect("lock").offsets.last())
+            .filter(|(s, from, seen)| {
+                want(*s, *from, first_seen(seen)).last() != seen.lock().expect("lock").offsets.last()
+            })
             .count();
         if behind == 0 || Instant::now() > deadline {
             break;
@@ -245,10 +260,8 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
         }
         odd += seen.odd.len();
     }
-    let mut first_live: Vec<Duration> = joins[p.idle_joins..]
-        .iter()
-        .filter_map(|(_, _, seen)| seen.lock().expect("lock").first_live)
-        .collect();
+    let mut first_live: Vec<Duration> =
+        joins[p.idle_joins..].iter().filter_map(|(_, _, seen)| seen.lock().expect("lock").first_live).collect();
     first_live.sort();
     let with_live = first_live.len();
     let (p50, p99) = (super::percentile(&first_live, 0.50), super::percentile(&first_live, 0.99));
@@ -268,9 +281,10 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
     let setup = format!(
         "{CHANNELS} sources on {PARTITIONS} partitions of one topic, {PREFILL_PER_SOURCE} events each stored first; one CatchUp, one Hub"
     );
-    let mut row = |name: String, ours: f64, baseline: f64, unit: &'static str, goal: &str, met: Option<bool>, note: String| {
-        rows.push(Row { group: "joins", name, ours, baseline, unit, goal: goal.into(), met, cpu: None, note })
-    };
+    let mut row =
+        |name: String, ours: f64, baseline: f64, unit: &'static str, goal: &str, met: Option<bool>, note: String| {
+            rows.push(Row { group: "joins", name, ours, baseline, unit, goal: goal.into(), met, cpu: None, note })
+        };
     row(
         "joins: Kafka consumers open".into(),
         stats.consumers as f64,
@@ -314,15 +328,7 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
         None,
         format!("each from a random offset of its source's partition, while the engine writes {LOAD_RATE} events/s; {with_live} of {} got a live item", p.busy_joins),
     );
-    row(
-        "joins: time to first live item, p99".into(),
-        p99,
-        f64::NAN,
-        "ms",
-        "-",
-        None,
-        "as above".into(),
-    );
+    row("joins: time to first live item, p99".into(), p99, f64::NAN, "ms", "-", None, "as above".into());
     row(
         "joins: deliveries/s to all joins under load".into(),
         deliveries as f64 / phase2_secs,

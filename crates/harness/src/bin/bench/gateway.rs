@@ -13,8 +13,8 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use deadpool_redis::redis;
+use dualstream_devstack::clients::*;
 use dualstream_gateway::{AuthConfig, Gateway, GatewayConfig, ResumeToken};
-use dualstream_tests::*;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -269,7 +269,9 @@ async fn open(shared: &Shared, spec: &Spec, resume: Option<&str>) -> Result<Conn
     let channels: Vec<String> = spec.sources.iter().map(|s| shared.channel(*s)).collect();
     let mode = if spec.full { "full" } else { "notify" };
     if spec.kind == Kind::Ws {
-        let mut req = format!("{}/v1/ws", shared.base.replace("http://", "ws://")).into_client_request().map_err(|e| e.to_string())?;
+        let mut req = format!("{}/v1/ws", shared.base.replace("http://", "ws://"))
+            .into_client_request()
+            .map_err(|e| e.to_string())?;
         req.headers_mut().insert("authorization", format!("Bearer {}", shared.token).parse().expect("header"));
         let (mut ws, _) = tokio_tungstenite::connect_async(req).await.map_err(|e| e.to_string())?;
         let cmd = serde_json::json!({"op": "subscribe", "channels": channels, "mode": mode, "resume": resume});
@@ -294,9 +296,18 @@ async fn open(shared: &Shared, spec: &Spec, resume: Option<&str>) -> Result<Conn
 
 /// A client: connect, read, and on any close or end reconnect with the last
 /// token; on a storm signal drop the connection and resume.
-async fn client(shared: Arc<Shared>, spec: Spec, mut storm: watch::Receiver<u32>, mut stop: watch::Receiver<bool>) -> Got {
+async fn client(
+    shared: Arc<Shared>,
+    spec: Spec,
+    mut storm: watch::Receiver<u32>,
+    mut stop: watch::Receiver<bool>,
+) -> Got {
     let mut got = Got {
-        chans: spec.sources.iter().map(|&s| Chan { source: s, start: None, count: 0, dups: 0, last: -1, sum: 0 }).collect(),
+        chans: spec
+            .sources
+            .iter()
+            .map(|&s| Chan { source: s, start: None, count: 0, dups: 0, last: -1, sum: 0 })
+            .collect(),
         ..Got::default()
     };
     let mut token: Option<String> = None;
@@ -380,7 +391,8 @@ async fn naive_stream(
         .filter(|(k, _)| k == "channel")
         .map(|(_, v)| v.into_owned())
         .collect();
-    let unavailable = |e: redis::RedisError| (axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
+    let unavailable =
+        |e: redis::RedisError| (axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
     let mut ps = match client.get_async_pubsub().await {
         Ok(p) => p,
         Err(e) => return unavailable(e),
@@ -390,10 +402,11 @@ async fn naive_stream(
             return unavailable(e);
         }
     }
-    let first = futures::stream::once(async { Ok::<_, Infallible>(SseEvent::default().event("subscribed").data("{}")) });
-    let events = ps.into_on_message().map(|m| {
-        Ok(SseEvent::default().event("event").data(String::from_utf8_lossy(m.get_payload_bytes())))
-    });
+    let first =
+        futures::stream::once(async { Ok::<_, Infallible>(SseEvent::default().event("subscribed").data("{}")) });
+    let events = ps
+        .into_on_message()
+        .map(|m| Ok(SseEvent::default().event("event").data(String::from_utf8_lossy(m.get_payload_bytes()))));
     Sse::new(first.chain(events)).into_response()
 }
 
@@ -497,9 +510,12 @@ async fn ingest(shared: Arc<Shared>, producer: String, k: Knobs) -> (u64, u64, V
         let req = shared.http.post(&url).bearer_auth(&producer).header("content-type", "application/json").body(body);
         posts.push(tokio::spawn(async move {
             match req.send().await {
-                Ok(r) if r.status() == 200 => {
-                    r.json::<serde_json::Value>().await.ok().and_then(|v| v["stored"].as_u64()).map_or((0, 1), |s| (s, 0))
-                }
+                Ok(r) if r.status() == 200 => r
+                    .json::<serde_json::Value>()
+                    .await
+                    .ok()
+                    .and_then(|v| v["stored"].as_u64())
+                    .map_or((0, 1), |s| (s, 0)),
                 _ => (0, 1),
             }
         }));
@@ -570,7 +586,11 @@ async fn start_clients(
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             if Instant::now() >= deadline {
-                println!("  only {} of {} clients subscribed after 30 s: not waiting for the rest", shared.subscribed.load(Ordering::Relaxed) - base, tasks.len());
+                println!(
+                    "  only {} of {} clients subscribed after 30 s: not waiting for the rest",
+                    shared.subscribed.load(Ordering::Relaxed) - base,
+                    tasks.len()
+                );
                 break;
             }
         }
@@ -623,7 +643,8 @@ async fn load_phase(
     storm: Option<&watch::Sender<u32>>,
     run: &mut Run,
 ) {
-    let (ticks0, snap0, delivered0, t0) = (thread_ticks(), CpuSnap::take(pids), shared.delivered.load(Ordering::Relaxed), Instant::now());
+    let (ticks0, snap0, delivered0, t0) =
+        (thread_ticks(), CpuSnap::take(pids), shared.delivered.load(Ordering::Relaxed), Instant::now());
     let load = tokio::spawn(ingest(Arc::clone(shared), producer.to_owned(), *k));
     // Connections and memory in the middle of the load (before the storm).
     tokio::time::sleep(Duration::from_secs(k.storm_at.min(k.secs) / 2 + 1)).await;
@@ -678,7 +699,9 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
     };
     let nofile = std::fs::read_to_string("/proc/self/limits")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Max open files"))?.split_whitespace().nth(3)?.parse::<usize>().ok())
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Max open files"))?.split_whitespace().nth(3)?.parse::<usize>().ok()
+        })
         .unwrap_or(0);
     // Per client: its socket and the gateway's; the naive run adds a Redis
     // connection each.
@@ -736,7 +759,9 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
         .await
         .expect("naive task");
     let auth = gateway.auth();
-    let mint = |read: Vec<String>, publish: Vec<String>| auth.mint(&auth.claims(Some("bench".into()), read, publish, 3_600)).expect("mint");
+    let mint = |read: Vec<String>, publish: Vec<String>| {
+        auth.mint(&auth.claims(Some("bench".into()), read, publish, 3_600)).expect("mint")
+    };
     let reader = mint(vec![format!("{prefix}:user:*")], vec![]);
     let producer = mint(vec![], vec!["user".into()]);
     let shared = Arc::new(Shared {
@@ -752,8 +777,16 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
         storm_at: OnceLock::new(),
     });
     // Warm up ingest (the producer's first idempotent ack).
-    let warm = format!(r#"{{"type":"bench.warm","source_type":"user","source_id":"warm","payload":{{"t":{}}}}}"#, now_us());
-    let r = shared.http.post(format!("{base}/v1/events")).bearer_auth(&producer).header("content-type", "application/json").body(warm).send().await;
+    let warm =
+        format!(r#"{{"type":"bench.warm","source_type":"user","source_id":"warm","payload":{{"t":{}}}}}"#, now_us());
+    let r = shared
+        .http
+        .post(format!("{base}/v1/events"))
+        .bearer_auth(&producer)
+        .header("content-type", "application/json")
+        .body(warm)
+        .send()
+        .await;
     assert!(r.is_ok_and(|r| r.status() == 200), "warm-up ingest");
 
     // Ours: SSE and WebSocket clients alternate; every other pair full mode.
@@ -765,8 +798,15 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
     ours.subscribed = shared.subscribed.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(1)).await;
     ours.rss_idle = rss_kib();
-    println!("  ours: {} of {} clients subscribed in {connect_secs:.1} s; RSS {} → {} MiB", ours.subscribed, tasks.len(), ours.rss_before >> 10, ours.rss_idle >> 10);
-    load_phase(&shared, &producer, &k, pids, &mut redis_conn, (redis_port, broker_port), Some(&storm_tx), &mut ours).await;
+    println!(
+        "  ours: {} of {} clients subscribed in {connect_secs:.1} s; RSS {} → {} MiB",
+        ours.subscribed,
+        tasks.len(),
+        ours.rss_before >> 10,
+        ours.rss_idle >> 10
+    );
+    load_phase(&shared, &producer, &k, pids, &mut redis_conn, (redis_port, broker_port), Some(&storm_tx), &mut ours)
+        .await;
     let hub = match shared.http.get(format!("{base}/readyz")).send().await {
         Ok(r) => r.json::<serde_json::Value>().await.map(|v| v["hub"].clone()).unwrap_or_default(),
         Err(_) => serde_json::Value::Null,
@@ -788,7 +828,8 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
         }
     }
     by_source.iter_mut().for_each(|v| v.sort_unstable());
-    let (mut gaps, mut dups, mut mismatched, mut extra, mut no_start, mut exact_clients) = (0u64, 0u64, 0u64, 0u64, 0, 0);
+    let (mut gaps, mut dups, mut mismatched, mut extra, mut no_start, mut exact_clients) =
+        (0u64, 0u64, 0u64, 0u64, 0, 0);
     // Deliveries a client had not received yet when the run stopped (its
     // channel's tail after the last offset it got): behind, not a gap.
     let mut behind = 0u64;
@@ -817,7 +858,13 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
             if !prefix || upto < want.len() as u64 {
                 exact = false;
                 example.get_or_insert_with(|| {
-                    format!("client {i} source s{}: want {} from offset {start}, got {} ({} dups)", c.source, want.len(), c.count, c.dups)
+                    format!(
+                        "client {i} source s{}: want {} from offset {start}, got {} ({} dups)",
+                        c.source,
+                        want.len(),
+                        c.count,
+                        c.dups
+                    )
                 });
             }
         }
@@ -854,13 +901,20 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
     let naive_base_redis = (connections_to(redis_port), redis_clients(&mut redis_conn).await);
     let (_storm_tx, storm_rx) = watch::channel(0u32);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let naive_specs: Vec<Spec> = sets.iter().map(|s| Spec { kind: Kind::Naive, full: false, sources: s.clone() }).collect();
+    let naive_specs: Vec<Spec> =
+        sets.iter().map(|s| Spec { kind: Kind::Naive, full: false, sources: s.clone() }).collect();
     let (tasks, connect_secs) = start_clients(&shared, naive_specs, &storm_rx, &stop_rx).await;
     naive.connect_secs = connect_secs;
     naive.subscribed = shared.subscribed.load(Ordering::Relaxed) - ours.subscribed;
     tokio::time::sleep(Duration::from_secs(1)).await;
     naive.rss_idle = rss_kib();
-    println!("  naive: {} of {} clients subscribed in {connect_secs:.1} s; RSS {} → {} MiB", naive.subscribed, tasks.len(), naive.rss_before >> 10, naive.rss_idle >> 10);
+    println!(
+        "  naive: {} of {} clients subscribed in {connect_secs:.1} s; RSS {} → {} MiB",
+        naive.subscribed,
+        tasks.len(),
+        naive.rss_before >> 10,
+        naive.rss_idle >> 10
+    );
     let naive_k = Knobs { storm_at: k.secs, ..k };
     load_phase(&shared, &producer, &naive_k, pids, &mut redis_conn, (redis_port, broker_port), None, &mut naive).await;
     naive.got = collect(tasks, &stop_tx).await;
@@ -890,9 +944,10 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
             r.broker_cores.map_or("?".into(), |c| format!("{c:.2}")), r.redis_cores.map_or("?".into(), |c| format!("{c:.2}"))
         )
     };
-    let mut row = |name: String, ours: f64, baseline: f64, unit: &'static str, goal: &str, met: Option<bool>, note: String| {
-        rows.push(Row { group: "gateway", name, ours, baseline, unit, goal: goal.into(), met, cpu: None, note })
-    };
+    let mut row =
+        |name: String, ours: f64, baseline: f64, unit: &'static str, goal: &str, met: Option<bool>, note: String| {
+            rows.push(Row { group: "gateway", name, ours, baseline, unit, goal: goal.into(), met, cpu: None, note })
+        };
     row(
         "gateway: ingest→client latency p50, notify clients vs naive (one Redis connection per client), ms".into(),
         h[2].quantile(0.5),
@@ -1018,6 +1073,9 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
         "ms",
         "-",
         None,
-        format!("ours = the last client, baseline column = the median client; {} of {n} got an item after resuming", storm_firsts.len()),
+        format!(
+            "ours = the last client, baseline column = the median client; {} of {n} got an item after resuming",
+            storm_firsts.len()
+        ),
     );
 }

@@ -11,11 +11,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use deadpool_redis::redis;
 use dualstream::core::record::{self, HeaderScratch};
 use dualstream::kafka::KafkaSinkConfig;
 use dualstream::prelude::*;
-use dualstream_tests::*;
-use deadpool_redis::redis;
+use dualstream_devstack::clients::*;
+use dualstream_devstack::OwnedRedis;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -64,7 +65,12 @@ fn payload(size: usize) -> Vec<u8> {
 fn events(n: usize, size: usize) -> Vec<Event> {
     let body = bytes::Bytes::from(payload(size));
     (0..n)
-        .map(|i| Event::builder("bench.event", "account", format!("acct-{}", i % 64)).payload(body.clone()).build().expect("valid"))
+        .map(|i| {
+            Event::builder("bench.event", "account", format!("acct-{}", i % 64))
+                .payload(body.clone())
+                .build()
+                .expect("valid")
+        })
         .collect()
 }
 
@@ -101,7 +107,10 @@ fn raw_record<'a>(topic: &'a str, e: &'a Event, scratch: &'a mut HeaderScratch) 
 
 async fn raw_send(p: &FutureProducer, topic: &str, e: &Event) -> Result<(), String> {
     let mut scratch = HeaderScratch::default();
-    p.send(raw_record(topic, e, &mut scratch), Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e.to_string())
+    p.send(raw_record(topic, e, &mut scratch), Duration::from_secs(30))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| e.to_string())
 }
 
 /// Hand every record to the producer, waiting 1 ms whenever its queue is
@@ -145,7 +154,8 @@ async fn raw_burst(p: &FutureProducer, topic: &str, evs: Vec<Event>) -> f64 {
 async fn default_dual_engine(brokers: &str, topic: &str, redis_url: &str) -> (BatchEngine, Arc<RedisNotifier>) {
     let sink = KafkaSink::new(sink_config(brokers, topic)).expect("sink");
     let notifier = Arc::new(redis_notifier(redis_url));
-    let publisher = DualPublisher::builder().durable(Arc::new(sink)).notifier(notifier.clone()).build().expect("publisher");
+    let publisher =
+        DualPublisher::builder().durable(Arc::new(sink)).notifier(notifier.clone()).build().expect("publisher");
     // Warm up the idempotent producer and the Redis connection.
     publisher.publish(events(1, 10).remove(0)).await.expect("warm-up");
     (BatchEngine::new(publisher, BatchConfig::default()).expect("engine"), notifier)
@@ -154,7 +164,8 @@ async fn default_dual_engine(brokers: &str, topic: &str, redis_url: &str) -> (Ba
 /// The engine in durable-only mode, warmed up.
 async fn durable_engine(brokers: &str, topic: &str) -> BatchEngine {
     let sink = KafkaSink::new(sink_config(brokers, topic)).expect("sink");
-    let publisher = DualPublisher::builder().durable(Arc::new(sink)).mode(Mode::DurableOnly).build().expect("publisher");
+    let publisher =
+        DualPublisher::builder().durable(Arc::new(sink)).mode(Mode::DurableOnly).build().expect("publisher");
     publisher.publish(events(1, 10).remove(0)).await.expect("warm-up");
     BatchEngine::new(publisher, BatchConfig::default()).expect("engine")
 }
@@ -195,7 +206,12 @@ async fn through_submit_many(engine: &BatchEngine, evs: Vec<Event>) -> (f64, usi
 /// await the acks in order, and send the same notification bytes in
 /// pipelined PUBLISH (512 per pipeline, two in flight). The clock stops at
 /// the last Redis reply.
-async fn hand_written_dual(p: &FutureProducer, conn: &redis::aio::MultiplexedConnection, topic: &str, evs: Vec<Event>) -> f64 {
+async fn hand_written_dual(
+    p: &FutureProducer,
+    conn: &redis::aio::MultiplexedConnection,
+    topic: &str,
+    evs: Vec<Event>,
+) -> f64 {
     const PIPELINE: usize = 512;
     let names = ChannelNamer::default();
     let started = Instant::now();
@@ -208,7 +224,10 @@ async fn hand_written_dual(p: &FutureProducer, conn: &redis::aio::MultiplexedCon
     let mut channel = String::with_capacity(64);
     for (e, ack) in evs.into_iter().zip(acks) {
         let d = ack.await.expect("delivery").expect("acked");
-        let note = Notification::for_event(&e, Some(Position { topic: topic.clone(), partition: d.partition, offset: d.offset }));
+        let note = Notification::for_event(
+            &e,
+            Some(Position { topic: topic.clone(), partition: d.partition, offset: d.offset }),
+        );
         drop(e);
         channel.clear();
         names.write_channel(&note.source_type, &note.source_id, &mut channel);
@@ -332,7 +351,10 @@ async fn durable_throughput(brokers: &str, p: &Profile, pids: &Pids, rows: &mut 
             cpu: Some((per_event.cpu, raw.cpu)),
             note: format!("{n} concurrent `submit` calls from one task (join_all): the per-event path's own cost"),
         });
-        println!("  durable {size} B: ours {:.0}/s, per-event submit {:.0}/s, raw {:.0}/s, ratio {ratio:.2}", ours.rate, per_event.rate, raw.rate);
+        println!(
+            "  durable {size} B: ours {:.0}/s, per-event submit {:.0}/s, raw {:.0}/s, ratio {ratio:.2}",
+            ours.rate, per_event.rate, raw.rate
+        );
     }
 }
 
@@ -385,15 +407,21 @@ async fn dual_throughput(brokers: &str, redis_url: &str, p: &Profile, pids: &Pid
             cpu: Some((ours.cpu, raw_only.cpu)),
             note: "raw = FutureProducer with no notifications at all: the ceiling of the durable path alone".into(),
         });
-        println!("  dual {size} B: ours {:.0}/s, hand-written {:.0}/s, raw alone {:.0}/s, ratio {ratio:.2}", ours.rate, hand.rate, raw_only.rate);
+        println!(
+            "  dual {size} B: ours {:.0}/s, hand-written {:.0}/s, raw alone {:.0}/s, ratio {ratio:.2}",
+            ours.rate, hand.rate, raw_only.rate
+        );
     }
 }
 
 async fn realtime_throughput(redis_url: &str, p: &Profile, rows: &mut Vec<Row>) {
     let notifier = redis_notifier(redis_url);
     let evs = events(p.notify_events, 150);
-    let notes: Vec<Notification> =
-        evs.iter().enumerate().map(|(i, e)| Notification::for_event(e, Some(Position::new("t", 0, i as i64)))).collect();
+    let notes: Vec<Notification> = evs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Notification::for_event(e, Some(Position::new("t", 0, i as i64))))
+        .collect();
     notifier.notify_batch(&notes[..10]).await.expect("warm-up");
     let started = Instant::now();
     for chunk in notes.chunks(512) {
@@ -488,7 +516,8 @@ async fn latency(brokers: &str, redis_url: &str, p: &Profile, rows: &mut Vec<Row
         // Baseline: the hand-written dual publisher, per event: produce →
         // ack → PUBLISH of the same notification bytes → the same subscriber.
         let raw = Arc::new(raw_producer(brokers, &topic).await);
-        let conn = redis::Client::open(redis_url).expect("url").get_multiplexed_async_connection().await.expect("redis");
+        let conn =
+            redis::Client::open(redis_url).expect("url").get_multiplexed_async_connection().await.expect("redis");
         let hand = to_subscriber(redis_url, rate, n, {
             let (raw, topic, conn) = (raw.clone(), Arc::<str>::from(topic.as_str()), conn);
             move |e: Event| {
@@ -654,7 +683,9 @@ async fn outage(brokers: &str, p: &Profile, rows: &mut Vec<Row>) {
 fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -743,7 +774,8 @@ async fn naive(brokers: &str, redis_url: &str, p: &Profile, rows: &mut Vec<Row>)
             .expect("publish");
     }
     let naive = evs.len() as f64 / started.elapsed().as_secs_f64();
-    let ours = rows.iter().find(|r| r.group == "dual" && r.goal.starts_with("ratio")).map(|r| r.ours).unwrap_or(f64::NAN);
+    let ours =
+        rows.iter().find(|r| r.group == "dual" && r.goal.starts_with("ratio")).map(|r| r.ours).unwrap_or(f64::NAN);
     rows.push(Row {
         group: "naive",
         name: "naive pattern (await produce, then await PUBLISH, per event), events/s".into(),
@@ -772,7 +804,9 @@ fn write_report(rows: &[Row], full: bool, filters: &[String], took: Duration) {
     md.push_str("`, which overwrites this file; machine-readable results are in `target/bench/results.json`.\n\n");
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default();
     md.push_str(&format!(
         "- machine: {} cores ({cpu}), {} \n- broker: `{}` (tansu when started by `cargo xtask`), Redis: `{}`\n- producer settings (both sides): dualstream's `KafkaSinkConfig::default()` (acks=all, idempotent, linger 5 ms, no compression)\n- run took {:.0} s\n\n",
@@ -783,7 +817,9 @@ fn write_report(rows: &[Row], full: bool, filters: &[String], took: Duration) {
         took.as_secs_f64()
     ));
     md.push_str("CPU: core-µs per event, `bench process + broker + redis-server` (from /proc; `?` where the process is not on this machine), ours / baseline.\n\n");
-    md.push_str("| figure | ours | baseline | ratio | goal | met | CPU ours / baseline |\n|---|---:|---:|---:|---|---|---|\n");
+    md.push_str(
+        "| figure | ours | baseline | ratio | goal | met | CPU ours / baseline |\n|---|---:|---:|---:|---|---|---|\n",
+    );
     for r in rows {
         let met = match r.met {
             Some(true) => "yes",
@@ -841,7 +877,11 @@ fn criterion_figures(dir: &std::path::Path) -> Vec<(String, f64, Option<u64>)> {
         let Ok(benches) = std::fs::read_dir(group.path()) else { continue };
         for bench in benches.flatten() {
             let new = bench.path().join("new");
-            let read = |f: &str| std::fs::read_to_string(new.join(f)).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+            let read = |f: &str| {
+                std::fs::read_to_string(new.join(f))
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            };
             if let (Some(meta), Some(est)) = (read("benchmark.json"), read("estimates.json")) {
                 if let (Some(id), Some(mean)) = (meta["full_id"].as_str(), est["mean"]["point_estimate"].as_f64()) {
                     out.push((id.to_owned(), mean, meta["throughput"]["Elements"].as_u64()));
@@ -858,9 +898,31 @@ async fn main() {
     init_tracing();
     let (full, filters) = args();
     let p = if full {
-        Profile { throughput_events: 1_000_000, notify_events: 1_000_000, latency_secs: 30, outage_events: 200_000, memory_events: 2_000_000, naive_events: 10_000, fanout_events: 10_000, slow_events: 300_000, idle_joins: 10_000, busy_joins: 1_000 }
+        Profile {
+            throughput_events: 1_000_000,
+            notify_events: 1_000_000,
+            latency_secs: 30,
+            outage_events: 200_000,
+            memory_events: 2_000_000,
+            naive_events: 10_000,
+            fanout_events: 10_000,
+            slow_events: 300_000,
+            idle_joins: 10_000,
+            busy_joins: 1_000,
+        }
     } else {
-        Profile { throughput_events: 500_000, notify_events: 200_000, latency_secs: 10, outage_events: 30_000, memory_events: 1_000_000, naive_events: 1_000, fanout_events: 2_000, slow_events: 100_000, idle_joins: 10_000, busy_joins: 1_000 }
+        Profile {
+            throughput_events: 500_000,
+            notify_events: 200_000,
+            latency_secs: 10,
+            outage_events: 30_000,
+            memory_events: 1_000_000,
+            naive_events: 1_000,
+            fanout_events: 2_000,
+            slow_events: 100_000,
+            idle_joins: 10_000,
+            busy_joins: 1_000,
+        }
     };
     let (brokers, redis_url) = (kafka_brokers(), redis_url());
     let want = |g: &str| filters.is_empty() || filters.iter().any(|f| g.contains(f.as_str()));
@@ -903,7 +965,9 @@ async fn main() {
         naive(&brokers, &redis_url, &p, &mut rows).await;
     }
     if want("fanout") {
-        println!("[fanout] {FANOUT_SUBSCRIBERS} local subscribers through the hub vs {FANOUT_SUBSCRIBERS} Redis connections");
+        println!(
+            "[fanout] {FANOUT_SUBSCRIBERS} local subscribers through the hub vs {FANOUT_SUBSCRIBERS} Redis connections"
+        );
         fanout(&redis_url, &p, &mut rows).await;
     }
     if want("cluster") {
@@ -911,7 +975,10 @@ async fn main() {
         cluster_throughput(&redis_url, &p, &mut rows).await;
     }
     if want("joins") {
-        println!("[joins] {} idle catch-up joins, then {} joins from random offsets under load", p.idle_joins, p.busy_joins);
+        println!(
+            "[joins] {} idle catch-up joins, then {} joins from random offsets under load",
+            p.idle_joins, p.busy_joins
+        );
         joins::run(&brokers, &redis_url, &p, &pids, &mut rows).await;
     }
     if want("gateway") {
@@ -926,13 +993,17 @@ async fn main() {
 /// notifier on one Redis (PUBLISH). All the Redis processes share this
 /// machine's cores.
 async fn cluster_throughput(redis_url: &str, p: &Profile, rows: &mut Vec<Row>) {
-    let cluster = dualstream_tests::cluster::RedisCluster::start();
-    let on_cluster = RedisNotifier::new(RedisNotifierConfig { cluster_urls: cluster.urls(), ..RedisNotifierConfig::default() })
-        .expect("cluster notifier");
+    let cluster = dualstream_devstack::cluster::RedisCluster::start();
+    let on_cluster =
+        RedisNotifier::new(RedisNotifierConfig { cluster_urls: cluster.urls(), ..RedisNotifierConfig::default() })
+            .expect("cluster notifier");
     let single = redis_notifier(redis_url);
     let evs = events(p.notify_events, 150);
-    let notes: Vec<Notification> =
-        evs.iter().enumerate().map(|(i, e)| Notification::for_event(e, Some(Position::new("t", 0, i as i64)))).collect();
+    let notes: Vec<Notification> = evs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Notification::for_event(e, Some(Position::new("t", 0, i as i64))))
+        .collect();
     let run = |n: RedisNotifier| {
         let notes = &notes;
         async move {
@@ -1029,7 +1100,8 @@ async fn fanout(redis_url: &str, p: &Profile, rows: &mut Vec<Row>) {
 
     // Ours: one hub connection, FANOUT_SUBSCRIBERS local subscribers.
     let channel = format!("bench:fanout:{}", dualstream::EventId::new());
-    let hub = Hub::new(HubConfig { url: redis_url.to_owned(), subscriber_buffer: 4_096, ..HubConfig::default() }).expect("hub");
+    let hub = Hub::new(HubConfig { url: redis_url.to_owned(), subscriber_buffer: 4_096, ..HubConfig::default() })
+        .expect("hub");
     let mut streams = Vec::with_capacity(FANOUT_SUBSCRIBERS);
     for _ in 0..FANOUT_SUBSCRIBERS {
         streams.push(hub.subscribe(Target::Channel(channel.clone())).await.expect("subscribe"));
@@ -1079,7 +1151,7 @@ async fn fanout(redis_url: &str, p: &Profile, rows: &mut Vec<Row>) {
 /// waited, and the notifications that reached a subscriber. A Redis of the
 /// run's own, so the shared one is never slowed or stopped.
 async fn slow_redis(brokers: &str, p: &Profile, rows: &mut Vec<Row>) {
-    use dualstream_tests::proxy::DelayProxy;
+    use dualstream_devstack::proxy::DelayProxy;
     let redis = OwnedRedis::start();
     let upstream: std::net::SocketAddr = format!("127.0.0.1:{}", redis.port).parse().expect("addr");
     let n = p.slow_events;

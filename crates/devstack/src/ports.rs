@@ -1,15 +1,14 @@
 //! Whether a server process listens on a TCP port itself, from Linux's
-//! `/proc`. Shared by the test fixtures (`tests/src/lib.rs`) and
-//! `cargo xtask` (which includes this file), so that a server they start on
-//! a port they chose counts as up only once it holds the listening socket:
-//! a connection that succeeds may reach another process that took the port
-//! first, while ours failed to bind it.
+//! `/proc`. The fixtures of this crate and `cargo xtask up` count a server
+//! they start on a port they chose as up only once it holds the listening
+//! socket: a connection that succeeds may reach another process that took
+//! the port first, while ours failed to bind it.
 
 use std::time::{Duration, Instant};
 
 /// Whether process `pid` holds a TCP socket listening on `port` (IPv4 or
 /// IPv6, any address).
-pub(crate) fn listens(pid: u32, port: u16) -> bool {
+pub fn listens(pid: u32, port: u16) -> bool {
     let listening = listening_inodes(port);
     !listening.is_empty() && socket_inodes(pid).iter().any(|inode| listening.contains(inode))
 }
@@ -46,7 +45,7 @@ fn socket_inodes(pid: u32) -> Vec<u64> {
 
 /// How a server that was started on a port came up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Came {
+pub enum Came {
     /// It listens on the port itself.
     Listening,
     /// It exited first (typically: the port was in use).
@@ -57,7 +56,7 @@ pub(crate) enum Came {
 
 /// Wait until process `pid` listens on `port`, or `exited()` says it is
 /// gone, or `timeout` passed.
-pub(crate) fn wait_listening(pid: u32, port: u16, timeout: Duration, mut exited: impl FnMut() -> bool) -> Came {
+pub fn wait_listening(pid: u32, port: u16, timeout: Duration, mut exited: impl FnMut() -> bool) -> Came {
     let until = Instant::now() + timeout;
     loop {
         if listens(pid, port) {
