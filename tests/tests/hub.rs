@@ -408,3 +408,52 @@ async fn a_followed_hub_records_every_position_through_a_restart() {
     assert_eq!(seen.check("events", 0, 0, 200, c), Seen::Clear, "what was seen before the restart is kept");
     assert_eq!(seen.check("events", 0, 200, 201, c), Seen::Missing { offset: 200 });
 }
+
+/// A hub that follows the partitions (`Hub::follow_partitions`, what a
+/// catch-up join proves a jump with) records the position of every
+/// notification published on a source channel, through a Redis restart, with
+/// one pattern subscription that a local subscriber of the same pattern does
+/// not take away when it leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_hub_records_every_position_through_a_restart() {
+    use dualstream::consumer::{key_of, Seen};
+    init_tracing();
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let mut redis = OwnedRedis::start();
+    let url = redis.url();
+    let hub = Hub::new(HubConfig { url: url.clone(), ping_interval_ms: 200, ..HubConfig::default() }).expect("hub");
+    let seen = hub.follow_partitions().expect("a single Redis: followed");
+    let same = hub.subscribe(Target::Pattern(hub.namer().pattern_all_sources())).await.expect("subscribed");
+    drop(same);
+    eventually("the followed pattern alone", Duration::from_secs(5), || async { patterns(&url).await == 1 }).await;
+    let (a, b) = (Source::new("user", "a").expect("valid"), Source::new("user", "b").expect("valid"));
+    let publish_range = |from: i64, to: i64| {
+        let mut pipe = redis::pipe();
+        for o in from..to {
+            let s = if o % 2 == 0 { &a } else { &b };
+            let e = Event::builder("t", s.source_type(), s.source_id()).build().expect("valid");
+            let n = Notification::for_event(&e, Some(Position::new("events", 0, o)));
+            pipe.cmd("PUBLISH").arg(hub.namer().channel_for(s)).arg(n.to_json());
+        }
+        pipe
+    };
+    let mut publisher = conn(&url).await;
+    let () = publish_range(0, 100).query_async(&mut publisher).await.expect("published");
+    let c = key_of(&Source::new("user", "c").expect("valid"));
+    eventually("0..100 seen", Duration::from_secs(10), || async { seen.check("events", 0, 0, 100, c) == Seen::Clear })
+        .await;
+    assert_eq!(seen.check("events", 0, 0, 100, key_of(&a)), Seen::Mine { offset: 0 });
+    assert_eq!(seen.check("events", 0, 1, 100, key_of(&b)), Seen::Mine { offset: 1 });
+
+    redis.kill();
+    redis.restart();
+    eventually("followed again", Duration::from_secs(15), || async { patterns(&url).await == 1 }).await;
+    let mut publisher = conn(&url).await;
+    let () = publish_range(100, 200).query_async(&mut publisher).await.expect("published");
+    eventually("100..200 seen", Duration::from_secs(10), || async {
+        seen.check("events", 0, 100, 200, c) == Seen::Clear
+    })
+    .await;
+    assert_eq!(seen.check("events", 0, 0, 200, c), Seen::Clear, "what was seen before the restart is kept");
+    assert_eq!(seen.check("events", 0, 200, 201, c), Seen::Missing { offset: 200 });
+}

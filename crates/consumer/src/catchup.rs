@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use dualstream_core::{EventId, Notification, Position, Source};
 use dualstream_history::{
     partition_for_key, ConfigError, History, HistoryStats, Item, Marks, Replay, ReplayError, Replayed, StartAt, Tp,
 };
-use dualstream_hub::{Hub, HubError, LiveItem};
+use dualstream_hub::{key_of, Hub, HubError, LiveItem, Seen, SeenOffsets};
 use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -107,9 +108,14 @@ pub type JoinStream = Pin<Box<dyn Stream<Item = Result<Delivery, JoinError>> + S
 ///
 /// - after [`LiveItem::Gap`] (Redis reconnected) or [`LiveItem::Lagged`]
 ///   (this subscriber fell behind), it reads up to the new high watermark;
-/// - when a notification's offset jumps past the checked offset, it reads
-///   the records in between first, so even a notification the publisher
-///   never sent does not leave a hole;
+/// - when a notification's offset jumps past the checked offset, the
+///   offsets in between are of other sources if the hub has seen a
+///   notification of another source for each of them
+///   ([`Hub::follow_partitions`], [`JoinConfig::reorder_window_ms`]): the
+///   notification is delivered at once. Otherwise (an offset not seen within
+///   the window, or one of this source) it reads the records in between from
+///   Kafka first, so even a notification the publisher never sent does not
+///   leave a hole;
 /// - when the polled high watermark moved and the join has had no live item
 ///   for `idle_check_ms`, it reads up to it, so a lost notification of the
 ///   last event is delivered late rather than never.
@@ -128,6 +134,29 @@ pub struct CatchUp {
     hub: Hub,
     config: JoinConfig,
     history: Arc<Mutex<Option<History>>>,
+    /// The hub's record of the notifications it has seen (`None`: not
+    /// followed; every jump reads Kafka).
+    seen: Option<Arc<SeenOffsets>>,
+    checks: Arc<Checks>,
+}
+
+/// How live notifications that jumped past a join's checked offset were
+/// placed in the Kafka order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveChecks {
+    /// Delivered without reading Kafka: the hub had seen a notification of
+    /// another source for every offset in between.
+    pub proven_by_notifications: u64,
+    /// After reading Kafka up to the notification (an offset in between not
+    /// seen within the reorder window, or of the join's own source, or no
+    /// record of the notifications kept).
+    pub read_from_kafka: u64,
+}
+
+#[derive(Debug, Default)]
+struct Checks {
+    proven: AtomicU64,
+    read: AtomicU64,
 }
 
 impl std::fmt::Debug for CatchUp {
@@ -141,7 +170,18 @@ impl CatchUp {
     /// is made until the first join.
     pub fn new(replay: Replay, hub: Hub, config: JoinConfig) -> Result<Self, ConfigError> {
         config.validate()?;
-        Ok(Self { replay, hub, config, history: Arc::new(Mutex::new(None)) })
+        let seen = if config.reorder_window_ms > 0 { hub.follow_partitions() } else { None };
+        Ok(Self { replay, hub, config, history: Arc::new(Mutex::new(None)), seen, checks: Arc::default() })
+    }
+
+    /// How the live notifications that jumped past a join's checked offset
+    /// were placed: proven by the notifications the hub saw, or read from
+    /// Kafka.
+    pub fn live_checks(&self) -> LiveChecks {
+        LiveChecks {
+            proven_by_notifications: self.checks.proven.load(Ordering::Relaxed),
+            read_from_kafka: self.checks.read.load(Ordering::Relaxed),
+        }
     }
 
     fn history(&self) -> Result<History, ReplayError> {
@@ -228,7 +268,13 @@ impl CatchUp {
             }
         };
         let (tx, rx) = mpsc::channel(self.config.buffer);
-        let joiner = Joiner { tx, history, tp, source, key, next: begin, low: marks.low, full };
+        let seen = self.seen.clone().map(|seen| Proof {
+            key: key_of(&source),
+            seen,
+            window: Duration::from_millis(self.config.reorder_window_ms),
+        });
+        let checks = Arc::clone(&self.checks);
+        let joiner = Joiner { tx, history, tp, source, key, next: begin, low: marks.low, full, seen, checks };
         let idle = Duration::from_millis(self.config.idle_check_ms);
         tokio::spawn(joiner.run(live, watermarks, marks.high, idle));
         Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })))
@@ -244,11 +290,13 @@ pub(crate) fn join_for_test(
     source: Source,
     live: impl Stream<Item = LiveItem> + Unpin + Send + 'static,
     next: i64,
+    seen: Option<(Arc<SeenOffsets>, Duration)>,
 ) -> JoinStream {
     let (tx, rx) = mpsc::channel(256);
     let key: Arc<[u8]> = source.source_id().as_bytes().into();
     let watermarks = history.watch(&tp);
-    let joiner = Joiner { tx, history, tp, source, key, next, low: 0, full: false };
+    let seen = seen.map(|(seen, window)| Proof { key: key_of(&source), seen, window });
+    let joiner = Joiner { tx, history, tp, source, key, next, low: 0, full: false, seen, checks: Arc::default() };
     tokio::spawn(joiner.run(live, watermarks, next, Duration::from_secs(3_600)));
     Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }))
 }
@@ -323,6 +371,17 @@ struct Joiner {
     low: i64,
     /// Deliver live events read from Kafka, not their notifications.
     full: bool,
+    seen: Option<Proof>,
+    checks: Arc<Checks>,
+}
+
+/// What a join proves the offsets before a live notification with.
+struct Proof {
+    /// Its source's key in `seen`.
+    key: u64,
+    seen: Arc<SeenOffsets>,
+    /// How long to wait for a notification not seen yet.
+    window: Duration,
 }
 
 impl Joiner {
@@ -480,6 +539,26 @@ impl Joiner {
         Ok(())
     }
 
+    /// Whether the hub saw a notification of another source for every
+    /// offset in `[next, offset)`, waiting up to the reorder window for
+    /// those not seen yet.
+    async fn proven(&self, offset: i64) -> bool {
+        let Some(proof) = &self.seen else { return false };
+        let deadline = Instant::now() + proof.window;
+        loop {
+            // Made before the check: a record made after it wakes it.
+            let changed = proof.seen.changed();
+            match proof.seen.check(&self.tp.0, self.tp.1, self.next, offset, proof.key) {
+                Seen::Clear => return true,
+                Seen::Mine { .. } => return false,
+                Seen::Missing { .. } => {}
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return false;
+            }
+        }
+    }
+
     async fn on_live(&mut self, n: Notification) -> Result<(), Stop> {
         let offset = match &n.position {
             // No position (a write whose outcome the publisher did not
@@ -499,9 +578,14 @@ impl Joiner {
             return self.scan_to(offset + 1).await;
         }
         if offset > self.next {
-            // Events of this source in between whose notifications were lost
-            // come from Kafka first (usually from the shared cache).
-            self.scan_to(offset).await?;
+            if self.proven(offset).await {
+                self.checks.proven.fetch_add(1, Ordering::Relaxed);
+            } else {
+                // Events of this source in between whose notifications were
+                // lost come from Kafka first (usually from the shared cache).
+                self.checks.read.fetch_add(1, Ordering::Relaxed);
+                self.scan_to(offset).await?;
+            }
         }
         if offset < self.next {
             // Delivered already (from history, or a duplicate).

@@ -24,11 +24,21 @@ pub struct JoinConfig {
     /// moves the shared tail reader back for every join. A partition always
     /// goes to the same one. Default: 2.
     pub backfill_readers: usize,
+    /// How long a join waits, in milliseconds, for the notifications of the
+    /// offsets between its last delivered event and a live notification
+    /// (another publisher's, still on its way) before it reads Kafka to
+    /// prove nothing of its source lies in between. The hub follows every
+    /// source channel for this (`Hub::follow_partitions`): when it has seen
+    /// a notification of another source for each offset in between, the
+    /// notification is delivered without reading Kafka. 0: don't follow;
+    /// read Kafka at every jump (the behaviour on a Redis Cluster, where the
+    /// hub cannot follow patterns). Default: 10.
+    pub reorder_window_ms: u64,
 }
 
 impl Default for JoinConfig {
     fn default() -> Self {
-        Self { buffer: 256, idle_check_ms: 1_000, cache_records: 4_096, backfill_readers: 2 }
+        Self { buffer: 256, idle_check_ms: 1_000, cache_records: 4_096, backfill_readers: 2, reorder_window_ms: 10 }
     }
 }
 
@@ -39,6 +49,7 @@ impl JoinConfig {
         check_range("idle_check_ms", self.idle_check_ms, 10, 3_600_000)?;
         check_range("cache_records", self.cache_records as u64, 0, 16_777_216)?;
         check_range("backfill_readers", self.backfill_readers as u64, 1, 64)?;
+        check_range("reorder_window_ms", self.reorder_window_ms, 0, 60_000)?;
         Ok(())
     }
 }

@@ -98,13 +98,16 @@
 mod catchup;
 mod config;
 
-pub use catchup::{CatchUp, Delivery, JoinError, JoinStream};
+pub use catchup::{CatchUp, Delivery, JoinError, JoinStream, LiveChecks};
 pub use config::JoinConfig;
 pub use dualstream_history::{
     partition_for_key, ConfigError, HistoryStats, Replay, ReplayConfig, ReplayError, ReplayRequest, ReplayStream,
     Replayed, Scope, StartAt, TopicRouting, Until,
 };
-pub use dualstream_hub::{Hub, HubConfig, HubError, HubStats, LiveItem, LiveStream, Overflow, Target, MAX_TARGET_LEN};
+pub use dualstream_hub::{
+    key_of, Hub, HubConfig, HubError, HubStats, LiveItem, LiveStream, Overflow, Seen, SeenOffsets, Target,
+    MAX_TARGET_LEN,
+};
 
 #[cfg(test)]
 mod tests;

@@ -184,12 +184,33 @@ mod positionless {
 
     use dualstream_core::{DurableSink, Event, Notification, Position, Source};
     use dualstream_history::History;
+    use dualstream_hub::SeenOffsets;
     use futures::StreamExt;
     use rdkafka::mocking::MockCluster;
 
     use super::testkit::{replay, sink};
     use crate::catchup::join_for_test;
     use crate::*;
+
+    /// A mock cluster with topic "t" of one partition, a sink to it, and a
+    /// shared history of it with no idle check (an hour away).
+    fn partition(
+    ) -> (MockCluster<'static, rdkafka::producer::DefaultProducerContext>, dualstream_kafka::KafkaSink, History) {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("t", 1, 1).expect("topic");
+        let brokers = cluster.bootstrap_servers();
+        let sink = sink(&brokers, "t");
+        let history =
+            History::new(Arc::new(replay(&brokers, "t").config().clone()), Duration::from_secs(3_600), 4_096, 2)
+                .expect("history");
+        (cluster, sink, history)
+    }
+
+    /// The hub's side of a join: a stream the test feeds through the sender.
+    fn hub_side() -> (tokio::sync::mpsc::Sender<LiveItem>, futures::stream::BoxStream<'static, LiveItem>) {
+        let (slot, rx) = tokio::sync::mpsc::channel(16);
+        (slot, futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }).boxed())
+    }
 
     /// Hand the join a live notification, as the hub would.
     async fn feed(slot: &tokio::sync::mpsc::Sender<LiveItem>, n: Notification) {
@@ -243,18 +264,10 @@ mod positionless {
     /// check is an hour away here: only the notification can have done it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_notification_without_a_position_makes_the_join_catch_up_from_kafka() {
-        let cluster = MockCluster::new(1).expect("mock cluster");
-        cluster.create_topic("t", 1, 1).expect("topic");
-        let brokers = cluster.bootstrap_servers();
-        let sink = sink(&brokers, "t");
-        let history =
-            History::new(Arc::new(replay(&brokers, "t").config().clone()), Duration::from_secs(3_600), 4_096, 2)
-                .expect("history");
-        // The hub's side of the join: a stream the test feeds.
-        let (slot, rx) = tokio::sync::mpsc::channel(16);
-        let live = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }).boxed();
+        let (_cluster, sink, history) = partition();
+        let (slot, live) = hub_side();
         let u = Source::new("user", "u").expect("valid");
-        let mut join = join_for_test(history, (Arc::from("t"), 0), u, live, 0);
+        let mut join = join_for_test(history, (Arc::from("t"), 0), u, live, 0, None);
 
         let first = store(&sink, 6).await;
         feed(&slot, Notification::for_event(&first[4].0, None)).await;
@@ -271,5 +284,83 @@ mod positionless {
         let n = Notification::for_event(&third[0].0, Some(third[0].1.clone()));
         feed(&slot, n.clone()).await;
         assert_eq!(next_item(&mut join).await, Delivery::Live(n));
+    }
+    /// Hand the join `n` and expect it delivered live, next.
+    async fn delivered_live(join: &mut JoinStream, slot: &tokio::sync::mpsc::Sender<LiveItem>, n: Notification) {
+        feed(slot, n.clone()).await;
+        assert_eq!(next_item(join).await, Delivery::Live(n));
+    }
+
+    /// A live notification past offsets the hub saw notifications of other
+    /// sources for is delivered without reading Kafka; one past an offset of
+    /// its own source, or past one not seen within the reorder window,
+    /// after reading Kafka up to it; one whose missing offset is seen within
+    /// the window (another publisher's notification, out of order) without.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_jump_over_offsets_seen_as_others_is_delivered_without_reading_kafka() {
+        let (_cluster, sink, history) = partition();
+        let seen = Arc::new(SeenOffsets::default());
+        let (slot, live) = hub_side();
+        let u = Source::new("user", "u").expect("valid");
+        let window = Duration::from_millis(500);
+        let mut join =
+            join_for_test(history.clone(), (Arc::from("t"), 0), u, live, 0, Some((Arc::clone(&seen), window)));
+        let notification = |(e, p): &(Event, Position)| Notification::for_event(e, Some(p.clone()));
+        let reads = || history.stats().range_reads;
+
+        // u at 0, 2, 4; v at 1, 3, 5. The hub saw them all; the join gets u's.
+        let first = store(&sink, 6).await;
+        for stored in &first {
+            seen.record(&notification(stored));
+        }
+        for i in [0, 2, 4] {
+            delivered_live(&mut join, &slot, notification(&first[i])).await;
+        }
+        assert_eq!(reads(), 0, "v's offsets between were seen: no Kafka read");
+
+        // u at 6, 8: the hub saw both, the join gets 8 only (its 6 was lost
+        // on the way): Kafka is read, and 6 comes from it.
+        let second = store(&sink, 3).await;
+        for stored in &second {
+            seen.record(&notification(stored));
+        }
+        feed(&slot, notification(&second[2])).await;
+        assert_eq!(take(&mut join, &second[..1]).await, history_of(&second[..1]), "u's 6 from Kafka");
+        assert_eq!(next_item(&mut join).await, Delivery::Live(notification(&second[2])));
+        assert!(reads() >= 1, "read Kafka for an offset of its own source");
+
+        // u at 9 (next: no check), v at 10 seen, u at 11: no Kafka read.
+        let third = store(&sink, 2).await;
+        let fourth = store(&sink, 1).await;
+        let before = reads();
+        seen.record(&notification(&third[1]));
+        seen.record(&notification(&fourth[0]));
+        delivered_live(&mut join, &slot, notification(&third[0])).await;
+        delivered_live(&mut join, &slot, notification(&fourth[0])).await;
+        assert_eq!(reads(), before, "10 was seen as v's: no Kafka read");
+
+        // u at 12, v at 13 seen only 50 ms after u's 14 came: within the
+        // window, no Kafka read.
+        let fifth = store(&sink, 2).await;
+        let sixth = store(&sink, 1).await;
+        delivered_live(&mut join, &slot, notification(&fifth[0])).await;
+        seen.record(&notification(&sixth[0]));
+        let late = notification(&fifth[1]);
+        let s = Arc::clone(&seen);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            s.record(&late);
+        });
+        delivered_live(&mut join, &slot, notification(&sixth[0])).await;
+        assert_eq!(reads(), before, "13 was seen within the window");
+
+        // u at 15, v at 16 never seen, u at 17: Kafka is read after the
+        // window.
+        let seventh = store(&sink, 2).await;
+        let eighth = store(&sink, 1).await;
+        delivered_live(&mut join, &slot, notification(&seventh[0])).await;
+        seen.record(&notification(&eighth[0]));
+        delivered_live(&mut join, &slot, notification(&eighth[0])).await;
+        assert!(reads() > before, "16 never seen: Kafka read");
     }
 }

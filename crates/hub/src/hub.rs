@@ -35,6 +35,7 @@ use crate::error::HubError;
 use crate::live::{
     announce_to, decode, deliver, fan_out, subscriber, Cmd, HubStats, LiveItem, LiveStream, Slot, Target,
 };
+use crate::seen::SeenOffsets;
 
 /// Most channels or patterns in one SUBSCRIBE-like command.
 const MAX_NAMES_PER_COMMAND: usize = 4_096;
@@ -75,6 +76,7 @@ struct Shared {
     namer: ChannelNamer,
     config: HubConfig,
     next_id: AtomicU64,
+    seen: Arc<SeenOffsets>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -94,12 +96,31 @@ impl Hub {
             .map_err(|e| ConfigError::Invalid { field: "url", reason: e.to_string() })?;
         let handle = tokio::runtime::Handle::try_current().map_err(|_| HubError::NoRuntime)?;
         let (cmd, rx) = mpsc::unbounded_channel();
+        let seen = Arc::new(SeenOffsets::default());
         if config.cluster_urls.is_empty() {
-            handle.spawn(Task::new(config.clone(), client, rx).run());
+            handle.spawn(Task::new(config.clone(), client, rx, Arc::clone(&seen)).run());
         } else {
             handle.spawn(crate::shard_hub::ShardTask::new(config.clone(), rx).run());
         }
-        Ok(Self { inner: Arc::new(Shared { cmd, namer, config, next_id: AtomicU64::new(0) }) })
+        Ok(Self { inner: Arc::new(Shared { cmd, namer, config, next_id: AtomicU64::new(0), seen }) })
+    }
+
+    /// Follow every source channel under the prefix (one pattern
+    /// subscription, `events:*:*`, kept across reconnections) and record the
+    /// position of each notification, so that a catch-up join can tell,
+    /// without reading Kafka, that no event of its source lies between two
+    /// of its notifications (see [`SeenOffsets`]). Idempotent. The hub then
+    /// receives every notification under the prefix.
+    ///
+    /// `None` on a Redis Cluster ([`HubConfig::cluster_urls`]): sharded
+    /// Pub/Sub has no patterns, and joins read Kafka at each jump instead.
+    pub fn follow_partitions(&self) -> Option<Arc<SeenOffsets>> {
+        if !self.inner.config.cluster_urls.is_empty() {
+            return None;
+        }
+        let pattern = self.inner.namer.pattern_all_sources();
+        self.inner.cmd.send(Cmd::Follow { pattern }).ok()?;
+        Some(Arc::clone(&self.inner.seen))
     }
 
     /// The channel namer (from `channel_prefix`).
@@ -170,6 +191,9 @@ struct Task {
     channels: Slots,
     patterns: Slots,
     stats: HubStats,
+    /// The pattern followed for [`SeenOffsets`], once asked for.
+    follow: Option<String>,
+    seen: Arc<SeenOffsets>,
 }
 
 /// Local subscribers by channel or pattern, then by id.
@@ -208,8 +232,17 @@ enum Lost {
 }
 
 impl Task {
-    fn new(config: HubConfig, client: redis::Client, rx: mpsc::UnboundedReceiver<Cmd>) -> Self {
-        Self { config, client, rx, channels: HashMap::new(), patterns: HashMap::new(), stats: HubStats::default() }
+    fn new(config: HubConfig, client: redis::Client, rx: mpsc::UnboundedReceiver<Cmd>, seen: Arc<SeenOffsets>) -> Self {
+        Self {
+            config,
+            client,
+            rx,
+            channels: HashMap::new(),
+            patterns: HashMap::new(),
+            stats: HubStats::default(),
+            follow: None,
+            seen,
+        }
     }
 
     fn timeout(&self) -> Duration {
@@ -264,6 +297,9 @@ impl Task {
         }
         for name in self.patterns.keys() {
             changes.push(Verb::PSubscribe, name.clone());
+        }
+        if let Some(follow) = self.follow.as_ref().filter(|f| !self.patterns.contains_key(*f)) {
+            changes.push(Verb::PSubscribe, follow.clone());
         }
         // Every subscriber told `Disconnected` is subscribed by the commands
         // queued so far: the gap is announced once they are confirmed.
@@ -378,10 +414,23 @@ impl Task {
                 slots.remove(&id);
                 if slots.is_empty() {
                     map.remove(&name);
+                    if pattern && self.follow.as_ref() == Some(&name) {
+                        // Still followed.
+                        return;
+                    }
                     if let Some(changes) = changes {
                         changes.push(Verb::unsubscribe(pattern), name);
                     }
                 }
+            }
+            Cmd::Follow { pattern } => {
+                if self.follow.is_some() {
+                    return;
+                }
+                if let Some(changes) = changes.filter(|_| !self.patterns.contains_key(&pattern)) {
+                    changes.push(Verb::PSubscribe, pattern.clone());
+                }
+                self.follow = Some(pattern);
             }
             Cmd::Stats { reply } => {
                 let mut s = self.stats;
@@ -397,6 +446,11 @@ impl Task {
         self.stats.received += 1;
         let slots = if msg.from_pattern() {
             let Ok(pattern) = msg.get_pattern::<String>() else { return };
+            if self.follow.as_ref() == Some(&pattern) {
+                if let LiveItem::Notification(n) = decode(msg.get_channel_name(), msg.get_payload_bytes()) {
+                    self.seen.record(&n);
+                }
+            }
             self.patterns.get_mut(&pattern)
         } else {
             self.channels.get_mut(msg.get_channel_name())

@@ -38,12 +38,14 @@ mod config;
 mod error;
 mod hub;
 mod live;
+mod seen;
 mod shard_hub;
 
 pub use config::{ConfigError, HubConfig, Overflow};
 pub use error::HubError;
 pub use hub::Hub;
 pub use live::{HubStats, LiveItem, LiveStream, Target, MAX_TARGET_LEN};
+pub use seen::{key_of, source_key, Seen, SeenOffsets, WINDOW as SEEN_WINDOW};
 
 #[cfg(test)]
 mod tests;

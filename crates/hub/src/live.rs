@@ -151,9 +151,23 @@ impl LiveStream {
 }
 
 pub(crate) enum Cmd {
-    Subscribe { target: Target, id: u64, slot: Slot, reply: oneshot::Sender<()> },
-    Unsubscribe { target: Target, id: u64 },
-    Stats { reply: oneshot::Sender<HubStats> },
+    Subscribe {
+        target: Target,
+        id: u64,
+        slot: Slot,
+        reply: oneshot::Sender<()>,
+    },
+    Unsubscribe {
+        target: Target,
+        id: u64,
+    },
+    Stats {
+        reply: oneshot::Sender<HubStats>,
+    },
+    /// Follow every source channel for [`SeenOffsets`](crate::seen::SeenOffsets).
+    Follow {
+        pattern: String,
+    },
 }
 
 /// A new local subscriber of `target`: the slot its hub task hands items

@@ -749,6 +749,8 @@ impl ShardTask {
                 s.subscribers = self.channels.values().map(|c| c.subscribers.len()).sum();
                 let _ = reply.send(s);
             }
+            // `Hub::follow_partitions` does not send it on a cluster.
+            Cmd::Follow { .. } => {}
         }
     }
 
