@@ -17,7 +17,8 @@ pub struct JoinConfig {
     pub idle_check_ms: u64,
     /// Records of each partition the shared reader keeps in memory, so that
     /// the checks after a notification jump or an idle period read memory
-    /// rather than Kafka. Default: 4,096.
+    /// rather than Kafka. Default: 4,096. (The backfill readers keep at
+    /// least 32,768; every cache holds at most 32 MiB per partition.)
     pub cache_records: usize,
     /// Kafka consumers per topic that serve reads older than the cache (a
     /// resume from minutes ago, from offset 0), so that such a read never

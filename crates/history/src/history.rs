@@ -60,6 +60,9 @@ pub struct Rec {
     /// The event, or the raw record when it does not decode (rare: each
     /// join decodes it again for its own error item).
     pub event: Result<Event, Raw>,
+    /// The record's size as stored (key, payload and headers), for the
+    /// cache's byte bound.
+    pub(crate) size: usize,
 }
 
 /// A record that is not a valid event, kept to report the error.
@@ -141,6 +144,18 @@ const BACKFILL_LINGER: Duration = Duration::from_secs(5);
 /// Records the cache may hold past `cache_records` while a parked read
 /// still needs its oldest ones (see [`Part::trim`]).
 const PARKED_EXTRA: usize = 8_192;
+/// A backfill reader's cache holds at least this many records per
+/// partition: a client that reconnects a few seconds after its last item
+/// finds its records there and rides on with the sweep, instead of sending
+/// the reader back (at tansu's 5,000 records a second, about 6 s).
+const BACKFILL_CACHE_RECORDS: usize = 32_768;
+/// Bytes (keys, payloads, headers) a partition's cache holds at most,
+/// whatever its record count: large payloads cannot make it huge.
+const CACHE_MAX_BYTES: usize = 32 << 20;
+/// How long a read older than a backfill reader's cache waits for the reads
+/// in progress to end before the reader moves back anyway (they go on from
+/// the lower position; nothing is lost, they read some records again).
+const BEHIND_MAX: Duration = Duration::from_secs(5);
 /// How often a reader with parked reads looks whether their joins took
 /// items.
 const PARKED_POLL: Duration = Duration::from_millis(2);
@@ -466,7 +481,10 @@ impl Inner {
             topic: Arc::clone(topic),
             role,
             parts: HashMap::new(),
-            cache_records: self.cache_records,
+            cache_records: match role {
+                Role::Tail => self.cache_records,
+                Role::Backfill => self.cache_records.max(BACKFILL_CACHE_RECORDS),
+            },
             seen: Arc::clone(&self.seen),
             timeout: self.config.timeout(),
             inner: Arc::downgrade(self),
@@ -726,6 +744,10 @@ struct Part {
     parked: Vec<Req>,
     /// Requests older than the cache, waiting for the position to move back.
     behind: Vec<Req>,
+    /// Since when `behind` has not been empty.
+    behind_since: Option<Instant>,
+    /// The sizes of the records in `cache`, summed.
+    cache_bytes: usize,
     probe: Option<Probe>,
     /// When a record last arrived or a read last started.
     progress: Instant,
@@ -802,11 +824,11 @@ impl Part {
     /// got to. Returns the reads dropped.
     fn trim(&mut self, cache_records: usize) -> u64 {
         let mut dropped = 0;
-        while self.cache.len() > cache_records {
+        while self.cache.len() > cache_records || self.cache_bytes > CACHE_MAX_BYTES {
             let Some(front) = self.cache.front().map(|r| r.position.offset) else { break };
             let needs = |r: &Req| r.next <= front && r.next >= self.covered_from;
             if self.parked.iter().any(needs) {
-                if self.cache.len() <= cache_records + PARKED_EXTRA {
+                if self.cache.len() <= cache_records + PARKED_EXTRA && self.cache_bytes <= CACHE_MAX_BYTES {
                     break;
                 }
                 let covered_from = self.covered_from;
@@ -819,7 +841,9 @@ impl Part {
                     keep
                 });
             }
-            self.cache.pop_front();
+            if let Some(gone) = self.cache.pop_front() {
+                self.cache_bytes -= gone.size;
+            }
             // What is left covers the partition from its first record, or,
             // once nothing is left (`cache_records` 0), from the position.
             self.covered_from = self.cache.front().map_or(self.pos, |front| front.position.offset);
@@ -911,6 +935,7 @@ impl TopicReader {
             part.used = now;
             if far {
                 part.behind.push(req);
+                part.behind_since.get_or_insert(now);
                 return;
             }
             // Serve what the cache has, then follow the partition.
@@ -947,6 +972,8 @@ impl TopicReader {
                 reqs: vec![req],
                 parked: Vec::new(),
                 behind: Vec::new(),
+                behind_since: None,
+                cache_bytes: 0,
                 probe,
                 progress: now,
                 used: now,
@@ -965,10 +992,15 @@ impl TopicReader {
     /// for each of them got almost nowhere (tens of records a second
     /// against tansu, whose answers take about a second to build). The
     /// reads waiting meanwhile are served by one sweep from the oldest.
+    /// But not for longer than `BEHIND_MAX`: with clients reconnecting all
+    /// the time, the reads in progress need not end for minutes; then it
+    /// moves back under them (they go on from there, reading again what
+    /// they passed, and none is lost).
     fn move_back(&mut self, consumer: &impl Fetcher) {
         let mut seeks = 0;
         for (p, part) in &mut self.parts {
-            if !part.reqs.is_empty() || !part.parked.is_empty() {
+            let overdue = part.behind_since.is_some_and(|since| since.elapsed() >= BEHIND_MAX);
+            if (!part.reqs.is_empty() || !part.parked.is_empty()) && !overdue {
                 continue;
             }
             let Some(to) = part.behind.iter().map(|r| r.next).min() else {
@@ -984,9 +1016,14 @@ impl TopicReader {
             part.pos = to;
             part.covered_from = to;
             part.cache.clear();
+            part.cache_bytes = 0;
             part.probe = (to > 0).then_some(Probe { requested: to, back: 0 });
             part.progress = Instant::now();
             part.reqs.append(&mut part.behind);
+            part.behind_since = None;
+            // Parked reads (above `to`) are served again by the sweep.
+            let parked = std::mem::take(&mut part.parked);
+            part.reqs.extend(parked);
         }
         if seeks > 0 {
             self.count(|c| &c.seeks, seeks);
@@ -1036,6 +1073,7 @@ impl TopicReader {
                         part.pos = to;
                         part.covered_from = to;
                         part.cache.clear();
+                        part.cache_bytes = 0;
                         part.probe = Some(Probe { requested: need, back });
                         return;
                     }
@@ -1083,6 +1121,7 @@ impl TopicReader {
                 Step::Done => {}
             }
         }
+        part.cache_bytes += rec.size;
         part.cache.push_back(rec);
         let dropped = part.serve_parked() + part.trim(self.cache_records);
         self.count(|c| &c.records_read, 1);
@@ -1105,6 +1144,9 @@ impl TopicReader {
             part.reqs.retain(|r| !r.tx.is_closed());
             part.parked.retain(|r| !r.tx.is_closed());
             part.behind.retain(|r| !r.tx.is_closed());
+            if part.behind.is_empty() {
+                part.behind_since = None;
+            }
             if !part.reqs.is_empty() && part.progress.elapsed() > timeout {
                 tracing::warn!(topic = %self.topic, role = ?self.role, partition = p, at = part.pos, "history reader: no record within the timeout");
                 for r in part.reqs.drain(..) {
@@ -1135,6 +1177,8 @@ impl TopicReader {
 
 /// A consumed record, decoded once for every join.
 fn decode_message(topic: Arc<str>, m: &BorrowedMessage<'_>) -> Rec {
+    let headers = m.headers().map_or(0, |h| h.iter().map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len)).sum());
+    let size = m.key_len() + m.payload_len() + headers;
     let event = event_of(m).map_err(|_| Raw {
         headers: m
             .headers()
@@ -1147,6 +1191,7 @@ fn decode_message(topic: Arc<str>, m: &BorrowedMessage<'_>) -> Rec {
         key: m.key().map(Box::from),
         timestamp_ms: m.timestamp().to_millis(),
         event,
+        size,
     }
 }
 
@@ -1224,6 +1269,7 @@ mod tests {
             key: Some(key_of(o).as_bytes().into()),
             timestamp_ms: None,
             event: Err(Raw { headers: Vec::new(), payload: None }),
+            size: 100,
         }
     }
 
@@ -1467,6 +1513,48 @@ mod tests {
         assert!(a.rx.is_closed() || r.parts[&0].parked.is_empty(), "no longer parked");
         assert!(r.parts[&0].cache.len() <= 16 + PARKED_EXTRA);
         assert_eq!(r.parts[&0].cache.len(), 16, "the cache shrank back once nobody needed its oldest records");
+    }
+
+    /// A read older than the cache does not wait for ever: after
+    /// `BEHIND_MAX` the backfill reader moves back under the read in
+    /// progress, and both get every record of their key.
+    #[test]
+    fn a_read_behind_waits_for_the_reads_in_progress_at_most_behind_max() {
+        let broker = Tansu::new(1, 1_000);
+        let mut r = reader(64);
+        let (req_a, mut a) = Read::new(500, 1_000, "b");
+        r.add(&broker, 0, req_a);
+        pump(&mut r, &broker, &mut [&mut a], |o| o < 700);
+        let (req_b, mut b) = Read::new(100, 400, "a");
+        r.add(&broker, 0, req_b);
+        r.move_back(&broker);
+        assert_eq!(*broker.seeks.borrow(), [500], "the read in progress goes on");
+        r.parts.get_mut(&0).expect("followed").behind_since = Some(Instant::now() - BEHIND_MAX);
+        r.move_back(&broker);
+        assert_eq!(*broker.seeks.borrow(), [500, 100], "moved back under it once overdue");
+        pump(&mut r, &broker, &mut [&mut a, &mut b], |_| true);
+        a.drain();
+        b.drain();
+        assert_eq!((b.got, b.holes), (of_key(100, 400, "a"), vec![]));
+        assert_eq!((a.got, a.holes), (of_key(500, 1_000, "b"), vec![]), "the read in progress lost nothing");
+    }
+
+    /// Large records: the cache keeps at most `CACHE_MAX_BYTES`, whatever
+    /// `cache_records` says.
+    #[test]
+    fn the_cache_is_bounded_in_bytes() {
+        let broker = Tansu::new(1, 100);
+        let mut r = reader(4_096);
+        let (req, mut a) = Read::new(0, 100, "a");
+        r.add(&broker, 0, req);
+        while let Some(o) = broker.next() {
+            r.on_record(&broker, 0, o, || Rec { size: 1 << 20, ..rec(o) });
+            a.drain();
+        }
+        assert_eq!(a.got, of_key(0, 100, "a"));
+        let part = &r.parts[&0];
+        assert_eq!((part.cache.len(), part.cache_bytes), (32, 32 << 20));
+        assert_eq!(part.covered_from, 68);
     }
 
     fn failure() -> ReplayError {
