@@ -93,8 +93,8 @@ enum Cmd {
         /// Longer runs.
         #[arg(long)]
         full: bool,
-        /// Run only the groups whose name contains one of these words (groups:
-        /// memory, durable, realtime, latency, outage, naive, fanout).
+        /// Run only the groups whose name contains one of these words (groups: micro, memory,
+        /// latency, durable, dual, realtime, slow, outage, naive, fanout, cluster, joins, gateway).
         #[arg(long)]
         filter: Vec<String>,
     },

@@ -21,7 +21,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::joins::rss_kib;
-use super::{clock_ticks, proc_ticks, CpuSnap, Pids, Row};
+use super::measure::{clock_ticks, proc_ticks, CpuSnap, Pids};
+use super::Row;
 
 const SECRET: &str = "bench-secret-of-at-least-32-bytes-long";
 const PARTITIONS: i32 = 8;
@@ -689,38 +690,48 @@ async fn collect(tasks: Vec<tokio::task::JoinHandle<Got>>, stop: &watch::Sender<
     out
 }
 
-pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut Vec<Row>) {
-    let k = Knobs {
+/// The group's knobs, from `DUALSTREAM_BENCH_GW_*`.
+fn knobs() -> Knobs {
+    Knobs {
         clients: knob("CLIENTS", 1_000),
         sources: knob("SOURCES", 200),
         rate: knob("RATE", 5_000),
         secs: knob("SECS", 24) as u64,
         storm_at: knob("STORM_AT", 14) as u64,
-    };
+    }
+}
+
+/// Whether the open-files limit allows the clients (each a socket here and
+/// one in the gateway; the naive run adds a Redis connection each).
+fn enough_open_files(k: &Knobs) -> bool {
     let nofile = std::fs::read_to_string("/proc/self/limits")
         .ok()
         .and_then(|s| {
             s.lines().find(|l| l.starts_with("Max open files"))?.split_whitespace().nth(3)?.parse::<usize>().ok()
         })
         .unwrap_or(0);
-    // Per client: its socket and the gateway's; the naive run adds a Redis
-    // connection each.
     let need = k.clients * 2 * 3 + 500;
     println!("  open-files limit {nofile} (need about {need})");
     if nofile < need {
         println!("  raise it first: `ulimit -n 65536` (the hard limit allows {nofile}?); skipping the gateway group");
-        return;
     }
-    let (redis_port, broker_port) = (port_of(redis_url), port_of(brokers.split(',').next().unwrap_or_default()));
-    let topic = unique_topic("bench-gw");
-    create_topic(brokers, &topic, PARTITIONS).await;
+    nofile >= need
+}
+
+/// Both gateways on a runtime of their own, and what the clients share.
+struct Setup {
+    rt: tokio::runtime::Runtime,
+    gateway: Gateway,
+    shared: Arc<Shared>,
+    /// A token that may publish (ingest).
+    producer: String,
+}
+
+/// Start our gateway and the naive one on a runtime of their own (threads
+/// `gw-rt`), mint the tokens, and warm ingest up.
+async fn start(brokers: &str, redis_url: &str, topic: &str) -> Setup {
     let prefix = format!("gwb{}", &dualstream::EventId::new().as_uuid().simple().to_string()[20..]);
     let client = redis::Client::open(redis_url).expect("redis url");
-    let mut redis_conn = client.get_multiplexed_async_connection().await.expect("redis");
-
-    let mut ours = Run { rss_before: rss_kib(), ..Run::default() };
-    let base_redis = (connections_to(redis_port), connections_to(broker_port), redis_clients(&mut redis_conn).await);
-    let base_rdk = rdkafka_clients();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("gw-rt")
@@ -731,7 +742,7 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
         listen: "127.0.0.1:0".parse().expect("addr"),
         kafka_brokers: brokers.to_owned(),
         redis_url: redis_url.to_owned(),
-        topic: topic.clone(),
+        topic: topic.to_owned(),
         dashboard: false,
         auth: AuthConfig { secret: SECRET.into(), ..AuthConfig::default() },
         ..GatewayConfig::default()
@@ -768,7 +779,7 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
         base: base.clone(),
         naive_base,
         token: reader,
-        prefix: prefix.clone(),
+        prefix,
         http: reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("http"),
         ids: RwLock::new(HashMap::new()),
         hists: (0..5).map(|_| Hist::new()).collect(),
@@ -788,14 +799,36 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
         .send()
         .await;
     assert!(r.is_ok_and(|r| r.status() == 200), "warm-up ingest");
+    Setup { rt, gateway, shared, producer }
+}
 
-    // Ours: SSE and WebSocket clients alternate; every other pair full mode.
-    let sets = channel_sets(k.clients * 2, k.sources);
+/// Where the load's connections are counted: Redis's and the broker's
+/// ports, and a connection to Redis for `INFO`.
+struct Probe {
+    ports: (u16, u16),
+    redis: redis::aio::MultiplexedConnection,
+}
+
+/// Ours: SSE and WebSocket clients alternate, every other pair in full
+/// mode, through the load with a reconnect storm; the figures and the hub's
+/// readiness at the end.
+async fn run_ours(
+    s: &Setup,
+    k: &Knobs,
+    sets: &[Vec<usize>],
+    pids: &Pids,
+    probe: &mut Probe,
+) -> (Run, serde_json::Value) {
+    let mut ours = Run { rss_before: rss_kib(), ..Run::default() };
+    let base_redis =
+        (connections_to(probe.ports.0), connections_to(probe.ports.1), redis_clients(&mut probe.redis).await);
+    let base_rdk = rdkafka_clients();
     let (storm_tx, storm_rx) = watch::channel(0u32);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (tasks, connect_secs) = start_clients(&shared, specs(&sets, &[Kind::Sse, Kind::Ws]), &storm_rx, &stop_rx).await;
+    let (tasks, connect_secs) =
+        start_clients(&s.shared, specs(sets, &[Kind::Sse, Kind::Ws]), &storm_rx, &stop_rx).await;
     ours.connect_secs = connect_secs;
-    ours.subscribed = shared.subscribed.load(Ordering::Relaxed);
+    ours.subscribed = s.shared.subscribed.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(1)).await;
     ours.rss_idle = rss_kib();
     println!(
@@ -805,9 +838,8 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
         ours.rss_before >> 10,
         ours.rss_idle >> 10
     );
-    load_phase(&shared, &producer, &k, pids, &mut redis_conn, (redis_port, broker_port), Some(&storm_tx), &mut ours)
-        .await;
-    let hub = match shared.http.get(format!("{base}/readyz")).send().await {
+    load_phase(&s.shared, &s.producer, k, pids, &mut probe.redis, probe.ports, Some(&storm_tx), &mut ours).await;
+    let hub = match s.shared.http.get(format!("{}/readyz", s.shared.base)).send().await {
         Ok(r) => r.json::<serde_json::Value>().await.map(|v| v["hub"].clone()).unwrap_or_default(),
         Err(_) => serde_json::Value::Null,
     };
@@ -816,30 +848,89 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
     ours.kafka_conns = ours.kafka_conns.saturating_sub(base_redis.1);
     ours.redis_info -= base_redis.2;
     ours.rdkafka_clients = ours.rdkafka_clients.saturating_sub(base_rdk);
-    drop(storm_tx);
+    (ours, hub)
+}
 
-    // Exactness against an independent reading of the topic.
-    let records = read_topic(brokers, &topic, ours.stored as usize + 1, Duration::from_secs(120));
-    let mut by_source: Vec<Vec<i64>> = vec![Vec::new(); k.sources];
-    for r in &records {
+/// The naive gateway: the same channel sets, all over SSE, the same load
+/// (ingest through our gateway, which has no stream clients now); the
+/// figures, with what its clients' channels carried and what they got.
+async fn run_naive(
+    s: &Setup,
+    k: &Knobs,
+    sets: &[Vec<usize>],
+    pids: &Pids,
+    probe: &mut Probe,
+    ours: usize,
+) -> (Run, u64, u64) {
+    let mut naive = Run { rss_before: rss_kib(), ..Run::default() };
+    let naive_base_redis = (connections_to(probe.ports.0), redis_clients(&mut probe.redis).await);
+    let (_storm_tx, storm_rx) = watch::channel(0u32);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let naive_specs: Vec<Spec> =
+        sets.iter().map(|s| Spec { kind: Kind::Naive, full: false, sources: s.clone() }).collect();
+    let (tasks, connect_secs) = start_clients(&s.shared, naive_specs, &storm_rx, &stop_rx).await;
+    naive.connect_secs = connect_secs;
+    naive.subscribed = s.shared.subscribed.load(Ordering::Relaxed) - ours;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    naive.rss_idle = rss_kib();
+    println!(
+        "  naive: {} of {} clients subscribed in {connect_secs:.1} s; RSS {} → {} MiB",
+        naive.subscribed,
+        tasks.len(),
+        naive.rss_before >> 10,
+        naive.rss_idle >> 10
+    );
+    let naive_k = Knobs { storm_at: k.secs, ..*k };
+    load_phase(&s.shared, &s.producer, &naive_k, pids, &mut probe.redis, probe.ports, None, &mut naive).await;
+    naive.got = collect(tasks, &stop_tx).await;
+    naive.redis_conns = naive.redis_conns.saturating_sub(naive_base_redis.0);
+    naive.redis_info -= naive_base_redis.1;
+    let naive_expected: u64 = sets.iter().map(|s| s.iter().map(|i| naive.per_source[*i]).sum::<u64>()).sum();
+    let naive_delivered: u64 = naive.got.iter().map(|g| g.delivered).sum();
+    let h = &s.shared.hists;
+    println!(
+        "  naive: {:.0} deliveries/s; latency p50 {:.1} p99 {:.1} ms; RSS {} MiB; redis conns {} (INFO +{}); delivered {naive_delivered} of {naive_expected}; cores: naive+gateway {:.2} clients {:.2} redis {:?}; eofs {} errors {}",
+        naive.deliveries_per_s, h[4].quantile(0.5), h[4].quantile(0.99), naive.rss_after >> 10, naive.redis_conns,
+        naive.redis_info, naive.gw_cores, naive.client_cores, naive.redis_cores, naive.sum(|g| g.eofs), naive.sum(|g| g.errors)
+    );
+    (naive, naive_expected, naive_delivered)
+}
+
+/// Each client's channels against an independent reading of the topic.
+#[derive(Default)]
+struct Exactness {
+    records: usize,
+    gaps: u64,
+    dups: u64,
+    mismatched: u64,
+    extra: u64,
+    no_start: u64,
+    exact_clients: usize,
+    /// Deliveries a client had not received yet when the run stopped (its
+    /// channel's tail after the last offset it got): behind, not a gap.
+    behind: u64,
+    prefix_clients: usize,
+    example: Option<String>,
+}
+
+/// Compare what every client got with the topic as a plain rdkafka
+/// consumer reads it, from each channel's position in the client's first
+/// token.
+fn exactness(records: &[Record], sources: usize, got: &[Got]) -> Exactness {
+    let mut by_source: Vec<Vec<i64>> = vec![Vec::new(); sources];
+    for r in records {
         let e = r.event();
         if let Some(i) = e.source().source_id().strip_prefix('s').and_then(|s| s.parse::<usize>().ok()) {
             by_source[i].push(r.offset);
         }
     }
     by_source.iter_mut().for_each(|v| v.sort_unstable());
-    let (mut gaps, mut dups, mut mismatched, mut extra, mut no_start, mut exact_clients) =
-        (0u64, 0u64, 0u64, 0u64, 0, 0);
-    // Deliveries a client had not received yet when the run stopped (its
-    // channel's tail after the last offset it got): behind, not a gap.
-    let mut behind = 0u64;
-    let mut prefix_clients = 0;
-    let mut example = None;
-    for (i, g) in ours.got.iter().enumerate() {
+    let mut x = Exactness { records: records.len(), ..Exactness::default() };
+    for (i, g) in got.iter().enumerate() {
         let (mut exact, mut prefix_ok) = (true, true);
         for c in &g.chans {
             let Some(start) = c.start else {
-                no_start += 1;
+                x.no_start += 1;
                 exact = false;
                 continue;
             };
@@ -847,17 +938,15 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
             let upto = want.iter().filter(|o| **o <= c.last).count() as u64;
             let sum = want.iter().filter(|o| **o <= c.last).fold(0u64, |a, o| a.wrapping_add(*o as u64));
             let prefix = c.count == upto && c.sum == sum && c.dups == 0;
-            gaps += upto.saturating_sub(c.count);
-            extra += c.count.saturating_sub(upto);
-            behind += want.len() as u64 - upto;
-            dups += c.dups;
-            mismatched += u64::from(c.count == upto && c.sum != sum);
-            if !prefix {
-                prefix_ok = false;
-            }
+            x.gaps += upto.saturating_sub(c.count);
+            x.extra += c.count.saturating_sub(upto);
+            x.behind += want.len() as u64 - upto;
+            x.dups += c.dups;
+            x.mismatched += u64::from(c.count == upto && c.sum != sum);
+            prefix_ok &= prefix;
             if !prefix || upto < want.len() as u64 {
                 exact = false;
-                example.get_or_insert_with(|| {
+                x.example.get_or_insert_with(|| {
                     format!(
                         "client {i} source s{}: want {} from offset {start}, got {} ({} dups)",
                         c.source,
@@ -868,17 +957,37 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
                 });
             }
         }
-        exact_clients += usize::from(exact);
-        prefix_clients += usize::from(prefix_ok);
+        x.exact_clients += usize::from(exact);
+        x.prefix_clients += usize::from(prefix_ok);
     }
-    let storm_subs: Vec<Duration> = ours.got.iter().filter_map(|g| g.storm_sub).collect();
-    let storm_firsts: Vec<Duration> = ours.got.iter().filter_map(|g| g.storm_first).collect();
+    x
+}
+
+/// The reconnect storm's figures: how many clients resubscribed and got an
+/// item again, the last of each and the median first item, in ms.
+struct Storm {
+    subscribed: usize,
+    live: usize,
+    sub_max: f64,
+    first_max: f64,
+    first_p50: f64,
+}
+
+fn storm(got: &[Got]) -> Storm {
+    let subs: Vec<Duration> = got.iter().filter_map(|g| g.storm_sub).collect();
+    let mut firsts: Vec<Duration> = got.iter().filter_map(|g| g.storm_first).collect();
     let max_ms = |v: &[Duration]| v.iter().max().map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
-    let mut sorted_firsts = storm_firsts.clone();
-    sorted_firsts.sort();
-    let (storm_sub_max, storm_first_max, storm_first_p50) =
-        (max_ms(&storm_subs), max_ms(&storm_firsts), super::percentile(&sorted_firsts, 0.5));
-    let h = &shared.hists;
+    firsts.sort();
+    Storm {
+        subscribed: subs.len(),
+        live: firsts.len(),
+        sub_max: max_ms(&subs),
+        first_max: max_ms(&firsts),
+        first_p50: super::percentile(&firsts, 0.5),
+    }
+}
+
+fn print_ours(ours: &Run, h: &[Hist], x: &Exactness, st: &Storm, hub: &serde_json::Value) {
     println!(
         "  ours: {:.0} deliveries/s; latency full p50 {:.1} p99 {:.1} ms (after the storm p50 {:.1} p99 {:.1}), notify p50 {:.1} p99 {:.1} ms (after {:.1} / {:.1}); RSS {} MiB; redis conns {} (INFO +{}), kafka conns {}, rdkafka clients {}; cores: gateway {:.2} rdkafka {:.2} clients {:.2} broker {:?} redis {:?}",
         ours.deliveries_per_s, h[0].quantile(0.5), h[0].quantile(0.99), h[1].quantile(0.5), h[1].quantile(0.99),
@@ -887,195 +996,273 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
         ours.client_cores, ours.broker_cores, ours.redis_cores
     );
     println!(
-        "  exact clients {exact_clients}/{} (exact so far: {prefix_clients}); behind {behind}; gaps {gaps}, duplicates {dups}, mismatched {mismatched}, extra {extra}, no start {no_start}; storm: {} resubscribed (last after {storm_sub_max:.0} ms), {} live again (p50 {storm_first_p50:.0} ms, last {storm_first_max:.0} ms); slow closes {}, other closes {}, eofs {}, errors {} ({:?}); hub {hub}",
-        ours.got.len(), storm_subs.len(), storm_firsts.len(), ours.sum(|g| g.slow_closes), ours.sum(|g| g.other_closes),
-        ours.sum(|g| g.eofs), ours.sum(|g| g.errors), ours.got.iter().find_map(|g| g.first_error.clone())
+        "  exact clients {}/{} (exact so far: {}); behind {}; gaps {}, duplicates {}, mismatched {}, extra {}, no start {}; storm: {} resubscribed (last after {:.0} ms), {} live again (p50 {:.0} ms, last {:.0} ms); slow closes {}, other closes {}, eofs {}, errors {} ({:?}); hub {hub}",
+        x.exact_clients, ours.got.len(), x.prefix_clients, x.behind, x.gaps, x.dups, x.mismatched, x.extra, x.no_start,
+        st.subscribed, st.sub_max, st.live, st.first_p50, st.first_max, ours.sum(|g| g.slow_closes),
+        ours.sum(|g| g.other_closes), ours.sum(|g| g.eofs), ours.sum(|g| g.errors),
+        ours.got.iter().find_map(|g| g.first_error.clone())
     );
-    if let Some(e) = &example {
+    if let Some(e) = &x.example {
         println!("  first mismatch: {e}");
     }
+}
 
-    // The naive gateway: the same channel sets, all over SSE, the same load
-    // (ingest through our gateway, which has no stream clients now).
-    let mut naive = Run { rss_before: rss_kib(), ..Run::default() };
-    let naive_base_redis = (connections_to(redis_port), redis_clients(&mut redis_conn).await);
-    let (_storm_tx, storm_rx) = watch::channel(0u32);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let naive_specs: Vec<Spec> =
-        sets.iter().map(|s| Spec { kind: Kind::Naive, full: false, sources: s.clone() }).collect();
-    let (tasks, connect_secs) = start_clients(&shared, naive_specs, &storm_rx, &stop_rx).await;
-    naive.connect_secs = connect_secs;
-    naive.subscribed = shared.subscribed.load(Ordering::Relaxed) - ours.subscribed;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    naive.rss_idle = rss_kib();
-    println!(
-        "  naive: {} of {} clients subscribed in {connect_secs:.1} s; RSS {} → {} MiB",
-        naive.subscribed,
-        tasks.len(),
-        naive.rss_before >> 10,
-        naive.rss_idle >> 10
-    );
-    let naive_k = Knobs { storm_at: k.secs, ..k };
-    load_phase(&shared, &producer, &naive_k, pids, &mut redis_conn, (redis_port, broker_port), None, &mut naive).await;
-    naive.got = collect(tasks, &stop_tx).await;
-    naive.redis_conns = naive.redis_conns.saturating_sub(naive_base_redis.0);
-    naive.redis_info -= naive_base_redis.1;
-    let naive_expected: u64 = sets.iter().map(|s| s.iter().map(|i| naive.per_source[*i]).sum::<u64>()).sum();
-    let naive_delivered: u64 = naive.got.iter().map(|g| g.delivered).sum();
-    println!(
-        "  naive: {:.0} deliveries/s; latency p50 {:.1} p99 {:.1} ms; RSS {} MiB; redis conns {} (INFO +{}); delivered {naive_delivered} of {naive_expected}; cores: naive+gateway {:.2} clients {:.2} redis {:?}; eofs {} errors {}",
-        naive.deliveries_per_s, h[4].quantile(0.5), h[4].quantile(0.99), naive.rss_after >> 10, naive.redis_conns,
-        naive.redis_info, naive.gw_cores, naive.client_cores, naive.redis_cores, naive.sum(|g| g.eofs), naive.sum(|g| g.errors)
-    );
+pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut Vec<Row>) {
+    let k = knobs();
+    if !enough_open_files(&k) {
+        return;
+    }
+    let topic = unique_topic("bench-gw");
+    create_topic(brokers, &topic, PARTITIONS).await;
+    let client = redis::Client::open(redis_url).expect("redis url");
+    let mut probe = Probe {
+        ports: (port_of(redis_url), port_of(brokers.split(',').next().unwrap_or_default())),
+        redis: client.get_multiplexed_async_connection().await.expect("redis"),
+    };
+    let setup = start(brokers, redis_url, &topic).await;
+    let sets = channel_sets(k.clients * 2, k.sources);
+    let (ours, hub) = run_ours(&setup, &k, &sets, pids, &mut probe).await;
+    let records = read_topic(brokers, &topic, ours.stored as usize + 1, Duration::from_secs(120));
+    let x = exactness(&records, k.sources, &ours.got);
+    let st = storm(&ours.got);
+    print_ours(&ours, &setup.shared.hists, &x, &st, &hub);
+    let (naive, naive_expected, naive_delivered) =
+        run_naive(&setup, &k, &sets, pids, &mut probe, ours.subscribed).await;
+    let Setup { rt, gateway, shared, .. } = setup;
     gateway.close_streams();
     drop(gateway);
     rt.shutdown_background();
-
-    // Rows.
-    let n = ours.got.len();
-    let setup = format!(
-        "{} SSE + {} WebSocket clients, each on 1–10 of {} channels (seeded; {} subscriptions in all), half in mode=full; ingest {} events/s over HTTP ({} per POST every 10 ms) for {} s; gateway in this process on 2 runtime threads, tansu and redis-server on the same 2 cores",
-        k.clients, k.clients, k.sources, sets.iter().map(Vec::len).sum::<usize>(), k.rate, k.rate / 100, k.secs
-    );
-    let cores = |r: &Run| {
-        format!(
-            "CPU in cores over the load: gateway runtime {:.2}, its librdkafka threads {:.2}, clients+ingest {:.2}, tansu {}, redis-server {}",
-            r.gw_cores, r.rdk_cores, r.client_cores,
-            r.broker_cores.map_or("?".into(), |c| format!("{c:.2}")), r.redis_cores.map_or("?".into(), |c| format!("{c:.2}"))
-        )
+    let report = Report {
+        k,
+        subscriptions: sets.iter().map(Vec::len).sum(),
+        ours,
+        naive,
+        naive_expected,
+        naive_delivered,
+        x,
+        st,
+        hub,
     };
-    let mut row =
-        |name: String, ours: f64, baseline: f64, unit: &'static str, goal: &str, met: Option<bool>, note: String| {
-            rows.push(Row { group: "gateway", name, ours, baseline, unit, goal: goal.into(), met, cpu: None, note })
-        };
-    row(
-        "gateway: ingest→client latency p50, notify clients vs naive (one Redis connection per client), ms".into(),
-        h[2].quantile(0.5),
-        h[4].quantile(0.5),
-        "ms",
-        "-",
-        None,
+    report.latency_rows(&shared.hists, rows);
+    report.load_rows(rows);
+    report.exact_rows(rows);
+}
+
+/// What the rows are made of.
+struct Report {
+    k: Knobs,
+    subscriptions: usize,
+    ours: Run,
+    naive: Run,
+    naive_expected: u64,
+    naive_delivered: u64,
+    x: Exactness,
+    st: Storm,
+    hub: serde_json::Value,
+}
+
+fn row(
+    rows: &mut Vec<Row>,
+    name: &str,
+    ours: f64,
+    baseline: f64,
+    unit: &'static str,
+    goal: &str,
+    met: Option<bool>,
+    note: String,
+) {
+    rows.push(Row {
+        group: "gateway",
+        name: name.into(),
+        ours,
+        baseline,
+        unit,
+        goal: goal.into(),
+        met,
+        cpu: None,
+        note,
+    })
+}
+
+/// CPU in cores over a run's load.
+fn cores(r: &Run) -> String {
+    format!(
+        "CPU in cores over the load: gateway runtime {:.2}, its librdkafka threads {:.2}, clients+ingest {:.2}, tansu {}, redis-server {}",
+        r.gw_cores, r.rdk_cores, r.client_cores,
+        r.broker_cores.map_or("?".into(), |c| format!("{c:.2}")), r.redis_cores.map_or("?".into(), |c| format!("{c:.2}"))
+    )
+}
+
+impl Report {
+    /// The set-up, as the first row's note tells it.
+    fn setup(&self) -> String {
+        let k = &self.k;
         format!(
-            "before the storm; send time = just before the POST, looked up by event id on receipt (100 µs buckets); {} samples, naive {}; {setup}",
-            h[2].count(), h[4].count()
-        ),
-    );
-    row(
-        "gateway: ingest→client latency p99, notify clients vs naive, ms".into(),
-        h[2].quantile(0.99),
-        h[4].quantile(0.99),
-        "ms",
-        "-",
-        None,
-        format!("as above; after the storm began: p50 {:.1} ms, p99 {:.1} ms", h[3].quantile(0.5), h[3].quantile(0.99)),
-    );
-    row(
-        "gateway: ingest→client latency p50 / p99, mode=full clients, ms".into(),
-        h[0].quantile(0.5),
-        h[0].quantile(0.99),
-        "ms",
-        "-",
-        None,
-        format!(
-            "ours = p50, baseline column = p99 (send time in the payload); before the storm, {} samples; after it began p50 {:.1} ms, p99 {:.1} ms",
-            h[0].count(), h[1].quantile(0.5), h[1].quantile(0.99)
-        ),
-    );
-    row(
-        "gateway: deliveries/s to all clients vs naive".into(),
-        ours.deliveries_per_s,
-        naive.deliveries_per_s,
-        "deliveries/s",
-        "-",
-        None,
-        format!(
-            "over the load, storm included; {} events stored ({} failed POSTs), naive run {} stored ({} failed); naive delivered {naive_delivered} of the {naive_expected} its clients' channels carried; {}; naive run: {}",
-            ours.stored, ours.ingest_errors, naive.stored, naive.ingest_errors, cores(&ours), cores(&naive)
-        ),
-    );
-    row(
-        "gateway: process RSS growth with the clients under load vs naive, MiB".into(),
-        (ours.rss_after as f64 - ours.rss_before as f64) / 1024.0,
-        (naive.rss_after as f64 - naive.rss_before as f64) / 1024.0,
-        "MiB",
-        "-",
-        None,
-        format!(
-            "VmRSS of the bench process (gateway and clients together): ours {} MiB before the gateway, {} MiB with {} clients idle, {} MiB at the end of the load; naive {} → {} → {} MiB (after ours, whose memory the allocator keeps)",
-            ours.rss_before >> 10, ours.rss_idle >> 10, n, ours.rss_after >> 10,
-            naive.rss_before >> 10, naive.rss_idle >> 10, naive.rss_after >> 10
-        ),
-    );
-    row(
-        "gateway: Redis connections held vs naive".into(),
-        ours.redis_conns as f64,
-        naive.redis_conns as f64,
-        "connections",
-        "-",
-        None,
-        format!(
-            "this process's established sockets to redis-server's port during the load (/proc/self/fd × /proc/net/tcp); redis INFO connected_clients grew by {} (ours) and {} (naive); hub at the end: {hub}",
-            ours.redis_info, naive.redis_info
-        ),
-    );
-    row(
-        "gateway: Kafka clients held (librdkafka instances)".into(),
-        ours.rdkafka_clients as f64,
-        f64::NAN,
-        "clients",
-        "-",
-        None,
-        format!(
-            "rdk:main threads of the process during the load (one per librdkafka client: the ingest producer, the metadata consumer, the shared readers); {} TCP connections to the broker; the naive gateway reads no Kafka",
-            ours.kafka_conns
-        ),
-    );
-    row(
-        "gateway: clients whose every channel got exactly Kafka's sequence".into(),
-        exact_clients as f64,
-        n as f64,
-        "clients",
-        "all (ratio = 1)",
-        Some(exact_clients == n),
-        format!(
-            "across the storm and any slow_client reconnects; checked against a plain rdkafka consumer's reading of the topic ({} records), from each channel's position in the client's first token; gaps {gaps}, duplicates/out of order {dups}, same count but other offsets {mismatched}, extra {extra}, channels without a start {no_start}; closes: slow_client {}, other {}, ends {}, connect errors {}{}; not checked for the naive gateway (it has no positions to resume from)",
-            records.len(), ours.sum(|g| g.slow_closes), ours.sum(|g| g.other_closes), ours.sum(|g| g.eofs), ours.sum(|g| g.errors),
-            example.map(|e| format!("; first mismatch: {e}")).unwrap_or_default()
-        ),
-    );
-    row(
-        "gateway: gaps + duplicates in what the clients received".into(),
-        (gaps + dups + mismatched) as f64,
-        0.0,
-        "deliveries",
-        "0",
-        Some(gaps + dups + mismatched == 0),
-        format!(
-            "a gap = an offset of the channel missing before the last one the client got; {prefix_clients} of {n} clients got an exact prefix of each channel's sequence; {behind} deliveries were still owed (the tail after each client's last offset) when the run stopped, after waiting until deliveries stopped growing for 2 s (at most 30 s)"
-        ),
-    );
-    row(
-        "gateway: reconnect storm, time until every client is subscribed again, ms".into(),
-        storm_sub_max,
-        f64::NAN,
-        "ms",
-        "-",
-        None,
-        format!(
-            "at {} s of the load all {n} clients drop and resume (SSE: Last-Event-ID, WebSocket: subscribe with resume); {} of {n} resubscribed",
-            k.storm_at, storm_subs.len()
-        ),
-    );
-    row(
-        "gateway: reconnect storm, time until every client has its first item after resuming, ms".into(),
-        storm_first_max,
-        storm_first_p50,
-        "ms",
-        "-",
-        None,
-        format!(
-            "ours = the last client, baseline column = the median client; {} of {n} got an item after resuming",
-            storm_firsts.len()
-        ),
-    );
+            "{} SSE + {} WebSocket clients, each on 1–10 of {} channels (seeded; {} subscriptions in all), half in mode=full; ingest {} events/s over HTTP ({} per POST every 10 ms) for {} s; gateway in this process on 2 runtime threads, tansu and redis-server on the same 2 cores",
+            k.clients, k.clients, k.sources, self.subscriptions, k.rate, k.rate / 100, k.secs
+        )
+    }
+
+    /// Latency: notify clients against the naive gateway, and full-mode clients.
+    fn latency_rows(&self, h: &[Hist], rows: &mut Vec<Row>) {
+        let setup = self.setup();
+        row(
+            rows,
+            "gateway: ingest→client latency p50, notify clients vs naive (one Redis connection per client), ms",
+            h[2].quantile(0.5),
+            h[4].quantile(0.5),
+            "ms",
+            "-",
+            None,
+            format!(
+                "before the storm; send time = just before the POST, looked up by event id on receipt (100 µs buckets); {} samples, naive {}; {setup}",
+                h[2].count(), h[4].count()
+            ),
+        );
+        row(
+            rows,
+            "gateway: ingest→client latency p99, notify clients vs naive, ms",
+            h[2].quantile(0.99),
+            h[4].quantile(0.99),
+            "ms",
+            "-",
+            None,
+            format!(
+                "as above; after the storm began: p50 {:.1} ms, p99 {:.1} ms",
+                h[3].quantile(0.5),
+                h[3].quantile(0.99)
+            ),
+        );
+        row(
+            rows,
+            "gateway: ingest→client latency p50 / p99, mode=full clients, ms",
+            h[0].quantile(0.5),
+            h[0].quantile(0.99),
+            "ms",
+            "-",
+            None,
+            format!(
+                "ours = p50, baseline column = p99 (send time in the payload); before the storm, {} samples; after it began p50 {:.1} ms, p99 {:.1} ms",
+                h[0].count(), h[1].quantile(0.5), h[1].quantile(0.99)
+            ),
+        );
+    }
+
+    /// Deliveries, memory and connections, ours against the naive gateway.
+    fn load_rows(&self, rows: &mut Vec<Row>) {
+        let Report { ours, naive, naive_expected, naive_delivered, hub, .. } = self;
+        let n = ours.got.len();
+        row(
+            rows,
+            "gateway: deliveries/s to all clients vs naive",
+            ours.deliveries_per_s,
+            naive.deliveries_per_s,
+            "deliveries/s",
+            "-",
+            None,
+            format!(
+                "over the load, storm included; {} events stored ({} failed POSTs), naive run {} stored ({} failed); naive delivered {naive_delivered} of the {naive_expected} its clients' channels carried; {}; naive run: {}",
+                ours.stored, ours.ingest_errors, naive.stored, naive.ingest_errors, cores(&ours), cores(&naive)
+            ),
+        );
+        row(
+            rows,
+            "gateway: process RSS growth with the clients under load vs naive, MiB",
+            (ours.rss_after as f64 - ours.rss_before as f64) / 1024.0,
+            (naive.rss_after as f64 - naive.rss_before as f64) / 1024.0,
+            "MiB",
+            "-",
+            None,
+            format!(
+                "VmRSS of the bench process (gateway and clients together): ours {} MiB before the gateway, {} MiB with {} clients idle, {} MiB at the end of the load; naive {} → {} → {} MiB (after ours, whose memory the allocator keeps)",
+                ours.rss_before >> 10, ours.rss_idle >> 10, n, ours.rss_after >> 10,
+                naive.rss_before >> 10, naive.rss_idle >> 10, naive.rss_after >> 10
+            ),
+        );
+        row(
+            rows,
+            "gateway: Redis connections held vs naive",
+            ours.redis_conns as f64,
+            naive.redis_conns as f64,
+            "connections",
+            "-",
+            None,
+            format!(
+                "this process's established sockets to redis-server's port during the load (/proc/self/fd × /proc/net/tcp); redis INFO connected_clients grew by {} (ours) and {} (naive); hub at the end: {hub}",
+                ours.redis_info, naive.redis_info
+            ),
+        );
+        row(
+            rows,
+            "gateway: Kafka clients held (librdkafka instances)",
+            ours.rdkafka_clients as f64,
+            f64::NAN,
+            "clients",
+            "-",
+            None,
+            format!(
+                "rdk:main threads of the process during the load (one per librdkafka client: the ingest producer, the metadata consumer, the shared readers); {} TCP connections to the broker; the naive gateway reads no Kafka",
+                ours.kafka_conns
+            ),
+        );
+    }
+
+    /// Exactness against Kafka, and the reconnect storm.
+    fn exact_rows(&self, rows: &mut Vec<Row>) {
+        let Report { k, ours, x, st, .. } = self;
+        let (n, exact_clients, prefix_clients, behind) = (ours.got.len(), x.exact_clients, x.prefix_clients, x.behind);
+        let (gaps, dups, mismatched, extra, no_start) = (x.gaps, x.dups, x.mismatched, x.extra, x.no_start);
+        row(
+            rows,
+            "gateway: clients whose every channel got exactly Kafka's sequence",
+            exact_clients as f64,
+            n as f64,
+            "clients",
+            "all (ratio = 1)",
+            Some(exact_clients == n),
+            format!(
+                "across the storm and any slow_client reconnects; checked against a plain rdkafka consumer's reading of the topic ({} records), from each channel's position in the client's first token; gaps {gaps}, duplicates/out of order {dups}, same count but other offsets {mismatched}, extra {extra}, channels without a start {no_start}; closes: slow_client {}, other {}, ends {}, connect errors {}{}; not checked for the naive gateway (it has no positions to resume from)",
+                x.records, ours.sum(|g| g.slow_closes), ours.sum(|g| g.other_closes), ours.sum(|g| g.eofs), ours.sum(|g| g.errors),
+                x.example.as_ref().map(|e| format!("; first mismatch: {e}")).unwrap_or_default()
+            ),
+        );
+        row(
+            rows,
+            "gateway: gaps + duplicates in what the clients received",
+            (gaps + dups + mismatched) as f64,
+            0.0,
+            "deliveries",
+            "0",
+            Some(gaps + dups + mismatched == 0),
+            format!(
+                "a gap = an offset of the channel missing before the last one the client got; {prefix_clients} of {n} clients got an exact prefix of each channel's sequence; {behind} deliveries were still owed (the tail after each client's last offset) when the run stopped, after waiting until deliveries stopped growing for 2 s (at most 30 s)"
+            ),
+        );
+        row(
+            rows,
+            "gateway: reconnect storm, time until every client is subscribed again, ms",
+            st.sub_max,
+            f64::NAN,
+            "ms",
+            "-",
+            None,
+            format!(
+                "at {} s of the load all {n} clients drop and resume (SSE: Last-Event-ID, WebSocket: subscribe with resume); {} of {n} resubscribed",
+                k.storm_at, st.subscribed
+            ),
+        );
+        row(
+            rows,
+            "gateway: reconnect storm, time until every client has its first item after resuming, ms",
+            st.first_max,
+            st.first_p50,
+            "ms",
+            "-",
+            None,
+            format!(
+                "ours = the last client, baseline column = the median client; {} of {n} got an item after resuming",
+                st.live
+            ),
+        );
+    }
 }

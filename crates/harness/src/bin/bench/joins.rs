@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dualstream::consumer::{
-    partition_for_key, CatchUp, Delivery, Hub, HubConfig, JoinConfig, Replay, ReplayConfig, StartAt,
+    partition_for_key, CatchUp, Delivery, HistoryStats, Hub, HubConfig, JoinConfig, Replay, ReplayConfig, StartAt,
 };
 use dualstream::prelude::*;
 use dualstream::Source;
@@ -17,7 +17,8 @@ use dualstream_devstack::clients::*;
 use futures::StreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use super::{clock_ticks, CpuSnap, Pids, Profile, Row};
+use super::measure::{clock_ticks, CpuSnap, Pids};
+use super::{Profile, Row};
 
 /// Sources, hence Redis channels.
 const CHANNELS: usize = 1_000;
@@ -80,32 +81,32 @@ fn event(kind: &str, s: &Source, i: usize) -> Event {
     Event::builder(kind, s.source_type(), s.source_id()).payload(format!("{i:0>150}")).build().expect("valid")
 }
 
-pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids, rows: &mut Vec<Row>) {
-    let topic = unique_topic("bench-joins");
-    create_topic(brokers, &topic, PARTITIONS).await;
-    let (engine, _) = dual_engine(brokers, &topic, redis_url);
-    let run = dualstream::EventId::new().as_uuid().simple().to_string();
-    let sources: Vec<Source> =
-        (0..CHANNELS).map(|i| Source::new("sensor", format!("{run}-{i}")).expect("valid")).collect();
-    let prefill: Vec<Event> =
-        (0..CHANNELS * PREFILL_PER_SOURCE).map(|i| event("bench.prefill", &sources[i % CHANNELS], i)).collect();
-    let stored = engine.submit_many(prefill).await.iter().filter(|r| r.is_ok()).count();
-    assert_eq!(stored, CHANNELS * PREFILL_PER_SOURCE, "history stored");
+/// A join and what it saw: its source's index, its start offset (`None`:
+/// the end), its items.
+type Joined = (usize, Option<i64>, Arc<Mutex<Seen>>);
 
-    let replay = Replay::new(ReplayConfig {
-        bootstrap_servers: brokers.to_owned(),
-        topic: TopicRouting::Single { topic: topic.clone() },
-        ..ReplayConfig::default()
-    })
-    .expect("replay");
-    let hub = Hub::new(HubConfig { url: redis_url.to_owned(), ..HubConfig::default() }).expect("hub");
-    let joiner = CatchUp::new(replay, hub.clone(), JoinConfig::default()).expect("joiner");
-    let delivered = Arc::new(AtomicUsize::new(0));
-    let rss_before = rss_kib();
-    let threads_before = threads();
+/// The idle phase's figures.
+struct Idle {
+    open_secs: f64,
+    rss_before: u64,
+    rss_idle: u64,
+    threads_before: usize,
+    threads_idle: usize,
+    requests_per_s: f64,
+    broker_cores: Option<f64>,
+}
 
-    // Phase 1: idle joins, opened 500 at a time.
-    let mut joins: Vec<(usize, Option<i64>, Arc<Mutex<Seen>>)> = Vec::new();
+/// Phase 1: `p.idle_joins` joins from the end, opened 500 at a time; then
+/// the broker requests and CPU of an idle window.
+async fn idle_phase(
+    joiner: &CatchUp,
+    sources: &[Source],
+    p: &Profile,
+    pids: &Pids,
+    delivered: &Arc<AtomicUsize>,
+    joins: &mut Vec<Joined>,
+) -> Idle {
+    let (rss_before, threads_before) = (rss_kib(), threads());
     let started = Instant::now();
     for chunk in (0..p.idle_joins).collect::<Vec<_>>().chunks(500) {
         let opened = futures::future::join_all(chunk.iter().map(|j| {
@@ -122,52 +123,76 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
     }
     let open_secs = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_idle = rss_kib();
-    let threads_idle = threads();
+    let (rss_idle, threads_idle) = (rss_kib(), threads());
     let (s0, c0) = (joiner.stats(), CpuSnap::take(pids));
     tokio::time::sleep(IDLE_WINDOW).await;
     let (s1, c1) = (joiner.stats(), CpuSnap::take(pids));
     let secs = IDLE_WINDOW.as_secs_f64();
     // A watermark look-up is two list-offsets requests.
-    let idle_requests =
+    let requests_per_s =
         ((s1.watermark_lookups - s0.watermark_lookups) * 2 + (s1.metadata_lookups - s0.metadata_lookups)) as f64 / secs;
     let broker_cores = c1.broker.zip(c0.broker).map(|(a, b)| (a - b) as f64 / clock_ticks() / secs);
     println!(
-        "  {} idle joins opened in {open_secs:.1} s; RSS {} → {} MiB; threads {threads_before} → {threads_idle}; {idle_requests:.1} requests/s; broker {:?} cores; {:?}",
+        "  {} idle joins opened in {open_secs:.1} s; RSS {} → {} MiB; threads {threads_before} → {threads_idle}; {requests_per_s:.1} requests/s; broker {:?} cores; {:?}",
         p.idle_joins,
         rss_before >> 10,
         rss_idle >> 10,
         broker_cores,
         s1
     );
+    Idle { open_secs, rss_before, rss_idle, threads_before, threads_idle, requests_per_s, broker_cores }
+}
 
-    // Phase 2: the load, and the busy joins once it runs.
+/// The load: `LOAD_RATE` events a second until `stop`; resolves to how many
+/// were submitted and how many failed.
+fn load(engine: BatchEngine, stop: Arc<AtomicBool>, sources: Vec<Source>) -> tokio::task::JoinHandle<(usize, usize)> {
+    tokio::spawn(async move {
+        let mut i = 0usize;
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut pending = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            let batch: Vec<Event> =
+                (0..LOAD_RATE / 100).map(|k| event("bench.load", &sources[(i + k) % CHANNELS], i + k)).collect();
+            i += batch.len();
+            let engine = engine.clone();
+            pending.push(tokio::spawn(
+                async move { engine.submit_many(batch).await.iter().filter(|r| r.is_err()).count() },
+            ));
+        }
+        let mut errors = 0;
+        for t in pending {
+            errors += t.await.expect("load task");
+        }
+        (i, errors)
+    })
+}
+
+/// The busy phase's figures.
+struct Busy {
+    published: usize,
+    load_errors: usize,
+    secs: f64,
+    deliveries: usize,
+    rss: u64,
+}
+
+/// Phase 2: the load, and `p.busy_joins` joins from random offsets once it
+/// runs.
+async fn busy_phase(
+    brokers: &str,
+    topic: &str,
+    engine: &BatchEngine,
+    joiner: &CatchUp,
+    sources: &[Source],
+    p: &Profile,
+    delivered: &Arc<AtomicUsize>,
+    joins: &mut Vec<Joined>,
+) -> Busy {
     let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let (engine, stop, sources) = (engine.clone(), stop.clone(), sources.clone());
-        tokio::spawn(async move {
-            let mut i = 0usize;
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            let mut pending = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                let batch: Vec<Event> =
-                    (0..LOAD_RATE / 100).map(|k| event("bench.load", &sources[(i + k) % CHANNELS], i + k)).collect();
-                i += batch.len();
-                let engine = engine.clone();
-                pending.push(tokio::spawn(async move {
-                    engine.submit_many(batch).await.iter().filter(|r| r.is_err()).count()
-                }));
-            }
-            let mut errors = 0;
-            for t in pending {
-                errors += t.await.expect("load task");
-            }
-            (i, errors)
-        })
-    };
+    let load = load(engine.clone(), stop.clone(), sources.to_vec());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let highs = high_watermarks(brokers, &topic);
+    let highs = high_watermarks(brokers, topic);
     let phase2 = Instant::now();
     let delivered_before = delivered.load(Ordering::Relaxed);
     let busy: Vec<_> = (0..p.busy_joins)
@@ -193,14 +218,24 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
     tokio::time::sleep(Duration::from_secs(LOAD_SECS)).await;
     stop.store(true, Ordering::Relaxed);
     let (published, load_errors) = load.await.expect("load");
-    let phase2_secs = phase2.elapsed().as_secs_f64();
+    let secs = phase2.elapsed().as_secs_f64();
     let deliveries = delivered.load(Ordering::Relaxed) - delivered_before;
-    let rss_busy = rss_kib();
-    let stats = joiner.stats();
+    Busy { published, load_errors, secs, deliveries, rss: rss_kib() }
+}
 
-    // The witness: every record of the topic, read by a plain consumer.
-    let total = CHANNELS * PREFILL_PER_SOURCE + published;
-    let records = read_topic(brokers, &topic, total, Duration::from_secs(180));
+/// The joins against the witness.
+struct Checked {
+    exact: usize,
+    odd: usize,
+    head_extra: usize,
+    example: Option<String>,
+}
+
+/// The witness: every record of the topic, read by a plain consumer; each
+/// join's items against it, once every join has its source's last event (or
+/// a minute passed).
+async fn check(brokers: &str, topic: &str, total: usize, sources: &[Source], joins: &[Joined]) -> (Checked, usize) {
+    let records = read_topic(brokers, topic, total, Duration::from_secs(180));
     let mut by_source: HashMap<String, Vec<(i64, bool)>> = HashMap::new();
     for r in &records {
         let e = r.event();
@@ -243,49 +278,102 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mut exact = 0;
-    let mut odd = 0;
-    let mut example = None;
-    let mut head_extra = 0;
-    for (s, from, seen) in &joins {
+    let mut c = Checked { exact: 0, odd: 0, head_extra: 0, example: None };
+    for (s, from, seen) in joins {
         let w = want(*s, *from, first_seen(seen));
         let seen = seen.lock().expect("lock");
         if from.is_none() {
-            head_extra += w.len().saturating_sub(want(*s, *from, None).len());
+            c.head_extra += w.len().saturating_sub(want(*s, *from, None).len());
         }
         if seen.offsets == w {
-            exact += 1;
-        } else if example.is_none() {
-            example = Some(format!("source {s} from {from:?}: want {} offsets, got {}", w.len(), seen.offsets.len()));
+            c.exact += 1;
+        } else if c.example.is_none() {
+            c.example = Some(format!("source {s} from {from:?}: want {} offsets, got {}", w.len(), seen.offsets.len()));
         }
-        odd += seen.odd.len();
+        c.odd += seen.odd.len();
     }
+    (c, records.len())
+}
+
+pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids, rows: &mut Vec<Row>) {
+    let topic = unique_topic("bench-joins");
+    create_topic(brokers, &topic, PARTITIONS).await;
+    let (engine, _) = dual_engine(brokers, &topic, redis_url);
+    let run = dualstream::EventId::new().as_uuid().simple().to_string();
+    let sources: Vec<Source> =
+        (0..CHANNELS).map(|i| Source::new("sensor", format!("{run}-{i}")).expect("valid")).collect();
+    let prefill: Vec<Event> =
+        (0..CHANNELS * PREFILL_PER_SOURCE).map(|i| event("bench.prefill", &sources[i % CHANNELS], i)).collect();
+    let stored = engine.submit_many(prefill).await.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(stored, CHANNELS * PREFILL_PER_SOURCE, "history stored");
+
+    let replay = Replay::new(ReplayConfig {
+        bootstrap_servers: brokers.to_owned(),
+        topic: TopicRouting::Single { topic: topic.clone() },
+        ..ReplayConfig::default()
+    })
+    .expect("replay");
+    let hub = Hub::new(HubConfig { url: redis_url.to_owned(), ..HubConfig::default() }).expect("hub");
+    let joiner = CatchUp::new(replay, hub.clone(), JoinConfig::default()).expect("joiner");
+    let delivered = Arc::new(AtomicUsize::new(0));
+    let mut joins: Vec<Joined> = Vec::new();
+    let idle = idle_phase(&joiner, &sources, p, pids, &delivered, &mut joins).await;
+    let busy = busy_phase(brokers, &topic, &engine, &joiner, &sources, p, &delivered, &mut joins).await;
+    let stats = joiner.stats();
+    let total = CHANNELS * PREFILL_PER_SOURCE + busy.published;
+    let (checked, _) = check(brokers, &topic, total, &sources, &joins).await;
     let mut first_live: Vec<Duration> =
         joins[p.idle_joins..].iter().filter_map(|(_, _, seen)| seen.lock().expect("lock").first_live).collect();
     first_live.sort();
-    let with_live = first_live.len();
-    let (p50, p99) = (super::percentile(&first_live, 0.50), super::percentile(&first_live, 0.99));
     let hub_stats = hub.stats().await.expect("hub stats");
+    let (p50, p99) = (super::percentile(&first_live, 0.50), super::percentile(&first_live, 0.99));
     println!(
-        "  busy: {} joins; first live p50 {p50:.1} ms p99 {p99:.1} ms ({with_live} with a live item); {:.0} deliveries/s; RSS {} MiB; exact {exact}/{}; {odd} odd items; {stats:?}; {hub_stats:?}",
+        "  busy: {} joins; first live p50 {p50:.1} ms p99 {p99:.1} ms ({} with a live item); {:.0} deliveries/s; RSS {} MiB; exact {}/{}; {} odd items; {stats:?}; {hub_stats:?}",
         p.busy_joins,
-        deliveries as f64 / phase2_secs,
-        rss_busy >> 10,
-        joins.len()
+        first_live.len(),
+        busy.deliveries as f64 / busy.secs,
+        busy.rss >> 10,
+        checked.exact,
+        joins.len(),
+        checked.odd
     );
-    if let Some(e) = &example {
+    if let Some(e) = &checked.example {
         println!("  first mismatch: {e}");
     }
     engine.shutdown().await;
+    idle_rows(rows, p, &idle, &stats);
+    busy_rows(rows, p, &busy, &stats, &first_live, joins.len(), checked);
+}
 
+fn row(
+    rows: &mut Vec<Row>,
+    name: String,
+    ours: f64,
+    baseline: f64,
+    unit: &'static str,
+    goal: &str,
+    met: Option<bool>,
+    note: String,
+) {
+    rows.push(Row { group: "joins", name, ours, baseline, unit, goal: goal.into(), met, cpu: None, note })
+}
+
+/// The shared readers' consumers, and the idle joins' memory and requests.
+fn idle_rows(rows: &mut Vec<Row>, p: &Profile, idle: &Idle, stats: &HistoryStats) {
+    let Idle {
+        open_secs,
+        rss_before,
+        rss_idle,
+        threads_before,
+        threads_idle,
+        requests_per_s: idle_requests,
+        broker_cores,
+    } = *idle;
     let setup = format!(
         "{CHANNELS} sources on {PARTITIONS} partitions of one topic, {PREFILL_PER_SOURCE} events each stored first; one CatchUp, one Hub"
     );
-    let mut row =
-        |name: String, ours: f64, baseline: f64, unit: &'static str, goal: &str, met: Option<bool>, note: String| {
-            rows.push(Row { group: "joins", name, ours, baseline, unit, goal: goal.into(), met, cpu: None, note })
-        };
     row(
+        rows,
         "joins: Kafka consumers open".into(),
         stats.consumers as f64,
         4.0, // one topic: metadata, the tail reader, two backfill readers
@@ -295,6 +383,7 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
         format!("baseline column = the target for one topic; {setup}"),
     );
     row(
+        rows,
         format!("joins: RSS with {} idle joins, MiB", p.idle_joins),
         rss_idle as f64 / 1024.0,
         300.0,
@@ -307,6 +396,7 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
         ),
     );
     row(
+        rows,
         format!("joins: broker requests/s while {} joins are idle", p.idle_joins),
         idle_requests,
         f64::NAN,
@@ -319,7 +409,24 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
             broker_cores.map_or("?".into(), |c| format!("{c:.2}"))
         ),
     );
+}
+
+/// The busy joins: time to the first live item, deliveries, exactness.
+fn busy_rows(
+    rows: &mut Vec<Row>,
+    p: &Profile,
+    busy: &Busy,
+    stats: &HistoryStats,
+    first_live: &[Duration],
+    joins: usize,
+    checked: Checked,
+) {
+    let (p50, p99, with_live) =
+        (super::percentile(first_live, 0.50), super::percentile(first_live, 0.99), first_live.len());
+    let Busy { published, load_errors, secs: phase2_secs, deliveries, rss: rss_busy } = *busy;
+    let Checked { exact, odd, head_extra, example } = checked;
     row(
+        rows,
         format!("joins: time to first live item, p50, {} joins at once under load", p.busy_joins),
         p50,
         f64::NAN,
@@ -328,8 +435,9 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
         None,
         format!("each from a random offset of its source's partition, while the engine writes {LOAD_RATE} events/s; {with_live} of {} got a live item", p.busy_joins),
     );
-    row("joins: time to first live item, p99".into(), p99, f64::NAN, "ms", "-", None, "as above".into());
+    row(rows, "joins: time to first live item, p99".into(), p99, f64::NAN, "ms", "-", None, "as above".into());
     row(
+        rows,
         "joins: deliveries/s to all joins under load".into(),
         deliveries as f64 / phase2_secs,
         f64::NAN,
@@ -338,7 +446,7 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
         None,
         format!(
             "{} joins in all; {published} events published in {phase2_secs:.0} s ({load_errors} errors); RSS {} MiB at the end; shared readers: {} range reads ({} from the cache), {} seeks, {} records read",
-            joins.len(),
+            joins,
             rss_busy >> 10,
             stats.range_reads,
             stats.range_reads_cached,
@@ -347,12 +455,13 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
         ),
     );
     row(
+        rows,
         "joins: joins whose sequence is exactly Kafka's".into(),
         exact as f64,
-        joins.len() as f64,
+        joins as f64,
         "joins",
         "all (ratio = 1)",
-        Some(exact == joins.len()),
+        Some(exact == joins),
         format!(
             "checked against a plain rdkafka consumer's reading of the whole topic (idle joins: every event of the load, plus {head_extra} events of the last stored batch in all, delivered first because of tansu's high watermark); {odd} non-event items (truncation, errors){}",
             example.map(|e| format!("; first mismatch: {e}")).unwrap_or_default()
