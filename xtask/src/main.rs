@@ -235,93 +235,130 @@ fn with_stack(f: impl FnOnce(&stack::Stack) -> Result<(), String>) -> Result<(),
     result
 }
 
+/// The harness binaries `cargo xtask test` tests beside the workspace's targets: the chaos run's
+/// (its checker's and decoder's unit tests). The bench's are built only by `cargo xtask bench`.
+const HARNESS_TESTED: [&str; 2] = ["--features", "dualstream-harness/chaos"];
+
+/// `cargo xtask test --only ...`: these integration-test targets and packages' unit tests.
+fn test_only(only: &[String], busy: u32, args: &[String]) -> Result<(), String> {
+    preflight::ensure(&only).and_then(|()| stack::install_tansu()).and_then(|_| {
+        with_stack(|s| {
+            let mut totals = (0, 0);
+            let mut cmd = cargo();
+            cmd.args(["test", "--no-fail-fast"]);
+            for t in only {
+                if t.starts_with("dualstream-") {
+                    cmd.args(["-p", t]);
+                } else {
+                    cmd.args(["-p", "dualstream-tests", "--test", t]);
+                }
+            }
+            if only.iter().any(|t| t.starts_with("dualstream-")) {
+                // Once: cargo refuses `--lib` given twice.
+                cmd.arg("--lib");
+            }
+            if !args.is_empty() {
+                cmd.arg("--").args(args);
+            }
+            let _busy = reliability::Busy::start(busy as usize)?;
+            let result = run_tests(s.env(&mut cmd), &mut totals);
+            println!("xtask: {} passed, {} failed", totals.0, totals.1);
+            result
+        })
+    })
+}
+
+/// `cargo xtask test`: every test of the workspace, and the doc tests.
+fn test_all(only: &[String], busy: u32, args: &[String]) -> Result<(), String> {
+    preflight::ensure(only).and_then(|()| stack::install_tansu()).and_then(|_| {
+        with_stack(|s| {
+            let _busy = reliability::Busy::start(busy as usize)?;
+            let mut totals = (0, 0);
+            let unit = run_tests(
+                s.env(
+                    cargo()
+                        .args(["test", "--workspace", "--all-targets", "--no-fail-fast"])
+                        .args(HARNESS_TESTED)
+                        .args(args),
+                ),
+                &mut totals,
+            );
+            let doc = run_tests(s.env(cargo().args(["test", "--workspace", "--doc"])), &mut totals);
+            println!("xtask: {} passed, {} failed", totals.0, totals.1);
+            unit.and(doc)
+        })
+    })
+}
+
+/// `cargo xtask demo`: the harness's demo, in release, on the mock cluster or the stack.
+fn demo(seconds: u64, rate: u64, broker: Broker) -> Result<(), String> {
+    let mut demo = cargo();
+    demo.args(["run", "--release", "--quiet", "-p", "dualstream-harness", "--bin", "demo", "--"]).args([
+        "--seconds".to_owned(),
+        seconds.to_string(),
+        "--rate".to_owned(),
+        rate.to_string(),
+    ]);
+    if broker == Broker::Mock && std::env::var_os("KAFKA_BROKERS").is_none() {
+        // The demo starts its own redis-server; no stack, no tansu.
+        run(demo.args(["--broker", "mock"]))
+    } else {
+        with_stack(|s| run(s.env(demo.args(["--broker", "env"]))))
+    }
+}
+
+/// `cargo xtask chaos`'s arguments.
+struct Chaos {
+    seed: Option<u64>,
+    minutes: f64,
+    rate: u64,
+    sqlite: bool,
+    debug: bool,
+    seeds: u32,
+    without: Option<String>,
+    busy: u32,
+    gateway_clients: u32,
+}
+
+/// `cargo xtask chaos`: the chaos binary's arguments, once per seed.
+fn chaos(c: Chaos) -> Result<(), String> {
+    let Chaos { seed, minutes, rate, sqlite, debug, seeds, without, busy, gateway_clients } = c;
+    let mut args = vec![
+        "--minutes".to_owned(),
+        minutes.to_string(),
+        "--rate".to_owned(),
+        rate.to_string(),
+        "--gateway-clients".to_owned(),
+        gateway_clients.to_string(),
+    ];
+    if sqlite {
+        args.push("--sqlite".to_owned());
+    }
+    if let Some(w) = without {
+        args.extend(["--without".to_owned(), w]);
+    }
+    let first = seed.unwrap_or_else(clock_seed);
+    let seeds = if seed.is_none() && seeds == 1 {
+        Vec::new()
+    } else {
+        (0..u64::from(seeds)).map(|i| first.wrapping_add(i)).collect()
+    };
+    reliability::run_chaos(reliability::Plan { args, debug, seeds, busy: busy as usize })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Up { durable, redis_cluster } => stack::up(durable, redis_cluster).map(|s| s.print()),
         Cmd::Down { wipe } => stack::down().and_then(|()| if wipe { stack::wipe_durable() } else { Ok(()) }),
         Cmd::InstallTansu => stack::install_tansu().map(|p| println!("tansu: {}", p.display())),
-        Cmd::Test { only, busy, args } if !only.is_empty() => {
-            preflight::ensure(&only).and_then(|()| stack::install_tansu()).and_then(|_| {
-                with_stack(|s| {
-                    let mut totals = (0, 0);
-                    let mut cmd = cargo();
-                    cmd.args(["test", "--no-fail-fast"]);
-                    for t in &only {
-                        if t.starts_with("dualstream-") {
-                            cmd.args(["-p", t]);
-                        } else {
-                            cmd.args(["-p", "dualstream-tests", "--test", t]);
-                        }
-                    }
-                    if only.iter().any(|t| t.starts_with("dualstream-")) {
-                        // Once: cargo refuses `--lib` given twice.
-                        cmd.arg("--lib");
-                    }
-                    if !args.is_empty() {
-                        cmd.arg("--").args(&args);
-                    }
-                    let _busy = reliability::Busy::start(busy as usize)?;
-                    let result = run_tests(s.env(&mut cmd), &mut totals);
-                    println!("xtask: {} passed, {} failed", totals.0, totals.1);
-                    result
-                })
-            })
-        }
-        Cmd::Test { only, busy, args } => {
-            preflight::ensure(&only).and_then(|()| stack::install_tansu()).and_then(|_| {
-                with_stack(|s| {
-                    let _busy = reliability::Busy::start(busy as usize)?;
-                    let mut totals = (0, 0);
-                    let unit = run_tests(
-                        s.env(cargo().args(["test", "--workspace", "--all-targets", "--no-fail-fast"]).args(&args)),
-                        &mut totals,
-                    );
-                    let doc = run_tests(s.env(cargo().args(["test", "--workspace", "--doc"])), &mut totals);
-                    println!("xtask: {} passed, {} failed", totals.0, totals.1);
-                    unit.and(doc)
-                })
-            })
-        }
-        Cmd::Demo { seconds, rate, broker } => {
-            let mut demo = cargo();
-            demo.args(["run", "--release", "--quiet", "-p", "dualstream-harness", "--bin", "demo", "--"]).args([
-                "--seconds".to_owned(),
-                seconds.to_string(),
-                "--rate".to_owned(),
-                rate.to_string(),
-            ]);
-            if broker == Broker::Mock && std::env::var_os("KAFKA_BROKERS").is_none() {
-                // The demo starts its own redis-server; no stack, no tansu.
-                run(demo.args(["--broker", "mock"]))
-            } else {
-                with_stack(|s| run(s.env(demo.args(["--broker", "env"]))))
-            }
-        }
+        Cmd::Test { only, busy, args } if !only.is_empty() => test_only(&only, busy, &args),
+        Cmd::Test { only, busy, args } => test_all(&only, busy, &args),
+        Cmd::Demo { seconds, rate, broker } => demo(seconds, rate, broker),
         Cmd::Gateway { listen, broker } => gateway::run(listen, broker),
         Cmd::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Cmd::Chaos { seed, minutes, rate, sqlite, debug, seeds, without, busy, gateway_clients } => {
-            let mut args = vec![
-                "--minutes".to_owned(),
-                minutes.to_string(),
-                "--rate".to_owned(),
-                rate.to_string(),
-                "--gateway-clients".to_owned(),
-                gateway_clients.to_string(),
-            ];
-            if sqlite {
-                args.push("--sqlite".to_owned());
-            }
-            if let Some(w) = without {
-                args.extend(["--without".to_owned(), w]);
-            }
-            let first = seed.unwrap_or_else(clock_seed);
-            let seeds = if seed.is_none() && seeds == 1 {
-                Vec::new()
-            } else {
-                (0..u64::from(seeds)).map(|i| first.wrapping_add(i)).collect()
-            };
-            reliability::run_chaos(reliability::Plan { args, debug, seeds, busy: busy as usize })
+            chaos(Chaos { seed, minutes, rate, sqlite, debug, seeds, without, busy, gateway_clients })
         }
         Cmd::Soak { minutes, rate, debug } => reliability::run_chaos(reliability::Plan {
             args: vec![

@@ -1,5 +1,5 @@
 //! `cargo xtask chaos` and `cargo xtask soak`: run the `chaos` binary of
-//! `dualstream-tests` (tests/src/bin/chaos/main.rs), which starts its own tansu
+//! `dualstream-harness` (crates/harness/src/bin/chaos/), which starts its own tansu
 //! (durable, on PostgreSQL or SQLite) and redis-server and harms only those.
 //!
 //! `--seeds N` runs the binary once per seed, each run on a fresh broker,
@@ -40,7 +40,7 @@ fn chaos_command(debug: bool, tansu: &std::path::Path) -> Result<Command, String
             }
             run(&mut gateway)?;
             let mut cmd = cargo();
-            cmd.args(["run", "--quiet", "-p", "dualstream-tests", "--bin", "chaos"]);
+            cmd.args(["run", "--quiet", "-p", "dualstream-harness", "--features", "chaos", "--bin", "chaos"]);
             if !debug {
                 cmd.arg("--release");
             }
