@@ -77,6 +77,10 @@ enum Cmd {
         /// KAFKA_BROKERS selects that broker instead.
         #[arg(long, value_enum, default_value_t = Broker::Mock)]
         broker: Broker,
+        /// Build the demo in release (optimised; a longer first build). By default it is the debug build,
+        /// the quickest first build, whose dependencies `cargo xtask test` then reuses.
+        #[arg(long)]
+        release: bool,
     },
     /// Run the gateway (ingest, SSE, WebSocket, live dashboard) and print its URLs, a sample token and
     /// curl commands. Ctrl-C stops it.
@@ -290,15 +294,16 @@ fn test_all(only: &[String], busy: u32, args: &[String]) -> Result<(), String> {
     })
 }
 
-/// `cargo xtask demo`: the harness's demo, in release, on the mock cluster or the stack.
-fn demo(seconds: u64, rate: u64, broker: Broker) -> Result<(), String> {
+/// `cargo xtask demo`: the harness's demo (the debug build unless `release`: 2,000 events/s need no
+/// optimiser, and the debug build's dependencies serve `cargo xtask test` next), on the mock cluster or
+/// the stack.
+fn demo(seconds: u64, rate: u64, broker: Broker, release: bool) -> Result<(), String> {
     let mut demo = cargo();
-    demo.args(["run", "--release", "--quiet", "-p", "dualstream-harness", "--bin", "demo", "--"]).args([
-        "--seconds".to_owned(),
-        seconds.to_string(),
-        "--rate".to_owned(),
-        rate.to_string(),
-    ]);
+    demo.args(["run", "--quiet", "-p", "dualstream-harness", "--bin", "demo"]);
+    if release {
+        demo.arg("--release");
+    }
+    demo.arg("--").args(["--seconds".to_owned(), seconds.to_string(), "--rate".to_owned(), rate.to_string()]);
     if broker == Broker::Mock && std::env::var_os("KAFKA_BROKERS").is_none() {
         // The demo starts its own redis-server; no stack, no tansu.
         run(demo.args(["--broker", "mock"]))
@@ -354,7 +359,7 @@ fn main() -> ExitCode {
         Cmd::InstallTansu => stack::install_tansu().map(|p| println!("tansu: {}", p.display())),
         Cmd::Test { only, busy, args } if !only.is_empty() => test_only(&only, busy, &args),
         Cmd::Test { only, busy, args } => test_all(&only, busy, &args),
-        Cmd::Demo { seconds, rate, broker } => demo(seconds, rate, broker),
+        Cmd::Demo { seconds, rate, broker, release } => demo(seconds, rate, broker, release),
         Cmd::Gateway { listen, broker } => gateway::run(listen, broker),
         Cmd::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Cmd::Chaos { seed, minutes, rate, sqlite, debug, seeds, without, busy, gateway_clients } => {
