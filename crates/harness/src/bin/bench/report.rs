@@ -8,7 +8,8 @@ use dualstream_devstack::clients::*;
 use crate::Row;
 
 pub(super) fn write_report(rows: &[Row], full: bool, filters: &[String], took: Duration) {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("root").to_path_buf();
+    // The workspace's root: this crate is crates/harness.
+    let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
     let mut md = String::new();
     md.push_str("# Benchmarks\n\n");
     md.push_str("Produced by `cargo xtask bench");
