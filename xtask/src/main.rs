@@ -245,7 +245,7 @@ const HARNESS_TESTED: [&str; 2] = ["--features", "dualstream-harness/chaos"];
 
 /// `cargo xtask test --only ...`: these integration-test targets and packages' unit tests.
 fn test_only(only: &[String], busy: u32, args: &[String]) -> Result<(), String> {
-    preflight::ensure(&only).and_then(|()| stack::install_tansu()).and_then(|_| {
+    preflight::ensure(only).and_then(|()| stack::install_tansu()).and_then(|_| {
         with_stack(|s| {
             let mut totals = (0, 0);
             let mut cmd = cargo();

@@ -23,6 +23,12 @@ pub struct PortHold {
     _hold: TcpListener,
 }
 
+impl Default for PortHold {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl PortHold {
     pub fn new() -> Self {
         let range = fixture_ports();

@@ -1061,6 +1061,7 @@ struct Report {
     hub: serde_json::Value,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn row(
     rows: &mut Vec<Row>,
     name: &str,
@@ -1162,7 +1163,7 @@ impl Report {
             None,
             format!(
                 "over the load, storm included; {} events stored ({} failed POSTs), naive run {} stored ({} failed); naive delivered {naive_delivered} of the {naive_expected} its clients' channels carried; {}; naive run: {}",
-                ours.stored, ours.ingest_errors, naive.stored, naive.ingest_errors, cores(&ours), cores(&naive)
+                ours.stored, ours.ingest_errors, naive.stored, naive.ingest_errors, cores(ours), cores(naive)
             ),
         );
         row(

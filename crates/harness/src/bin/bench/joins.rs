@@ -179,6 +179,7 @@ struct Busy {
 
 /// Phase 2: the load, and `p.busy_joins` joins from random offsets once it
 /// runs.
+#[allow(clippy::too_many_arguments)]
 async fn busy_phase(
     brokers: &str,
     topic: &str,
@@ -345,6 +346,7 @@ pub(super) async fn run(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids
     busy_rows(rows, p, &busy, &stats, &first_live, joins.len(), checked);
 }
 
+#[allow(clippy::too_many_arguments)]
 fn row(
     rows: &mut Vec<Row>,
     name: String,

@@ -423,9 +423,8 @@ fn start_engine(net: &Net) -> Arc<BatchEngine> {
     .expect("notifier");
     let publisher =
         DualPublisher::builder().durable(Arc::new(sink)).notifier(Arc::new(notifier)).build().expect("publisher");
-    let engine = Arc::new(BatchEngine::new(publisher, BatchConfig::default()).expect("engine"));
 
-    engine
+    Arc::new(BatchEngine::new(publisher, BatchConfig::default()).expect("engine"))
 }
 
 /// The joins' catch-up, reading uncommitted.
@@ -447,9 +446,8 @@ fn start_catchup(net: &Net) -> CatchUp {
         ..HubConfig::default()
     })
     .expect("hub");
-    let catchup = CatchUp::new(replay, hub, JoinConfig { idle_check_ms: 300, ..JoinConfig::default() }).expect("joins");
 
-    catchup
+    CatchUp::new(replay, hub, JoinConfig { idle_check_ms: 300, ..JoinConfig::default() }).expect("joins")
 }
 
 /// What the publishers, the witness and the joins share.
@@ -696,7 +694,7 @@ impl Report {
             elapsed.as_secs_f64() / 60.0,
             a.rate
         );
-        print_faults(&faults, &timeline, elapsed);
+        print_faults(faults, timeline, elapsed);
         let join_deliveries: usize = join_logs.iter().map(|j| j.got.len()).sum();
         println!("\n| events | count |\n|---|---|");
         println!("| submitted | {} |", totals.submitted());
@@ -773,7 +771,7 @@ impl Report {
                     .iter()
                     .filter(|(_, from, to)| from.as_millis() as u32 <= *at && *at <= to.as_millis() as u32 + 20_000)
                     .map(|(f, ..)| f.flag())
-                    .last()
+                    .next_back()
                     .unwrap_or("no fault");
                 let e: String = e.split(" (").next().unwrap_or(e).chars().take(70).collect();
                 *reasons.entry(format!("gateway client error after {around}: {e}")).or_default() += 1;
@@ -800,7 +798,7 @@ impl Report {
         for (r, n) in reasons.iter().take(8) {
             println!("| {r} | {n} |");
         }
-        print_anomalies(&anomalies, retain);
+        print_anomalies(anomalies, retain);
         for line in malformed_lines
             .iter()
             .chain(&witnessed.examples.iter().map(|e| format!("malformed notification: {e}")).collect::<Vec<_>>())
@@ -819,11 +817,11 @@ impl Report {
         let Checked { anomalies, findings, .. } = checked;
         let (retain, unknown_calm, harness_panics) = (self.retain, self.unknown_calm, ended.harness_panics);
         let (gateway_logs, join_deliveries) = (&ended.gateway_logs, self.join_deliveries());
-        print_findings(&findings, &sent, &ids, &faults);
+        print_findings(findings, sent, ids, faults);
         let (broker_duplicates, broker_order) = if a.sqlite || findings.is_empty() {
             (0, 0)
         } else {
-            attribute_to_broker(&services.broker.lock().unwrap_or_else(PoisonError::into_inner), &findings)
+            attribute_to_broker(&services.broker.lock().unwrap_or_else(PoisonError::into_inner), findings)
         };
         if broker_duplicates + broker_order > 0 {
             println!(
@@ -852,7 +850,7 @@ impl Report {
             failed_run = true;
         }
         if a.soak {
-            failed_run |= print_soak(&samples);
+            failed_run |= print_soak(samples);
         }
         (failed_run, (broker_duplicates, broker_order))
     }
