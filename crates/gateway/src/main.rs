@@ -63,23 +63,27 @@ enum Command {
     /// Print the resolved configuration as TOML (the secret masked) and exit.
     Config,
     /// Sign a token with the configured secret and print it.
-    Token {
-        /// A channel or pattern the token may read (repeat).
-        #[arg(long)]
-        read: Vec<String>,
-        /// A source type the token may publish, `*` for all (repeat).
-        #[arg(long)]
-        publish: Vec<String>,
-        /// Lifetime in seconds.
-        #[arg(long, default_value_t = 3600)]
-        ttl: u64,
-        /// The `sub` claim.
-        #[arg(long)]
-        sub: Option<String>,
-        /// The `admin` claim: the dashboard, /metrics and the detail of /readyz.
-        #[arg(long)]
-        admin: bool,
-    },
+    Token(TokenArgs),
+}
+
+/// The claims of `token`.
+#[derive(Debug, clap::Args)]
+struct TokenArgs {
+    /// A channel or pattern the token may read (repeat).
+    #[arg(long)]
+    read: Vec<String>,
+    /// A source type the token may publish, `*` for all (repeat).
+    #[arg(long)]
+    publish: Vec<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
+    /// The `sub` claim.
+    #[arg(long)]
+    sub: Option<String>,
+    /// The `admin` claim: the dashboard, /metrics and the detail of /readyz.
+    #[arg(long)]
+    admin: bool,
 }
 
 fn config(args: &Args) -> Result<GatewayConfig, String> {
@@ -175,69 +179,79 @@ async fn main() -> ExitCode {
         tracing::warn!(%brokers, "Kafka is librdkafka's in-process mock cluster: nothing is durable");
     }
     match args.command.unwrap_or(Command::Serve) {
-        Command::Config => {
-            let mut shown = config.clone();
-            shown.auth.secret = "<hidden>".into();
-            match toml::to_string(&shown) {
-                Ok(t) => print!("{t}"),
-                Err(e) => {
-                    eprintln!("dualstream-gateway: {e}");
-                    return ExitCode::FAILURE;
-                }
-            }
+        Command::Config => print_config(&config),
+        Command::Token(claims) => print_token(&config, claims),
+        Command::Serve => serve(config).await,
+    }
+}
+
+/// `config`: the configuration as resolved, the secret hidden.
+fn print_config(config: &GatewayConfig) -> ExitCode {
+    let mut shown = config.clone();
+    shown.auth.secret = "<hidden>".into();
+    match toml::to_string(&shown) {
+        Ok(t) => print!("{t}"),
+        Err(e) => {
+            eprintln!("dualstream-gateway: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `token`: a token signed with the configured secret.
+fn print_token(config: &GatewayConfig, claims: TokenArgs) -> ExitCode {
+    let TokenArgs { read, publish, ttl, sub, admin } = claims;
+    let auth = match Auth::new(&config.auth) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("dualstream-gateway: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let claims = dualstream_gateway::Claims { admin, ..auth.claims(sub, read, publish, ttl) };
+    match auth.mint(&claims) {
+        Ok(t) => {
+            println!("{t}");
             ExitCode::SUCCESS
         }
-        Command::Token { read, publish, ttl, sub, admin } => {
-            let auth = match Auth::new(&config.auth) {
-                Ok(a) => a,
-                Err(e) => {
-                    eprintln!("dualstream-gateway: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let claims = dualstream_gateway::Claims { admin, ..auth.claims(sub, read, publish, ttl) };
-            match auth.mint(&claims) {
-                Ok(t) => {
-                    println!("{t}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("dualstream-gateway: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+        Err(e) => {
+            eprintln!("dualstream-gateway: {e}");
+            ExitCode::FAILURE
         }
-        Command::Serve => {
-            let handle = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
-                Ok(h) => Some(h),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no /metrics: the Prometheus recorder could not be installed");
-                    None
-                }
-            };
-            let gateway = match Gateway::with_metrics(config, handle).await {
-                Ok(g) => g,
-                Err(e) => {
-                    eprintln!("dualstream-gateway: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let listen = gateway.config().listen;
-            let listener = match tokio::net::TcpListener::bind(listen).await {
-                Ok(l) => l,
-                Err(e) => {
-                    eprintln!("dualstream-gateway: cannot listen on {listen}: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            tracing::info!(%listen, "dualstream-gateway listening");
-            match gateway.serve(listener, shutdown_signal()).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("dualstream-gateway: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+    }
+}
+
+/// `serve`: until SIGINT or SIGTERM.
+async fn serve(config: GatewayConfig) -> ExitCode {
+    let handle = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %e, "no /metrics: the Prometheus recorder could not be installed");
+            None
+        }
+    };
+    let gateway = match Gateway::with_metrics(config, handle).await {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("dualstream-gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let listen = gateway.config().listen;
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("dualstream-gateway: cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(%listen, "dualstream-gateway listening");
+    match gateway.serve(listener, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dualstream-gateway: {e}");
+            ExitCode::FAILURE
         }
     }
 }
