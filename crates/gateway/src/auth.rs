@@ -1,4 +1,7 @@
-//! Signed tokens (JWT, HS256) and what their claims allow.
+//! Signed tokens (JWT, HS256) and what their claims allow: [`Auth`] mints
+//! and verifies them, and single-use tickets made from them; [`Verified`]
+//! is a verified token. (The resume token, which says where a client is in
+//! the event log and grants nothing, is in `resume.rs`.)
 //!
 //! A token's `read` claim lists channels and patterns a client may read; its
 //! `publish` claim lists the source types a producer may publish (`*` for
@@ -16,6 +19,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::config::AuthConfig;
+use crate::error::ErrorCode;
 use crate::origin::{Check, OriginPolicy};
 
 /// The claims of a gateway token.
@@ -79,7 +83,9 @@ pub enum AuthError {
     CrossOrigin(String),
     /// The token cookie was sent more than once (a sibling domain may have
     /// set one): which to trust is not decidable, so neither is.
-    #[error("the {cookie} cookie was sent {count} times; send it once (clear the cookies of this site and sign in again)")]
+    #[error(
+        "the {cookie} cookie was sent {count} times; send it once (clear the cookies of this site and sign in again)"
+    )]
     DuplicateCookie {
         /// The cookie's name.
         cookie: String,
@@ -106,16 +112,16 @@ impl AuthError {
     }
 
     /// A stable machine-readable code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            AuthError::Missing { .. } => "missing_token",
-            AuthError::Invalid(_) => "invalid_token",
-            AuthError::WrongKind(_) => "wrong_token_kind",
-            AuthError::Forbidden(_) => "forbidden",
-            AuthError::CrossOrigin(_) => "origin_not_allowed",
-            AuthError::DuplicateCookie { .. } => "duplicate_cookie",
-            AuthError::TicketUsed => "ticket_used",
-            AuthError::TicketsFull(_) => "busy",
+            AuthError::Missing { .. } => ErrorCode::MissingToken,
+            AuthError::Invalid(_) => ErrorCode::InvalidToken,
+            AuthError::WrongKind(_) => ErrorCode::WrongTokenKind,
+            AuthError::Forbidden(_) => ErrorCode::Forbidden,
+            AuthError::CrossOrigin(_) => ErrorCode::OriginNotAllowed,
+            AuthError::DuplicateCookie { .. } => ErrorCode::DuplicateCookie,
+            AuthError::TicketUsed => ErrorCode::TicketUsed,
+            AuthError::TicketsFull(_) => ErrorCode::Busy,
         }
     }
 }
@@ -477,7 +483,8 @@ mod tests {
         let wrong_iss = Claims { iss: "other".into(), ..claims.clone() };
         let e = auth.verify(&auth.mint(&wrong_iss).expect("mint")).expect_err("issuer");
         assert!(e.to_string().contains("Issuer"), "{e}");
-        let other = Auth::new(&AuthConfig { secret: "another-secret-of-32-bytes-or-more!".into(), ..config }).expect("auth");
+        let other =
+            Auth::new(&AuthConfig { secret: "another-secret-of-32-bytes-or-more!".into(), ..config }).expect("auth");
         let e = other.verify(&token).expect_err("signature");
         assert!(e.to_string().contains("Signature"), "{e}");
 
@@ -485,7 +492,10 @@ mod tests {
         let (ticket, _) = auth.ticket(&v, vec!["events:user:a".into(), "events:repo:*".into()], false).expect("ticket");
         let mut headers = HeaderMap::new();
         headers.insert(axum::http::header::AUTHORIZATION, format!("Bearer {ticket}").parse().expect("header"));
-        assert!(matches!(auth.from_headers(&headers, Check::Safe), Err(AuthError::WrongKind(_))), "a ticket is no token");
+        assert!(
+            matches!(auth.from_headers(&headers, Check::Safe), Err(AuthError::WrongKind(_))),
+            "a ticket is no token"
+        );
         assert!(matches!(auth.for_stream(&HeaderMap::new(), Some(&token), Check::Safe), Err(AuthError::WrongKind(_))));
         let t = auth.for_stream(&HeaderMap::new(), Some(&ticket), Check::Safe).expect("ticket opens a stream");
         assert_eq!(t.stream_expiry(), claims.exp);
@@ -526,7 +536,8 @@ mod tests {
         assert_eq!(cookie(&headers, "dualstream_token"), Ok(Some("xyz".into())));
         headers.append(axum::http::header::COOKIE, "dualstream_token=tossed".parse().expect("header"));
         assert!(matches!(cookie(&headers, "dualstream_token"), Err(AuthError::DuplicateCookie { count: 2, .. })));
-        assert_eq!(test_auth().from_headers(&headers, Check::Safe).map(|_| ()).map_err(|e| e.code()), Err("duplicate_cookie"));
+        let refused = test_auth().from_headers(&headers, Check::Safe).map(|_| ()).map_err(|e| e.code());
+        assert_eq!(refused, Err(ErrorCode::DuplicateCookie));
         headers.insert(axum::http::header::AUTHORIZATION, "bearer abc".parse().expect("header"));
         assert_eq!(bearer(&headers).as_deref(), Some("abc"));
         let set = session_cookie("dualstream_token", "t", now_secs() + 60);

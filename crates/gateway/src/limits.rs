@@ -6,11 +6,10 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use axum::http::{HeaderMap, StatusCode};
 
 use crate::config::GatewayLimits;
+use crate::error::ErrorCode;
 
 /// The TCP peer of a request, put in its extensions by `Gateway::serve`.
 #[derive(Clone, Copy, Debug)]
@@ -26,41 +25,72 @@ pub(crate) fn client_address(limits: &GatewayLimits, headers: &HeaderMap, peer: 
     forwarded.or(peer.map(|p| p.0.ip()))
 }
 
+/// Which limit a client ran into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Limit {
+    /// `limits.max_streams`: the gateway's whole capacity.
+    Streams,
+    /// `limits.max_streams_per_subject`.
+    StreamsPerSubject,
+    /// `limits.max_streams_per_address`.
+    StreamsPerAddress,
+    /// `limits.commands_per_sec`, on one WebSocket.
+    CommandsPerSec,
+    /// `limits.max_connections`: the gateway's whole capacity.
+    Connections,
+}
+
+impl Limit {
+    /// The setting, as a path.
+    pub(crate) fn field(self) -> &'static str {
+        match self {
+            Limit::Streams => "limits.max_streams",
+            Limit::StreamsPerSubject => "limits.max_streams_per_subject",
+            Limit::StreamsPerAddress => "limits.max_streams_per_address",
+            Limit::CommandsPerSec => "limits.commands_per_sec",
+            Limit::Connections => "limits.max_connections",
+        }
+    }
+
+    /// The stable code.
+    pub(crate) fn code(self) -> ErrorCode {
+        match self {
+            Limit::Streams | Limit::StreamsPerSubject | Limit::StreamsPerAddress => ErrorCode::TooManyStreams,
+            Limit::CommandsPerSec => ErrorCode::RateLimited,
+            Limit::Connections => ErrorCode::TooManyConnections,
+        }
+    }
+
+    /// 429 for one client's share, 503 for the gateway's whole capacity.
+    pub(crate) fn status(self) -> StatusCode {
+        match self {
+            Limit::Streams | Limit::Connections => StatusCode::SERVICE_UNAVAILABLE,
+            Limit::StreamsPerSubject | Limit::StreamsPerAddress | Limit::CommandsPerSec => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+        }
+    }
+}
+
 /// A limit a client ran into.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field} = {limit}: {what}")]
+#[error("{} = {value}: {what}", .limit.field())]
 pub(crate) struct LimitError {
-    /// The setting, as a path (`limits.max_streams_per_subject`).
-    pub(crate) field: &'static str,
+    /// Which limit.
+    pub(crate) limit: Limit,
     /// Its value.
-    pub(crate) limit: usize,
+    pub(crate) value: usize,
     /// What was refused.
     pub(crate) what: String,
-    /// 429 for one client's share, 503 for the gateway's whole capacity.
-    pub(crate) status: StatusCode,
     /// When to try again.
     pub(crate) retry_after: Duration,
 }
 
 impl LimitError {
-    /// The stable code.
-    pub(crate) fn code(&self) -> &'static str {
-        match self.field {
-            "limits.commands_per_sec" => "rate_limited",
-            "limits.max_connections" => "too_many_connections",
-            _ => "too_many_streams",
-        }
-    }
-}
-
-impl IntoResponse for LimitError {
-    fn into_response(self) -> Response {
-        let secs = self.retry_after.as_secs().max(1).to_string();
-        let mut r = crate::ingest::error(self.status, self.code(), &self, json!({"field": self.field, "limit": self.limit}));
-        if let Ok(v) = secs.parse() {
-            r.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        r
+    /// `limits.max_connections` is reached: the refusal of a connection.
+    pub(crate) fn connections(max: usize) -> Self {
+        let what = "the gateway has as many connections as it takes".to_owned();
+        Self { limit: Limit::Connections, value: max, what, retry_after: Duration::from_secs(1) }
     }
 }
 
@@ -78,20 +108,25 @@ pub(crate) struct StreamCounts {
 
 impl StreamCounts {
     /// Count one more stream, or say which limit it would break.
-    pub(crate) fn acquire(&mut self, l: &GatewayLimits, subject: &str, address: Option<IpAddr>) -> Result<(), LimitError> {
-        let refuse = |field, limit, what: String, status| LimitError { field, limit, what, status, retry_after: STREAM_RETRY };
+    pub(crate) fn acquire(
+        &mut self,
+        l: &GatewayLimits,
+        subject: &str,
+        address: Option<IpAddr>,
+    ) -> Result<(), LimitError> {
+        let refuse = |limit, value, what: String| LimitError { limit, value, what, retry_after: STREAM_RETRY };
         if self.total >= l.max_streams {
             let what = "the gateway has as many open streams as it takes".to_owned();
-            return Err(refuse("limits.max_streams", l.max_streams, what, StatusCode::SERVICE_UNAVAILABLE));
+            return Err(refuse(Limit::Streams, l.max_streams, what));
         }
         if self.by_subject.get(subject).copied().unwrap_or(0) >= l.max_streams_per_subject {
             let what = format!("the token's subject {:?} has as many open streams as it may", short(subject));
-            return Err(refuse("limits.max_streams_per_subject", l.max_streams_per_subject, what, StatusCode::TOO_MANY_REQUESTS));
+            return Err(refuse(Limit::StreamsPerSubject, l.max_streams_per_subject, what));
         }
         if let Some(a) = address {
             if self.by_address.get(&a).copied().unwrap_or(0) >= l.max_streams_per_address {
                 let what = format!("the client address {a} has as many open streams as it may");
-                return Err(refuse("limits.max_streams_per_address", l.max_streams_per_address, what, StatusCode::TOO_MANY_REQUESTS));
+                return Err(refuse(Limit::StreamsPerAddress, l.max_streams_per_address, what));
             }
             *self.by_address.entry(a).or_default() += 1;
         }
@@ -147,10 +182,9 @@ impl CommandRate {
             return Ok(());
         }
         Err(LimitError {
-            field: "limits.commands_per_sec",
-            limit: self.per_sec as usize,
+            limit: Limit::CommandsPerSec,
+            value: self.per_sec as usize,
             what: "too many commands on this connection; this one was not run".into(),
-            status: StatusCode::TOO_MANY_REQUESTS,
             retry_after: Duration::from_secs_f64((1.0 - self.tokens) / rate),
         })
     }
@@ -162,19 +196,28 @@ mod tests {
 
     #[test]
     fn streams_are_counted_per_subject_address_and_in_all_and_released() {
-        let l = GatewayLimits { max_streams: 3, max_streams_per_subject: 2, max_streams_per_address: 2, ..Default::default() };
+        let l = GatewayLimits {
+            max_streams: 3,
+            max_streams_per_subject: 2,
+            max_streams_per_address: 2,
+            ..Default::default()
+        };
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().expect("ip"), "10.0.0.2".parse().expect("ip"));
         let mut c = StreamCounts::default();
         c.acquire(&l, "alice", Some(a)).expect("1");
         c.acquire(&l, "alice", Some(b)).expect("2");
         let e = c.acquire(&l, "alice", Some(b)).expect_err("subject");
-        assert_eq!((e.field, e.status, e.code()), ("limits.max_streams_per_subject", StatusCode::TOO_MANY_REQUESTS, "too_many_streams"));
+        let (field, status, code) = (e.limit.field(), e.limit.status(), e.limit.code());
+        assert_eq!(
+            (field, status, code),
+            ("limits.max_streams_per_subject", StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyStreams)
+        );
         c.acquire(&l, "bob", Some(a)).expect("3");
         let e = c.acquire(&l, "carol", Some(b)).expect_err("total");
-        assert_eq!((e.field, e.status), ("limits.max_streams", StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!((e.limit.field(), e.limit.status()), ("limits.max_streams", StatusCode::SERVICE_UNAVAILABLE));
         c.release("alice", Some(b));
         let e = c.acquire(&l, "carol", Some(a)).expect_err("address");
-        assert_eq!(e.field, "limits.max_streams_per_address");
+        assert_eq!(e.limit.field(), "limits.max_streams_per_address");
         c.acquire(&l, "carol", Some(b)).expect("a released slot is reused");
         for (s, ad) in [("alice", a), ("bob", a), ("carol", b)] {
             c.release(s, Some(ad));
@@ -190,7 +233,11 @@ mod tests {
             r.take(t0).expect("the burst");
         }
         let e = r.take(t0).expect_err("over the rate");
-        assert_eq!((e.code(), e.retry_after), ("rate_limited", Duration::from_millis(250)));
+        assert_eq!((e.limit.code(), e.retry_after), (ErrorCode::RateLimited, Duration::from_millis(250)));
+        assert_eq!(
+            e.to_string(),
+            "limits.commands_per_sec = 4: too many commands on this connection; this one was not run"
+        );
         r.take(t0 + Duration::from_millis(250)).expect("a token a quarter second later");
         assert!(r.take(t0 + Duration::from_millis(300)).is_err());
     }

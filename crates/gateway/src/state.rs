@@ -1,4 +1,6 @@
-//! What every request handler shares.
+//! What every request handler shares ([`AppState`]), the counting of open
+//! streams against the limits ([`ClientGuard`]) and the last health check
+//! ([`Health`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
@@ -15,6 +17,7 @@ use tokio::sync::watch;
 use crate::auth::Auth;
 use crate::config::GatewayConfig;
 use crate::limits::{LimitError, StreamCounts};
+use crate::wire::Ingested;
 
 /// Shared by every handler.
 pub(crate) struct AppState {
@@ -30,7 +33,7 @@ pub(crate) struct AppState {
     pub(crate) hub: Hub,
     /// Resumable subscriptions.
     pub(crate) catchup: CatchUp,
-    /// Tokens.
+    /// Verifies and mints the signed tokens (JWTs) and tickets.
     pub(crate) auth: Auth,
     /// The hash of the event log's identity, in resume tokens.
     pub(crate) log_hash: u32,
@@ -50,7 +53,7 @@ pub(crate) struct AppState {
     pub(crate) streams: Mutex<StreamCounts>,
     /// The last Kafka and Redis health check and when it was made: checked
     /// at most once a second, however many ask.
-    pub(crate) health: tokio::sync::Mutex<Option<(tokio::time::Instant, crate::Health)>>,
+    pub(crate) health: tokio::sync::Mutex<Option<(tokio::time::Instant, Health)>>,
     /// How many times Kafka and Redis were checked.
     pub(crate) health_checks: std::sync::atomic::AtomicU64,
 }
@@ -59,6 +62,15 @@ impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppState").field("config", &self.config).finish_non_exhaustive()
     }
+}
+
+/// Kafka's and Redis's health, as last checked (`routes/health.rs`).
+#[derive(Clone, Debug)]
+pub(crate) struct Health {
+    /// Kafka's answer.
+    pub(crate) kafka: Result<(), String>,
+    /// Redis's answer, when there is a notifier to ask.
+    pub(crate) redis: Option<Result<(), String>>,
 }
 
 /// Which transport a client uses.
@@ -126,10 +138,10 @@ impl AppState {
     }
 
     /// Record what ingest stored, for the dashboard.
-    pub(crate) fn record_ingested(&self, source_type: &str, latest: serde_json::Value) {
+    pub(crate) fn record_ingested(&self, stored: Ingested) {
         let mut d = self.dashboard.lock().unwrap_or_else(PoisonError::into_inner);
-        *d.counts.entry(source_type.to_owned()).or_default() += 1;
-        d.latest.push_front(latest);
+        *d.counts.entry(stored.source_type.clone()).or_default() += 1;
+        d.latest.push_front(stored);
         d.latest.truncate(DashboardData::LATEST);
     }
 }
@@ -140,7 +152,7 @@ pub(crate) struct DashboardData {
     /// Events stored through this gateway since it started, per source type.
     pub(crate) counts: BTreeMap<String, u64>,
     /// The latest events stored through this gateway, newest first.
-    pub(crate) latest: VecDeque<serde_json::Value>,
+    pub(crate) latest: VecDeque<Ingested>,
 }
 
 impl DashboardData {

@@ -1,5 +1,7 @@
-//! The resume token: every subscribed channel's next Kafka offset, and the
-//! identity of the event log, in one compact URL- and SSE-safe string.
+//! The resume token ([`ResumeToken`]): every subscribed channel's next Kafka
+//! offset, and the identity of the event log, in one compact URL- and
+//! SSE-safe string. It says where a client is, not who it is: the signed
+//! tokens that grant access are in `auth.rs`.
 //!
 //! `r1.<log>.<entries>`, where `<log>` is the CRC-32 (hex) of the gateway's
 //! `stream_id` and topic, and `<entries>` is `_`-separated
@@ -12,7 +14,7 @@ use std::collections::BTreeMap;
 /// Why a resume token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid resume token: {0}")]
-pub struct TokenError(pub &'static str);
+pub struct ResumeTokenError(pub &'static str);
 
 /// A decoded resume token.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -23,13 +25,13 @@ pub struct ResumeToken {
     pub positions: BTreeMap<u32, (i32, i64)>,
 }
 
-/// The hash a token stores for a channel or for the log.
+/// The hash a resume token stores for a channel or for the log.
 pub(crate) fn hash(text: &str) -> u32 {
     crc32fast::hash(text.as_bytes())
 }
 
-/// Longest token accepted, in bytes.
-pub const MAX_TOKEN_LEN: usize = 64 * 1024;
+/// Longest resume token accepted, in bytes.
+pub const MAX_RESUME_TOKEN_LEN: usize = 64 * 1024;
 
 impl ResumeToken {
     /// The partition and next offset stored for `channel`.
@@ -53,28 +55,28 @@ impl ResumeToken {
     }
 
     /// Decode, refusing anything malformed (the error says what).
-    pub fn decode(text: &str) -> Result<Self, TokenError> {
-        if text.len() > MAX_TOKEN_LEN {
-            return Err(TokenError("longer than 65536 bytes"));
+    pub fn decode(text: &str) -> Result<Self, ResumeTokenError> {
+        if text.len() > MAX_RESUME_TOKEN_LEN {
+            return Err(ResumeTokenError("longer than 65536 bytes"));
         }
-        let rest = text.strip_prefix("r1.").ok_or(TokenError("it does not start with r1."))?;
-        let (log, entries) = rest.split_once('.').ok_or(TokenError("no log part"))?;
-        let log = parse_hex(log).ok_or(TokenError("the log part is not 8 hex digits"))?;
+        let rest = text.strip_prefix("r1.").ok_or(ResumeTokenError("it does not start with r1."))?;
+        let (log, entries) = rest.split_once('.').ok_or(ResumeTokenError("no log part"))?;
+        let log = parse_hex(log).ok_or(ResumeTokenError("the log part is not 8 hex digits"))?;
         let mut positions = BTreeMap::new();
         if entries != "-" {
             for entry in entries.split('_') {
                 let mut parts = entry.splitn(3, '-');
                 let (Some(c), Some(p), Some(n)) = (parts.next(), parts.next(), parts.next()) else {
-                    return Err(TokenError("an entry is not <channel>-<partition>-<offset>"));
+                    return Err(ResumeTokenError("an entry is not <channel>-<partition>-<offset>"));
                 };
-                let c = parse_hex(c).ok_or(TokenError("a channel hash is not 8 hex digits"))?;
-                let p: i32 = p.parse().map_err(|_| TokenError("a partition is not a number"))?;
-                let n: i64 = n.parse().map_err(|_| TokenError("an offset is not a number"))?;
+                let c = parse_hex(c).ok_or(ResumeTokenError("a channel hash is not 8 hex digits"))?;
+                let p: i32 = p.parse().map_err(|_| ResumeTokenError("a partition is not a number"))?;
+                let n: i64 = n.parse().map_err(|_| ResumeTokenError("an offset is not a number"))?;
                 if p < 0 || n < 0 {
-                    return Err(TokenError("a partition or offset is negative"));
+                    return Err(ResumeTokenError("a partition or offset is negative"));
                 }
                 if positions.insert(c, (p, n)).is_some() {
-                    return Err(TokenError("a channel appears twice"));
+                    return Err(ResumeTokenError("a channel appears twice"));
                 }
             }
         }

@@ -1,0 +1,139 @@
+//! `GET /v1/ws`: a session over a WebSocket. The client sends JSON
+//! `subscribe` and `unsubscribe` commands ([`Command`]), at most
+//! `limits.commands_per_sec`; each item carries its resume token as `token`.
+//!
+//! The origin is checked on every upgrade, whatever the credentials; frames
+//! and messages over `limits.max_body_bytes` close the connection (1009)
+//! before they are read in full.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use futures::{SinkExt, StreamExt};
+
+use crate::auth::Verified;
+use crate::error::{ApiError, ErrorCode};
+use crate::limits::{CommandRate, LimitError, PeerAddr};
+use crate::origin::Check;
+use crate::resume::ResumeToken;
+use crate::session::{wants, CloseReason, Out, Session};
+use crate::state::{AppState, ClientGuard, Transport};
+use crate::wire::{to_json, ws_item, Command, ErrorItem};
+
+/// `GET /v1/ws`.
+pub(crate) async fn ws(
+    State(state): State<Arc<AppState>>,
+    peer: Option<Extension<PeerAddr>>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let ticket = super::ticket_param(raw.as_deref());
+    let auth = match state.auth.for_stream(&headers, ticket.as_deref(), Check::WebSocket) {
+        Ok(a) => a,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let guard = match super::guard(&state, Transport::Ws, &auth, &headers, peer) {
+        Ok(g) => g,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let max = state.config.limits.max_body_bytes;
+    upgrade.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| run(state, auth, guard, socket))
+}
+
+/// Send the session's items and answer the client's commands until either
+/// side ends; a client that stops reading is closed as `slow_client`.
+async fn run(state: Arc<AppState>, auth: Verified, guard: ClientGuard, socket: WebSocket) {
+    let send_timeout = Duration::from_millis(state.config.limits.send_timeout_ms);
+    let mut rate = CommandRate::new(state.config.limits.commands_per_sec, Instant::now());
+    let mut session = Session::new(Arc::clone(&state), &auth, guard);
+    let (mut sink, mut stream) = socket.split();
+    loop {
+        let msg = tokio::select! {
+            out = session.next() => match out {
+                Some(Out::Item { json, resume_token, .. }) => Message::Text(ws_item(json, resume_token).into()),
+                Some(Out::Close(reason)) => {
+                    let _ = tokio::time::timeout(send_timeout, sink.send(close(reason))).await;
+                    return;
+                }
+                None => return,
+            },
+            incoming = stream.next() => match incoming {
+                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+                    let reply = match (rate.take(Instant::now()), m) {
+                        (Err(e), _) => to_json(&rate_limited(&e)),
+                        (Ok(()), Message::Text(text)) => command(&state, &auth, &mut session, text.as_str()).await,
+                        (Ok(()), _) => to_json(&ErrorItem::new(ErrorCode::InvalidCommand, "send JSON text frames")),
+                    };
+                    Message::Text(reply.into())
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return,
+            },
+        };
+        match tokio::time::timeout(send_timeout, sink.send(msg)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                // The client stopped reading: its socket is full.
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(100), sink.send(close(CloseReason::SlowClient))).await;
+                return;
+            }
+        }
+    }
+}
+
+/// The close frame for a reason: its WebSocket code, and its code as text.
+fn close(reason: CloseReason) -> Message {
+    Message::Close(Some(CloseFrame { code: reason.ws_code(), reason: Utf8Bytes::from(reason.code()) }))
+}
+
+/// The reply to a command over `limits.commands_per_sec`.
+fn rate_limited(e: &LimitError) -> ErrorItem<'static> {
+    let retry_after_ms = e.retry_after.as_millis() as u64;
+    ErrorItem::new(e.limit.code(), e.to_string()).limit(e.limit.field(), e.value, retry_after_ms)
+}
+
+/// Run one command: the reply is `subscribed` with the names now active,
+/// or an error item.
+async fn command(state: &AppState, auth: &Verified, session: &mut Session, text: &str) -> String {
+    let cmd: Command = match serde_json::from_str(text) {
+        Ok(c) => c,
+        Err(e) => return to_json(&ErrorItem::new(ErrorCode::InvalidCommand, e.to_string())),
+    };
+    match cmd {
+        Command::Subscribe { channels, patterns, mode, resume } => {
+            let resume = match resume.as_deref().filter(|t| !t.is_empty()).map(ResumeToken::decode).transpose() {
+                Ok(r) => r,
+                Err(e) => return to_json(&ErrorItem::new(ErrorCode::InvalidResumeToken, e.to_string())),
+            };
+            let wants = match wants(state, auth, &channels, &patterns) {
+                Ok(w) => w,
+                Err(e) => return to_json(&e.item()),
+            };
+            match session.subscribe(wants, mode, resume.as_ref()).await {
+                Ok(()) => subscribed(session),
+                Err(e) => to_json(&e.item()),
+            }
+        }
+        Command::Unsubscribe { channels, patterns } => {
+            session.unsubscribe(&channels);
+            session.unsubscribe(&patterns);
+            subscribed(session)
+        }
+    }
+}
+
+/// The `subscribed` item with its resume token, as WebSocket text.
+fn subscribed(session: &Session) -> String {
+    match session.subscribed() {
+        Out::Item { json, resume_token, .. } => ws_item(json, resume_token),
+        Out::Close(_) => String::new(),
+    }
+}

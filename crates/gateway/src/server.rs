@@ -1,0 +1,105 @@
+//! The server loop of [`Gateway::serve`]: hyper's HTTP/1 connections with
+//! a header read timeout, at most `limits.max_connections` at once (the
+//! rest refused with a 503 before their request is read), and a graceful
+//! shutdown that closes streams and drains ingest.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{ApiError, GatewayError};
+use crate::limits::{LimitError, PeerAddr};
+use crate::wire::to_json;
+use crate::Gateway;
+
+impl Gateway {
+    /// Serve on `listener` until `signal` completes, then shut down
+    /// gracefully: streams are closed with a reconnect hint, ingest in
+    /// flight finishes, and the batching engine flushes every accepted
+    /// event and reports its outcome to its caller.
+    ///
+    /// At most `limits.max_connections` TCP connections are served at once
+    /// (more are answered 503 and closed), and a connection that has not
+    /// sent a complete request's headers within
+    /// `limits.header_read_timeout_ms` of opening (or of its last response)
+    /// is closed.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), GatewayError> {
+        let limits = &self.state.config.limits;
+        let router = self.router();
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms));
+        let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+        let mut signal = std::pin::pin!(signal);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors, mostly: wait for some to close.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut signal => break,
+            };
+            let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+                tokio::spawn(refuse_connection(stream, limits.max_connections));
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let router = router.clone();
+            let service = hyper::service::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(PeerAddr(peer));
+                tower_service::Service::call(&mut router.clone(), req)
+            });
+            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).with_upgrades();
+            let mut shutdown = self.state.shutdown.subscribe();
+            tokio::spawn(async move {
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    () = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                        // Finish the request in flight, then close.
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+                drop(permit);
+            });
+        }
+        tracing::info!("shutting down: closing streams, draining ingest");
+        let _ = self.state.shutdown.send(true);
+        drop(listener);
+        // Every connection holds a permit until it is done.
+        let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+        let _ = connections.acquire_many(all).await;
+        self.state.engine.shutdown().await;
+        Ok(())
+    }
+}
+
+/// A 503 with `Retry-After` for a connection over `limits.max_connections`,
+/// written without reading the request, then the connection is closed.
+async fn refuse_connection(mut stream: tokio::net::TcpStream, limit: usize) {
+    use tokio::io::AsyncWriteExt as _;
+    let refusal = ApiError::from(LimitError::connections(limit));
+    let (status, body) = (refusal.status(), to_json(&refusal.body()));
+    let retry_after = refusal.retry_after_secs().unwrap_or(1);
+    let response = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\nretry-after: {retry_after}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}

@@ -1,0 +1,196 @@
+//! The task behind each subscription of a session: a channel's catch-up
+//! join ([`ChannelTask`]) or a pattern's hub subscription ([`LiveTask`]).
+//!
+//! Each turns what it reads into the client's items and hands them to its
+//! connection's bounded buffer ([`hand`]), waiting only for that buffer: the
+//! hub and the shared Kafka reader never wait for a client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dualstream_consumer::{Delivery, HubError, JoinError, LiveItem, LiveStream, ReplayError, StartAt};
+use dualstream_core::Source;
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+
+use super::{CloseReason, Mode, Msg};
+use crate::error::ErrorCode;
+use crate::state::AppState;
+use crate::wire::{ErrorItem, EventItem, ResetItem};
+
+/// Hand one item to the connection, waiting up to `wait` for room; `false`
+/// when the client stayed too slow for that long (the connection is then
+/// closed with `slow_client`) or is gone. Only this subscription's task
+/// waits: the hub and the shared Kafka reader never wait for a client.
+async fn hand(tx: &mpsc::Sender<Msg>, close: &watch::Sender<Option<CloseReason>>, msg: Msg, wait: Duration) -> bool {
+    let msg = match tx.try_send(msg) {
+        Ok(()) => return true,
+        Err(mpsc::error::TrySendError::Closed(_)) => return false,
+        Err(mpsc::error::TrySendError::Full(msg)) => msg,
+    };
+    match tx.send_timeout(msg, wait).await {
+        Ok(()) => true,
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+            tracing::debug!(?wait, "a client's buffer stayed full: closing it as too slow");
+            close.send_if_modified(|r| {
+                let set = r.is_none();
+                if set {
+                    *r = Some(CloseReason::SlowClient);
+                }
+                set
+            });
+            false
+        }
+    }
+}
+
+/// What one item of a join becomes.
+enum Step {
+    /// An item for the client.
+    Send(Msg),
+    /// Nothing for the client.
+    Skip,
+    /// The join ended: join again from where it got to.
+    Rejoin,
+}
+
+/// One channel's catch-up join, from `next`.
+pub(super) struct ChannelTask {
+    pub(super) state: Arc<AppState>,
+    pub(super) channel: Arc<str>,
+    /// The channel's hash, as in the resume token.
+    pub(super) hash: u32,
+    pub(super) source: Source,
+    pub(super) partition: i32,
+    /// The first offset the client has not been given.
+    pub(super) next: i64,
+    pub(super) mode: Mode,
+    pub(super) tx: mpsc::Sender<Msg>,
+    pub(super) close: Arc<watch::Sender<Option<CloseReason>>>,
+}
+
+impl ChannelTask {
+    /// Join from `next`; when the join fails, join again from where it got
+    /// to, after a backoff, so a Kafka outage delays items but loses none.
+    pub(super) async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let start = StartAt::Offset(self.next);
+            let joined = match self.mode {
+                Mode::Full => self.state.catchup.join_events(self.source.clone(), start).await,
+                Mode::Notify => self.state.catchup.join(self.source.clone(), start).await,
+            };
+            match joined {
+                Ok(mut stream) => {
+                    while let Some(item) = stream.next().await {
+                        backoff = Duration::from_millis(100);
+                        let msg = match self.step(item) {
+                            Step::Send(msg) => msg,
+                            Step::Skip => continue,
+                            Step::Rejoin => break,
+                        };
+                        if !hand(&self.tx, &self.close, msg, self.state.send_timeout()).await {
+                            return;
+                        }
+                    }
+                }
+                Err(e) if permanent(&e) => {
+                    let item = ErrorItem::of_channel(&self.channel, ErrorCode::SubscriptionFailed, e.to_string());
+                    hand(&self.tx, &self.close, Msg::error(&item), self.state.send_timeout()).await;
+                    return;
+                }
+                Err(e) => tracing::warn!(channel = %short(&self.channel), error = %e, "join failed; retrying"),
+            }
+            if self.tx.is_closed() {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// The client's item for one item of the join, moving `next` past it.
+    fn step(&mut self, item: Result<Delivery, JoinError>) -> Step {
+        match item {
+            Ok(Delivery::History(r)) => {
+                self.next = r.position.offset + 1;
+                let item = EventItem::record(&self.channel, &r.event, &r.position, self.mode == Mode::Full);
+                Step::Send(Msg::event(&item, Some((self.hash, r.position.partition, self.next))))
+            }
+            Ok(Delivery::Live(n)) => {
+                let Some(p) = n.position.as_ref() else { return Step::Skip };
+                self.next = p.offset + 1;
+                let advance = Some((self.hash, p.partition, self.next));
+                Step::Send(Msg::event(&EventItem::notification(&self.channel, &n), advance))
+            }
+            Ok(Delivery::Truncated { requested, first_available }) => {
+                self.next = first_available;
+                let item = ResetItem::truncated(&self.channel, requested, first_available);
+                Step::Send(Msg::reset(&item, Some((self.hash, self.partition, first_available))))
+            }
+            Ok(_) => Step::Skip,
+            Err(
+                e @ (JoinError::Replay(ReplayError::Decode { .. })
+                | JoinError::Unmergeable { .. }
+                | JoinError::Malformed { .. }),
+            ) => Step::Send(Msg::error(&ErrorItem::of_channel(&self.channel, ErrorCode::Undeliverable, e.to_string()))),
+            Err(e) => {
+                tracing::warn!(channel = %short(&self.channel), error = %e, "join ended; joining again");
+                Step::Rejoin
+            }
+        }
+    }
+}
+
+/// A join error that joining again cannot cure.
+fn permanent(e: &JoinError) -> bool {
+    matches!(
+        e,
+        JoinError::Replay(ReplayError::Request { .. } | ReplayError::Config(_))
+            | JoinError::Hub(HubError::InvalidTarget { .. } | HubError::Channel(_) | HubError::Config(_))
+    )
+}
+
+/// At most 200 characters of a name, for logs.
+fn short(name: &str) -> String {
+    name.chars().take(200).collect()
+}
+
+/// A pattern's or an aggregate channel's live subscription.
+pub(super) struct LiveTask {
+    pub(super) state: Arc<AppState>,
+    /// The name the client subscribed to.
+    pub(super) name: Arc<str>,
+    pub(super) tx: mpsc::Sender<Msg>,
+    pub(super) close: Arc<watch::Sender<Option<CloseReason>>>,
+}
+
+impl LiveTask {
+    pub(super) async fn run(self, mut live: LiveStream) {
+        let mut channel = String::new();
+        while let Some(item) = live.next().await {
+            let msg = match item {
+                LiveItem::Notification(n) => {
+                    channel.clear();
+                    self.state.namer.write_channel(&n.source_type, &n.source_id, &mut channel);
+                    Msg::event(&EventItem::notification(&channel, &n).through(&self.name), None)
+                }
+                LiveItem::Gap | LiveItem::Lagged { .. } | LiveItem::Dropped { .. } => {
+                    let reason = match item {
+                        LiveItem::Gap => "Redis reconnected: notifications published meanwhile were missed",
+                        _ => "this connection fell behind the live notifications: some were missed",
+                    };
+                    Msg::reset(&ResetItem::new(&self.name, reason), None)
+                }
+                LiveItem::Malformed { channel, reason } => {
+                    Msg::error(&ErrorItem::of_channel(&channel, ErrorCode::Undeliverable, &*reason))
+                }
+                _ => continue,
+            };
+            if !hand(&self.tx, &self.close, msg, self.state.send_timeout()).await {
+                return;
+            }
+        }
+    }
+}
