@@ -1416,6 +1416,20 @@ mod tests {
         assert_eq!(a.got, of_key(0, 1_000, "b"));
     }
 
+    /// A read of "b" from 500, followed to 700, then a read of "a" from 100
+    /// (older than the 64-record cache), and a move back asked for.
+    fn a_read_behind_a_read_in_progress() -> (Tansu, TopicReader, Read, Read) {
+        let broker = Tansu::new(1, 1_000);
+        let mut r = reader(64);
+        let (req_a, mut a) = Read::new(500, 1_000, "b");
+        r.add(&broker, 0, req_a);
+        pump(&mut r, &broker, &mut [&mut a], |o| o < 700);
+        let (req_b, b) = Read::new(100, 400, "a");
+        r.add(&broker, 0, req_b);
+        r.move_back(&broker);
+        (broker, r, a, b)
+    }
+
     /// A backfill reader does not move back under a read in progress: a
     /// read from older than its cache waits until the reads in progress are
     /// done, then one move back serves it (and every read that waited with
@@ -1424,14 +1438,7 @@ mod tests {
     /// few seconds from scattered offsets it got almost nowhere.
     #[test]
     fn a_backfill_reader_moves_back_only_once_the_reads_in_progress_are_done() {
-        let broker = Tansu::new(1, 1_000);
-        let mut r = reader(64);
-        let (req_a, mut a) = Read::new(500, 1_000, "b");
-        r.add(&broker, 0, req_a);
-        pump(&mut r, &broker, &mut [&mut a], |o| o < 700);
-        let (req_b, mut b) = Read::new(100, 400, "a");
-        r.add(&broker, 0, req_b);
-        r.move_back(&broker);
+        let (broker, mut r, mut a, mut b) = a_read_behind_a_read_in_progress();
         assert_eq!(*broker.seeks.borrow(), [500], "no move back while a read is in progress");
         pump(&mut r, &broker, &mut [&mut a, &mut b], |_| true);
         assert_eq!(a.got, of_key(500, 1_000, "b"), "the read in progress went on to its end");
@@ -1520,14 +1527,7 @@ mod tests {
     /// progress, and both get every record of their key.
     #[test]
     fn a_read_behind_waits_for_the_reads_in_progress_at_most_behind_max() {
-        let broker = Tansu::new(1, 1_000);
-        let mut r = reader(64);
-        let (req_a, mut a) = Read::new(500, 1_000, "b");
-        r.add(&broker, 0, req_a);
-        pump(&mut r, &broker, &mut [&mut a], |o| o < 700);
-        let (req_b, mut b) = Read::new(100, 400, "a");
-        r.add(&broker, 0, req_b);
-        r.move_back(&broker);
+        let (broker, mut r, mut a, mut b) = a_read_behind_a_read_in_progress();
         assert_eq!(*broker.seeks.borrow(), [500], "the read in progress goes on");
         r.parts.get_mut(&0).expect("followed").behind_since = Some(Instant::now() - BEHIND_MAX);
         r.move_back(&broker);
