@@ -22,8 +22,12 @@ pub struct JoinConfig {
     pub cache_records: usize,
     /// Kafka consumers per topic that serve reads older than the cache (a
     /// resume from minutes ago, from offset 0), so that such a read never
-    /// moves the shared tail reader back for every join. A partition always
-    /// goes to the same one. Default: 2.
+    /// moves the shared tail reader back for every join. Each far read goes
+    /// to the one that serves it soonest: one whose cache covers it or that
+    /// gets there within a few thousand records, else an idle or new one,
+    /// else one that does not follow its partition; a reader moves back
+    /// only when all of them follow the partition from above. Started as
+    /// needed. Default: 4.
     pub backfill_readers: usize,
     /// How long a join waits, in milliseconds, for the notifications of the
     /// offsets between its last delivered event and a live notification
@@ -39,7 +43,7 @@ pub struct JoinConfig {
 
 impl Default for JoinConfig {
     fn default() -> Self {
-        Self { buffer: 256, idle_check_ms: 1_000, cache_records: 4_096, backfill_readers: 2, reorder_window_ms: 10 }
+        Self { buffer: 256, idle_check_ms: 1_000, cache_records: 4_096, backfill_readers: 4, reorder_window_ms: 10 }
     }
 }
 

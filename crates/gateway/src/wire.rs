@@ -450,6 +450,8 @@ pub(crate) struct Readiness {
     pub(crate) clients: Clients,
     /// How many times Kafka and Redis were checked.
     pub(crate) health_checks: u64,
+    /// The shared Kafka readers' counters (`CatchUp::stats`).
+    pub(crate) history: HistoryHealth,
     /// The hub's state, when it answered.
     pub(crate) hub: Option<HubHealth>,
     /// Kafka's health.
@@ -477,6 +479,35 @@ pub(crate) struct HubHealth {
     pub(crate) disconnects: u64,
     pub(crate) patterns: usize,
     pub(crate) subscribers: usize,
+}
+
+/// The shared Kafka readers' counters: how joins were served (see
+/// `dualstream_consumer::HistoryStats`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct HistoryHealth {
+    pub(crate) backfill_reads: u64,
+    pub(crate) consumers: u64,
+    pub(crate) parked: u64,
+    pub(crate) parked_dropped: u64,
+    pub(crate) range_reads: u64,
+    pub(crate) range_reads_cached: u64,
+    pub(crate) records_read: u64,
+    pub(crate) seeks: u64,
+}
+
+impl From<dualstream_consumer::HistoryStats> for HistoryHealth {
+    fn from(s: dualstream_consumer::HistoryStats) -> Self {
+        Self {
+            consumers: s.consumers,
+            range_reads: s.range_reads,
+            range_reads_cached: s.range_reads_cached,
+            backfill_reads: s.backfill_reads,
+            seeks: s.seeks,
+            records_read: s.records_read,
+            parked: s.parked,
+            parked_dropped: s.parked_dropped,
+        }
+    }
 }
 
 /// Kafka's health.
@@ -635,6 +666,7 @@ mod tests {
             clients: Clients { sse: 1, ws: 2 },
             health_checks: 7,
             hub: Some(HubHealth { channels: 3, connected: true, disconnects: 1, patterns: 0, subscribers: 4 }),
+            history: HistoryHealth { consumers: 2, range_reads: 10, seeks: 1, ..HistoryHealth::default() },
             kafka: KafkaHealth { error: None, ok: true },
             queue: 5,
             ready: true,
@@ -652,6 +684,8 @@ mod tests {
             "kafka": {"ok": true, "error": null},
             "redis": {"ok": false, "error": "down", "breaker": "closed", "published": 9, "skipped": 2, "failed": 1},
             "hub": {"connected": true, "channels": 3, "patterns": 0, "subscribers": 4, "disconnects": 1},
+            "history": {"consumers": 2, "range_reads": 10, "range_reads_cached": 0, "backfill_reads": 0, "seeks": 1,
+                "records_read": 0, "parked": 0, "parked_dropped": 0},
             "queue": 5,
             "clients": {"sse": 1, "ws": 2},
             "health_checks": 7,

@@ -22,8 +22,9 @@
 //!   (a resume from minutes ago, from offset 0) never moves the tail
 //!   reader's position back, which would hold every join at the tail behind
 //!   it. The tail reader hands it to a small pool of backfill readers per
-//!   topic (`backfill_readers`, one consumer each; a partition always goes
-//!   to the same one). A backfill reader works like the tail reader, except
+//!   topic (`backfill_readers`, one consumer each, started as needed; each
+//!   far read goes to the one that serves it soonest, [`choose_backfill`]).
+//!   A backfill reader works like the tail reader, except
 //!   that a range older than its cache waits for the reads in progress to
 //!   end, then moves its position back once for all that waited, and it
 //!   stops following a partition a few seconds after its last read. A join's next range, near the tail, goes
@@ -152,6 +153,11 @@ const BACKFILL_CACHE_RECORDS: usize = 32_768;
 /// Bytes (keys, payloads, headers) a partition's cache holds at most,
 /// whatever its record count: large payloads cannot make it huge.
 const CACHE_MAX_BYTES: usize = 32 << 20;
+/// A far read goes to a backfill reader that follows its partition from
+/// below when it is at most this many records ahead of the reader's
+/// position (the reader gets there in a second or two); further ahead, to
+/// a reader free to start there.
+const BACKFILL_AHEAD: i64 = 8_192;
 /// How long a read older than a backfill reader's cache waits for the reads
 /// in progress to end before the reader moves back anyway (they go on from
 /// the lower position; nothing is lost, they read some records again).
@@ -304,9 +310,9 @@ struct Inner {
     watched: Mutex<HashMap<Tp, Watched>>,
     wake: Notify,
     readers: Mutex<HashMap<Arc<str>, RangeSender>>,
-    /// The backfill readers, per topic and slot (`partition %
-    /// backfill_readers`).
-    backfill: Mutex<HashMap<(Arc<str>, usize), RangeSender>>,
+    /// The backfill readers, per topic (at most `backfill_readers`): each
+    /// far read goes to the one that serves it soonest ([`choose_backfill`]).
+    backfill: Mutex<HashMap<Arc<str>, Vec<Backfill>>>,
     backfill_readers: usize,
     /// Per partition, one past the highest offset the topic readers have
     /// received. A broker never returns a record at or above its high
@@ -460,7 +466,7 @@ impl History {
             match readers.get(&tp.0) {
                 Some(s) if !s.is_closed() => s.clone(),
                 _ => {
-                    let s = self.inner.spawn_reader(&tp.0, Role::Tail)?;
+                    let s = self.inner.spawn_reader(&tp.0, Role::Tail)?.sender;
                     readers.insert(Arc::clone(&tp.0), s.clone());
                     s
                 }
@@ -472,15 +478,18 @@ impl History {
 }
 
 impl Inner {
-    /// A topic reader task of `role` with a consumer of its own.
-    fn spawn_reader(self: &Arc<Self>, topic: &Arc<str>, role: Role) -> Result<RangeSender, ReplayError> {
+    /// A topic reader task of `role` with a consumer of its own, and what it
+    /// follows.
+    fn spawn_reader(self: &Arc<Self>, topic: &Arc<str>, role: Role) -> Result<Backfill, ReplayError> {
         let consumer: StreamConsumer = self.config.client_config()?.create()?;
         Counters::add(&self.counters.consumers, 1);
         let (s, r) = mpsc::unbounded_channel();
+        let spans = Spans::default();
         let reader = TopicReader {
             topic: Arc::clone(topic),
             role,
             parts: HashMap::new(),
+            spans: Arc::clone(&spans),
             cache_records: match role {
                 Role::Tail => self.cache_records,
                 Role::Backfill => self.cache_records.max(BACKFILL_CACHE_RECORDS),
@@ -490,21 +499,25 @@ impl Inner {
             inner: Arc::downgrade(self),
         };
         tokio::spawn(reader.run(consumer, r));
-        Ok(s)
+        Ok(Backfill { sender: s, spans })
     }
 
-    /// Hand a read from far back to the topic's backfill reader for its
-    /// partition; a read that cannot be handed over fails (its join ends
-    /// with the error, nothing is skipped).
+    /// Hand a read from far back to one of the topic's backfill readers
+    /// ([`choose_backfill`]); a read that cannot be handed over fails (its
+    /// join ends with the error, nothing is skipped).
     fn backfill(self: &Arc<Self>, topic: &Arc<str>, p: i32, req: Req) {
         Counters::add(&self.counters.backfill_reads, 1);
-        let slot = (Arc::clone(topic), p.rem_euclid(self.backfill_readers as i32) as usize);
         let sender = {
             let mut pool = self.backfill.lock().unwrap_or_else(PoisonError::into_inner);
-            match pool.get(&slot) {
-                Some(s) if !s.is_closed() => Ok(s.clone()),
-                _ => self.spawn_reader(topic, Role::Backfill).inspect(|s| {
-                    pool.insert(slot, s.clone());
+            let readers = pool.entry(Arc::clone(topic)).or_default();
+            readers.retain(|b| !b.sender.is_closed());
+            let views: Vec<View> = readers.iter().map(|b| b.view(p)).collect();
+            match choose_backfill(&views, req.next, self.backfill_readers, BACKFILL_AHEAD) {
+                Some(i) => Ok(readers[i].sender.clone()),
+                None => self.spawn_reader(topic, Role::Backfill).map(|b| {
+                    let s = b.sender.clone();
+                    readers.push(b);
+                    s
                 }),
             }
         };
@@ -759,9 +772,17 @@ struct Part {
     /// One past the highest offset received, shared with the watermark
     /// poller (`Inner::seen`).
     seen: Arc<AtomicI64>,
+    /// `covered_from` and `pos`, for the router of far reads.
+    span: Arc<Span>,
 }
 
 impl Part {
+    /// Tell the router where the cache and the position are.
+    fn publish(&self) {
+        self.span.covered_from.store(self.covered_from, Ordering::Relaxed);
+        self.span.pos.store(self.pos, Ordering::Relaxed);
+    }
+
     /// Offer a read the cached records from its `next` on. `Step::Go` means
     /// it has them all and waits at the position for the next record.
     fn serve_cached(&self, r: Req) -> Step {
@@ -852,6 +873,71 @@ impl Part {
     }
 }
 
+/// What a reader follows of one partition, for the router: its cache
+/// covers `[covered_from, pos)`. Written by the reader as it reads.
+#[derive(Debug, Default)]
+struct Span {
+    covered_from: AtomicI64,
+    pos: AtomicI64,
+}
+
+/// A reader's spans per partition followed.
+type Spans = Arc<Mutex<HashMap<i32, Arc<Span>>>>;
+
+/// A backfill reader as the router sees it.
+struct Backfill {
+    sender: RangeSender,
+    spans: Spans,
+}
+
+impl Backfill {
+    fn view(&self, p: i32) -> View {
+        let spans = self.spans.lock().unwrap_or_else(PoisonError::into_inner);
+        View {
+            parts: spans.len(),
+            span: spans.get(&p).map(|s| (s.covered_from.load(Ordering::Relaxed), s.pos.load(Ordering::Relaxed))),
+        }
+    }
+}
+
+/// One backfill reader, seen from a far read of partition `p`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct View {
+    /// Partitions it follows.
+    parts: usize,
+    /// Its `(covered_from, pos)` of `p`, when it follows `p`.
+    span: Option<(i64, i64)>,
+}
+
+/// Which backfill reader takes a far read of a partition from `next`: an
+/// index into `views`, or `None` to start a new reader. A reader has one
+/// position per partition, so two reads far apart on one reader make it
+/// move back and forth, and with clients resuming every few seconds from
+/// scattered offsets a reader that moved back for each got almost nowhere.
+/// In order of preference:
+///
+/// 1. a reader whose cache covers `next`, or that reaches it within `ahead`
+///    records: nothing moves;
+/// 2. a reader that follows nothing;
+/// 3. a new reader, while there are fewer than `max`;
+/// 4. the reader following the fewest partitions, among those that do not
+///    follow this one: it starts reading it at `next`;
+/// 5. a reader that follows the partition from below: it gets there;
+/// 6. the reader that moves back least.
+fn choose_backfill(views: &[View], next: i64, max: usize, ahead: i64) -> Option<usize> {
+    let pick = |f: &dyn Fn(&View) -> Option<i64>| {
+        views.iter().enumerate().filter_map(|(i, v)| f(v).map(|k| (k, i))).min().map(|(_, i)| i)
+    };
+    let covers = |v: &View| v.span.and_then(|(from, pos)| (from <= next && next <= pos + ahead).then_some(0));
+    pick(&covers)
+        .or_else(|| pick(&|v| (v.parts == 0).then_some(0)))
+        .or_else(|| if views.len() < max { Some(usize::MAX) } else { None })
+        .or_else(|| pick(&|v| v.span.is_none().then_some(v.parts as i64)))
+        .or_else(|| pick(&|v| v.span.and_then(|(_, pos)| (pos < next).then_some(next - pos))))
+        .or_else(|| pick(&|v| v.span.map(|(from, _)| from - next)))
+        .filter(|&i| i != usize::MAX)
+}
+
 /// What a topic reader serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
@@ -865,6 +951,8 @@ struct TopicReader {
     topic: Arc<str>,
     role: Role,
     parts: HashMap<i32, Part>,
+    /// What it follows, for the router of far reads.
+    spans: Spans,
     cache_records: usize,
     seen: Arc<Mutex<HashMap<Tp, Arc<AtomicI64>>>>,
     timeout: Duration,
@@ -963,6 +1051,8 @@ impl TopicReader {
         let seen = Arc::clone(
             self.seen.lock().unwrap_or_else(PoisonError::into_inner).entry((Arc::clone(&self.topic), p)).or_default(),
         );
+        let span = Arc::new(Span { covered_from: AtomicI64::new(req.next), pos: AtomicI64::new(req.next) });
+        self.spans.lock().unwrap_or_else(PoisonError::into_inner).insert(p, Arc::clone(&span));
         self.parts.insert(
             p,
             Part {
@@ -979,6 +1069,7 @@ impl TopicReader {
                 used: now,
                 skipped: 0,
                 seen,
+                span,
             },
         );
     }
@@ -1021,6 +1112,7 @@ impl TopicReader {
             part.progress = Instant::now();
             part.reqs.append(&mut part.behind);
             part.behind_since = None;
+            part.publish();
             // Parked reads (above `to`) are served again by the sweep.
             let parked = std::mem::take(&mut part.parked);
             part.reqs.extend(parked);
@@ -1075,6 +1167,7 @@ impl TopicReader {
                         part.cache.clear();
                         part.cache_bytes = 0;
                         part.probe = Some(Probe { requested: need, back });
+                        part.publish();
                         return;
                     }
                     Err(e) => {
@@ -1124,6 +1217,7 @@ impl TopicReader {
         part.cache_bytes += rec.size;
         part.cache.push_back(rec);
         let dropped = part.serve_parked() + part.trim(self.cache_records);
+        part.publish();
         self.count(|c| &c.records_read, 1);
         if parked > 0 {
             self.count(|c| &c.parked, parked);
@@ -1166,9 +1260,12 @@ impl TopicReader {
         if drop_parts.is_empty() {
             return;
         }
+        let mut spans = self.spans.lock().unwrap_or_else(PoisonError::into_inner);
         for p in &drop_parts {
             self.parts.remove(p);
+            spans.remove(p);
         }
+        drop(spans);
         if let Err(e) = consumer.unassign(&self.topic, &drop_parts) {
             tracing::warn!(topic = %self.topic, error = %e, "history reader: unassign failed");
         }
@@ -1278,6 +1375,7 @@ mod tests {
             topic: Arc::from("t"),
             role: Role::Backfill,
             parts: HashMap::new(),
+            spans: Spans::default(),
             cache_records,
             seen: Arc::default(),
             timeout: Duration::from_secs(1),
@@ -1618,5 +1716,72 @@ mod tests {
         assert_eq!(cache.get("a", look_up(true)).await.ok(), Some(4), "retried after 200 ms");
         assert_eq!(cache.get("a", async { unreachable!("cached") }).await.ok(), Some(4));
         assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    fn following(covered_from: i64, pos: i64, parts: usize) -> View {
+        View { parts, span: Some((covered_from, pos)) }
+    }
+
+    fn other(parts: usize) -> View {
+        View { parts, span: None }
+    }
+
+    /// Far reads go where nothing has to move back: a reader that covers
+    /// the offset or gets there soon, an idle one, a new one, one that does
+    /// not follow the partition; only then one that moves back, the least.
+    #[test]
+    fn a_far_read_goes_to_the_reader_that_serves_it_soonest() {
+        let choose = |views: &[View], next| choose_backfill(views, next, 3, 100);
+        // Covered, or at most `ahead` past the position.
+        assert_eq!(choose(&[following(0, 50, 1), following(1_000, 2_000, 1)], 1_500), Some(1));
+        assert_eq!(choose(&[following(0, 50, 1), following(1_000, 2_000, 1)], 2_100), Some(1));
+        assert_eq!(choose(&[following(0, 50, 1), following(1_000, 2_000, 1)], 20), Some(0));
+        // Past both: an idle reader, then a new one (fewer than 3).
+        assert_eq!(choose(&[following(0, 50, 1), other(0)], 5_000), Some(1));
+        assert_eq!(choose(&[following(0, 50, 1), following(1_000, 2_000, 1)], 5_000), None);
+        assert_eq!(choose(&[], 5_000), None);
+        // Three readers: one that does not follow the partition, the least busy.
+        let full = [following(1_000, 2_000, 1), other(3), other(2)];
+        assert_eq!(choose(&full, 500), Some(2));
+        // All follow it: the one that reaches the offset first from below...
+        let all = [following(6_000, 7_000, 1), following(0, 300, 2), following(0, 900, 2)];
+        assert_eq!(choose(&all, 5_000), Some(2));
+        // ...and when all are past it, the one that moves back least.
+        let past = [following(3_000, 4_000, 1), following(1_000, 2_000, 1), following(2_000, 2_500, 1)];
+        assert_eq!(choose(&past, 500), Some(1));
+        // A pool of one: always that one.
+        assert_eq!(choose_backfill(&[following(3_000, 4_000, 1)], 0, 1, 100), Some(0));
+    }
+
+    /// The reader tells the router what its cache covers as it reads, after
+    /// moving back, and stops once it no longer follows the partition.
+    #[test]
+    fn a_reader_publishes_what_its_cache_covers() {
+        let broker = Tansu::new(1, 1_000);
+        let mut r = reader(100);
+        let (req, _read) = Read::new(500, 1_000, "a");
+        r.add(&broker, 0, req);
+        let span = |r: &TopicReader| {
+            r.spans
+                .lock()
+                .unwrap()
+                .get(&0)
+                .map(|s| (s.covered_from.load(Ordering::Relaxed), s.pos.load(Ordering::Relaxed)))
+        };
+        assert_eq!(span(&r), Some((500, 500)));
+        for _ in 0..150 {
+            let o = broker.next().expect("a record");
+            r.on_record(&broker, 0, o, || rec(o));
+        }
+        assert_eq!(span(&r), Some((550, 650)), "the last 100 records");
+        let (far, _far) = Read::new(10, 1_000, "b");
+        r.add(&broker, 0, far);
+        r.parts.get_mut(&0).expect("part").reqs.clear();
+        r.move_back(&broker);
+        assert_eq!(span(&r), Some((10, 10)), "moved back");
+        r.parts.get_mut(&0).expect("part").reqs.clear();
+        r.parts.get_mut(&0).expect("part").used = Instant::now() - BACKFILL_LINGER * 2;
+        r.housekeeping(&broker);
+        assert_eq!(span(&r), None, "no longer followed");
     }
 }

@@ -67,6 +67,7 @@ pub(crate) async fn readiness(state: &AppState) -> Readiness {
             ws: state.ws_clients.load(Ordering::Relaxed),
         },
         health_checks: state.health_checks.load(Ordering::Relaxed),
+        history: state.catchup.stats().into(),
         hub: hub.map(|h| HubHealth {
             channels: h.channels,
             connected: h.connected,

@@ -555,6 +555,30 @@ struct GatewayClients {
     stop: Arc<AtomicBool>,
     targets: tokio::sync::watch::Sender<Option<Arc<HashMap<usize, i64>>>>,
     handles: Vec<JoinHandle<gateway::GatewayLog>>,
+    /// Prints the gateway's shared-reader counters every 30 s.
+    monitor: Option<JoinHandle<()>>,
+}
+
+/// The gateway's shared Kafka readers' counters, from `/readyz` with an admin token, printed as one
+/// line (how its clients' joins were served: a slow catch-up shows here).
+async fn print_gateway_history(http: &reqwest::Client, base: &str, started: Instant) {
+    let auth = dualstream_gateway::Auth::new(&dualstream_gateway::AuthConfig {
+        secret: GATEWAY_SECRET.into(),
+        ..dualstream_gateway::AuthConfig::default()
+    })
+    .expect("auth");
+    let mut claims = auth.claims(Some("chaos-admin".into()), Vec::new(), Vec::new(), 3_600);
+    claims.admin = true;
+    let jwt = auth.mint(&claims).expect("token");
+    let at = started.elapsed().as_secs();
+    let answer = http.get(format!("{base}/readyz")).bearer_auth(jwt).timeout(Duration::from_secs(5)).send().await;
+    match answer {
+        Ok(r) => match r.json::<serde_json::Value>().await {
+            Ok(v) => println!("gateway history at {at} s: {}", v["history"]),
+            Err(e) => println!("gateway history at {at} s: unreadable ({e})"),
+        },
+        Err(e) => println!("gateway history at {at} s: no answer ({e})"),
+    }
 }
 
 /// Gateway clients: SSE and WebSocket, notify and full mode, in turn.
@@ -590,7 +614,16 @@ fn start_gateway_clients(a: &Args, services: &Services, started: Instant) -> Gat
         })
         .collect();
 
-    GatewayClients { stop: gateway_stop, targets: targets_tx, handles }
+    let monitor = gateway_base.map(|base| {
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            loop {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                print_gateway_history(&http, &base, started).await;
+            }
+        })
+    });
+    GatewayClients { stop: gateway_stop, targets: targets_tx, handles, monitor }
 }
 
 /// What the run's tasks left when they ended.
@@ -615,7 +648,7 @@ async fn wind_down(
     witness_task: JoinHandle<clients::Witnessed>,
 ) -> Ended {
     let (stop, sent, started) = (&load.stop, &load.sent, load.started);
-    let GatewayClients { stop: gateway_stop, targets: targets_tx, handles: gateway_clients } = gw;
+    let GatewayClients { stop: gateway_stop, targets: targets_tx, handles: gateway_clients, monitor } = gw;
     stop.store(true, Ordering::Relaxed);
     // A harness task that panicked took its log with it: the run fails.
     let mut harness_panics = 0;
@@ -648,6 +681,9 @@ async fn wind_down(
             Ok(log) => gateway_logs.push(log),
             Err(_) => harness_panics += 1,
         }
+    }
+    if let Some(m) = monitor {
+        m.abort();
     }
     let witnessed = witness_task.await.unwrap_or_else(|_| {
         harness_panics += 1;
