@@ -1,7 +1,7 @@
 //! The gateway in a real browser: a headless Chromium (through chromedriver and fantoccini) opens the
 //! dashboard at `/`, events are published over HTTP, and the page must show their ids in `#latest`, their
 //! source types with exact totals in `#rates`, and Kafka "up"; and a page's `EventSource` opened with a
-//! ticket (the README's snippet) receives the events published after it.
+//! ticket (docs/getting-started.md's snippet) receives the events published after it.
 //!
 //! Needs the stack (`cargo xtask test`) and `chromium` + `chromedriver` on PATH: without them the test
 //! fails and says how to install them. With `DASHBOARD_SCREENSHOT=<path>` set, the page as last checked
@@ -109,8 +109,8 @@ async fn the_dashboard_shows_published_events_in_a_headless_browser() {
     client.close().await.expect("close the browser session");
 }
 
-/// The README's `EventSource` snippet, run in the dashboard's page (same origin): a token traded for a
-/// ticket, the ticket in the stream's URL; the page then receives what is published.
+/// docs/getting-started.md's `EventSource` snippet, run in the dashboard's page (same origin): a token
+/// traded for a ticket, the ticket in the stream's URL; the page then receives what is published.
 const EVENT_SOURCE: &str = r##"
 const [token, pattern, done] = arguments;
 window.received = [];

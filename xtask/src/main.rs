@@ -248,24 +248,39 @@ fn test_only(only: &[String], busy: u32, args: &[String]) -> Result<(), String> 
     preflight::ensure(only).and_then(|()| stack::install_tansu()).and_then(|_| {
         with_stack(|s| {
             let mut totals = (0, 0);
-            let mut cmd = cargo();
-            cmd.args(["test", "--no-fail-fast"]);
-            for t in only {
-                if t.starts_with("dualstream-") {
-                    cmd.args(["-p", t]);
-                } else {
-                    cmd.args(["-p", "dualstream-tests", "--test", t]);
+            // The harness has binaries and no library: its tests are a run of their own.
+            let (harness, only): (Vec<&String>, Vec<&String>) =
+                only.iter().partition(|t| t.as_str() == "dualstream-harness");
+            let mut cmds = Vec::new();
+            if !only.is_empty() {
+                let mut cmd = cargo();
+                cmd.args(["test", "--no-fail-fast"]);
+                for t in &only {
+                    if t.starts_with("dualstream-") {
+                        cmd.args(["-p", t]);
+                    } else {
+                        cmd.args(["-p", "dualstream-tests", "--test", t]);
+                    }
                 }
+                if only.iter().any(|t| t.starts_with("dualstream-")) {
+                    // Once: cargo refuses `--lib` given twice.
+                    cmd.arg("--lib");
+                }
+                cmds.push(cmd);
             }
-            if only.iter().any(|t| t.starts_with("dualstream-")) {
-                // Once: cargo refuses `--lib` given twice.
-                cmd.arg("--lib");
-            }
-            if !args.is_empty() {
-                cmd.arg("--").args(args);
+            if !harness.is_empty() {
+                let mut cmd = cargo();
+                cmd.args(["test", "--no-fail-fast", "-p", "dualstream-harness", "--bins"]).args(HARNESS_TESTED);
+                cmds.push(cmd);
             }
             let _busy = reliability::Busy::start(busy as usize)?;
-            let result = run_tests(s.env(&mut cmd), &mut totals);
+            let mut result = Ok(());
+            for mut cmd in cmds {
+                if !args.is_empty() {
+                    cmd.arg("--").args(args);
+                }
+                result = result.and(run_tests(s.env(&mut cmd), &mut totals));
+            }
             println!("xtask: {} passed, {} failed", totals.0, totals.1);
             result
         })

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dualstream_consumer::{Delivery, HubError, JoinError, LiveItem, LiveStream, ReplayError, StartAt};
-use dualstream_core::Source;
+use dualstream_core::{Backoff, Source};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
@@ -70,11 +70,14 @@ pub(super) struct ChannelTask {
     pub(super) close: Arc<watch::Sender<Option<CloseReason>>>,
 }
 
+/// The waits between a channel's failed joins.
+const REJOIN_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+
 impl ChannelTask {
     /// Join from `next`; when the join fails, join again from where it got
     /// to, after a backoff, so a Kafka outage delays items but loses none.
     pub(super) async fn run(mut self) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = REJOIN_BACKOFF.first();
         loop {
             let start = StartAt::Offset(self.next);
             let joined = match self.mode {
@@ -84,7 +87,7 @@ impl ChannelTask {
             match joined {
                 Ok(mut stream) => {
                     while let Some(item) = stream.next().await {
-                        backoff = Duration::from_millis(100);
+                        backoff = REJOIN_BACKOFF.first();
                         let msg = match self.step(item) {
                             Step::Send(msg) => msg,
                             Step::Skip => continue,
@@ -106,7 +109,7 @@ impl ChannelTask {
                 return;
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = REJOIN_BACKOFF.after(backoff);
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 use dualstream::prelude::*;
 use dualstream_devstack::clients::*;
 
-use crate::{events, Profile, Row};
+use crate::{notifications, Profile, Row};
 
 /// The notifier's throughput on a 3-master Redis Cluster on loopback
 /// (sharded Pub/Sub: pipelines grouped by slot, SPUBLISH) against the same
@@ -18,12 +18,7 @@ pub(super) async fn cluster_throughput(redis_url: &str, p: &Profile, rows: &mut 
         RedisNotifier::new(RedisNotifierConfig { cluster_urls: cluster.urls(), ..RedisNotifierConfig::default() })
             .expect("cluster notifier");
     let single = redis_notifier(redis_url);
-    let evs = events(p.notify_events, 150);
-    let notes: Vec<Notification> = evs
-        .iter()
-        .enumerate()
-        .map(|(i, e)| Notification::for_event(e, Some(Position::new("t", 0, i as i64))))
-        .collect();
+    let notes = notifications(p.notify_events);
     let run = |n: RedisNotifier| {
         let notes = &notes;
         async move {

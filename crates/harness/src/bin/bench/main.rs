@@ -88,6 +88,15 @@ fn events(n: usize, size: usize) -> Vec<Event> {
         .collect()
 }
 
+/// `n` notifications of 150-byte events, at offsets 0, 1, … of partition 0 of topic `t`.
+fn notifications(n: usize) -> Vec<Notification> {
+    events(n, 150)
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Notification::for_event(e, Some(Position::new("t", 0, i as i64))))
+        .collect()
+}
+
 fn sink_config(brokers: &str, topic: &str) -> KafkaSinkConfig {
     KafkaSinkConfig {
         bootstrap_servers: brokers.to_owned(),

@@ -18,7 +18,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::measure::{CpuPerEvent, CpuSnap, Pids};
-use crate::{events, payload, percentile, sink_config, Profile, Row};
+use crate::{events, notifications, payload, percentile, sink_config, Profile, Row};
 
 pub(super) async fn raw_producer(brokers: &str, topic: &str) -> FutureProducer {
     let p: FutureProducer = sink_config(brokers, topic).client_config().expect("config").create().expect("producer");
@@ -354,12 +354,7 @@ pub(super) async fn dual_throughput(brokers: &str, redis_url: &str, p: &Profile,
 
 pub(super) async fn realtime_throughput(redis_url: &str, p: &Profile, rows: &mut Vec<Row>) {
     let notifier = redis_notifier(redis_url);
-    let evs = events(p.notify_events, 150);
-    let notes: Vec<Notification> = evs
-        .iter()
-        .enumerate()
-        .map(|(i, e)| Notification::for_event(e, Some(Position::new("t", 0, i as i64))))
-        .collect();
+    let notes = notifications(p.notify_events);
     notifier.notify_batch(&notes[..10]).await.expect("warm-up");
     let started = Instant::now();
     for chunk in notes.chunks(512) {
