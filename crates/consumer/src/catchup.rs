@@ -195,6 +195,7 @@ impl CatchUp {
             self.config.cache_records,
             self.config.backfill_readers,
         )?;
+        made.set_backfill_rate(self.config.backfill_records_per_sec);
         *h = Some(made.clone());
         Ok(made)
     }

@@ -29,6 +29,13 @@ pub struct JoinConfig {
     /// only when all of them follow the partition from above. Started as
     /// needed. Default: 4.
     pub backfill_readers: usize,
+    /// Records a second the backfill readers may read together, so that
+    /// resumes from far back cannot take the broker's whole read capacity
+    /// from the reads at the tail. 0: unbounded. Kafka brokers serve reads
+    /// from the page cache, far faster than one consumer takes them; on
+    /// tansu 0.6 with PostgreSQL, which reads about 10,000 records a second
+    /// in all, set about 3,000 per process (docs/operations.md). Default: 0.
+    pub backfill_records_per_sec: u32,
     /// How long a join waits, in milliseconds, for the notifications of the
     /// offsets between its last delivered event and a live notification
     /// (another publisher's, still on its way) before it reads Kafka to
@@ -43,7 +50,14 @@ pub struct JoinConfig {
 
 impl Default for JoinConfig {
     fn default() -> Self {
-        Self { buffer: 256, idle_check_ms: 1_000, cache_records: 4_096, backfill_readers: 4, reorder_window_ms: 10 }
+        Self {
+            buffer: 256,
+            idle_check_ms: 1_000,
+            cache_records: 4_096,
+            backfill_readers: 4,
+            backfill_records_per_sec: 0,
+            reorder_window_ms: 10,
+        }
     }
 }
 

@@ -290,6 +290,33 @@ impl Counters {
     }
 }
 
+/// A token bucket: `rate` tokens a second, at most one second's worth kept.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32, now: Instant) -> Self {
+        Self { rate: f64::from(rate), tokens: f64::from(rate), at: now }
+    }
+
+    /// Refill for the time since the last call; `None` when a token is
+    /// there, else how long until one is.
+    fn wait(&mut self, now: Instant) -> Option<Duration> {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.at = now;
+        (self.tokens < 1.0).then(|| Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+    }
+
+    fn take(&mut self) {
+        self.tokens -= 1.0;
+    }
+}
+
 /// The answer to a caller of [`History::fresh`].
 type FreshReply = oneshot::Sender<Result<Marks, ReplayError>>;
 /// Range reads to a topic's reader task: the partition and the read.
@@ -314,6 +341,10 @@ struct Inner {
     /// far read goes to the one that serves it soonest ([`choose_backfill`]).
     backfill: Mutex<HashMap<Arc<str>, Vec<Backfill>>>,
     backfill_readers: usize,
+    /// Records a second the backfill readers may read together (none:
+    /// unbounded), so that reads from far back cannot take the broker's
+    /// whole read capacity from the tail reader ([`History::set_backfill_rate`]).
+    budget: Mutex<Option<Bucket>>,
     /// Per partition, one past the highest offset the topic readers have
     /// received. A broker never returns a record at or above its high
     /// watermark, so this is at most the watermark on Apache Kafka; on a
@@ -364,12 +395,25 @@ impl History {
             readers: Mutex::new(HashMap::new()),
             backfill: Mutex::new(HashMap::new()),
             backfill_readers: backfill_readers.max(1),
+            budget: Mutex::new(None),
             seen: Arc::new(Mutex::new(HashMap::new())),
             counters: Counters::default(),
             poller_started: std::sync::Once::new(),
         };
         Counters::add(&inner.counters.consumers, 1);
         Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Bound the records a second that the backfill readers read together
+    /// (0: unbounded). A broker's read capacity is shared: tansu 0.6 on
+    /// PostgreSQL reads about 10,000 records a second in all, and backfill
+    /// readers going at full speed held the tail reader's fetches past its
+    /// timeout. Once the budget is spent, the backfill readers stop taking
+    /// records until it refills (librdkafka stops fetching once its
+    /// prefetch queue is full); the tail reader is never held.
+    pub fn set_backfill_rate(&self, records_per_sec: u32) {
+        *self.inner.budget.lock().unwrap_or_else(PoisonError::into_inner) =
+            (records_per_sec > 0).then(|| Bucket::new(records_per_sec, Instant::now()));
     }
 
     /// Counters of the shared readers.
@@ -971,6 +1015,7 @@ impl TopicReader {
         let mut parked_poll = tokio::time::interval(PARKED_POLL);
         parked_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let throttled = self.throttled();
             tokio::select! {
                 req = rx.recv() => {
                     let Some((p, req)) = req else { return };
@@ -980,7 +1025,8 @@ impl TopicReader {
                     }
                     self.move_back(&consumer);
                 }
-                m = consumer.recv(), if !self.parts.is_empty() => match m {
+                () = tokio::time::sleep(throttled.unwrap_or_default()), if throttled.is_some() => {}
+                m = consumer.recv(), if !self.parts.is_empty() && throttled.is_none() => match m {
                     Ok(m) => self.on_message(&consumer, &m),
                     Err(e) => tracing::debug!(topic = %self.topic, role = ?self.role, error = %e, "history reader: consumer error"),
                 },
@@ -988,6 +1034,17 @@ impl TopicReader {
                 _ = tick.tick() => self.housekeeping(&consumer),
             }
         }
+    }
+
+    /// For a backfill reader whose budget is spent: how long until it may
+    /// take a record again.
+    fn throttled(&self) -> Option<Duration> {
+        if self.role != Role::Backfill {
+            return None;
+        }
+        let inner = self.inner.upgrade()?;
+        let mut budget = inner.budget.lock().unwrap_or_else(PoisonError::into_inner);
+        budget.as_mut()?.wait(Instant::now())
     }
 
     fn serve_parked(&mut self) {
@@ -1218,7 +1275,14 @@ impl TopicReader {
         part.cache.push_back(rec);
         let dropped = part.serve_parked() + part.trim(self.cache_records);
         part.publish();
-        self.count(|c| &c.records_read, 1);
+        if let Some(inner) = self.inner.upgrade() {
+            Counters::add(&inner.counters.records_read, 1);
+            if self.role == Role::Backfill {
+                if let Some(b) = inner.budget.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
+                    b.take();
+                }
+            }
+        }
         if parked > 0 {
             self.count(|c| &c.parked, parked);
         }
@@ -1783,5 +1847,28 @@ mod tests {
         r.parts.get_mut(&0).expect("part").used = Instant::now() - BACKFILL_LINGER * 2;
         r.housekeeping(&broker);
         assert_eq!(span(&r), None, "no longer followed");
+    }
+
+    /// The backfill budget: a second's worth at most, refilled at its rate.
+    #[test]
+    fn the_backfill_budget_refills_at_its_rate_and_keeps_one_second() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10, t0);
+        for _ in 0..10 {
+            assert_eq!(b.wait(t0), None);
+            b.take();
+        }
+        let wait = b.wait(t0).expect("spent");
+        assert!((wait.as_secs_f64() - 0.1).abs() < 1e-9, "{wait:?}");
+        let half = b.wait(t0 + Duration::from_millis(50)).expect("half a token");
+        assert!((half.as_secs_f64() - 0.05).abs() < 1e-9, "{half:?}");
+        assert_eq!(b.wait(t0 + Duration::from_millis(100)), None, "one token");
+        // An idle minute keeps one second's worth, not sixty.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..10 {
+            assert_eq!(b.wait(later), None);
+            b.take();
+        }
+        assert!(b.wait(later).is_some());
     }
 }

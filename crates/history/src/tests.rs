@@ -295,6 +295,28 @@ mod shared_history {
         assert_eq!(last.consumers, 3, "{last:?}");
     }
 
+    /// A backfill budget bounds the far reads' pace: 2,000 records at 500 a
+    /// second (one second's worth at the start) take at least 3 s, and the
+    /// read still gets exactly its records. (A lower bound only: a busy
+    /// machine makes it slower, never faster.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_backfill_budget_bounds_reads_from_far_back() {
+        let (_cluster, stored, h) = stored_topic(1, Duration::from_secs(3_600)).await;
+        h.set_backfill_rate(500);
+        let tp: Tp = (Arc::from("t"), 0);
+        let want: Vec<i64> = stored.iter().filter(|s| s.0 == "a").map(|s| s.2).collect();
+        // The tail reader follows the partition first: the read from 0 is then
+        // older than its cache and goes to a backfill reader.
+        let tail: Vec<i64> = want.iter().copied().filter(|o| *o >= 1_900).collect();
+        assert_eq!(read_all(&h, &tp, 1_900, 2_000, "a", false).await, tail);
+        let started = std::time::Instant::now();
+        assert_eq!(read_all(&h, &tp, 0, 2_000, "a", false).await, want);
+        let took = started.elapsed();
+        let stats = h.stats();
+        assert!(stats.backfill_reads >= 1, "read by a backfill reader: {stats:?}");
+        assert!(took >= Duration::from_millis(2_900), "2,000 records at 500/s took {took:?}");
+    }
+
     #[test]
     fn inconsistent_watermarks_do_not_panic() {
         assert_eq!(Marks::sane(10, 5), Marks { low: 10, high: 10 });

@@ -447,7 +447,8 @@ fn start_catchup(net: &Net) -> CatchUp {
     })
     .expect("hub");
 
-    CatchUp::new(replay, hub, JoinConfig { idle_check_ms: 300, ..JoinConfig::default() }).expect("joins")
+    let join = JoinConfig { idle_check_ms: 300, backfill_records_per_sec: TANSU_BACKFILL_RATE, ..JoinConfig::default() };
+    CatchUp::new(replay, hub, join).expect("joins")
 }
 
 /// What the publishers, the witness and the joins share.
@@ -1050,6 +1051,10 @@ async fn main() {
 }
 
 /// The secret the run's gateway signs with.
+/// Records a second the backfill readers of the harness's joins and of the gateway may read, each:
+/// tansu on PostgreSQL reads about 10,000 records a second in all, and unbounded reads from far back
+/// held the tail readers' fetches past their timeout (docs/operations.md).
+const TANSU_BACKFILL_RATE: u32 = 3_000;
 const GATEWAY_SECRET: &str = "chaos-gateway-secret-of-at-least-32-bytes";
 
 /// The run's gateway: `DUALSTREAM_GATEWAY_BIN`, or `dualstream-gateway`
@@ -1070,7 +1075,7 @@ fn start_gateway(brokers: &str, redis_url: &str) -> Result<OwnedGateway, String>
     let config = format!(
         "topic = \"{TOPIC}\"\ndashboard = false\n\
          [redis]\nchannel_prefix = \"{PREFIX}\"\n\
-         [join]\nidle_check_ms = 300\n\
+         [join]\nidle_check_ms = 300\nbackfill_records_per_sec = {TANSU_BACKFILL_RATE}\n\
          [replay.librdkafka_options]\n\"isolation.level\" = \"read_uncommitted\"\n"
     );
     // DUALSTREAM_CHAOS_GATEWAY_LOG: the gateway's RUST_LOG (its log file is named at the end).
