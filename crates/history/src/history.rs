@@ -541,6 +541,7 @@ impl Inner {
             seen: Arc::clone(&self.seen),
             timeout: self.config.timeout(),
             inner: Arc::downgrade(self),
+            active: Instant::now(),
         };
         tokio::spawn(reader.run(consumer, r));
         Ok(Backfill { sender: s, spans })
@@ -1001,6 +1002,9 @@ struct TopicReader {
     seen: Arc<Mutex<HashMap<Tp, Arc<AtomicI64>>>>,
     timeout: Duration,
     inner: Weak<Inner>,
+    /// When the consumer last returned a record of any partition (or the
+    /// reader last waited for its budget): see [`TopicReader::stalled`].
+    active: Instant,
 }
 
 impl TopicReader {
@@ -1025,7 +1029,8 @@ impl TopicReader {
                     }
                     self.move_back(&consumer);
                 }
-                () = tokio::time::sleep(throttled.unwrap_or_default()), if throttled.is_some() => {}
+                // Waiting for the budget is not the broker's stall.
+                () = tokio::time::sleep(throttled.unwrap_or_default()), if throttled.is_some() => self.active = Instant::now(),
                 m = consumer.recv(), if !self.parts.is_empty() && throttled.is_none() => match m {
                     Ok(m) => self.on_message(&consumer, &m),
                     Err(e) => tracing::debug!(topic = %self.topic, role = ?self.role, error = %e, "history reader: consumer error"),
@@ -1187,6 +1192,7 @@ impl TopicReader {
     /// A record the consumer returned; `rec` decodes it (only when it is
     /// used).
     fn on_record(&mut self, consumer: &impl Fetcher, p: i32, offset: i64, rec: impl FnOnce() -> Rec) {
+        self.active = Instant::now();
         let Some(part) = self.parts.get_mut(&p) else {
             return;
         };
@@ -1291,8 +1297,27 @@ impl TopicReader {
         }
     }
 
+    /// Whether a partition's reads have waited too long for a record: no
+    /// record of any partition within the timeout (the broker does not
+    /// answer), or none of this one within three times it (its leader does
+    /// not, on a cluster where others do). A partition's own silence alone
+    /// is not enough within the timeout: the consumer hands out whole fetch
+    /// answers, thousands of records of one partition, before the next
+    /// partition's, and a busy process, or a backfill reader waiting for
+    /// its budget, takes them slowly (joins failed so in chaos runs, tens of
+    /// seconds after the last broker fault).
+    fn stalled(&self, part: &Part, now: Instant) -> bool {
+        let quiet = now.saturating_duration_since(part.progress);
+        !part.reqs.is_empty()
+            && ((quiet > self.timeout && now.saturating_duration_since(self.active) > self.timeout)
+                || quiet > self.timeout * 3)
+    }
+
     fn housekeeping(&mut self, consumer: &impl Fetcher) {
         let timeout = self.timeout;
+        let now = Instant::now();
+        let stalled: Vec<i32> =
+            self.parts.iter().filter(|(_, part)| self.stalled(part, now)).map(|(p, _)| *p).collect();
         let linger = match self.role {
             Role::Tail => FOLLOW_LINGER,
             Role::Backfill => BACKFILL_LINGER,
@@ -1305,7 +1330,7 @@ impl TopicReader {
             if part.behind.is_empty() {
                 part.behind_since = None;
             }
-            if !part.reqs.is_empty() && part.progress.elapsed() > timeout {
+            if stalled.contains(p) {
                 tracing::warn!(topic = %self.topic, role = ?self.role, partition = p, at = part.pos, "history reader: no record within the timeout");
                 for r in part.reqs.drain(..) {
                     r.ticket.fail(ReplayError::Timeout {
@@ -1444,6 +1469,7 @@ mod tests {
             seen: Arc::default(),
             timeout: Duration::from_secs(1),
             inner: Weak::new(),
+            active: Instant::now(),
         }
     }
 
@@ -1870,5 +1896,27 @@ mod tests {
             b.take();
         }
         assert!(b.wait(later).is_some());
+    }
+
+    /// A partition whose records wait behind another's in the consumer is not
+    /// stalled while the consumer hands out records: only when nothing came
+    /// within the timeout, or nothing of this partition within three times it.
+    #[test]
+    fn a_partition_is_stalled_only_when_the_reader_is_or_after_three_timeouts() {
+        let broker = Tansu::new(1, 1_000);
+        let mut r = reader(100);
+        let (req, _read) = Read::new(500, 1_000, "a");
+        r.add(&broker, 1, req);
+        let now = Instant::now() + Duration::from_secs(10);
+        r.parts.get_mut(&1).expect("part").progress = now - Duration::from_secs(2);
+        r.active = now - Duration::from_millis(100);
+        assert!(!r.stalled(&r.parts[&1], now), "other partitions' records keep coming");
+        r.active = now - Duration::from_secs(2);
+        assert!(r.stalled(&r.parts[&1], now), "nothing came for longer than the timeout");
+        r.active = now;
+        r.parts.get_mut(&1).expect("part").progress = now - Duration::from_millis(3_100);
+        assert!(r.stalled(&r.parts[&1], now), "nothing of this partition for three timeouts");
+        r.parts.get_mut(&1).expect("part").reqs.clear();
+        assert!(!r.stalled(&r.parts[&1], now), "no read waits");
     }
 }
