@@ -579,3 +579,87 @@ async fn a_resume_below_what_is_stored_gets_a_reset_then_the_stored_history() {
         assert_eq!((f.event.as_str(), f.json()["position"]["offset"].as_i64()), ("event", Some(want)), "{}", f.data);
     }
 }
+
+/// A neighbour that resumes from offset 0 again and again (issue #22) reads through the backfill
+/// readers: the shared tail reader is never sent back for it. Meanwhile the live clients get every
+/// event published, in order and once, and each of the neighbour's passes gets its whole history,
+/// in order and once. (How long the live clients wait beside such a neighbour is measured by the
+/// bench, not asserted here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resuming_from_offset_zero_in_a_loop_goes_to_the_backfill_readers() {
+    init_tracing();
+    const HISTORY: i64 = 10_000;
+    const LIVE: u64 = 300;
+    const PASSES: u64 = 3;
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("t", 1, 1).expect("topic");
+    let brokers = cluster.bootstrap_servers();
+    let sink = dualstream_tests::kafka_sink(&brokers, "t");
+    for _ in 0..HISTORY / 1_000 {
+        let events: Vec<dualstream::Event> = (0..1_000)
+            .map(|i| dualstream::Event::builder("n", "user", "old").payload(format!("{i}")).build().expect("valid"))
+            .collect();
+        for r in dualstream::DurableSink::publish_batch(&sink, events).await {
+            r.expect("stored");
+        }
+    }
+    let gw = Arc::new(TestGateway::start_on(brokers.clone(), "t".into(), |_| {}).await);
+    // The live clients follow the tail first: the tail reader follows the partition from there.
+    let live = gw.channel("live");
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let url = format!("{}/v1/stream?channel={}", gw.base, urlenc(&live));
+        let auth = format!("Bearer {}", gw.token(&[&live], &[]));
+        let mut sse = Sse::open(&gw.http, &url, &[("authorization", &auth)]).await;
+        assert_eq!(sse.status, 200, "{}", sse.error);
+        assert_eq!(sse.next(Duration::from_secs(10)).await.expect("subscribed").event, "subscribed");
+        clients.push(sse);
+    }
+    let before = gw.readyz().await["history"].clone();
+    let old = gw.channel("old");
+    let neighbour = {
+        let gw = Arc::clone(&gw);
+        tokio::spawn(async move {
+            let token = format!("r1.{:08x}.{:08x}-0-0", crc("default/t"), crc(&old));
+            for pass in 0..PASSES {
+                let url = format!("{}/v1/stream?channel={}", gw.base, urlenc(&old));
+                let auth = format!("Bearer {}", gw.token(&[&old], &[]));
+                let mut sse = Sse::open(&gw.http, &url, &[("authorization", &auth), ("last-event-id", &token)]).await;
+                assert_eq!(sse.status, 200, "{}", sse.error);
+                assert_eq!(sse.next(Duration::from_secs(10)).await.expect("subscribed").event, "subscribed");
+                for want in 0..HISTORY {
+                    let f = sse.next(Duration::from_secs(20)).await.expect("an event");
+                    let got = (f.event.as_str(), f.json()["position"]["offset"].as_i64());
+                    assert_eq!(got, ("event", Some(want)), "pass {pass}: {}", f.data);
+                }
+            }
+        })
+    };
+    let readers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(c, mut sse)| {
+            tokio::spawn(async move {
+                let mut last = HISTORY - 1;
+                for n in 0..LIVE {
+                    let f = sse.next(Duration::from_secs(20)).await.unwrap_or_else(|| panic!("client {c}: event {n}"));
+                    assert_eq!(f.event, "event", "client {c}: {}", f.data);
+                    let offset = f.json()["position"]["offset"].as_i64().expect("offset");
+                    assert!(offset > last, "client {c}: offset {offset} after {last}: in order, once");
+                    last = offset;
+                }
+            })
+        })
+        .collect();
+    let token = gw.token(&[], &["*"]);
+    let stored = ingest_load(Arc::clone(&gw), token, vec!["live"], LIVE).await;
+    assert_eq!(stored, LIVE);
+    for r in readers {
+        r.await.expect("every live event, in order, once");
+    }
+    neighbour.await.expect("the neighbour's passes are exact");
+    let after = gw.readyz().await["history"].clone();
+    let grew = |k: &str| after[k].as_u64().unwrap_or(0).saturating_sub(before[k].as_u64().unwrap_or(0));
+    assert!(grew("backfill_reads") >= PASSES, "each pass read by a backfill reader: {before} → {after}");
+    assert!(after["consumers"].as_u64() <= Some(2 + 4), "metadata, tail and at most 4 backfill readers: {after}");
+}
