@@ -1,8 +1,7 @@
 //! Unit tests of the joins against librdkafka's in-process `MockCluster`.
 
 /// The history crate's `MockCluster` helpers.
-#[path = "../../history/src/testkit.rs"]
-mod testkit;
+use dualstream_history::testkit;
 
 /// librdkafka's mock broker keeps at most 5 MiB per partition and deletes the
 /// oldest batches beyond it: a real deleted range at the head of the log.

@@ -54,7 +54,8 @@ pub use history::{History, HistoryStats, Item, Range, Raw, Rec, Ticket, Tp};
 pub use reader::Marks;
 pub use replay::{Replay, ReplayRequest, ReplayStream, Replayed, Scope, StartAt, Until};
 
-#[cfg(test)]
-mod testkit;
+#[cfg(any(test, feature = "testkit"))]
+#[doc(hidden)]
+pub mod testkit;
 #[cfg(test)]
 mod tests;

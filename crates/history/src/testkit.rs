@@ -1,5 +1,5 @@
 //! What the `MockCluster` tests of this crate and of `dualstream-consumer`
-//! (which includes this file with `#[path]`, for its joins) share: a sink and
+//! (through the `testkit` feature, for its joins) share: a sink and
 //! a replay on a mock cluster, a topic whose first records the mock broker
 //! deleted, and a partition whose leader moves.
 
@@ -7,7 +7,7 @@ use dualstream_kafka::{KafkaSink, KafkaSinkConfig, TopicRouting};
 
 use crate::{Replay, ReplayConfig};
 
-pub(crate) fn sink(brokers: &str, topic: &str) -> KafkaSink {
+pub fn sink(brokers: &str, topic: &str) -> KafkaSink {
     KafkaSink::new(KafkaSinkConfig {
         bootstrap_servers: brokers.to_owned(),
         topic: TopicRouting::Single { topic: topic.to_owned() },
@@ -17,7 +17,7 @@ pub(crate) fn sink(brokers: &str, topic: &str) -> KafkaSink {
     .expect("sink")
 }
 
-pub(crate) fn replay(brokers: &str, topic: &str) -> Replay {
+pub fn replay(brokers: &str, topic: &str) -> Replay {
     Replay::new(ReplayConfig {
         bootstrap_servers: brokers.to_owned(),
         topic: TopicRouting::Single { topic: topic.to_owned() },
@@ -29,7 +29,7 @@ pub(crate) fn replay(brokers: &str, topic: &str) -> Replay {
 
 /// librdkafka's mock broker keeps at most 5 MiB per partition and deletes the
 /// oldest batches beyond it: a real deleted range at the head of the log.
-pub(crate) mod truncation {
+pub mod truncation {
     use std::time::Duration;
 
     use dualstream_core::{DurableSink, Event};
@@ -41,17 +41,17 @@ pub(crate) mod truncation {
 
     /// A one-partition topic whose first records were deleted; returns the
     /// low and high watermarks.
-    pub(crate) async fn truncated_topic<C: rdkafka::ClientContext>(cluster: &MockCluster<'_, C>) -> (i64, i64) {
+    pub async fn truncated_topic<C: rdkafka::ClientContext>(cluster: &MockCluster<'_, C>) -> (i64, i64) {
         cluster.create_topic("t", 1, 1).expect("topic");
         fill(cluster).await
     }
 
     /// Write about 7 MiB to partition 0 of `t`; the watermarks after.
-    pub(crate) async fn fill<C: rdkafka::ClientContext>(cluster: &MockCluster<'_, C>) -> (i64, i64) {
+    pub async fn fill<C: rdkafka::ClientContext>(cluster: &MockCluster<'_, C>) -> (i64, i64) {
         fill_at(&cluster.bootstrap_servers()).await
     }
 
-    pub(crate) async fn fill_at(brokers: &str) -> (i64, i64) {
+    pub async fn fill_at(brokers: &str) -> (i64, i64) {
         let sink = sink(brokers, "t");
         let body = vec![b'x'; 1_200];
         for chunk in 0..6 {
@@ -82,7 +82,7 @@ pub(crate) mod truncation {
 
 /// Three brokers, the partition replicated on all three: its leader moves
 /// from broker to broker while a replay or a join follows it.
-pub(crate) mod leader_moves {
+pub mod leader_moves {
     use std::time::Duration;
 
     use dualstream_core::{DurableSink, Event, EventId, Source};
@@ -94,19 +94,19 @@ pub(crate) mod leader_moves {
 
     use super::sink;
 
-    pub(crate) type Cluster = MockCluster<'static, DefaultProducerContext>;
+    pub type Cluster = MockCluster<'static, DefaultProducerContext>;
     /// What a reader delivered: offset and event id, or the error's text.
-    pub(crate) type Got = Result<(i64, EventId), String>;
+    pub type Got = Result<(i64, EventId), String>;
 
     /// Rounds published before the reader starts, and while it follows.
-    pub(crate) const BEFORE: usize = 10;
+    pub const BEFORE: usize = 10;
     const DURING: usize = 60;
     /// Events per round, alternating between sources u and v.
     const ROUND: usize = 10;
     /// Events of u in all.
     const OF_U: usize = (BEFORE + DURING) * ROUND / 2;
 
-    pub(crate) fn three_brokers() -> (Cluster, KafkaSink) {
+    pub fn three_brokers() -> (Cluster, KafkaSink) {
         let cluster = MockCluster::new(3).expect("mock cluster");
         cluster.create_topic("t", 1, 3).expect("topic");
         cluster.partition_leader("t", 0, Some(1)).expect("leader");
@@ -114,14 +114,14 @@ pub(crate) mod leader_moves {
         (cluster, sink)
     }
 
-    pub(crate) fn u() -> Source {
+    pub fn u() -> Source {
         Source::new("user", "u").expect("valid")
     }
 
     /// Publish `rounds` rounds of `ROUND` events from round `first` on, one
     /// round every 30 ms; with `moving`, the partition's leader moves to the
     /// next broker after each round. The offsets and ids of u's events.
-    pub(crate) async fn publish(
+    pub async fn publish(
         cluster: &Cluster,
         sink: &KafkaSink,
         first: usize,
@@ -156,7 +156,7 @@ pub(crate) mod leader_moves {
 
     /// The first `n` items, each within a bound, then checks that nothing
     /// more comes for a second (a duplicate would).
-    pub(crate) async fn take(mut stream: BoxStream<'static, Got>, n: usize) -> Vec<Got> {
+    pub async fn take(mut stream: BoxStream<'static, Got>, n: usize) -> Vec<Got> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
             match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
@@ -180,7 +180,7 @@ pub(crate) mod leader_moves {
     /// Store `BEFORE` rounds, start the reader, publish `DURING` rounds
     /// moving the leader after each: the reader delivers exactly u's stored
     /// events, in offset order, with no error, gap or duplicate.
-    pub(crate) async fn follows_exactly(
+    pub async fn follows_exactly(
         cluster: &Cluster,
         sink: &KafkaSink,
         reader: BoxStream<'static, Got>,
