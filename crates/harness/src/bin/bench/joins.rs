@@ -378,10 +378,11 @@ fn idle_rows(rows: &mut Vec<Row>, p: &Profile, idle: &Idle, stats: &HistoryStats
         rows,
         "joins: Kafka consumers open".into(),
         stats.consumers as f64,
-        4.0, // one topic: metadata, the tail reader, two backfill readers
+        // One topic: metadata, the tail reader, the backfill readers.
+        (2 + JoinConfig::default().backfill_readers) as f64,
         "consumers",
         "≤ 1 + topics × (1 + backfill_readers) (ratio ≤ 1)",
-        Some(stats.consumers <= 4),
+        Some(stats.consumers as usize <= 2 + JoinConfig::default().backfill_readers),
         format!("baseline column = the target for one topic; {setup}"),
     );
     row(
