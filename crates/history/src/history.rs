@@ -339,7 +339,7 @@ struct Inner {
     readers: Mutex<HashMap<Arc<str>, RangeSender>>,
     /// The backfill readers, per topic (at most `backfill_readers`): each
     /// far read goes to the one that serves it soonest ([`choose_backfill`]).
-    backfill: Mutex<HashMap<Arc<str>, Vec<Backfill>>>,
+    backfill: Mutex<HashMap<Arc<str>, Vec<ReaderHandle>>>,
     backfill_readers: usize,
     /// Records a second the backfill readers may read together (none:
     /// unbounded), so that reads from far back cannot take the broker's
@@ -524,7 +524,7 @@ impl History {
 impl Inner {
     /// A topic reader task of `role` with a consumer of its own, and what it
     /// follows.
-    fn spawn_reader(self: &Arc<Self>, topic: &Arc<str>, role: Role) -> Result<Backfill, ReplayError> {
+    fn spawn_reader(self: &Arc<Self>, topic: &Arc<str>, role: Role) -> Result<ReaderHandle, ReplayError> {
         let consumer: StreamConsumer = self.config.client_config()?.create()?;
         Counters::add(&self.counters.consumers, 1);
         let (s, r) = mpsc::unbounded_channel();
@@ -544,7 +544,7 @@ impl Inner {
             active: Instant::now(),
         };
         tokio::spawn(reader.run(consumer, r));
-        Ok(Backfill { sender: s, spans })
+        Ok(ReaderHandle { sender: s, spans })
     }
 
     /// Hand a read from far back to one of the topic's backfill readers
@@ -929,13 +929,14 @@ struct Span {
 /// A reader's spans per partition followed.
 type Spans = Arc<Mutex<HashMap<i32, Arc<Span>>>>;
 
-/// A backfill reader as the router sees it.
-struct Backfill {
+/// A reader task as the router of far reads sees it: where its reads go,
+/// and what it follows.
+struct ReaderHandle {
     sender: RangeSender,
     spans: Spans,
 }
 
-impl Backfill {
+impl ReaderHandle {
     fn view(&self, p: i32) -> View {
         let spans = self.spans.lock().unwrap_or_else(PoisonError::into_inner);
         View {

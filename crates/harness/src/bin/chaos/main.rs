@@ -563,11 +563,7 @@ struct GatewayClients {
 /// The gateway's shared Kafka readers' counters, from `/readyz` with an admin token, printed as one
 /// line (how its clients' joins were served: a slow catch-up shows here).
 async fn print_gateway_history(http: &reqwest::Client, base: &str, started: Instant) {
-    let auth = dualstream_gateway::Auth::new(&dualstream_gateway::AuthConfig {
-        secret: GATEWAY_SECRET.into(),
-        ..dualstream_gateway::AuthConfig::default()
-    })
-    .expect("auth");
+    let auth = gateway_auth();
     let mut claims = auth.claims(Some("chaos-admin".into()), Vec::new(), Vec::new(), 3_600);
     claims.admin = true;
     let jwt = auth.mint(&claims).expect("token");
@@ -1050,11 +1046,11 @@ async fn main() {
     std::process::exit(i32::from(failed_run));
 }
 
-/// The secret the run's gateway signs with.
 /// Records a second the backfill readers of the harness's joins and of the gateway may read, each:
 /// tansu on PostgreSQL reads about 10,000 records a second in all, and unbounded reads from far back
 /// held the tail readers' fetches past their timeout (docs/operations.md).
 const TANSU_BACKFILL_RATE: u32 = 3_000;
+/// The secret the run's gateway signs with.
 const GATEWAY_SECRET: &str = "chaos-gateway-secret-of-at-least-32-bytes";
 
 /// The run's gateway: `DUALSTREAM_GATEWAY_BIN`, or `dualstream-gateway`
@@ -1091,12 +1087,17 @@ fn start_gateway(brokers: &str, redis_url: &str) -> Result<OwnedGateway, String>
 }
 
 /// A token for gateway client `c`, reading every channel of the run.
-fn gateway_token(c: usize) -> String {
-    let auth = dualstream_gateway::Auth::new(&dualstream_gateway::AuthConfig {
+/// The run's gateway's token signer.
+fn gateway_auth() -> dualstream_gateway::Auth {
+    dualstream_gateway::Auth::new(&dualstream_gateway::AuthConfig {
         secret: GATEWAY_SECRET.into(),
         ..dualstream_gateway::AuthConfig::default()
     })
-    .expect("auth");
+    .expect("auth")
+}
+
+fn gateway_token(c: usize) -> String {
+    let auth = gateway_auth();
     auth.mint(&auth.claims(Some(format!("chaos-{c}")), vec![format!("{PREFIX}:*")], Vec::new(), 24 * 3_600))
         .expect("token")
 }
