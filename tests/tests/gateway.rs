@@ -383,13 +383,7 @@ async fn a_slow_client_is_closed_with_a_reason_and_never_stalls_the_others() {
     // Two clients. The slow one is a raw socket with a small receive buffer
     // that reads nothing until the end (a client's kernel buffer can
     // otherwise absorb tens of MB on loopback).
-    let addr: std::net::SocketAddr = gw.base.trim_start_matches("http://").parse().expect("addr");
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4_096).expect("SO_RCVBUF");
-    let mut slow = socket.connect(addr).await.expect("connect");
-    let path = format!("/v1/stream?channel={}&mode=full", urlenc(&a));
-    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: {auth}\r\naccept: text/event-stream\r\nconnection: close\r\n\r\n");
-    tokio::io::AsyncWriteExt::write_all(&mut slow, request.as_bytes()).await.expect("request");
+    let mut slow = unread_stream(&gw, &a, &auth).await;
     let mut fast = Sse::open(&gw.http, &url, &[("authorization", &auth)]).await;
     assert_eq!(fast.next(Duration::from_secs(10)).await.expect("subscribed").event, "subscribed");
     // Each stream's join holds one subscription of the gateway's hub: the
@@ -458,6 +452,86 @@ async fn a_slow_client_is_closed_with_a_reason_and_never_stalls_the_others() {
     assert!(text[close..].contains("retry: 2000"), "the close carries a reconnect hint");
     assert!(!text[close..].contains("event: event"), "nothing after the close");
     assert!(slow_events < TOTAL, "the slow client was closed before the end ({slow_events} of {TOTAL})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_never_reads_holds_at_most_client_buffer_bytes() {
+    init_tracing();
+    const BOUND: u64 = 64 << 10;
+    let gw = Arc::new(
+        TestGateway::start(|c| {
+            c.limits.client_buffer = 1_024;
+            c.limits.client_buffer_bytes = BOUND as usize;
+            c.limits.send_timeout_ms = 2_000;
+        })
+        .await,
+    );
+    let a = gw.channel("a");
+    let reader = gw.token(&[&a], &[]);
+    let producer = gw.token(&[], &["user"]);
+    // A client that never reads, with a small receive buffer.
+    let slow = unread_stream(&gw, &a, &format!("Bearer {reader}")).await;
+    wait_for_hub_subscribers(&gw, 1).await;
+
+    // 480 events of 20 KiB (9.6 MB, more than the sockets hold): 1,024
+    // items would hold all of them.
+    let load = {
+        let gw = Arc::clone(&gw);
+        tokio::spawn(async move {
+            let pad = "x".repeat(20 << 10);
+            for chunk in 0..24 {
+                let batch: Vec<Value> = (chunk * 20..(chunk + 1) * 20)
+                    .map(|i| json!({"type": "t", "source_type": "user", "source_id": "a", "payload": {"n": i, "pad": &pad}}))
+                    .collect();
+                let (s, v) = gw.ingest(&producer, &Value::Array(batch)).await;
+                assert_eq!(s, 200, "{v}");
+            }
+        })
+    };
+    let buffered = |doc: &Value| doc["clients"]["buffered_bytes"].as_u64().expect("clients.buffered_bytes");
+    let (mut most, mut closed) = (0, false);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let doc = gw.readyz().await;
+        most = most.max(buffered(&doc));
+        // The join ends once the client is closed as too slow.
+        if load.is_finished() && doc["hub"]["subscribers"].as_u64() == Some(0) {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    load.await.expect("load");
+    assert!(closed, "the client that never reads was not closed");
+    assert!(most > BOUND / 2, "the buffer was seen holding items ({most} bytes at most)");
+    assert!(most <= BOUND, "{most} bytes buffered for one client, past client_buffer_bytes = {BOUND}");
+    // Everything it held is given back once it is closed, and its
+    // connection, whose writes wait for ever, is dropped after
+    // send_timeout_ms: a client that never reads holds nothing for long.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let doc = gw.readyz().await;
+        if buffered(&doc) == 0 && doc["clients"]["sse"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the closed client still holds bytes or its stream: {doc}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(slow);
+}
+
+/// A `mode=full` SSE request for `channel` on a raw socket with a small
+/// receive buffer, of which nothing is read yet (a client's kernel buffer
+/// can otherwise absorb tens of MB on loopback).
+async fn unread_stream(gw: &TestGateway, channel: &str, auth: &str) -> tokio::net::TcpStream {
+    let addr: std::net::SocketAddr = gw.base.trim_start_matches("http://").parse().expect("addr");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4_096).expect("SO_RCVBUF");
+    let mut s = socket.connect(addr).await.expect("connect");
+    let path = format!("/v1/stream?channel={}&mode=full", urlenc(channel));
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: {auth}\r\naccept: text/event-stream\r\nconnection: close\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut s, request.as_bytes()).await.expect("request");
+    s
 }
 
 /// Wait until the gateway's hub has `want` local subscribers (`/readyz`);

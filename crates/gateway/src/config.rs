@@ -175,6 +175,11 @@ pub struct GatewayLimits {
     pub max_events_per_request: usize,
     /// Items that may wait for one client. Default: 1,024.
     pub client_buffer: usize,
+    /// Bytes of items (their JSON text) that may wait for one client,
+    /// beside `client_buffer`: a client that does not read holds at most
+    /// this much of the gateway's memory, whatever its events' size. One
+    /// item larger than it still goes, alone. Default: 4 MiB.
+    pub client_buffer_bytes: usize,
     /// Most channels and patterns one connection may subscribe to.
     /// Default: 64.
     pub max_subscriptions: usize,
@@ -223,6 +228,7 @@ impl Default for GatewayLimits {
             max_body_bytes: 1 << 20,
             max_events_per_request: 1_000,
             client_buffer: 1_024,
+            client_buffer_bytes: 4 << 20,
             max_subscriptions: 64,
             send_timeout_ms: 5_000,
             sse_retry_ms: 2_000,
@@ -278,7 +284,8 @@ impl GatewayConfig {
                 return Err(ConfigError::Invalid { field, reason: "must not be empty".into() });
             }
         }
-        let cookie_ok = |c: &str| !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        let cookie_ok =
+            |c: &str| !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if !cookie_ok(&self.auth.cookie) {
             return Err(ConfigError::Invalid {
                 field: "auth.cookie",
@@ -291,6 +298,7 @@ impl GatewayConfig {
         check_range("limits.max_body_bytes", l.max_body_bytes as u64, 1_024, 1 << 30)?;
         check_range("limits.max_events_per_request", l.max_events_per_request as u64, 1, 1_000_000)?;
         check_range("limits.client_buffer", l.client_buffer as u64, 1, 1 << 20)?;
+        check_range("limits.client_buffer_bytes", l.client_buffer_bytes as u64, 1_024, 1 << 30)?;
         check_range("limits.max_subscriptions", l.max_subscriptions as u64, 1, 10_000)?;
         check_range("limits.send_timeout_ms", l.send_timeout_ms, 1, 600_000)?;
         check_range("limits.sse_retry_ms", l.sse_retry_ms, 1, 3_600_000)?;

@@ -131,6 +131,7 @@ impl Gateway {
             log_hash,
             shutdown,
             sse_clients: AtomicUsize::new(0),
+            buffered_bytes: Arc::default(),
             ws_clients: AtomicUsize::new(0),
             metrics,
             dashboard: Mutex::new(Default::default()),

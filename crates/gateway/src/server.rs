@@ -1,7 +1,8 @@
 //! The server loop of [`Gateway::serve`]: hyper's HTTP/1 connections with
 //! a header read timeout, at most `limits.max_connections` at once (the
-//! rest refused with a 503 before their request is read), and a graceful
-//! shutdown that closes streams and drains ingest.
+//! rest refused with a 503 before their request is read), dropped when a
+//! write waits longer than twice `limits.send_timeout_ms` (at least 10 s),
+//! and a graceful shutdown that closes streams and drains ingest.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -53,6 +54,14 @@ impl Gateway {
                 continue;
             };
             let _ = stream.set_nodelay(true);
+            // A client that stops reading: it is closed as `slow_client`
+            // once its buffer stayed full for `send_timeout_ms`, but the
+            // close item itself may never get out. Once a write has waited
+            // `write_timeout` the connection is dropped, and whatever it
+            // holds is freed.
+            let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+            stream.set_write_timeout(Some(write_timeout(limits.send_timeout_ms)));
+            let stream = Box::pin(stream);
             let router = router.clone();
             let service = hyper::service::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(PeerAddr(peer));
@@ -82,6 +91,14 @@ impl Gateway {
         self.state.engine.shutdown().await;
         Ok(())
     }
+}
+
+/// How long a write to a connection may wait before the connection is
+/// dropped: twice `send_timeout_ms`, at least 10 s, so that a client slow
+/// enough to be closed as `slow_client` still gets its close item when it
+/// reads again soon after.
+fn write_timeout(send_timeout_ms: u64) -> Duration {
+    Duration::from_millis(send_timeout_ms.saturating_mul(2).max(10_000))
 }
 
 /// A 503 with `Retry-After` for a connection over `limits.max_connections`,

@@ -8,6 +8,7 @@
 //! hub, the shared Kafka reader or other clients. The session keeps the
 //! resume token's positions as items reach the client.
 
+mod outbox;
 mod tasks;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -27,6 +28,7 @@ use crate::resume::{hash, ResumeToken};
 use crate::state::{AppState, ClientGuard};
 use crate::wire::{to_json, ErrorItem, EventItem, Kind, ResetItem, SubscribedItem};
 
+use outbox::{Charge, Outbox};
 use tasks::{ChannelTask, LiveTask};
 
 /// What a client asks for: notifications (ids and positions) or whole
@@ -164,19 +166,22 @@ struct Msg {
     /// Moves the channel's position in the resume token: (channel hash,
     /// partition, next offset).
     advance: Option<(u32, i32, i64)>,
+    /// Its bytes of the connection's `client_buffer_bytes`, set when it is
+    /// handed over.
+    charge: Option<Charge>,
 }
 
 impl Msg {
     fn event(item: &EventItem<'_>, advance: Option<(u32, i32, i64)>) -> Self {
-        Self { kind: Kind::Event, json: to_json(item), advance }
+        Self { kind: Kind::Event, json: to_json(item), advance, charge: None }
     }
 
     fn reset(item: &ResetItem<'_>, advance: Option<(u32, i32, i64)>) -> Self {
-        Self { kind: Kind::Reset, json: to_json(item), advance }
+        Self { kind: Kind::Reset, json: to_json(item), advance, charge: None }
     }
 
     fn error(item: &ErrorItem<'_>) -> Self {
-        Self { kind: Kind::Error, json: to_json(item), advance: None }
+        Self { kind: Kind::Error, json: to_json(item), advance: None, charge: None }
     }
 }
 
@@ -310,9 +315,8 @@ fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) -> Task {
 /// aborted when its subscription ends or the session is dropped.
 pub(crate) struct Session {
     state: Arc<AppState>,
-    tx: mpsc::Sender<Msg>,
+    out: Outbox,
     rx: mpsc::Receiver<Msg>,
-    close_tx: Arc<watch::Sender<Option<CloseReason>>>,
     close_rx: watch::Receiver<Option<CloseReason>>,
     shutdown: watch::Receiver<bool>,
     subs: HashMap<String, Task>,
@@ -334,13 +338,18 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// A session for a client holding `auth`.
     pub(crate) fn new(state: Arc<AppState>, auth: &Verified, guard: ClientGuard) -> Self {
-        let (tx, rx) = mpsc::channel(state.config.limits.client_buffer);
         let (close_tx, close_rx) = watch::channel(None);
+        let limits = &state.config.limits;
+        let (out, rx) = Outbox::new(
+            limits.client_buffer,
+            limits.client_buffer_bytes,
+            Arc::clone(&state.buffered_bytes),
+            Arc::new(close_tx),
+        );
         let shutdown = state.shutdown.subscribe();
         Self {
-            tx,
+            out,
             rx,
-            close_tx: Arc::new(close_tx),
             close_rx,
             shutdown,
             subs: HashMap::new(),
@@ -459,8 +468,7 @@ impl Session {
             partition: now.partition,
             next: start,
             mode,
-            tx: self.tx.clone(),
-            close: Arc::clone(&self.close_tx),
+            out: self.out.clone(),
         };
         Ok(spawn(task.run()))
     }
@@ -474,12 +482,7 @@ impl Session {
             self.push(Msg::reset(&ResetItem::new(&name, reason), None));
         }
         let live = self.state.hub.subscribe(target).await.map_err(|e| SubError::Unavailable(format!("Redis: {e}")))?;
-        let task = LiveTask {
-            state: Arc::clone(&self.state),
-            name: name.into(),
-            tx: self.tx.clone(),
-            close: Arc::clone(&self.close_tx),
-        };
+        let task = LiveTask { state: Arc::clone(&self.state), name: name.into(), out: self.out.clone() };
         Ok(spawn(task.run(live)))
     }
 
@@ -495,9 +498,7 @@ impl Session {
     }
 
     fn push(&self, msg: Msg) {
-        if self.tx.try_send(msg).is_err() {
-            let _ = self.close_tx.send(Some(CloseReason::SlowClient));
-        }
+        self.out.push(msg);
     }
 
     /// The next item for the client; after [`Out::Close`] always `None`.
@@ -515,7 +516,7 @@ impl Session {
             msg = rx.recv() => Ok(msg),
         };
         let reason = match step {
-            Ok(Some(Msg { kind, json, advance })) => {
+            Ok(Some(Msg { kind, json, advance, charge: _ })) => {
                 if let Some((h, p, next)) = advance {
                     if let Some(pos) = self.positions.get_mut(&h) {
                         *pos = (p, next.max(pos.1));
@@ -528,6 +529,11 @@ impl Session {
             Err(reason) => reason,
         };
         self.closed = true;
+        // Free what the session holds now: the close item may wait for a
+        // client that never reads until the connection's write timeout.
+        self.subs.clear();
+        self.rx.close();
+        while self.rx.try_recv().is_ok() {}
         Some(Out::Close(reason))
     }
 

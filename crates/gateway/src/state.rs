@@ -45,6 +45,8 @@ pub(crate) struct AppState {
     pub(crate) sse_clients: AtomicUsize,
     /// Open WebSocket connections.
     pub(crate) ws_clients: AtomicUsize,
+    /// Bytes of items waiting in the clients' buffers, all together.
+    pub(crate) buffered_bytes: Arc<AtomicUsize>,
     /// `/metrics`, when a Prometheus recorder is installed.
     pub(crate) metrics: Option<PrometheusHandle>,
     /// What the dashboard shows.

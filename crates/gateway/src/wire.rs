@@ -467,6 +467,8 @@ pub(crate) struct Readiness {
 /// Open streams per transport.
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct Clients {
+    /// Bytes of items waiting in the clients' buffers.
+    pub(crate) buffered_bytes: usize,
     pub(crate) sse: usize,
     pub(crate) ws: usize,
 }
@@ -663,7 +665,7 @@ mod tests {
     #[test]
     fn the_readiness_and_dashboard_documents_are_written_as_before() {
         let readiness = Readiness {
-            clients: Clients { sse: 1, ws: 2 },
+            clients: Clients { buffered_bytes: 64, sse: 1, ws: 2 },
             health_checks: 7,
             hub: Some(HubHealth { channels: 3, connected: true, disconnects: 1, patterns: 0, subscribers: 4 }),
             history: HistoryHealth { consumers: 2, range_reads: 10, seeks: 1, ..HistoryHealth::default() },
@@ -687,7 +689,7 @@ mod tests {
             "history": {"consumers": 2, "range_reads": 10, "range_reads_cached": 0, "backfill_reads": 0, "seeks": 1,
                 "records_read": 0, "parked": 0, "parked_dropped": 0},
             "queue": 5,
-            "clients": {"sse": 1, "ws": 2},
+            "clients": {"buffered_bytes": 64, "sse": 1, "ws": 2},
             "health_checks": 7,
         });
         assert_eq!(to_json(&readiness), old.to_string());

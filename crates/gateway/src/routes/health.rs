@@ -63,6 +63,7 @@ pub(crate) async fn readiness(state: &AppState) -> Readiness {
     let hub = state.hub.stats().await.ok();
     Readiness {
         clients: Clients {
+            buffered_bytes: state.buffered_bytes.load(Ordering::Relaxed),
             sse: state.sse_clients.load(Ordering::Relaxed),
             ws: state.ws_clients.load(Ordering::Relaxed),
         },

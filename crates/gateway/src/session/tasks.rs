@@ -2,8 +2,9 @@
 //! join ([`ChannelTask`]) or a pattern's hub subscription ([`LiveTask`]).
 //!
 //! Each turns what it reads into the client's items and hands them to its
-//! connection's bounded buffer ([`hand`]), waiting only for that buffer: the
-//! hub and the shared Kafka reader never wait for a client.
+//! connection's buffer ([`Outbox::hand`]), bounded in items and in bytes,
+//! waiting only for that buffer: the hub and the shared Kafka reader never
+//! wait for a client.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,39 +12,11 @@ use std::time::Duration;
 use dualstream_consumer::{Delivery, HubError, JoinError, LiveItem, LiveStream, ReplayError, StartAt};
 use dualstream_core::{Backoff, Source};
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch};
 
-use super::{CloseReason, Mode, Msg};
+use super::{Mode, Msg, Outbox};
 use crate::error::ErrorCode;
 use crate::state::AppState;
 use crate::wire::{ErrorItem, EventItem, ResetItem};
-
-/// Hand one item to the connection, waiting up to `wait` for room; `false`
-/// when the client stayed too slow for that long (the connection is then
-/// closed with `slow_client`) or is gone. Only this subscription's task
-/// waits: the hub and the shared Kafka reader never wait for a client.
-async fn hand(tx: &mpsc::Sender<Msg>, close: &watch::Sender<Option<CloseReason>>, msg: Msg, wait: Duration) -> bool {
-    let msg = match tx.try_send(msg) {
-        Ok(()) => return true,
-        Err(mpsc::error::TrySendError::Closed(_)) => return false,
-        Err(mpsc::error::TrySendError::Full(msg)) => msg,
-    };
-    match tx.send_timeout(msg, wait).await {
-        Ok(()) => true,
-        Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
-        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-            tracing::debug!(?wait, "a client's buffer stayed full: closing it as too slow");
-            close.send_if_modified(|r| {
-                let set = r.is_none();
-                if set {
-                    *r = Some(CloseReason::SlowClient);
-                }
-                set
-            });
-            false
-        }
-    }
-}
 
 /// What one item of a join becomes.
 enum Step {
@@ -66,8 +39,7 @@ pub(super) struct ChannelTask {
     /// The first offset the client has not been given.
     pub(super) next: i64,
     pub(super) mode: Mode,
-    pub(super) tx: mpsc::Sender<Msg>,
-    pub(super) close: Arc<watch::Sender<Option<CloseReason>>>,
+    pub(super) out: Outbox,
 }
 
 /// The waits between a channel's failed joins.
@@ -93,19 +65,19 @@ impl ChannelTask {
                             Step::Skip => continue,
                             Step::Rejoin => break,
                         };
-                        if !hand(&self.tx, &self.close, msg, self.state.send_timeout()).await {
+                        if !self.out.hand(msg, self.state.send_timeout()).await {
                             return;
                         }
                     }
                 }
                 Err(e) if permanent(&e) => {
                     let item = ErrorItem::of_channel(&self.channel, ErrorCode::SubscriptionFailed, e.to_string());
-                    hand(&self.tx, &self.close, Msg::error(&item), self.state.send_timeout()).await;
+                    self.out.hand(Msg::error(&item), self.state.send_timeout()).await;
                     return;
                 }
                 Err(e) => tracing::warn!(channel = %short(&self.channel), error = %e, "join failed; retrying"),
             }
-            if self.tx.is_closed() {
+            if self.out.is_closed() {
                 return;
             }
             tokio::time::sleep(backoff).await;
@@ -165,8 +137,7 @@ pub(super) struct LiveTask {
     pub(super) state: Arc<AppState>,
     /// The name the client subscribed to.
     pub(super) name: Arc<str>,
-    pub(super) tx: mpsc::Sender<Msg>,
-    pub(super) close: Arc<watch::Sender<Option<CloseReason>>>,
+    pub(super) out: Outbox,
 }
 
 impl LiveTask {
@@ -191,7 +162,7 @@ impl LiveTask {
                 }
                 _ => continue,
             };
-            if !hand(&self.tx, &self.close, msg, self.state.send_timeout()).await {
+            if !self.out.hand(msg, self.state.send_timeout()).await {
                 return;
             }
         }
