@@ -557,7 +557,8 @@ impl Inner {
             let readers = pool.entry(Arc::clone(topic)).or_default();
             readers.retain(|b| !b.sender.is_closed());
             let views: Vec<View> = readers.iter().map(|b| b.view(p)).collect();
-            match choose_backfill(&views, req.next, self.backfill_readers, BACKFILL_AHEAD) {
+            let high = self.known_high(&(Arc::clone(topic), p));
+            match choose_backfill(&views, req.next, high, self.backfill_readers, BACKFILL_AHEAD) {
                 Some(i) => Ok(readers[i].sender.clone()),
                 None => self.spawn_reader(topic, Role::Backfill).map(|b| {
                     let s = b.sender.clone();
@@ -962,22 +963,30 @@ struct View {
 /// scattered offsets a reader that moved back for each got almost nowhere.
 /// In order of preference:
 ///
-/// 1. a reader whose cache covers `next`, or that reaches it within `ahead`
-///    records: nothing moves;
+/// 1. a reader whose cache covers `next`, or that follows the partition from
+///    below and reaches `next` within `ahead` records or before the read
+///    would reach the partition's end (`high`) on a reader of its own:
+///    scattered positions share one sweep instead of each scanning the
+///    partition (on a broker that serves few records a second, separate
+///    sweeps of one partition divide its reads between them and each gets
+///    nowhere);
 /// 2. a reader that follows nothing;
 /// 3. a new reader, while there are fewer than `max`;
 /// 4. the reader following the fewest partitions, among those that do not
 ///    follow this one: it starts reading it at `next`;
 /// 5. a reader that follows the partition from below: it gets there;
 /// 6. the reader that moves back least.
-fn choose_backfill(views: &[View], next: i64, max: usize, ahead: i64) -> Option<usize> {
+fn choose_backfill(views: &[View], next: i64, high: i64, max: usize, ahead: i64) -> Option<usize> {
     let pick = |f: &dyn Fn(&View) -> Option<i64>| {
         views.iter().enumerate().filter_map(|(i, v)| f(v).map(|k| (k, i))).min().map(|(_, i)| i)
     };
-    let covers = |v: &View| v.span.and_then(|(from, pos)| (from <= next && next <= pos + ahead).then_some(0));
+    let reach = ahead.max(high - next);
+    // Nearest first: the reader that gets there soonest.
+    let covers =
+        |v: &View| v.span.and_then(|(from, pos)| (from <= next && next <= pos + reach).then_some((next - pos).max(0)));
     pick(&covers)
         .or_else(|| pick(&|v| (v.parts == 0).then_some(0)))
-        .or_else(|| if views.len() < max { Some(usize::MAX) } else { None })
+        .or((views.len() < max).then_some(usize::MAX))
         .or_else(|| pick(&|v| v.span.is_none().then_some(v.parts as i64)))
         .or_else(|| pick(&|v| v.span.and_then(|(_, pos)| (pos < next).then_some(next - pos))))
         .or_else(|| pick(&|v| v.span.map(|(from, _)| from - next)))
@@ -1822,14 +1831,20 @@ mod tests {
     /// not follow the partition; only then one that moves back, the least.
     #[test]
     fn a_far_read_goes_to_the_reader_that_serves_it_soonest() {
-        let choose = |views: &[View], next| choose_backfill(views, next, 3, 100);
+        // The partition ends at 10,000.
+        let choose = |views: &[View], next| choose_backfill(views, next, 10_000, 3, 100);
         // Covered, or at most `ahead` past the position.
         assert_eq!(choose(&[following(0, 50, 1), following(1_000, 2_000, 1)], 1_500), Some(1));
         assert_eq!(choose(&[following(0, 50, 1), following(1_000, 2_000, 1)], 2_100), Some(1));
         assert_eq!(choose(&[following(0, 50, 1), following(1_000, 2_000, 1)], 20), Some(0));
-        // Past both: an idle reader, then a new one (fewer than 3).
-        assert_eq!(choose(&[following(0, 50, 1), other(0)], 5_000), Some(1));
-        assert_eq!(choose(&[following(0, 50, 1), following(1_000, 2_000, 1)], 5_000), None);
+        // Ahead of a reader, nearer to it than to the partition's end: that
+        // reader's sweep, the nearest (not a sweep of its own).
+        assert_eq!(choose(&[following(0, 50, 1), other(0)], 5_000), Some(0));
+        assert_eq!(choose(&[following(0, 50, 1), following(1_000, 2_000, 1)], 5_000), Some(1));
+        assert_eq!(choose(&[following(1_000, 2_000, 1), following(0, 50, 1)], 6_000), Some(0));
+        // Nearer to the end: an idle reader, then a new one (fewer than 3).
+        assert_eq!(choose(&[following(0, 50, 1), other(0)], 7_000), Some(1));
+        assert_eq!(choose(&[following(0, 50, 1), following(1_000, 2_000, 1)], 7_000), None);
         assert_eq!(choose(&[], 5_000), None);
         // Three readers: one that does not follow the partition, the least busy.
         let full = [following(1_000, 2_000, 1), other(3), other(2)];
@@ -1841,7 +1856,7 @@ mod tests {
         let past = [following(3_000, 4_000, 1), following(1_000, 2_000, 1), following(2_000, 2_500, 1)];
         assert_eq!(choose(&past, 500), Some(1));
         // A pool of one: always that one.
-        assert_eq!(choose_backfill(&[following(3_000, 4_000, 1)], 0, 1, 100), Some(0));
+        assert_eq!(choose_backfill(&[following(3_000, 4_000, 1)], 0, 10_000, 1, 100), Some(0));
     }
 
     /// The reader tells the router what its cache covers as it reads, after
@@ -1855,7 +1870,7 @@ mod tests {
         let span = |r: &TopicReader| {
             r.spans
                 .lock()
-                .unwrap()
+                .expect("spans")
                 .get(&0)
                 .map(|s| (s.covered_from.load(Ordering::Relaxed), s.pos.load(Ordering::Relaxed)))
         };

@@ -447,7 +447,7 @@ fn start_catchup(net: &Net) -> CatchUp {
     })
     .expect("hub");
 
-    let join = JoinConfig { idle_check_ms: 300, backfill_records_per_sec: TANSU_BACKFILL_RATE, ..JoinConfig::default() };
+    let join = JoinConfig { idle_check_ms: 300, backfill_records_per_sec: backfill_rate(), ..JoinConfig::default() };
     CatchUp::new(replay, hub, join).expect("joins")
 }
 
@@ -1049,7 +1049,15 @@ async fn main() {
 /// Records a second the backfill readers of the harness's joins and of the gateway may read, each:
 /// tansu on PostgreSQL reads about 10,000 records a second in all, and unbounded reads from far back
 /// held the tail readers' fetches past their timeout (docs/operations.md).
+/// `DUALSTREAM_CHAOS_BACKFILL_RATE` sets another (0: unbounded), for runs that measure it.
 const TANSU_BACKFILL_RATE: u32 = 3_000;
+
+fn backfill_rate() -> u32 {
+    match std::env::var("DUALSTREAM_CHAOS_BACKFILL_RATE") {
+        Ok(v) => v.parse().unwrap_or_else(|_| panic!("DUALSTREAM_CHAOS_BACKFILL_RATE={v:?}: not a number")),
+        Err(_) => TANSU_BACKFILL_RATE,
+    }
+}
 /// The secret the run's gateway signs with.
 const GATEWAY_SECRET: &str = "chaos-gateway-secret-of-at-least-32-bytes";
 
@@ -1071,8 +1079,9 @@ fn start_gateway(brokers: &str, redis_url: &str) -> Result<OwnedGateway, String>
     let config = format!(
         "topic = \"{TOPIC}\"\ndashboard = false\n\
          [redis]\nchannel_prefix = \"{PREFIX}\"\n\
-         [join]\nidle_check_ms = 300\nbackfill_records_per_sec = {TANSU_BACKFILL_RATE}\n\
-         [replay.librdkafka_options]\n\"isolation.level\" = \"read_uncommitted\"\n"
+         [join]\nidle_check_ms = 300\nbackfill_records_per_sec = {}\n\
+         [replay.librdkafka_options]\n\"isolation.level\" = \"read_uncommitted\"\n",
+        backfill_rate()
     );
     // DUALSTREAM_CHAOS_GATEWAY_LOG: the gateway's RUST_LOG (its log file is named at the end).
     let log =
