@@ -25,7 +25,7 @@ use super::measure::{clock_ticks, proc_ticks, CpuSnap, Pids};
 use super::Row;
 
 const SECRET: &str = "bench-secret-of-at-least-32-bytes-long";
-const PARTITIONS: i32 = 8;
+pub(super) const PARTITIONS: i32 = 8;
 
 /// A knob, from `DUALSTREAM_BENCH_GW_<NAME>` when set (to scale the group
 /// down on a smaller machine), else `default`.
@@ -100,11 +100,11 @@ struct Spec {
 }
 
 /// What every client shares.
-struct Shared {
-    base: String,
+pub(super) struct Shared {
+    pub(super) base: String,
     naive_base: String,
-    token: String,
-    prefix: String,
+    pub(super) token: String,
+    pub(super) prefix: String,
     http: reqwest::Client,
     /// Event id → send time (µs since the epoch), for notifications.
     ids: RwLock<HashMap<String, u64>>,
@@ -262,7 +262,7 @@ impl Conn {
     }
 }
 
-fn urlenc(s: &str) -> String {
+pub(super) fn urlenc(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
@@ -719,17 +719,22 @@ fn enough_open_files(k: &Knobs) -> bool {
 }
 
 /// Both gateways on a runtime of their own, and what the clients share.
-struct Setup {
-    rt: tokio::runtime::Runtime,
-    gateway: Gateway,
-    shared: Arc<Shared>,
+pub(super) struct Setup {
+    pub(super) rt: tokio::runtime::Runtime,
+    pub(super) gateway: Gateway,
+    pub(super) shared: Arc<Shared>,
     /// A token that may publish (ingest).
     producer: String,
 }
 
 /// Start our gateway and the naive one on a runtime of their own (threads
 /// `gw-rt`), mint the tokens, and warm ingest up.
-async fn start(brokers: &str, redis_url: &str, topic: &str) -> Setup {
+pub(super) async fn start(
+    brokers: &str,
+    redis_url: &str,
+    topic: &str,
+    tweak: impl FnOnce(&mut GatewayConfig),
+) -> Setup {
     let prefix = format!("gwb{}", &dualstream::EventId::new().as_uuid().simple().to_string()[20..]);
     let client = redis::Client::open(redis_url).expect("redis url");
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -748,6 +753,12 @@ async fn start(brokers: &str, redis_url: &str, topic: &str) -> Setup {
         ..GatewayConfig::default()
     };
     config.redis.channel_prefix = prefix.clone();
+    // Every client here holds the one token (subject "bench") on one
+    // address: the per-subject and per-address stream limits (16 and 32 by
+    // default) are for clients on the internet.
+    config.limits.max_streams_per_subject = 100_000;
+    config.limits.max_streams_per_address = 100_000;
+    tweak(&mut config);
     let (gateway, base) = rt
         .spawn(async move {
             let gateway = Gateway::new(config).await.expect("gateway");
@@ -1021,6 +1032,13 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
             (_, Ok(_)) => vec![k.rate],
             _ => vec![200, 1_000, 5_000],
         };
+    // Idle connections first, before the rates' clients leave anything in
+    // this process.
+    let idle = knob("IDLE", 10_000);
+    if idle > 0 {
+        println!("  gateway group: {idle} idle SSE connections");
+        super::idle::idle_rows(brokers, redis_url, idle, rows).await;
+    }
     for rate in rates {
         println!("  gateway group at {rate} events/s");
         run_at(brokers, redis_url, pids, rows, Knobs { rate, ..k }).await;
@@ -1035,7 +1053,7 @@ async fn run_at(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut Vec<Row>
         ports: (port_of(redis_url), port_of(brokers.split(',').next().unwrap_or_default())),
         redis: client.get_multiplexed_async_connection().await.expect("redis"),
     };
-    let setup = start(brokers, redis_url, &topic).await;
+    let setup = start(brokers, redis_url, &topic, |_| {}).await;
     let sets = channel_sets(k.clients * 2, k.sources);
     let (ours, hub) = run_ours(&setup, &k, &sets, pids, &mut probe).await;
     let records = read_topic(brokers, &topic, ours.stored as usize + 1, Duration::from_secs(120));
@@ -1118,7 +1136,7 @@ impl Report {
     fn setup(&self) -> String {
         let k = &self.k;
         format!(
-            "{} SSE + {} WebSocket clients, each on 1–10 of {} channels (seeded; {} subscriptions in all), half in mode=full; ingest {} events/s over HTTP ({} per POST every 10 ms) for {} s; gateway in this process on 2 runtime threads, tansu and redis-server on the same 2 cores",
+            "{} SSE + {} WebSocket clients, each on 1–10 of {} channels (seeded; {} subscriptions in all), half in mode=full; ingest {} events/s over HTTP ({} per POST every 10 ms) for {} s; gateway in this process on 2 runtime threads (stream limits per subject and per address raised: every client is subject \"bench\" on 127.0.0.1), tansu and redis-server on the same 2 cores",
             k.clients, k.clients, k.sources, self.subscriptions, k.rate, k.rate / 100, k.secs
         )
     }

@@ -6,7 +6,8 @@
 //!
 //! A module per group: [`publish`] (durable, dual, realtime, slow, outage,
 //! naive, memory), [`latency`], [`fanout`], [`cluster`], [`joins`],
-//! [`gateway`]; [`measure`] (CPU and process look-ups shared by the groups)
+//! [`gateway`] (with [`idle`], its idle connections held by a child
+//! process); [`measure`] (CPU and process look-ups shared by the groups)
 //! and [`report`] (the Markdown and JSON).
 
 #[global_allocator]
@@ -22,6 +23,7 @@ use dualstream_devstack::clients::*;
 mod cluster;
 mod fanout;
 mod gateway;
+mod idle;
 mod joins;
 mod latency;
 mod measure;
@@ -116,6 +118,11 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 #[tokio::main]
 async fn main() {
     init_tracing();
+    // The gateway group's idle clients, in a process of their own.
+    if let Ok(spec) = std::env::var(idle::CHILD_ENV) {
+        idle::child(&spec).await;
+        return;
+    }
     let Args { full, filter: filters } = Args::parse();
     let p = if full {
         Profile {
