@@ -506,8 +506,9 @@ async fn a_client_that_never_reads_holds_at_most_client_buffer_bytes() {
     assert!(most > BOUND / 2, "the buffer was seen holding items ({most} bytes at most)");
     assert!(most <= BOUND, "{most} bytes buffered for one client, past client_buffer_bytes = {BOUND}");
     // Everything it held is given back once it is closed, and its
-    // connection, whose writes wait for ever, is dropped after
-    // send_timeout_ms: a client that never reads holds nothing for long.
+    // connection, whose writes wait for ever, is dropped once a write has
+    // waited twice send_timeout_ms (at least 10 s): a client that never
+    // reads holds nothing for long.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let doc = gw.readyz().await;

@@ -1095,7 +1095,6 @@ fn start_gateway(brokers: &str, redis_url: &str) -> Result<OwnedGateway, String>
     Ok(OwnedGateway::start(&bin, &config, &env))
 }
 
-/// A token for gateway client `c`, reading every channel of the run.
 /// The run's gateway's token signer.
 fn gateway_auth() -> dualstream_gateway::Auth {
     dualstream_gateway::Auth::new(&dualstream_gateway::AuthConfig {
@@ -1105,6 +1104,7 @@ fn gateway_auth() -> dualstream_gateway::Auth {
     .expect("auth")
 }
 
+/// A token for gateway client `c`, reading every channel of the run.
 fn gateway_token(c: usize) -> String {
     let auth = gateway_auth();
     auth.mint(&auth.claims(Some(format!("chaos-{c}")), vec![format!("{PREFIX}:*")], Vec::new(), 24 * 3_600))
