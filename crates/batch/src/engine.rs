@@ -43,16 +43,16 @@ pub enum BatchError {
     /// accepted and is handed back.
     #[error("queue full: no room for event {} after waiting {waited:?}", event.id())]
     QueueFull {
-        /// The event, not accepted.
-        event: Event,
+        /// The event, not accepted (boxed: see `DeliveryError`).
+        event: Box<Event>,
         /// How long `submit` waited.
         waited: Duration,
     },
     /// The event alone is larger than the queue's byte bound.
     #[error("event {} is {size} bytes; max_queued_bytes is {max}", event.id())]
     TooLarge {
-        /// The event, not accepted.
-        event: Event,
+        /// The event, not accepted (boxed: see `DeliveryError`).
+        event: Box<Event>,
         /// Its size.
         size: usize,
         /// The bound.
@@ -61,8 +61,8 @@ pub enum BatchError {
     /// The engine is shut down. The event was not accepted and is handed back.
     #[error("batch engine is closed; event {} not accepted", event.id())]
     Closed {
-        /// The event, not accepted.
-        event: Event,
+        /// The event, not accepted (boxed: see `DeliveryError`).
+        event: Box<Event>,
     },
     /// The event was accepted but its worker stopped before resolving it (it
     /// panicked): its outcome is unknown.
@@ -73,8 +73,8 @@ pub enum BatchError {
     /// [`BatchEngine::dead_lanes`] reports the lanes.
     #[error("lane {lane} of the batch engine has no worker (it died); event {} not accepted", event.id())]
     LaneDead {
-        /// The event, not accepted.
-        event: Event,
+        /// The event, not accepted (boxed: see `DeliveryError`).
+        event: Box<Event>,
         /// The lane.
         lane: usize,
     },
@@ -90,7 +90,7 @@ impl BatchError {
             Self::QueueFull { event, .. }
             | Self::TooLarge { event, .. }
             | Self::Closed { event }
-            | Self::LaneDead { event, .. } => Some(event),
+            | Self::LaneDead { event, .. } => Some(*event),
             Self::Publish(e) => e.into_event(),
             Self::WorkerGone => None,
         }
@@ -206,7 +206,8 @@ impl BatchEngine {
         // other. It ends when the last lane is done, and is awaited last.
         let (notify_tx, notify_stage) = if publisher.notify_waits() {
             let (tx, rx) = mpsc::unbounded_channel::<Stored>();
-            let stage = rt.spawn(notify_stage(rx, publisher.clone(), config.notify_pipelines, config.max_queued_events));
+            let stage =
+                rt.spawn(notify_stage(rx, publisher.clone(), config.notify_pipelines, config.max_queued_events));
             (Some(tx), Some(stage))
         } else {
             (None, None)
@@ -265,10 +266,10 @@ impl BatchEngine {
 
     fn refused(&self, lane: usize, event: Event) -> BatchError {
         if self.inner.closed.load(Ordering::Acquire) {
-            BatchError::Closed { event }
+            BatchError::Closed { event: Box::new(event) }
         } else {
             tracing::error!(lane, "batch engine lane has no worker; refusing its sources");
-            BatchError::LaneDead { event, lane }
+            BatchError::LaneDead { event: Box::new(event), lane }
         }
     }
 
@@ -280,11 +281,11 @@ impl BatchEngine {
     pub async fn submit(&self, event: Event) -> Result<Receipt, BatchError> {
         let shared = &self.inner;
         if shared.closed.load(Ordering::Acquire) {
-            return Err(BatchError::Closed { event });
+            return Err(BatchError::Closed { event: Box::new(event) });
         }
         let size = event.size_hint();
         if size > shared.config.max_queued_bytes {
-            return Err(BatchError::TooLarge { event, size, max: shared.config.max_queued_bytes });
+            return Err(BatchError::TooLarge { event: Box::new(event), size, max: shared.config.max_queued_bytes });
         }
         // Fast path without awaiting: with room in the queue, an event enters
         // its lane in the very first poll, so submits of one caller keep
@@ -295,7 +296,7 @@ impl BatchEngine {
                 let waited = shared.config.submit_timeout();
                 match shared.budget.take(1, size as u64, waited).await {
                     Some(h) => h,
-                    None => return Err(BatchError::QueueFull { event, waited }),
+                    None => return Err(BatchError::QueueFull { event: Box::new(event), waited }),
                 }
             }
         };
@@ -352,16 +353,13 @@ impl BatchEngine {
                 continue;
             }
             if shared.closed.load(Ordering::Acquire) {
-                out[index] = Some(Err(BatchError::Closed { event }));
+                out[index] = Some(Err(BatchError::Closed { event: Box::new(event) }));
                 stop = Some(Refusal::Closed);
                 continue;
             }
             let size = event.size_hint();
             if let Some((_, why)) = too_large.iter().find(|(s, _)| s == event.source()) {
-                let error = dualstream_core::SinkError::EarlierFailed {
-                    earlier: why.clone(),
-                    retriable: false,
-                };
+                let error = dualstream_core::SinkError::EarlierFailed { earlier: why.clone(), retriable: false };
                 out[index] = Some(Err(BatchError::Publish(PublishError::Durable(
                     dualstream_core::DeliveryError::new(error, event),
                 ))));
@@ -370,7 +368,7 @@ impl BatchEngine {
             if size > shared.config.max_queued_bytes {
                 let max = shared.config.max_queued_bytes;
                 too_large.push((event.source().clone(), format!("{size} bytes; max_queued_bytes is {max}")));
-                out[index] = Some(Err(BatchError::TooLarge { event, size, max }));
+                out[index] = Some(Err(BatchError::TooLarge { event: Box::new(event), size, max }));
                 continue;
             }
             if chunk.count > 0 && (chunk.count >= max_events || chunk.bytes + size > max_bytes) {
@@ -425,7 +423,7 @@ impl BatchEngine {
             }
             let Some(all) = held.as_mut() else {
                 for (i, event) in indices.into_iter().zip(events) {
-                    out[i] = Some(Err(BatchError::QueueFull { event, waited }));
+                    out[i] = Some(Err(BatchError::QueueFull { event: Box::new(event), waited }));
                 }
                 first = Some(Refusal::QueueFull(waited));
                 continue;
@@ -484,8 +482,8 @@ enum Refusal {
 /// was refused: the same kind, with this event handed back.
 fn again(first: &Refusal, event: Event) -> BatchError {
     match *first {
-        Refusal::QueueFull(waited) => BatchError::QueueFull { event, waited },
-        Refusal::Closed => BatchError::Closed { event },
+        Refusal::QueueFull(waited) => BatchError::QueueFull { event: Box::new(event), waited },
+        Refusal::Closed => BatchError::Closed { event: Box::new(event) },
     }
 }
 

@@ -70,7 +70,7 @@ impl PublishError {
     /// The event that was not stored, if the error carries it.
     pub fn into_event(self) -> Option<Event> {
         match self {
-            Self::Durable(e) => Some(e.event),
+            Self::Durable(e) => Some(e.into_event()),
             Self::MissingResult => None,
         }
     }
@@ -501,11 +501,7 @@ impl PendingStore {
                     if let Some(n) = n {
                         notifications.push(Notification { position: position.clone(), ..n });
                     }
-                    out.push(Ok(Receipt {
-                        event_id,
-                        position,
-                        notification: NotificationOutcome::Disabled,
-                    }));
+                    out.push(Ok(Receipt { event_id, position, notification: NotificationOutcome::Disabled }));
                 }
                 Some(Err(e)) => out.push(Err(e.into())),
                 None => out.push(Err(PublishError::MissingResult)),

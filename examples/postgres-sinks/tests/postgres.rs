@@ -362,7 +362,7 @@ async fn a_constraint_violation_fails_that_event_and_the_later_events_of_its_sou
             let why = |r: &str| r.contains("no_poison") && r.contains("23514");
             assert!(matches!(&d.error, SinkError::Rejected { reason } if why(reason)), "{d}");
             assert!(!d.is_retriable());
-            assert_eq!(d.event, batch[1], "the event is handed back");
+            assert_eq!(*d.event, batch[1], "the event is handed back");
         }
         Ok(p) => panic!("a poison event was stored at {p}"),
     }
