@@ -738,3 +738,43 @@ async fn a_client_resuming_from_offset_zero_in_a_loop_goes_to_the_backfill_reade
     assert!(grew("backfill_reads") >= PASSES, "each pass read by a backfill reader: {before} → {after}");
     assert!(after["consumers"].as_u64() <= Some(2 + 4), "metadata, tail and at most 4 backfill readers: {after}");
 }
+
+/// tansu answers a fetch from inside a partition's last record batch with
+/// nothing, so a resume from inside the only batch, older than what the
+/// gateway keeps, used to wait until a later write made a next batch: here
+/// the client got offset 0 of 20 and nothing more. The shared reader now
+/// reads from earlier when no first record comes, and the client gets all
+/// 20 with no further write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_from_inside_the_last_batch_gets_every_event_without_a_later_write() {
+    init_tracing();
+    let gw = TestGateway::start(|c| {
+        c.join.cache_records = 8;
+        c.replay.timeout_ms = 2_000;
+    })
+    .await;
+    let a = gw.channel("one-batch");
+    let url = format!("{}/v1/stream?channel={}", gw.base, urlenc(&a));
+    let auth = format!("Bearer {}", gw.token(&[&a], &[]));
+    let mut first = Sse::open(&gw.http, &url, &[("authorization", &auth)]).await;
+    assert_eq!(first.status, 200, "{}", first.error);
+    let token = first.next(Duration::from_secs(10)).await.and_then(|f| f.id).expect("a resume token");
+    drop(first);
+    // One request of 20: one record batch at offsets 0..19.
+    let batch: Vec<Value> = (0..20).map(|i| user_event("one-batch", i)).collect();
+    let (status, reply) = gw.ingest(&gw.token(&[], &["user"]), &Value::Array(batch)).await;
+    assert_eq!((status, reply["stored"].as_u64()), (200, Some(20)), "{reply}");
+
+    let mut sse = Sse::open(&gw.http, &url, &[("authorization", &auth), ("last-event-id", &token)]).await;
+    assert_eq!(sse.status, 200, "{}", sse.error);
+    let mut offsets = Vec::new();
+    while offsets.len() < 20 {
+        let Some(f) = sse.next(Duration::from_secs(30)).await else {
+            panic!("only offsets {offsets:?} within 30 s of the last event");
+        };
+        if f.event == "event" {
+            offsets.push(f.json()["position"]["offset"].as_i64().expect("offset"));
+        }
+    }
+    assert_eq!(offsets, (0..20).collect::<Vec<i64>>());
+}

@@ -1340,6 +1340,34 @@ impl TopicReader {
             if part.behind.is_empty() {
                 part.behind_since = None;
             }
+            if stalled.contains(p) && part.probe.is_some() && part.pos > 0 {
+                // No first record after a seek: tansu answers a fetch from
+                // inside its partition's last batch with nothing at all (not
+                // with the next batch, there is none), so the probe never
+                // sees a record. Read from earlier, as when the first record
+                // is past the offset; failing the reads would only make
+                // their joins ask again at the same offset.
+                let probe = part.probe.take().unwrap_or(Probe { requested: part.pos, back: 0 });
+                let need = part.reqs.iter().map(|r| r.next).fold(probe.requested, i64::min);
+                let back = (probe.back * 4).max(64);
+                let to = (need - back).max(0);
+                tracing::debug!(topic = %self.topic, partition = p, requested = need, seek = to, "history reader: no first record after a seek; reading from earlier");
+                match consumer.seek(&self.topic, *p, to, timeout) {
+                    Ok(()) => {
+                        part.pos = to;
+                        part.covered_from = to;
+                        part.cache.clear();
+                        part.cache_bytes = 0;
+                        part.probe = (to > 0).then_some(Probe { requested: need, back });
+                        part.progress = now;
+                        part.publish();
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %self.topic, partition = p, error = %e, "history reader: seek failed")
+                    }
+                }
+            }
             if stalled.contains(p) {
                 tracing::warn!(topic = %self.topic, role = ?self.role, partition = p, at = part.pos, "history reader: no record within the timeout");
                 for r in part.reqs.drain(..) {
@@ -1573,6 +1601,30 @@ mod tests {
     #[test]
     fn a_read_added_during_a_probe_gets_no_hole_for_records_the_broker_skipped() {
         a_second_read_below_the_probe(600, &[550, 486]);
+    }
+
+    /// A read from inside the partition's last batch: tansu answers with
+    /// nothing (there is no next batch), so the probe never sees a first
+    /// record. Once the reader counts as stalled it reads from earlier, and
+    /// the read gets every record; it used to fail with a timeout, and its
+    /// join asked again at the same offset, until a write made a next batch.
+    #[test]
+    fn a_read_inside_the_last_batch_reads_from_earlier_when_nothing_comes() {
+        let broker = Tansu::new(20, 20);
+        let mut r = reader(4_096);
+        let (req, mut read) = Read::new(1, 20, "b");
+        r.add(&broker, 0, req);
+        pump(&mut r, &broker, &mut [&mut read], |_| true);
+        assert!(read.got.is_empty(), "nothing comes from inside the last batch");
+        let long_ago = Instant::now() - Duration::from_secs(4);
+        r.active = long_ago;
+        r.parts.get_mut(&0).expect("part").progress = long_ago;
+        r.housekeeping(&broker);
+        pump(&mut r, &broker, &mut [&mut read], |_| true);
+        read.drain();
+        assert_eq!(*broker.seeks.borrow(), [1, 0]);
+        assert_eq!(read.holes, [], "no hole: the records exist");
+        assert_eq!(read.got, of_key(1, 20, "b"), "every record of the key from 1");
     }
 
     /// Offsets the broker really does not have (its first batch starts at
