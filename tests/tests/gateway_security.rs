@@ -493,3 +493,94 @@ async fn dashboards_share_one_health_check_a_second() {
     // 24 states were sent; one check per second of wall time, plus the first and the last.
     assert!(checks <= secs + 2, "{checks} health checks in {secs} s for 8 viewers");
 }
+
+/// A token holder resuming from far back in a loop (each resume sends the
+/// backfill readers to Kafka and the client everything in between) is held
+/// to `limits.far_resumes_per_min`; other subjects, resumes near the end
+/// and new subscriptions are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn far_resumes_are_limited_per_subject() {
+    init_tracing();
+    let gw = TestGateway::start(|c| {
+        c.join.cache_records = 8;
+        c.limits.far_resumes_per_min = 2;
+    })
+    .await;
+    let a = gw.channel("far");
+    let url = format!("{}/v1/stream?channel={}", gw.base, urlenc(&a));
+    let bearer = |sub: &str| {
+        let claims = gw.gateway.auth().claims(Some(sub.into()), vec![a.clone()], vec![], 3_600);
+        format!("Bearer {}", gw.token_with(&claims))
+    };
+    let open = |auth: String, token: Option<String>| {
+        let (http, url) = (gw.http.clone(), url.clone());
+        async move {
+            let mut headers = vec![("authorization", auth)];
+            headers.extend(token.map(|t| ("last-event-id", t)));
+            let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            Sse::open(&http, &url, &headers).await
+        }
+    };
+    // A token at the channel's end; then 20 events, so it is 20 behind
+    // where the gateway keeps 8.
+    let mut first = open(bearer("mallory"), None).await;
+    assert_eq!(first.status, 200, "{}", first.error);
+    let subscribed = first.next(Duration::from_secs(10)).await.expect("subscribed");
+    let old = subscribed.id.clone().expect("the subscribed item carries a resume token");
+    drop(first);
+    // One request each: tansu's high watermark is its last batch's base
+    // offset + 1 (docs/operations.md), so one batch of 20 would put the end
+    // at 1 and no resume would be far.
+    let producer = gw.token(&[], &["user"]);
+    for i in 0..20 {
+        let (status, reply) = gw.ingest(&producer, &json!([user_event("far", i)])).await;
+        assert_eq!((status, reply["stored"].as_u64()), (200, Some(1)), "{reply}");
+    }
+
+    // Two far resumes are the minute's share; the third is refused.
+    let mut resumed = Vec::new();
+    for i in 0..2 {
+        let mut s = open(bearer("mallory"), Some(old.clone())).await;
+        assert_eq!(s.status, 200, "far resume {i}: {}", s.error);
+        let mut events = 0;
+        while events < 20 {
+            let f = s.next(Duration::from_secs(20)).await.expect("the resumed stream delivers what was missed");
+            events += usize::from(f.event == "event");
+        }
+        resumed.push(s);
+    }
+    let r = gw
+        .http
+        .get(&url)
+        .header("authorization", bearer("mallory"))
+        .header("last-event-id", &old)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 429);
+    let retry: u64 = r.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+    assert!((1..=30).contains(&retry), "one far resume comes back in 30 s: retry-after {retry}");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!((code(&v), v["error"]["field"].as_str()), (Some("rate_limited"), Some("limits.far_resumes_per_min")), "{v}");
+    assert_eq!(v["error"]["limit"], 2, "{v}");
+
+    // Not counted: another subject's far resume, a new subscription, and a
+    // resume from near the end.
+    let bob = open(bearer("bob"), Some(old.clone())).await;
+    assert_eq!(bob.status, 200, "another subject has its own share: {}", bob.error);
+    let mut fresh = open(bearer("mallory"), None).await;
+    assert_eq!(fresh.status, 200, "a new subscription is not a resume: {}", fresh.error);
+    let near = fresh.next(Duration::from_secs(10)).await.expect("subscribed").id.expect("token");
+    drop((fresh, bob));
+    let near = open(bearer("mallory"), Some(near)).await;
+    assert_eq!(near.status, 200, "a resume from the end is not far: {}", near.error);
+    drop((near, resumed));
+
+    // On a WebSocket the refusal is an error item, and nothing starts.
+    let mut ws = ws_open(&gw, "", &[("authorization", bearer("mallory"))]).await.expect("upgrade");
+    ws_send(&mut ws, json!({"op": "subscribe", "channels": [a], "resume": old})).await;
+    let v = ws_reply(&mut ws).await;
+    let got = (v["code"].as_str(), v["field"].as_str(), v["limit"].as_u64());
+    assert_eq!(got, (Some("rate_limited"), Some("limits.far_resumes_per_min"), Some(2)), "{v}");
+    assert!(v["retry_after_ms"].as_u64().is_some_and(|ms| ms >= 1_000), "{v}");
+}

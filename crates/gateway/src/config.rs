@@ -210,6 +210,16 @@ pub struct GatewayLimits {
     /// connection, with a burst of as many; more are answered with an error
     /// `rate_limited` and not run. Default: 10.
     pub commands_per_sec: u32,
+    /// Far resumes per token subject per minute (a bucket of this many,
+    /// refilled evenly): channel subscriptions resuming further behind their
+    /// partition's end than `join.cache_records`, which the tail cache
+    /// cannot serve. Each sends the backfill readers to Kafka and the client
+    /// everything in between; more get 429 (SSE) or an error item (WebSocket)
+    /// `rate_limited` with `Retry-After`, and none of the request's
+    /// subscriptions start. Resumes near the end and new subscriptions are
+    /// not counted. Default: 120 (a connection's 64 subscriptions at once,
+    /// and about one far resume a second after that).
+    pub far_resumes_per_min: u32,
     /// How long a client may take to send a request's headers, in
     /// milliseconds, counted from when the connection opens or its previous
     /// response ended: a connection that sends no complete request within it
@@ -238,6 +248,7 @@ impl Default for GatewayLimits {
             max_streams_per_subject: 16,
             max_streams_per_address: 32,
             commands_per_sec: 10,
+            far_resumes_per_min: 120,
             header_read_timeout_ms: 10_000,
             client_address_header: None,
         }
@@ -308,6 +319,7 @@ impl GatewayConfig {
         check_range("limits.max_streams_per_subject", l.max_streams_per_subject as u64, 1, 1_000_000)?;
         check_range("limits.max_streams_per_address", l.max_streams_per_address as u64, 1, 1_000_000)?;
         check_range("limits.commands_per_sec", u64::from(l.commands_per_sec), 1, 10_000)?;
+        check_range("limits.far_resumes_per_min", u64::from(l.far_resumes_per_min), 1, 1_000_000)?;
         check_range("limits.header_read_timeout_ms", l.header_read_timeout_ms, 100, 600_000)?;
         if let Some(h) = &l.client_address_header {
             if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {

@@ -160,6 +160,18 @@ impl serde::Serialize for ErrorCode {
     }
 }
 
+impl From<SubError> for ApiError {
+    /// A subscription over the token's share is a limit (429 with
+    /// `Retry-After`, the field named); any other refusal is the
+    /// subscription's.
+    fn from(e: SubError) -> Self {
+        match e {
+            SubError::Limited(l) => ApiError::Limit(l),
+            e => ApiError::Subscription(e),
+        }
+    }
+}
+
 /// Every refusal a request can get.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ApiError {
@@ -169,7 +181,7 @@ pub(crate) enum ApiError {
     Auth(#[from] AuthError),
     /// A subscription the request names cannot start.
     #[error(transparent)]
-    Subscription(#[from] SubError),
+    Subscription(SubError),
     /// A limit of one client's share or of the gateway's capacity.
     #[error(transparent)]
     Limit(#[from] LimitError),

@@ -136,6 +136,7 @@ impl Gateway {
             metrics,
             dashboard: Mutex::new(Default::default()),
             streams: Mutex::new(Default::default()),
+            far_resumes: Mutex::new(Default::default()),
             health: tokio::sync::Mutex::new(None),
             health_checks: AtomicU64::new(0),
             config,

@@ -38,6 +38,8 @@ pub(crate) enum Limit {
     CommandsPerSec,
     /// `limits.max_connections`: the gateway's whole capacity.
     Connections,
+    /// `limits.far_resumes_per_min`, per token subject.
+    FarResumesPerMin,
 }
 
 impl Limit {
@@ -49,6 +51,7 @@ impl Limit {
             Limit::StreamsPerAddress => "limits.max_streams_per_address",
             Limit::CommandsPerSec => "limits.commands_per_sec",
             Limit::Connections => "limits.max_connections",
+            Limit::FarResumesPerMin => "limits.far_resumes_per_min",
         }
     }
 
@@ -56,7 +59,7 @@ impl Limit {
     pub(crate) fn code(self) -> ErrorCode {
         match self {
             Limit::Streams | Limit::StreamsPerSubject | Limit::StreamsPerAddress => ErrorCode::TooManyStreams,
-            Limit::CommandsPerSec => ErrorCode::RateLimited,
+            Limit::CommandsPerSec | Limit::FarResumesPerMin => ErrorCode::RateLimited,
             Limit::Connections => ErrorCode::TooManyConnections,
         }
     }
@@ -65,7 +68,7 @@ impl Limit {
     pub(crate) fn status(self) -> StatusCode {
         match self {
             Limit::Streams | Limit::Connections => StatusCode::SERVICE_UNAVAILABLE,
-            Limit::StreamsPerSubject | Limit::StreamsPerAddress | Limit::CommandsPerSec => {
+            Limit::StreamsPerSubject | Limit::StreamsPerAddress | Limit::CommandsPerSec | Limit::FarResumesPerMin => {
                 StatusCode::TOO_MANY_REQUESTS
             }
         }
@@ -87,6 +90,16 @@ pub(crate) struct LimitError {
 }
 
 impl LimitError {
+    /// The error item (WebSocket), with the limit and when to retry.
+    pub(crate) fn item(&self) -> crate::wire::ErrorItem<'static> {
+        let retry_after_ms = u64::try_from(self.retry_after.as_millis()).unwrap_or(u64::MAX);
+        crate::wire::ErrorItem::new(self.limit.code(), self.to_string()).limit(
+            self.limit.field(),
+            self.value,
+            retry_after_ms,
+        )
+    }
+
     /// `limits.max_connections` is reached: the refusal of a connection.
     pub(crate) fn connections(max: usize) -> Self {
         let what = "the gateway has as many connections as it takes".to_owned();
@@ -190,6 +203,59 @@ impl CommandRate {
     }
 }
 
+/// Far resumes per token subject: a bucket of `per_min` each, refilled
+/// evenly over a minute. A far resume starts a channel's join further behind
+/// its partition's end than the tail cache holds, so it sends the backfill
+/// readers to Kafka and makes the gateway send the client everything in
+/// between: one token holder resuming from offset 0 in a loop would
+/// otherwise take the shared backfill budget and the gateway's CPU from
+/// everyone else. A pure state machine; the clock is passed in. Subjects
+/// whose bucket is full again are forgotten, so the map holds only those
+/// that resumed far within the last minute.
+#[derive(Debug, Default)]
+pub(crate) struct FarResumes {
+    by_subject: HashMap<String, (f64, Instant)>,
+}
+
+impl FarResumes {
+    /// Take `n` far resumes for `subject`, or refuse all of them and say
+    /// when that many are there.
+    pub(crate) fn take(&mut self, subject: &str, n: usize, per_min: u32, now: Instant) -> Result<(), LimitError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let cap = f64::from(per_min);
+        let per_sec = cap / 60.0;
+        let refill = |(tokens, at): (f64, Instant)| {
+            (tokens + now.saturating_duration_since(at).as_secs_f64() * per_sec).min(cap)
+        };
+        if self.by_subject.len() >= 4_096 {
+            self.by_subject.retain(|_, b| refill(*b) < cap);
+        }
+        let tokens = self.by_subject.get(subject).map_or(cap, |b| refill(*b));
+        let want = n as f64;
+        if tokens >= want {
+            self.by_subject.insert(subject.to_owned(), (tokens - want, now));
+            return Ok(());
+        }
+        let what = if want > cap {
+            format!("this subscription resumes {n} channels from further back than the gateway keeps, more than a minute's share")
+        } else {
+            format!(
+                "the token's subject {:?} resumed too many channels from further back than the gateway keeps; \
+                 these {n} were not started",
+                short(subject)
+            )
+        };
+        Err(LimitError {
+            limit: Limit::FarResumesPerMin,
+            value: per_min as usize,
+            what,
+            retry_after: Duration::from_secs_f64(((want.min(cap) - tokens) / per_sec).max(1.0)),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +289,41 @@ mod tests {
             c.release(s, Some(ad));
         }
         assert_eq!((c.total, c.by_subject.len(), c.by_address.len()), (0, 0, 0), "nothing is kept for gone clients");
+    }
+
+    #[test]
+    fn far_resumes_are_limited_per_subject_and_refill_over_a_minute() {
+        let t0 = Instant::now();
+        let mut r = FarResumes::default();
+        r.take("mallory", 64, 120, t0).expect("a whole connection's resume fits");
+        r.take("mallory", 56, 120, t0).expect("up to the minute's share");
+        let e = r.take("mallory", 1, 120, t0).expect_err("the share is spent");
+        let (field, status, code) = (e.limit.field(), e.limit.status(), e.limit.code());
+        assert_eq!(
+            (field, status, code),
+            ("limits.far_resumes_per_min", StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited)
+        );
+        assert_eq!(e.retry_after, Duration::from_secs(1), "one comes back every half second; at least 1 s");
+        r.take("alice", 10, 120, t0).expect("another subject has its own share");
+        r.take("mallory", 2, 120, t0 + Duration::from_secs(1)).expect("two a second come back");
+        let e = r.take("mallory", 10, 120, t0 + Duration::from_secs(1)).expect_err("not ten");
+        assert_eq!(e.retry_after, Duration::from_secs(5), "ten take five seconds to come back");
+        r.take("mallory", 0, 120, t0).expect("nothing far: nothing taken");
+        let e = r.take("bob", 121, 120, t0).expect_err("more than a minute's share at once");
+        assert!(e.to_string().contains("more than a minute's share"), "{e}");
+    }
+
+    #[test]
+    fn far_resume_buckets_of_gone_subjects_are_forgotten() {
+        let t0 = Instant::now();
+        let mut r = FarResumes::default();
+        for i in 0..4_096 {
+            r.take(&format!("s{i}"), 1, 60, t0).expect("fits");
+        }
+        // A minute later every bucket is full again: the next subject's
+        // take forgets them all.
+        r.take("late", 1, 60, t0 + Duration::from_secs(61)).expect("fits");
+        assert_eq!(r.by_subject.len(), 1);
     }
 
     #[test]

@@ -24,6 +24,7 @@ use tokio::task::AbortHandle;
 
 use crate::auth::{now_secs, Verified};
 use crate::error::ErrorCode;
+use crate::limits::LimitError;
 use crate::resume::{hash, ResumeToken};
 use crate::state::{AppState, ClientGuard};
 use crate::wire::{to_json, ErrorItem, EventItem, Kind, ResetItem, SubscribedItem};
@@ -66,6 +67,10 @@ pub(crate) enum SubError {
     /// Kafka or Redis could not start it: 503.
     #[error("{0}")]
     Unavailable(String),
+    /// A limit of the token's share (`limits.far_resumes_per_min`): 429,
+    /// with when to try again.
+    #[error(transparent)]
+    Limited(LimitError),
 }
 
 impl SubError {
@@ -77,6 +82,7 @@ impl SubError {
             SubError::InvalidPattern(_) => ErrorCode::InvalidPattern,
             SubError::TooMany { .. } => ErrorCode::TooMany,
             SubError::Unavailable(_) => ErrorCode::Unavailable,
+            SubError::Limited(e) => e.limit.code(),
         }
     }
 
@@ -85,6 +91,7 @@ impl SubError {
         match self {
             SubError::Forbidden(_) => StatusCode::FORBIDDEN,
             SubError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            SubError::Limited(e) => e.limit.status(),
             SubError::InvalidChannel(_) | SubError::InvalidPattern(_) | SubError::TooMany { .. } => {
                 StatusCode::BAD_REQUEST
             }
@@ -93,7 +100,10 @@ impl SubError {
 
     /// The `{"kind": "error", ...}` reply to a WebSocket command.
     pub(crate) fn item(&self) -> ErrorItem<'static> {
-        ErrorItem::new(self.code(), self.to_string())
+        match self {
+            SubError::Limited(e) => e.item(),
+            _ => ErrorItem::new(self.code(), self.to_string()),
+        }
     }
 }
 
@@ -311,6 +321,12 @@ fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) -> Task {
     Task(tokio::spawn(task).abort_handle())
 }
 
+/// A subscription about to start: a channel with its partition's end now.
+enum Planned {
+    Channel { channel: String, source: Source, now: dualstream_core::Position },
+    Live { target: Target, name: String },
+}
+
 /// One connection's subscriptions and resume state. Every task it starts is
 /// aborted when its subscription ends or the session is dropped.
 pub(crate) struct Session {
@@ -326,7 +342,7 @@ pub(crate) struct Session {
     channels: HashMap<u32, String>,
     expires: u64,
     closed: bool,
-    _guard: ClientGuard,
+    guard: ClientGuard,
 }
 
 impl std::fmt::Debug for Session {
@@ -358,7 +374,7 @@ impl Session {
             expires: auth.stream_expiry(),
             closed: false,
             state,
-            _guard: guard,
+            guard,
         }
     }
 
@@ -411,12 +427,43 @@ impl Session {
         }
         let foreign = resume.filter(|r| r.log != self.state.log_hash);
         let resume = resume.filter(|r| r.log == self.state.log_hash);
+        // Where each channel's partition ends now, and how many of them
+        // resume from further back than the tail cache keeps: those are
+        // taken from the subject's share at once, before any starts.
+        let mut planned = Vec::with_capacity(new.len());
+        let mut far = 0;
+        let cached = i64::try_from(self.state.config.join.cache_records).unwrap_or(i64::MAX);
         for want in new {
-            let name = want.name().to_owned();
-            let task = match want {
-                Want::Channel { channel, source } => self.start_channel(channel, source, mode, resume, foreign).await?,
-                Want::Live { target, name } => {
-                    self.start_live(target, name, resume.is_some() || foreign.is_some()).await?
+            planned.push(match want {
+                Want::Channel { channel, source } => {
+                    let now = self
+                        .state
+                        .catchup
+                        .position_now(&source)
+                        .await
+                        .map_err(|e| SubError::Unavailable(format!("Kafka: {e}")))?;
+                    let from = resume.and_then(|r| r.positions.get(&hash(&channel)));
+                    far += usize::from(from.is_some_and(|&(p, next)| p == now.partition && now.offset - next > cached));
+                    Planned::Channel { channel, source, now }
+                }
+                Want::Live { target, name } => Planned::Live { target, name },
+            });
+        }
+        let per_min = self.state.config.limits.far_resumes_per_min;
+        self.state
+            .far_resumes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(self.guard.subject(), far, per_min, std::time::Instant::now())
+            .map_err(SubError::Limited)?;
+        for p in planned {
+            let (name, task) = match p {
+                Planned::Channel { channel, source, now } => {
+                    (channel.clone(), self.start_channel(channel, source, now, mode, resume, foreign))
+                }
+                Planned::Live { target, name } => {
+                    let task = self.start_live(target, name.clone(), resume.is_some() || foreign.is_some()).await?;
+                    (name, task)
                 }
             };
             added.push(name.clone());
@@ -425,20 +472,20 @@ impl Session {
         Ok(())
     }
 
-    /// A channel's join, from its position in `resume`, or from the end of
-    /// the log now (with a `reset` when the position cannot be used).
-    async fn start_channel(
+    /// A channel's join, from its position in `resume`, or from `now`, the
+    /// end of its partition (with a `reset` when the position cannot be
+    /// used).
+    fn start_channel(
         &mut self,
         channel: String,
         source: Source,
+        now: dualstream_core::Position,
         mode: Mode,
         resume: Option<&ResumeToken>,
         foreign: Option<&ResumeToken>,
-    ) -> Result<Task, SubError> {
+    ) -> Task {
         let h = hash(&channel);
         let from = resume.and_then(|r| r.positions.get(&h)).copied();
-        let now =
-            self.state.catchup.position_now(&source).await.map_err(|e| SubError::Unavailable(format!("Kafka: {e}")))?;
         let mut reset = None;
         let start = match from {
             Some((p, next)) if p == now.partition => next,
@@ -470,7 +517,7 @@ impl Session {
             mode,
             out: self.out.clone(),
         };
-        Ok(spawn(task.run()))
+        spawn(task.run())
     }
 
     /// A pattern's or an aggregate channel's hub subscription, with a

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::auth::Auth;
 use crate::config::GatewayConfig;
-use crate::limits::{LimitError, StreamCounts};
+use crate::limits::{FarResumes, LimitError, StreamCounts};
 use crate::wire::Ingested;
 
 /// Shared by every handler.
@@ -53,6 +53,8 @@ pub(crate) struct AppState {
     pub(crate) dashboard: Mutex<DashboardData>,
     /// Open streams per subject and address.
     pub(crate) streams: Mutex<StreamCounts>,
+    /// Far resumes per token subject (`limits.far_resumes_per_min`).
+    pub(crate) far_resumes: Mutex<FarResumes>,
     /// The last Kafka and Redis health check and when it was made: checked
     /// at most once a second, however many ask.
     pub(crate) health: tokio::sync::Mutex<Option<(tokio::time::Instant, Health)>>,
@@ -106,6 +108,13 @@ impl ClientGuard {
         state.clients(transport).fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("dualstream_gateway_clients", "transport" => transport.name()).increment(1.0);
         Ok(Self { state: Arc::clone(state), transport, subject: subject.to_owned(), address })
+    }
+}
+
+impl ClientGuard {
+    /// The token subject the client is counted under.
+    pub(crate) fn subject(&self) -> &str {
+        &self.subject
     }
 }
 

@@ -18,7 +18,7 @@ use futures::{SinkExt, StreamExt};
 
 use crate::auth::Verified;
 use crate::error::{ApiError, ErrorCode};
-use crate::limits::{CommandRate, LimitError, PeerAddr};
+use crate::limits::{CommandRate, PeerAddr};
 use crate::origin::Check;
 use crate::resume::ResumeToken;
 use crate::session::{wants, CloseReason, Out, Session};
@@ -66,7 +66,7 @@ async fn run(state: Arc<AppState>, auth: Verified, guard: ClientGuard, socket: W
             incoming = stream.next() => match incoming {
                 Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
                     let reply = match (rate.take(Instant::now()), m) {
-                        (Err(e), _) => to_json(&rate_limited(&e)),
+                        (Err(e), _) => to_json(&e.item()),
                         (Ok(()), Message::Text(text)) => command(&state, &auth, &mut session, text.as_str()).await,
                         (Ok(()), _) => to_json(&ErrorItem::new(ErrorCode::InvalidCommand, "send JSON text frames")),
                     };
@@ -92,12 +92,6 @@ async fn run(state: Arc<AppState>, auth: Verified, guard: ClientGuard, socket: W
 /// The close frame for a reason: its WebSocket code, and its code as text.
 fn close(reason: CloseReason) -> Message {
     Message::Close(Some(CloseFrame { code: reason.ws_code(), reason: Utf8Bytes::from(reason.code()) }))
-}
-
-/// The reply to a command over `limits.commands_per_sec`.
-fn rate_limited(e: &LimitError) -> ErrorItem<'static> {
-    let retry_after_ms = e.retry_after.as_millis() as u64;
-    ErrorItem::new(e.limit.code(), e.to_string()).limit(e.limit.field(), e.value, retry_after_ms)
 }
 
 /// Run one command: the reply is `subscribed` with the names now active,
