@@ -16,15 +16,16 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use crate::checker::Finding;
-use crate::{fds_and_connections, rss_kib, Args, TOPIC};
+use crate::{c_heap_kib, fds_and_connections, rss_kib, rust_heap_kib, threads, Args, TOPIC};
 
 /// The faults a run applied: each kind with when it began and ended, since
 /// the start.
 pub(crate) type Applied = Vec<(Fault, Duration, Duration)>;
 
-/// A soak sample: seconds since the start, and RSS (KiB), the engine's
-/// queue, open descriptors, Kafka and Redis connections.
-pub(crate) type Sample = (f64, [f64; 5]);
+/// A soak sample: seconds since the start, and the values of
+/// `soak::RESOURCES` (RSS, the engine's queue, open descriptors, Kafka and
+/// Redis connections, the Rust heap's live KiB, glibc's heap in use, threads).
+pub(crate) type Sample = (f64, [f64; 8]);
 
 /// Apply faults until the run's time is up: kinds drawn by the seed, each
 /// held 1.5 to 5 s, 2 to 6 s of calm between; for the soak a Redis kill
@@ -43,17 +44,38 @@ pub(crate) async fn schedule(
     let ports = [services.kafka_proxy.addr().port(), services.redis_proxy.addr().port()];
     tokio::time::sleep(Duration::from_secs(3)).await; // warm-up without faults
     let mut next_sample = Instant::now();
+    let mut heap_peak = 0;
     while started.elapsed() < run {
         if a.soak {
             // A Redis kill every minute; samples every 5 s.
             let until = (started.elapsed() + Duration::from_secs(60)).min(run);
             while started.elapsed() < until {
+                // The Rust heap's peak between samples, looked at every tick: a
+                // transient backlog the allocator may keep pages of.
+                heap_peak = heap_peak.max(rust_heap_kib());
                 if Instant::now() >= next_sample {
                     let (fds, conns) = fds_and_connections(&ports);
-                    samples.push((
-                        started.elapsed().as_secs_f64(),
-                        [rss_kib() as f64, engine.queued() as f64, fds as f64, conns[0] as f64, conns[1] as f64],
-                    ));
+                    let t = started.elapsed().as_secs_f64();
+                    let values = [
+                        rss_kib() as f64,
+                        engine.queued() as f64,
+                        fds as f64,
+                        conns[0] as f64,
+                        conns[1] as f64,
+                        rust_heap_kib() as f64,
+                        c_heap_kib() as f64,
+                        threads() as f64,
+                    ];
+                    if samples.len() % 12 == 0 {
+                        // Once a minute, so a run's shape is on record (a steady
+                        // leak against a step, and which heap holds it).
+                        println!(
+                            "soak sample at {t:.0} s: RSS {} KiB, Rust heap {} KiB (peak in the minute {heap_peak}), C heap {} KiB, queue {}, {} fds, {} threads",
+                            values[0], values[5], values[6], values[1], values[2], values[7]
+                        );
+                        heap_peak = 0;
+                    }
+                    samples.push((t, values));
                     next_sample += Duration::from_secs(5);
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
