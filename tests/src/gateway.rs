@@ -48,6 +48,27 @@ impl TestGateway {
     /// Start one on these brokers and this existing topic (a
     /// `MockCluster`'s, for example).
     pub async fn start_on(brokers: String, topic: String, tweak: impl FnOnce(&mut GatewayConfig)) -> Self {
+        Self::start_with(brokers, topic, None, tweak).await
+    }
+
+    /// Start one serving `/metrics` from `metrics`, the Prometheus recorder
+    /// the test installed.
+    pub async fn start_with_metrics(
+        metrics: metrics_exporter_prometheus::PrometheusHandle,
+        tweak: impl FnOnce(&mut GatewayConfig),
+    ) -> Self {
+        let brokers = kafka_brokers();
+        let topic = unique_topic("gw");
+        create_topic(&brokers, &topic, 3).await;
+        Self::start_with(brokers, topic, Some(metrics), tweak).await
+    }
+
+    async fn start_with(
+        brokers: String,
+        topic: String,
+        metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+        tweak: impl FnOnce(&mut GatewayConfig),
+    ) -> Self {
         // The random end of a UUIDv7 (its start is the clock: tests starting in
         // the same millisecond would share it).
         let prefix = format!("gw{}", &dualstream::EventId::new().as_uuid().simple().to_string()[20..]);
@@ -63,7 +84,7 @@ impl TestGateway {
         config.kafka.message_timeout_ms = 10_000;
         config.join.idle_check_ms = 200;
         tweak(&mut config);
-        let gateway = Gateway::new(config).await.expect("gateway");
+        let gateway = Gateway::with_metrics(config, metrics).await.expect("gateway");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -110,7 +131,13 @@ impl TestGateway {
 
     /// `GET /readyz` with the admin token: the whole document.
     pub async fn readyz(&self) -> Value {
-        let r = self.http.get(format!("{}/readyz", self.base)).bearer_auth(self.admin_token()).send().await.expect("readyz");
+        let r = self
+            .http
+            .get(format!("{}/readyz", self.base))
+            .bearer_auth(self.admin_token())
+            .send()
+            .await
+            .expect("readyz");
         r.json().await.expect("readyz json")
     }
 
@@ -133,7 +160,8 @@ impl TestGateway {
     /// `POST {path}` with a bearer token and a JSON body; the status and the
     /// JSON reply.
     pub async fn post_json(&self, path: &str, token: &str, body: &Value) -> (u16, Value) {
-        let r = self.http.post(format!("{}{path}", self.base)).bearer_auth(token).json(body).send().await.expect("POST");
+        let r =
+            self.http.post(format!("{}{path}", self.base)).bearer_auth(token).json(body).send().await.expect("POST");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }

@@ -46,6 +46,7 @@ mod config;
 mod error;
 mod ingest;
 mod limits;
+pub mod metric_names;
 mod origin;
 mod resume;
 mod routes;
@@ -118,6 +119,7 @@ impl Gateway {
         let namer = hub.namer().clone();
         let log_hash = resume::hash(&format!("{}/{}", config.stream_id, config.topic));
         let (shutdown, _) = watch::channel(false);
+        metric_names::register();
         let state = AppState {
             namer,
             engine,

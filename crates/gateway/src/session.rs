@@ -25,6 +25,7 @@ use tokio::task::AbortHandle;
 use crate::auth::{now_secs, Verified};
 use crate::error::ErrorCode;
 use crate::limits::LimitError;
+use crate::metric_names as metric;
 use crate::resume::{hash, ResumeToken};
 use crate::state::{AppState, ClientGuard};
 use crate::wire::{to_json, ErrorItem, EventItem, Kind, ResetItem, SubscribedItem};
@@ -42,6 +43,16 @@ pub enum Mode {
     Notify,
     /// The whole event as well: payload, headers, `occurred_at_ms`.
     Full,
+}
+
+impl Mode {
+    /// The name, as in the query and the metrics' `mode` label.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Mode::Notify => "notify",
+            Mode::Full => "full",
+        }
+    }
 }
 
 /// A refused subscription.
@@ -340,6 +351,11 @@ pub(crate) struct Session {
     positions: BTreeMap<u32, (i32, i64)>,
     /// Channel hash → channel, for the subscriptions that have one.
     channels: HashMap<u32, String>,
+    /// Channel hash → the mode it was subscribed in, for the delivery
+    /// counters.
+    modes: HashMap<u32, Mode>,
+    /// `dualstream_gateway_deliveries_total` of this transport: notify, full.
+    delivered: [metrics::Counter; 2],
     expires: u64,
     closed: bool,
     guard: ClientGuard,
@@ -363,7 +379,12 @@ impl Session {
             Arc::new(close_tx),
         );
         let shutdown = state.shutdown.subscribe();
+        let transport = guard.transport();
+        let delivered = [Mode::Notify, Mode::Full]
+            .map(|m| metrics::counter!(metric::DELIVERIES, "transport" => transport, "mode" => m.name()));
         Self {
+            modes: HashMap::new(),
+            delivered,
             out,
             rx,
             close_rx,
@@ -504,6 +525,7 @@ impl Session {
         };
         self.positions.insert(h, (now.partition, start));
         self.channels.insert(h, channel.clone());
+        self.modes.insert(h, mode);
         if let Some(reason) = reset {
             self.push(Msg::reset(&ResetItem::new(&channel, &reason), None));
         }
@@ -540,6 +562,7 @@ impl Session {
                 let h = hash(n);
                 self.positions.remove(&h);
                 self.channels.remove(&h);
+                self.modes.remove(&h);
             }
         }
     }
@@ -564,6 +587,10 @@ impl Session {
         };
         let reason = match step {
             Ok(Some(Msg { kind, json, advance, charge: _ })) => {
+                if kind == Kind::Event {
+                    let full = advance.is_some_and(|(h, ..)| self.modes.get(&h) == Some(&Mode::Full));
+                    self.delivered[usize::from(full)].increment(1);
+                }
                 if let Some((h, p, next)) = advance {
                     if let Some(pos) = self.positions.get_mut(&h) {
                         *pos = (p, next.max(pos.1));
@@ -575,6 +602,8 @@ impl Session {
             Ok(None) => return None,
             Err(reason) => reason,
         };
+        metrics::counter!(metric::CLOSED, "transport" => self.guard.transport(), "reason" => reason.code())
+            .increment(1);
         self.closed = true;
         // Free what the session holds now: the close item may wait for a
         // client that never reads until the connection's write timeout.

@@ -106,7 +106,7 @@ impl ClientGuard {
     ) -> Result<Self, LimitError> {
         state.streams.lock().unwrap_or_else(PoisonError::into_inner).acquire(&state.config.limits, subject, address)?;
         state.clients(transport).fetch_add(1, Ordering::Relaxed);
-        metrics::gauge!("dualstream_gateway_clients", "transport" => transport.name()).increment(1.0);
+        metrics::gauge!(crate::metric_names::CLIENTS, "transport" => transport.name()).increment(1.0);
         Ok(Self { state: Arc::clone(state), transport, subject: subject.to_owned(), address })
     }
 }
@@ -116,13 +116,18 @@ impl ClientGuard {
     pub(crate) fn subject(&self) -> &str {
         &self.subject
     }
+
+    /// The transport's name, as the metrics label it: `sse` or `ws`.
+    pub(crate) fn transport(&self) -> &'static str {
+        self.transport.name()
+    }
 }
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
         self.state.streams.lock().unwrap_or_else(PoisonError::into_inner).release(&self.subject, self.address);
         self.state.clients(self.transport).fetch_sub(1, Ordering::Relaxed);
-        metrics::gauge!("dualstream_gateway_clients", "transport" => self.transport.name()).decrement(1.0);
+        metrics::gauge!(crate::metric_names::CLIENTS, "transport" => self.transport.name()).decrement(1.0);
     }
 }
 

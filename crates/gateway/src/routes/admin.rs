@@ -3,6 +3,7 @@
 //! `GET /v1/dashboard`, which sends the gateway's state once a second.
 
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
@@ -11,6 +12,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use futures::StreamExt;
+
+use dualstream_redis::BreakerState;
 
 use crate::auth::{AuthError, Verified};
 use crate::error::ApiError;
@@ -51,9 +54,45 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderM
         return e.into_response();
     }
     match &state.metrics {
-        Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
+        Some(h) => {
+            export(&state).await;
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response()
+        }
         None => (StatusCode::NOT_FOUND, "no Prometheus recorder is installed in this process\n").into_response(),
     }
+}
+
+/// Set the metrics read from the components' own counters, just before a
+/// scrape renders them (docs/observability.md).
+async fn export(state: &AppState) {
+    use crate::metric_names as m;
+    metrics::gauge!(m::BUFFERED_BYTES).set(state.buffered_bytes.load(Ordering::Relaxed) as f64);
+    let n = state.notifier.stats();
+    let breaker = match n.breaker {
+        BreakerState::Closed => 0.0,
+        BreakerState::HalfOpen => 1.0,
+        BreakerState::Open => 2.0,
+    };
+    metrics::gauge!(m::BREAKER).set(breaker);
+    for (result, v) in
+        [("published", n.published), ("skipped", n.skipped), ("failed", n.failed), ("timed_out", n.timed_out)]
+    {
+        metrics::counter!(m::REDIS_NOTIFICATIONS, "result" => result).absolute(v);
+    }
+    if let Ok(h) = state.hub.stats().await {
+        metrics::gauge!(m::HUB_SUBSCRIBERS).set(h.subscribers as f64);
+        metrics::gauge!(m::HUB_CONNECTED).set(if h.connected { 1.0 } else { 0.0 });
+        metrics::counter!(m::HUB_MISSED).absolute(h.missed);
+        metrics::counter!(m::HUB_DISCONNECTS).absolute(h.disconnects);
+    }
+    let s = state.catchup.stats();
+    metrics::gauge!(m::HISTORY_CONSUMERS).set(s.consumers as f64);
+    metrics::counter!(m::HISTORY_RECORDS).absolute(s.records_read);
+    metrics::counter!(m::HISTORY_READS, "served" => "kafka")
+        .absolute(s.range_reads.saturating_sub(s.range_reads_cached));
+    metrics::counter!(m::HISTORY_READS, "served" => "cache").absolute(s.range_reads_cached);
+    metrics::counter!(m::HISTORY_BACKFILL_READS).absolute(s.backfill_reads);
+    metrics::counter!(m::HISTORY_PARKED_DROPPED).absolute(s.parked_dropped);
 }
 
 /// `GET /`.

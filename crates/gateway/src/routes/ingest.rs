@@ -97,7 +97,7 @@ async fn store(state: &AppState, events: Vec<Event>) -> Response {
             }
         }
     }
-    metrics::counter!("dualstream_gateway_ingested_total").increment(ok as u64);
+    metrics::counter!(crate::metric_names::INGESTED).increment(ok as u64);
     let n = out.len();
     let body = Json(IngestResponse { failed: n - ok, results: out, stored: ok });
     if ok == n {

@@ -100,6 +100,7 @@ impl ChannelTask {
                 Step::Send(Msg::event(&EventItem::notification(&self.channel, &n), advance))
             }
             Ok(Delivery::Truncated { requested, first_available }) => {
+                metrics::counter!(crate::metric_names::TRUNCATED).increment(1);
                 self.next = first_available;
                 let item = ResetItem::truncated(&self.channel, requested, first_available);
                 Step::Send(Msg::reset(&item, Some((self.hash, self.partition, first_available))))
