@@ -755,9 +755,11 @@ pub(super) async fn start(
     config.redis.channel_prefix = prefix.clone();
     // Every client here holds the one token (subject "bench") on one
     // address: the per-subject and per-address stream limits (16 and 32 by
-    // default) are for clients on the internet.
+    // default) and the far resumes per subject (120 a minute; the reconnect
+    // storm resumes 2,000 clients at once) are for clients on the internet.
     config.limits.max_streams_per_subject = 100_000;
     config.limits.max_streams_per_address = 100_000;
+    config.limits.far_resumes_per_min = 1_000_000;
     tweak(&mut config);
     let (gateway, base) = rt
         .spawn(async move {
