@@ -387,12 +387,12 @@ async fn a_refused_event_fails_the_later_events_of_its_source_in_the_batch() {
     assert!(results[0].is_ok(), "{:?}", results[0]);
     let refused = results[1].as_ref().expect_err("too large for the producer");
     assert!(matches!(refused.error, SinkError::RecordTooLarge { max: 2000, .. }), "{refused}");
-    assert_eq!(refused.event, big, "handed back");
+    assert_eq!(*refused.event, big, "handed back");
     for i in [2, 4] {
         match &results[i] {
             Err(d) => {
                 assert!(matches!(&d.error, SinkError::EarlierFailed { .. }), "{d}");
-                assert_eq!(d.event, batch[i], "handed back");
+                assert_eq!(*d.event, batch[i], "handed back");
             }
             Ok(p) => panic!("event {i} of source a overtook the refused one: {p}"),
         }
@@ -488,7 +488,7 @@ async fn an_oversized_record_gets_the_typed_error_and_nothing_is_produced() {
     }
     assert!(!refused.is_retriable());
     assert!(refused.error.to_string().contains("message.max.bytes = 2000"), "{}", refused.error);
-    assert_eq!(refused.event, big, "handed back");
+    assert_eq!(*refused.event, big, "handed back");
     let later = results[1].as_ref().expect_err("may not overtake the refused event");
     assert!(matches!(later.error, SinkError::EarlierFailed { retriable: false, .. }), "{later}");
     assert!(results[2].is_ok(), "{:?}", results[2]);
