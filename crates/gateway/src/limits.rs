@@ -170,35 +170,48 @@ fn short(s: &str) -> String {
     s.chars().take(100).collect()
 }
 
+/// The tokens of a bucket as of `at`: it refills at a rate up to a cap.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    /// The tokens at `now`, refilled at `per_sec` up to `cap`.
+    fn level(self, now: Instant, per_sec: f64, cap: f64) -> f64 {
+        (self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * per_sec).min(cap)
+    }
+}
+
 /// A token bucket: `per_sec` commands a second, bursts of as many. A pure
 /// state machine; the clock is passed in.
 #[derive(Debug)]
 pub(crate) struct CommandRate {
     per_sec: u32,
-    tokens: f64,
-    at: Instant,
+    bucket: Bucket,
 }
 
 impl CommandRate {
     /// Full at `now`.
     pub(crate) fn new(per_sec: u32, now: Instant) -> Self {
-        Self { per_sec, tokens: f64::from(per_sec), at: now }
+        Self { per_sec, bucket: Bucket { tokens: f64::from(per_sec), at: now } }
     }
 
     /// Take one command's token, or say how long until one is there.
     pub(crate) fn take(&mut self, now: Instant) -> Result<(), LimitError> {
         let rate = f64::from(self.per_sec);
-        self.tokens = (self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * rate).min(rate);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let tokens = self.bucket.level(now, rate, rate);
+        self.bucket = Bucket { tokens, at: now };
+        if tokens >= 1.0 {
+            self.bucket.tokens -= 1.0;
             return Ok(());
         }
         Err(LimitError {
             limit: Limit::CommandsPerSec,
             value: self.per_sec as usize,
             what: "too many commands on this connection; this one was not run".into(),
-            retry_after: Duration::from_secs_f64((1.0 - self.tokens) / rate),
+            retry_after: Duration::from_secs_f64((1.0 - tokens) / rate),
         })
     }
 }
@@ -214,7 +227,7 @@ impl CommandRate {
 /// that resumed far within the last minute.
 #[derive(Debug, Default)]
 pub(crate) struct FarResumes {
-    by_subject: HashMap<String, (f64, Instant)>,
+    by_subject: HashMap<String, Bucket>,
 }
 
 impl FarResumes {
@@ -226,16 +239,13 @@ impl FarResumes {
         }
         let cap = f64::from(per_min);
         let per_sec = cap / 60.0;
-        let refill = |(tokens, at): (f64, Instant)| {
-            (tokens + now.saturating_duration_since(at).as_secs_f64() * per_sec).min(cap)
-        };
         if self.by_subject.len() >= 4_096 {
-            self.by_subject.retain(|_, b| refill(*b) < cap);
+            self.by_subject.retain(|_, b| b.level(now, per_sec, cap) < cap);
         }
-        let tokens = self.by_subject.get(subject).map_or(cap, |b| refill(*b));
+        let tokens = self.by_subject.get(subject).map_or(cap, |b| b.level(now, per_sec, cap));
         let want = n as f64;
         if tokens >= want {
-            self.by_subject.insert(subject.to_owned(), (tokens - want, now));
+            self.by_subject.insert(subject.to_owned(), Bucket { tokens: tokens - want, at: now });
             return Ok(());
         }
         let what = if want > cap {

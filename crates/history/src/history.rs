@@ -829,6 +829,27 @@ impl Part {
         self.span.pos.store(self.pos, Ordering::Relaxed);
     }
 
+    /// The consumer was moved to `to`: nothing is covered below it any more,
+    /// the cache is emptied, and `probe` judges the first record.
+    fn restart_at(&mut self, to: i64, probe: Option<Probe>) {
+        self.pos = to;
+        self.covered_from = to;
+        self.cache.clear();
+        self.cache_bytes = 0;
+        self.probe = probe;
+        self.publish();
+    }
+
+    /// Where a probe reads from next: the lowest offset a read waiting here
+    /// needs (reads added since the seek may want less than it was made
+    /// for), less 64 offsets, four times further each time; and the probe
+    /// that goes with it.
+    fn step_back(&self, probe: &Probe) -> (i64, Probe) {
+        let need = self.reqs.iter().map(|r| r.next).fold(probe.requested, i64::min);
+        let back = (probe.back * 4).max(64);
+        ((need - back).max(0), Probe { requested: need, back })
+    }
+
     /// Offer a read the cached records from its `next` on. `Step::Go` means
     /// it has them all and waits at the position for the next record.
     fn serve_cached(&self, r: Req) -> Step {
@@ -1176,15 +1197,10 @@ impl TopicReader {
                 continue;
             }
             seeks += 1;
-            part.pos = to;
-            part.covered_from = to;
-            part.cache.clear();
-            part.cache_bytes = 0;
-            part.probe = (to > 0).then_some(Probe { requested: to, back: 0 });
+            part.restart_at(to, (to > 0).then_some(Probe { requested: to, back: 0 }));
             part.progress = Instant::now();
             part.reqs.append(&mut part.behind);
             part.behind_since = None;
-            part.publish();
             // Parked reads (above `to`) are served again by the sweep.
             let parked = std::mem::take(&mut part.parked);
             part.reqs.extend(parked);
@@ -1220,27 +1236,18 @@ impl TopicReader {
             part.skipped = 0;
         }
         if let Some(probe) = part.probe.take() {
-            // The lowest offset a read waiting here needs: reads added since
-            // the seek may want less than the seek was made for.
-            let need = part.reqs.iter().map(|r| r.next).fold(probe.requested, i64::min);
-            if offset > need && part.pos > 0 {
-                let back = (probe.back * 4).max(64);
-                let to = (need - back).max(0);
+            let (to, next_probe) = part.step_back(&probe);
+            if offset > next_probe.requested && part.pos > 0 {
                 tracing::debug!(
                     partition = p,
-                    requested = need,
+                    requested = next_probe.requested,
                     first = offset,
                     seek = to,
                     "first record past the requested offset; reading from earlier"
                 );
                 match consumer.seek(&self.topic, p, to, self.timeout) {
                     Ok(()) => {
-                        part.pos = to;
-                        part.covered_from = to;
-                        part.cache.clear();
-                        part.cache_bytes = 0;
-                        part.probe = Some(Probe { requested: need, back });
-                        part.publish();
+                        part.restart_at(to, Some(next_probe));
                         return;
                     }
                     Err(e) => {
@@ -1340,27 +1347,19 @@ impl TopicReader {
             if part.behind.is_empty() {
                 part.behind_since = None;
             }
-            if stalled.contains(p) && part.probe.is_some() && part.pos > 0 {
+            let probing = part.probe.as_ref().filter(|_| stalled.contains(p) && part.pos > 0);
+            if let Some((to, next_probe)) = probing.map(|probe| part.step_back(probe)) {
                 // No first record after a seek: tansu answers a fetch from
                 // inside its partition's last batch with nothing at all (not
                 // with the next batch, there is none), so the probe never
                 // sees a record. Read from earlier, as when the first record
                 // is past the offset; failing the reads would only make
                 // their joins ask again at the same offset.
-                let probe = part.probe.take().unwrap_or(Probe { requested: part.pos, back: 0 });
-                let need = part.reqs.iter().map(|r| r.next).fold(probe.requested, i64::min);
-                let back = (probe.back * 4).max(64);
-                let to = (need - back).max(0);
-                tracing::debug!(topic = %self.topic, partition = p, requested = need, seek = to, "history reader: no first record after a seek; reading from earlier");
+                tracing::debug!(topic = %self.topic, partition = p, requested = next_probe.requested, seek = to, "history reader: no first record after a seek; reading from earlier");
                 match consumer.seek(&self.topic, *p, to, timeout) {
                     Ok(()) => {
-                        part.pos = to;
-                        part.covered_from = to;
-                        part.cache.clear();
-                        part.cache_bytes = 0;
-                        part.probe = (to > 0).then_some(Probe { requested: need, back });
+                        part.restart_at(to, (to > 0).then_some(next_probe));
                         part.progress = now;
-                        part.publish();
                         continue;
                     }
                     Err(e) => {
