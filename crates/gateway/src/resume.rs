@@ -41,17 +41,7 @@ impl ResumeToken {
 
     /// Encode; the output never holds CR, LF or NUL.
     pub fn encode(&self) -> String {
-        let mut out = format!("r1.{:08x}.", self.log);
-        if self.positions.is_empty() {
-            out.push('-');
-        }
-        for (i, (channel, (partition, next))) in self.positions.iter().enumerate() {
-            if i > 0 {
-                out.push('_');
-            }
-            out.push_str(&format!("{channel:08x}-{partition}-{next}"));
-        }
-        out
+        encode(self.log, &self.positions)
     }
 
     /// Decode, refusing anything malformed (the error says what).
@@ -82,6 +72,25 @@ impl ResumeToken {
         }
         Ok(Self { log, positions })
     }
+}
+
+/// The token of `log` and `positions`, written straight from them: a
+/// session encodes one for every item it sends.
+pub(crate) fn encode(log: u32, positions: &BTreeMap<u32, (i32, i64)>) -> String {
+    use std::fmt::Write;
+    // "r1." + 8 hex + "." and about 20 bytes an entry.
+    let mut out = String::with_capacity(12 + positions.len().max(1) * 24);
+    let _ = write!(out, "r1.{log:08x}.");
+    if positions.is_empty() {
+        out.push('-');
+    }
+    for (i, (channel, (partition, next))) in positions.iter().enumerate() {
+        if i > 0 {
+            out.push('_');
+        }
+        let _ = write!(out, "{channel:08x}-{partition}-{next}");
+    }
+    out
 }
 
 fn parse_hex(s: &str) -> Option<u32> {

@@ -401,7 +401,7 @@ impl Session {
 
     /// The resume token now.
     pub(crate) fn resume_token(&self) -> String {
-        ResumeToken { log: self.state.log_hash, positions: self.positions.clone() }.encode()
+        crate::resume::encode(self.state.log_hash, &self.positions)
     }
 
     /// Start subscriptions. Channels present in `resume` continue from
