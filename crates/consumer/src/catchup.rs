@@ -12,6 +12,7 @@ use dualstream_history::{
     partition_for_key, ConfigError, History, HistoryStats, Item, Marks, Replay, ReplayError, Replayed, StartAt, Tp,
 };
 use dualstream_hub::{key_of, Hub, HubError, LiveItem, Seen, SeenOffsets};
+use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -277,8 +278,73 @@ impl CatchUp {
         let checks = Arc::clone(&self.checks);
         let joiner = Joiner { tx, history, tp, source, key, next: begin, low: marks.low, full, seen, checks };
         let idle = Duration::from_millis(self.config.idle_check_ms);
-        tokio::spawn(joiner.run(live, watermarks, marks.high, idle));
-        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })))
+        Ok(Box::pin(Joined::new(joiner.run(live, watermarks, marks.high, idle), rx)))
+    }
+}
+
+/// What a join's loop hands to its stream: a word or two, so the buffer
+/// between them (allocated 32 slots at a time) stays small for a join that
+/// sits idle; the stream unpacks each into a [`Delivery`] or a
+/// [`JoinError`].
+#[derive(Debug)]
+enum Sent {
+    History(Box<Replayed>),
+    Live(Arc<Notification>),
+    Truncated { requested: i64, first_available: i64 },
+    Failed(Box<JoinError>),
+}
+
+impl Sent {
+    fn of(item: Result<Delivery, JoinError>) -> Self {
+        match item {
+            Ok(Delivery::History(r)) => Sent::History(Box::new(r)),
+            Ok(Delivery::Live(n)) => Sent::Live(Arc::new(n)),
+            Ok(Delivery::Truncated { requested, first_available }) => Sent::Truncated { requested, first_available },
+            Err(e) => Sent::Failed(Box::new(e)),
+        }
+    }
+
+    fn unpack(self) -> Result<Delivery, JoinError> {
+        match self {
+            Sent::History(r) => Ok(Delivery::History(*r)),
+            Sent::Live(n) => Ok(Delivery::Live(Arc::unwrap_or_clone(n))),
+            Sent::Truncated { requested, first_available } => Ok(Delivery::Truncated { requested, first_available }),
+            Sent::Failed(e) => Err(*e),
+        }
+    }
+}
+
+/// A join's stream. It drives the join's loop itself, in the task that
+/// polls it: a join costs no task of its own, and a join nobody polls does
+/// no work (its hub subscription's buffer holds the live items meanwhile,
+/// and an overflow there is read from Kafka like any gap).
+struct Joined<F> {
+    /// The join's loop, until it ends.
+    run: Option<Pin<Box<F>>>,
+    rx: mpsc::Receiver<Sent>,
+}
+
+impl<F: std::future::Future<Output = ()>> Joined<F> {
+    fn new(run: F, rx: mpsc::Receiver<Sent>) -> Self {
+        Self { run: Some(Box::pin(run)), rx }
+    }
+}
+
+impl<F: std::future::Future<Output = ()>> Stream for Joined<F> {
+    type Item = Result<Delivery, JoinError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        // The loop first: it fills the buffer until the buffer is full or
+        // it waits for Redis, Kafka or a timer (each of which wakes this
+        // task).
+        if let Some(run) = self.run.as_mut() {
+            if run.as_mut().poll(cx).is_ready() {
+                self.run = None;
+            }
+        }
+        // Once the loop has ended its sender is gone: what is buffered
+        // comes out, then the end.
+        self.rx.poll_recv(cx).map(|item| item.map(Sent::unpack))
     }
 }
 
@@ -298,8 +364,7 @@ pub(crate) fn join_for_test(
     let watermarks = history.watch(&tp);
     let seen = seen.map(|(seen, window)| Proof { key: key_of(&source), seen, window });
     let joiner = Joiner { tx, history, tp, source, key, next, low: 0, full: false, seen, checks: Arc::default() };
-    tokio::spawn(joiner.run(live, watermarks, next, Duration::from_secs(3_600)));
-    Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }))
+    Box::pin(Joined::new(joiner.run(live, watermarks, next, Duration::from_secs(3_600)), rx))
 }
 
 /// The offset of the `n`-th last event of `source`, found by reading windows
@@ -361,7 +426,7 @@ async fn last_n_start(
 struct Stop;
 
 struct Joiner {
-    tx: mpsc::Sender<Result<Delivery, JoinError>>,
+    tx: mpsc::Sender<Sent>,
     history: History,
     tp: Tp,
     source: Source,
@@ -403,11 +468,10 @@ impl Joiner {
         let mut check_at: Option<Instant> = None;
         loop {
             let step = tokio::select! {
-                _ = self.tx.closed() => return,
                 item = live.next() => {
                     last_live = Instant::now();
                     match item {
-                        Some(LiveItem::Notification(n)) => self.on_live(Arc::unwrap_or_clone(n)).await,
+                        Some(LiveItem::Notification(n)) => self.on_live(n).await,
                         Some(LiveItem::Gap | LiveItem::Lagged { .. }) => self.catch_up().await,
                         Some(LiveItem::Disconnected) => Ok(()),
                         Some(LiveItem::Malformed { channel, reason }) => {
@@ -454,7 +518,7 @@ impl Joiner {
     }
 
     async fn send(&self, item: Result<Delivery, JoinError>) -> Result<(), Stop> {
-        self.tx.send(item).await.map_err(|_| Stop)
+        self.tx.send(Sent::of(item)).await.map_err(|_| Stop)
     }
 
     async fn fatal(&self, e: ReplayError) -> Stop {
@@ -462,8 +526,14 @@ impl Joiner {
         Stop
     }
 
-    /// Read from Kafka up to the high watermark taken now.
-    async fn catch_up(&mut self) -> Result<(), Stop> {
+    /// Read from Kafka up to the high watermark taken now. Boxed, like
+    /// [`scan_to`](Self::scan_to): the join's loop waits mostly for live
+    /// items, and holds the large state of a Kafka read only while it reads.
+    fn catch_up(&mut self) -> BoxFuture<'_, Result<(), Stop>> {
+        Box::pin(self.catch_up_now())
+    }
+
+    async fn catch_up_now(&mut self) -> Result<(), Stop> {
         match self.history.fresh(&self.tp).await {
             Ok(m) => {
                 self.low = self.low.max(m.low);
@@ -473,8 +543,13 @@ impl Joiner {
         }
     }
 
-    /// Deliver this source's records in `[next, target)` from Kafka.
-    async fn scan_to(&mut self, target: i64) -> Result<(), Stop> {
+    /// Deliver this source's records in `[next, target)` from Kafka (boxed:
+    /// see [`catch_up`](Self::catch_up)).
+    fn scan_to(&mut self, target: i64) -> BoxFuture<'_, Result<(), Stop>> {
+        Box::pin(self.scan_now(target))
+    }
+
+    async fn scan_now(&mut self, target: i64) -> Result<(), Stop> {
         while self.next < target {
             if self.next < self.low {
                 let (requested, first_available) = (self.next, self.low.min(target));
@@ -560,7 +635,7 @@ impl Joiner {
         }
     }
 
-    async fn on_live(&mut self, n: Notification) -> Result<(), Stop> {
+    async fn on_live(&mut self, n: Arc<Notification>) -> Result<(), Stop> {
         let offset = match &n.position {
             // No position (a write whose outcome the publisher did not
             // learn, or real-time-only mode): the event, if stored, is in
@@ -593,6 +668,21 @@ impl Joiner {
             return Ok(());
         }
         self.next = offset + 1;
-        self.send(Ok(Delivery::Live(n))).await
+        // Shared with the hub's other subscribers until the stream unpacks it.
+        self.tx.send(Sent::Live(n)).await.map_err(|_| Stop)
+    }
+}
+
+#[cfg(test)]
+mod size {
+    use super::*;
+
+    #[test]
+    fn a_buffered_join_item_is_a_few_words() {
+        // tokio's bounded channel allocates 32 slots at once: with the
+        // delivery itself in the slot (about 180 bytes) an idle join held
+        // about 6 KiB of buffer.
+        assert!(std::mem::size_of::<Sent>() <= 24, "{} bytes", std::mem::size_of::<Sent>());
+        assert!(std::mem::size_of::<Result<Delivery, JoinError>>() > 64, "the unpacked item is the large one");
     }
 }

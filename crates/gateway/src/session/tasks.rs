@@ -52,9 +52,11 @@ impl ChannelTask {
         let mut backoff = REJOIN_BACKOFF.first();
         loop {
             let start = StartAt::Offset(self.next);
+            // Boxed: starting a join is a large future, and the task would
+            // hold its room for as long as the subscription lasts.
             let joined = match self.mode {
-                Mode::Full => self.state.catchup.join_events(self.source.clone(), start).await,
-                Mode::Notify => self.state.catchup.join(self.source.clone(), start).await,
+                Mode::Full => Box::pin(self.state.catchup.join_events(self.source.clone(), start)).await,
+                Mode::Notify => Box::pin(self.state.catchup.join(self.source.clone(), start)).await,
             };
             match joined {
                 Ok(mut stream) => {

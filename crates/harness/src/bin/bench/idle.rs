@@ -90,6 +90,17 @@ async fn subscribe(addr: &str, token: &str, channel: &str) -> Result<tokio::net:
     }
 }
 
+/// Anonymous memory of this process in transparent huge pages, in KiB.
+fn huge_pages_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/smaps_rollup")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("AnonHugePages:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
 fn open_descriptors() -> usize {
     std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
 }
@@ -106,7 +117,7 @@ pub(super) async fn idle_rows(brokers: &str, redis_url: &str, n: usize, rows: &m
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (rss_before, fds_before) = (rss_kib(), open_descriptors());
+    let (rss_before, fds_before, huge_before) = (rss_kib(), open_descriptors(), huge_pages_kib());
     let addr = setup.shared.base.trim_start_matches("http://").to_owned();
     let spec = format!("{addr} {n} {} {}", setup.shared.token, setup.shared.prefix);
     let mut child = tokio::process::Command::new(std::env::current_exe().expect("this binary"))
@@ -133,16 +144,17 @@ pub(super) async fn idle_rows(brokers: &str, redis_url: &str, n: usize, rows: &m
     let error = fields.next().unwrap_or_default().to_owned();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (rss_after, fds_after) = (rss_kib(), open_descriptors());
+    let huge_mib = huge_pages_kib().saturating_sub(huge_before) as f64 / 1024.0;
     let growth_mib = rss_after.saturating_sub(rss_before) as f64 / 1024.0;
     let per_kib = rss_after.saturating_sub(rss_before) as f64 / subscribed.max(1) as f64;
     println!(
-        "  idle: {subscribed} of {n} SSE connections subscribed in {took:.1} s ({failed} failed{}); RSS {} → {} MiB ({per_kib:.1} KiB a connection); descriptors {fds_before} → {fds_after}",
+        "  idle: {subscribed} of {n} SSE connections subscribed in {took:.1} s ({failed} failed{}); RSS {} → {} MiB ({per_kib:.1} KiB a connection; {huge_mib:.0} MiB more in huge pages); descriptors {fds_before} → {fds_after}",
         if error.is_empty() { String::new() } else { format!(": {error}") },
         rss_before >> 10,
         rss_after >> 10
     );
     let note = format!(
-        "{subscribed} of {n} SSE connections subscribed ({failed} failed{}), each to a channel of its own, held open by a child process that reads nothing after its `subscribed` item; the gateway's process RSS {} → {} MiB ({per_kib:.1} KiB a connection; target ≤ 30 KiB), measured 2 s after the last subscribed; connecting took {took:.1} s, {CONNECTING} at a time",
+        "{subscribed} of {n} SSE connections subscribed ({failed} failed{}), each to a channel of its own, held open by a child process that reads nothing after its `subscribed` item; the gateway's process RSS {} → {} MiB ({per_kib:.1} KiB a connection; target ≤ 30 KiB), measured 2 s after the last subscribed, {huge_mib:.0} MiB more of the process in transparent huge pages (this binary's allocator, mimalloc, asks for them, and a huge page is resident whole: `MIMALLOC_ALLOW_THP=0` turns that off; the gateway's own binary uses the system allocator); connecting took {took:.1} s, {CONNECTING} at a time",
         if error.is_empty() { String::new() } else { format!(": {error}") },
         rss_before >> 10,
         rss_after >> 10
