@@ -778,3 +778,82 @@ async fn a_resume_from_inside_the_last_batch_gets_every_event_without_a_later_wr
     }
     assert_eq!(offsets, (0..20).collect::<Vec<i64>>());
 }
+
+/// Every subscriber of a channel gets the same text for an event, rendered once (issue #22: an
+/// event delivered to many clients is serialised, and in `full` mode its payload decoded, once):
+/// four clients in each mode on one channel get every event in Kafka's order, each mode's clients
+/// byte for byte the same items, with resume tokens of their own; `/readyz` counts the items taken
+/// as rendered already. A client of another channel on the same partition gets its own channel's
+/// name in every item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channels_subscribers_share_each_rendered_item() {
+    init_tracing();
+    let gw = TestGateway::start(|_| {}).await;
+    let (a, b) = (gw.channel("shared-a"), gw.channel("shared-b"));
+    let auth = format!("Bearer {}", gw.token(&[&a, &b], &[]));
+    let mut clients = Vec::new();
+    for (channel, mode) in [(&a, "notify"), (&a, "full"), (&b, "notify")] {
+        let n = if channel == &a { 4 } else { 1 };
+        for _ in 0..n {
+            let url = format!("{}/v1/stream?channel={}&mode={mode}", gw.base, urlenc(channel));
+            let mut sse = Sse::open(&gw.http, &url, &[("authorization", &auth)]).await;
+            assert_eq!(sse.status, 200, "{}", sse.error);
+            assert_eq!(sse.next(Duration::from_secs(10)).await.expect("subscribed").event, "subscribed");
+            clients.push((channel.clone(), mode, sse));
+        }
+    }
+    let before = gw.readyz().await["clients"].clone();
+    let producer = gw.token(&[], &["user"]);
+    const N: u64 = 30;
+    for i in 0..N {
+        let source = if i % 3 == 2 { "shared-b" } else { "shared-a" };
+        let body =
+            json!([{"type": "t", "source_type": "user", "source_id": source, "payload": {"n": i, "text": "x\"y"}}]);
+        let (s, v) = gw.ingest(&producer, &body).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let want_a = (0..N).filter(|i| i % 3 != 2).count();
+    let want_b = N as usize - want_a;
+    let mut items: BTreeMap<(String, &str), Vec<Vec<String>>> = BTreeMap::new();
+    let mut tokens = Vec::new();
+    for (channel, mode, sse) in &mut clients {
+        let want = if *channel == a { want_a } else { want_b };
+        let mut got = Vec::new();
+        while got.len() < want {
+            let f = sse
+                .next(Duration::from_secs(30))
+                .await
+                .unwrap_or_else(|| panic!("{channel} {mode}: {} of {want}", got.len()));
+            assert_eq!(f.event, "event", "{}", f.data);
+            let v = f.json();
+            assert_eq!(v["channel"], json!(channel), "{}", f.data);
+            assert_eq!(v["payload"].is_object(), *mode == "full", "{}", f.data);
+            got.push(f.data.clone());
+            tokens.push(f.id.expect("a resume token"));
+        }
+        let offsets: Vec<i64> = got
+            .iter()
+            .map(|d| serde_json::from_str::<Value>(d).expect("json")["position"]["offset"].as_i64().expect("offset"))
+            .collect();
+        assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{channel} {mode}: Kafka's order: {offsets:?}");
+        items.entry((channel.clone(), *mode)).or_default().push(got);
+    }
+    for ((channel, mode), lists) in &items {
+        assert!(lists.iter().all(|l| l == &lists[0]), "{channel} {mode}: every subscriber gets the same items");
+    }
+    assert_ne!(items[&(a.clone(), "notify")][0], items[&(a.clone(), "full")][0], "the modes' items differ");
+    let after = gw.readyz().await["clients"].clone();
+    let count = |v: &Value, k: &str| v[k].as_u64().unwrap_or_else(|| panic!("clients.{k}: {v}"));
+    let (shared, rendered) = (
+        count(&after, "items_shared") - count(&before, "items_shared"),
+        count(&after, "items_rendered") - count(&before, "items_rendered"),
+    );
+    // Each of a's events is rendered once per mode and shared with the 3 other clients of the
+    // mode; b's once for its one client. A slot taken by a later event before every client got
+    // the earlier one renders it again, so the counts are bounds.
+    let deliveries = (8 * want_a + want_b) as u64;
+    assert_eq!(shared + rendered, deliveries, "every event item counted once: {before} → {after}");
+    assert!(rendered <= deliveries / 2, "most items shared: {rendered} rendered of {deliveries}");
+    assert!(rendered >= (2 * want_a + want_b) as u64, "each event rendered at least once per mode: {rendered}");
+    let _ = tokens;
+}

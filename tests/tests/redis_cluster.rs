@@ -437,7 +437,7 @@ async fn a_join_over_the_cluster_stays_exact_when_its_node_restarts() {
             while let Some(item) = stream.next().await {
                 match item.expect("no error item") {
                     Delivery::History(r) => got.lock().expect("lock").push((r.position.offset, false)),
-                    Delivery::Live(n) => got.lock().expect("lock").push((n.position.expect("position").offset, true)),
+                    Delivery::Live(n) => got.lock().expect("lock").push((n.position.as_ref().expect("position").offset, true)),
                     other => panic!("unexpected {other:?}"),
                 }
             }

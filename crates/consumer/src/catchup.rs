@@ -27,8 +27,10 @@ pub enum Delivery {
     /// notification was missed (a gap filled), or, in a join made with
     /// [`CatchUp::join_events`], every event.
     History(Replayed),
-    /// A live notification from Redis. Its `position` is always set.
-    Live(Notification),
+    /// A live notification from Redis. Its `position` is always set. Shared
+    /// with the hub's other subscribers of the channel (it is not copied for
+    /// each join).
+    Live(Arc<Notification>),
     /// The records from `requested` up to `first_available` are no longer
     /// stored (retention or delete-records removed them before the join read
     /// them): events of this source among them are lost to this client. The
@@ -298,7 +300,7 @@ impl Sent {
     fn of(item: Result<Delivery, JoinError>) -> Self {
         match item {
             Ok(Delivery::History(r)) => Sent::History(Box::new(r)),
-            Ok(Delivery::Live(n)) => Sent::Live(Arc::new(n)),
+            Ok(Delivery::Live(n)) => Sent::Live(n),
             Ok(Delivery::Truncated { requested, first_available }) => Sent::Truncated { requested, first_available },
             Err(e) => Sent::Failed(Box::new(e)),
         }
@@ -307,7 +309,7 @@ impl Sent {
     fn unpack(self) -> Result<Delivery, JoinError> {
         match self {
             Sent::History(r) => Ok(Delivery::History(*r)),
-            Sent::Live(n) => Ok(Delivery::Live(Arc::unwrap_or_clone(n))),
+            Sent::Live(n) => Ok(Delivery::Live(n)),
             Sent::Truncated { requested, first_available } => Ok(Delivery::Truncated { requested, first_available }),
             Sent::Failed(e) => Err(*e),
         }
@@ -668,7 +670,7 @@ impl Joiner {
             return Ok(());
         }
         self.next = offset + 1;
-        // Shared with the hub's other subscribers until the stream unpacks it.
+        // Shared with the hub's other subscribers.
         self.tx.send(Sent::Live(n)).await.map_err(|_| Stop)
     }
 }

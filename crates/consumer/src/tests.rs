@@ -282,12 +282,12 @@ mod positionless {
         let third = store(&sink, 1).await;
         let n = Notification::for_event(&third[0].0, Some(third[0].1.clone()));
         feed(&slot, n.clone()).await;
-        assert_eq!(next_item(&mut join).await, Delivery::Live(n));
+        assert_eq!(next_item(&mut join).await, Delivery::Live(Arc::new(n)));
     }
     /// Hand the join `n` and expect it delivered live, next.
     async fn delivered_live(join: &mut JoinStream, slot: &tokio::sync::mpsc::Sender<LiveItem>, n: Notification) {
         feed(slot, n.clone()).await;
-        assert_eq!(next_item(join).await, Delivery::Live(n));
+        assert_eq!(next_item(join).await, Delivery::Live(Arc::new(n)));
     }
 
     /// A live notification past offsets the hub saw notifications of other
@@ -325,7 +325,7 @@ mod positionless {
         }
         feed(&slot, notification(&second[2])).await;
         assert_eq!(take(&mut join, &second[..1]).await, history_of(&second[..1]), "u's 6 from Kafka");
-        assert_eq!(next_item(&mut join).await, Delivery::Live(notification(&second[2])));
+        assert_eq!(next_item(&mut join).await, Delivery::Live(Arc::new(notification(&second[2]))));
         assert!(reads() >= 1, "read Kafka for an offset of its own source");
 
         // u at 9 (next: no check), v at 10 seen, u at 11: no Kafka read.

@@ -54,7 +54,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
         for step in ["shipped", "delivered"] {
-            let event = Event::builder(format!("order.{step}"), "order", "A-1001").payload(step).build().expect("valid");
+            let event =
+                Event::builder(format!("order.{step}"), "order", "A-1001").payload(step).build().expect("valid");
             live_publisher.publish(event).await.expect("published");
         }
     });
@@ -65,7 +66,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 println!("history {} {} at {}", r.event.event_type(), r.event.id(), r.position)
             }
             Some(Ok(Delivery::Live(n))) => {
-                println!("live    {} {} at {}", n.event_type, n.id, n.position.expect("positioned"))
+                println!("live    {} {} at {}", n.event_type, n.id, n.position.as_ref().expect("positioned"))
             }
             Some(Ok(Delivery::Truncated { requested, first_available })) => {
                 println!("gone    offsets {requested}..{first_available} are no longer stored")

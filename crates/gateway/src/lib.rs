@@ -48,6 +48,7 @@ mod ingest;
 mod limits;
 pub mod metric_names;
 mod origin;
+mod renders;
 mod resume;
 mod routes;
 mod server;
@@ -139,6 +140,7 @@ impl Gateway {
             dashboard: Mutex::new(Default::default()),
             streams: Mutex::new(Default::default()),
             far_resumes: Mutex::new(Default::default()),
+            renders: crate::renders::Renders::new(crate::renders::SLOTS),
             health: tokio::sync::Mutex::new(None),
             health_checks: AtomicU64::new(0),
             config,

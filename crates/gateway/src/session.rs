@@ -171,7 +171,7 @@ pub(crate) enum Out {
         /// `event`, `reset`, `error` or `subscribed`.
         kind: Kind,
         /// The JSON text.
-        json: String,
+        json: Arc<str>,
         /// The resume token after this item.
         resume_token: Option<String>,
     },
@@ -183,7 +183,9 @@ pub(crate) enum Out {
 #[derive(Debug)]
 struct Msg {
     kind: Kind,
-    json: String,
+    /// Shared by every subscriber of the channel for an event
+    /// (`renders.rs`).
+    json: Arc<str>,
     /// Moves the channel's position in the resume token: (channel hash,
     /// partition, next offset).
     advance: Option<(u32, i32, i64)>,
@@ -194,15 +196,20 @@ struct Msg {
 
 impl Msg {
     fn event(item: &EventItem<'_>, advance: Option<(u32, i32, i64)>) -> Self {
-        Self { kind: Kind::Event, json: to_json(item), advance, charge: None }
+        Self::shared_event(to_json(item).into(), advance)
+    }
+
+    /// An event item rendered already.
+    fn shared_event(json: Arc<str>, advance: Option<(u32, i32, i64)>) -> Self {
+        Self { kind: Kind::Event, json, advance, charge: None }
     }
 
     fn reset(item: &ResetItem<'_>, advance: Option<(u32, i32, i64)>) -> Self {
-        Self { kind: Kind::Reset, json: to_json(item), advance, charge: None }
+        Self { kind: Kind::Reset, json: to_json(item).into(), advance, charge: None }
     }
 
     fn error(item: &ErrorItem<'_>) -> Self {
-        Self { kind: Kind::Error, json: to_json(item), advance: None, charge: None }
+        Self { kind: Kind::Error, json: to_json(item).into(), advance: None, charge: None }
     }
 }
 
@@ -615,7 +622,7 @@ impl Session {
 
     /// The `subscribed` item: the active names and the resume token now.
     pub(crate) fn subscribed(&self) -> Out {
-        let json = to_json(&SubscribedItem::new(self.subs.keys().map(String::as_str)));
+        let json = to_json(&SubscribedItem::new(self.subs.keys().map(String::as_str))).into();
         Out::Item { kind: Kind::Subscribed, json, resume_token: Some(self.resume_token()) }
     }
 }

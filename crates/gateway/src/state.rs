@@ -55,6 +55,8 @@ pub(crate) struct AppState {
     pub(crate) streams: Mutex<StreamCounts>,
     /// Far resumes per token subject (`limits.far_resumes_per_min`).
     pub(crate) far_resumes: Mutex<FarResumes>,
+    /// Items rendered once for every subscriber of their channel.
+    pub(crate) renders: crate::renders::Renders,
     /// The last Kafka and Redis health check and when it was made: checked
     /// at most once a second, however many ask.
     pub(crate) health: tokio::sync::Mutex<Option<(tokio::time::Instant, Health)>>,

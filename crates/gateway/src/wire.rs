@@ -26,17 +26,18 @@ pub(crate) fn to_json(value: &impl Serialize) -> String {
 
 /// A WebSocket item: the item's JSON with the resume token after it, if
 /// any, as its last field, `token`.
-pub(crate) fn ws_item(json: String, resume_token: Option<String>) -> String {
+pub(crate) fn ws_item(json: &str, resume_token: Option<String>) -> String {
     match resume_token {
         Some(t) if json.ends_with('}') => {
-            let mut s = json;
-            s.pop();
+            let token = to_json(&t);
+            let mut s = String::with_capacity(json.len() + token.len() + 10);
+            s.push_str(&json[..json.len() - 1]);
             s.push_str(",\"token\":");
-            s.push_str(&to_json(&t));
+            s.push_str(&token);
             s.push('}');
             s
         }
-        _ => json,
+        _ => json.to_owned(),
     }
 }
 
@@ -469,6 +470,10 @@ pub(crate) struct Readiness {
 pub(crate) struct Clients {
     /// Bytes of items waiting in the clients' buffers.
     pub(crate) buffered_bytes: usize,
+    /// Event items rendered for a client, and those taken as rendered
+    /// already for another subscriber of the channel.
+    pub(crate) items_rendered: u64,
+    pub(crate) items_shared: u64,
     pub(crate) sse: usize,
     pub(crate) ws: usize,
 }
@@ -638,8 +643,8 @@ mod tests {
         let token = "r1.0000abcd.-";
         let ws =
             format!("{},\"token\":{}}}", &subscribed.to_string()[..subscribed.to_string().len() - 1], json!(token));
-        assert_eq!(ws_item(subscribed.to_string(), Some(token.into())), ws);
-        assert_eq!(ws_item(error.to_string(), None), error.to_string());
+        assert_eq!(ws_item(&subscribed.to_string(), Some(token.into())), ws);
+        assert_eq!(ws_item(&error.to_string(), None), error.to_string());
     }
 
     #[test]
@@ -665,7 +670,7 @@ mod tests {
     #[test]
     fn the_readiness_and_dashboard_documents_are_written_as_before() {
         let readiness = Readiness {
-            clients: Clients { buffered_bytes: 64, sse: 1, ws: 2 },
+            clients: Clients { buffered_bytes: 64, items_rendered: 3, items_shared: 8, sse: 1, ws: 2 },
             health_checks: 7,
             hub: Some(HubHealth { channels: 3, connected: true, disconnects: 1, patterns: 0, subscribers: 4 }),
             history: HistoryHealth { consumers: 2, range_reads: 10, seeks: 1, ..HistoryHealth::default() },
@@ -689,7 +694,7 @@ mod tests {
             "history": {"consumers": 2, "range_reads": 10, "range_reads_cached": 0, "backfill_reads": 0, "seeks": 1,
                 "records_read": 0, "parked": 0, "parked_dropped": 0},
             "queue": 5,
-            "clients": {"buffered_bytes": 64, "sse": 1, "ws": 2},
+            "clients": {"buffered_bytes": 64, "items_rendered": 3, "items_shared": 8, "sse": 1, "ws": 2},
             "health_checks": 7,
         });
         assert_eq!(to_json(&readiness), old.to_string());

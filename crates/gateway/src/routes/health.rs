@@ -61,9 +61,12 @@ pub(crate) async fn readiness(state: &AppState) -> Readiness {
     let Health { kafka, redis } = health(state).await;
     let stats = state.notifier.stats();
     let hub = state.hub.stats().await.ok();
+    let (items_shared, items_rendered) = state.renders.counts();
     Readiness {
         clients: Clients {
             buffered_bytes: state.buffered_bytes.load(Ordering::Relaxed),
+            items_rendered,
+            items_shared,
             sse: state.sse_clients.load(Ordering::Relaxed),
             ws: state.ws_clients.load(Ordering::Relaxed),
         },

@@ -111,7 +111,7 @@ fn events(state: &AppState, session: Session) -> Response {
 fn sse_event(out: Out, retry: Duration) -> SseEvent {
     match out {
         Out::Item { kind, json, resume_token } => {
-            let e = SseEvent::default().event(kind.as_str()).data(json);
+            let e = SseEvent::default().event(kind.as_str()).data(&*json);
             match resume_token {
                 Some(t) => e.id(t),
                 None => e,

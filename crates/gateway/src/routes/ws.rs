@@ -56,7 +56,7 @@ async fn run(state: Arc<AppState>, auth: Verified, guard: ClientGuard, socket: W
     loop {
         let msg = tokio::select! {
             out = session.next() => match out {
-                Some(Out::Item { json, resume_token, .. }) => Message::Text(ws_item(json, resume_token).into()),
+                Some(Out::Item { json, resume_token, .. }) => Message::Text(ws_item(&json, resume_token).into()),
                 Some(Out::Close(reason)) => {
                     let _ = tokio::time::timeout(send_timeout, sink.send(close(reason))).await;
                     return;
@@ -127,7 +127,7 @@ async fn command(state: &AppState, auth: &Verified, session: &mut Session, text:
 /// The `subscribed` item with its resume token, as WebSocket text.
 fn subscribed(session: &Session) -> String {
     match session.subscribed() {
-        Out::Item { json, resume_token, .. } => ws_item(json, resume_token),
+        Out::Item { json, resume_token, .. } => ws_item(&json, resume_token),
         Out::Close(_) => String::new(),
     }
 }

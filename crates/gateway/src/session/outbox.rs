@@ -139,7 +139,7 @@ mod tests {
     use crate::wire::Kind;
 
     fn msg(len: usize) -> Msg {
-        Msg { kind: Kind::Event, json: "x".repeat(len), advance: None, charge: None }
+        Msg { kind: Kind::Event, json: "x".repeat(len).into(), advance: None, charge: None }
     }
 
     fn outbox(items: usize, bytes: usize) -> (Outbox, mpsc::Receiver<Msg>, watch::Receiver<Option<CloseReason>>) {

@@ -15,8 +15,9 @@ use futures::StreamExt;
 
 use super::{Mode, Msg, Outbox};
 use crate::error::ErrorCode;
+use crate::renders::Form;
 use crate::state::AppState;
-use crate::wire::{ErrorItem, EventItem, ResetItem};
+use crate::wire::{to_json, ErrorItem, EventItem, ResetItem};
 
 /// What one item of a join becomes.
 enum Step {
@@ -92,14 +93,22 @@ impl ChannelTask {
         match item {
             Ok(Delivery::History(r)) => {
                 self.next = r.position.offset + 1;
-                let item = EventItem::record(&self.channel, &r.event, &r.position, self.mode == Mode::Full);
-                Step::Send(Msg::event(&item, Some((self.hash, r.position.partition, self.next))))
+                let full = self.mode == Mode::Full;
+                let form = if full { Form::Full } else { Form::Record };
+                let json = self.state.renders.get(form, &r.position, &self.channel, || {
+                    to_json(&EventItem::record(&self.channel, &r.event, &r.position, full))
+                });
+                Step::Send(Msg::shared_event(json, Some((self.hash, r.position.partition, self.next))))
             }
             Ok(Delivery::Live(n)) => {
                 let Some(p) = n.position.as_ref() else { return Step::Skip };
                 self.next = p.offset + 1;
                 let advance = Some((self.hash, p.partition, self.next));
-                Step::Send(Msg::event(&EventItem::notification(&self.channel, &n), advance))
+                let json = self
+                    .state
+                    .renders
+                    .get(Form::Live, p, &self.channel, || to_json(&EventItem::notification(&self.channel, &n)));
+                Step::Send(Msg::shared_event(json, advance))
             }
             Ok(Delivery::Truncated { requested, first_available }) => {
                 metrics::counter!(crate::metric_names::TRUNCATED).increment(1);

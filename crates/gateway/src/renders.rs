@@ -1,0 +1,161 @@
+//! Items rendered once and shared ([`Renders`]): every subscriber of a
+//! channel gets the same JSON text for one event, so an event delivered to
+//! fifty clients is serialised (and in `full` mode its payload decoded) once,
+//! not fifty times. Each connection's buffer holds the shared text; only the
+//! resume token that goes with it is the client's own.
+//!
+//! A small direct-mapped cache: a slot per (form, partition, offset), the
+//! last item rendered there kept. Nothing is ever wrong for a miss: the item
+//! is rendered again. A hit needs the same form, topic, partition, offset
+//! and channel name, so two channels of one record, or a live notification
+//! and the record it points at, never share a text.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use dualstream_core::Position;
+
+/// Slots of the gateway's cache: at 5,000 events/s an item stays about 3 s,
+/// longer than a live client takes to get it.
+pub(crate) const SLOTS: usize = 16_384;
+
+/// What an item was rendered from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Form {
+    /// A live notification.
+    Live,
+    /// A record from Kafka, notification fields only (`mode=notify`).
+    Record,
+    /// A record from Kafka, the whole event (`mode=full`).
+    Full,
+}
+
+struct Entry {
+    form: Form,
+    partition: i32,
+    offset: i64,
+    topic: Arc<str>,
+    channel: Arc<str>,
+    json: Arc<str>,
+}
+
+/// The shared cache of rendered items.
+pub(crate) struct Renders {
+    slots: Box<[Mutex<Option<Entry>>]>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl std::fmt::Debug for Renders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Renders").field("slots", &self.slots.len()).finish_non_exhaustive()
+    }
+}
+
+impl Renders {
+    /// A cache of `slots` items (rounded up to a power of two, at least 1).
+    pub(crate) fn new(slots: usize) -> Self {
+        let n = slots.max(1).next_power_of_two();
+        Self { slots: (0..n).map(|_| Mutex::new(None)).collect(), hits: AtomicU64::new(0), misses: AtomicU64::new(0) }
+    }
+
+    fn slot(&self, form: Form, p: &Position) -> &Mutex<Option<Entry>> {
+        let key = (p.offset as u64) ^ ((p.partition as u64) << 40) ^ ((form as u64) << 60);
+        // Fibonacci hashing: consecutive offsets spread over every slot.
+        let i = key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - self.slots.len().trailing_zeros().max(1));
+        &self.slots[i as usize & (self.slots.len() - 1)]
+    }
+
+    /// The text of the `form` item of the event at `position` on `channel`:
+    /// the one rendered already, or `render()`'s, kept for the channel's
+    /// other subscribers.
+    pub(crate) fn get(
+        &self,
+        form: Form,
+        position: &Position,
+        channel: &Arc<str>,
+        render: impl FnOnce() -> String,
+    ) -> Arc<str> {
+        let slot = self.slot(form, position);
+        {
+            let kept = slot.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(e) = kept.as_ref().filter(|e| {
+                e.form == form
+                    && e.offset == position.offset
+                    && e.partition == position.partition
+                    && *e.topic == *position.topic
+                    && *e.channel == **channel
+            }) {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return Arc::clone(&e.json);
+            }
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let json: Arc<str> = render().into();
+        *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Entry {
+            form,
+            partition: position.partition,
+            offset: position.offset,
+            topic: Arc::clone(&position.topic),
+            channel: Arc::clone(channel),
+            json: Arc::clone(&json),
+        });
+        json
+    }
+
+    /// Items taken from the cache, and rendered.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(topic: &str, partition: i32, offset: i64) -> Position {
+        Position::new(topic, partition, offset)
+    }
+
+    #[test]
+    fn an_item_is_rendered_once_for_every_subscriber_of_its_channel() {
+        let r = Renders::new(64);
+        let c: Arc<str> = "events:user:a".into();
+        let mut renders = 0;
+        let mut texts = Vec::new();
+        for _ in 0..50 {
+            texts.push(r.get(Form::Live, &at("t", 1, 7), &c, || {
+                renders += 1;
+                "{\"x\":1}".to_owned()
+            }));
+        }
+        assert_eq!(renders, 1);
+        assert!(texts.iter().all(|t| Arc::ptr_eq(t, &texts[0])), "one shared text");
+        assert_eq!(r.counts(), (49, 1));
+    }
+
+    #[test]
+    fn a_text_is_shared_only_by_the_same_form_position_and_channel() {
+        let r = Renders::new(64);
+        let (a, b): (Arc<str>, Arc<str>) = ("events:user:a".into(), "events:user:b".into());
+        let first = r.get(Form::Live, &at("t", 1, 7), &a, || "first".into());
+        for (form, p, c) in [
+            (Form::Record, at("t", 1, 7), &a),
+            (Form::Full, at("t", 1, 7), &a),
+            (Form::Live, at("t", 2, 7), &a),
+            (Form::Live, at("t", 1, 8), &a),
+            (Form::Live, at("u", 1, 7), &a),
+            (Form::Live, at("t", 1, 7), &b),
+        ] {
+            let other = r.get(form, &p, c, || "other".into());
+            assert_eq!(&*other, "other", "{form:?} {p} {c}");
+        }
+        // Two entries in one slot: the last rendered is kept, the first
+        // rendered again when asked for.
+        let tiny = Renders::new(1);
+        assert_eq!(&*tiny.get(Form::Live, &at("t", 1, 7), &a, || "7".into()), "7");
+        assert_eq!(&*tiny.get(Form::Live, &at("t", 1, 8), &a, || "8".into()), "8");
+        assert_eq!(&*tiny.get(Form::Live, &at("t", 1, 7), &a, || "7 again".into()), "7 again");
+        drop(first);
+    }
+}
