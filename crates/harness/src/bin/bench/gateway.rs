@@ -20,6 +20,8 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
+mod neighbour;
+
 use super::joins::rss_kib;
 use super::measure::{clock_ticks, proc_ticks, CpuSnap, Pids};
 use super::Row;
@@ -725,6 +727,8 @@ pub(super) struct Setup {
     pub(super) shared: Arc<Shared>,
     /// A token that may publish (ingest).
     producer: String,
+    /// A token with the admin claim (`/readyz`'s details).
+    admin: String,
 }
 
 /// Start our gateway and the naive one on a runtime of their own (threads
@@ -788,6 +792,12 @@ pub(super) async fn start(
     };
     let reader = mint(vec![format!("{prefix}:user:*")], vec![]);
     let producer = mint(vec![], vec!["user".into()]);
+    let admin = auth
+        .mint(&dualstream_gateway::Claims {
+            admin: true,
+            ..auth.claims(Some("bench-admin".into()), vec![], vec![], 3_600)
+        })
+        .expect("mint");
     let shared = Arc::new(Shared {
         base: base.clone(),
         naive_base,
@@ -812,7 +822,7 @@ pub(super) async fn start(
         .send()
         .await;
     assert!(r.is_ok_and(|r| r.status() == 200), "warm-up ingest");
-    Setup { rt, gateway, shared, producer }
+    Setup { rt, gateway, shared, producer, admin }
 }
 
 /// Where the load's connections are counted: Redis's and the broker's
@@ -852,7 +862,7 @@ async fn run_ours(
         ours.rss_idle >> 10
     );
     load_phase(&s.shared, &s.producer, k, pids, &mut probe.redis, probe.ports, Some(&storm_tx), &mut ours).await;
-    let hub = match s.shared.http.get(format!("{}/readyz", s.shared.base)).send().await {
+    let hub = match s.shared.http.get(format!("{}/readyz", s.shared.base)).bearer_auth(&s.admin).send().await {
         Ok(r) => r.json::<serde_json::Value>().await.map(|v| v["hub"].clone()).unwrap_or_default(),
         Err(_) => serde_json::Value::Null,
     };
@@ -1044,6 +1054,10 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
     for rate in rates {
         println!("  gateway group at {rate} events/s");
         run_at(brokers, redis_url, pids, rows, Knobs { rate, ..k }).await;
+    }
+    if knob("NEIGHBOUR", 1) > 0 {
+        println!("  gateway group: a neighbour resuming from offset 0 in a loop");
+        neighbour::neighbour_rows(brokers, redis_url, pids, rows, k).await;
     }
 }
 
