@@ -140,7 +140,7 @@ impl Gateway {
             dashboard: Mutex::new(Default::default()),
             streams: Mutex::new(Default::default()),
             far_resumes: Mutex::new(Default::default()),
-            renders: crate::renders::Renders::new(crate::renders::SLOTS),
+            renders: crate::renders::Renders::new(crate::renders::SLOTS, crate::renders::BYTES),
             health: tokio::sync::Mutex::new(None),
             health_checks: AtomicU64::new(0),
             config,

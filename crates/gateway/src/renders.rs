@@ -10,7 +10,7 @@
 //! and channel name, so two channels of one record, or a live notification
 //! and the record it points at, never share a text.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use dualstream_core::Position;
@@ -18,6 +18,11 @@ use dualstream_core::Position;
 /// Slots of the gateway's cache: at 5,000 events/s an item stays about 3 s,
 /// longer than a live client takes to get it.
 pub(crate) const SLOTS: usize = 16_384;
+
+/// Most bytes of text the cache holds. Items are small (about 250 bytes
+/// without a payload), but a `full` item can be a megabyte: without a bound,
+/// a publisher of large events would make every slot hold one.
+pub(crate) const BYTES: usize = 32 << 20;
 
 /// What an item was rendered from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +47,9 @@ struct Entry {
 /// The shared cache of rendered items.
 pub(crate) struct Renders {
     slots: Box<[Mutex<Option<Entry>>]>,
+    /// Bytes of text held, at most `budget`.
+    held: AtomicUsize,
+    budget: usize,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -53,10 +61,17 @@ impl std::fmt::Debug for Renders {
 }
 
 impl Renders {
-    /// A cache of `slots` items (rounded up to a power of two, at least 1).
-    pub(crate) fn new(slots: usize) -> Self {
+    /// A cache of `slots` items (rounded up to a power of two, at least 1)
+    /// and at most `budget` bytes of text.
+    pub(crate) fn new(slots: usize, budget: usize) -> Self {
         let n = slots.max(1).next_power_of_two();
-        Self { slots: (0..n).map(|_| Mutex::new(None)).collect(), hits: AtomicU64::new(0), misses: AtomicU64::new(0) }
+        Self {
+            slots: (0..n).map(|_| Mutex::new(None)).collect(),
+            held: AtomicUsize::new(0),
+            budget,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
     }
 
     fn slot(&self, form: Form, p: &Position) -> &Mutex<Option<Entry>> {
@@ -92,14 +107,28 @@ impl Renders {
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let json: Arc<str> = render().into();
-        *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Entry {
-            form,
-            partition: position.partition,
-            offset: position.offset,
-            topic: Arc::clone(&position.topic),
-            channel: Arc::clone(channel),
-            json: Arc::clone(&json),
-        });
+        let mut kept = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        // The slot's earlier item goes either way; the new one is kept
+        // only within the byte budget (else it is this client's alone).
+        if let Some(old) = kept.take() {
+            self.held.fetch_sub(old.json.len(), Ordering::Relaxed);
+        }
+        let fits = self
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                h.checked_add(json.len()).filter(|&after| after <= self.budget)
+            })
+            .is_ok();
+        if fits {
+            *kept = Some(Entry {
+                form,
+                partition: position.partition,
+                offset: position.offset,
+                topic: Arc::clone(&position.topic),
+                channel: Arc::clone(channel),
+                json: Arc::clone(&json),
+            });
+        }
         json
     }
 
@@ -119,7 +148,7 @@ mod tests {
 
     #[test]
     fn an_item_is_rendered_once_for_every_subscriber_of_its_channel() {
-        let r = Renders::new(64);
+        let r = Renders::new(64, 1 << 20);
         let c: Arc<str> = "events:user:a".into();
         let mut renders = 0;
         let mut texts = Vec::new();
@@ -136,7 +165,7 @@ mod tests {
 
     #[test]
     fn a_text_is_shared_only_by_the_same_form_position_and_channel() {
-        let r = Renders::new(64);
+        let r = Renders::new(64, 1 << 20);
         let (a, b): (Arc<str>, Arc<str>) = ("events:user:a".into(), "events:user:b".into());
         let first = r.get(Form::Live, &at("t", 1, 7), &a, || "first".into());
         for (form, p, c) in [
@@ -152,10 +181,38 @@ mod tests {
         }
         // Two entries in one slot: the last rendered is kept, the first
         // rendered again when asked for.
-        let tiny = Renders::new(1);
+        let tiny = Renders::new(1, 1 << 20);
         assert_eq!(&*tiny.get(Form::Live, &at("t", 1, 7), &a, || "7".into()), "7");
         assert_eq!(&*tiny.get(Form::Live, &at("t", 1, 8), &a, || "8".into()), "8");
         assert_eq!(&*tiny.get(Form::Live, &at("t", 1, 7), &a, || "7 again".into()), "7 again");
         drop(first);
+    }
+
+    #[test]
+    fn the_texts_kept_stay_within_the_byte_budget() {
+        let r = Renders::new(64, 10_000);
+        let c: Arc<str> = "events:user:a".into();
+        // Large items (a full event of 4,000 bytes each): at most two kept.
+        for offset in 0..20 {
+            let text = r.get(Form::Full, &at("t", 0, offset), &c, || "x".repeat(4_000));
+            assert_eq!(text.len(), 4_000, "every caller gets its item, kept or not");
+            assert!(r.held.load(Ordering::Relaxed) <= 10_000, "{} bytes held", r.held.load(Ordering::Relaxed));
+        }
+        // Small items displace them slot by slot and are shared again.
+        for offset in 100..164 {
+            r.get(Form::Live, &at("t", 0, offset), &c, || "y".repeat(100));
+        }
+        let (_, before) = r.counts();
+        let mut renders = 0;
+        r.get(Form::Live, &at("t", 0, 163), &c, || {
+            renders += 1;
+            String::new()
+        });
+        assert_eq!((renders, r.counts().1), (0, before), "the last small item is shared");
+        assert!(r.held.load(Ordering::Relaxed) <= 10_000);
+        // An item larger than the whole budget is never kept.
+        let big = Renders::new(4, 100);
+        big.get(Form::Full, &at("t", 0, 1), &c, || "z".repeat(101));
+        assert_eq!(big.held.load(Ordering::Relaxed), 0);
     }
 }
