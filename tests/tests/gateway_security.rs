@@ -274,11 +274,8 @@ async fn slowloris_connections_are_closed_within_the_header_timeout() {
     assert_eq!(r.status().as_u16(), 200);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_oversized_websocket_frame_is_refused_from_its_header() {
-    init_tracing();
-    let gw = TestGateway::start(|c| c.limits.max_body_bytes = 4_096).await;
-    let token = gw.token(&[&gw.channel("a")], &[]);
+/// A WebSocket opened by hand on a plain socket (to send frames no client library would), upgraded.
+async fn raw_websocket(gw: &TestGateway, token: &str) -> TcpStream {
     let upgrade = format!(
         "GET /v1/ws HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {token}\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
@@ -293,6 +290,15 @@ async fn an_oversized_websocket_frame_is_refused_from_its_header() {
         head.push(byte[0]);
     }
     assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_websocket_frame_is_refused_from_its_header() {
+    init_tracing();
+    let gw = TestGateway::start(|c| c.limits.max_body_bytes = 4_096).await;
+    let token = gw.token(&[&gw.channel("a")], &[]);
+    let mut s = raw_websocket(&gw, &token).await;
     // A masked text frame that says it carries 2 MiB; only its first bytes follow. Before the limit
     // applied to frames, the gateway waited for (and buffered) all of it.
     let mut frame = vec![0x81, 0x80 | 127];
@@ -583,4 +589,129 @@ async fn far_resumes_are_limited_per_subject() {
     let got = (v["code"].as_str(), v["field"].as_str(), v["limit"].as_u64());
     assert_eq!(got, (Some("rate_limited"), Some("limits.far_resumes_per_min"), Some(2)), "{v}");
     assert!(v["retry_after_ms"].as_u64().is_some_and(|ms| ms >= 1_000), "{v}");
+}
+
+/// A masked text frame of `text`.
+fn masked_text(text: &str) -> Vec<u8> {
+    let mask = [7u8, 1, 200, 33];
+    let mut frame = vec![0x81, 0x80 | 126];
+    frame.extend_from_slice(&u16::try_from(text.len()).expect("under 64 KiB").to_be_bytes());
+    frame.extend_from_slice(&mask);
+    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// The JSON of the next frame from the gateway: a final, unmasked text frame.
+async fn read_text(s: &mut TcpStream) -> Value {
+    let mut h = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(15), s.read_exact(&mut h)).await.expect("a reply").expect("read");
+    assert_eq!(h[0], 0x81, "a final text frame");
+    let len = match h[1] & 0x7f {
+        126 => usize::from(s.read_u16().await.expect("length")),
+        127 => usize::try_from(s.read_u64().await.expect("length")).expect("length"),
+        n => usize::from(n),
+    };
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.expect("the frame's body");
+    serde_json::from_slice(&body).expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_command_larger_than_the_read_buffer_is_read_whole() {
+    // The gateway reads a WebSocket 4 KiB at a time (tungstenite's 128 KiB default was zero-filled
+    // before every read attempt). A command of about 13 KiB, sent as one frame in pieces of 1 KiB
+    // a few milliseconds apart, must still be read whole and answered, and a small one after it.
+    init_tracing();
+    let gw = TestGateway::start(|_| {}).await;
+    let token = gw.token(&[&format!("{}:user:*", gw.prefix)], &[]);
+    let mut s = raw_websocket(&gw, &token).await;
+
+    let channels: Vec<String> = (0..60).map(|i| gw.channel(&format!("{i:03}-{}", "x".repeat(200)))).collect();
+    let command = json!({"op": "subscribe", "channels": channels}).to_string();
+    assert!(command.len() > 3 * 4_096, "{} bytes", command.len());
+    for piece in masked_text(&command).chunks(1_024) {
+        s.write_all(piece).await.expect("a piece");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let reply = read_text(&mut s).await;
+    assert_eq!(reply["kind"], "subscribed", "{reply}");
+    let names: Vec<&str> =
+        reply["subscriptions"].as_array().expect("subscriptions").iter().map(|c| c.as_str().expect("name")).collect();
+    assert_eq!(names, channels, "every channel of the command was read (the names come sorted)");
+
+    let small = gw.channel("small");
+    s.write_all(&masked_text(&json!({"op": "subscribe", "channels": [small]}).to_string())).await.expect("send");
+    let reply = read_text(&mut s).await;
+    assert_eq!(reply["kind"], "subscribed", "{reply}");
+    assert_eq!(reply["subscriptions"].as_array().map(Vec::len), Some(61), "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_resume_is_paced_and_its_live_items_are_not() {
+    // A client within its share of far resumes was sent its whole history as fast as its
+    // connection took it; now that history comes at limits.far_items_per_sec, still exact, and
+    // what comes after it (here mode=full, whose live items are read from Kafka too) is not paced.
+    init_tracing();
+    const PER_SEC: u64 = 20;
+    let gw = TestGateway::start(|c| {
+        c.join.cache_records = 8;
+        c.limits.far_items_per_sec = PER_SEC as u32;
+    })
+    .await;
+    let a = gw.channel("paced");
+    let url = format!("{}/v1/stream?channel={}&mode=full", gw.base, urlenc(&a));
+    let auth = format!("Bearer {}", gw.token(&[&a], &[]));
+    let paced = |doc: &Value| doc["clients"]["far_items_paced"].as_u64().expect("clients.far_items_paced");
+    let mut first = Sse::open(&gw.http, &url, &[("authorization", &auth)]).await;
+    assert_eq!(first.status, 200, "{}", first.error);
+    let old = first.next(Duration::from_secs(10)).await.expect("subscribed").id.expect("a resume token");
+    drop(first);
+    // One request each: tansu's high watermark is its last batch's base offset + 1.
+    let producer = gw.token(&[], &["user"]);
+    const FAR: u64 = 60;
+    for i in 0..FAR {
+        let (status, reply) = gw.ingest(&producer, &json!([user_event("paced", i)])).await;
+        assert_eq!((status, reply["stored"].as_u64()), (200, Some(1)), "{reply}");
+    }
+    assert_eq!(paced(&gw.readyz().await), 0);
+
+    // Two far resumes of the same token subject at once: they share one bucket, so a client
+    // cannot get a fresh one by opening (or reconnecting) another stream.
+    let mut other = Sse::open(&gw.http, &url, &[("authorization", &auth), ("last-event-id", &old)]).await;
+    let mut s = Sse::open(&gw.http, &url, &[("authorization", &auth), ("last-event-id", &old)]).await;
+    assert_eq!((s.status, other.status), (200, 200), "{} {}", s.error, other.error);
+    let mut got = Vec::new();
+    let mut got_other = Vec::new();
+    while (got.len() as u64) < FAR || (got_other.len() as u64) < FAR {
+        for (stream, into) in [(&mut s, &mut got), (&mut other, &mut got_other)] {
+            if (into.len() as u64) < FAR {
+                let f = stream.next(Duration::from_secs(30)).await.expect("a far resume delivers everything missed");
+                if f.event == "event" {
+                    into.push(f.json()["payload"]["n"].as_u64().expect("n"));
+                }
+            }
+        }
+    }
+    assert_eq!(got, (0..FAR).collect::<Vec<_>>(), "exact, in order, despite the pacing");
+    assert_eq!(got_other, got, "the other stream too");
+    drop(other);
+    let waited = paced(&gw.readyz().await);
+    // The first second's worth goes at once; the rest of both streams' items waited for the
+    // subject's bucket (one bucket per stream would have made 2 × 40 wait).
+    assert!(waited >= 2 * FAR - PER_SEC - 10, "{waited} of 2 × {FAR} items waited; the burst is {PER_SEC}");
+
+    // After the point the partition had reached when it resumed, nothing waits.
+    const LIVE: u64 = 30;
+    for i in FAR..FAR + LIVE {
+        let (status, reply) = gw.ingest(&producer, &json!([user_event("paced", i)])).await;
+        assert_eq!((status, reply["stored"].as_u64()), (200, Some(1)), "{reply}");
+    }
+    while (got.len() as u64) < FAR + LIVE {
+        let f = s.next(Duration::from_secs(30)).await.expect("the live items");
+        if f.event == "event" {
+            got.push(f.json()["payload"]["n"].as_u64().expect("n"));
+        }
+    }
+    assert_eq!(got, (0..FAR + LIVE).collect::<Vec<_>>());
+    assert_eq!(paced(&gw.readyz().await), waited, "the live items were not paced");
 }

@@ -220,6 +220,17 @@ pub struct GatewayLimits {
     /// not counted. Default: 120 (a connection's 64 subscriptions at once,
     /// and about one far resume a second after that).
     pub far_resumes_per_min: u32,
+    /// Items a connection is sent per second from its far resumes (a
+    /// bucket of a second's worth, shared by the connection's channels):
+    /// the history of channels that resumed further back than
+    /// `join.cache_records`, up to where their partition ended when they
+    /// subscribed. Items after that point, live items and resumes near the
+    /// end are never paced. Without it, one client resuming from far back
+    /// in a loop had its whole history sent as fast as its connection took
+    /// it, and every other client's live items waited behind it. A token
+    /// subject gets at most `max_streams_per_subject` times this. Default:
+    /// 1,000.
+    pub far_items_per_sec: u32,
     /// How long a client may take to send a request's headers, in
     /// milliseconds, counted from when the connection opens or its previous
     /// response ended: a connection that sends no complete request within it
@@ -249,6 +260,7 @@ impl Default for GatewayLimits {
             max_streams_per_address: 32,
             commands_per_sec: 10,
             far_resumes_per_min: 120,
+            far_items_per_sec: 1_000,
             header_read_timeout_ms: 10_000,
             client_address_header: None,
         }
@@ -320,6 +332,7 @@ impl GatewayConfig {
         check_range("limits.max_streams_per_address", l.max_streams_per_address as u64, 1, 1_000_000)?;
         check_range("limits.commands_per_sec", u64::from(l.commands_per_sec), 1, 10_000)?;
         check_range("limits.far_resumes_per_min", u64::from(l.far_resumes_per_min), 1, 1_000_000)?;
+        check_range("limits.far_items_per_sec", u64::from(l.far_items_per_sec), 1, 10_000_000)?;
         check_range("limits.header_read_timeout_ms", l.header_read_timeout_ms, 100, 600_000)?;
         if let Some(h) = &l.client_address_header {
             if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {

@@ -140,9 +140,11 @@ impl Gateway {
             dashboard: Mutex::new(Default::default()),
             streams: Mutex::new(Default::default()),
             far_resumes: Mutex::new(Default::default()),
+            far_pace: Mutex::new(Default::default()),
             renders: crate::renders::Renders::new(crate::renders::SLOTS, crate::renders::BYTES),
             health: tokio::sync::Mutex::new(None),
             health_checks: AtomicU64::new(0),
+            far_items_paced: AtomicU64::new(0),
             config,
         };
         Ok(Self { state: Arc::new(state) })

@@ -266,6 +266,40 @@ impl FarResumes {
     }
 }
 
+/// The pace of far history per token subject: items of channels that
+/// resumed further back than the tail cache holds, up to where their
+/// partition ended when they subscribed. A bucket of `per_sec` items per
+/// subject (a second's worth at once), refilled evenly. A client resuming
+/// from far back in a loop, within its `far_resumes_per_min`, otherwise had
+/// the gateway send it its whole history as fast as its connection took
+/// it, and the other clients' live items waited behind those deliveries
+/// (docs/benchmark-analysis.md). Per subject, not per connection: a client
+/// that reconnects for each pass gets no fresh bucket. Subjects whose
+/// bucket is full again are forgotten. A pure state machine; the clock is
+/// passed in.
+#[derive(Debug, Default)]
+pub(crate) struct FarPace {
+    by_subject: HashMap<String, Bucket>,
+}
+
+impl FarPace {
+    /// Take one item's token for `subject`, or say how long until one is
+    /// there.
+    pub(crate) fn take(&mut self, subject: &str, per_sec: u32, now: Instant) -> Result<(), Duration> {
+        let rate = f64::from(per_sec);
+        if self.by_subject.len() >= 4_096 {
+            self.by_subject.retain(|_, b| b.level(now, rate, rate) < rate);
+        }
+        let tokens = self.by_subject.get(subject).map_or(rate, |b| b.level(now, rate, rate));
+        if tokens >= 1.0 {
+            self.by_subject.insert(subject.to_owned(), Bucket { tokens: tokens - 1.0, at: now });
+            return Ok(());
+        }
+        self.by_subject.insert(subject.to_owned(), Bucket { tokens, at: now });
+        Err(Duration::from_secs_f64((1.0 - tokens) / rate))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +368,36 @@ mod tests {
         // take forgets them all.
         r.take("late", 1, 60, t0 + Duration::from_secs(61)).expect("fits");
         assert_eq!(r.by_subject.len(), 1);
+    }
+
+    #[test]
+    fn far_history_is_paced_per_subject_after_a_seconds_burst() {
+        let t0 = Instant::now();
+        let mut p = FarPace::default();
+        for _ in 0..100 {
+            p.take("mallory", 100, t0).expect("the burst");
+        }
+        assert_eq!(p.take("mallory", 100, t0), Err(Duration::from_millis(10)), "one item every 10 ms after it");
+        assert!(p.take("mallory", 100, t0 + Duration::from_millis(5)).is_err());
+        p.take("mallory", 100, t0 + Duration::from_millis(10)).expect("the next item 10 ms later");
+        p.take("alice", 100, t0).expect("another subject has its own bucket");
+        // An idle second fills it again, never past a second's worth.
+        let later = t0 + Duration::from_secs(5);
+        for _ in 0..100 {
+            p.take("mallory", 100, later).expect("a second's worth");
+        }
+        assert!(p.take("mallory", 100, later).is_err());
+    }
+
+    #[test]
+    fn far_pace_buckets_of_gone_subjects_are_forgotten() {
+        let t0 = Instant::now();
+        let mut p = FarPace::default();
+        for i in 0..4_096 {
+            p.take(&format!("s{i}"), 10, t0).expect("fits");
+        }
+        p.take("late", 10, t0 + Duration::from_secs(2)).expect("fits");
+        assert_eq!(p.by_subject.len(), 1, "full buckets are dropped once the map is large");
     }
 
     #[test]

@@ -341,8 +341,17 @@ fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) -> Task {
 
 /// A subscription about to start: a channel with its partition's end now.
 enum Planned {
-    Channel { channel: String, source: Source, now: dualstream_core::Position },
-    Live { target: Target, name: String },
+    /// `far`: resuming further back than the tail cache holds.
+    Channel {
+        channel: String,
+        source: Source,
+        now: dualstream_core::Position,
+        far: bool,
+    },
+    Live {
+        target: Target,
+        name: String,
+    },
 }
 
 /// One connection's subscriptions and resume state. Every task it starts is
@@ -471,8 +480,9 @@ impl Session {
                         .await
                         .map_err(|e| SubError::Unavailable(format!("Kafka: {e}")))?;
                     let from = resume.and_then(|r| r.positions.get(&hash(&channel)));
-                    far += usize::from(from.is_some_and(|&(p, next)| p == now.partition && now.offset - next > cached));
-                    Planned::Channel { channel, source, now }
+                    let is_far = from.is_some_and(|&(p, next)| p == now.partition && now.offset - next > cached);
+                    far += usize::from(is_far);
+                    Planned::Channel { channel, source, now, far: is_far }
                 }
                 Want::Live { target, name } => Planned::Live { target, name },
             });
@@ -486,8 +496,8 @@ impl Session {
             .map_err(SubError::Limited)?;
         for p in planned {
             let (name, task) = match p {
-                Planned::Channel { channel, source, now } => {
-                    (channel.clone(), self.start_channel(channel, source, now, mode, resume, foreign))
+                Planned::Channel { channel, source, now, far } => {
+                    (channel.clone(), self.start_channel(channel, source, now, mode, resume, foreign, far))
                 }
                 Planned::Live { target, name } => {
                     let task = self.start_live(target, name.clone(), resume.is_some() || foreign.is_some()).await?;
@@ -511,6 +521,7 @@ impl Session {
         mode: Mode,
         resume: Option<&ResumeToken>,
         foreign: Option<&ResumeToken>,
+        far: bool,
     ) -> Task {
         let h = hash(&channel);
         let from = resume.and_then(|r| r.positions.get(&h)).copied();
@@ -545,6 +556,9 @@ impl Session {
             next: start,
             mode,
             out: self.out.clone(),
+            // A far resume's history up to where the partition ends now is
+            // paced, per token subject; nothing after it.
+            pace: far.then(|| (now.offset, Arc::<str>::from(self.guard.subject()))),
         };
         spawn(task.run())
     }

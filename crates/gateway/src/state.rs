@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::auth::Auth;
 use crate::config::GatewayConfig;
-use crate::limits::{FarResumes, LimitError, StreamCounts};
+use crate::limits::{FarPace, FarResumes, LimitError, StreamCounts};
 use crate::wire::Ingested;
 
 /// Shared by every handler.
@@ -55,6 +55,9 @@ pub(crate) struct AppState {
     pub(crate) streams: Mutex<StreamCounts>,
     /// Far resumes per token subject (`limits.far_resumes_per_min`).
     pub(crate) far_resumes: Mutex<FarResumes>,
+    /// The pace of far history per token subject
+    /// (`limits.far_items_per_sec`).
+    pub(crate) far_pace: Mutex<FarPace>,
     /// Items rendered once for every subscriber of their channel.
     pub(crate) renders: crate::renders::Renders,
     /// The last Kafka and Redis health check and when it was made: checked
@@ -62,6 +65,9 @@ pub(crate) struct AppState {
     pub(crate) health: tokio::sync::Mutex<Option<(tokio::time::Instant, Health)>>,
     /// How many times Kafka and Redis were checked.
     pub(crate) health_checks: std::sync::atomic::AtomicU64,
+    /// Far-resume items that waited for their connection's
+    /// `limits.far_items_per_sec`.
+    pub(crate) far_items_paced: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for AppState {

@@ -470,6 +470,9 @@ pub(crate) struct Readiness {
 pub(crate) struct Clients {
     /// Bytes of items waiting in the clients' buffers.
     pub(crate) buffered_bytes: usize,
+    /// Items of far resumes that waited for their connection's
+    /// `limits.far_items_per_sec`.
+    pub(crate) far_items_paced: u64,
     /// Event items rendered for a client, and those taken as rendered
     /// already for another subscriber of the channel.
     pub(crate) items_rendered: u64,
@@ -670,7 +673,14 @@ mod tests {
     #[test]
     fn the_readiness_and_dashboard_documents_are_written_as_before() {
         let readiness = Readiness {
-            clients: Clients { buffered_bytes: 64, items_rendered: 3, items_shared: 8, sse: 1, ws: 2 },
+            clients: Clients {
+                buffered_bytes: 64,
+                items_rendered: 3,
+                items_shared: 8,
+                far_items_paced: 5,
+                sse: 1,
+                ws: 2,
+            },
             health_checks: 7,
             hub: Some(HubHealth { channels: 3, connected: true, disconnects: 1, patterns: 0, subscribers: 4 }),
             history: HistoryHealth { consumers: 2, range_reads: 10, seeks: 1, ..HistoryHealth::default() },
@@ -694,7 +704,7 @@ mod tests {
             "history": {"consumers": 2, "range_reads": 10, "range_reads_cached": 0, "backfill_reads": 0, "seeks": 1,
                 "records_read": 0, "parked": 0, "parked_dropped": 0},
             "queue": 5,
-            "clients": {"buffered_bytes": 64, "items_rendered": 3, "items_shared": 8, "sse": 1, "ws": 2},
+            "clients": {"buffered_bytes": 64, "items_rendered": 3, "items_shared": 8, "far_items_paced": 5, "sse": 1, "ws": 2},
             "health_checks": 7,
         });
         assert_eq!(to_json(&readiness), old.to_string());

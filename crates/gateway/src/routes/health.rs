@@ -67,6 +67,7 @@ pub(crate) async fn readiness(state: &AppState) -> Readiness {
             buffered_bytes: state.buffered_bytes.load(Ordering::Relaxed),
             items_rendered,
             items_shared,
+            far_items_paced: state.far_items_paced.load(Ordering::Relaxed),
             sse: state.sse_clients.load(Ordering::Relaxed),
             ws: state.ws_clients.load(Ordering::Relaxed),
         },

@@ -6,7 +6,7 @@
 //! waiting only for that buffer: the hub and the shared Kafka reader never
 //! wait for a client.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use dualstream_consumer::{Delivery, HubError, JoinError, LiveItem, LiveStream, ReplayError, StartAt};
@@ -41,6 +41,9 @@ pub(super) struct ChannelTask {
     pub(super) next: i64,
     pub(super) mode: Mode,
     pub(super) out: Outbox,
+    /// For a far resume: the offset its pacing ends at (where the partition
+    /// ended when it subscribed) and the token subject it is paced under.
+    pub(super) pace: Option<(i64, Arc<str>)>,
 }
 
 /// The waits between a channel's failed joins.
@@ -63,6 +66,7 @@ impl ChannelTask {
                 Ok(mut stream) => {
                     while let Some(item) = stream.next().await {
                         backoff = REJOIN_BACKOFF.first();
+                        self.pace(&item).await;
                         let msg = match self.step(item) {
                             Step::Send(msg) => msg,
                             Step::Skip => continue,
@@ -85,6 +89,40 @@ impl ChannelTask {
             }
             tokio::time::sleep(backoff).await;
             backoff = REJOIN_BACKOFF.after(backoff);
+        }
+    }
+
+    /// Wait for the connection's pace when `item` is far history; once an
+    /// item reaches where the partition ended at subscribe time, never
+    /// again.
+    async fn pace(&mut self, item: &Result<Delivery, JoinError>) {
+        let Some((until, subject)) = &self.pace else { return };
+        match item {
+            Ok(Delivery::History(r)) if r.position.offset < *until => {}
+            Ok(Delivery::History(_) | Delivery::Live(_)) => {
+                self.pace = None;
+                return;
+            }
+            _ => return,
+        }
+        let mut waited = false;
+        loop {
+            let per_sec = self.state.config.limits.far_items_per_sec;
+            let take = self.state.far_pace.lock().unwrap_or_else(PoisonError::into_inner).take(
+                subject,
+                per_sec,
+                std::time::Instant::now(),
+            );
+            match take {
+                Ok(()) => break,
+                Err(wait) => {
+                    waited = true;
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        if waited {
+            self.state.far_items_paced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

@@ -4,7 +4,8 @@
 //! neighbour: each of its passes reads its channel's whole partition from the
 //! beginning (through the backfill readers), then it reconnects and starts
 //! over. The gateway runs with the default `limits.far_resumes_per_min`
-//! (120 a minute for a token's subject), the protection against such a
+//! (120 a minute for a token's subject) and `limits.far_items_per_sec`
+//! (1,000 items a second a connection), the protections against such a
 //! client; a refused resume waits 100 ms and asks again.
 
 use std::sync::atomic::Ordering;
@@ -141,7 +142,9 @@ pub(super) async fn neighbour_rows(brokers: &str, redis_url: &str, pids: &Pids, 
         redis: client.get_multiplexed_async_connection().await.expect("redis"),
     };
     let setup = start(brokers, redis_url, &topic, |c| {
-        c.limits.far_resumes_per_min = dualstream_gateway::GatewayConfig::default().limits.far_resumes_per_min;
+        let defaults = dualstream_gateway::GatewayConfig::default().limits;
+        c.limits.far_resumes_per_min = defaults.far_resumes_per_min;
+        c.limits.far_items_per_sec = defaults.far_items_per_sec;
     })
     .await;
     let history = super::knob("NEIGHBOUR_HISTORY", 100_000);
@@ -182,10 +185,11 @@ pub(super) async fn neighbour_rows(brokers: &str, redis_url: &str, pids: &Pids, 
     let passes = nb.await.unwrap_or_default();
     let secs = started.elapsed().as_secs_f64();
     let readyz = setup.shared.http.get(format!("{}/readyz", setup.shared.base)).bearer_auth(&setup.admin);
-    let history_stats = match readyz.send().await {
-        Ok(r) => r.json::<serde_json::Value>().await.map(|v| v["history"].clone()).unwrap_or_default(),
+    let doc = match readyz.send().await {
+        Ok(r) => r.json::<serde_json::Value>().await.unwrap_or_default(),
         Err(_) => serde_json::Value::Null,
     };
+    let (history_stats, paced) = (&doc["history"], &doc["clients"]["far_items_paced"]);
     let got = collect(tasks, &stop_tx).await;
     let dups: u64 = got.iter().flat_map(|g| g.chans.iter()).map(|c| c.dups).sum();
     println!(
@@ -211,7 +215,7 @@ pub(super) async fn neighbour_rows(brokers: &str, redis_url: &str, pids: &Pids, 
         "≤ 2× quiet",
         Some(met),
         format!(
-            "{} clients ({} SSE, {} WebSocket; every other pair in full mode, the notify clients' items counted) on one gateway, {} events/s for 4 s not counted, then for {} s twice: quiet (p50 {quiet_p50:.1} ms, {quiet_n} items), then beside a neighbour that resumes one channel from offset 0, reads up to where its partition ended ({} of {filled} records posted before the load, over {PARTITIONS} partitions) and starts over, its resumes limited by the default limits.far_resumes_per_min (p50 {busy_p50:.1} ms, {busy_n} items); the neighbour finished {} passes ({} resumes refused), {} events ({:.0}/s); {dups} duplicates or disorders among the live clients; the shared Kafka readers afterwards: {history_stats}",
+            "{} clients ({} SSE, {} WebSocket; every other pair in full mode, the notify clients' items counted) on one gateway, {} events/s for 4 s not counted, then for {} s twice: quiet (p50 {quiet_p50:.1} ms, {quiet_n} items), then beside a neighbour that resumes one channel from offset 0, reads up to where its partition ended ({} of {filled} records posted before the load, over {PARTITIONS} partitions) and starts over, its resumes limited by the default limits.far_resumes_per_min and its far items paced by the default limits.far_items_per_sec ({paced} items waited) (p50 {busy_p50:.1} ms, {busy_n} items); the neighbour finished {} passes ({} resumes refused), {} events ({:.0}/s); {dups} duplicates or disorders among the live clients; the shared Kafka readers afterwards: {history_stats}",
             k.clients * 2,
             k.clients,
             k.clients,
