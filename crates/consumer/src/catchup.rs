@@ -351,7 +351,8 @@ impl<F: std::future::Future<Output = ()>> Stream for Joined<F> {
 }
 
 /// A join of `source` from `next` in `tp`, fed by `live`, without the
-/// initial watermark look-up and with no idle check: the test drives it.
+/// initial watermark look-up, and with its idle check every `idle`: the test
+/// drives it.
 #[cfg(test)]
 pub(crate) fn join_for_test(
     history: History,
@@ -360,13 +361,14 @@ pub(crate) fn join_for_test(
     live: impl Stream<Item = LiveItem> + Unpin + Send + 'static,
     next: i64,
     seen: Option<(Arc<SeenOffsets>, Duration)>,
+    idle: Duration,
 ) -> JoinStream {
     let (tx, rx) = mpsc::channel(256);
     let key: Arc<[u8]> = source.source_id().as_bytes().into();
     let watermarks = history.watch(&tp);
     let seen = seen.map(|(seen, window)| Proof { key: key_of(&source), seen, window });
     let joiner = Joiner { tx, history, tp, source, key, next, low: 0, full: false, seen, checks: Arc::default() };
-    Box::pin(Joined::new(joiner.run(live, watermarks, next, Duration::from_secs(3_600)), rx))
+    Box::pin(Joined::new(joiner.run(live, watermarks, next, idle), rx))
 }
 
 /// The offset of the `n`-th last event of `source`, found by reading windows
@@ -452,6 +454,10 @@ struct Proof {
     window: Duration,
 }
 
+/// How far a join's idle check backs off while the polled watermarks stay
+/// unchanged: up to this many times `idle_check_ms` between checks.
+const IDLE_BACKOFF: u32 = 4;
+
 impl Joiner {
     /// The join's loop, on the items of `live`: a hub subscription (a test's
     /// own stream in `join_for_test`).
@@ -466,12 +472,28 @@ impl Joiner {
             return;
         }
         let mut last_live = Instant::now();
-        // When to compare with the polled high watermark, if it moved.
-        let mut check_at: Option<Instant> = None;
+        // The idle check reads the polled watermarks when its own timer
+        // fires, instead of waking on their change: a watch wakes every
+        // receiver at once, and with ten thousand joins of a busy topic
+        // that was ten thousand tasks woken in the same instant once a
+        // poll (`idle_check_ms`), holding the runtime's threads for tens of
+        // milliseconds: the p99 of every live item (docs/benchmark-analysis.md).
+        // Each join's timer runs from its own start, so the checks spread
+        // out; a check that finds the watermarks unchanged waits twice as
+        // long next time, up to `IDLE_BACKOFF` times `idle`.
+        let mut wait = idle;
+        let check = tokio::time::sleep(idle);
+        tokio::pin!(check);
         loop {
             let step = tokio::select! {
                 item = live.next() => {
                     last_live = Instant::now();
+                    // A check put off by quiet watermarks comes back to
+                    // `idle` after a live item (one reset, not one per item).
+                    if wait > idle {
+                        wait = idle;
+                        check.as_mut().reset(last_live + idle);
+                    }
                     match item {
                         Some(LiveItem::Notification(n)) => self.on_live(n).await,
                         Some(LiveItem::Gap | LiveItem::Lagged { .. }) => self.catch_up().await,
@@ -491,26 +513,26 @@ impl Joiner {
                         Some(_) => self.catch_up().await,
                     }
                 }
-                changed = marks.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
+                () = &mut check => {
+                    let Ok(changed) = marks.has_changed() else { return };
                     let m = *marks.borrow_and_update();
                     self.low = self.low.max(m.low);
-                    if m.high > self.next && check_at.is_none() {
-                        check_at = Some(last_live + idle);
-                    }
-                    Ok(())
-                }
-                _ = tokio::time::sleep_until(check_at.unwrap_or_else(Instant::now)), if check_at.is_some() => {
-                    if last_live.elapsed() >= idle {
-                        check_at = None;
-                        let high = marks.borrow().high;
-                        self.scan_to(high).await
+                    let idle_since = last_live + idle;
+                    let step = if Instant::now() >= idle_since && m.high > self.next {
+                        self.scan_to(m.high).await
                     } else {
-                        check_at = Some(last_live + idle);
                         Ok(())
-                    }
+                    };
+                    let now = Instant::now();
+                    let at = if now < idle_since {
+                        wait = idle;
+                        idle_since
+                    } else {
+                        wait = if changed { idle } else { (wait * 2).min(idle * IDLE_BACKOFF) };
+                        now + wait
+                    };
+                    check.as_mut().reset(at);
+                    step
                 }
             };
             if step.is_err() {

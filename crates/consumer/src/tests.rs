@@ -191,6 +191,9 @@ mod positionless {
     use crate::catchup::join_for_test;
     use crate::*;
 
+    /// No idle check: an hour away.
+    const NO_IDLE_CHECK: Duration = Duration::from_secs(3_600);
+
     /// A mock cluster with topic "t" of one partition, a sink to it, and a
     /// shared history of it with no idle check (an hour away).
     fn partition(
@@ -255,6 +258,28 @@ mod positionless {
         got
     }
 
+    /// The idle check reads the polled watermarks on each join's own timer
+    /// (not woken by every poll), backs off while they stand still, and
+    /// comes back: with a hub that never says anything, the events of u
+    /// written after a quiet spell of 40 polls are still delivered, once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_idle_check_finds_events_written_after_a_quiet_spell() {
+        let (cluster, sink, _) = partition();
+        const POLL: Duration = Duration::from_millis(50);
+        let brokers = cluster.bootstrap_servers();
+        let history = History::new(Arc::new(replay(&brokers, "t").config().clone()), POLL, 4_096, 2).expect("history");
+        let (_slot, live) = hub_side();
+        let u = Source::new("user", "u").expect("valid");
+        let mut join = join_for_test(history, (Arc::from("t"), 0), u, live, 0, None, POLL);
+        let first = store(&sink, 4).await;
+        assert_eq!(take(&mut join, &first).await, history_of(&first), "found by the idle check alone");
+        tokio::time::sleep(POLL * 40).await;
+        let later = store(&sink, 4).await;
+        assert_eq!(take(&mut join, &later).await, history_of(&later), "found after the quiet spell");
+        let extra = tokio::time::timeout(POLL * 20, join.next()).await;
+        assert!(extra.is_err(), "nothing more: {extra:?}");
+    }
+
     /// A notification without a position (an unknown-outcome write, or
     /// real-time-only mode) or with an unknown offset makes the join read
     /// Kafka up to the high watermark: the events it had not delivered come
@@ -266,7 +291,7 @@ mod positionless {
         let (_cluster, sink, history) = partition();
         let (slot, live) = hub_side();
         let u = Source::new("user", "u").expect("valid");
-        let mut join = join_for_test(history, (Arc::from("t"), 0), u, live, 0, None);
+        let mut join = join_for_test(history, (Arc::from("t"), 0), u, live, 0, None, NO_IDLE_CHECK);
 
         let first = store(&sink, 6).await;
         feed(&slot, Notification::for_event(&first[4].0, None)).await;
@@ -302,8 +327,15 @@ mod positionless {
         let (slot, live) = hub_side();
         let u = Source::new("user", "u").expect("valid");
         let window = Duration::from_millis(500);
-        let mut join =
-            join_for_test(history.clone(), (Arc::from("t"), 0), u, live, 0, Some((Arc::clone(&seen), window)));
+        let mut join = join_for_test(
+            history.clone(),
+            (Arc::from("t"), 0),
+            u,
+            live,
+            0,
+            Some((Arc::clone(&seen), window)),
+            NO_IDLE_CHECK,
+        );
         let notification = |(e, p): &(Event, Position)| Notification::for_event(e, Some(p.clone()));
         let reads = || history.stats().range_reads;
 

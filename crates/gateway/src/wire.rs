@@ -457,12 +457,30 @@ pub(crate) struct Readiness {
     pub(crate) hub: Option<HubHealth>,
     /// Kafka's health.
     pub(crate) kafka: KafkaHealth,
+    /// How the catch-up joins placed live notifications that jumped past
+    /// their checked offset (`CatchUp::live_checks`): a notification read
+    /// from Kafka waits for the broker, so their share drives the live
+    /// path's tail latency.
+    pub(crate) live_checks: LiveChecksHealth,
     /// What the batching engine holds queued (`BatchEngine::queued`).
     pub(crate) queue: usize,
     /// Whether Kafka answers.
     pub(crate) ready: bool,
     /// Redis's health and the notifier's counters.
     pub(crate) redis: RedisHealth,
+}
+
+/// `dualstream_consumer::LiveChecks`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct LiveChecksHealth {
+    pub(crate) proven_by_notifications: u64,
+    pub(crate) read_from_kafka: u64,
+}
+
+impl From<dualstream_consumer::LiveChecks> for LiveChecksHealth {
+    fn from(c: dualstream_consumer::LiveChecks) -> Self {
+        Self { proven_by_notifications: c.proven_by_notifications, read_from_kafka: c.read_from_kafka }
+    }
 }
 
 /// Open streams per transport.
@@ -685,6 +703,7 @@ mod tests {
             hub: Some(HubHealth { channels: 3, connected: true, disconnects: 1, patterns: 0, subscribers: 4 }),
             history: HistoryHealth { consumers: 2, range_reads: 10, seeks: 1, ..HistoryHealth::default() },
             kafka: KafkaHealth { error: None, ok: true },
+            live_checks: LiveChecksHealth { proven_by_notifications: 11, read_from_kafka: 2 },
             queue: 5,
             ready: true,
             redis: RedisHealth {
@@ -703,6 +722,7 @@ mod tests {
             "hub": {"connected": true, "channels": 3, "patterns": 0, "subscribers": 4, "disconnects": 1},
             "history": {"consumers": 2, "range_reads": 10, "range_reads_cached": 0, "backfill_reads": 0, "seeks": 1,
                 "records_read": 0, "parked": 0, "parked_dropped": 0},
+            "live_checks": {"proven_by_notifications": 11, "read_from_kafka": 2},
             "queue": 5,
             "clients": {"buffered_bytes": 64, "items_rendered": 3, "items_shared": 8, "far_items_paced": 5, "sse": 1, "ws": 2},
             "health_checks": 7,

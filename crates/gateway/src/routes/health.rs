@@ -73,6 +73,7 @@ pub(crate) async fn readiness(state: &AppState) -> Readiness {
         },
         health_checks: state.health_checks.load(Ordering::Relaxed),
         history: state.catchup.stats().into(),
+        live_checks: state.catchup.live_checks().into(),
         hub: hub.map(|h| HubHealth {
             channels: h.channels,
             connected: h.connected,

@@ -682,10 +682,18 @@ async fn load_phase(
     settle(shared).await;
 }
 
+/// Every other pair of clients in `mode=full`; none with
+/// `DUALSTREAM_BENCH_GW_FULL=0` (to tell the full clients' cost from the
+/// notify clients' latency).
 fn specs(sets: &[Vec<usize>], kinds: &[Kind]) -> Vec<Spec> {
+    let with_full = knob("FULL", 1) != 0;
     sets.iter()
         .enumerate()
-        .map(|(i, s)| Spec { kind: kinds[i % kinds.len()], full: (i / kinds.len()) % 2 == 1, sources: s.clone() })
+        .map(|(i, s)| Spec {
+            kind: kinds[i % kinds.len()],
+            full: with_full && (i / kinds.len()) % 2 == 1,
+            sources: s.clone(),
+        })
         .collect()
 }
 
@@ -872,7 +880,11 @@ async fn run_ours(
     );
     load_phase(&s.shared, &s.producer, k, pids, &mut probe.redis, probe.ports, Some(&storm_tx), &mut ours).await;
     let hub = match s.shared.http.get(format!("{}/readyz", s.shared.base)).bearer_auth(&s.admin).send().await {
-        Ok(r) => r.json::<serde_json::Value>().await.map(|v| v["hub"].clone()).unwrap_or_default(),
+        Ok(r) => r
+            .json::<serde_json::Value>()
+            .await
+            .map(|v| serde_json::json!({"hub": v["hub"], "live_checks": v["live_checks"]}))
+            .unwrap_or_default(),
         Err(_) => serde_json::Value::Null,
     };
     ours.got = collect(tasks, &stop_tx).await;
@@ -1274,7 +1286,7 @@ impl Report {
             "-",
             None,
             format!(
-                "this process's established sockets to redis-server's port during the load (/proc/self/fd × /proc/net/tcp); redis INFO connected_clients grew by {} (ours) and {} (naive); hub at the end: {hub}",
+                "this process's established sockets to redis-server's port during the load (/proc/self/fd × /proc/net/tcp); redis INFO connected_clients grew by {} (ours) and {} (naive); hub and the joins' live checks at the end: {hub}",
                 ours.redis_info, naive.redis_info
             ),
         );
