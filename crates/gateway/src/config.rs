@@ -220,16 +220,15 @@ pub struct GatewayLimits {
     /// not counted. Default: 120 (a connection's 64 subscriptions at once,
     /// and about one far resume a second after that).
     pub far_resumes_per_min: u32,
-    /// Items a connection is sent per second from its far resumes (a
-    /// bucket of a second's worth, shared by the connection's channels):
-    /// the history of channels that resumed further back than
-    /// `join.cache_records`, up to where their partition ended when they
-    /// subscribed. Items after that point, live items and resumes near the
-    /// end are never paced. Without it, one client resuming from far back
-    /// in a loop had its whole history sent as fast as its connection took
-    /// it, and every other client's live items waited behind it. A token
-    /// subject gets at most `max_streams_per_subject` times this. Default:
-    /// 1,000.
+    /// Items a token subject is sent per second from its far resumes (a
+    /// bucket of a second's worth per subject, shared by all its streams and
+    /// channels, so reconnecting does not refill it): the history of
+    /// channels that resumed further back than `join.cache_records`, up to
+    /// where their partition ended when they subscribed. Items after that
+    /// point, live items and resumes near the end are never paced. Without
+    /// it, one client resuming from far back in a loop had its whole history
+    /// sent as fast as its connection took it, and every other client's live
+    /// items waited behind it. Default: 1,000.
     pub far_items_per_sec: u32,
     /// How long a client may take to send a request's headers, in
     /// milliseconds, counted from when the connection opens or its previous

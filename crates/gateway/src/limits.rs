@@ -184,6 +184,28 @@ impl Bucket {
     }
 }
 
+/// A bucket per token subject, each of `cap` tokens refilled at `per_sec`.
+/// Subjects whose bucket is full again are forgotten once the map is large,
+/// so it holds only those that took tokens lately.
+#[derive(Debug, Default)]
+struct SubjectBuckets(HashMap<String, Bucket>);
+
+impl SubjectBuckets {
+    /// Take `want` tokens from `subject`'s bucket, or take none and return
+    /// the tokens there are.
+    fn take(&mut self, subject: &str, want: f64, cap: f64, per_sec: f64, now: Instant) -> Result<(), f64> {
+        if self.0.len() >= 4_096 {
+            self.0.retain(|_, b| b.level(now, per_sec, cap) < cap);
+        }
+        let tokens = self.0.get(subject).map_or(cap, |b| b.level(now, per_sec, cap));
+        if tokens < want {
+            return Err(tokens);
+        }
+        self.0.insert(subject.to_owned(), Bucket { tokens: tokens - want, at: now });
+        Ok(())
+    }
+}
+
 /// A token bucket: `per_sec` commands a second, bursts of as many. A pure
 /// state machine; the clock is passed in.
 #[derive(Debug)]
@@ -227,7 +249,7 @@ impl CommandRate {
 /// that resumed far within the last minute.
 #[derive(Debug, Default)]
 pub(crate) struct FarResumes {
-    by_subject: HashMap<String, Bucket>,
+    by_subject: SubjectBuckets,
 }
 
 impl FarResumes {
@@ -239,15 +261,8 @@ impl FarResumes {
         }
         let cap = f64::from(per_min);
         let per_sec = cap / 60.0;
-        if self.by_subject.len() >= 4_096 {
-            self.by_subject.retain(|_, b| b.level(now, per_sec, cap) < cap);
-        }
-        let tokens = self.by_subject.get(subject).map_or(cap, |b| b.level(now, per_sec, cap));
         let want = n as f64;
-        if tokens >= want {
-            self.by_subject.insert(subject.to_owned(), Bucket { tokens: tokens - want, at: now });
-            return Ok(());
-        }
+        let Err(tokens) = self.by_subject.take(subject, want, cap, per_sec, now) else { return Ok(()) };
         let what = if want > cap {
             format!("this subscription resumes {n} channels from further back than the gateway keeps, more than a minute's share")
         } else {
@@ -279,7 +294,7 @@ impl FarResumes {
 /// passed in.
 #[derive(Debug, Default)]
 pub(crate) struct FarPace {
-    by_subject: HashMap<String, Bucket>,
+    by_subject: SubjectBuckets,
 }
 
 impl FarPace {
@@ -287,16 +302,9 @@ impl FarPace {
     /// there.
     pub(crate) fn take(&mut self, subject: &str, per_sec: u32, now: Instant) -> Result<(), Duration> {
         let rate = f64::from(per_sec);
-        if self.by_subject.len() >= 4_096 {
-            self.by_subject.retain(|_, b| b.level(now, rate, rate) < rate);
-        }
-        let tokens = self.by_subject.get(subject).map_or(rate, |b| b.level(now, rate, rate));
-        if tokens >= 1.0 {
-            self.by_subject.insert(subject.to_owned(), Bucket { tokens: tokens - 1.0, at: now });
-            return Ok(());
-        }
-        self.by_subject.insert(subject.to_owned(), Bucket { tokens, at: now });
-        Err(Duration::from_secs_f64((1.0 - tokens) / rate))
+        self.by_subject
+            .take(subject, 1.0, rate, rate, now)
+            .map_err(|tokens| Duration::from_secs_f64((1.0 - tokens) / rate))
     }
 }
 
@@ -367,7 +375,7 @@ mod tests {
         // A minute later every bucket is full again: the next subject's
         // take forgets them all.
         r.take("late", 1, 60, t0 + Duration::from_secs(61)).expect("fits");
-        assert_eq!(r.by_subject.len(), 1);
+        assert_eq!(r.by_subject.0.len(), 1);
     }
 
     #[test]
@@ -397,7 +405,7 @@ mod tests {
             p.take(&format!("s{i}"), 10, t0).expect("fits");
         }
         p.take("late", 10, t0 + Duration::from_secs(2)).expect("fits");
-        assert_eq!(p.by_subject.len(), 1, "full buckets are dropped once the map is large");
+        assert_eq!(p.by_subject.0.len(), 1, "full buckets are dropped once the map is large");
     }
 
     #[test]

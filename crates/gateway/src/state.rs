@@ -65,7 +65,7 @@ pub(crate) struct AppState {
     pub(crate) health: tokio::sync::Mutex<Option<(tokio::time::Instant, Health)>>,
     /// How many times Kafka and Redis were checked.
     pub(crate) health_checks: std::sync::atomic::AtomicU64,
-    /// Far-resume items that waited for their connection's
+    /// Far-resume items that waited for their subject's
     /// `limits.far_items_per_sec`.
     pub(crate) far_items_paced: std::sync::atomic::AtomicU64,
 }

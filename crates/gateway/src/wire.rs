@@ -488,7 +488,7 @@ impl From<dualstream_consumer::LiveChecks> for LiveChecksHealth {
 pub(crate) struct Clients {
     /// Bytes of items waiting in the clients' buffers.
     pub(crate) buffered_bytes: usize,
-    /// Items of far resumes that waited for their connection's
+    /// Items of far resumes that waited for their subject's
     /// `limits.far_items_per_sec`.
     pub(crate) far_items_paced: u64,
     /// Event items rendered for a client, and those taken as rendered

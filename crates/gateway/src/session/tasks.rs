@@ -92,9 +92,9 @@ impl ChannelTask {
         }
     }
 
-    /// Wait for the connection's pace when `item` is far history; once an
-    /// item reaches where the partition ended at subscribe time, never
-    /// again.
+    /// Wait for the subject's pace (`limits.far_items_per_sec`) when `item`
+    /// is far history; once an item reaches where the partition ended at
+    /// subscribe time, never again.
     async fn pace(&mut self, item: &Result<Delivery, JoinError>) {
         let Some((until, subject)) = &self.pace else { return };
         match item {
@@ -105,9 +105,9 @@ impl ChannelTask {
             }
             _ => return,
         }
+        let per_sec = self.state.config.limits.far_items_per_sec;
         let mut waited = false;
         loop {
-            let per_sec = self.state.config.limits.far_items_per_sec;
             let take = self.state.far_pace.lock().unwrap_or_else(PoisonError::into_inner).take(
                 subject,
                 per_sec,

@@ -5,7 +5,7 @@
 //! beginning (through the backfill readers), then it reconnects and starts
 //! over. The gateway runs with the default `limits.far_resumes_per_min`
 //! (120 a minute for a token's subject) and `limits.far_items_per_sec`
-//! (1,000 items a second a connection), the protections against such a
+//! (1,000 items a second a subject), the protections against such a
 //! client; a refused resume waits 100 ms and asks again.
 
 use std::sync::atomic::Ordering;
