@@ -407,6 +407,23 @@ fn main() -> ExitCode {
                     "--measurement-time",
                     time,
                 ]))?;
+                // The engine rows again with the `otel` feature: its cost untraced, and with every
+                // event in a sampled trace (docs/observability.md, "Trace context").
+                run(cargo().args([
+                    "bench",
+                    "-p",
+                    "dualstream",
+                    "--bench",
+                    "micro",
+                    "--features",
+                    "otel",
+                    "--",
+                    "engine",
+                    "--warm-up-time",
+                    "1",
+                    "--measurement-time",
+                    time,
+                ]))?;
             }
             let mut cmd = cargo();
             cmd.args([

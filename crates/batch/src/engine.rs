@@ -21,8 +21,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dualstream_core::trace::{self, Traced};
 use dualstream_core::Event;
-use dualstream_publisher::{DualPublisher, NotificationOutcome, PublishError, Receipt};
+use dualstream_publisher::{end_send_span, end_send_spans, DualPublisher, NotificationOutcome, PublishError, Receipt};
 use tokio::sync::{mpsc, oneshot, OnceCell};
 use tokio::task::JoinHandle;
 
@@ -278,7 +279,16 @@ impl BatchEngine {
     /// Waits up to the submit timeout for room in the queue, behind the
     /// submits that were waiting before it. Once accepted,
     /// the event is resolved even if this future is dropped.
-    pub async fn submit(&self, event: Event) -> Result<Receipt, BatchError> {
+    pub async fn submit(&self, mut event: Event) -> Result<Receipt, BatchError> {
+        // With `otel` and a trace under way: the event's `send` span, whose
+        // context the event carries to Kafka and Redis.
+        let traced = Traced::send(&mut event);
+        let result = self.submit_one(event).await;
+        end_send_span(traced, &result);
+        result
+    }
+
+    async fn submit_one(&self, event: Event) -> Result<Receipt, BatchError> {
         let shared = &self.inner;
         if shared.closed.load(Ordering::Acquire) {
             return Err(BatchError::Closed { event: Box::new(event) });
@@ -337,7 +347,15 @@ impl BatchEngine {
     /// event larger than the queue's byte bound fails alone with
     /// [`BatchError::TooLarge`], and the later events of its source with
     /// [`SinkError::EarlierFailed`](dualstream_core::SinkError::EarlierFailed).
-    pub async fn submit_many(&self, events: Vec<Event>) -> Vec<Result<Receipt, BatchError>> {
+    pub async fn submit_many(&self, mut events: Vec<Event>) -> Vec<Result<Receipt, BatchError>> {
+        let traced: Vec<Option<Traced>> =
+            if trace::ENABLED { events.iter_mut().map(Traced::send).collect() } else { Vec::new() };
+        let out = self.submit_all(events).await;
+        end_send_spans(traced, &out);
+        out
+    }
+
+    async fn submit_all(&self, events: Vec<Event>) -> Vec<Result<Receipt, BatchError>> {
         let shared = &self.inner;
         let n = events.len();
         let max_events = shared.config.max_batch_events.min((shared.config.max_queued_events / 4).max(1));

@@ -594,12 +594,20 @@ impl Joiner {
                             continue;
                         }
                         self.next = offset + 1;
+                        // With `otel`, a traced event read here gets a `receive` span,
+                        // open until the join's consumer took it (the end of this arm).
+                        let mut _span = None;
                         let item = match &rec.event {
-                            Ok(e) if e.source() == &self.source => Ok(Delivery::History(Replayed {
-                                event: e.clone(),
-                                position: rec.position.clone(),
-                                timestamp_ms: rec.timestamp_ms,
-                            })),
+                            Ok(e) if e.source() == &self.source => {
+                                if dualstream_core::trace::ENABLED {
+                                    _span = dualstream_core::Traced::receive(e, &rec.position);
+                                }
+                                Ok(Delivery::History(Replayed {
+                                    event: e.clone(),
+                                    position: rec.position.clone(),
+                                    timestamp_ms: rec.timestamp_ms,
+                                }))
+                            }
                             Ok(_) => continue,
                             Err(raw) => {
                                 Err(ReplayError::Decode { position: rec.position.clone(), error: raw.error() }.into())

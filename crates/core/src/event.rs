@@ -188,6 +188,9 @@ impl Event {
     pub fn headers(&self) -> &BTreeMap<String, String> {
         &self.headers
     }
+    pub(crate) fn headers_mut(&mut self) -> &mut BTreeMap<String, String> {
+        &mut self.headers
+    }
 
     /// Approximate memory this event holds, in bytes: used by bounded queues.
     pub fn size_hint(&self) -> usize {
@@ -309,10 +312,7 @@ fn system_time_ms(t: SystemTime) -> i128 {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Why an event could not be decoded (from JSON or from a record).
@@ -420,9 +420,7 @@ impl Serialize for Event {
 /// [`Event::from_json_with_limits`] for others and for a typed error.
 impl<'de> Deserialize<'de> for Event {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        EventRepr::deserialize(d)?
-            .into_event(&Limits::default())
-            .map_err(serde::de::Error::custom)
+        EventRepr::deserialize(d)?.into_event(&Limits::default()).map_err(serde::de::Error::custom)
     }
 }
 

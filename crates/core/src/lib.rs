@@ -14,6 +14,8 @@
 //!   every sink implements.
 //! - [`record`]: how an event maps onto a Kafka-style record (key, headers,
 //!   value), shared by the Kafka sink and the replay consumer.
+//! - [`trace`]: the W3C trace context an event carries ([`TraceContext`]), and
+//!   with the `otel` feature the OpenTelemetry spans of both streams ([`Traced`]).
 //! - [`FieldError`], [`check_range`] and [`Backoff`]: what every crate's
 //!   configuration check and retry loop share.
 //! - With the `mock` feature, [`MockDurableSink`] and [`MockRealtimeNotifier`]
@@ -64,12 +66,14 @@ mod notification;
 pub mod record;
 mod settings;
 mod sink;
+pub mod trace;
 mod validate;
 
 pub use event::{Event, EventBuilder, EventId, Source};
 pub use notification::{Notification, NotificationDecodeError, Position};
 pub use settings::{check_range, Backoff, FieldError};
 pub use sink::{DeliveryError, DurableSink, NotifyError, PendingAcks, RealtimeNotifier, SinkError};
+pub use trace::{TraceContext, Traced};
 pub use validate::{Limits, ValidationError, MAX_OCCURRED_AT_MS};
 
 #[cfg(feature = "mock")]

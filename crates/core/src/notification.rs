@@ -5,6 +5,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Event, EventId};
+use crate::trace::TraceContext;
 use crate::validate::{Limits, ValidationError};
 
 /// Where the durable sink stored an event: for Kafka, topic, partition and
@@ -55,7 +56,8 @@ impl std::fmt::Display for Position {
 /// ```
 ///
 /// `topic`, `partition` and `offset` are absent when the event was not written
-/// durably (the real-time-only mode).
+/// durably (the real-time-only mode). `traceparent` and `tracestate` are
+/// present when the event carries a W3C trace context ([`crate::trace`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Notification {
     /// The event id.
@@ -68,6 +70,8 @@ pub struct Notification {
     pub source_id: Arc<str>,
     /// Where the durable sink stored the event, once known.
     pub position: Option<Position>,
+    /// The event's W3C trace context, if it carries one.
+    pub trace: Option<TraceContext>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -86,6 +90,10 @@ struct Wire<'a> {
     partition: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     offset: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    traceparent: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    tracestate: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// Why a notification could not be decoded.
@@ -112,6 +120,7 @@ impl Notification {
             source_type: event.source().source_type_arc().clone(),
             source_id: event.source().source_id_arc().clone(),
             position,
+            trace: TraceContext::of(event),
         }
     }
 
@@ -125,6 +134,8 @@ impl Notification {
             topic: self.position.as_ref().map(|p| (&*p.topic).into()),
             partition: self.position.as_ref().map(|p| p.partition),
             offset: self.position.as_ref().map(|p| p.offset),
+            traceparent: self.trace.as_ref().map(|t| t.traceparent().into()),
+            tracestate: self.trace.as_ref().and_then(|t| t.tracestate()).map(Into::into),
         };
         // Writing strings and integers into a Vec cannot fail.
         let _ = serde_json::to_writer(out, &wire);
@@ -167,6 +178,8 @@ impl Notification {
             source_type: wire.source_type.into(),
             source_id: wire.source_id.into(),
             position,
+            // Malformed trace context is ignored, never a decode error.
+            trace: wire.traceparent.and_then(|p| TraceContext::new(&p, wire.tracestate.as_deref())),
         })
     }
 }
@@ -230,5 +243,32 @@ mod tests {
             Notification::from_json(bad),
             Err(NotificationDecodeError::Invalid(ValidationError::InvalidChar { field: "source_type", .. }))
         ));
+    }
+
+    /// The trace context travels in two optional fields; the bytes it adds
+    /// are counted (docs/wire-format.md), and a malformed one is ignored.
+    #[test]
+    fn trace_context_adds_two_optional_fields() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let plain = Event::builder("user.created", "user", "octocat").build().expect("valid");
+        let traced =
+            Event::builder("user.created", "user", "octocat").header("traceparent", tp).build().expect("valid");
+        let at = Some(Position::new("events", 3, 42));
+        let (a, b) = (Notification::for_event(&plain, at.clone()), Notification::for_event(&traced, at));
+        let (ja, jb) = (a.to_json(), b.to_json());
+        assert_eq!(jb.len() - ja.len(), 72, "\"traceparent\":\"<55>\" and a comma");
+        assert!(String::from_utf8_lossy(&jb).ends_with(&format!(r#","traceparent":"{tp}"}}"#)));
+        let back = Notification::from_json(&jb).expect("decodes");
+        assert_eq!(back.trace.as_ref().map(|t| t.traceparent()), Some(tp));
+        assert_eq!(back, b);
+        let with_state = Event::builder("t", "user", "u")
+            .header("traceparent", tp)
+            .header("tracestate", "congo=t61rcWkgMzE")
+            .build()
+            .expect("valid");
+        let n = Notification::for_event(&with_state, None);
+        assert_eq!(Notification::from_json(&n.to_json()).expect("decodes"), n);
+        let bad = String::from_utf8(ja).expect("utf8").replace('}', r#","traceparent":"00-zz"}"#);
+        assert_eq!(Notification::from_json(bad.as_bytes()).expect("still decodes").trace, None);
     }
 }

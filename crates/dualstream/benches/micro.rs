@@ -12,7 +12,11 @@ use dualstream::prelude::*;
 use dualstream::{DeliveryError, NotifyError, SinkError};
 
 fn event(size: usize) -> Event {
-    Event::builder("user.created", "user", "octocat").payload(vec![b'x'; size]).header("trace-id", "abc").build().expect("valid")
+    Event::builder("user.created", "user", "octocat")
+        .payload(vec![b'x'; size])
+        .header("trace-id", "abc")
+        .build()
+        .expect("valid")
 }
 
 fn model(c: &mut Criterion) {
@@ -44,7 +48,9 @@ fn model(c: &mut Criterion) {
     });
     let names = ChannelNamer::default();
     g.bench_function("channel name", |b| b.iter(|| names.channel_for(black_box(e.source()))));
-    g.bench_function("channel name escaped id", |b| b.iter(|| names.channel(black_box("repo"), black_box("own:er/re*po")).expect("ok")));
+    g.bench_function("channel name escaped id", |b| {
+        b.iter(|| names.channel(black_box("repo"), black_box("own:er/re*po")).expect("ok"))
+    });
     g.finish();
 }
 
@@ -78,11 +84,19 @@ impl RealtimeNotifier for NoopNotifier {
 fn engine(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let engine = rt.block_on(async {
-        let publisher = DualPublisher::builder().durable(Arc::new(NoopSink)).notifier(Arc::new(NoopNotifier)).build().expect("publisher");
+        let publisher = DualPublisher::builder()
+            .durable(Arc::new(NoopSink))
+            .notifier(Arc::new(NoopNotifier))
+            .build()
+            .expect("publisher");
         BatchEngine::new(publisher, BatchConfig { linger_ms: 0, ..BatchConfig::default() }).expect("engine")
     });
-    let events: Vec<Event> = (0..1000).map(|i| Event::builder("t", "user", format!("u{}", i % 64)).payload(vec![0u8; 150]).build().expect("valid")).collect();
-    let mut g = c.benchmark_group("engine");
+    let events: Vec<Event> = (0..1000)
+        .map(|i| Event::builder("t", "user", format!("u{}", i % 64)).payload(vec![0u8; 150]).build().expect("valid"))
+        .collect();
+    // Built with `otel` (`cargo bench -p dualstream --bench micro --features otel`), the same rows
+    // under their own name: the spans compiled in, no trace under way.
+    let mut g = c.benchmark_group(if cfg!(feature = "otel") { "engine, otel built in, untraced" } else { "engine" });
     g.throughput(Throughput::Elements(events.len() as u64));
     g.bench_function("submit→receipt, 1000 events, no-op sinks", |b| {
         b.iter(|| {
@@ -106,5 +120,59 @@ fn engine(c: &mut Criterion) {
     g.finish();
 }
 
+/// Built with `otel`: the engine rows with every event in a sampled trace,
+/// through the tracing bridge into the SDK's batch processor and an exporter
+/// that drops what it is given (the cost of the spans, not of a network).
+#[cfg(feature = "otel")]
+fn engine_traced(c: &mut Criterion) {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[derive(Debug)]
+    struct Dropped;
+    impl opentelemetry_sdk::trace::SpanExporter for Dropped {
+        async fn export(
+            &self,
+            batch: Vec<opentelemetry_sdk::trace::SpanData>,
+        ) -> opentelemetry_sdk::error::OTelSdkResult {
+            black_box(batch);
+            Ok(())
+        }
+    }
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().with_batch_exporter(Dropped).build();
+    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("bench"));
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer)).expect("the only subscriber");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let engine = rt.block_on(async {
+        let publisher = DualPublisher::builder()
+            .durable(Arc::new(NoopSink))
+            .notifier(Arc::new(NoopNotifier))
+            .build()
+            .expect("publisher");
+        BatchEngine::new(publisher, BatchConfig { linger_ms: 0, ..BatchConfig::default() }).expect("engine")
+    });
+    let events: Vec<Event> = (0..1000)
+        .map(|i| Event::builder("t", "user", format!("u{}", i % 64)).payload(vec![0u8; 150]).build().expect("valid"))
+        .collect();
+    let mut g = c.benchmark_group("engine, otel, every event traced");
+    g.throughput(Throughput::Elements(events.len() as u64));
+    g.bench_function("submit_many→receipts, 1000 events, no-op sinks", |b| {
+        b.iter(|| {
+            let root = tracing::info_span!("request");
+            let _entered = root.enter();
+            rt.block_on(async {
+                for r in engine.submit_many(events.clone()).await {
+                    r.expect("ok");
+                }
+            })
+        })
+    });
+    g.finish();
+    let _ = provider.shutdown();
+}
+
+#[cfg(not(feature = "otel"))]
 criterion_group!(benches, model, engine);
+#[cfg(feature = "otel")]
+criterion_group!(benches, model, engine, engine_traced);
 criterion_main!(benches);

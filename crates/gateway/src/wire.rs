@@ -603,6 +603,7 @@ mod tests {
             source_type: "user".into(),
             source_id: "octocat".into(),
             position: Some(core_position()),
+            trace: None,
         };
         let old = |n: &Notification| {
             json!({"kind": "event", "channel": "events:user:octocat", "id": n.id.to_string(), "type": &*n.event_type,

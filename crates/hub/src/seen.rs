@@ -188,6 +188,7 @@ mod tests {
             source_type: "user".into(),
             source_id: source_id.into(),
             position: Some(Position::new(Arc::from("events"), 0, offset)),
+            trace: None,
         }
     }
 

@@ -526,6 +526,14 @@ async fn the_largest_event_of_the_default_limits_fits_the_default_message_max_by
     let size = record_size(&largest);
     assert!(size <= crate::LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES, "{size} bytes");
     assert_eq!(size, 984_165, "the figure the Limits docs give: 850,000 + 134,165");
+    // The trace context the publisher may add (`otel`) is outside max_headers and fits the slack.
+    let mut largest = largest;
+    let tracestate = format!("a={}", "b".repeat(dualstream_core::trace::MAX_TRACESTATE_LEN - 2));
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    largest.set_trace_context(&dualstream_core::TraceContext::new(tp, Some(&tracestate)).expect("valid"));
+    let size = record_size(&largest);
+    assert_eq!(size, 984_165 + (1 + 11 + 1 + 55) + (1 + 10 + 2 + 512), "two headers with their varint lengths");
+    assert!(size <= crate::LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES, "{size} bytes");
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic("t", 1, 1).expect("topic");
     let config = KafkaSinkConfig { linger_ms: 1, ..mock_config(&cluster, "t") };

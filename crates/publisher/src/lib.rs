@@ -50,6 +50,8 @@ mod publisher;
 mod tests;
 
 pub use config::{BuildError, HighVolumeConfig, Mode, PublisherConfig};
+#[doc(hidden)]
+pub use publisher::{end_send_span, end_send_spans};
 pub use publisher::{
     DualPublisher, DualPublisherBuilder, NotificationOutcome, PendingStore, PublishError, Receipt, StoredBatch,
 };

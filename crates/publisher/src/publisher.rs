@@ -1,6 +1,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dualstream_core::trace::{self, Traced};
 use dualstream_core::{
     DeliveryError, DurableSink, Event, EventId, Notification, NotifyError, PendingAcks, Position, RealtimeNotifier,
 };
@@ -205,6 +206,9 @@ async fn notify_bounded(
             notifier.notify_batch(batch).await
         }
     };
+    // With `otel`, a `publish` span for each notification of a traced event.
+    let spans: Vec<Traced> =
+        if trace::ENABLED { batch.iter().filter_map(Traced::publish).collect() } else { Vec::new() };
     let outcome = match tokio::time::timeout(bound, call).await {
         Ok(Ok(())) => NotificationOutcome::Sent,
         Ok(Err(NotifyError::CircuitOpen)) => NotificationOutcome::Skipped,
@@ -222,7 +226,30 @@ async fn notify_bounded(
         }
     };
     record_outcome(outcome, batch.len() as u64);
+    for span in spans {
+        span.notified(&outcome);
+    }
     outcome
+}
+
+/// End the `send` spans of a batch (`otel`), each with its event's result:
+/// `traced` is empty, or holds one entry per result.
+#[doc(hidden)]
+pub fn end_send_spans<E: std::fmt::Display>(traced: Vec<Option<Traced>>, results: &[Result<Receipt, E>]) {
+    for (t, r) in traced.into_iter().zip(results) {
+        end_send_span(t, r);
+    }
+}
+
+/// End one event's `send` span (`otel`) with its result.
+#[doc(hidden)]
+#[inline]
+pub fn end_send_span<E: std::fmt::Display>(traced: Option<Traced>, result: &Result<Receipt, E>) {
+    match (traced, result) {
+        (Some(t), Ok(receipt)) => t.stored(receipt.position.as_ref()),
+        (Some(t), Err(e)) => t.failed(e),
+        (None, _) => {}
+    }
 }
 
 /// The high-volume mode's background task: coalesce queued notifications
@@ -303,9 +330,12 @@ impl DualPublisher {
     /// Resolves once the durable sink acknowledged the write; then the
     /// notification is sent (or queued), bounded in time. Fails only if the
     /// durable write fails, and then hands the event back.
-    pub async fn publish(&self, event: Event) -> Result<Receipt, PublishError> {
+    pub async fn publish(&self, mut event: Event) -> Result<Receipt, PublishError> {
+        // With `otel` and a trace under way: the event's `send` span, whose
+        // context the event carries to Kafka and Redis.
+        let traced = Traced::send(&mut event);
         let span = tracing::debug_span!("publish", id = %event.id(), source_type = event.source().source_type());
-        async move {
+        let result = async move {
             let event_id = event.id();
             let Some(durable) = &self.inner.durable else {
                 let n = Notification::for_event(&event, None);
@@ -337,7 +367,9 @@ impl DualPublisher {
             Ok(Receipt { event_id, position, notification })
         }
         .instrument(span)
-        .await
+        .await;
+        end_send_span(traced, &result);
+        result
     }
 
     /// Publish many events (docs/design.md, "Batch publishing"): one durable
@@ -346,9 +378,13 @@ impl DualPublisher {
     ///
     /// Returns one result per event, in input order. A partial failure is
     /// reported per event and hands the failed events back.
-    pub async fn publish_batch(&self, events: Vec<Event>) -> Vec<Result<Receipt, PublishError>> {
+    pub async fn publish_batch(&self, mut events: Vec<Event>) -> Vec<Result<Receipt, PublishError>> {
+        let traced: Vec<Option<Traced>> =
+            if trace::ENABLED { events.iter_mut().map(Traced::send).collect() } else { Vec::new() };
         let stored = self.store_batch(events).await;
-        self.notify_stored(stored).await
+        let out = self.notify_stored(stored).await;
+        end_send_spans(traced, &out);
+        out
     }
 
     /// Whether sending notifications waits for the notifier (rather than

@@ -13,6 +13,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use dualstream_batch::BatchError;
+use dualstream_core::trace::{self, Traced};
 use dualstream_core::{Event, SinkError};
 
 use crate::auth::Verified;
@@ -28,11 +29,24 @@ use crate::wire::{EventFailure, IngestResponse, IngestResult, Ingested, Position
 const COOKIE_MEDIA_TYPES: [&str; 3] = ["application/json", "application/x-ndjson", "application/ndjson"];
 
 /// `POST /v1/events`.
+///
+/// With `otel`, the request is a server span that continues the request's
+/// `traceparent` (and `tracestate`), and each event's `send` span is its
+/// child.
 pub(crate) async fn post_events(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    match events(&state, &headers, body).await {
-        Ok(events) => store(&state, events).await,
-        Err(e) => e.into_response(),
-    }
+    let span = if trace::ENABLED {
+        let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        Traced::server("POST /v1/events", value(trace::TRACEPARENT), value(trace::TRACESTATE))
+    } else {
+        None
+    };
+    Traced::within(span, async {
+        match events(&state, &headers, body).await {
+            Ok(events) => store(&state, events).await,
+            Err(e) => e.into_response(),
+        }
+    })
+    .await
 }
 
 /// The request's events, each checked against the token's publish claims.

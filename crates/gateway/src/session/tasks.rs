@@ -10,6 +10,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use dualstream_consumer::{Delivery, HubError, JoinError, LiveItem, LiveStream, ReplayError, StartAt};
+use dualstream_core::trace::{self, TraceContext, Traced};
 use dualstream_core::{Backoff, Source};
 use futures::StreamExt;
 
@@ -130,6 +131,12 @@ impl ChannelTask {
     fn step(&mut self, item: Result<Delivery, JoinError>) -> Step {
         match item {
             Ok(Delivery::History(r)) => {
+                // With `otel`: a `process` span of the event's trace.
+                let _span = if trace::ENABLED {
+                    Traced::process(TraceContext::of(&r.event).as_ref(), &r.position, "kafka", &self.channel)
+                } else {
+                    None
+                };
                 self.next = r.position.offset + 1;
                 let full = self.mode == Mode::Full;
                 let form = if full { Form::Full } else { Form::Record };
@@ -140,6 +147,8 @@ impl ChannelTask {
             }
             Ok(Delivery::Live(n)) => {
                 let Some(p) = n.position.as_ref() else { return Step::Skip };
+                let _span =
+                    if trace::ENABLED { Traced::process(n.trace.as_ref(), p, "redis", &self.channel) } else { None };
                 self.next = p.offset + 1;
                 let advance = Some((self.hash, p.partition, self.next));
                 let json = self

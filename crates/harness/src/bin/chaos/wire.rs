@@ -206,9 +206,16 @@ pub(crate) fn parse_record<'a>(
 pub(crate) fn parse_notification(json: &[u8]) -> Result<WireNote, String> {
     let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| format!("not JSON: {e}"))?;
     let obj = v.as_object().ok_or("not a JSON object")?;
-    const FIELDS: [&str; 7] = ["id", "type", "source_type", "source_id", "topic", "partition", "offset"];
+    const FIELDS: [&str; 9] =
+        ["id", "type", "source_type", "source_id", "topic", "partition", "offset", "traceparent", "tracestate"];
     if let Some(k) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(format!("unknown field {k:?}"));
+    }
+    // The trace context is optional text; the run's events carry none.
+    for k in ["traceparent", "tracestate"] {
+        if obj.get(k).is_some_and(|v| !v.is_string()) {
+            return Err(format!("{k:?}: not a string"));
+        }
     }
     let text = |k: &str| {
         obj.get(k).and_then(|v| v.as_str()).map(str::to_owned).ok_or_else(|| format!("{k:?}: missing or not a string"))

@@ -1,0 +1,110 @@
+//! W3C trace context across both streams as OpenTelemetry spans (the `otel`
+//! feature, docs/observability.md, "Trace context"). A binary of its own: the
+//! metrics test beside it installs a process-wide recorder that would count
+//! this test's deliveries.
+
+use std::time::Duration;
+
+use dualstream_tests::gateway::{user_event, Sse, TestGateway};
+use serde_json::Value;
+
+/// One event's spans, from the POST to two SSE deliveries (one live, one
+/// caught up from Kafka), all in the trace of the request's `traceparent`,
+/// with the SDK's in-memory exporter behind the tracing bridge
+/// (docs/observability.md, "Trace context").
+///
+/// A current-thread runtime: the subscriber is this thread's default, and
+/// every task of the in-process gateway runs on this thread.
+#[tokio::test(flavor = "current_thread")]
+async fn one_event_is_one_trace_from_the_post_to_the_sse_deliveries() {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("dualstream-test"));
+    let _default = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+
+    let gw = TestGateway::start(|_| {}).await;
+    let a = gw.channel("traced");
+    let reader = format!("Bearer {}", gw.token(&[&a], &[]));
+    let url = format!("{}/v1/stream?channel={}", gw.base, a.replace(':', "%3A"));
+    let mut live = Sse::open(&gw.http, &url, &[("authorization", &reader)]).await;
+    assert_eq!(live.status, 200, "{}", live.error);
+    let subscribed = live.next(Duration::from_secs(10)).await.expect("subscribed");
+    assert_eq!(subscribed.event, "subscribed");
+    let before = subscribed.id.expect("a resume token before the event");
+
+    let (trace_id, caller_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let r = gw
+        .http
+        .post(format!("{}/v1/events", gw.base))
+        .bearer_auth(gw.token(&[], &["user"]))
+        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
+        .json(&user_event("traced", 1))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status().as_u16(), 200);
+    let reply: Value = r.json().await.expect("JSON");
+    let offset = reply["results"][0]["position"]["offset"].as_i64().expect("stored with a position");
+
+    let got = live.next(Duration::from_secs(20)).await.expect("the live event");
+    assert_eq!((got.event.as_str(), got.json()["position"]["offset"].as_i64()), ("event", Some(offset)));
+    // A client resuming from before the event: caught up from Kafka.
+    let mut resumed = Sse::open(&gw.http, &url, &[("authorization", &reader), ("last-event-id", &before)]).await;
+    assert_eq!(resumed.status, 200, "{}", resumed.error);
+    loop {
+        let f = resumed.next(Duration::from_secs(20)).await.expect("the caught-up event");
+        if f.event == "event" {
+            assert_eq!(f.json()["position"]["offset"].as_i64(), Some(offset));
+            break;
+        }
+    }
+
+    // The notification's span ends when the notifier answers: wait for it.
+    let want = 6; // POST, send, publish, receive and two process spans
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let spans = loop {
+        let all = exporter.get_finished_spans().expect("spans");
+        let ours: Vec<_> =
+            all.into_iter().filter(|s| s.span_context.trace_id().to_string() == trace_id).collect();
+        if ours.len() >= want || std::time::Instant::now() > deadline {
+            break ours;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let attr = |s: &opentelemetry_sdk::trace::SpanData, key: &str| {
+        s.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.to_string())
+    };
+    let named = |name: &str| spans.iter().filter(|s| s.name == name).collect::<Vec<_>>();
+    let names: Vec<&str> = spans.iter().map(|s| s.name.as_ref()).collect();
+    let server = named("POST /v1/events");
+    assert_eq!(server.len(), 1, "one server span in the trace: {names:?}");
+    assert_eq!(server[0].parent_span_id.to_string(), caller_span, "the POST continues the caller's trace");
+    let send = named("send");
+    assert_eq!(send.len(), 1, "{names:?}");
+    let send = send[0];
+    assert_eq!(send.parent_span_id, server[0].span_context.span_id(), "the event's send span is the request's child");
+    assert_eq!(attr(send, "messaging.system").as_deref(), Some("kafka"));
+    assert_eq!(attr(send, "messaging.destination.name").as_deref(), Some(gw.topic.as_str()));
+    assert_eq!(attr(send, "messaging.kafka.offset"), Some(offset.to_string()), "the Kafka write's offset");
+    let children = |name: &str| {
+        named(name).into_iter().filter(|s| s.parent_span_id == send.span_context.span_id()).collect::<Vec<_>>()
+    };
+    let publish = children("publish");
+    assert_eq!(publish.len(), 1, "the notification's span, under send: {names:?}");
+    assert_eq!(attr(publish[0], "messaging.system").as_deref(), Some("redis"));
+    assert_eq!(attr(publish[0], "dualstream.notification.outcome").as_deref(), Some("Sent"));
+    let receive = children("receive");
+    assert_eq!(receive.len(), 1, "the catch-up's read from Kafka, under send: {names:?}");
+    assert_eq!(attr(receive[0], "messaging.kafka.offset"), Some(offset.to_string()));
+    let mut delivered: Vec<String> =
+        children("process").iter().map(|s| attr(s, "messaging.system").unwrap_or_default()).collect();
+    delivered.sort();
+    assert_eq!(delivered, ["kafka", "redis"], "one delivery live, one caught up: {names:?}");
+    for s in children("process") {
+        assert_eq!(attr(s, "dualstream.channel").as_deref(), Some(a.as_str()));
+    }
+}
