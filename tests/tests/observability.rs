@@ -12,11 +12,11 @@ use dualstream_tests::init_tracing;
 use serde_json::Value;
 
 /// The metric names in one PromQL expression: identifiers that start with
-/// `dualstream_`.
+/// `dualstream_`, or with `messaging_client_` (OpenTelemetry's names).
 fn metric_names_in(expr: &str) -> Vec<String> {
     let mut names = Vec::new();
     let mut rest = expr;
-    while let Some(i) = rest.find("dualstream_") {
+    while let Some(i) = ["dualstream_", "messaging_client_"].iter().filter_map(|p| rest.find(p)).min() {
         let tail = &rest[i..];
         let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
         names.push(tail[..end].to_owned());
@@ -52,8 +52,8 @@ fn value(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 #[test]
 fn the_dashboard_queries_its_expressions_names() {
     assert_eq!(
-        metric_names_in("sum by (mode) (rate(dualstream_a_total[1m])) / dualstream_b"),
-        ["dualstream_a_total", "dualstream_b"]
+        metric_names_in("sum by (mode) (rate(dualstream_a_total[1m])) / dualstream_b + messaging_client_c{x=\"1\"}"),
+        ["dualstream_a_total", "dualstream_b", "messaging_client_c"]
     );
     let exprs = dashboard_exprs();
     assert!(exprs.len() >= 20, "{} expressions", exprs.len());
@@ -106,7 +106,10 @@ async fn every_metric_the_dashboard_queries_is_exported_by_a_running_gateway() {
     assert_eq!((delivered("notify"), delivered("full")), (Some(5.0), Some(5.0)), "{scrape}");
     assert_eq!(value(&scrape, metric_names::CLIENTS, &[("transport", "sse")]), Some(2.0));
     assert_eq!(value(&scrape, metric_names::INGESTED, &[]), Some(5.0));
-    assert_eq!(value(&scrape, "dualstream_published_total", &[]), Some(5.0));
+    let stored = [("messaging_system", "kafka"), ("messaging_destination_name", gw.topic.as_str())];
+    assert_eq!(value(&scrape, "messaging_client_sent_messages_total", &stored), Some(5.0), "{scrape}");
+    let published = [("messaging_system", "redis"), ("messaging_operation_name", "publish")];
+    assert!(value(&scrape, "messaging_client_sent_messages_total", &published).is_some_and(|n| n >= 1.0));
     assert_eq!(value(&scrape, metric_names::BREAKER, &[]), Some(0.0), "Redis is up: the breaker is closed");
     assert_eq!(value(&scrape, metric_names::HUB_SUBSCRIBERS, &[]), Some(2.0));
     assert_eq!(value(&scrape, metric_names::CLOSED, &[("transport", "sse"), ("reason", "slow_client")]), Some(0.0));

@@ -395,35 +395,12 @@ fn main() -> ExitCode {
         Cmd::Bench { full, filter } => with_stack(|s| {
             if filter.is_empty() || filter.iter().any(|f| "micro".contains(f.as_str())) {
                 let time = if full { "5" } else { "2" };
-                run(cargo().args([
-                    "bench",
-                    "-p",
-                    "dualstream",
-                    "--bench",
-                    "micro",
-                    "--",
-                    "--warm-up-time",
-                    "1",
-                    "--measurement-time",
-                    time,
-                ]))?;
+                let timing = ["--warm-up-time", "1", "--measurement-time", time];
+                run(cargo().args(["bench", "-p", "dualstream", "--bench", "micro", "--"]).args(timing))?;
                 // The engine rows again with the `otel` feature: its cost untraced, and with every
                 // event in a sampled trace (docs/observability.md, "Trace context").
-                run(cargo().args([
-                    "bench",
-                    "-p",
-                    "dualstream",
-                    "--bench",
-                    "micro",
-                    "--features",
-                    "otel",
-                    "--",
-                    "engine",
-                    "--warm-up-time",
-                    "1",
-                    "--measurement-time",
-                    time,
-                ]))?;
+                let otel = ["bench", "-p", "dualstream", "--bench", "micro", "--features", "otel", "--", "engine"];
+                run(cargo().args(otel).args(timing))?;
             }
             let mut cmd = cargo();
             cmd.args([

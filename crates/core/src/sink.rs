@@ -109,6 +109,24 @@ impl SinkError {
         }
     }
 
+    /// A short, stable name of the error's kind, for the `error_type`
+    /// label of metrics and the `error.type` attribute of spans
+    /// (OpenTelemetry's `_OTHER` for a custom sink's own errors).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::QueueFull { .. } => "queue_full",
+            Self::Timeout { .. } => "timeout",
+            Self::Broker { .. } => "broker",
+            Self::Rejected { .. } => "rejected",
+            Self::RecordTooLarge { .. } => "record_too_large",
+            Self::OutcomeUnknown { .. } => "outcome_unknown",
+            Self::Unavailable { .. } => "unavailable",
+            Self::Closed => "closed",
+            Self::EarlierFailed { .. } => "earlier_failed",
+            Self::Other(_) => "_OTHER",
+        }
+    }
+
     /// Wrap any error or message as [`SinkError::Other`].
     pub fn other(e: impl Into<BoxError>) -> Self {
         Self::Other(e.into())

@@ -81,7 +81,8 @@ impl RealtimeNotifier for NoopNotifier {
     }
 }
 
-fn engine(c: &mut Criterion) {
+/// A runtime, an engine with no-op sinks, and 1,000 events of 64 sources.
+fn noop_engine() -> (tokio::runtime::Runtime, BatchEngine, Vec<Event>) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let engine = rt.block_on(async {
         let publisher = DualPublisher::builder()
@@ -94,6 +95,11 @@ fn engine(c: &mut Criterion) {
     let events: Vec<Event> = (0..1000)
         .map(|i| Event::builder("t", "user", format!("u{}", i % 64)).payload(vec![0u8; 150]).build().expect("valid"))
         .collect();
+    (rt, engine, events)
+}
+
+fn engine(c: &mut Criterion) {
+    let (rt, engine, events) = noop_engine();
     // Built with `otel` (`cargo bench -p dualstream --bench micro --features otel`), the same rows
     // under their own name: the spans compiled in, no trace under way.
     let mut g = c.benchmark_group(if cfg!(feature = "otel") { "engine, otel built in, untraced" } else { "engine" });
@@ -142,18 +148,7 @@ fn engine_traced(c: &mut Criterion) {
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().with_batch_exporter(Dropped).build();
     let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("bench"));
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer)).expect("the only subscriber");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let engine = rt.block_on(async {
-        let publisher = DualPublisher::builder()
-            .durable(Arc::new(NoopSink))
-            .notifier(Arc::new(NoopNotifier))
-            .build()
-            .expect("publisher");
-        BatchEngine::new(publisher, BatchConfig { linger_ms: 0, ..BatchConfig::default() }).expect("engine")
-    });
-    let events: Vec<Event> = (0..1000)
-        .map(|i| Event::builder("t", "user", format!("u{}", i % 64)).payload(vec![0u8; 150]).build().expect("valid"))
-        .collect();
+    let (rt, engine, events) = noop_engine();
     let mut g = c.benchmark_group("engine, otel, every event traced");
     g.throughput(Throughput::Elements(events.len() as u64));
     g.bench_function("submit_many→receipts, 1000 events, no-op sinks", |b| {

@@ -41,8 +41,10 @@ pub const HUB_MISSED: &str = "dualstream_hub_missed_total";
 pub const HUB_DISCONNECTS: &str = "dualstream_hub_disconnects_total";
 /// Gauge: Kafka consumers the shared readers have open.
 pub const HISTORY_CONSUMERS: &str = "dualstream_history_consumers";
-/// Counter: records the shared Kafka readers read.
-pub const HISTORY_RECORDS: &str = "dualstream_history_records_read_total";
+/// Counter, OpenTelemetry's `messaging.client.consumed.messages`, labels
+/// `messaging_system` = `kafka` and `messaging_operation_name` =
+/// `receive`: records the shared Kafka readers read.
+pub const CONSUMED_MESSAGES: &str = "messaging_client_consumed_messages_total";
 /// Counter, label `served` (`kafka`, `cache`): joins' reads of history.
 pub const HISTORY_READS: &str = "dualstream_history_reads_total";
 /// Counter: reads that went to a backfill reader (further back than the
@@ -66,7 +68,7 @@ pub const ALL: [&str; 17] = [
     HUB_MISSED,
     HUB_DISCONNECTS,
     HISTORY_CONSUMERS,
-    HISTORY_RECORDS,
+    CONSUMED_MESSAGES,
     HISTORY_READS,
     HISTORY_BACKFILL_READS,
     HISTORY_PARKED_DROPPED,

@@ -59,16 +59,24 @@ pub use publisher::{
 /// The names of the metrics the publisher records through the `metrics`
 /// facade. Install any recorder (Prometheus, StatsD…) to export them.
 pub mod metric_names {
-    /// Counter: events stored by the durable sink.
-    pub const PUBLISHED: &str = "dualstream_published_total";
-    /// Counter: events the durable sink failed to store.
-    pub const FAILED: &str = "dualstream_publish_failed_total";
+    /// Counter, OpenTelemetry's `messaging.client.sent.messages`: messages
+    /// sent, with labels `messaging_system` (`kafka`: events the durable sink
+    /// stored or failed to store; `redis`: notifications the notifier
+    /// answered for), `messaging_operation_name` (`send` for Kafka,
+    /// `publish` for Redis), `messaging_destination_name` (the topic, for
+    /// stored events) and `error_type` (failures only: the
+    /// [`SinkError::kind`](dualstream_core::SinkError::kind), or `failed` /
+    /// `timeout` for Redis).
+    pub const SENT_MESSAGES: &str = "messaging_client_sent_messages_total";
+    /// Histogram, seconds, OpenTelemetry's
+    /// `messaging.client.operation.duration`, labels `messaging_system` =
+    /// `kafka` and `messaging_operation_name` = `send`: from handing a write
+    /// (or a batch) to the durable sink to its acknowledgement.
+    pub const OPERATION_SECONDS: &str = "messaging_client_operation_duration_seconds";
     /// Counter with label `outcome` (`sent`, `queued`, `skipped`, `failed`,
     /// `timed_out`): notifications. `timed_out` ones were not confirmed in
     /// time and may have been delivered.
     pub const NOTIFICATIONS: &str = "dualstream_notifications_total";
-    /// Histogram, seconds: from `publish` to the durable acknowledgement.
-    pub const PUBLISH_SECONDS: &str = "dualstream_publish_duration_seconds";
     /// Histogram: events per `publish_batch`.
     pub const BATCH_SIZE: &str = "dualstream_batch_size";
     /// Gauge: notifications waiting in the high-volume queue.

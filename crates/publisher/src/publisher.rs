@@ -193,6 +193,28 @@ fn record_outcome(outcome: NotificationOutcome, count: u64) {
     metrics::counter!(m::NOTIFICATIONS, "outcome" => label).increment(count);
 }
 
+/// Count `n` events stored in `topic`, under OpenTelemetry's
+/// `messaging.client.sent.messages`.
+fn count_stored(topic: &str, n: u64) {
+    metrics::counter!(m::SENT_MESSAGES, "messaging_system" => "kafka", "messaging_operation_name" => "send",
+        "messaging_destination_name" => topic.to_owned())
+    .increment(n);
+}
+
+/// Count one event the durable sink did not store, by its error's kind.
+fn count_failed(kind: &'static str) {
+    metrics::counter!(m::SENT_MESSAGES, "messaging_system" => "kafka", "messaging_operation_name" => "send",
+        "error_type" => kind)
+    .increment(1);
+}
+
+/// The durable write's duration, under OpenTelemetry's
+/// `messaging.client.operation.duration`.
+fn record_duration(started: Instant) {
+    metrics::histogram!(m::OPERATION_SECONDS, "messaging_system" => "kafka", "messaging_operation_name" => "send")
+        .record(started.elapsed().as_secs_f64());
+}
+
 /// One bounded notifier call, mapped to an outcome.
 async fn notify_bounded(
     notifier: &dyn RealtimeNotifier,
@@ -226,6 +248,20 @@ async fn notify_bounded(
         }
     };
     record_outcome(outcome, batch.len() as u64);
+    let error_type = match outcome {
+        NotificationOutcome::Sent => Some(None),
+        NotificationOutcome::Failed => Some(Some("failed")),
+        NotificationOutcome::TimedOut => Some(Some("timeout")),
+        _ => None,
+    };
+    if let Some(error_type) = error_type {
+        let (system, operation) = (("messaging_system", "redis"), ("messaging_operation_name", "publish"));
+        let counter = match error_type {
+            None => metrics::counter!(m::SENT_MESSAGES, &[system, operation]),
+            Some(kind) => metrics::counter!(m::SENT_MESSAGES, &[system, operation, ("error_type", kind)]),
+        };
+        counter.increment(batch.len() as u64);
+    }
     for span in spans {
         span.notified(&outcome);
     }
@@ -347,13 +383,13 @@ impl DualPublisher {
             let position = match durable.publish(event).await {
                 Ok(p) => p,
                 Err(e) => {
-                    metrics::counter!(m::FAILED).increment(1);
+                    count_failed(e.error.kind());
                     tracing::debug!(error = %e.error, "durable write failed");
                     return Err(e.into());
                 }
             };
-            metrics::histogram!(m::PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
-            metrics::counter!(m::PUBLISHED).increment(1);
+            record_duration(started);
+            count_stored(&position.topic, 1);
             // Stored, but the sink cannot say where: no position rather
             // than a wrong one.
             let position = Some(position).filter(Position::is_known);
@@ -521,30 +557,45 @@ impl PendingStore {
             return StoredBatch { out, notifications };
         };
         let results = acks.await;
-        metrics::histogram!(m::PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
+        record_duration(started);
         if results.len() != count {
             tracing::error!(expected = count, got = results.len(), "durable sink broke the batch contract");
         }
         let mut notifications = Vec::with_capacity(if notify { count } else { 0 });
         let mut out: Vec<Result<Receipt, PublishError>> = Vec::with_capacity(count);
-        let mut ok = 0usize;
+        // Stored events are counted per topic, one run of equal topics at a time.
+        let mut run: Option<(Arc<str>, u64)> = None;
         let mut results = results.into_iter();
         for (event_id, n) in ids {
             match results.next() {
                 Some(Ok(position)) => {
-                    ok += 1;
+                    match &mut run {
+                        Some((topic, n)) if *topic == position.topic => *n += 1,
+                        _ => {
+                            if let Some((topic, n)) = run.replace((Arc::clone(&position.topic), 1)) {
+                                count_stored(&topic, n);
+                            }
+                        }
+                    }
                     let position = Some(position).filter(Position::is_known);
                     if let Some(n) = n {
                         notifications.push(Notification { position: position.clone(), ..n });
                     }
                     out.push(Ok(Receipt { event_id, position, notification: NotificationOutcome::Disabled }));
                 }
-                Some(Err(e)) => out.push(Err(e.into())),
-                None => out.push(Err(PublishError::MissingResult)),
+                Some(Err(e)) => {
+                    count_failed(e.error.kind());
+                    out.push(Err(e.into()));
+                }
+                None => {
+                    count_failed("_OTHER");
+                    out.push(Err(PublishError::MissingResult));
+                }
             }
         }
-        metrics::counter!(m::PUBLISHED).increment(ok as u64);
-        metrics::counter!(m::FAILED).increment((count - ok) as u64);
+        if let Some((topic, n)) = run {
+            count_stored(&topic, n);
+        }
         StoredBatch { out, notifications }
     }
 }

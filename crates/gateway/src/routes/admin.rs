@@ -87,7 +87,8 @@ async fn export(state: &AppState) {
     }
     let s = state.catchup.stats();
     metrics::gauge!(m::HISTORY_CONSUMERS).set(s.consumers as f64);
-    metrics::counter!(m::HISTORY_RECORDS).absolute(s.records_read);
+    metrics::counter!(m::CONSUMED_MESSAGES, "messaging_system" => "kafka", "messaging_operation_name" => "receive")
+        .absolute(s.records_read);
     metrics::counter!(m::HISTORY_READS, "served" => "kafka")
         .absolute(s.range_reads.saturating_sub(s.range_reads_cached));
     metrics::counter!(m::HISTORY_READS, "served" => "cache").absolute(s.range_reads_cached);
