@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dualstream_core::trace::{self, Traced};
 use dualstream_core::Event;
+use dualstream_core::Traced;
 use dualstream_publisher::{end_send_span, end_send_spans, DualPublisher, NotificationOutcome, PublishError, Receipt};
 use tokio::sync::{mpsc, oneshot, OnceCell};
 use tokio::task::JoinHandle;
@@ -348,8 +348,7 @@ impl BatchEngine {
     /// [`BatchError::TooLarge`], and the later events of its source with
     /// [`SinkError::EarlierFailed`](dualstream_core::SinkError::EarlierFailed).
     pub async fn submit_many(&self, mut events: Vec<Event>) -> Vec<Result<Receipt, BatchError>> {
-        let traced: Vec<Option<Traced>> =
-            if trace::ENABLED { events.iter_mut().map(Traced::send).collect() } else { Vec::new() };
+        let traced = Traced::send_all(&mut events);
         let out = self.submit_all(events).await;
         end_send_spans(traced, &out);
         out

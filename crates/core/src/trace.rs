@@ -146,6 +146,11 @@ impl Traced {
     pub fn send(_event: &mut Event) -> Option<Self> {
         None
     }
+    /// The `send` spans of a batch, by index (always empty without `otel`).
+    #[inline(always)]
+    pub fn send_all(_events: &mut [Event]) -> Vec<(usize, Self)> {
+        Vec::new()
+    }
     /// The `publish` span of a notification (always `None` without `otel`).
     #[inline(always)]
     pub fn publish(_n: &crate::Notification) -> Option<Self> {
@@ -194,9 +199,21 @@ impl Traced {
     /// context replaces the event's trace headers. `None` when there is
     /// no parent with a context, or no OpenTelemetry layer records it.
     pub fn send(event: &mut Event) -> Option<Self> {
+        Self::send_under(event, || otel::has_context(&tracing::Span::current()))
+    }
+
+    /// The `send` spans of a batch, with the index of each traced event:
+    /// the caller's span is looked at once, and a batch with no trace costs
+    /// no allocation.
+    pub fn send_all(events: &mut [Event]) -> Vec<(usize, Self)> {
+        let caller = otel::has_context(&tracing::Span::current());
+        events.iter_mut().enumerate().filter_map(|(i, e)| Self::send_under(e, || caller).map(|t| (i, t))).collect()
+    }
+
+    fn send_under(event: &mut Event, caller: impl FnOnce() -> bool) -> Option<Self> {
         use tracing_opentelemetry::OpenTelemetrySpanExt;
         let own = TraceContext::of(event).and_then(|c| otel::remote(&c));
-        if own.is_none() && !otel::has_context(&tracing::Span::current()) {
+        if own.is_none() && !caller() {
             return None;
         }
         let span = tracing::info_span!(

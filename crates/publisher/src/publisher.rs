@@ -269,11 +269,13 @@ async fn notify_bounded(
 }
 
 /// End the `send` spans of a batch (`otel`), each with its event's result:
-/// `traced` is empty, or holds one entry per result.
+/// `traced` holds the index of each traced event ([`Traced::send_all`]).
 #[doc(hidden)]
-pub fn end_send_spans<E: std::fmt::Display>(traced: Vec<Option<Traced>>, results: &[Result<Receipt, E>]) {
-    for (t, r) in traced.into_iter().zip(results) {
-        end_send_span(t, r);
+pub fn end_send_spans<E: std::fmt::Display>(traced: Vec<(usize, Traced)>, results: &[Result<Receipt, E>]) {
+    for (i, t) in traced {
+        if let Some(r) = results.get(i) {
+            end_send_span(Some(t), r);
+        }
     }
 }
 
@@ -415,8 +417,7 @@ impl DualPublisher {
     /// Returns one result per event, in input order. A partial failure is
     /// reported per event and hands the failed events back.
     pub async fn publish_batch(&self, mut events: Vec<Event>) -> Vec<Result<Receipt, PublishError>> {
-        let traced: Vec<Option<Traced>> =
-            if trace::ENABLED { events.iter_mut().map(Traced::send).collect() } else { Vec::new() };
+        let traced = Traced::send_all(&mut events);
         let stored = self.store_batch(events).await;
         let out = self.notify_stored(stored).await;
         end_send_spans(traced, &out);
