@@ -104,7 +104,96 @@ async fn one_event_is_one_trace_from_the_post_to_the_sse_deliveries() {
         children("process").iter().map(|s| attr(s, "messaging.system").unwrap_or_default()).collect();
     delivered.sort();
     assert_eq!(delivered, ["kafka", "redis"], "one delivery live, one caught up: {names:?}");
+    for s in children("process").into_iter().chain(children("receive")).chain(children("publish")) {
+        assert_eq!(s.links.len(), 1, "{} links the producer's span as well", s.name);
+        assert_eq!(s.links[0].span_context.span_id(), send.span_context.span_id());
+    }
     for s in children("process") {
         assert_eq!(attr(s, "dualstream.channel").as_deref(), Some(a.as_str()));
+    }
+}
+
+/// One request to a fake OTLP/HTTP collector: the path and the body.
+fn read_request(stream: &mut std::net::TcpStream) -> Option<(String, Vec<u8>)> {
+    use std::io::{Read, Write};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let path = head.split_whitespace().nth(1)?.to_owned();
+    let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).map(|v| v.trim().parse().ok())??;
+    while buf.len() < head_end + len {
+        let n = stream.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+    stream.write_all(reply).ok()?;
+    Some((path, buf[head_end..head_end + len].to_vec()))
+}
+
+/// The gateway's `otlp` exporter (what its binary installs when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set) sends the spans of a traced POST to
+/// an OTLP/HTTP collector: here a fake one that records each request.
+#[tokio::test(flavor = "current_thread")]
+async fn the_spans_of_a_traced_post_reach_an_otlp_collector() {
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            while let Some(request) = read_request(&mut stream) {
+                if tx.send(request).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let provider = dualstream_gateway::telemetry::otlp_tracer(&endpoint, "trace-test").expect("the exporter");
+    let subscriber = tracing_subscriber::registry().with(dualstream_gateway::telemetry::layer(&provider));
+    let default = tracing::subscriber::set_default(subscriber);
+
+    let gw = TestGateway::start(|_| {}).await;
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let r = gw
+        .http
+        .post(format!("{}/v1/events", gw.base))
+        .bearer_auth(gw.token(&[], &["user"]))
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .json(&user_event("exported", 1))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status().as_u16(), 200);
+    drop(default);
+    let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await.expect("join");
+    assert!(flushed.is_ok(), "the exporter's last batch: {flushed:?}");
+
+    let raw_id: Vec<u8> =
+        (0..16).map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).expect("hex")).collect();
+    let mut bodies = Vec::new();
+    while let Ok((path, body)) = rx.recv_timeout(Duration::from_secs(5)) {
+        assert_eq!(path, "/v1/traces");
+        bodies.push(body);
+    }
+    let all: Vec<u8> = bodies.concat();
+    let has = |needle: &[u8]| all.windows(needle.len()).any(|w| w == needle);
+    assert!(has(&raw_id), "no span of the request's trace among {} requests", bodies.len());
+    for name in [&b"POST /v1/events"[..], b"send", b"messaging.kafka.offset", b"trace-test"] {
+        assert!(has(name), "{:?} missing from the exported spans", String::from_utf8_lossy(name));
     }
 }

@@ -373,11 +373,13 @@ mod otel {
         TraceContext::new(&traceparent, Some(&state))
     }
 
-    /// `span` under `parent`, if a layer records it.
+    /// `span` under `parent`, and linked to it as OpenTelemetry's messaging
+    /// conventions ask of consumer spans, if a layer records it.
     pub(super) fn adopt(span: tracing::Span, parent: Context) -> Option<Traced> {
         if span.is_disabled() {
             return None;
         }
+        span.add_link(parent.span().span_context().clone());
         let _ = span.set_parent(parent);
         Some(Traced { span })
     }

@@ -54,6 +54,8 @@ mod routes;
 mod server;
 mod session;
 mod state;
+#[cfg(feature = "otlp")]
+pub mod telemetry;
 mod wire;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize};

@@ -144,13 +144,38 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    // With the `otlp` feature and OTEL_EXPORTER_OTLP_ENDPOINT set, spans also go to that collector.
+    #[cfg(feature = "otlp")]
+    let tracer = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        Ok(endpoint) if !endpoint.is_empty() => {
+            let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "dualstream-gateway".into());
+            match dualstream_gateway::telemetry::otlp_tracer(&endpoint, &service) {
+                Ok(provider) => Some(provider),
+                Err(e) => {
+                    eprintln!("dualstream-gateway: OTEL_EXPORTER_OTLP_ENDPOINT: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        _ => None,
+    };
+    #[cfg(feature = "otlp")]
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let spans = tracer.as_ref().map(dualstream_gateway::telemetry::layer);
+        tracing_subscriber::registry()
+            .with(filter())
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(spans)
+            .init();
+    }
+    #[cfg(not(feature = "otlp"))]
+    tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).init();
     let mut args = Args::parse();
     // The mock cluster lives as long as the process.
     let mock = match args.mock_kafka.then(|| rdkafka::mocking::MockCluster::new(1)).transpose() {
@@ -178,11 +203,18 @@ async fn main() -> ExitCode {
         let brokers = &config.kafka_brokers;
         tracing::warn!(%brokers, "Kafka is librdkafka's in-process mock cluster: nothing is durable");
     }
-    match args.command.unwrap_or(Command::Serve) {
+    let code = match args.command.unwrap_or(Command::Serve) {
         Command::Config => print_config(&config),
         Command::Token(claims) => print_token(&config, claims),
         Command::Serve => serve(config).await,
+    };
+    // The last batch of spans, sent before the process ends (off the runtime's threads: the exporter's
+    // HTTP client blocks).
+    #[cfg(feature = "otlp")]
+    if let Some(provider) = tracer {
+        let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
     }
+    code
 }
 
 /// `config`: the configuration as resolved, the secret hidden.
