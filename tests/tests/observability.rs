@@ -113,4 +113,20 @@ async fn every_metric_the_dashboard_queries_is_exported_by_a_running_gateway() {
     assert_eq!(value(&scrape, metric_names::BREAKER, &[]), Some(0.0), "Redis is up: the breaker is closed");
     assert_eq!(value(&scrape, metric_names::HUB_SUBSCRIBERS, &[]), Some(2.0));
     assert_eq!(value(&scrape, metric_names::CLOSED, &[("transport", "sse"), ("reason", "slow_client")]), Some(0.0));
+    let subscriptions = |scrape: &str, mode| value(scrape, metric_names::SUBSCRIPTIONS, &[("transport", "sse"), ("mode", mode)]);
+    assert_eq!((subscriptions(&scrape, "notify"), subscriptions(&scrape, "full")), (Some(1.0), Some(1.0)), "{scrape}");
+
+    // Closed streams leave no subscription counted.
+    drop((notify, full));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = gw.http.get(format!("{}/metrics", gw.base)).bearer_auth(gw.admin_token()).send().await.expect("scrape");
+        let scrape = r.text().await.expect("text");
+        let left = (subscriptions(&scrape, "notify"), subscriptions(&scrape, "full"));
+        if left == (Some(0.0), Some(0.0)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "subscriptions still counted 10 s after the streams closed: {left:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -18,7 +18,7 @@
 //! |---|---|---|---|
 //! | `send` | producer | `DualPublisher::publish`, `publish_batch`, `BatchEngine::submit`, `submit_many` | the event's `traceparent`, else the caller's current span |
 //! | `publish` | producer | the notification sent to Redis | the `send` span |
-//! | `receive` | consumer | a catch-up join reading the event from Kafka | the `send` span |
+//! | `receive` | consumer | a catch-up join, or `Replay`, reading the event from Kafka | the `send` span |
 //! | `process` | consumer | the gateway handing the event to a client | the `send` span |
 //! | `POST /v1/events` | server | the gateway's ingest | the request's `traceparent` header |
 //!

@@ -13,6 +13,9 @@
 pub const CLIENTS: &str = "dualstream_gateway_clients";
 /// Counter: events stored through `POST /v1/events`.
 pub const INGESTED: &str = "dualstream_gateway_ingested_total";
+/// Gauge, labels `transport` and `mode` (`notify`, `full`; `live` for
+/// patterns and aggregate channels): the clients' subscriptions.
+pub const SUBSCRIPTIONS: &str = "dualstream_gateway_subscriptions";
 /// Counter, labels `transport` and `mode` (`notify`, `full`): events
 /// handed to clients' connections.
 pub const DELIVERIES: &str = "dualstream_gateway_deliveries_total";
@@ -54,8 +57,9 @@ pub const HISTORY_BACKFILL_READS: &str = "dualstream_history_backfill_reads_tota
 pub const HISTORY_PARKED_DROPPED: &str = "dualstream_history_parked_dropped_total";
 
 /// Every name above, for the dashboard's check.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     CLIENTS,
+    SUBSCRIPTIONS,
     INGESTED,
     DELIVERIES,
     CLOSED,
@@ -81,6 +85,9 @@ pub(crate) fn register() {
     metrics::counter!(TRUNCATED).increment(0);
     for transport in ["sse", "ws"] {
         metrics::gauge!(CLIENTS, "transport" => transport).increment(0.0);
+        for mode in ["notify", "full", "live"] {
+            metrics::gauge!(SUBSCRIPTIONS, "transport" => transport, "mode" => mode).increment(0.0);
+        }
         for mode in ["notify", "full"] {
             metrics::counter!(DELIVERIES, "transport" => transport, "mode" => mode).increment(0);
         }

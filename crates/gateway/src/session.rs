@@ -31,7 +31,7 @@ use crate::state::{AppState, ClientGuard};
 use crate::wire::{to_json, ErrorItem, EventItem, Kind, ResetItem, SubscribedItem};
 
 use outbox::{Charge, Outbox};
-use tasks::{ChannelTask, LiveTask};
+use tasks::{ChannelTask, Counted, LiveTask};
 
 /// What a client asks for: notifications (ids and positions) or whole
 /// events (with payloads read from Kafka).
@@ -559,6 +559,7 @@ impl Session {
             // A far resume's history up to where the partition ends now is
             // paced, per token subject; nothing after it.
             pace: far.then(|| (now.offset, Arc::<str>::from(self.guard.subject()))),
+            _counted: Counted::new(self.guard.transport(), mode.name()),
         };
         spawn(task.run())
     }
@@ -572,7 +573,9 @@ impl Session {
             self.push(Msg::reset(&ResetItem::new(&name, reason), None));
         }
         let live = self.state.hub.subscribe(target).await.map_err(|e| SubError::Unavailable(format!("Redis: {e}")))?;
-        let task = LiveTask { state: Arc::clone(&self.state), name: name.into(), out: self.out.clone() };
+        let counted = Counted::new(self.guard.transport(), "live");
+        let task =
+            LiveTask { state: Arc::clone(&self.state), name: name.into(), out: self.out.clone(), _counted: counted };
         Ok(spawn(task.run(live)))
     }
 

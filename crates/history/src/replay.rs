@@ -373,7 +373,13 @@ impl State {
             }
             match event {
                 Ok(event) if self.target.filter.keeps(&event) => {
-                    return Some(Ok(Replayed { event, position, timestamp_ms }))
+                    // With `otel`: a traced event's `receive` span, at the read.
+                    let _span = if dualstream_core::trace::ENABLED {
+                        dualstream_core::Traced::receive(&event, &position)
+                    } else {
+                        None
+                    };
+                    return Some(Ok(Replayed { event, position, timestamp_ms }));
                 }
                 Ok(_) => continue,
                 Err(error) => {

@@ -45,6 +45,27 @@ pub(super) struct ChannelTask {
     /// For a far resume: the offset its pacing ends at (where the partition
     /// ended when it subscribed) and the token subject it is paced under.
     pub(super) pace: Option<(i64, Arc<str>)>,
+    /// Counts the subscription while the task lives.
+    pub(super) _counted: Counted,
+}
+
+/// One subscription in `dualstream_gateway_subscriptions`, from its start
+/// until its task ends or is stopped (the task's future is dropped).
+#[derive(Debug)]
+pub(crate) struct Counted(metrics::Gauge);
+
+impl Counted {
+    pub(crate) fn new(transport: &'static str, mode: &'static str) -> Self {
+        let gauge = metrics::gauge!(crate::metric_names::SUBSCRIPTIONS, "transport" => transport, "mode" => mode);
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 /// The waits between a channel's failed joins.
@@ -197,6 +218,8 @@ pub(super) struct LiveTask {
     /// The name the client subscribed to.
     pub(super) name: Arc<str>,
     pub(super) out: Outbox,
+    /// Counts the subscription while the task lives.
+    pub(super) _counted: Counted,
 }
 
 impl LiveTask {
