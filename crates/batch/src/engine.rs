@@ -179,7 +179,7 @@ struct Shared {
     /// Set once by the first `shutdown`; later calls wait for it.
     shut: OnceCell<()>,
     publisher: DualPublisher,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl std::fmt::Debug for BatchEngine {

@@ -23,10 +23,11 @@
 //! queue share back.
 
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use dualstream_core::Event;
+use foldhash::fast::RandomState;
 use dualstream_publisher::{DualPublisher, Receipt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -186,7 +187,7 @@ impl Collecting {
         Self {
             events: Vec::with_capacity(config.max_batch_events.min(1024)),
             keys: Vec::with_capacity(config.max_batch_events.min(1024)),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             waiters: Vec::new(),
             held: Held::none(),
             bytes: 0,
