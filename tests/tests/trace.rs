@@ -49,6 +49,16 @@ async fn one_event_is_one_trace_from_the_post_to_the_sse_deliveries() {
     assert_eq!(r.status().as_u16(), 200);
     let reply: Value = r.json().await.expect("JSON");
     let offset = reply["results"][0]["position"]["offset"].as_i64().expect("stored with a position");
+    // Without a token that may publish, the request's trace context is not continued.
+    let foreign = "5bf92f3577b34da6a3ce929d0e0e4737";
+    for token in [None, Some(gw.token(&[&a], &[]))] {
+        let mut req = gw.http.post(format!("{}/v1/events", gw.base)).json(&user_event("traced", 2));
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.header("traceparent", format!("00-{foreign}-{caller_span}-01")).send().await.expect("POST");
+        assert!([401, 403].contains(&r.status().as_u16()), "{}", r.status());
+    }
 
     let got = live.next(Duration::from_secs(20)).await.expect("the live event");
     assert_eq!((got.event.as_str(), got.json()["position"]["offset"].as_i64()), ("event", Some(offset)));
@@ -78,6 +88,10 @@ async fn one_event_is_one_trace_from_the_post_to_the_sse_deliveries() {
     let attr = |s: &opentelemetry_sdk::trace::SpanData, key: &str| {
         s.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.to_string())
     };
+    let all = exporter.get_finished_spans().expect("spans");
+    let refused: Vec<_> = all.iter().filter(|s| s.name == "POST /v1/events" && s.parent_span_id.to_string() != caller_span).collect();
+    assert_eq!(refused.len(), 2, "the two refused requests are server spans of their own");
+    assert!(all.iter().all(|s| s.span_context.trace_id().to_string() != foreign), "a refused request's trace context was continued");
     let named = |name: &str| spans.iter().filter(|s| s.name == name).collect::<Vec<_>>();
     let names: Vec<&str> = spans.iter().map(|s| s.name.as_ref()).collect();
     let server = named("POST /v1/events");

@@ -30,12 +30,15 @@ const COOKIE_MEDIA_TYPES: [&str; 3] = ["application/json", "application/x-ndjson
 
 /// `POST /v1/events`.
 ///
-/// With `otel`, the request is a server span that continues the request's
-/// `traceparent` (and `tracestate`), and each event's `send` span is its
-/// child.
+/// With `otel`, the request is a server span, and each event's `send` span
+/// is its child. The span continues the request's `traceparent` (and
+/// `tracestate`) only for a token that may publish: anyone else's request
+/// starts a trace of its own, so a client without rights can neither join
+/// another trace nor force sampling through the header's flags.
 pub(crate) async fn post_events(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let span = if trace::ENABLED {
-        let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let trusted = state.auth.from_headers(&headers, Check::Unsafe).is_ok_and(|a| !a.claims.publish.is_empty());
+        let value = |name: &str| headers.get(name).filter(|_| trusted).and_then(|v| v.to_str().ok());
         Traced::server("POST /v1/events", value(trace::TRACEPARENT), value(trace::TRACESTATE))
     } else {
         None
