@@ -211,3 +211,63 @@ async fn the_spans_of_a_traced_post_reach_an_otlp_collector() {
         assert!(has(name), "{:?} missing from the exported spans", String::from_utf8_lossy(name));
     }
 }
+
+/// A durable sink that keeps what it is given (no Kafka: this test is about
+/// what the publisher writes into an event).
+#[derive(Debug, Default)]
+struct Kept(std::sync::Mutex<Vec<dualstream::Event>>);
+
+#[async_trait::async_trait]
+impl dualstream::DurableSink for Kept {
+    async fn publish(&self, event: dualstream::Event) -> Result<dualstream::Position, dualstream::DeliveryError> {
+        let mut kept = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        kept.push(event);
+        Ok(dualstream::Position::new("kept", 0, kept.len() as i64 - 1))
+    }
+    async fn health_check(&self) -> Result<(), dualstream::SinkError> {
+        Ok(())
+    }
+}
+
+/// What `publish` writes into an event published inside a traced span: the
+/// context of its own `send` span, a child of the caller's; and when the
+/// `send` spans are filtered out, the caller's context itself, so the trace
+/// still goes on downstream.
+#[tokio::test(flavor = "current_thread")]
+async fn a_published_event_carries_its_send_span_or_else_its_callers_context() {
+    use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::Layer;
+
+    for send_spans in [true, false] {
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let targets = tracing_subscriber::filter::Targets::new()
+            .with_default(tracing::Level::INFO)
+            .with_target("dualstream_core::trace", if send_spans { tracing::Level::INFO } else { tracing::Level::ERROR });
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("t")).with_filter(targets);
+        let _default = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+        let sink = std::sync::Arc::new(Kept::default());
+        let publisher = dualstream::DualPublisher::builder()
+            .durable(sink.clone())
+            .mode(dualstream::Mode::DurableOnly)
+            .build()
+            .expect("publisher");
+
+        let caller = tracing::info_span!("caller");
+        let caller_cx = caller.context().span().span_context().clone();
+        assert!(caller_cx.is_valid(), "the caller's span has a context");
+        let event = dualstream::Event::builder("t", "user", "u").build().expect("valid");
+        let receipt = {
+            use tracing::Instrument;
+            publisher.publish(event).instrument(caller.clone()).await.expect("stored")
+        };
+        assert_eq!(receipt.position.map(|p| p.offset), Some(0));
+        let kept = sink.0.lock().expect("kept").clone();
+        let header = kept[0].headers().get("traceparent").cloned().expect("a traceparent header");
+        let cx = dualstream::core::TraceContext::new(&header, None).expect("well-formed");
+        assert_eq!(cx.trace_id(), caller_cx.trace_id().to_string(), "the caller's trace");
+        let parent_is_caller = cx.span_id() == caller_cx.span_id().to_string();
+        assert_eq!(parent_is_caller, !send_spans, "send spans on: {send_spans}, header {header}");
+    }
+}

@@ -230,10 +230,21 @@ impl Traced {
             error.type = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
+        let own_given = own.is_some();
         if let Some(parent) = own {
             let _ = span.set_parent(parent);
         }
-        let cx = otel::of_span(&span)?;
+        let Some(cx) = otel::of_span(&span) else {
+            // The `send` span is filtered out (or no layer records it): the
+            // event still carries its caller's context, so the trace goes on
+            // downstream without this hop.
+            if !own_given {
+                if let Some(caller) = otel::of_span(&tracing::Span::current()) {
+                    event.set_trace_context(&caller);
+                }
+            }
+            return None;
+        };
         event.set_trace_context(&cx);
         Some(Self { span })
     }
