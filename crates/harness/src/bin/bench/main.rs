@@ -103,6 +103,11 @@ fn sink_config(brokers: &str, topic: &str) -> KafkaSinkConfig {
     KafkaSinkConfig {
         bootstrap_servers: brokers.to_owned(),
         topic: dualstream::kafka::TopicRouting::Single { topic: topic.to_owned() },
+        // Both sides' linger (default: the sink's own 5 ms); docs/benchmark-analysis.md, "Produce requests per side".
+        linger_ms: std::env::var("DUALSTREAM_BENCH_LINGER_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(KafkaSinkConfig::default().linger_ms),
         ..KafkaSinkConfig::default()
     }
 }
