@@ -8,6 +8,16 @@ use std::time::Duration;
 use dualstream_tests::gateway::{user_event, Sse, TestGateway};
 use serde_json::Value;
 
+/// `POST /v1/events` of one event of `source`, with a `traceparent` header
+/// and a bearer `token` if given.
+async fn post_traced(gw: &TestGateway, token: Option<&str>, traceparent: &str, source: &str) -> reqwest::Response {
+    let mut req = gw.http.post(format!("{}/v1/events", gw.base)).header("traceparent", traceparent);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    req.json(&user_event(source, 1)).send().await.expect("POST")
+}
+
 /// One event's spans, from the POST to two SSE deliveries (one live, one
 /// caught up from Kafka), all in the trace of the request's `traceparent`,
 /// with the SDK's in-memory exporter behind the tracing bridge
@@ -37,26 +47,15 @@ async fn one_event_is_one_trace_from_the_post_to_the_sse_deliveries() {
     let before = subscribed.id.expect("a resume token before the event");
 
     let (trace_id, caller_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
-    let r = gw
-        .http
-        .post(format!("{}/v1/events", gw.base))
-        .bearer_auth(gw.token(&[], &["user"]))
-        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
-        .json(&user_event("traced", 1))
-        .send()
-        .await
-        .expect("POST");
+    let publisher = gw.token(&[], &["user"]);
+    let r = post_traced(&gw, Some(&publisher), &format!("00-{trace_id}-{caller_span}-01"), "traced").await;
     assert_eq!(r.status().as_u16(), 200);
     let reply: Value = r.json().await.expect("JSON");
     let offset = reply["results"][0]["position"]["offset"].as_i64().expect("stored with a position");
     // Without a token that may publish, the request's trace context is not continued.
     let foreign = "5bf92f3577b34da6a3ce929d0e0e4737";
     for token in [None, Some(gw.token(&[&a], &[]))] {
-        let mut req = gw.http.post(format!("{}/v1/events", gw.base)).json(&user_event("traced", 2));
-        if let Some(t) = &token {
-            req = req.bearer_auth(t);
-        }
-        let r = req.header("traceparent", format!("00-{foreign}-{caller_span}-01")).send().await.expect("POST");
+        let r = post_traced(&gw, token.as_deref(), &format!("00-{foreign}-{caller_span}-01"), "traced").await;
         assert!([401, 403].contains(&r.status().as_u16()), "{}", r.status());
     }
 
@@ -183,15 +182,8 @@ async fn the_spans_of_a_traced_post_reach_an_otlp_collector() {
 
     let gw = TestGateway::start(|_| {}).await;
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
-    let r = gw
-        .http
-        .post(format!("{}/v1/events", gw.base))
-        .bearer_auth(gw.token(&[], &["user"]))
-        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
-        .json(&user_event("exported", 1))
-        .send()
-        .await
-        .expect("POST");
+    let publisher = gw.token(&[], &["user"]);
+    let r = post_traced(&gw, Some(&publisher), &format!("00-{trace_id}-b7ad6b7169203331-01"), "exported").await;
     assert_eq!(r.status().as_u16(), 200);
     drop(default);
     let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await.expect("join");

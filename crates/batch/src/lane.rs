@@ -27,8 +27,8 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use dualstream_core::Event;
-use foldhash::fast::RandomState;
 use dualstream_publisher::{DualPublisher, Receipt};
+use foldhash::fast::RandomState;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 

@@ -194,10 +194,10 @@ fn record_outcome(outcome: NotificationOutcome, count: u64) {
 }
 
 /// Count `n` events stored in `topic`, under OpenTelemetry's
-/// `messaging.client.sent.messages`.
-fn count_stored(topic: &str, n: u64) {
+/// `messaging.client.sent.messages` (the label shares the topic's `Arc`).
+fn count_stored(topic: &Arc<str>, n: u64) {
     metrics::counter!(m::SENT_MESSAGES, "messaging_system" => "kafka", "messaging_operation_name" => "send",
-        "messaging_destination_name" => topic.to_owned())
+        "messaging_destination_name" => Arc::clone(topic))
     .increment(n);
 }
 
@@ -248,19 +248,16 @@ async fn notify_bounded(
         }
     };
     record_outcome(outcome, batch.len() as u64);
-    let error_type = match outcome {
-        NotificationOutcome::Sent => Some(None),
-        NotificationOutcome::Failed => Some(Some("failed")),
-        NotificationOutcome::TimedOut => Some(Some("timeout")),
-        _ => None,
-    };
-    if let Some(error_type) = error_type {
-        let (system, operation) = (("messaging_system", "redis"), ("messaging_operation_name", "publish"));
-        let counter = match error_type {
-            None => metrics::counter!(m::SENT_MESSAGES, &[system, operation]),
-            Some(kind) => metrics::counter!(m::SENT_MESSAGES, &[system, operation, ("error_type", kind)]),
-        };
-        counter.increment(batch.len() as u64);
+    // The notifier answered for these (not skipped, not only queued).
+    let n = batch.len() as u64;
+    let (system, operation) = (("messaging_system", "redis"), ("messaging_operation_name", "publish"));
+    match outcome {
+        NotificationOutcome::Sent => metrics::counter!(m::SENT_MESSAGES, &[system, operation]).increment(n),
+        NotificationOutcome::Failed | NotificationOutcome::TimedOut => {
+            let kind = if outcome == NotificationOutcome::Failed { "failed" } else { "timeout" };
+            metrics::counter!(m::SENT_MESSAGES, &[system, operation, ("error_type", kind)]).increment(n);
+        }
+        _ => {}
     }
     for span in spans {
         span.notified(&outcome);

@@ -16,7 +16,7 @@ use dualstream_batch::BatchError;
 use dualstream_core::trace::{self, Traced};
 use dualstream_core::{Event, SinkError};
 
-use crate::auth::Verified;
+use crate::auth::{AuthError, Verified};
 use crate::error::{ApiError, ErrorCode};
 use crate::ingest::parse_ingest_body;
 use crate::origin::Check;
@@ -36,15 +36,16 @@ const COOKIE_MEDIA_TYPES: [&str; 3] = ["application/json", "application/x-ndjson
 /// starts a trace of its own, so a client without rights can neither join
 /// another trace nor force sampling through the header's flags.
 pub(crate) async fn post_events(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let auth = state.auth.from_headers(&headers, Check::Unsafe);
     let span = if trace::ENABLED {
-        let trusted = state.auth.from_headers(&headers, Check::Unsafe).is_ok_and(|a| !a.claims.publish.is_empty());
+        let trusted = auth.as_ref().is_ok_and(|a| !a.claims.publish.is_empty());
         let value = |name: &str| headers.get(name).filter(|_| trusted).and_then(|v| v.to_str().ok());
         Traced::server("POST /v1/events", value(trace::TRACEPARENT), value(trace::TRACESTATE))
     } else {
         None
     };
     Traced::within(span, async {
-        match events(&state, &headers, body).await {
+        match events(&state, auth, &headers, body).await {
             Ok(events) => store(&state, events).await,
             Err(e) => e.into_response(),
         }
@@ -52,9 +53,15 @@ pub(crate) async fn post_events(State(state): State<Arc<AppState>>, headers: Hea
     .await
 }
 
-/// The request's events, each checked against the token's publish claims.
-async fn events(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Vec<Event>, ApiError> {
-    let auth = state.auth.from_headers(headers, Check::Unsafe)?;
+/// The request's events, each checked against the token's publish claims
+/// (`auth`: the request's credentials, checked once by the caller).
+async fn events(
+    state: &AppState,
+    auth: Result<Verified, AuthError>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Vec<Event>, ApiError> {
+    let auth = auth?;
     if auth.claims.publish.is_empty() {
         return Err(ApiError::PublishForbidden { message: "the token has no publish claims".into(), index: None });
     }
