@@ -7,6 +7,7 @@
 //! chromedriver of a test's own ([`browser`]).
 
 pub mod browser;
+pub mod collector;
 pub mod gateway;
 
 pub use dualstream_devstack::clients::*;

@@ -126,36 +126,6 @@ async fn one_event_is_one_trace_from_the_post_to_the_sse_deliveries() {
     }
 }
 
-/// One request to a fake OTLP/HTTP collector: the path and the body.
-fn read_request(stream: &mut std::net::TcpStream) -> Option<(String, Vec<u8>)> {
-    use std::io::{Read, Write};
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = stream.read(&mut chunk).ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-    let path = head.split_whitespace().nth(1)?.to_owned();
-    let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).map(|v| v.trim().parse().ok())??;
-    while buf.len() < head_end + len {
-        let n = stream.read(&mut chunk).ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
-    stream.write_all(reply).ok()?;
-    Some((path, buf[head_end..head_end + len].to_vec()))
-}
-
 /// The gateway's `otlp` exporter (what its binary installs when
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set) sends the spans of a traced POST to
 /// an OTLP/HTTP collector: here a fake one that records each request.
@@ -163,20 +133,8 @@ fn read_request(stream: &mut std::net::TcpStream) -> Option<(String, Vec<u8>)> {
 async fn the_spans_of_a_traced_post_reach_an_otlp_collector() {
     use tracing_subscriber::layer::SubscriberExt;
 
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            while let Some(request) = read_request(&mut stream) {
-                if tx.send(request).is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    let provider = dualstream_gateway::telemetry::otlp_tracer(&endpoint, "trace-test").expect("the exporter");
+    let collector = dualstream_tests::collector::FakeCollector::start();
+    let provider = dualstream_gateway::telemetry::otlp_tracer(&collector.endpoint, "trace-test").expect("the exporter");
     let subscriber = tracing_subscriber::registry().with(dualstream_gateway::telemetry::layer(&provider));
     let default = tracing::subscriber::set_default(subscriber);
 
@@ -192,7 +150,7 @@ async fn the_spans_of_a_traced_post_reach_an_otlp_collector() {
     let raw_id: Vec<u8> =
         (0..16).map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).expect("hex")).collect();
     let mut bodies = Vec::new();
-    while let Ok((path, body)) = rx.recv_timeout(Duration::from_secs(5)) {
+    for (path, body) in collector.received(Duration::from_secs(5)) {
         assert_eq!(path, "/v1/traces");
         bodies.push(body);
     }

@@ -3,8 +3,8 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use dualstream_core::{EventId, Notification, Position, Source};
@@ -141,6 +141,7 @@ pub struct CatchUp {
     /// followed; every jump reads Kafka).
     seen: Option<Arc<SeenOffsets>>,
     checks: Arc<Checks>,
+    lags: Arc<Lags>,
 }
 
 /// How live notifications that jumped past a join's checked offset were
@@ -154,6 +155,65 @@ pub struct LiveChecks {
     /// seen within the reorder window, or of the join's own source, or no
     /// record of the notifications kept).
     pub read_from_kafka: u64,
+}
+
+/// How far the open joins are behind the ends of their partitions: the
+/// consumer lag of [`CatchUp`]'s joins (docs/consumer.md, "Lag").
+///
+/// A join's lag is the number of records of its partition from the first
+/// offset it has not yet delivered or checked to the high watermark as last
+/// polled (every `idle_check_ms`): the work left before the join is proven
+/// current. It grows while a join's consumer does not take its items (a
+/// slow client) and while a join reads history from far back. A current
+/// join of a quiet source in a busy partition also shows the other sources'
+/// records since its last idle check, up to about `idle_check_ms` of them:
+/// alert on the maximum staying high, not on one reading.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JoinLag {
+    /// Joins open (their streams not dropped).
+    pub joins: usize,
+    /// The largest lag of one join, in records.
+    pub max: i64,
+    /// The lags of all joins added up, in records.
+    pub sum: i64,
+}
+
+/// The open joins' positions, for [`CatchUp::lag`].
+#[derive(Default)]
+struct Lags {
+    /// Each join's slot, and how many were open when the list was last
+    /// pruned (dropped joins are removed once the list has doubled).
+    slots: Mutex<(Vec<Weak<LagSlot>>, usize)>,
+}
+
+impl Lags {
+    fn register(&self, tp: Tp, next: i64) -> Arc<LagSlot> {
+        let slot = Arc::new(LagSlot { tp, next: AtomicI64::new(next) });
+        let mut guard = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let (slots, open) = &mut *guard;
+        if slots.len() >= 2 * *open + 64 {
+            slots.retain(|w| w.strong_count() > 0);
+            *open = slots.len();
+        }
+        slots.push(Arc::downgrade(&slot));
+        slot
+    }
+
+    fn open(&self) -> Vec<Arc<LagSlot>> {
+        let mut guard = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let (slots, open) = &mut *guard;
+        slots.retain(|w| w.strong_count() > 0);
+        *open = slots.len();
+        slots.iter().filter_map(Weak::upgrade).collect()
+    }
+}
+
+/// One join's partition and the first offset it has not delivered or
+/// checked.
+struct LagSlot {
+    tp: Tp,
+    next: AtomicI64,
 }
 
 #[derive(Debug, Default)]
@@ -174,7 +234,15 @@ impl CatchUp {
     pub fn new(replay: Replay, hub: Hub, config: JoinConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         let seen = if config.reorder_window_ms > 0 { hub.follow_partitions() } else { None };
-        Ok(Self { replay, hub, config, history: Arc::new(Mutex::new(None)), seen, checks: Arc::default() })
+        Ok(Self {
+            replay,
+            hub,
+            config,
+            history: Arc::new(Mutex::new(None)),
+            seen,
+            checks: Arc::default(),
+            lags: Arc::default(),
+        })
     }
 
     /// How the live notifications that jumped past a join's checked offset
@@ -201,6 +269,23 @@ impl CatchUp {
         made.set_backfill_rate(self.config.backfill_records_per_sec);
         *h = Some(made.clone());
         Ok(made)
+    }
+
+    /// The consumer lag of the open joins ([`JoinLag`]), from the
+    /// watermarks as last polled: no Kafka request.
+    pub fn lag(&self) -> JoinLag {
+        let Some(history) = self.history.lock().unwrap_or_else(PoisonError::into_inner).clone() else {
+            return JoinLag::default();
+        };
+        let mut lag = JoinLag::default();
+        for slot in self.lags.open() {
+            let high = history.polled(&slot.tp).map_or(0, |m| m.high);
+            let behind = (high - slot.next.load(Ordering::Relaxed)).max(0);
+            lag.joins += 1;
+            lag.max = lag.max.max(behind);
+            lag.sum = lag.sum.saturating_add(behind);
+        }
+        lag
     }
 
     /// Counters of the shared Kafka readers (all zero before the first
@@ -278,7 +363,8 @@ impl CatchUp {
             window: Duration::from_millis(self.config.reorder_window_ms),
         });
         let checks = Arc::clone(&self.checks);
-        let joiner = Joiner { tx, history, tp, source, key, next: begin, low: marks.low, full, seen, checks };
+        let lag = self.lags.register(tp.clone(), begin);
+        let joiner = Joiner { tx, history, tp, source, key, next: begin, low: marks.low, full, seen, checks, lag };
         let idle = Duration::from_millis(self.config.idle_check_ms);
         Ok(Box::pin(Joined::new(joiner.run(live, watermarks, marks.high, idle), rx)))
     }
@@ -367,7 +453,9 @@ pub(crate) fn join_for_test(
     let key: Arc<[u8]> = source.source_id().as_bytes().into();
     let watermarks = history.watch(&tp);
     let seen = seen.map(|(seen, window)| Proof { key: key_of(&source), seen, window });
-    let joiner = Joiner { tx, history, tp, source, key, next, low: 0, full: false, seen, checks: Arc::default() };
+    let lag = Arc::new(LagSlot { tp: tp.clone(), next: AtomicI64::new(next) });
+    let (checks, low, full) = (Arc::default(), 0, false);
+    let joiner = Joiner { tx, history, tp, source, key, next, low, full, seen, checks, lag };
     Box::pin(Joined::new(joiner.run(live, watermarks, next, idle), rx))
 }
 
@@ -443,6 +531,8 @@ struct Joiner {
     full: bool,
     seen: Option<Proof>,
     checks: Arc<Checks>,
+    /// `next`, for [`CatchUp::lag`].
+    lag: Arc<LagSlot>,
 }
 
 /// What a join proves the offsets before a live notification with.
@@ -471,6 +561,7 @@ impl Joiner {
         if self.scan_to(high).await.is_err() {
             return;
         }
+        self.show_next();
         let mut last_live = Instant::now();
         // The idle check reads the polled watermarks when its own timer
         // fires, instead of waking on their change: a watch wakes every
@@ -538,10 +629,17 @@ impl Joiner {
             if step.is_err() {
                 return;
             }
+            self.show_next();
         }
     }
 
+    /// Publish `next` for [`CatchUp::lag`].
+    fn show_next(&self) {
+        self.lag.next.store(self.next, Ordering::Relaxed);
+    }
+
     async fn send(&self, item: Result<Delivery, JoinError>) -> Result<(), Stop> {
+        self.show_next();
         self.tx.send(Sent::of(item)).await.map_err(|_| Stop)
     }
 
@@ -700,6 +798,7 @@ impl Joiner {
             return Ok(());
         }
         self.next = offset + 1;
+        self.show_next();
         // Shared with the hub's other subscribers.
         self.tx.send(Sent::Live(n)).await.map_err(|_| Stop)
     }

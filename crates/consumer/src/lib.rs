@@ -98,7 +98,7 @@
 mod catchup;
 mod config;
 
-pub use catchup::{CatchUp, Delivery, JoinError, JoinStream, LiveChecks};
+pub use catchup::{CatchUp, Delivery, JoinError, JoinLag, JoinStream, LiveChecks};
 pub use config::JoinConfig;
 pub use dualstream_history::{
     partition_for_key, ConfigError, HistoryStats, Replay, ReplayConfig, ReplayError, ReplayRequest, ReplayStream,

@@ -90,6 +90,9 @@ mod truncation {
 /// from broker to broker while a join follows it (the replay's test is
 /// `dualstream-history`'s).
 mod leader_moves {
+    use std::time::Duration;
+
+    use dualstream_core::Source;
     use futures::stream::BoxStream;
     use futures::StreamExt;
 
@@ -106,6 +109,55 @@ mod leader_moves {
         let joiner = kafka_only(&cluster, JoinConfig { idle_check_ms: 200, ..JoinConfig::default() });
         let stream = joiner.join(u(), StartAt::Beginning).await.expect("join");
         follows_exactly(&cluster, &sink, from_kafka(stream), before).await;
+    }
+
+    /// A join's lag ([`CatchUp::lag`]) counts the records of its partition
+    /// it has not delivered or checked: all of them before it is polled, the
+    /// part its consumer has not taken (beyond the join's buffer) midway,
+    /// none once it has taken everything; a dropped join is not counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_joins_lag_is_what_it_has_not_delivered_or_checked() {
+        let (cluster, sink) = three_brokers();
+        let of_u = publish(&cluster, &sink, 0, BEFORE, false).await;
+        let high = 2 * of_u.len() as i64; // u and v alternate
+        let buffer = 4;
+        let joiner = kafka_only(&cluster, JoinConfig { idle_check_ms: 200, buffer, ..JoinConfig::default() });
+        assert_eq!(joiner.lag(), JoinLag::default());
+        let mut stream = from_kafka(joiner.join(u(), StartAt::Beginning).await.expect("join"));
+        assert_eq!(joiner.lag(), JoinLag { joins: 1, max: high, sum: high }, "not polled yet");
+        let other = joiner.join(Source::new("user", "v").expect("valid"), StartAt::Beginning).await.expect("join");
+        assert_eq!(joiner.lag(), JoinLag { joins: 2, max: high, sum: 2 * high });
+        drop(other);
+        async fn next(stream: &mut BoxStream<'static, Got>) -> Option<Got> {
+            tokio::time::timeout(Duration::from_secs(20), stream.next()).await.expect("an item")
+        }
+        let taken = 10;
+        for want in &of_u[..taken] {
+            assert_eq!(next(&mut stream).await, Some(Ok(*want)));
+        }
+        // The join has handed over at most its buffer (and one waiting
+        // send) beyond what was taken: u's events are every other offset.
+        let lag = joiner.lag();
+        assert_eq!(lag.joins, 1, "the dropped join is not counted");
+        let delivered_to = of_u[taken - 1].0 + 1;
+        let ahead_at_most = of_u[taken + buffer].0 + 1;
+        assert!(lag.max <= high - delivered_to && lag.max >= high - ahead_at_most, "{lag:?}");
+        for want in &of_u[taken..] {
+            assert_eq!(next(&mut stream).await, Some(Ok(*want)));
+        }
+        // Polled on, the join checks the last record (v's) too.
+        let mut lag = joiner.lag();
+        for _ in 0..100 {
+            if lag.max == 0 {
+                break;
+            }
+            let more = tokio::time::timeout(Duration::from_millis(100), stream.next()).await;
+            assert!(more.is_err(), "nothing more of u: {more:?}");
+            lag = joiner.lag();
+        }
+        assert_eq!(lag, JoinLag { joins: 1, max: 0, sum: 0 });
+        drop(stream);
+        assert_eq!(joiner.lag().joins, 0);
     }
 
     /// A joiner without Redis (nothing listens on port 1): its joins work from

@@ -180,6 +180,14 @@ impl Gateway {
         router.with_state(Arc::clone(&self.state))
     }
 
+    /// Set the metrics that are read from the components' own counters (the
+    /// notifier's, the hub's, the shared Kafka readers', the joins' lag).
+    /// `/metrics` does this before each scrape; a process that exports
+    /// metrics otherwise (OTLP) calls it before each export.
+    pub async fn export_metrics(&self) {
+        admin::export(&self.state).await;
+    }
+
     /// Close every stream with the reason `shutdown` (and SSE `retry:`)
     /// without waiting for the server to stop.
     pub fn close_streams(&self) {

@@ -148,21 +148,31 @@ async fn main() -> ExitCode {
         tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
     };
-    // With the `otlp` feature and OTEL_EXPORTER_OTLP_ENDPOINT set, spans also go to that collector.
+    // With the `otlp` feature and OTEL_EXPORTER_OTLP_ENDPOINT set, spans and metrics also go to that collector.
     #[cfg(feature = "otlp")]
-    let tracer = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+    let (tracer, meter) = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
         Ok(endpoint) if !endpoint.is_empty() => {
+            use dualstream_gateway::telemetry::{otlp_meter, otlp_tracer};
             let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "dualstream-gateway".into());
-            match dualstream_gateway::telemetry::otlp_tracer(&endpoint, &service) {
-                Ok(provider) => Some(provider),
+            let interval = match otlp_interval() {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!("dualstream-gateway: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match otlp_tracer(&endpoint, &service).and_then(|t| Ok((t, otlp_meter(&endpoint, &service, interval)?))) {
+                Ok((tracer, meter)) => (Some(tracer), Some((meter, interval))),
                 Err(e) => {
                     eprintln!("dualstream-gateway: OTEL_EXPORTER_OTLP_ENDPOINT: {e}");
                     return ExitCode::from(2);
                 }
             }
         }
-        _ => None,
+        _ => (None, None),
     };
+    #[cfg(not(feature = "otlp"))]
+    let meter = None;
     #[cfg(feature = "otlp")]
     {
         use tracing_subscriber::layer::SubscriberExt;
@@ -206,15 +216,67 @@ async fn main() -> ExitCode {
     let code = match args.command.unwrap_or(Command::Serve) {
         Command::Config => print_config(&config),
         Command::Token(claims) => print_token(&config, claims),
-        Command::Serve => serve(config).await,
+        Command::Serve => serve(config, meter.clone()).await,
     };
-    // The last batch of spans, sent before the process ends (off the runtime's threads: the exporter's
-    // HTTP client blocks).
+    // The last batch of spans and metrics, sent before the process ends (off the runtime's threads: the
+    // exporters' HTTP client blocks).
     #[cfg(feature = "otlp")]
-    if let Some(provider) = tracer {
-        let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+    {
+        if let Some(provider) = tracer {
+            let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        }
+        if let Some((provider, _)) = meter {
+            let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        }
     }
     code
+}
+
+/// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds, 60,000 when unset), as
+/// OpenTelemetry's SDKs read it.
+#[cfg(feature = "otlp")]
+fn otlp_interval() -> Result<std::time::Duration, String> {
+    const MAX_MS: u64 = 3_600_000;
+    match std::env::var("OTEL_METRIC_EXPORT_INTERVAL") {
+        Err(_) => Ok(std::time::Duration::from_secs(60)),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(ms) if (1_000..=MAX_MS).contains(&ms) => Ok(std::time::Duration::from_millis(ms)),
+            _ => Err(format!("OTEL_METRIC_EXPORT_INTERVAL={v:?}: milliseconds from 1000 to {MAX_MS}")),
+        },
+    }
+}
+
+/// The OTLP meter provider and its export interval, with the `otlp` feature.
+#[cfg(feature = "otlp")]
+type Meter = Option<(opentelemetry_sdk::metrics::SdkMeterProvider, std::time::Duration)>;
+#[cfg(not(feature = "otlp"))]
+type Meter = Option<std::convert::Infallible>;
+
+/// The metrics recorder: Prometheus for `/metrics`, and with `meter` the
+/// OTLP exporter beside it. `None` if a recorder is installed already.
+fn install_recorder(meter: &Meter) -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = prometheus.handle();
+    #[cfg(feature = "otlp")]
+    let installed = match meter {
+        Some((provider, _)) => {
+            metrics::set_global_recorder(dualstream_gateway::telemetry::with_otlp(prometheus, provider))
+                .map_err(|e| e.to_string())
+        }
+        None => metrics::set_global_recorder(prometheus).map_err(|e| e.to_string()),
+    };
+    #[cfg(not(feature = "otlp"))]
+    let installed = {
+        let _ = meter;
+        metrics::set_global_recorder(prometheus).map_err(|e| e.to_string())
+    };
+    match installed {
+        Ok(()) => Some(handle),
+        Err(e) => {
+            tracing::warn!(error = %e, "no /metrics: the metrics recorder could not be installed");
+            None
+        }
+    }
 }
 
 /// `config`: the configuration as resolved, the secret hidden.
@@ -255,14 +317,8 @@ fn print_token(config: &GatewayConfig, claims: TokenArgs) -> ExitCode {
 }
 
 /// `serve`: until SIGINT or SIGTERM.
-async fn serve(config: GatewayConfig) -> ExitCode {
-    let handle = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
-        Ok(h) => Some(h),
-        Err(e) => {
-            tracing::warn!(error = %e, "no /metrics: the Prometheus recorder could not be installed");
-            None
-        }
-    };
+async fn serve(config: GatewayConfig, meter: Meter) -> ExitCode {
+    let handle = install_recorder(&meter);
     let gateway = match Gateway::with_metrics(config, handle).await {
         Ok(g) => g,
         Err(e) => {
@@ -270,6 +326,19 @@ async fn serve(config: GatewayConfig) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The metrics read from the components' counters, set before each OTLP export (a scrape of
+    // /metrics sets them itself).
+    #[cfg(feature = "otlp")]
+    if let Some((_, interval)) = meter {
+        let g = gateway.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(interval / 2);
+            loop {
+                every.tick().await;
+                g.export_metrics().await;
+            }
+        });
+    }
     let listen = gateway.config().listen;
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,

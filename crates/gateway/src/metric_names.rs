@@ -56,8 +56,17 @@ pub const HISTORY_BACKFILL_READS: &str = "dualstream_history_backfill_reads_tota
 /// Counter: parked reads dropped because their join stopped taking items.
 pub const HISTORY_PARKED_DROPPED: &str = "dualstream_history_parked_dropped_total";
 
+/// Gauge: the catch-up joins open (`CatchUp::lag`).
+pub const JOINS: &str = "dualstream_joins";
+/// Gauge: the largest consumer lag of one join, in records: its partition's
+/// records from the first it has not delivered or checked to the polled
+/// high watermark.
+pub const JOIN_LAG_MAX: &str = "dualstream_join_lag_max_records";
+/// Gauge: the consumer lags of all joins added up, in records.
+pub const JOIN_LAG: &str = "dualstream_join_lag_records";
+
 /// Every name above, for the dashboard's check.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 21] = [
     CLIENTS,
     SUBSCRIPTIONS,
     INGESTED,
@@ -76,6 +85,9 @@ pub const ALL: [&str; 18] = [
     HISTORY_READS,
     HISTORY_BACKFILL_READS,
     HISTORY_PARKED_DROPPED,
+    JOINS,
+    JOIN_LAG_MAX,
+    JOIN_LAG,
 ];
 
 /// Register the counted series at zero, so a dashboard's `rate` and

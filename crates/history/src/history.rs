@@ -475,6 +475,13 @@ impl History {
             .subscribe()
     }
 
+    /// The partition's watermarks as last polled, without asking the broker
+    /// (`None` if nobody watches it).
+    pub fn polled(&self, tp: &Tp) -> Option<Marks> {
+        let watched = self.inner.watched.lock().unwrap_or_else(PoisonError::into_inner);
+        watched.get(tp).map(|w| *w.tx.borrow())
+    }
+
     /// Watermarks read from the broker after this call: waits for the next
     /// poll round, which serves every caller waiting for it.
     pub async fn fresh(&self, tp: &Tp) -> Result<Marks, ReplayError> {

@@ -64,7 +64,7 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderM
 
 /// Set the metrics read from the components' own counters, just before a
 /// scrape renders them (docs/observability.md).
-async fn export(state: &AppState) {
+pub(crate) async fn export(state: &AppState) {
     use crate::metric_names as m;
     metrics::gauge!(m::BUFFERED_BYTES).set(state.buffered_bytes.load(Ordering::Relaxed) as f64);
     let n = state.notifier.stats();
@@ -94,6 +94,10 @@ async fn export(state: &AppState) {
     metrics::counter!(m::HISTORY_READS, "served" => "cache").absolute(s.range_reads_cached);
     metrics::counter!(m::HISTORY_BACKFILL_READS).absolute(s.backfill_reads);
     metrics::counter!(m::HISTORY_PARKED_DROPPED).absolute(s.parked_dropped);
+    let lag = state.catchup.lag();
+    metrics::gauge!(m::JOINS).set(lag.joins as f64);
+    metrics::gauge!(m::JOIN_LAG_MAX).set(lag.max as f64);
+    metrics::gauge!(m::JOIN_LAG).set(lag.sum as f64);
 }
 
 /// `GET /`.
