@@ -76,7 +76,9 @@ fn otlp_points(collector: &FakeCollector) -> Vec<(String, BTreeMap<String, Strin
         for m in request.resource_metrics.iter().flat_map(|r| &r.scope_metrics).flat_map(|s| &s.metrics) {
             let name = || m.name.clone();
             match &m.data {
-                Some(Data::Sum(s)) => points.extend(s.data_points.iter().map(|p| (name(), attrs(&p.attributes), number(p)))),
+                Some(Data::Sum(s)) => {
+                    points.extend(s.data_points.iter().map(|p| (name(), attrs(&p.attributes), number(p))))
+                }
                 Some(Data::Gauge(g)) => {
                     points.extend(g.data_points.iter().map(|p| (name(), attrs(&p.attributes), number(p))))
                 }
@@ -160,7 +162,8 @@ async fn every_metric_the_dashboard_queries_is_exported_by_a_running_gateway() {
     assert_eq!(value(&scrape, metric_names::BREAKER, &[]), Some(0.0), "Redis is up: the breaker is closed");
     assert_eq!(value(&scrape, metric_names::HUB_SUBSCRIBERS, &[]), Some(2.0));
     assert_eq!(value(&scrape, metric_names::CLOSED, &[("transport", "sse"), ("reason", "slow_client")]), Some(0.0));
-    let subscriptions = |scrape: &str, mode| value(scrape, metric_names::SUBSCRIPTIONS, &[("transport", "sse"), ("mode", mode)]);
+    let subscriptions =
+        |scrape: &str, mode| value(scrape, metric_names::SUBSCRIPTIONS, &[("transport", "sse"), ("mode", mode)]);
     assert_eq!((subscriptions(&scrape, "notify"), subscriptions(&scrape, "full")), (Some(1.0), Some(1.0)), "{scrape}");
     // One catch-up join for each client, each one current (the lag's own test is the consumer crate's).
     assert_eq!(value(&scrape, metric_names::JOINS, &[]), Some(2.0), "{scrape}");
@@ -195,7 +198,10 @@ async fn every_metric_the_dashboard_queries_is_exported_by_a_running_gateway() {
         if left == (Some(0.0), Some(0.0)) && joins == Some(0.0) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "subscriptions or joins still counted 10 s after the streams closed: {left:?} {joins:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "subscriptions or joins still counted 10 s after the streams closed: {left:?} {joins:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

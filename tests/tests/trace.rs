@@ -77,8 +77,7 @@ async fn one_event_is_one_trace_from_the_post_to_the_sse_deliveries() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let spans = loop {
         let all = exporter.get_finished_spans().expect("spans");
-        let ours: Vec<_> =
-            all.into_iter().filter(|s| s.span_context.trace_id().to_string() == trace_id).collect();
+        let ours: Vec<_> = all.into_iter().filter(|s| s.span_context.trace_id().to_string() == trace_id).collect();
         if ours.len() >= want || std::time::Instant::now() > deadline {
             break ours;
         }
@@ -88,9 +87,13 @@ async fn one_event_is_one_trace_from_the_post_to_the_sse_deliveries() {
         s.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.to_string())
     };
     let all = exporter.get_finished_spans().expect("spans");
-    let refused: Vec<_> = all.iter().filter(|s| s.name == "POST /v1/events" && s.parent_span_id.to_string() != caller_span).collect();
+    let refused: Vec<_> =
+        all.iter().filter(|s| s.name == "POST /v1/events" && s.parent_span_id.to_string() != caller_span).collect();
     assert_eq!(refused.len(), 2, "the two refused requests are server spans of their own");
-    assert!(all.iter().all(|s| s.span_context.trace_id().to_string() != foreign), "a refused request's trace context was continued");
+    assert!(
+        all.iter().all(|s| s.span_context.trace_id().to_string() != foreign),
+        "a refused request's trace context was continued"
+    );
     let named = |name: &str| spans.iter().filter(|s| s.name == name).collect::<Vec<_>>();
     let names: Vec<&str> = spans.iter().map(|s| s.name.as_ref()).collect();
     let server = named("POST /v1/events");
@@ -147,8 +150,7 @@ async fn the_spans_of_a_traced_post_reach_an_otlp_collector() {
     let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await.expect("join");
     assert!(flushed.is_ok(), "the exporter's last batch: {flushed:?}");
 
-    let raw_id: Vec<u8> =
-        (0..16).map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).expect("hex")).collect();
+    let raw_id: Vec<u8> = (0..16).map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).expect("hex")).collect();
     let mut bodies = Vec::new();
     for (path, body) in collector.received(Duration::from_secs(5)) {
         assert_eq!(path, "/v1/traces");
@@ -192,9 +194,10 @@ async fn a_published_event_carries_its_send_span_or_else_its_callers_context() {
 
     for send_spans in [true, false] {
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
-        let targets = tracing_subscriber::filter::Targets::new()
-            .with_default(tracing::Level::INFO)
-            .with_target("dualstream_core::trace", if send_spans { tracing::Level::INFO } else { tracing::Level::ERROR });
+        let targets = tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO).with_target(
+            "dualstream_core::trace",
+            if send_spans { tracing::Level::INFO } else { tracing::Level::ERROR },
+        );
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("t")).with_filter(targets);
         let _default = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
         let sink = std::sync::Arc::new(Kept::default());
@@ -220,4 +223,40 @@ async fn a_published_event_carries_its_send_span_or_else_its_callers_context() {
         let parent_is_caller = cx.span_id() == caller_cx.span_id().to_string();
         assert_eq!(parent_is_caller, !send_spans, "send spans on: {send_spans}, header {header}");
     }
+}
+
+/// A batch's `send` spans (`Traced::send_all`, which the engine's
+/// `submit_many` and `publish_batch` call): without a caller's span, exactly
+/// the events that carry their own context get one; a batch of events
+/// without headers gets none (the untraced fast path); under a caller's span
+/// every event gets one.
+#[test]
+fn a_batch_gets_send_spans_for_the_events_that_carry_a_context() {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("t"));
+    let _default = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+    let plain = || dualstream::Event::builder("t", "user", "u").build().expect("valid");
+    let own = dualstream::core::TraceContext::new("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None)
+        .expect("well-formed");
+    let mut carrying = plain();
+    carrying.set_trace_context(&own);
+    let indices = |events: &mut Vec<dualstream::Event>| -> Vec<usize> {
+        dualstream::core::Traced::send_all(events).into_iter().map(|(i, _)| i).collect()
+    };
+
+    let mut batch = vec![plain(), carrying.clone(), plain()];
+    assert_eq!(indices(&mut batch), [1], "only the event with its own context");
+    assert_ne!(
+        batch[1].headers().get("traceparent").map(String::as_str),
+        Some(own.traceparent()),
+        "now the send span's"
+    );
+    assert_eq!(batch[0].headers().get("traceparent"), None);
+    assert_eq!(indices(&mut vec![plain(), plain()]), Vec::<usize>::new(), "no trace under way");
+    let caller = tracing::info_span!("caller");
+    let _entered = caller.enter();
+    assert_eq!(indices(&mut vec![plain(), plain()]), [0, 1], "under the caller's span");
 }

@@ -135,8 +135,11 @@ impl Event {
 /// empty. The span ends when this is dropped or finished.
 #[derive(Debug)]
 pub struct Traced {
+    /// Boxed: an `Option<Traced>` travels with every event through the
+    /// engine, and a pointer keeps it one word where a span is four (the
+    /// box is made only for an event that is traced).
     #[cfg(feature = "otel")]
-    span: tracing::Span,
+    span: Box<tracing::Span>,
 }
 
 #[cfg(not(feature = "otel"))]
@@ -207,6 +210,10 @@ impl Traced {
     /// no allocation.
     pub fn send_all(events: &mut [Event]) -> Vec<(usize, Self)> {
         let caller = otel::has_context(&tracing::Span::current());
+        // The common case first: no trace under way and no event with headers.
+        if !caller && events.iter().all(|e| e.headers().is_empty()) {
+            return Vec::new();
+        }
         events.iter_mut().enumerate().filter_map(|(i, e)| Self::send_under(e, || caller).map(|t| (i, t))).collect()
     }
 
@@ -246,7 +253,7 @@ impl Traced {
             return None;
         };
         event.set_trace_context(&cx);
-        Some(Self { span })
+        Some(Self { span: Box::new(span) })
     }
 
     /// The `publish` span of a notification on the real-time path (Redis).
@@ -310,7 +317,7 @@ impl Traced {
         {
             let _ = span.set_parent(parent);
         }
-        Some(Self { span })
+        Some(Self { span: Box::new(span) })
     }
 
     /// Record where the event was stored (`None`: stored, the position
@@ -338,7 +345,7 @@ impl Traced {
     pub async fn within<F: std::future::Future>(this: Option<Self>, fut: F) -> F::Output {
         use tracing::Instrument;
         match this {
-            Some(t) => fut.instrument(t.span).await,
+            Some(t) => fut.instrument(*t.span).await,
             None => fut.await,
         }
     }
@@ -392,7 +399,7 @@ mod otel {
         }
         span.add_link(parent.span().span_context().clone());
         let _ = span.set_parent(parent);
-        Some(Traced { span })
+        Some(Traced { span: Box::new(span) })
     }
 }
 
