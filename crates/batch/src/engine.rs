@@ -360,7 +360,7 @@ impl BatchEngine {
         let max_events = shared.config.max_batch_events.min((shared.config.max_queued_events / 4).max(1));
         let max_bytes = (shared.config.max_queued_bytes / 4).max(1);
         let mut out: Vec<Option<Result<Receipt, BatchError>>> = (0..n).map(|_| None).collect();
-        let mut chunk = Chunk::new(shared.lanes.len());
+        let mut chunk = Chunk::new(shared.lanes.len(), n.min(max_events));
         let mut pending: Vec<(usize, Vec<usize>, oneshot::Receiver<Results>)> = Vec::new();
         let mut stop: Option<Refusal> = None;
         let mut too_large: Vec<(dualstream_core::Source, String)> = Vec::new();
@@ -510,15 +510,30 @@ struct Chunk {
     lanes: Vec<(Vec<usize>, Vec<Event>, usize)>,
     count: usize,
     bytes: usize,
+    /// What a lane's part reserves at its first event: a fair share of a
+    /// chunk and a quarter more, so the parts do not grow (and copy their
+    /// events) step by step.
+    reserve: usize,
 }
 
 impl Chunk {
-    fn new(lanes: usize) -> Self {
-        Self { lanes: (0..lanes).map(|_| (Vec::new(), Vec::new(), 0)).collect(), count: 0, bytes: 0 }
+    /// For a chunk of at most `events` events over `lanes` lanes.
+    fn new(lanes: usize, events: usize) -> Self {
+        let share = events.div_ceil(lanes.max(1));
+        Self {
+            lanes: (0..lanes).map(|_| (Vec::new(), Vec::new(), 0)).collect(),
+            count: 0,
+            bytes: 0,
+            reserve: share + share / 4 + 4,
+        }
     }
 
     fn push(&mut self, lane: usize, index: usize, event: Event, size: usize) {
         let part = &mut self.lanes[lane];
+        if part.1.capacity() == 0 {
+            part.0.reserve(self.reserve);
+            part.1.reserve(self.reserve);
+        }
         part.0.push(index);
         part.1.push(event);
         part.2 += size;

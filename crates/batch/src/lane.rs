@@ -169,6 +169,9 @@ fn order_key(hasher: &RandomState, event: &Event) -> u64 {
 /// The batch a lane is collecting.
 struct Collecting {
     events: Vec<Event>,
+    /// An empty buffer kept for the next batch: the lane's own, set aside
+    /// when a `submit_many` part was taken in whole instead of copied.
+    spare: Vec<Event>,
     /// Each event's [`order_key`].
     keys: Vec<u64>,
     hasher: RandomState,
@@ -186,6 +189,7 @@ impl Collecting {
     fn new(config: &BatchConfig) -> Self {
         Self {
             events: Vec::with_capacity(config.max_batch_events.min(1024)),
+            spare: Vec::new(),
             keys: Vec::with_capacity(config.max_batch_events.min(1024)),
             hasher: RandomState::default(),
             waiters: Vec::new(),
@@ -224,6 +228,10 @@ impl Collecting {
         }
         match msg {
             Msg::One { event, held, reply } => {
+                if self.events.capacity() == 0 {
+                    self.events = std::mem::take(&mut self.spare);
+                    self.events.reserve(self.max_events.min(1024));
+                }
                 self.bytes += held.bytes() as usize;
                 self.held.merge(held);
                 self.keys.push(order_key(&self.hasher, &event));
@@ -235,7 +243,15 @@ impl Collecting {
                 self.held.merge(held);
                 self.waiters.push(Waiter::Many(reply, events.len()));
                 self.keys.extend(events.iter().map(|e| order_key(&self.hasher, e)));
-                self.events.extend(events);
+                if self.events.is_empty() {
+                    // The part becomes the batch without copying its events.
+                    let own = std::mem::replace(&mut self.events, events);
+                    if own.capacity() > self.spare.capacity() {
+                        self.spare = own;
+                    }
+                } else {
+                    self.events.extend(events);
+                }
             }
             Msg::Stop => return false,
         }
@@ -245,10 +261,18 @@ impl Collecting {
     /// Take the batch out and start the next one with what was carried
     /// over.
     fn take(&mut self) -> (Vec<Event>, Vec<u64>, Vec<Waiter>, Held) {
-        // Exactly sized: the batch lives until its acknowledgements, and the
-        // lane's buffers keep their capacity for the next one.
+        // The batch lives until its acknowledgements: a batch that fills at
+        // least half its buffer takes the buffer along (no copy; the spare
+        // one, if any, serves the next batch), a smaller one is copied out
+        // exactly sized and the lane keeps its buffer.
+        let events = if self.events.len() * 2 >= self.events.capacity() {
+            let spare = std::mem::take(&mut self.spare);
+            std::mem::replace(&mut self.events, spare)
+        } else {
+            self.events.drain(..).collect()
+        };
         let out = (
-            self.events.drain(..).collect(),
+            events,
             self.keys.drain(..).collect(),
             self.waiters.drain(..).collect(),
             std::mem::replace(&mut self.held, Held::none()),
