@@ -16,6 +16,7 @@
 //! event, in input order, and once a chunk is refused nothing later of the
 //! call is accepted, so nothing overtakes.
 
+use std::future::Future;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,7 @@ use std::time::Duration;
 use dualstream_core::Event;
 use dualstream_core::Traced;
 use dualstream_publisher::{end_send_span, end_send_spans, DualPublisher, NotificationOutcome, PublishError, Receipt};
+use futures::FutureExt as _;
 use tokio::sync::{mpsc, oneshot, OnceCell};
 use tokio::task::JoinHandle;
 
@@ -279,13 +281,22 @@ impl BatchEngine {
     /// Waits up to the submit timeout for room in the queue, behind the
     /// submits that were waiting before it. Once accepted,
     /// the event is resolved even if this future is dropped.
-    pub async fn submit(&self, mut event: Event) -> Result<Receipt, BatchError> {
-        // With `otel` and a trace under way: the event's `send` span, whose
-        // context the event carries to Kafka and Redis.
+    ///
+    /// Nothing happens until the future is first polled, except that with
+    /// `otel` and a trace under way the event's `send` span starts (under
+    /// the span current at this call). The future is small (a test bounds
+    /// it): a caller that spawns a task per event moves it whole.
+    pub fn submit(&self, mut event: Event) -> impl Future<Output = Result<Receipt, BatchError>> + Send + '_ {
+        // The event's `send` span, whose context the event carries to Kafka
+        // and Redis. Taken out here, not in an `async fn`, so the future
+        // does not keep a second copy of the event for it.
         let traced = Traced::send(&mut event);
-        let result = self.submit_one(event).await;
-        end_send_span(traced, &result);
-        result
+        // A `map`, not an `async` block: that would keep the inner future
+        // twice, once captured and once as the future it awaits.
+        self.submit_one(event).map(move |result| {
+            end_send_span(traced, &result);
+            result
+        })
     }
 
     async fn submit_one(&self, event: Event) -> Result<Receipt, BatchError> {
@@ -304,7 +315,11 @@ impl BatchEngine {
             Some(h) => h,
             None => {
                 let waited = shared.config.submit_timeout();
-                match shared.budget.take(1, size as u64, waited).await {
+                // Boxed, like the wait below for a lane that is gone: the
+                // slow paths' state would otherwise make every submit's
+                // future (and every task a caller spawns for one) about
+                // 1 KiB, copied as it moves.
+                match Box::pin(shared.budget.take(1, size as u64, waited)).await {
                     Some(h) => h,
                     None => return Err(BatchError::QueueFull { event: Box::new(event), waited }),
                 }
@@ -321,7 +336,7 @@ impl BatchEngine {
         match rx.await {
             Ok(result) => result,
             Err(_) => {
-                self.lane_gone(lane).await;
+                Box::pin(self.lane_gone(lane)).await;
                 Err(BatchError::WorkerGone)
             }
         }
