@@ -362,50 +362,62 @@ impl BatchEngine {
     /// event larger than the queue's byte bound fails alone with
     /// [`BatchError::TooLarge`], and the later events of its source with
     /// [`SinkError::EarlierFailed`](dualstream_core::SinkError::EarlierFailed).
-    pub async fn submit_many(&self, mut events: Vec<Event>) -> Vec<Result<Receipt, BatchError>> {
-        let traced = Traced::send_all(&mut events);
-        let out = self.submit_all(events).await;
-        end_send_spans(traced, &out);
+    pub async fn submit_many(&self, events: Vec<Event>) -> Vec<Result<Receipt, BatchError>> {
+        let mut out = Vec::new();
+        self.submit_many_into(events, &mut out).await;
         out
     }
 
-    async fn submit_all(&self, events: Vec<Event>) -> Vec<Result<Receipt, BatchError>> {
+    /// Like [`submit_many`](Self::submit_many), appending the results to
+    /// `out`, one per event in input order after what `out` already holds.
+    /// A caller that submits batch after batch can keep one buffer (and
+    /// clear it after reading): no allocation for the results, whose slots
+    /// are written in place.
+    pub async fn submit_many_into(&self, mut events: Vec<Event>, out: &mut Vec<Result<Receipt, BatchError>>) {
+        let traced = Traced::send_all(&mut events);
+        let start = out.len();
+        // Every slot starts as `WorkerGone`: what a slot still holds once
+        // every lane answered (its lane died without an answer).
+        out.extend((0..events.len()).map(|_| Err(BatchError::WorkerGone)));
+        self.submit_all(events, &mut out[start..]).await;
+        end_send_spans(traced, &out[start..]);
+    }
+
+    async fn submit_all(&self, events: Vec<Event>, out: &mut [Result<Receipt, BatchError>]) {
         let shared = &self.inner;
         let n = events.len();
         let max_events = shared.config.max_batch_events.min((shared.config.max_queued_events / 4).max(1));
         let max_bytes = (shared.config.max_queued_bytes / 4).max(1);
-        let mut out: Vec<Option<Result<Receipt, BatchError>>> = (0..n).map(|_| None).collect();
         let mut chunk = Chunk::new(shared.lanes.len(), n.min(max_events));
         let mut pending: Vec<(usize, Vec<usize>, oneshot::Receiver<Results>)> = Vec::new();
         let mut stop: Option<Refusal> = None;
         let mut too_large: Vec<(dualstream_core::Source, String)> = Vec::new();
         for (index, event) in events.into_iter().enumerate() {
             if let Some(first) = &stop {
-                out[index] = Some(Err(again(first, event)));
+                out[index] = Err(again(first, event));
                 continue;
             }
             if shared.closed.load(Ordering::Acquire) {
-                out[index] = Some(Err(BatchError::Closed { event: Box::new(event) }));
+                out[index] = Err(BatchError::Closed { event: Box::new(event) });
                 stop = Some(Refusal::Closed);
                 continue;
             }
             let size = event.size_hint();
             if let Some((_, why)) = too_large.iter().find(|(s, _)| s == event.source()) {
                 let error = dualstream_core::SinkError::EarlierFailed { earlier: why.clone(), retriable: false };
-                out[index] = Some(Err(BatchError::Publish(PublishError::Durable(
-                    dualstream_core::DeliveryError::new(error, event),
-                ))));
+                out[index] =
+                    Err(BatchError::Publish(PublishError::Durable(dualstream_core::DeliveryError::new(error, event))));
                 continue;
             }
             if size > shared.config.max_queued_bytes {
                 let max = shared.config.max_queued_bytes;
                 too_large.push((event.source().clone(), format!("{size} bytes; max_queued_bytes is {max}")));
-                out[index] = Some(Err(BatchError::TooLarge { event: Box::new(event), size, max }));
+                out[index] = Err(BatchError::TooLarge { event: Box::new(event), size, max });
                 continue;
             }
             if chunk.count > 0 && (chunk.count >= max_events || chunk.bytes + size > max_bytes) {
-                if let Err(e) = self.dispatch(&mut chunk, &mut pending, &mut out).await {
-                    out[index] = Some(Err(again(&e, event)));
+                if let Err(e) = self.dispatch(&mut chunk, &mut pending, out).await {
+                    out[index] = Err(again(&e, event));
                     stop = Some(e);
                     continue;
                 }
@@ -415,20 +427,19 @@ impl BatchEngine {
         }
         if chunk.count > 0 {
             // A refusal here has already resolved every event of the chunk.
-            let _ = self.dispatch(&mut chunk, &mut pending, &mut out).await;
+            let _ = self.dispatch(&mut chunk, &mut pending, out).await;
         }
         for (lane, indices, rx) in pending {
             // A worker that died leaves its slots empty: WorkerGone below.
             match rx.await {
                 Ok(results) => {
                     for (i, r) in indices.into_iter().zip(results) {
-                        out[i] = Some(r);
+                        out[i] = r;
                     }
                 }
                 Err(_) => self.lane_gone(lane).await,
             }
         }
-        out.into_iter().map(|r| r.unwrap_or(Err(BatchError::WorkerGone))).collect()
     }
 
     /// Reserve room for a gathered chunk and send each lane its part. If the
@@ -438,7 +449,7 @@ impl BatchEngine {
         &self,
         chunk: &mut Chunk,
         pending: &mut Vec<(usize, Vec<usize>, oneshot::Receiver<Results>)>,
-        out: &mut [Option<Result<Receipt, BatchError>>],
+        out: &mut [Result<Receipt, BatchError>],
     ) -> Result<(), Refusal> {
         let shared = &self.inner;
         let (count, bytes) = (chunk.count as u64, chunk.bytes as u64);
@@ -455,7 +466,7 @@ impl BatchEngine {
             }
             let Some(all) = held.as_mut() else {
                 for (i, event) in indices.into_iter().zip(events) {
-                    out[i] = Some(Err(BatchError::QueueFull { event: Box::new(event), waited }));
+                    out[i] = Err(BatchError::QueueFull { event: Box::new(event), waited });
                 }
                 first = Some(Refusal::QueueFull(waited));
                 continue;
@@ -467,7 +478,7 @@ impl BatchEngine {
                 Err(mpsc::error::SendError(msg)) => {
                     if let Msg::Many { events, .. } = msg {
                         for (i, event) in indices.into_iter().zip(events) {
-                            out[i] = Some(Err(self.refused(lane, event)));
+                            out[i] = Err(self.refused(lane, event));
                         }
                     }
                 }

@@ -1200,3 +1200,33 @@ async fn a_submit_future_is_small() {
     assert!(size <= 512, "{size} bytes (an event is {})", std::mem::size_of::<Event>());
     assert!(submit.await.is_ok());
 }
+
+/// `submit_many_into` appends one result per event, in input order, after
+/// what the buffer holds, and a cleared buffer is reused as it is.
+#[tokio::test]
+async fn submit_many_into_appends_in_order_and_reuses_the_buffer() {
+    let sink = Arc::new(TestSink::default());
+    let engine = engine(sink.clone(), BatchConfig::default());
+    let batch = |n: usize| -> Vec<Event> {
+        (0..n).map(|i| event(&format!("s{}", i % 3), if i == 2 { "fail" } else { "ok" })).collect()
+    };
+    let first = batch(5);
+    let ids: Vec<_> = first.iter().map(Event::id).collect();
+    let mut out = Vec::with_capacity(16);
+    out.push(Err(BatchError::WorkerGone));
+    engine.submit_many_into(first, &mut out).await;
+    assert_eq!(out.len(), 6);
+    assert!(matches!(out[0], Err(BatchError::WorkerGone)), "what the buffer held stays");
+    for (i, (result, id)) in out[1..].iter().zip(&ids).enumerate() {
+        match result {
+            Ok(receipt) => assert_eq!((i != 2, receipt.event_id), (true, *id)),
+            Err(e) => assert!(i == 2 && e.to_string().contains("fail"), "event {i}: {e}"),
+        }
+    }
+    let buffer = out.as_ptr();
+    out.clear();
+    engine.submit_many_into(batch(10), &mut out).await;
+    assert_eq!((out.len(), out.as_ptr()), (10, buffer), "the same buffer, not a new one");
+    assert_eq!(out.iter().filter(|r| r.is_ok()).count(), 9);
+    assert_eq!(sink.batches.lock().expect("lock").iter().map(Vec::len).sum::<usize>(), 15);
+}

@@ -123,6 +123,18 @@ fn engine(c: &mut Criterion) {
             })
         })
     });
+    let mut receipts = Vec::with_capacity(events.len());
+    g.bench_function("submit_many_into→one buffer, 1000 events, no-op sinks", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                receipts.clear();
+                engine.submit_many_into(events.clone(), &mut receipts).await;
+                for r in receipts.drain(..) {
+                    r.expect("ok");
+                }
+            })
+        })
+    });
     g.finish();
 }
 
