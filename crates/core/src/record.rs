@@ -36,23 +36,28 @@ pub fn key(event: &Event) -> &[u8] {
 
 /// Text buffers that [`headers`] borrows from; keep it alive while the
 /// headers are in use.
-#[derive(Debug)]
 pub struct HeaderScratch {
     id: [u8; 36],
-    occurred_at: String,
+    occurred_at: itoa::Buffer,
+}
+
+impl std::fmt::Debug for HeaderScratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeaderScratch").finish_non_exhaustive()
+    }
 }
 
 impl Default for HeaderScratch {
     fn default() -> Self {
-        Self { id: [0; 36], occurred_at: String::new() }
+        Self { id: [0; 36], occurred_at: itoa::Buffer::new() }
     }
 }
 
 /// Every header of the record for `event`, in order: dualstream's own, then
 /// the user headers.
 pub fn headers<'a>(event: &'a Event, scratch: &'a mut HeaderScratch) -> impl Iterator<Item = (&'a str, &'a [u8])> {
-    scratch.occurred_at = event.occurred_at_ms().to_string();
     let HeaderScratch { id, occurred_at } = scratch;
+    let occurred_at: &'a str = occurred_at.format(event.occurred_at_ms());
     let id: &'a str = event.id().encode(id);
     [
         (HEADER_ID, id.as_bytes()),
@@ -63,6 +68,22 @@ pub fn headers<'a>(event: &'a Event, scratch: &'a mut HeaderScratch) -> impl Ite
     ]
     .into_iter()
     .chain(event.headers().iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
+}
+
+/// The length of each header's name and value of the record for `event`, in
+/// the order of [`headers`], without formatting any of them (the sink's size
+/// check before it builds the record).
+pub fn header_lengths(event: &Event) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let occurred_at = event.occurred_at_ms().checked_ilog10().map_or(1, |d| d as usize + 1);
+    [
+        (HEADER_ID.len(), 36),
+        (HEADER_TYPE.len(), event.event_type().len()),
+        (HEADER_SOURCE_TYPE.len(), event.source().source_type().len()),
+        (HEADER_SOURCE_ID.len(), event.source().source_id().len()),
+        (HEADER_OCCURRED_AT.len(), occurred_at),
+    ]
+    .into_iter()
+    .chain(event.headers().iter().map(|(k, v)| (k.len(), v.len())))
 }
 
 /// Rebuild and validate an event from a record's headers and value. The
@@ -134,6 +155,38 @@ mod tests {
         let back = decode(hs.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice()))), Some(b"body"), &Limits::default())
             .expect("decodes");
         assert_eq!(back, e);
+    }
+
+    proptest::proptest! {
+        /// The sink's size check counts the record without building it:
+        /// every header's name and value length, as [`headers`] makes them.
+        #[test]
+        fn header_lengths_are_the_lengths_of_the_headers(
+            at in 0u64..=crate::validate::MAX_OCCURRED_AT_MS,
+            ty in "[a-z][a-z.]{0,20}",
+            id in "[a-zA-Z0-9/_-]{1,40}",
+            user in proptest::collection::btree_map("[a-z]{1,8}", "[ -~]{0,30}", 0..4),
+        ) {
+            let mut b = Event::builder(ty, "user", id)
+                .occurred_at(std::time::UNIX_EPOCH + std::time::Duration::from_millis(at));
+            for (k, v) in &user {
+                b = b.header(k.clone(), v.clone());
+            }
+            let e = b.build().expect("valid");
+            let built: Vec<(usize, usize)> = headers_of(&e).iter().map(|(k, v)| (k.len(), v.len())).collect();
+            proptest::prop_assert_eq!(header_lengths(&e).collect::<Vec<_>>(), built);
+        }
+    }
+
+    #[test]
+    fn header_lengths_count_the_occurrence_times_digits() {
+        for (ms, digits) in [(0, 1), (9, 1), (10, 2), (999, 3), (1_000, 4), (1_733_000_000_000, 13)] {
+            let e = Event::builder("t", "user", "u")
+                .occurred_at(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+                .build()
+                .expect("valid");
+            assert_eq!(header_lengths(&e).nth(4), Some((HEADER_OCCURRED_AT.len(), digits)), "{ms}");
+        }
     }
 
     fn headers_of(e: &Event) -> Vec<(String, Vec<u8>)> {

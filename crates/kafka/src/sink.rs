@@ -43,10 +43,7 @@ fn varint_len(n: usize) -> usize {
 /// `ds-*` ones included) with its varint lengths, and
 /// [`RECORD_FRAMING_BYTES`].
 pub fn record_size(event: &Event) -> usize {
-    let mut scratch = HeaderScratch::default();
-    let headers: usize = record::headers(event, &mut scratch)
-        .map(|(k, v)| varint_len(k.len()) + k.len() + varint_len(v.len()) + v.len())
-        .sum();
+    let headers: usize = record::header_lengths(event).map(|(k, v)| varint_len(k) + k + varint_len(v) + v).sum();
     RECORD_FRAMING_BYTES + record::key(event).len() + event.payload().len() + headers
 }
 
@@ -187,7 +184,13 @@ impl OffsetGuard {
         seen.run = run;
         let highest = seen.highest;
         drop(all);
-        tracing::warn!(topic, partition, offset, highest, "the broker acknowledged a write at an offset it cannot have meant: outcome unknown");
+        tracing::warn!(
+            topic,
+            partition,
+            offset,
+            highest,
+            "the broker acknowledged a write at an offset it cannot have meant: outcome unknown"
+        );
         false
     }
 }
@@ -200,7 +203,9 @@ impl ProducerContext for AckContext {
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
         let (acks, index) = *opaque;
         let outcome = match result {
-            Ok(m) if self.offsets.check(m.topic(), m.partition(), m.offset()) => Report::Stored(m.partition(), m.offset()),
+            Ok(m) if self.offsets.check(m.topic(), m.partition(), m.offset()) => {
+                Report::Stored(m.partition(), m.offset())
+            }
             Ok(m) => Report::Unreconciled { partition: m.partition(), offset: m.offset() },
             Err((e, m)) => Report::Failed { error: e.clone(), possibly_stored: possibly_stored(m) },
         };
@@ -329,11 +334,9 @@ impl KafkaSink {
             error.rdkafka_error_code(),
             Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Unknown)
         );
-        let Some((code, reason)) = failed
-            .client()
-            .fatal_error()
-            .or_else(|| replaceable.then(|| (error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Unknown), error.to_string())))
-        else {
+        let Some((code, reason)) = failed.client().fatal_error().or_else(|| {
+            replaceable.then(|| (error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Unknown), error.to_string()))
+        }) else {
             return;
         };
         if !self.is_current(failed) || self.inner.replacing.swap(true, Ordering::AcqRel) {
@@ -528,10 +531,7 @@ impl KafkaSink {
                 Some(SinkError::QueueFull { waited })
             } else {
                 failed.iter().find(|(s, ..)| *s == event.source()).map(|(_, earlier, retriable)| {
-                    SinkError::EarlierFailed {
-                        earlier: earlier.clone(),
-                        retriable: *retriable,
-                    }
+                    SinkError::EarlierFailed { earlier: earlier.clone(), retriable: *retriable }
                 })
             };
             let outcome = match refused {

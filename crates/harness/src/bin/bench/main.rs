@@ -160,6 +160,10 @@ async fn main() {
     let want = |g: &str| filters.is_empty() || filters.iter().any(|f| g.contains(f.as_str()));
     let started = Instant::now();
     let pids = Pids::find(&brokers, &redis_url);
+    if let Ok(side) = std::env::var("DUALSTREAM_BENCH_PROFILE_SIDE") {
+        publish::profile_side(&side, &brokers, &redis_url, &p, &pids).await;
+        return;
+    }
     let mut rows = Vec::new();
     // Memory first, so the peak is not an earlier group's.
     if want("memory") {

@@ -407,6 +407,54 @@ pub(super) async fn durable_throughput(brokers: &str, p: &Profile, pids: &Pids, 
     }
 }
 
+/// One side of the durable or dual 150 B row alone, `ROUNDS` rounds, for a
+/// profiler attached to this process (`DUALSTREAM_BENCH_PROFILE_SIDE`:
+/// `durable-ours`, `durable-raw` (the `ThreadedProducer`), `dual-ours` or
+/// `dual-hand`; docs/benchmark-analysis.md, "One profile per side"). Prints
+/// each round's rate and CPU per event; writes no row.
+pub(super) async fn profile_side(side: &str, brokers: &str, redis_url: &str, p: &Profile, pids: &Pids) {
+    let (n, size) = (p.throughput_events, 150);
+    for round in 0..ROUNDS {
+        let (rate, cpu) = match side {
+            "durable-ours" => {
+                let topic = unique_topic("bench-dur-ours");
+                create_topic(brokers, &topic, 3).await;
+                let engine = durable_engine(brokers, &topic).await;
+                let (rate, cpu, _) = submit_many_round(&engine, pids, n, size).await;
+                (rate, cpu)
+            }
+            "durable-raw" => raw_threaded_round(brokers, pids, n, size).await,
+            "dual-ours" => {
+                let topic = unique_topic("bench-dual-ours");
+                create_topic(brokers, &topic, 3).await;
+                let (engine, _) = default_dual_engine(brokers, &topic, redis_url).await;
+                let evs = events(n, size);
+                measured(pids, n, async {
+                    let started = Instant::now();
+                    let results = engine.submit_many(evs).await;
+                    engine.shutdown().await;
+                    assert!(results.iter().all(Result::is_ok), "every event stored");
+                    n as f64 / started.elapsed().as_secs_f64()
+                })
+                .await
+            }
+            "dual-hand" => {
+                let client = redis::Client::open(redis_url).expect("url");
+                let conn = client.get_multiplexed_async_connection().await.expect("redis");
+                let topic = unique_topic("bench-dual-hand");
+                create_topic(brokers, &topic, 3).await;
+                let producer = raw_producer(brokers, &topic).await;
+                measured(pids, n, hand_written_dual(&producer, &conn, &topic, events(n, size))).await
+            }
+            other => {
+                eprintln!("DUALSTREAM_BENCH_PROFILE_SIDE={other}: one of durable-ours, durable-raw, dual-ours, dual-hand");
+                std::process::exit(2);
+            }
+        };
+        println!("[profile] {side} 150 B, round {}: {rate:.0} events/s, CPU {cpu} core-µs an event", round + 1);
+    }
+}
+
 pub(super) async fn dual_throughput(brokers: &str, redis_url: &str, p: &Profile, pids: &Pids, rows: &mut Vec<Row>) {
     let client = redis::Client::open(redis_url).expect("url");
     let conn = client.get_multiplexed_async_connection().await.expect("redis");
