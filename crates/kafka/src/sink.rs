@@ -144,7 +144,10 @@ pub(crate) struct OffsetGuard {
     /// Only librdkafka's polling thread of the current producer reports
     /// deliveries (a replaced producer has drained first), so the lock is
     /// never contended.
-    partitions: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashMap<i32, Seen>>>,
+    ///
+    /// By topic (a sink writes to one or a few: a short list beats hashing
+    /// the name for every record), then by partition id.
+    partitions: std::sync::Mutex<Vec<(String, Vec<Seen>)>>,
     /// The longest batch librdkafka sends (`batch.num.messages`).
     max_run: u32,
 }
@@ -166,12 +169,32 @@ impl OffsetGuard {
     /// Whether an acknowledgement at `offset` can be right; a right one
     /// raises the partition's highest offset.
     pub(crate) fn check(&self, topic: &str, partition: i32, offset: i64) -> bool {
-        let mut all = self.partitions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let partitions = match all.get_mut(topic) {
-            Some(p) => p,
-            None => all.entry(topic.to_owned()).or_default(),
+        // A delivered record always has a partition id, far below this bound
+        // (a broker's answer should not size this table); one outside cannot
+        // be placed, so its outcome is unknown.
+        const MAX_PARTITIONS: usize = 1 << 17;
+        let Some(slot) = usize::try_from(partition).ok().filter(|&p| p < MAX_PARTITIONS) else {
+            tracing::warn!(
+                topic,
+                partition,
+                offset,
+                "the broker acknowledged a write at a partition it cannot have meant: outcome unknown"
+            );
+            return false;
         };
-        let seen = partitions.entry(partition).or_insert(Seen { highest: -1, run: None });
+        let mut all = self.partitions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let at = match all.iter().position(|(t, _)| t == topic) {
+            Some(at) => at,
+            None => {
+                all.push((topic.to_owned(), Vec::new()));
+                all.len() - 1
+            }
+        };
+        let partitions = &mut all[at].1;
+        if partitions.len() <= slot {
+            partitions.resize(slot + 1, Seen { highest: -1, run: None });
+        }
+        let seen = &mut partitions[slot];
         let run = match seen.run {
             Some((last, len)) if offset == last + 1 && len < self.max_run => Some((offset, len + 1)),
             _ if offset == -1 => Some((-1, 1)),
@@ -687,6 +710,18 @@ mod offset_guard_tests {
         assert!(g.check("t", 0, 4));
         assert!(!g.check("t", 0, 4), "the same offset twice");
         assert!(g.check("t", 0, 5), "only a run that began at -1 continues");
+    }
+
+    #[test]
+    fn a_partition_id_that_cannot_be_is_refused_and_sizes_nothing() {
+        let g = OffsetGuard::new(10_000);
+        assert!(!g.check("t", -1, 0), "no partition");
+        assert!(!g.check("t", i32::MAX, 0), "a broker's answer must not size the table");
+        assert!(g.check("t", 7, 0), "partitions are placed by id, the ones before them empty");
+        assert!(g.check("t", 3, 0));
+        assert!(!g.check("t", 7, 0));
+        let table = g.partitions.lock().expect("lock");
+        assert_eq!((table.len(), table[0].1.len()), (1, 8));
     }
 
     #[test]
