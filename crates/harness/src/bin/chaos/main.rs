@@ -459,10 +459,14 @@ fn start_catchup(net: &Net) -> CatchUp {
     let (brokers, redis_url) = (&net.brokers, &net.redis_url);
     let reader_options: BTreeMap<String, String> =
         [("isolation.level".to_owned(), "read_uncommitted".to_owned())].into_iter().collect();
+    // 30 s, not the default 10 s, before a read that gets no record is an error: on tansu with
+    // PostgreSQL on 2 cores, a restarted gateway's catch-up has held every reader's fetches for
+    // about 10 s (docs/reliability.md, "The CI profile"). A join that waits longer still fails the run.
     let replay = Replay::new(ReplayConfig {
         bootstrap_servers: brokers.clone(),
         topic: TopicRouting::Single { topic: TOPIC.into() },
         librdkafka_options: reader_options,
+        timeout_ms: 30_000,
         ..ReplayConfig::default()
     })
     .expect("replay");
