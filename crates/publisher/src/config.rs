@@ -29,11 +29,17 @@ pub struct HighVolumeConfig {
     pub queue_capacity: usize,
     /// Most notifications in one pipeline. Default: 512.
     pub max_batch: usize,
+    /// Pipelines in flight at once, started in queue order. With one, each
+    /// pipeline waits for the last one's answer, so a single slow answer
+    /// holds up everything queued behind it. With more than one, a custom
+    /// notifier must send concurrent calls in the order they were started,
+    /// as the Redis notifier's one multiplexed connection does. Default: 2.
+    pub pipelines: usize,
 }
 
 impl Default for HighVolumeConfig {
     fn default() -> Self {
-        Self { queue_capacity: 65_536, max_batch: 512 }
+        Self { queue_capacity: 65_536, max_batch: 512, pipelines: 2 }
     }
 }
 
@@ -98,6 +104,7 @@ impl PublisherConfig {
         check_range("notify_timeout_per_notification_us", self.notify_timeout_per_notification_us, 0, 10_000)?;
         check_range("high_volume.queue_capacity", self.high_volume.queue_capacity as u64, 1, 16_777_216)?;
         check_range("high_volume.max_batch", self.high_volume.max_batch as u64, 1, 100_000)?;
+        check_range("high_volume.pipelines", self.high_volume.pipelines as u64, 1, 64)?;
         Ok(())
     }
 }

@@ -288,7 +288,8 @@ pub fn end_send_span<E: std::fmt::Display>(traced: Option<Traced>, result: &Resu
 }
 
 /// The high-volume mode's background task: coalesce queued notifications
-/// into pipelined batches until stopped, then drain what is queued.
+/// into pipelined batches, up to `high_volume.pipelines` of them in flight
+/// (started in queue order), until stopped; then drain what is queued.
 async fn drain_notifications(
     mut rx: mpsc::Receiver<Notification>,
     notifier: Arc<dyn RealtimeNotifier>,
@@ -296,24 +297,38 @@ async fn drain_notifications(
     config: PublisherConfig,
     max_batch: usize,
 ) {
-    let mut batch = Vec::with_capacity(max_batch);
-    loop {
-        let stopping = tokio::select! {
-            n = rx.recv_many(&mut batch, max_batch) => n == 0,
-            () = stop.notified() => true,
-        };
-        if stopping {
-            rx.close();
-            while rx.recv_many(&mut batch, max_batch).await > 0 {
-                notify_bounded(&*notifier, &batch, config.pipeline_bound(batch.len())).await;
-                batch.clear();
-            }
-            return;
+    use futures::stream::{FuturesOrdered, StreamExt};
+    let pipelines = config.high_volume.pipelines.max(1);
+    let send = |batch: Vec<Notification>| {
+        let (notifier, bound) = (notifier.clone(), config.pipeline_bound(batch.len()));
+        async move {
+            notify_bounded(&*notifier, &batch, bound).await;
         }
-        metrics::gauge!(m::NOTIFY_QUEUE_DEPTH).set(rx.len() as f64);
-        notify_bounded(&*notifier, &batch, config.pipeline_bound(batch.len())).await;
-        batch.clear();
+    };
+    let mut in_flight = FuturesOrdered::new();
+    let mut open = true;
+    loop {
+        let room = in_flight.len() < pipelines;
+        let mut batch = Vec::new();
+        tokio::select! {
+            biased;
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            n = rx.recv_many(&mut batch, max_batch), if room => {
+                // 0: stopped and drained, or every sender gone.
+                if n == 0 {
+                    break;
+                }
+                metrics::gauge!(m::NOTIFY_QUEUE_DEPTH).set(rx.len() as f64);
+                in_flight.push_back(send(batch));
+            }
+            () = stop.notified(), if open => {
+                // Take nothing new; what is queued is still sent.
+                open = false;
+                rx.close();
+            }
+        }
     }
+    while in_flight.next().await.is_some() {}
 }
 
 impl DualPublisher {

@@ -94,10 +94,12 @@ async fn a_write_stored_at_an_unknown_offset_has_no_position() {
         .expect("valid publisher");
     let receipt = p.publish(event("a")).await.expect("stored");
     assert_eq!(receipt.position, None);
-    let receipts: Vec<_> = p.publish_batch(vec![event("b"), event("c")]).await.into_iter().map(|r| r.expect("stored")).collect();
+    let receipts: Vec<_> =
+        p.publish_batch(vec![event("b"), event("c")]).await.into_iter().map(|r| r.expect("stored")).collect();
     assert_eq!(receipts[0].position, Some(pos(7)));
     assert_eq!(receipts[1].position, None);
-    let sent: Vec<Option<Position>> = recording.0.lock().expect("lock").iter().flatten().map(|n| n.position.clone()).collect();
+    let sent: Vec<Option<Position>> =
+        recording.0.lock().expect("lock").iter().flatten().map(|n| n.position.clone()).collect();
     assert_eq!(sent, vec![None, Some(pos(7)), None], "no notification carries a made-up position");
 }
 
@@ -294,6 +296,77 @@ async fn high_volume_queues_and_the_background_task_pipelines_everything() {
     assert!(batches.iter().flatten().all(|n| n.position.is_some()));
 }
 
+/// A notifier whose first call does not answer until the test opens the
+/// gate; it records every call as it starts.
+#[derive(Default, Clone)]
+struct Gated {
+    started: Arc<Mutex<Vec<Vec<Notification>>>>,
+    gate: Arc<tokio::sync::Notify>,
+}
+#[async_trait]
+impl RealtimeNotifier for Gated {
+    async fn notify(&self, n: &Notification) -> Result<(), NotifyError> {
+        self.notify_batch(std::slice::from_ref(n)).await
+    }
+    async fn notify_batch(&self, ns: &[Notification]) -> Result<(), NotifyError> {
+        let first = {
+            let mut started = self.started.lock().expect("lock");
+            started.push(ns.to_vec());
+            started.len() == 1
+        };
+        if first {
+            self.gate.notified().await;
+        }
+        Ok(())
+    }
+    async fn health_check(&self) -> Result<(), NotifyError> {
+        Ok(())
+    }
+}
+
+/// With one pipeline in flight, everything queued waited for a slow
+/// answer; the second pipeline starts while the first is unanswered, and
+/// each notification is still sent once, in publish order.
+#[tokio::test]
+async fn high_volume_starts_the_next_pipeline_while_one_waits_for_its_answer() {
+    let mut durable = MockDurableSink::new();
+    let mut next = 0;
+    durable.expect_publish().returning(move |_| {
+        next += 1;
+        Ok(pos(next))
+    });
+    durable.expect_flush().returning(|_| Ok(()));
+    let notifier = Gated::default();
+    // The first call's bound is far beyond the test's wait: a second
+    // pipeline that waits for the first cannot start in time.
+    let config = PublisherConfig { mode: Mode::HighVolume, pipeline_timeout_ms: 60_000, ..PublisherConfig::default() };
+    let p = DualPublisher::builder()
+        .durable(Arc::new(durable))
+        .notifier(Arc::new(notifier.clone()))
+        .config(config)
+        .build()
+        .expect("valid");
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let e = event(&format!("s{i}"));
+        ids.push(e.id());
+        p.publish(e).await.expect("ok");
+        // Let the background task take it, so each goes in a pipeline of its own.
+        tokio::task::yield_now().await;
+    }
+    let second_started = tokio::time::timeout(Duration::from_secs(5), async {
+        while notifier.started.lock().expect("lock").len() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(second_started.is_ok(), "the second pipeline waited for the first one's answer");
+    notifier.gate.notify_one();
+    p.shutdown(Duration::from_secs(5)).await.expect("flushed");
+    let got: Vec<_> = notifier.started.lock().expect("lock").iter().flatten().map(|n| n.id).collect();
+    assert_eq!(got, ids, "every notification once, in publish order");
+}
+
 #[tokio::test]
 async fn high_volume_skips_rather_than_blocks_when_its_queue_is_full() {
     let mut durable = MockDurableSink::new();
@@ -303,7 +376,7 @@ async fn high_volume_skips_rather_than_blocks_when_its_queue_is_full() {
         .notifier(Arc::new(Hung))
         .config(PublisherConfig {
             mode: Mode::HighVolume,
-            high_volume: crate::HighVolumeConfig { queue_capacity: 4, max_batch: 2 },
+            high_volume: crate::HighVolumeConfig { queue_capacity: 4, max_batch: 2, ..Default::default() },
             ..PublisherConfig::default()
         })
         .build()
