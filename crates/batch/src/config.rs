@@ -42,7 +42,7 @@ pub struct BatchConfig {
     /// its whole batch's acknowledgements, so fewer lanes (larger batches)
     /// cost latency under load: at 20,000 events/s on two cores, 4 lanes
     /// added about 2 ms to the median against 16, which cost nothing
-    /// measurable in throughput or CPU per event
+    /// measurable in the engine's micro benchmark or in CPU per event
     /// (docs/benchmark-analysis.md, "Lanes and latency").
     pub lanes: usize,
     /// Notification pipelines the engine keeps in flight (one notification

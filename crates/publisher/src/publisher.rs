@@ -298,21 +298,29 @@ async fn drain_notifications(
     max_batch: usize,
 ) {
     use futures::stream::{FuturesOrdered, StreamExt};
-    let pipelines = config.high_volume.pipelines.max(1);
+    let pipelines = config.high_volume.pipelines;
+    // Each pipeline's buffer comes back when it is answered and serves a
+    // later one: at most `pipelines` + 1 buffers, allocated once.
     let send = |batch: Vec<Notification>| {
         let (notifier, bound) = (notifier.clone(), config.pipeline_bound(batch.len()));
         async move {
             notify_bounded(&*notifier, &batch, bound).await;
+            batch
         }
     };
     let mut in_flight = FuturesOrdered::new();
+    let mut spare: Vec<Vec<Notification>> = Vec::new();
     let mut open = true;
     loop {
         let room = in_flight.len() < pipelines;
-        let mut batch = Vec::new();
+        let mut batch = spare.pop().unwrap_or_else(|| Vec::with_capacity(max_batch));
         tokio::select! {
             biased;
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            Some(sent) = in_flight.next(), if !in_flight.is_empty() => {
+                let mut sent: Vec<Notification> = sent;
+                sent.clear();
+                spare.extend([batch, sent]);
+            }
             n = rx.recv_many(&mut batch, max_batch), if room => {
                 // 0: stopped and drained, or every sender gone.
                 if n == 0 {
@@ -325,6 +333,7 @@ async fn drain_notifications(
                 // Take nothing new; what is queued is still sent.
                 open = false;
                 rx.close();
+                spare.push(batch);
             }
         }
     }

@@ -346,20 +346,25 @@ async fn high_volume_starts_the_next_pipeline_while_one_waits_for_its_answer() {
         .config(config)
         .build()
         .expect("valid");
-    let mut ids = Vec::new();
-    for i in 0..3 {
+    let wait_for_calls = |calls: usize| {
+        let started = notifier.started.clone();
+        tokio::time::timeout(Duration::from_secs(5), async move {
+            while started.lock().expect("lock").len() < calls {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let first = event("s0");
+    let mut ids = vec![first.id()];
+    p.publish(first).await.expect("ok");
+    wait_for_calls(1).await.expect("the first pipeline starts");
+    // The first call is unanswered; what is published now goes in a later pipeline.
+    for i in 1..3 {
         let e = event(&format!("s{i}"));
         ids.push(e.id());
         p.publish(e).await.expect("ok");
-        // Let the background task take it, so each goes in a pipeline of its own.
-        tokio::task::yield_now().await;
     }
-    let second_started = tokio::time::timeout(Duration::from_secs(5), async {
-        while notifier.started.lock().expect("lock").len() < 2 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    let second_started = wait_for_calls(2).await;
     assert!(second_started.is_ok(), "the second pipeline waited for the first one's answer");
     notifier.gate.notify_one();
     p.shutdown(Duration::from_secs(5)).await.expect("flushed");
