@@ -53,6 +53,6 @@ pub use config::{
     partition_for_key, Compression, CreateTopics, KafkaSinkConfig, TopicRouting, LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES,
 };
 pub use error::ConfigError;
-pub use sink::{record_size, AckContext, Acks, KafkaSink, SinkProducer, RECORD_FRAMING_BYTES};
+pub use sink::{record_size, AckContext, Acks, KafkaSink, SlotRef, SinkProducer, RECORD_FRAMING_BYTES};
 
 pub use rdkafka;

@@ -1,3 +1,5 @@
+use std::ffi::c_void;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -10,7 +12,7 @@ use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::util::Timeout;
+use rdkafka::util::{IntoOpaque, Timeout};
 use rdkafka::ClientConfig;
 
 use crate::config::{KafkaSinkConfig, TopicRouting};
@@ -55,18 +57,46 @@ pub type SinkProducer = ThreadedProducer<AckContext>;
 /// polling thread. One completion per batch: the awaiting task is woken once,
 /// when the last record of the batch is resolved. Opaque outside the sink.
 pub struct Acks {
-    slots: Vec<OnceLock<Report>>,
+    slots: Box<[Slot]>,
     remaining: AtomicUsize,
     done: tokio::sync::Notify,
 }
 
+/// One record's place in its batch's [`Acks`].
+struct Slot {
+    report: OnceLock<Report>,
+    /// The batch this slot is part of: the `Acks` that holds it, which never
+    /// moves while a strong count of it is held.
+    owner: *const Acks,
+}
+
+// SAFETY: `owner` is only a back-reference to the `Acks` that holds the
+// slot, dereferenced by a `SlotRef` while that holds a strong count of it;
+// every other field is `Send + Sync`.
+#[allow(unsafe_code)]
+unsafe impl Send for Slot {}
+// SAFETY: as above; shared access reads `owner` and goes through `OnceLock`.
+#[allow(unsafe_code)]
+unsafe impl Sync for Slot {}
+
 impl Acks {
     fn new(n: usize) -> Arc<Self> {
-        Arc::new(Self {
-            slots: (0..n).map(|_| OnceLock::new()).collect(),
-            remaining: AtomicUsize::new(n),
-            done: tokio::sync::Notify::new(),
+        Arc::new_cyclic(|me| {
+            let owner = me.as_ptr();
+            Self {
+                slots: (0..n).map(|_| Slot { report: OnceLock::new(), owner }).collect(),
+                remaining: AtomicUsize::new(n),
+                done: tokio::sync::Notify::new(),
+            }
         })
+    }
+
+    /// The delivery opaque of record `index` (below the batch's length).
+    fn slot_ref(self: &Arc<Self>, index: usize) -> SlotRef {
+        let slot = NonNull::from(&self.slots[index]);
+        // The count the `SlotRef` holds, given back by its `Drop`.
+        std::mem::forget(Arc::clone(self));
+        SlotRef(slot)
     }
 
     /// One record resolved (by a delivery report, or by failing before it
@@ -82,6 +112,78 @@ impl Acks {
         while self.remaining.load(Ordering::Acquire) != 0 {
             self.done.notified().await;
         }
+    }
+}
+
+/// A record's delivery opaque: a pointer to its slot, holding one strong
+/// count of the slot's batch. It is a pointer, not a `Box` of the batch and
+/// the index, so that a record costs no allocation of its own on the caller's
+/// thread and no free on librdkafka's polling thread; the count goes back
+/// when it is dropped (after the report, or with a record the producer
+/// refused).
+pub struct SlotRef(NonNull<Slot>);
+
+// SAFETY: a `SlotRef` owns a strong count of the `Acks` its slot lies in, so
+// the slot stays valid wherever the `SlotRef` goes; the slot is `Sync`.
+#[allow(unsafe_code)]
+unsafe impl Send for SlotRef {}
+// SAFETY: as above; `&SlotRef` only reads the slot.
+#[allow(unsafe_code)]
+unsafe impl Sync for SlotRef {}
+
+impl SlotRef {
+    fn slot(&self) -> &Slot {
+        // SAFETY: the strong count this `SlotRef` holds keeps the `Acks`,
+        // and so its boxed slots, alive and in place.
+        #[allow(unsafe_code)]
+        unsafe {
+            self.0.as_ref()
+        }
+    }
+
+    fn acks(&self) -> &Acks {
+        // SAFETY: `owner` is the `Acks` holding the slot (set by
+        // `Acks::new`), alive for the same reason.
+        #[allow(unsafe_code)]
+        unsafe {
+            &*self.slot().owner
+        }
+    }
+}
+
+impl Drop for SlotRef {
+    fn drop(&mut self) {
+        let owner = self.slot().owner;
+        // SAFETY: gives back the count taken in `Acks::slot_ref`; `owner`
+        // came from that `Arc`. Nothing of the slot is used after this.
+        #[allow(unsafe_code)]
+        unsafe {
+            Arc::decrement_strong_count(owner);
+        }
+    }
+}
+
+impl IntoOpaque for SlotRef {
+    fn into_ptr(self) -> *mut c_void {
+        let ptr = self.0.as_ptr().cast::<c_void>();
+        // The count travels with the pointer through librdkafka.
+        std::mem::forget(self);
+        ptr
+    }
+
+    #[allow(unsafe_code)]
+    unsafe fn from_ptr(ptr: *mut c_void) -> Self {
+        // SAFETY: the caller passes a pointer made by `into_ptr` (rdkafka
+        // does so once per record: with its delivery report, or when it hands
+        // a refused record back), so it is a non-null slot pointer whose
+        // count is taken back here.
+        Self(unsafe { NonNull::new_unchecked(ptr.cast::<Slot>()) })
+    }
+}
+
+impl std::fmt::Debug for SlotRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotRef").finish_non_exhaustive()
     }
 }
 
@@ -112,7 +214,7 @@ fn possibly_stored(m: &rdkafka::message::BorrowedMessage<'_>) -> bool {
 }
 
 /// The producer context of the sink: hands each delivery report to its
-/// batch's [`Acks`]. The opaque of a record is its batch and its index.
+/// batch's [`Acks`]. The opaque of a record is its slot in the batch ([`SlotRef`]).
 #[derive(Debug)]
 pub struct AckContext {
     /// Shared by every producer of one sink, so a replaced producer's
@@ -221,10 +323,9 @@ impl OffsetGuard {
 impl ClientContext for AckContext {}
 
 impl ProducerContext for AckContext {
-    type DeliveryOpaque = Box<(Arc<Acks>, usize)>;
+    type DeliveryOpaque = SlotRef;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
-        let (acks, index) = *opaque;
         let outcome = match result {
             Ok(m) if self.offsets.check(m.topic(), m.partition(), m.offset()) => {
                 Report::Stored(m.partition(), m.offset())
@@ -232,10 +333,8 @@ impl ProducerContext for AckContext {
             Ok(m) => Report::Unreconciled { partition: m.partition(), offset: m.offset() },
             Err((e, m)) => Report::Failed { error: e.clone(), possibly_stored: possibly_stored(m) },
         };
-        if let Some(slot) = acks.slots.get(index) {
-            let _ = slot.set(outcome);
-        }
-        acks.resolve_one();
+        let _ = opaque.slot().report.set(outcome);
+        opaque.acks().resolve_one();
     }
 }
 
@@ -469,7 +568,7 @@ impl KafkaSink {
         producer: &SinkProducer,
         topic: &str,
         event: &Event,
-        opaque: Box<(Arc<Acks>, usize)>,
+        opaque: SlotRef,
         until: Instant,
     ) -> Result<(), SinkError> {
         let mut scratch = HeaderScratch::default();
@@ -521,7 +620,7 @@ impl KafkaSink {
     ) -> Result<Arc<str>, SinkError> {
         self.check_size(event)?;
         let topic = self.topic_for(event).await?;
-        self.enqueue(producer, &topic, event, Box::new((acks.clone(), index)), until).await?;
+        self.enqueue(producer, &topic, event, acks.slot_ref(index), until).await?;
         Ok(topic)
     }
 
@@ -605,10 +704,10 @@ impl DurableSink for KafkaSink {
         Box::pin(async move {
             acks.all_resolved().await;
             let mut out = Vec::with_capacity(events.len());
-            for ((event, handed), slot) in events.into_iter().zip(handed).zip(&acks.slots) {
+            for ((event, handed), slot) in events.into_iter().zip(handed).zip(acks.slots.iter()) {
                 out.push(match handed {
                     Handed::Failed(e) => Err(DeliveryError::new(e, event)),
-                    Handed::Sent(topic) => match slot.get() {
+                    Handed::Sent(topic) => match slot.report.get() {
                         Some(Report::Stored(partition, offset)) => {
                             Ok(Position { topic, partition: *partition, offset: *offset })
                         }
@@ -734,5 +833,57 @@ mod offset_guard_tests {
         }
         assert!(g.check("t", 0, 3), "past one batch, offsets are accepted again");
         assert!(g.check("t", 0, 4));
+    }
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+
+    /// Every record's opaque gives its count of the batch back: after its
+    /// delivery report, and when the producer hands a refused record back
+    /// (queue full). A count kept would leak the batch; one given back twice
+    /// would free it under the slots still in flight.
+    #[test]
+    fn every_slot_ref_gives_its_count_back_delivered_or_refused() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("t", 2, 1).expect("topic");
+        let config = KafkaSinkConfig {
+            bootstrap_servers: cluster.bootstrap_servers(),
+            topic: TopicRouting::Single { topic: "t".into() },
+            linger_ms: 1,
+            queue_max_messages: 5,
+            ..KafkaSinkConfig::default()
+        };
+        let offsets = Arc::new(OffsetGuard::new(config.batch_num_messages));
+        let producer = create_producer(&config, &offsets).expect("producer");
+        let acks = Acks::new(20);
+        let (mut sent, mut refused) = (Vec::new(), 0);
+        for i in 0..20 {
+            let key = format!("k{i}");
+            let rec = BaseRecord::with_opaque_to("t", acks.slot_ref(i)).key(&key).payload("v");
+            match producer.send(rec) {
+                Ok(()) => sent.push(i),
+                Err((e, back)) => {
+                    assert_eq!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::QueueFull));
+                    drop(back);
+                    refused += 1;
+                }
+            }
+        }
+        assert!(refused > 0 && !sent.is_empty(), "a queue of 5 takes some of 20 and refuses the rest");
+        producer.flush(Timeout::After(Duration::from_secs(10))).expect("flush");
+        // The polling thread may still be inside the last callback.
+        let until = Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&acks) > 1 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(Arc::strong_count(&acks), 1, "every opaque gave its count back, once");
+        for (i, slot) in acks.slots.iter().enumerate() {
+            let stored = matches!(slot.report.get(), Some(Report::Stored(..)));
+            assert_eq!(stored, sent.contains(&i), "record {i}: a report exactly for the records sent");
+        }
+        assert_eq!(acks.remaining.load(Ordering::Acquire), 20 - sent.len());
     }
 }
