@@ -118,8 +118,10 @@ impl Entry {
         }
         let keys = std::mem::take(&mut self.keys);
         let results = std::mem::take(&mut self.stored.results);
-        let notes = std::mem::take(&mut self.stored.notes);
-        for (((f, key), result), note) in free.into_iter().zip(keys).zip(results).zip(notes) {
+        // One per event, or none at all (see `per_event`).
+        let mut notes = std::mem::take(&mut self.stored.notes).into_iter();
+        let has_notes = notes.len() > 0;
+        for ((f, key), result) in free.into_iter().zip(keys).zip(results) {
             let to = if f {
                 &mut out
             } else {
@@ -127,7 +129,9 @@ impl Entry {
                 &mut kept
             };
             to.results.push(result);
-            to.notes.push(note);
+            if has_notes {
+                to.notes.push(notes.next().flatten());
+            }
         }
         self.stored = kept;
         Some(out)
@@ -135,10 +139,17 @@ impl Entry {
 }
 
 /// A stored batch's results and each event's notification (`None`: not
-/// stored, or no notifier), the outcome still to be set.
+/// stored), the outcome still to be set; no notifications at all, not one
+/// `None` per event, when the batch has none (no notifier, or nothing
+/// stored): a notification's room per event would be a large buffer
+/// written once and thrown away, for every batch of a durable-only engine.
 fn per_event(mut batch: StoredBatch) -> (Vec<Result<Receipt, PublishError>>, Vec<Option<Notification>>) {
-    let mut notes = batch.take_notifications().into_iter().peekable();
+    let notes = batch.take_notifications();
     let results = batch.finish(NotificationOutcome::Disabled);
+    if notes.is_empty() {
+        return (results, Vec::new());
+    }
+    let mut notes = notes.into_iter().peekable();
     // The publisher makes one notification per stored event, in order, when
     // it has a notifier.
     let notes = results
@@ -232,6 +243,60 @@ async fn pass_on(stored: Stored, notify: Option<&mpsc::UnboundedSender<Stored>>,
             // without a notifier there are none.
             let outcome = publisher.notify(stored.notes.into_iter().flatten().collect()).await;
             resolve(stored.results, outcome, stored.waiters);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dualstream_core::{EventId, Notification};
+    use tokio::sync::oneshot;
+
+    /// An acknowledged batch of two events of two sources (keys 1 and 2),
+    /// each with its own caller, with or without notifications.
+    fn entry(with_notes: bool) -> (Entry, Vec<oneshot::Receiver<Result<Receipt, crate::BatchError>>>) {
+        let ids = [EventId::new(), EventId::new()];
+        let results = ids
+            .iter()
+            .map(|&event_id| Ok(Receipt { event_id, position: None, notification: NotificationOutcome::Disabled }))
+            .collect();
+        let notes = if with_notes {
+            let event =
+                |id| dualstream_core::Event::builder("t", "user", "s").id(id).payload("{}").build().expect("event");
+            ids.iter().map(|&id| Some(Notification::for_event(&event(id), None))).collect()
+        } else {
+            Vec::new()
+        };
+        let (mut waiters, mut rxs) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            let (tx, rx) = oneshot::channel();
+            waiters.push(Waiter::One(tx));
+            rxs.push(rx);
+        }
+        let stored = Stored { results, notes, waiters };
+        (Entry { seq: 0, keys: vec![1, 2], stored, acked: true, _slot: None }, rxs)
+    }
+
+    #[test]
+    fn a_split_batch_keeps_its_notifications_with_their_events_or_has_none() {
+        for with_notes in [true, false] {
+            let (mut entry, _rxs) = entry(with_notes);
+            let ids: Vec<EventId> = entry.stored.results.iter().map(|r| r.as_ref().expect("ok").event_id).collect();
+            // Source 1 is held by an earlier batch: only the second event goes.
+            let first = entry.release(&HashSet::from([1])).expect("the free event");
+            assert_eq!(first.results.len(), 1);
+            assert_eq!(first.results[0].as_ref().expect("ok").event_id, ids[1]);
+            let rest = entry.release(&HashSet::new()).expect("the held event, once free");
+            assert_eq!(rest.results[0].as_ref().expect("ok").event_id, ids[0]);
+            if with_notes {
+                // Each part carries exactly its own events' notifications.
+                let note_ids = |s: &Stored| s.notes.iter().flatten().map(|n| n.id).collect::<Vec<_>>();
+                assert_eq!((note_ids(&first), note_ids(&rest)), (vec![ids[1]], vec![ids[0]]));
+            } else {
+                assert!(first.notes.is_empty() && rest.notes.is_empty(), "no room kept per event");
+            }
+            assert!(entry.keys.is_empty());
         }
     }
 }

@@ -28,8 +28,9 @@ use tokio::time::Instant;
 use crate::engine::{resolve, Waiter};
 
 /// Acknowledged events released by an ack stage, in order: one result per
-/// event, each stored event's notification (`None` for a failed one, or
-/// without a notifier), and the waiters of those events.
+/// event, the stored events' notifications (`None` for a failed one; for
+/// each batch either one per event or none at all, so read them flattened),
+/// and the waiters of those events.
 #[derive(Default)]
 pub(crate) struct Stored {
     pub(crate) results: Vec<Result<Receipt, PublishError>>,
@@ -80,7 +81,12 @@ impl Awaiting {
 ///   [`NotificationOutcome::Queued`] (they are still on their way).
 /// - At most `cap` notifications wait to be sent; beyond that the oldest
 ///   are dropped and their events resolved as skipped.
-pub(crate) async fn notify_stage(mut rx: mpsc::UnboundedReceiver<Stored>, publisher: DualPublisher, max_in_flight: usize, cap: usize) {
+pub(crate) async fn notify_stage(
+    mut rx: mpsc::UnboundedReceiver<Stored>,
+    publisher: DualPublisher,
+    max_in_flight: usize,
+    cap: usize,
+) {
     use futures::stream::{FuturesOrdered, StreamExt};
     let bound = Duration::from_millis(publisher.config().notify_timeout_ms);
     let mut in_flight: FuturesOrdered<Pipeline> = FuturesOrdered::new();

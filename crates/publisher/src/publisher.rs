@@ -467,19 +467,21 @@ impl DualPublisher {
         let count = events.len();
         let notify = self.inner.notifier.is_some();
         if count == 0 {
-            return PendingStore { ids: Vec::new(), acks: None, notify, started: Instant::now() };
+            return PendingStore { ids: Vec::new(), notes: Vec::new(), acks: None, started: Instant::now() };
         }
         metrics::histogram!(m::BATCH_SIZE).record(count as f64);
         // Notifications are prepared only when a notifier will get them;
-        // otherwise the ids are enough for the receipts.
-        let ids: Vec<(EventId, Option<Notification>)> =
-            events.iter().map(|e| (e.id(), notify.then(|| Notification::for_event(e, None)))).collect();
+        // otherwise the ids are enough for the receipts (and take 16 bytes
+        // an event, not a notification's room).
+        let ids: Vec<EventId> = events.iter().map(Event::id).collect();
+        let notes: Vec<Notification> =
+            if notify { events.iter().map(|e| Notification::for_event(e, None)).collect() } else { Vec::new() };
         let started = Instant::now();
         let acks = match &self.inner.durable {
             Some(durable) => Some(durable.enqueue_batch(events).await),
             None => None,
         };
-        PendingStore { ids, acks, notify, started }
+        PendingStore { ids, notes, acks, started }
     }
 
     /// Send notifications as a background pipeline and say what became of
@@ -537,9 +539,11 @@ impl DualPublisher {
 /// come: from [`DualPublisher::enqueue_batch`].
 #[must_use = "the durable results come from stored()"]
 pub struct PendingStore {
-    ids: Vec<(EventId, Option<Notification>)>,
+    ids: Vec<EventId>,
+    /// One per event, in order, when the publisher has a notifier; else
+    /// empty.
+    notes: Vec<Notification>,
     acks: Option<PendingAcks>,
-    notify: bool,
     started: Instant,
 }
 
@@ -563,21 +567,19 @@ impl PendingStore {
     /// Await the durable acknowledgements: one result per event, and the
     /// notifications of the stored events, not sent yet.
     pub async fn stored(self) -> StoredBatch {
-        let PendingStore { ids, acks, notify, started } = self;
+        let PendingStore { ids, notes, acks, started } = self;
         let count = ids.len();
         let Some(acks) = acks else {
             // No durable sink (real-time only): every event is "published";
             // its notification has no position.
-            let mut notifications = Vec::with_capacity(count);
             let out = ids
                 .into_iter()
-                .map(|(event_id, n)| {
-                    notifications.extend(n);
-                    Ok(Receipt { event_id, position: None, notification: NotificationOutcome::Disabled })
-                })
+                .map(|event_id| Ok(Receipt { event_id, position: None, notification: NotificationOutcome::Disabled }))
                 .collect();
-            return StoredBatch { out, notifications };
+            return StoredBatch { out, notifications: notes };
         };
+        let notify = !notes.is_empty();
+        let mut notes = notes.into_iter();
         let results = acks.await;
         record_duration(started);
         if results.len() != count {
@@ -588,7 +590,8 @@ impl PendingStore {
         // Stored events are counted per topic, one run of equal topics at a time.
         let mut run: Option<(Arc<str>, u64)> = None;
         let mut results = results.into_iter();
-        for (event_id, n) in ids {
+        for event_id in ids {
+            let n = if notify { notes.next() } else { None };
             match results.next() {
                 Some(Ok(position)) => {
                     match &mut run {
