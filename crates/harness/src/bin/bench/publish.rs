@@ -105,7 +105,16 @@ async fn durable_engine(brokers: &str, topic: &str) -> BatchEngine {
     let publisher =
         DualPublisher::builder().durable(Arc::new(sink)).mode(Mode::DurableOnly).build().expect("publisher");
     publisher.publish(events(1, 10).remove(0)).await.expect("warm-up");
-    BatchEngine::new(publisher, BatchConfig::default()).expect("engine")
+    let mut config = BatchConfig::default();
+    // Diagnostic knobs, not for committed runs: the engine's lane count and
+    // batch size.
+    if let Some(lanes) = std::env::var("DUALSTREAM_BENCH_DURABLE_LANES").ok().and_then(|v| v.parse().ok()) {
+        config.lanes = lanes;
+    }
+    if let Some(max) = std::env::var("DUALSTREAM_BENCH_DURABLE_MAX_BATCH").ok().and_then(|v| v.parse().ok()) {
+        config.max_batch_events = max;
+    }
+    BatchEngine::new(publisher, config).expect("engine")
 }
 
 /// Submit every event concurrently from one task, one `submit` per event;
@@ -414,7 +423,9 @@ pub(super) async fn durable_throughput(brokers: &str, p: &Profile, pids: &Pids, 
 /// each round's rate and CPU per event; writes no row.
 pub(super) async fn profile_side(side: &str, brokers: &str, redis_url: &str, p: &Profile, pids: &Pids) {
     let (n, size) = (p.throughput_events, 150);
-    for round in 0..ROUNDS {
+    // Diagnostic: more rounds, to see a side's rate round after round.
+    let rounds = std::env::var("DUALSTREAM_BENCH_PROFILE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(ROUNDS);
+    for round in 0..rounds {
         let (rate, cpu) = match side {
             "durable-ours" => {
                 let topic = unique_topic("bench-dur-ours");
@@ -447,7 +458,9 @@ pub(super) async fn profile_side(side: &str, brokers: &str, redis_url: &str, p: 
                 measured(pids, n, hand_written_dual(&producer, &conn, &topic, events(n, size))).await
             }
             other => {
-                eprintln!("DUALSTREAM_BENCH_PROFILE_SIDE={other}: one of durable-ours, durable-raw, dual-ours, dual-hand");
+                eprintln!(
+                    "DUALSTREAM_BENCH_PROFILE_SIDE={other}: one of durable-ours, durable-raw, dual-ours, dual-hand"
+                );
                 std::process::exit(2);
             }
         };
