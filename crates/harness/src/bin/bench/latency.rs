@@ -280,12 +280,13 @@ async fn our_variant(
     if let Some(pipelines) = knob("HV_PIPELINES").and_then(|v| v.parse().ok()) {
         config.high_volume.pipelines = pipelines;
     }
-    let publisher = DualPublisher::builder()
-        .durable(sink)
-        .notifier(Arc::new(redis_notifier(redis_url)))
-        .config(config)
-        .build()
-        .expect("publisher");
+    let notifier: Arc<dyn RealtimeNotifier> = if split::on() {
+        Arc::new(split::SplitNotifier(redis_notifier(redis_url)))
+    } else {
+        Arc::new(redis_notifier(redis_url))
+    };
+    let publisher =
+        DualPublisher::builder().durable(sink).notifier(notifier).config(config).build().expect("publisher");
     publisher.publish(events(1, 10).remove(0)).await.expect("warm-up");
     let outcomes = Arc::new(Outcomes::default());
     let lat = if v.through_engine {
@@ -336,8 +337,11 @@ mod split {
     const HANDED: usize = 1;
     const ACKED: usize = 2;
     pub(super) const ARRIVED: usize = 3;
+    /// The notifier was called with the event's notification, and answered.
+    const TAKEN: usize = 4;
+    const ANSWERED: usize = 5;
 
-    type Marks = HashMap<dualstream::EventId, [Option<Instant>; 4]>;
+    type Marks = HashMap<dualstream::EventId, [Option<Instant>; 6]>;
     static MARKS: LazyLock<Mutex<Marks>> = LazyLock::new(Default::default);
     static ON: LazyLock<bool> = LazyLock::new(|| std::env::var_os("DUALSTREAM_BENCH_LAT_SPLIT").is_some());
 
@@ -358,15 +362,30 @@ mod split {
             return;
         }
         let marks = std::mem::take(&mut *MARKS.lock().expect("lock"));
-        let mut parts: [Vec<Duration>; 3] = Default::default();
+        let mut parts: [Vec<Duration>; 6] = Default::default();
         for m in marks.values() {
-            if let [Some(sent), Some(handed), Some(acked), Some(arrived)] = m {
+            if let [Some(sent), Some(handed), Some(acked), Some(arrived), taken, answered] = m {
                 parts[0].push(*handed - *sent);
                 parts[1].push(*acked - *handed);
                 parts[2].push(*arrived - *acked);
+                // The last part split at the notifier call (when the
+                // notification reached one).
+                if let (Some(taken), Some(answered)) = (taken, answered) {
+                    parts[3].push(taken.saturating_duration_since(*acked));
+                    parts[4].push(*arrived - *taken);
+                    parts[5].push(*answered - *taken);
+                }
             }
         }
-        for (name, mut d) in ["send → handed", "handed → acked", "acked → arrived"].into_iter().zip(parts) {
+        let names = [
+            "send → handed",
+            "handed → acked",
+            "acked → arrived",
+            "acked → in a notifier call",
+            "notifier call → arrived",
+            "notifier call → answered",
+        ];
+        for (name, mut d) in names.into_iter().zip(parts) {
             d.sort();
             println!(
                 "    {label}, {name}: p50 {:.2} p99 {:.2} ms ({} events)",
@@ -374,6 +393,31 @@ mod split {
                 crate::percentile(&d, 0.99),
                 d.len()
             );
+        }
+    }
+
+    /// The notifier, marking when a call with each notification starts and
+    /// when it is answered.
+    pub(super) struct SplitNotifier<N>(pub(super) N);
+
+    #[async_trait::async_trait]
+    impl<N: RealtimeNotifier> RealtimeNotifier for SplitNotifier<N> {
+        async fn notify(&self, notification: &Notification) -> Result<(), dualstream::NotifyError> {
+            mark(notification.id, TAKEN);
+            let r = self.0.notify(notification).await;
+            mark(notification.id, ANSWERED);
+            r
+        }
+
+        async fn notify_batch(&self, notifications: &[Notification]) -> Result<(), dualstream::NotifyError> {
+            notifications.iter().for_each(|n| mark(n.id, TAKEN));
+            let r = self.0.notify_batch(notifications).await;
+            notifications.iter().for_each(|n| mark(n.id, ANSWERED));
+            r
+        }
+
+        async fn health_check(&self) -> Result<(), dualstream::NotifyError> {
+            self.0.health_check().await
         }
     }
 
