@@ -147,8 +147,9 @@ fn keep_best<T>(best: &mut Option<Run<T>>, run: Run<T>) {
 pub(super) async fn latency(brokers: &str, redis_url: &str, p: &Profile, rows: &mut Vec<Row>) {
     // 100,000 events/s is reported, without a goal. Diagnostic knobs (not
     // for committed runs): RATES (comma-separated), ROUNDS, PARTITIONS, the
-    // engine's LANES and PIPELINES (`notify_pipelines`), HV_PIPELINES (the
-    // high-volume mode's `high_volume.pipelines`) and SPLIT (below).
+    // engine's LANES and PIPELINES (`notify_pipelines`), HV_PIPELINES and
+    // HV_MAX_BATCH (the high-volume mode's `high_volume.pipelines` and
+    // `max_batch`) and SPLIT (below).
     let rates: Vec<u64> = knob("RATES")
         .map(|v| v.split(',').filter_map(|r| r.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![2_000, 20_000, 100_000]);
@@ -279,6 +280,9 @@ async fn our_variant(
     let mut config = PublisherConfig { mode: v.mode, ..PublisherConfig::default() };
     if let Some(pipelines) = knob("HV_PIPELINES").and_then(|v| v.parse().ok()) {
         config.high_volume.pipelines = pipelines;
+    }
+    if let Some(max) = knob("HV_MAX_BATCH").and_then(|v| v.parse().ok()) {
+        config.high_volume.max_batch = max;
     }
     let notifier: Arc<dyn RealtimeNotifier> = if split::on() {
         Arc::new(split::SplitNotifier(redis_notifier(redis_url)))
