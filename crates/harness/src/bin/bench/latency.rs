@@ -293,36 +293,50 @@ async fn our_variant(
         DualPublisher::builder().durable(sink).notifier(notifier).config(config).build().expect("publisher");
     publisher.publish(events(1, 10).remove(0)).await.expect("warm-up");
     let outcomes = Arc::new(Outcomes::default());
-    let lat = if v.through_engine {
-        let engine = BatchEngine::new(publisher, engine_config.clone()).expect("engine");
-        let lat = to_subscriber(redis_url, rate, n, {
-            let (engine, outcomes) = (engine.clone(), outcomes.clone());
-            move |e: Event| {
-                let (engine, outcomes) = (engine.clone(), outcomes.clone());
-                async move {
-                    outcomes.add(engine.submit(e).await.ok().map(|r| r.notification).as_ref());
-                }
-            }
-        })
-        .await;
-        engine.shutdown().await;
-        lat
+    let caller = if v.through_engine {
+        Caller::Engine(BatchEngine::new(publisher, engine_config.clone()).expect("engine"))
     } else {
-        let lat = to_subscriber(redis_url, rate, n, {
-            let (publisher, outcomes) = (publisher.clone(), outcomes.clone());
-            move |e: Event| {
-                let (publisher, outcomes) = (publisher.clone(), outcomes.clone());
-                async move {
-                    outcomes.add(publisher.publish(e).await.ok().map(|r| r.notification).as_ref());
-                }
-            }
-        })
-        .await;
-        let _ = publisher.shutdown(Duration::from_secs(10)).await;
-        lat
+        Caller::Publisher(publisher)
     };
+    let lat = to_subscriber(redis_url, rate, n, {
+        let (caller, outcomes) = (caller.clone(), outcomes.clone());
+        move |e: Event| {
+            let (caller, outcomes) = (caller.clone(), outcomes.clone());
+            async move { outcomes.add(caller.send(e).await.as_ref()) }
+        }
+    })
+    .await;
+    caller.shutdown().await;
     split::report(v.label);
     Run { lat, counts: outcomes }
+}
+
+/// How a variant publishes: through the engine (`submit`) or straight
+/// through the publisher (`publish`).
+#[derive(Clone)]
+enum Caller {
+    Engine(BatchEngine),
+    Publisher(DualPublisher),
+}
+
+impl Caller {
+    /// Publish one event: its receipt's notification outcome, or `None` for
+    /// a publish that failed.
+    async fn send(&self, e: Event) -> Option<NotificationOutcome> {
+        match self {
+            Caller::Engine(engine) => engine.submit(e).await.ok().map(|r| r.notification),
+            Caller::Publisher(publisher) => publisher.publish(e).await.ok().map(|r| r.notification),
+        }
+    }
+
+    async fn shutdown(&self) {
+        match self {
+            Caller::Engine(engine) => engine.shutdown().await,
+            Caller::Publisher(publisher) => {
+                let _ = publisher.shutdown(Duration::from_secs(10)).await;
+            }
+        }
+    }
 }
 
 /// `DUALSTREAM_BENCH_LAT_SPLIT=1` (diagnostic, not for committed runs):

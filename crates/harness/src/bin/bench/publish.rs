@@ -108,13 +108,18 @@ async fn durable_engine(brokers: &str, topic: &str) -> BatchEngine {
     let mut config = BatchConfig::default();
     // Diagnostic knobs, not for committed runs: the engine's lane count and
     // batch size.
-    if let Some(lanes) = std::env::var("DUALSTREAM_BENCH_DURABLE_LANES").ok().and_then(|v| v.parse().ok()) {
+    if let Some(lanes) = env_knob("DUALSTREAM_BENCH_DURABLE_LANES") {
         config.lanes = lanes;
     }
-    if let Some(max) = std::env::var("DUALSTREAM_BENCH_DURABLE_MAX_BATCH").ok().and_then(|v| v.parse().ok()) {
+    if let Some(max) = env_knob("DUALSTREAM_BENCH_DURABLE_MAX_BATCH") {
         config.max_batch_events = max;
     }
     BatchEngine::new(publisher, config).expect("engine")
+}
+
+/// A diagnostic knob's value, when set and parseable.
+fn env_knob<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 /// Submit every event concurrently from one task, one `submit` per event;
@@ -424,7 +429,7 @@ pub(super) async fn durable_throughput(brokers: &str, p: &Profile, pids: &Pids, 
 pub(super) async fn profile_side(side: &str, brokers: &str, redis_url: &str, p: &Profile, pids: &Pids) {
     let (n, size) = (p.throughput_events, 150);
     // Diagnostic: more rounds, to see a side's rate round after round.
-    let rounds = std::env::var("DUALSTREAM_BENCH_PROFILE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(ROUNDS);
+    let rounds = env_knob("DUALSTREAM_BENCH_PROFILE_ROUNDS").unwrap_or(ROUNDS);
     for round in 0..rounds {
         let (rate, cpu) = match side {
             "durable-ours" => {
