@@ -565,7 +565,9 @@ impl Inner {
             readers.retain(|b| !b.sender.is_closed());
             let views: Vec<View> = readers.iter().map(|b| b.view(p)).collect();
             let high = self.known_high(&(Arc::clone(topic), p));
-            match choose_backfill(&views, req.next, high, self.backfill_readers, BACKFILL_AHEAD) {
+            let chosen = choose_backfill(&views, req.next, high, self.backfill_readers, BACKFILL_AHEAD);
+            tracing::debug!(%topic, partition = p, from = req.next, high, ?views, ?chosen, "far read routed");
+            match chosen {
                 Some(i) => Ok(readers[i].sender.clone()),
                 None => self.spawn_reader(topic, Role::Backfill).map(|b| {
                     let s = b.sender.clone();
@@ -1204,6 +1206,7 @@ impl TopicReader {
                 continue;
             }
             seeks += 1;
+            tracing::debug!(topic = %self.topic, partition = p, from = part.pos, to, overdue, reads = part.reqs.len(), "backfill reader moves back");
             part.restart_at(to, (to > 0).then_some(Probe { requested: to, back: 0 }));
             part.progress = Instant::now();
             part.reqs.append(&mut part.behind);

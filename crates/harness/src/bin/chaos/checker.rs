@@ -774,7 +774,7 @@ mod tests {
             client: 0,
             transport: Transport::Sse,
             full: false,
-            channels: vec![ChannelLog { source: 1, start: Some(12), ready_ms: Some(0), got, unreadable: Vec::new() }],
+            channels: vec![ChannelLog { source: 1, start: Some(12), ready_ms: Some(0), got, got_ms: Vec::new(), unreadable: Vec::new() }],
             connections: 2,
             errors: errors.iter().map(|at| (*at, "the stream broke".to_owned())).collect(),
             resets: (0..resets).map(|_| (30_000, "{}".to_owned())).collect(),

@@ -43,6 +43,8 @@ pub(crate) struct ChannelLog {
     pub(crate) ready_ms: Option<u32>,
     /// (offset, event id, digest of the whole event in full mode).
     pub(crate) got: Vec<(i64, u128, Option<u32>)>,
+    /// When each of `got` arrived (ms since the run began).
+    pub(crate) got_ms: Vec<u32>,
     /// Items the checker could not read.
     pub(crate) unreadable: Vec<String>,
 }
@@ -167,7 +169,10 @@ impl Client {
                     s.first_item_ms.get_or_insert(now);
                 }
                 match self.read_item(v) {
-                    Ok(got) if self.log.channels[i].start.is_some() => self.log.channels[i].got.push(got),
+                    Ok(got) if self.log.channels[i].start.is_some() => {
+                        self.log.channels[i].got.push(got);
+                        self.log.channels[i].got_ms.push(now);
+                    }
                     Ok(_) => self.log.channels[i].unreadable.push(format!("an item before the channel's first token: {v}")),
                     Err(e) => self.log.channels[i].unreadable.push(format!("{e}: {v}")),
                 }

@@ -846,6 +846,56 @@ impl Report {
         }
     }
 
+    /// How far behind each gateway client was, once a minute: the acknowledged events of its
+    /// channels it had not yet received, and how long ago the oldest of them was acknowledged. A
+    /// backlog that grows from minute to minute shows where a catch-up falls behind.
+    fn print_gateway_lag(&self) {
+        let logs = &self.ended.gateway_logs;
+        if logs.is_empty() {
+            return;
+        }
+        // Each source's acknowledged events: (when acknowledged, offset), by acknowledgement.
+        let mut acked: HashMap<usize, Vec<(u32, i64)>> = HashMap::new();
+        for s in &self.sent {
+            if let Told::Acked { offset, .. } = s.told {
+                acked.entry(s.source).or_default().push((s.told_ms, offset));
+            }
+        }
+        for v in acked.values_mut() {
+            v.sort_unstable();
+        }
+        let end_ms = logs.iter().map(|g| g.final_began_ms).max().unwrap_or(0);
+        println!("\n| gateway clients behind, at minute: events owed / oldest owed, s | {} |", {
+            let header: Vec<String> = logs.iter().map(|g| format!("client {}", g.client)).collect();
+            header.join(" | ")
+        });
+        for minute in 1..=end_ms.div_ceil(60_000) {
+            let t = (minute * 60_000).min(end_ms);
+            let cells: Vec<String> = logs
+                .iter()
+                .map(|g| {
+                    let (mut owed, mut oldest) = (0usize, None::<u32>);
+                    for c in g.channels.iter().filter(|c| c.ready_ms.is_some_and(|r| r <= t)) {
+                        let delivered = c.got_ms.partition_point(|&ms| ms <= t);
+                        let last = c.got[..delivered].last().map(|g| g.0).or(c.start.map(|s| s - 1)).unwrap_or(-1);
+                        let events = acked.get(&c.source).map(Vec::as_slice).unwrap_or_default();
+                        for &(ms, offset) in events.iter().take_while(|(ms, _)| *ms <= t) {
+                            if offset > last {
+                                owed += 1;
+                                oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
+                            }
+                        }
+                    }
+                    match oldest {
+                        Some(o) => format!("{owed} / {:.0}", f64::from(t - o) / 1000.0),
+                        None => "0".to_owned(),
+                    }
+                })
+                .collect();
+            println!("| {:.1} | {} |", f64::from(t) / 60_000.0, cells.join(" | "));
+        }
+    }
+
     /// Why events failed or went unknown, the anomalies, and the lines that show them.
     fn print_reasons(&self) {
         let Report { sent, checked, ended, .. } = self;
@@ -1067,6 +1117,7 @@ async fn main() {
     };
     report.print_events(&a);
     report.print_gateway();
+    report.print_gateway_lag();
     report.print_reasons();
     let (failed_run, broker) = report.verdict(&a, &services);
     report.print_summary(&a, broker, failed_run);
@@ -1092,6 +1143,19 @@ fn backfill_rate() -> u32 {
 /// The secret the run's gateway signs with.
 const GATEWAY_SECRET: &str = "chaos-gateway-secret-of-at-least-32-bytes";
 
+/// The gateway's tail cache, records per partition (`join.cache_records`): 65,536, about 100 s of
+/// one of the run's partitions, or `DUALSTREAM_CHAOS_CACHE_RECORDS` for runs that measure another.
+/// Its clients come back from a gateway kill or a burst of broker faults tens of seconds behind;
+/// with the default 4,096 (about 6 s here) those resumes went to the budgeted backfill readers,
+/// which on tansu cannot outrun the writes, and the clients fell behind for good
+/// (docs/reliability.md, "Gateway clients under chaos"; docs/operations.md).
+fn tail_cache_records() -> usize {
+    match std::env::var("DUALSTREAM_CHAOS_CACHE_RECORDS") {
+        Ok(v) => v.parse().unwrap_or_else(|_| panic!("DUALSTREAM_CHAOS_CACHE_RECORDS={v:?}: not a number")),
+        Err(_) => 65_536,
+    }
+}
+
 /// The run's gateway: `DUALSTREAM_GATEWAY_BIN`, or `dualstream-gateway`
 /// beside this binary, on the run's broker (through its proxy) and Redis
 /// (through its delay proxy), reading uncommitted as the joins do.
@@ -1110,9 +1174,10 @@ fn start_gateway(brokers: &str, redis_url: &str) -> Result<OwnedGateway, String>
     let config = format!(
         "topic = \"{TOPIC}\"\ndashboard = false\n\
          [redis]\nchannel_prefix = \"{PREFIX}\"\n\
-         [join]\nidle_check_ms = 300\nbackfill_records_per_sec = {}\n\
+         [join]\nidle_check_ms = 300\nbackfill_records_per_sec = {}\ncache_records = {}\n\
          [replay.librdkafka_options]\n\"isolation.level\" = \"read_uncommitted\"\n",
-        backfill_rate()
+        backfill_rate(),
+        tail_cache_records()
     );
     // DUALSTREAM_CHAOS_GATEWAY_LOG: the gateway's RUST_LOG (its log file is named at the end).
     let log =
