@@ -1135,11 +1135,17 @@ async fn main() {
 const TANSU_BACKFILL_RATE: u32 = 3_000;
 
 fn backfill_rate() -> u32 {
-    match std::env::var("DUALSTREAM_CHAOS_BACKFILL_RATE") {
-        Ok(v) => v.parse().unwrap_or_else(|_| panic!("DUALSTREAM_CHAOS_BACKFILL_RATE={v:?}: not a number")),
-        Err(_) => TANSU_BACKFILL_RATE,
+    env_number("DUALSTREAM_CHAOS_BACKFILL_RATE", TANSU_BACKFILL_RATE)
+}
+
+/// A number from the environment variable `name`, or `default` when it is not set.
+fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v.parse().unwrap_or_else(|_| panic!("{name}={v:?}: not a number")),
+        Err(_) => default,
     }
 }
+
 /// The secret the run's gateway signs with.
 const GATEWAY_SECRET: &str = "chaos-gateway-secret-of-at-least-32-bytes";
 
@@ -1150,10 +1156,7 @@ const GATEWAY_SECRET: &str = "chaos-gateway-secret-of-at-least-32-bytes";
 /// which on tansu cannot outrun the writes, and the clients fell behind for good
 /// (docs/reliability.md, "Gateway clients under chaos"; docs/operations.md).
 fn tail_cache_records() -> usize {
-    match std::env::var("DUALSTREAM_CHAOS_CACHE_RECORDS") {
-        Ok(v) => v.parse().unwrap_or_else(|_| panic!("DUALSTREAM_CHAOS_CACHE_RECORDS={v:?}: not a number")),
-        Err(_) => 65_536,
-    }
+    env_number("DUALSTREAM_CHAOS_CACHE_RECORDS", 65_536)
 }
 
 /// The run's gateway: `DUALSTREAM_GATEWAY_BIN`, or `dualstream-gateway`
