@@ -32,7 +32,7 @@ pub(super) const PARTITIONS: i32 = 8;
 /// A knob, from `DUALSTREAM_BENCH_GW_<NAME>` when set (to scale the group
 /// down on a smaller machine), else `default`.
 fn knob(name: &str, default: usize) -> usize {
-    std::env::var(format!("DUALSTREAM_BENCH_GW_{name}")).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    super::env_knob(&format!("DUALSTREAM_BENCH_GW_{name}")).unwrap_or(default)
 }
 
 #[derive(Clone, Copy)]
@@ -1060,8 +1060,8 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
         return;
     }
     let rates: Vec<usize> =
-        match (std::env::var("DUALSTREAM_BENCH_GW_RATES"), std::env::var("DUALSTREAM_BENCH_GW_RATE")) {
-            (Ok(list), _) => list.split(',').filter_map(|r| r.trim().parse().ok()).collect(),
+        match (super::env_list("DUALSTREAM_BENCH_GW_RATES"), std::env::var("DUALSTREAM_BENCH_GW_RATE")) {
+            (Some(list), _) => list,
             (_, Ok(_)) => vec![k.rate],
             _ => vec![200, 1_000, 5_000],
         };

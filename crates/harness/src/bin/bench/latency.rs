@@ -104,8 +104,8 @@ async fn hand_written(brokers: &str, redis_url: &str, topic: &str, rate: u64, n:
 }
 
 /// A diagnostic knob of the group: `DUALSTREAM_BENCH_LAT_<name>`.
-fn knob(name: &str) -> Option<String> {
-    std::env::var(format!("DUALSTREAM_BENCH_LAT_{name}")).ok()
+fn knob<T: std::str::FromStr>(name: &str) -> Option<T> {
+    super::env_knob(&format!("DUALSTREAM_BENCH_LAT_{name}"))
 }
 
 /// Rounds of each rate: in each, every side runs once (the hand-written
@@ -150,16 +150,15 @@ pub(super) async fn latency(brokers: &str, redis_url: &str, p: &Profile, rows: &
     // engine's LANES and PIPELINES (`notify_pipelines`), HV_PIPELINES and
     // HV_MAX_BATCH (the high-volume mode's `high_volume.pipelines` and
     // `max_batch`) and SPLIT (below).
-    let rates: Vec<u64> = knob("RATES")
-        .map(|v| v.split(',').filter_map(|r| r.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![2_000, 20_000, 100_000]);
-    let rounds: usize = knob("ROUNDS").and_then(|v| v.parse().ok()).filter(|&r| r > 0).unwrap_or(ROUNDS);
-    let partitions: i32 = knob("PARTITIONS").and_then(|v| v.parse().ok()).unwrap_or(3);
+    let rates: Vec<u64> = super::env_list("DUALSTREAM_BENCH_LAT_RATES").unwrap_or_else(|| vec![2_000, 20_000, 100_000]);
+    let rounds: usize = knob("ROUNDS").unwrap_or(ROUNDS);
+    assert!(rounds > 0, "DUALSTREAM_BENCH_LAT_ROUNDS=0: at least 1 round");
+    let partitions: i32 = knob("PARTITIONS").unwrap_or(3);
     let mut engine_config = BatchConfig::default();
-    if let Some(lanes) = knob("LANES").and_then(|v| v.parse().ok()) {
+    if let Some(lanes) = knob("LANES") {
         engine_config.lanes = lanes;
     }
-    if let Some(pipelines) = knob("PIPELINES").and_then(|v| v.parse().ok()) {
+    if let Some(pipelines) = knob("PIPELINES") {
         engine_config.notify_pipelines = pipelines;
     }
     for rate in rates {
@@ -278,10 +277,10 @@ async fn our_variant(
     let sink = KafkaSink::new(sink_config(brokers, topic)).expect("sink");
     let sink: Arc<dyn DurableSink> = if split::on() { Arc::new(split::SplitSink(sink)) } else { Arc::new(sink) };
     let mut config = PublisherConfig { mode: v.mode, ..PublisherConfig::default() };
-    if let Some(pipelines) = knob("HV_PIPELINES").and_then(|v| v.parse().ok()) {
+    if let Some(pipelines) = knob("HV_PIPELINES") {
         config.high_volume.pipelines = pipelines;
     }
-    if let Some(max) = knob("HV_MAX_BATCH").and_then(|v| v.parse().ok()) {
+    if let Some(max) = knob("HV_MAX_BATCH") {
         config.high_volume.max_batch = max;
     }
     let notifier: Arc<dyn RealtimeNotifier> = if split::on() {

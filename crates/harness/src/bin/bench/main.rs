@@ -99,15 +99,28 @@ fn notifications(n: usize) -> Vec<Notification> {
         .collect()
 }
 
+/// A knob from the environment variable `name`, when set. A value that does
+/// not parse stops the run with its name, rather than run with the default
+/// as if the knob were not set.
+fn env_knob<T: std::str::FromStr>(name: &str) -> Option<T> {
+    let v = std::env::var(name).ok()?;
+    Some(v.trim().parse().unwrap_or_else(|_| panic!("{name}={v:?}: not a {}", std::any::type_name::<T>())))
+}
+
+/// A comma-separated list of knobs from the environment variable `name`,
+/// when set; an item that does not parse stops the run, as in [`env_knob`].
+fn env_list<T: std::str::FromStr>(name: &str) -> Option<Vec<T>> {
+    let v = std::env::var(name).ok()?;
+    let item = |r: &str| r.trim().parse().unwrap_or_else(|_| panic!("{name}={v:?}: {r:?} is not a {}", std::any::type_name::<T>()));
+    Some(v.split(',').map(item).collect())
+}
+
 fn sink_config(brokers: &str, topic: &str) -> KafkaSinkConfig {
     KafkaSinkConfig {
         bootstrap_servers: brokers.to_owned(),
         topic: dualstream::kafka::TopicRouting::Single { topic: topic.to_owned() },
         // Both sides' linger (default: the sink's own 5 ms); docs/benchmark-analysis.md, "Produce requests per side".
-        linger_ms: std::env::var("DUALSTREAM_BENCH_LINGER_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(KafkaSinkConfig::default().linger_ms),
+        linger_ms: env_knob("DUALSTREAM_BENCH_LINGER_MS").unwrap_or(KafkaSinkConfig::default().linger_ms),
         ..KafkaSinkConfig::default()
     }
 }

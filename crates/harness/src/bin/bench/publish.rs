@@ -18,7 +18,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, FutureProducer, FutureRecord, Producer, ThreadedProducer};
 
 use crate::measure::{CpuPerEvent, CpuSnap, Pids};
-use crate::{events, notifications, payload, percentile, sink_config, Profile, Row};
+use crate::{env_knob, events, notifications, payload, percentile, sink_config, Profile, Row};
 
 pub(super) async fn raw_producer(brokers: &str, topic: &str) -> FutureProducer {
     let p: FutureProducer = sink_config(brokers, topic).client_config().expect("config").create().expect("producer");
@@ -115,11 +115,6 @@ async fn durable_engine(brokers: &str, topic: &str) -> BatchEngine {
         config.max_batch_events = max;
     }
     BatchEngine::new(publisher, config).expect("engine")
-}
-
-/// A diagnostic knob's value, when set and parseable.
-fn env_knob<T: std::str::FromStr>(name: &str) -> Option<T> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 /// Submit every event concurrently from one task, one `submit` per event;
