@@ -23,7 +23,8 @@
 //!   reader's position back, which would hold every join at the tail behind
 //!   it. The tail reader hands it to a small pool of backfill readers per
 //!   topic (`backfill_readers`, one consumer each, started as needed; each
-//!   far read goes to the one that serves it soonest, [`choose_backfill`]).
+//!   far read goes to the one that serves it soonest, and under a budget
+//!   the reads of one partition share one sweep, [`choose_backfill`]).
 //!   A backfill reader works like the tail reader, except
 //!   that a range older than its cache waits for the reads in progress to
 //!   end, then moves its position back once for all that waited, and it
@@ -158,6 +159,11 @@ const CACHE_MAX_BYTES: usize = 32 << 20;
 /// position (the reader gets there in a second or two); further ahead, to
 /// a reader free to start there.
 const BACKFILL_AHEAD: i64 = 8_192;
+/// Under a backfill budget, a far read below a backfill reader's cache
+/// joins that reader's sweep of the partition (which moves back for it)
+/// when it is at most this many records below the cache; further below, it
+/// gets a sweep of its own ([`choose_backfill`]).
+const SHARE_BACK: i64 = BACKFILL_CACHE_RECORDS as i64;
 /// How long a read older than a backfill reader's cache waits for the reads
 /// in progress to end before the reader moves back anyway (they go on from
 /// the lower position; nothing is lost, they read some records again).
@@ -565,7 +571,9 @@ impl Inner {
             readers.retain(|b| !b.sender.is_closed());
             let views: Vec<View> = readers.iter().map(|b| b.view(p)).collect();
             let high = self.known_high(&(Arc::clone(topic), p));
-            let chosen = choose_backfill(&views, req.next, high, self.backfill_readers, BACKFILL_AHEAD);
+            let budgeted = self.budget.lock().unwrap_or_else(PoisonError::into_inner).is_some();
+            let share = budgeted.then_some(SHARE_BACK);
+            let chosen = choose_backfill(&views, req.next, high, self.backfill_readers, BACKFILL_AHEAD, share);
             tracing::debug!(%topic, partition = p, from = req.next, high, ?views, ?chosen, "far read routed");
             match chosen {
                 Some(i) => Ok(readers[i].sender.clone()),
@@ -1000,13 +1008,23 @@ struct View {
 ///    partition (on a broker that serves few records a second, separate
 ///    sweeps of one partition divide its reads between them and each gets
 ///    nowhere);
-/// 2. a reader that follows nothing;
-/// 3. a new reader, while there are fewer than `max`;
-/// 4. the reader following the fewest partitions, among those that do not
+/// 2. with `share` (the readers have a budget): a reader that follows the
+///    partition at all, from below however far, or from above when it
+///    moves back at most `share` records below its cache; the nearest.
+///    Under a budget the readers together take a fixed number of records
+///    a second, so a second sweep of one partition halves the first's
+///    rate, and two sweeps that each read less than the partition's write
+///    rate both fall behind for good (docs/reliability.md, "The runs of
+///    2026-12-06"). A read further below gets a sweep of its own, so that
+///    a client resuming from offset 0 over and over cannot keep sending
+///    the sweep of every other client back;
+/// 3. a reader that follows nothing;
+/// 4. a new reader, while there are fewer than `max`;
+/// 5. the reader following the fewest partitions, among those that do not
 ///    follow this one: it starts reading it at `next`;
-/// 5. a reader that follows the partition from below: it gets there;
-/// 6. the reader that moves back least.
-fn choose_backfill(views: &[View], next: i64, high: i64, max: usize, ahead: i64) -> Option<usize> {
+/// 6. a reader that follows the partition from below: it gets there;
+/// 7. the reader that moves back least.
+fn choose_backfill(views: &[View], next: i64, high: i64, max: usize, ahead: i64, share: Option<i64>) -> Option<usize> {
     let pick = |f: &dyn Fn(&View) -> Option<i64>| {
         views.iter().enumerate().filter_map(|(i, v)| f(v).map(|k| (k, i))).min().map(|(_, i)| i)
     };
@@ -1014,7 +1032,11 @@ fn choose_backfill(views: &[View], next: i64, high: i64, max: usize, ahead: i64)
     // Nearest first: the reader that gets there soonest.
     let covers =
         |v: &View| v.span.and_then(|(from, pos)| (from <= next && next <= pos + reach).then_some((next - pos).max(0)));
+    let shares = |back: i64| {
+        move |v: &View| v.span.and_then(|(from, pos)| (next >= from - back).then_some((next - pos).max(from - next)))
+    };
     pick(&covers)
+        .or_else(|| share.and_then(|back| pick(&shares(back))))
         .or_else(|| pick(&|v| (v.parts == 0).then_some(0)))
         .or((views.len() < max).then_some(usize::MAX))
         .or_else(|| pick(&|v| v.span.is_none().then_some(v.parts as i64)))
@@ -1188,12 +1210,17 @@ impl TopicReader {
     /// But not for longer than `BEHIND_MAX`: with clients reconnecting all
     /// the time, the reads in progress need not end for minutes; then it
     /// moves back under them (they go on from there, reading again what
-    /// they passed, and none is lost).
+    /// they passed, and none is lost). Nor while the reads in progress have
+    /// received nothing since the last move: then there is nothing to
+    /// throw away but the fetch in flight, and the reads that come within
+    /// a second of each other (every client of a gateway that restarted)
+    /// start one sweep from the oldest instead of waiting seconds for it.
     fn move_back(&mut self, consumer: &impl Fetcher) {
         let mut seeks = 0;
         for (p, part) in &mut self.parts {
             let overdue = part.behind_since.is_some_and(|since| since.elapsed() >= BEHIND_MAX);
-            if (!part.reqs.is_empty() || !part.parked.is_empty()) && !overdue {
+            let nothing_yet = part.cache.is_empty();
+            if (!part.reqs.is_empty() || !part.parked.is_empty()) && !overdue && !nothing_yet {
                 continue;
             }
             let Some(to) = part.behind.iter().map(|r| r.next).min() else {
@@ -1781,6 +1808,27 @@ mod tests {
         assert_eq!(r.parts[&0].cache.len(), 16, "the cache shrank back once nobody needed its oldest records");
     }
 
+    /// A read older than the cache moves the reader back at once while the
+    /// reads in progress have received nothing since its last move (the
+    /// resumes after a gateway restart arrive within a second): one sweep
+    /// from the oldest serves them all.
+    #[test]
+    fn a_read_behind_moves_back_at_once_while_nothing_has_been_read() {
+        let broker = Tansu::new(1, 1_000);
+        let mut r = reader(64);
+        let (req_a, mut a) = Read::new(500, 1_000, "b");
+        r.add(&broker, 0, req_a);
+        let (req_b, mut b) = Read::new(100, 400, "a");
+        r.add(&broker, 0, req_b);
+        r.move_back(&broker);
+        assert_eq!(*broker.seeks.borrow(), [500, 100], "moved back before any record came");
+        pump(&mut r, &broker, &mut [&mut a, &mut b], |_| true);
+        a.drain();
+        b.drain();
+        assert_eq!((b.got, b.holes), (of_key(100, 400, "a"), vec![]));
+        assert_eq!((a.got, a.holes), (of_key(500, 1_000, "b"), vec![]));
+    }
+
     /// A read older than the cache does not wait for ever: after
     /// `BEHIND_MAX` the backfill reader moves back under the read in
     /// progress, and both get every record of their key.
@@ -1893,7 +1941,7 @@ mod tests {
     #[test]
     fn a_far_read_goes_to_the_reader_that_serves_it_soonest() {
         // The partition ends at 10,000.
-        let choose = |views: &[View], next| choose_backfill(views, next, 10_000, 3, 100);
+        let choose = |views: &[View], next| choose_backfill(views, next, 10_000, 3, 100, None);
         // Covered, or at most `ahead` past the position.
         assert_eq!(choose(&[following(0, 50, 1), following(1_000, 2_000, 1)], 1_500), Some(1));
         assert_eq!(choose(&[following(0, 50, 1), following(1_000, 2_000, 1)], 2_100), Some(1));
@@ -1917,7 +1965,32 @@ mod tests {
         let past = [following(3_000, 4_000, 1), following(1_000, 2_000, 1), following(2_000, 2_500, 1)];
         assert_eq!(choose(&past, 500), Some(1));
         // A pool of one: always that one.
-        assert_eq!(choose_backfill(&[following(3_000, 4_000, 1)], 0, 10_000, 1, 100), Some(0));
+        assert_eq!(choose_backfill(&[following(3_000, 4_000, 1)], 0, 10_000, 1, 100, None), Some(0));
+    }
+
+    /// Under a budget, a far read of a partition that a reader follows goes
+    /// to that reader's sweep: from below however far ahead, from above
+    /// when it is at most `back` records below the cache. Two sweeps of one
+    /// partition would split the budget between them.
+    #[test]
+    fn under_a_budget_far_reads_of_a_partition_share_its_sweep() {
+        let choose = |views: &[View], next| choose_backfill(views, next, 10_000, 3, 100, Some(500));
+        let one = [following(1_000, 2_000, 1), other(0)];
+        // Nearer to the end than to the position: the sweep, not the idle reader.
+        assert_eq!(choose(&one, 9_000), Some(0));
+        // Below the cache within `back`: the sweep moves back for it.
+        assert_eq!(choose(&one, 500), Some(0));
+        // Further below: a sweep of its own (the idle reader, then a new one).
+        assert_eq!(choose(&one, 499), Some(1));
+        assert_eq!(choose(&[following(1_000, 2_000, 1)], 100), None);
+        // Below two sweeps: the one whose cache starts nearest above.
+        let two = [following(5_000, 6_000, 1), following(1_000, 2_000, 1)];
+        assert_eq!(choose(&two, 4_600), Some(1), "reader 1 reaches it from below");
+        assert_eq!(choose(&two, 800), Some(1));
+        let two = [following(1_200, 2_000, 1), following(1_000, 2_000, 1)];
+        assert_eq!(choose(&two, 800), Some(1));
+        // A reader that follows other partitions only is no sweep of this one.
+        assert_eq!(choose(&[other(2)], 3_000), None);
     }
 
     /// The reader tells the router what its cache covers as it reads, after
