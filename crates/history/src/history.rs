@@ -28,7 +28,8 @@
 //!   A backfill reader works like the tail reader, except
 //!   that a range older than its cache waits for the reads in progress to
 //!   end, then moves its position back once for all that waited, and it
-//!   stops following a partition a few seconds after its last read. A join's next range, near the tail, goes
+//!   pauses a partition a second after its last read, keeping its cache
+//!   and position for the next, and stops following it 30 s after. A join's next range, near the tail, goes
 //!   to the tail reader again.
 
 use std::collections::{HashMap, VecDeque};
@@ -139,10 +140,23 @@ const RANGE_BUFFER: usize = 64;
 /// A partition nobody asked the tail reader for this long is no longer
 /// followed.
 const FOLLOW_LINGER: Duration = Duration::from_secs(30);
-/// The same for a backfill reader: long enough for a join's next range
-/// (which starts where the last one ended), short enough not to follow
-/// the tail for nothing.
-const BACKFILL_LINGER: Duration = Duration::from_secs(5);
+/// The same for a backfill reader. It pauses a partition nobody reads after
+/// `BACKFILL_PAUSE` (it takes no records, and no budget, while paused) and
+/// keeps its cache and position this long: a client that comes back (its
+/// connections last seconds, and a broker kill ends them all) finds its
+/// records there and its sweep where it was. Dropped after 5 s, the sweep
+/// started over from the client's token, and a new sweep waits seconds for
+/// its first record (docs/reliability.md, "The runs of the late evening of
+/// 2026-12-06").
+const BACKFILL_LINGER: Duration = Duration::from_secs(30);
+/// How long a backfill reader follows a partition nobody reads before it
+/// pauses it: a join's next range, which starts where the last one ended,
+/// comes well within it.
+const BACKFILL_PAUSE: Duration = Duration::from_secs(1);
+/// A paused partition fetches again from this many records below its
+/// position, and the probe reads from earlier if the broker's first record
+/// is past the position (see [`Probe`]).
+const RESUME_BACK: i64 = 64;
 /// Records the cache may hold past `cache_records` while a parked read
 /// still needs its oldest ones (see [`Part::trim`]).
 const PARKED_EXTRA: usize = 8_192;
@@ -784,6 +798,10 @@ pub(crate) trait Fetcher {
     fn seek(&self, topic: &str, p: i32, offset: i64, timeout: Duration) -> rdkafka::error::KafkaResult<()>;
     /// Stop reading partitions `ps`.
     fn unassign(&self, topic: &str, ps: &[i32]) -> rdkafka::error::KafkaResult<()>;
+    /// Stop fetching partition `p` for now; it stays assigned.
+    fn pause(&self, topic: &str, p: i32) -> rdkafka::error::KafkaResult<()>;
+    /// Fetch partition `p` again (the reader seeks it then).
+    fn resume(&self, topic: &str, p: i32) -> rdkafka::error::KafkaResult<()>;
 }
 
 impl Fetcher for StreamConsumer {
@@ -803,6 +821,18 @@ impl Fetcher for StreamConsumer {
             tpl.add_partition(topic, *p);
         }
         self.incremental_unassign(&tpl)
+    }
+
+    fn pause(&self, topic: &str, p: i32) -> rdkafka::error::KafkaResult<()> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, p);
+        Consumer::pause(self, &tpl)
+    }
+
+    fn resume(&self, topic: &str, p: i32) -> rdkafka::error::KafkaResult<()> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, p);
+        Consumer::resume(self, &tpl)
     }
 }
 
@@ -837,6 +867,9 @@ struct Part {
     seen: Arc<AtomicI64>,
     /// `covered_from` and `pos`, for the router of far reads.
     span: Arc<Span>,
+    /// Whether the consumer's fetching of the partition is paused (a
+    /// backfill reader's partition nobody reads, see `BACKFILL_PAUSE`).
+    paused: bool,
 }
 
 impl Part {
@@ -865,6 +898,20 @@ impl Part {
         let need = self.reqs.iter().map(|r| r.next).fold(probe.requested, i64::min);
         let back = (probe.back * 4).max(64);
         ((need - back).max(0), Probe { requested: need, back })
+    }
+
+    /// Fetch a paused partition again: from a little below the position,
+    /// with a probe, so that a broker that answers with the next batch
+    /// (tansu) cannot make the records from the position on look missing;
+    /// records below the position are skipped, the cache is kept.
+    fn wake(&mut self, consumer: &impl Fetcher, topic: &str, p: i32, timeout: Duration) -> rdkafka::error::KafkaResult<()> {
+        // The probe first: should the seek fail, a record past the position
+        // still sends the reader back rather than open a hole.
+        self.probe = (self.pos > 0).then_some(Probe { requested: self.pos, back: RESUME_BACK });
+        self.paused = false;
+        self.progress = Instant::now();
+        consumer.resume(topic, p)?;
+        consumer.seek(topic, p, (self.pos - RESUME_BACK).max(0), timeout)
     }
 
     /// Offer a read the cached records from its `next` on. `Step::Go` means
@@ -1145,6 +1192,13 @@ impl TopicReader {
         }
         if let Some(part) = self.parts.get_mut(&p) {
             part.used = now;
+            if part.paused {
+                if let Err(e) = part.wake(consumer, &self.topic, p, self.timeout) {
+                    req.ticket.fail(e.into());
+                    return;
+                }
+                tracing::debug!(topic = %self.topic, partition = p, at = part.pos, "backfill reader resumes a partition");
+            }
             if far {
                 part.behind.push(req);
                 part.behind_since.get_or_insert(now);
@@ -1194,6 +1248,7 @@ impl TopicReader {
                 skipped: 0,
                 seen,
                 span,
+                paused: false,
             },
         );
     }
@@ -1413,9 +1468,14 @@ impl TopicReader {
                     });
                 }
             }
-            if part.reqs.is_empty() && part.parked.is_empty() && part.behind.is_empty() && part.used.elapsed() > linger
-            {
+            let unread = part.reqs.is_empty() && part.parked.is_empty() && part.behind.is_empty();
+            if unread && part.used.elapsed() > linger {
                 drop_parts.push(*p);
+            } else if unread && self.role == Role::Backfill && !part.paused && part.used.elapsed() > BACKFILL_PAUSE {
+                match consumer.pause(&self.topic, *p) {
+                    Ok(()) => part.paused = true,
+                    Err(e) => tracing::warn!(topic = %self.topic, partition = p, error = %e, "history reader: pause failed"),
+                }
             }
         }
         // Reads that waited for the ones in progress to end.
@@ -1474,11 +1534,12 @@ mod tests {
         end: i64,
         at: Cell<i64>,
         seeks: RefCell<Vec<i64>>,
+        paused: Cell<bool>,
     }
 
     impl Tansu {
         fn new(batch: i64, end: i64) -> Self {
-            Self { batch, first: 0, end, at: Cell::new(end), seeks: RefCell::new(Vec::new()) }
+            Self { batch, first: 0, end, at: Cell::new(end), seeks: RefCell::new(Vec::new()), paused: Cell::new(false) }
         }
 
         /// Where a fetch from `offset` starts: the batch's base when
@@ -1492,7 +1553,7 @@ mod tests {
         /// The next record the consumer returns.
         fn next(&self) -> Option<i64> {
             let o = self.at.get();
-            (o < self.end).then(|| {
+            (o < self.end && !self.paused.get()).then(|| {
                 self.at.set(o + 1);
                 o
             })
@@ -1511,6 +1572,16 @@ mod tests {
         }
 
         fn unassign(&self, _: &str, _: &[i32]) -> rdkafka::error::KafkaResult<()> {
+            Ok(())
+        }
+
+        fn pause(&self, _: &str, _: i32) -> rdkafka::error::KafkaResult<()> {
+            self.paused.set(true);
+            Ok(())
+        }
+
+        fn resume(&self, _: &str, _: i32) -> rdkafka::error::KafkaResult<()> {
+            self.paused.set(false);
             Ok(())
         }
     }
@@ -1827,6 +1898,39 @@ mod tests {
         b.drain();
         assert_eq!((b.got, b.holes), (of_key(100, 400, "a"), vec![]));
         assert_eq!((a.got, a.holes), (of_key(500, 1_000, "b"), vec![]));
+    }
+
+    /// A backfill reader pauses a partition nobody reads and keeps its
+    /// cache and position: a client that comes back from inside the cache
+    /// is served from it, and the sweep goes on from where it was (fetching
+    /// from a little below it, and from further back when the broker's
+    /// first record is past it), with nothing missing. It used to drop the
+    /// partition 5 s after its last read and start over.
+    #[test]
+    fn a_paused_sweep_keeps_its_cache_and_goes_on_from_its_position() {
+        // 300: the broker's answer starts at the position; 398: past it
+        // (its next batch starts at 400, and 398 is a record of "b").
+        for stop in [300, 398] {
+            let broker = Tansu::new(100, 1_000);
+            let mut r = reader(1_000);
+            let (req, mut a) = Read::new(100, stop, "a");
+            r.add(&broker, 0, req);
+            pump(&mut r, &broker, &mut [&mut a], |o| o + 1 < stop);
+            a.drain();
+            assert_eq!((a.got, a.holes), (of_key(100, stop, "a"), vec![]));
+            r.housekeeping(&broker);
+            assert!(!r.parts[&0].paused, "not within BACKFILL_PAUSE of its last read");
+            r.parts.get_mut(&0).expect("part").used = Instant::now() - BACKFILL_PAUSE * 2;
+            r.housekeeping(&broker);
+            assert!(r.parts[&0].paused && broker.paused.get(), "paused");
+            assert_eq!(broker.next(), None, "nothing fetched while paused");
+            let (req, mut b) = Read::new(150, 800, "b");
+            r.add(&broker, 0, req);
+            assert!(!r.parts[&0].paused && !broker.paused.get(), "resumed");
+            pump(&mut r, &broker, &mut [&mut b], |_| true);
+            b.drain();
+            assert_eq!((b.got, b.holes), (of_key(150, 800, "b"), vec![]), "stop {stop}: the cache, then the sweep");
+        }
     }
 
     /// A read older than the cache does not wait for ever: after
