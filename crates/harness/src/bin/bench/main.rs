@@ -19,7 +19,10 @@ use clap::Parser;
 use dualstream::kafka::KafkaSinkConfig;
 use dualstream::prelude::*;
 use dualstream_devstack::clients::*;
+use knobs::{env_knob, env_list};
 
+#[path = "../../knobs.rs"]
+mod knobs;
 mod cluster;
 mod fanout;
 mod gateway;
@@ -97,22 +100,6 @@ fn notifications(n: usize) -> Vec<Notification> {
         .enumerate()
         .map(|(i, e)| Notification::for_event(e, Some(Position::new("t", 0, i as i64))))
         .collect()
-}
-
-/// A knob from the environment variable `name`, when set. A value that does
-/// not parse stops the run with its name, rather than run with the default
-/// as if the knob were not set.
-fn env_knob<T: std::str::FromStr>(name: &str) -> Option<T> {
-    let v = std::env::var(name).ok()?;
-    Some(v.trim().parse().unwrap_or_else(|_| panic!("{name}={v:?}: not a {}", std::any::type_name::<T>())))
-}
-
-/// A comma-separated list of knobs from the environment variable `name`,
-/// when set; an item that does not parse stops the run, as in [`env_knob`].
-fn env_list<T: std::str::FromStr>(name: &str) -> Option<Vec<T>> {
-    let v = std::env::var(name).ok()?;
-    let item = |r: &str| r.trim().parse().unwrap_or_else(|_| panic!("{name}={v:?}: {r:?} is not a {}", std::any::type_name::<T>()));
-    Some(v.split(',').map(item).collect())
 }
 
 fn sink_config(brokers: &str, topic: &str) -> KafkaSinkConfig {

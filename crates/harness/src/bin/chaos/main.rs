@@ -42,7 +42,11 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tokio::task::JoinHandle;
 
+use knobs::env_knob;
+
 mod checker;
+#[path = "../../knobs.rs"]
+mod knobs;
 mod clients;
 mod faults;
 mod gateway;
@@ -1135,15 +1139,7 @@ async fn main() {
 const TANSU_BACKFILL_RATE: u32 = 3_000;
 
 fn backfill_rate() -> u32 {
-    env_number("DUALSTREAM_CHAOS_BACKFILL_RATE", TANSU_BACKFILL_RATE)
-}
-
-/// A number from the environment variable `name`, or `default` when it is not set.
-fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v.parse().unwrap_or_else(|_| panic!("{name}={v:?}: not a number")),
-        Err(_) => default,
-    }
+    env_knob("DUALSTREAM_CHAOS_BACKFILL_RATE").unwrap_or(TANSU_BACKFILL_RATE)
 }
 
 /// The secret the run's gateway signs with.
@@ -1156,7 +1152,7 @@ const GATEWAY_SECRET: &str = "chaos-gateway-secret-of-at-least-32-bytes";
 /// which on tansu cannot outrun the writes, and the clients fell behind for good
 /// (docs/reliability.md, "Gateway clients under chaos"; docs/operations.md).
 fn tail_cache_records() -> usize {
-    env_number("DUALSTREAM_CHAOS_CACHE_RECORDS", 65_536)
+    env_knob("DUALSTREAM_CHAOS_CACHE_RECORDS").unwrap_or(65_536)
 }
 
 /// The run's gateway: `DUALSTREAM_GATEWAY_BIN`, or `dualstream-gateway`
