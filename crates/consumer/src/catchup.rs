@@ -333,8 +333,13 @@ impl CatchUp {
         let count = history.partition_count(&topic).await?;
         let tp: Tp = (topic.into(), partition_for_key(&key, count));
         let watermarks = history.watch(&tp);
-        // Taken after the subscription exists.
-        let marks = history.fresh(&tp).await?;
+        // Taken after the subscription exists. The low mark may be older
+        // (see `History::fresh`), except for a join from the beginning,
+        // which starts at it.
+        let marks = match start {
+            StartAt::Beginning => history.fresh_low(&tp).await?,
+            _ => history.fresh(&tp).await?,
+        };
         let begin = match start {
             StartAt::Beginning => marks.low,
             StartAt::End => marks.high,
@@ -718,8 +723,9 @@ impl Joiner {
                             continue;
                         }
                         // Deleted records, or offsets that never held one
-                        // (compaction, control records)?
-                        let m = match self.history.fresh(&self.tp).await {
+                        // (compaction, control records)? The low mark read
+                        // now tells.
+                        let m = match self.history.fresh_low(&self.tp).await {
                             Ok(m) => m,
                             Err(e) => return Err(self.fatal(e).await),
                         };

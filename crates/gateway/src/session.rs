@@ -470,14 +470,28 @@ impl Session {
         let mut planned = Vec::with_capacity(new.len());
         let mut far = 0;
         let cached = i64::try_from(self.state.config.join.cache_records).unwrap_or(i64::MAX);
-        for want in new {
+        let asked = std::time::Instant::now();
+        // All at once: they share the watermark poller's next round.
+        let catchup = &self.state.catchup;
+        let positions = futures::future::join_all(new.iter().map(|want| async move {
+            match want {
+                Want::Channel { source, .. } => Some(catchup.position_now(source).await),
+                Want::Live { .. } => None,
+            }
+        }))
+        .await;
+        if asked.elapsed() > std::time::Duration::from_secs(2) {
+            tracing::warn!(
+                channels = new.len(),
+                waited_ms = asked.elapsed().as_millis() as u64,
+                "a subscribe waited long for its channels' watermarks"
+            );
+        }
+        for (want, position) in new.into_iter().zip(positions) {
             planned.push(match want {
                 Want::Channel { channel, source } => {
-                    let now = self
-                        .state
-                        .catchup
-                        .position_now(&source)
-                        .await
+                    let now = position
+                        .expect("looked up for every channel")
                         .map_err(|e| SubError::Unavailable(format!("Kafka: {e}")))?;
                     let from = resume.and_then(|r| r.positions.get(&hash(&channel)));
                     let is_far = from.is_some_and(|&(p, next)| p == now.partition && now.offset - next > cached);

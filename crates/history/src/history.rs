@@ -186,6 +186,8 @@ const BEHIND_MAX: Duration = Duration::from_secs(5);
 /// items.
 const PARKED_POLL: Duration = Duration::from_millis(2);
 /// How often the reader checks for stalled reads and idle partitions.
+/// A watermark round that takes longer is said at warn level.
+const SLOW_ROUND: Duration = Duration::from_secs(2);
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
 /// How long a cached partition count is trusted.
 const COUNT_TTL: Duration = Duration::from_secs(60);
@@ -344,8 +346,17 @@ type RangeSender = mpsc::UnboundedSender<(i32, Req)>;
 
 struct Watched {
     tx: watch::Sender<Marks>,
+    /// Whether a caller waiting for the next round wants the low mark read
+    /// in it ([`History::fresh_low`]); otherwise it is not read.
+    low_wanted: bool,
     /// Callers of `fresh` waiting for the next poll round.
     waiting: Vec<FreshReply>,
+}
+
+impl Watched {
+    fn new() -> Self {
+        Self { tx: watch::channel(Marks::default()).0, low_wanted: false, waiting: Vec::new() }
+    }
 }
 
 struct Inner {
@@ -490,7 +501,7 @@ impl History {
         let mut watched = self.inner.watched.lock().unwrap_or_else(PoisonError::into_inner);
         watched
             .entry(tp.clone())
-            .or_insert_with(|| Watched { tx: watch::channel(Marks::default()).0, waiting: Vec::new() })
+            .or_insert_with(Watched::new)
             .tx
             .subscribe()
     }
@@ -503,17 +514,31 @@ impl History {
     }
 
     /// Watermarks read from the broker after this call: waits for the next
-    /// poll round, which serves every caller waiting for it.
+    /// poll round, which serves every caller waiting for it. The high mark
+    /// is read in that round; the low mark is the last one read (by
+    /// [`fresh_low`](Self::fresh_low); 0 before): it only rises, as records
+    /// are deleted, so a read below the true one is told of the missing
+    /// records by its reader, and `fresh_low` tells whether they were
+    /// deleted. (tansu 0.6 on PostgreSQL sorts a whole partition to answer
+    /// the low mark: see `reader::watermarks_of`.)
     pub async fn fresh(&self, tp: &Tp) -> Result<Marks, ReplayError> {
+        self.fresh_with(tp, false).await
+    }
+
+    /// Like [`fresh`](Self::fresh), with the low mark read in that round
+    /// too: for telling deleted records from offsets that never held one.
+    pub async fn fresh_low(&self, tp: &Tp) -> Result<Marks, ReplayError> {
+        self.fresh_with(tp, true).await
+    }
+
+    async fn fresh_with(&self, tp: &Tp, low: bool) -> Result<Marks, ReplayError> {
         self.start_poller();
         let (reply, rx) = oneshot::channel();
         {
             let mut watched = self.inner.watched.lock().unwrap_or_else(PoisonError::into_inner);
-            watched
-                .entry(tp.clone())
-                .or_insert_with(|| Watched { tx: watch::channel(Marks::default()).0, waiting: Vec::new() })
-                .waiting
-                .push(reply);
+            let w = watched.entry(tp.clone()).or_insert_with(Watched::new);
+            w.waiting.push(reply);
+            w.low_wanted |= low;
         }
         self.inner.wake.notify_one();
         rx.await.map_err(|_| ReplayError::Task("the watermark poller stopped".into()))?
@@ -633,12 +658,14 @@ async fn poll_watermarks(weak: Weak<Inner>) {
         // Whom this round serves: waiters registered from now on need a
         // later round.
         let mut round: Vec<(Tp, Vec<FreshReply>)> = Vec::new();
+        let mut low = Vec::new();
         {
             let mut watched = inner.watched.lock().unwrap_or_else(PoisonError::into_inner);
             watched.retain(|_, w| w.tx.receiver_count() > 0 || !w.waiting.is_empty());
             for (tp, w) in watched.iter_mut() {
                 if full || !w.waiting.is_empty() {
                     round.push((tp.clone(), std::mem::take(&mut w.waiting)));
+                    low.push(std::mem::take(&mut w.low_wanted));
                 }
             }
         }
@@ -653,20 +680,22 @@ async fn poll_watermarks(weak: Weak<Inner>) {
         let tps: Vec<Tp> = round.iter().map(|(tp, _)| tp.clone()).collect();
         Counters::add(&inner.counters.watermark_lookups, tps.len() as u64);
         let n = round.len();
-        let looked_up = tokio::task::spawn_blocking(move || {
-            let marks = |(t, p): &Tp| {
-                crate::reader::watermarks_at_leader(&*meta, t, *p, timeout).map(|(l, h)| Marks::sane(l, h))
-            };
-            tps.iter().map(marks).collect()
-        })
-        .await;
-        let results: Vec<Result<Marks, rdkafka::error::KafkaError>> = match looked_up {
+        let started = Instant::now();
+        let looked_up =
+            tokio::task::spawn_blocking(move || crate::reader::watermarks_of(&*meta, &tps, &low, timeout)).await;
+        let results: Vec<Result<(Option<i64>, i64), rdkafka::error::KafkaError>> = match looked_up {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "watermark look-up task failed");
                 vec![Err(rdkafka::error::KafkaError::Canceled); n]
             }
         };
+        let took = started.elapsed();
+        if took > SLOW_ROUND {
+            // Everyone who asked for fresh watermarks meanwhile waits for
+            // this round and the next: a gateway's subscribe among them.
+            tracing::warn!(partitions = n, full, took_ms = took.as_millis() as u64, "watermark round slow");
+        }
         let seen: HashMap<Tp, i64> = inner
             .seen
             .lock()
@@ -677,7 +706,13 @@ async fn poll_watermarks(weak: Weak<Inner>) {
         let watched = inner.watched.lock().unwrap_or_else(PoisonError::into_inner);
         for ((tp, waiting), result) in round.into_iter().zip(results) {
             match result {
-                Ok(marks) => {
+                Ok((low, high)) => {
+                    // A low mark not asked for this round is the last one
+                    // known (0 at first): it only rises (records deleted),
+                    // and a read below the true one is told of the hole by
+                    // its reader.
+                    let known = watched.get(&tp).map(|w| w.tx.borrow().low);
+                    let marks = Marks::sane(low.or(known).unwrap_or(0), high);
                     let marks = match seen.get(&tp) {
                         Some(&high) if high > marks.high => Marks::sane(marks.low, high),
                         _ => marks,

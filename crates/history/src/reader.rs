@@ -98,6 +98,72 @@ pub(crate) fn watermarks_at_leader<C: rdkafka::consumer::ConsumerContext>(
     }
 }
 
+/// The watermarks of many partitions at once: one `ListOffsets` request per
+/// leader for the high marks, and one for the low marks of the partitions
+/// in `low` (the others get `None`), where a look-up per partition makes
+/// two requests for each.
+///
+/// The low marks are asked for apart because their cost differs by broker:
+/// tansu 0.6 on PostgreSQL answers "earliest" by sorting the whole
+/// partition (1.5 s for a partition of 820,000 records, growing with it),
+/// while "latest" is an index look-up. Asked for every partition on every
+/// poll round, they took most of the database's time in 20-minute chaos
+/// runs, and everyone waiting for fresh watermarks (a join starting, a
+/// gateway subscribe) waited seconds for each round.
+///
+/// When the batch fails other than by timing out (a leader moved, one
+/// partition has no leader), each partition is looked up on its own, with
+/// the retries of [`watermarks_at_leader`]; a timeout, or no broker up,
+/// fails them all (a broker that does not answer one request would not
+/// answer forty, one after another).
+pub(crate) fn watermarks_of<C: rdkafka::consumer::ConsumerContext>(
+    c: &impl Consumer<C>,
+    tps: &[(Arc<str>, i32)],
+    low: &[bool],
+    timeout: Duration,
+) -> Vec<KafkaResult<(Option<i64>, i64)>> {
+    let deadline = Instant::now() + timeout;
+    let offsets = |tps: &[&(Arc<str>, i32)], at: Offset| -> KafkaResult<Vec<i64>> {
+        if tps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tpl = TopicPartitionList::with_capacity(tps.len());
+        for (t, p) in tps {
+            tpl.add_partition_offset(t, *p, at)?;
+        }
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let out = c.offsets_for_times(tpl, left)?;
+        tps.iter()
+            .map(|(t, p)| match out.find_partition(t, *p).map(|e| (e.error(), e.offset())) {
+                Some((Ok(()), Offset::Offset(o))) if o >= 0 => Ok(o),
+                Some((Err(e), _)) => Err(e),
+                _ => Err(KafkaError::OffsetFetch(RDKafkaErrorCode::OffsetNotAvailable)),
+            })
+            .collect()
+    };
+    let all: Vec<&(Arc<str>, i32)> = tps.iter().collect();
+    let wanted: Vec<&(Arc<str>, i32)> = tps.iter().zip(low).filter(|(_, l)| **l).map(|(tp, _)| tp).collect();
+    let batch = offsets(&all, Offset::End).and_then(|high| Ok((high, offsets(&wanted, Offset::Beginning)?)));
+    match batch {
+        Ok((high, lows)) => {
+            let mut lows = lows.into_iter();
+            high.into_iter().zip(low).map(|(h, l)| Ok((if *l { lows.next() } else { None }, h))).collect()
+        }
+        Err(e)
+            if matches!(
+                e.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::AllBrokersDown)
+            ) =>
+        {
+            tps.iter().map(|_| Err(e.clone())).collect()
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, partitions = tps.len(), "batched watermark look-up failed; asking per partition");
+            tps.iter().map(|(t, p)| watermarks_at_leader(c, t, *p, timeout).map(|(l, h)| (Some(l), h))).collect()
+        }
+    }
+}
+
 /// The watermarks of a partition: the first offset still stored and the
 /// offset the next record will get.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

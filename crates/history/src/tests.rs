@@ -323,6 +323,36 @@ mod shared_history {
         assert_eq!(Marks::sane(-1, -1), Marks { low: 0, high: 0 });
         assert_eq!(Marks::sane(3, 9), Marks { low: 3, high: 9 });
     }
+
+    /// Fresh watermarks of several partitions come from one poll round, a
+    /// batched look-up: each partition's marks are its own. A partition
+    /// the batch cannot answer (it does not exist) is looked up on its own
+    /// and fails alone; the others still get their marks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fresh_watermarks_of_many_partitions_are_each_their_own() {
+        let (cluster, stored, h) = stored_topic(4, Duration::from_secs(3_600)).await;
+        let high = |p: i32| stored.iter().filter(|s| s.1 == p).map(|s| s.2 + 1).max().unwrap_or(0);
+        let tps: Vec<Tp> = (0..4).map(|p| (Arc::from("t"), p)).collect();
+        let marks = futures::future::join_all(tps.iter().map(|tp| h.fresh(tp))).await;
+        for (p, m) in (0..4).zip(&marks) {
+            let m = m.as_ref().expect("marks");
+            assert_eq!((m.low, m.high), (0, high(p)), "partition {p}");
+        }
+        assert!(marks.iter().map(|m| m.as_ref().expect("marks").high).collect::<std::collections::HashSet<_>>().len() > 1);
+
+        let config = ReplayConfig {
+            bootstrap_servers: cluster.bootstrap_servers(),
+            timeout_ms: 3_000,
+            topic: dualstream_kafka::TopicRouting::Single { topic: "t".into() },
+            ..ReplayConfig::default()
+        };
+        let h = History::new(Arc::new(config), Duration::from_secs(3_600), 64, 2).expect("history");
+        let tps: Vec<Tp> = [0, 9, 2].into_iter().map(|p| (Arc::from("t"), p)).collect();
+        let marks = futures::future::join_all(tps.iter().map(|tp| h.fresh(tp))).await;
+        assert_eq!(marks[0].as_ref().map(|m| m.high).ok(), Some(high(0)));
+        assert!(marks[1].is_err(), "partition 9 does not exist: {:?}", marks[1]);
+        assert_eq!(marks[2].as_ref().map(|m| m.high).ok(), Some(high(2)));
+    }
 }
 
 /// librdkafka's mock broker keeps at most 5 MiB per partition and deletes the
@@ -356,6 +386,31 @@ mod truncation {
         );
         let offsets: Vec<i64> = got[1..].iter().map(|r| r.as_ref().expect("valid").position.offset).collect();
         assert_eq!(offsets, (low..high).collect::<Vec<_>>());
+    }
+
+    /// `fresh` reads the high mark in its round and gives the low one last
+    /// read (tansu sorts a whole partition to answer it), so that low may
+    /// be older, never above the true one; `fresh_low` reads it in its
+    /// round.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fresh_low_reads_the_low_mark_that_fresh_may_leave_old() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("t", 1, 1).expect("topic");
+        let config = ReplayConfig {
+            bootstrap_servers: cluster.bootstrap_servers(),
+            topic: dualstream_kafka::TopicRouting::Single { topic: "t".into() },
+            ..ReplayConfig::default()
+        };
+        let h = History::new(Arc::new(config), Duration::from_secs(3_600), 64, 2).expect("history");
+        let tp: Tp = (Arc::from("t"), 0);
+        let _watching = h.watch(&tp);
+        assert_eq!(h.fresh(&tp).await.expect("marks"), Marks { low: 0, high: 0 });
+        let (low, high) = crate::testkit::truncation::fill(&cluster).await;
+        assert!(low > 0);
+        let stale = h.fresh(&tp).await.expect("marks");
+        assert_eq!(stale, Marks { low: 0, high }, "the high mark is fresh, the low one is kept");
+        assert_eq!(h.fresh_low(&tp).await.expect("marks"), Marks { low, high });
+        assert_eq!(h.fresh(&tp).await.expect("marks"), Marks { low, high }, "and kept from then on");
     }
 
     /// The shared reader asked for a deleted range (the low watermark moved
