@@ -334,10 +334,10 @@ impl CatchUp {
         let tp: Tp = (topic.into(), partition_for_key(&key, count));
         let watermarks = history.watch(&tp);
         // Taken after the subscription exists. The low mark may be older
-        // (see `History::fresh`), except for a join from the beginning,
-        // which starts at it.
+        // (see `History::fresh`), except for a join from the beginning or
+        // from the last n, which may start at it.
         let marks = match start {
-            StartAt::Beginning => history.fresh_low(&tp).await?,
+            StartAt::Beginning | StartAt::LastN(_) => history.fresh_low(&tp).await?,
             _ => history.fresh(&tp).await?,
         };
         let begin = match start {
