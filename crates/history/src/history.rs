@@ -185,9 +185,9 @@ const BEHIND_MAX: Duration = Duration::from_secs(5);
 /// How often a reader with parked reads looks whether their joins took
 /// items.
 const PARKED_POLL: Duration = Duration::from_millis(2);
-/// How often the reader checks for stalled reads and idle partitions.
 /// A watermark round that takes longer is said at warn level.
 const SLOW_ROUND: Duration = Duration::from_secs(2);
+/// How often the reader checks for stalled reads and idle partitions.
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
 /// How long a cached partition count is trusted.
 const COUNT_TTL: Duration = Duration::from_secs(60);

@@ -369,6 +369,16 @@ mod truncation {
     use crate::testkit::truncation::truncated_topic;
     use crate::*;
 
+    /// Shared readers of topic "t" on `cluster`, polling every `poll_every`.
+    fn shared(cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>, poll_every: Duration) -> History {
+        let config = ReplayConfig {
+            bootstrap_servers: cluster.bootstrap_servers(),
+            topic: dualstream_kafka::TopicRouting::Single { topic: "t".into() },
+            ..ReplayConfig::default()
+        };
+        History::new(Arc::new(config), poll_every, 64, 2).expect("history")
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_replay_from_a_deleted_offset_says_so_first_and_goes_on_from_the_first_stored_record() {
         let cluster = MockCluster::new(1).expect("mock cluster");
@@ -396,12 +406,7 @@ mod truncation {
     async fn fresh_low_reads_the_low_mark_that_fresh_may_leave_old() {
         let cluster = MockCluster::new(1).expect("mock cluster");
         cluster.create_topic("t", 1, 1).expect("topic");
-        let config = ReplayConfig {
-            bootstrap_servers: cluster.bootstrap_servers(),
-            topic: dualstream_kafka::TopicRouting::Single { topic: "t".into() },
-            ..ReplayConfig::default()
-        };
-        let h = History::new(Arc::new(config), Duration::from_secs(3_600), 64, 2).expect("history");
+        let h = shared(&cluster, Duration::from_secs(3_600));
         let tp: Tp = (Arc::from("t"), 0);
         let _watching = h.watch(&tp);
         assert_eq!(h.fresh(&tp).await.expect("marks"), Marks { low: 0, high: 0 });
@@ -420,12 +425,7 @@ mod truncation {
     async fn the_shared_reader_reports_the_offsets_the_broker_no_longer_has() {
         let cluster = MockCluster::new(1).expect("mock cluster");
         let (low, high) = truncated_topic(&cluster).await;
-        let config = ReplayConfig {
-            bootstrap_servers: cluster.bootstrap_servers(),
-            topic: dualstream_kafka::TopicRouting::Single { topic: "t".into() },
-            ..ReplayConfig::default()
-        };
-        let h = History::new(Arc::new(config), Duration::from_millis(100), 64, 2).expect("history");
+        let h = shared(&cluster, Duration::from_millis(100));
         let tp: Tp = (Arc::from("t"), 0);
         let mut range = h.read(&tp, 0, high, Arc::from(&b"u"[..])).expect("read");
         let first =
