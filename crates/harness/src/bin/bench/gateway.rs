@@ -745,6 +745,12 @@ pub(super) struct Setup {
     admin: String,
 }
 
+/// The gateway's `replay.fetch_wait_max_ms` here: 5, or
+/// `DUALSTREAM_BENCH_GW_FETCH_WAIT_MS`.
+fn fetch_wait_ms() -> u64 {
+    super::env_knob::<u64>("DUALSTREAM_BENCH_GW_FETCH_WAIT_MS").unwrap_or(5)
+}
+
 /// Start our gateway and the naive one on a runtime of their own (threads
 /// `gw-rt`), mint the tokens, and warm ingest up.
 pub(super) async fn start(
@@ -781,6 +787,13 @@ pub(super) async fn start(
     config.limits.max_streams_per_address = 100_000;
     config.limits.far_resumes_per_min = 1_000_000;
     config.limits.far_items_per_sec = 10_000_000;
+    // tansu 0.6 holds every fetch for the whole `fetch.wait.max.ms`, with
+    // data or without (docs/operations.md), so the shared reader's records,
+    // and with them every `mode=full` item, arrive 1–2 waits after they
+    // were written. The bench runs the gateway as docs/operations.md says
+    // to on tansu: `replay.fetch_wait_max_ms` = 5 (the default, 50, with
+    // `DUALSTREAM_BENCH_GW_FETCH_WAIT_MS=50`).
+    config.replay.fetch_wait_max_ms = fetch_wait_ms();
     tweak(&mut config);
     let (gateway, base) = rt
         .spawn(async move {
@@ -1173,8 +1186,8 @@ impl Report {
     fn setup(&self) -> String {
         let k = &self.k;
         format!(
-            "{} SSE + {} WebSocket clients, each on 1–10 of {} channels (seeded; {} subscriptions in all), half in mode=full; ingest {} events/s over HTTP ({} per POST every 10 ms) for {} s; gateway in this process on 2 runtime threads (stream limits per subject and per address raised: every client is subject \"bench\" on 127.0.0.1), tansu and redis-server on the same 2 cores",
-            k.clients, k.clients, k.sources, self.subscriptions, k.rate, k.rate / 100, k.secs
+            "{} SSE + {} WebSocket clients, each on 1–10 of {} channels (seeded; {} subscriptions in all), half in mode=full; ingest {} events/s over HTTP ({} per POST every 10 ms) for {} s; gateway in this process on 2 runtime threads (stream limits per subject and per address raised: every client is subject \"bench\" on 127.0.0.1), tansu and redis-server on the same 2 cores; the gateway's replay.fetch_wait_max_ms = {} (tansu holds every fetch that long)",
+            k.clients, k.clients, k.sources, self.subscriptions, k.rate, k.rate / 100, k.secs, fetch_wait_ms()
         )
     }
 
