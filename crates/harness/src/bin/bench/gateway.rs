@@ -1289,6 +1289,25 @@ impl Report {
             None,
             "cores over the load ÷ deliveries/s; the clients, ingest, tansu and redis-server are not counted (see the deliveries row)".into(),
         );
+        // The same with the servers' share: the naive gateway's fan-out is
+        // redis-server's work (one connection per client), ours is in the
+        // gateway; both runs ingest through the gateway into tansu.
+        let with_servers = |r: &Run| {
+            Some((r.gw_cores + r.rdk_cores + r.broker_cores? + r.redis_cores?) * 1e6 / r.deliveries_per_s.max(1.0))
+        };
+        if let (Some(o), Some(n)) = (with_servers(ours), with_servers(naive)) {
+            row(
+                rows,
+                self.k.rate,
+                "gateway: CPU per delivery with the servers' share (gateway runtime + librdkafka + tansu + redis-server) vs naive, core-µs",
+                o,
+                n,
+                "core-µs",
+                "-",
+                None,
+                "as the row above, adding tansu's and redis-server's cores over the load: the naive gateway's fan-out runs in redis-server (a connection per client), ours in the gateway; both runs ingest through the gateway into tansu".into(),
+            );
+        }
         row(
             rows,
             self.k.rate,
