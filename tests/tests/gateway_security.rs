@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use dualstream_gateway::HTTP_BUFFER_BYTES;
 use dualstream_tests::gateway::{user_event, Sse, TestGateway};
 use dualstream_tests::{init_tracing, kafka_brokers, read_topic};
 use futures::{SinkExt, StreamExt};
@@ -272,6 +273,25 @@ async fn slowloris_connections_are_closed_within_the_header_timeout() {
     // A complete request is still answered.
     let r = gw.http.get(format!("{}/healthz", gw.base)).send().await.expect("healthz");
     assert_eq!(r.status().as_u16(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_headers_past_the_connection_buffer_are_refused() {
+    init_tracing();
+    let gw = TestGateway::start(|_| {}).await;
+    let request = |pad: usize| {
+        format!("GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nx-pad: {}\r\nconnection: close\r\n\r\n", "x".repeat(pad))
+    };
+    let status = |got: &[u8]| String::from_utf8_lossy(&got[..got.len().min(12)]).into_owned();
+    // Within the bound: answered.
+    let ok = closed_after(&gw, request(HTTP_BUFFER_BYTES / 2).as_bytes()).await.expect("closed");
+    assert_eq!(status(&ok), "HTTP/1.1 200");
+    // Well past it (hyper checks the bound between reads, so a little more
+    // gets in): refused with 431 (or, when the refusal races the rest of the
+    // request, reset), never buffered and answered. hyper's default bound,
+    // about 400 KiB, would answer it.
+    let refused = closed_after(&gw, request(3 * HTTP_BUFFER_BYTES).as_bytes()).await.expect("closed");
+    assert!(refused.is_empty() || status(&refused) == "HTTP/1.1 431", "{}", status(&refused));
 }
 
 /// A WebSocket opened by hand on a plain socket (to send frames no client library would), upgraded.

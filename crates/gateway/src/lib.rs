@@ -79,6 +79,7 @@ pub use error::{ErrorCode, GatewayError};
 pub use ingest::{parse_ingest_body, IngestBodyError};
 pub use origin::Check;
 pub use resume::{ResumeToken, ResumeTokenError, MAX_RESUME_TOKEN_LEN};
+pub use server::HTTP_BUFFER_BYTES;
 pub use session::{CloseReason, Mode};
 
 use routes::{admin, credentials, health, ingest as ingest_route, stream, ws};

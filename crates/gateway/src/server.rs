@@ -33,7 +33,8 @@ impl Gateway {
         let router = self.router();
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms));
+            .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
+            .max_buf_size(HTTP_BUFFER_BYTES);
         let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
         let mut signal = std::pin::pin!(signal);
         loop {
@@ -92,6 +93,13 @@ impl Gateway {
         Ok(())
     }
 }
+
+/// The most hyper buffers for one connection, each way: a request whose
+/// headers do not fit is refused (431), and a stream's writes wait for the
+/// client's socket once this much is waiting for it. hyper's default (about
+/// 400 KiB) would let every slow client hold that much of its items beyond
+/// `limits.client_buffer_bytes`.
+pub const HTTP_BUFFER_BYTES: usize = 64 << 10;
 
 /// How long a write to a connection may wait before the connection is
 /// dropped: twice `send_timeout_ms`, at least 10 s, so that a client slow

@@ -794,6 +794,11 @@ pub(super) async fn start(
     // to on tansu: `replay.fetch_wait_max_ms` = 5 (the default, 50, with
     // `DUALSTREAM_BENCH_GW_FETCH_WAIT_MS=50`).
     config.replay.fetch_wait_max_ms = fetch_wait_ms();
+    // Diagnostic (not for committed runs): the backfill readers, whose
+    // caches hold what far resumes read.
+    if let Some(n) = super::env_knob::<usize>("DUALSTREAM_BENCH_GW_BACKFILL_READERS") {
+        config.join.backfill_readers = n;
+    }
     tweak(&mut config);
     let (gateway, base) = rt
         .spawn(async move {
@@ -896,7 +901,9 @@ async fn run_ours(
         Ok(r) => r
             .json::<serde_json::Value>()
             .await
-            .map(|v| serde_json::json!({"hub": v["hub"], "live_checks": v["live_checks"]}))
+            .map(|v| {
+                serde_json::json!({"hub": v["hub"], "live_checks": v["live_checks"], "clients": v["clients"], "history": v["history"]})
+            })
             .unwrap_or_default(),
         Err(_) => serde_json::Value::Null,
     };
