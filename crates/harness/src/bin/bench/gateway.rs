@@ -799,6 +799,16 @@ pub(super) async fn start(
     if let Some(n) = super::env_knob::<usize>("DUALSTREAM_BENCH_GW_BACKFILL_READERS") {
         config.join.backfill_readers = n;
     }
+    // Diagnostic: a join's buffer, and a connection's, in items and in bytes.
+    if let Some(n) = super::env_knob::<usize>("DUALSTREAM_BENCH_GW_JOIN_BUFFER") {
+        config.join.buffer = n;
+    }
+    if let Some(n) = super::env_knob::<usize>("DUALSTREAM_BENCH_GW_CLIENT_BUFFER") {
+        config.limits.client_buffer = n;
+    }
+    if let Some(n) = super::env_knob::<usize>("DUALSTREAM_BENCH_GW_CLIENT_BUFFER_BYTES") {
+        config.limits.client_buffer_bytes = n;
+    }
     tweak(&mut config);
     let (gateway, base) = rt
         .spawn(async move {
