@@ -748,7 +748,7 @@ pub(super) struct Setup {
 /// The gateway's `replay.fetch_wait_max_ms` here: 5, or
 /// `DUALSTREAM_BENCH_GW_FETCH_WAIT_MS`.
 fn fetch_wait_ms() -> u64 {
-    super::env_knob::<u64>("DUALSTREAM_BENCH_GW_FETCH_WAIT_MS").unwrap_or(5)
+    knob("FETCH_WAIT_MS", 5) as u64
 }
 
 /// Start our gateway and the naive one on a runtime of their own (threads
@@ -795,20 +795,12 @@ pub(super) async fn start(
     // `DUALSTREAM_BENCH_GW_FETCH_WAIT_MS=50`).
     config.replay.fetch_wait_max_ms = fetch_wait_ms();
     // Diagnostic (not for committed runs): the backfill readers, whose
-    // caches hold what far resumes read.
-    if let Some(n) = super::env_knob::<usize>("DUALSTREAM_BENCH_GW_BACKFILL_READERS") {
-        config.join.backfill_readers = n;
-    }
-    // Diagnostic: a join's buffer, and a connection's, in items and in bytes.
-    if let Some(n) = super::env_knob::<usize>("DUALSTREAM_BENCH_GW_JOIN_BUFFER") {
-        config.join.buffer = n;
-    }
-    if let Some(n) = super::env_knob::<usize>("DUALSTREAM_BENCH_GW_CLIENT_BUFFER") {
-        config.limits.client_buffer = n;
-    }
-    if let Some(n) = super::env_knob::<usize>("DUALSTREAM_BENCH_GW_CLIENT_BUFFER_BYTES") {
-        config.limits.client_buffer_bytes = n;
-    }
+    // caches hold what far resumes read; a join's buffer, and a
+    // connection's, in items and in bytes.
+    config.join.backfill_readers = knob("BACKFILL_READERS", config.join.backfill_readers);
+    config.join.buffer = knob("JOIN_BUFFER", config.join.buffer);
+    config.limits.client_buffer = knob("CLIENT_BUFFER", config.limits.client_buffer);
+    config.limits.client_buffer_bytes = knob("CLIENT_BUFFER_BYTES", config.limits.client_buffer_bytes);
     tweak(&mut config);
     let (gateway, base) = rt
         .spawn(async move {
