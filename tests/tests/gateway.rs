@@ -4,7 +4,6 @@
 //! expiry and shutdown.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -366,12 +365,14 @@ async fn every_refusal_is_typed_and_nothing_is_delivered_or_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_slow_client_is_closed_with_a_reason_and_never_stalls_the_others() {
+async fn a_slow_client_falls_behind_and_catches_up_from_kafka_without_stalling_the_others() {
     init_tracing();
     let gw = Arc::new(
         TestGateway::start(|c| {
             c.limits.client_buffer = 8;
-            c.limits.send_timeout_ms = 1_000;
+            // The slow client pauses for the whole load: its writes may wait
+            // that long without its connection being dropped.
+            c.limits.send_timeout_ms = 60_000;
         })
         .await,
     );
@@ -381,8 +382,8 @@ async fn a_slow_client_is_closed_with_a_reason_and_never_stalls_the_others() {
     let url = format!("{}/v1/stream?channel={}&mode=full", gw.base, urlenc(&a));
     let auth = format!("Bearer {reader}");
     // Two clients. The slow one is a raw socket with a small receive buffer
-    // that reads nothing until the end (a client's kernel buffer can
-    // otherwise absorb tens of MB on loopback).
+    // that reads nothing until the fast one has everything (a client's
+    // kernel buffer can otherwise absorb tens of MB on loopback).
     let mut slow = unread_stream(&gw, &a, &auth).await;
     let mut fast = Sse::open(&gw.http, &url, &[("authorization", &auth)]).await;
     assert_eq!(fast.next(Duration::from_secs(10)).await.expect("subscribed").event, "subscribed");
@@ -390,11 +391,12 @@ async fn a_slow_client_is_closed_with_a_reason_and_never_stalls_the_others() {
     // slow one's request was sent first, but nothing of it is read.
     wait_for_hub_subscribers(&gw, 2).await;
 
-    // 1,500 events of 8 KiB: far more than the socket buffers hold.
+    // 1,500 events of 8 KiB: far more than the socket buffers and the
+    // slow client's join budget (8 items) hold, and more than the hub
+    // buffers for it (`hub.subscriber_buffer` 1,024).
     const TOTAL: u64 = 1_500;
-    let done = Arc::new(AtomicBool::new(false));
     let load = {
-        let (gw, done) = (Arc::clone(&gw), Arc::clone(&done));
+        let gw = Arc::clone(&gw);
         tokio::spawn(async move {
             let pad = "x".repeat(8_192);
             for chunk in 0..TOTAL / 50 {
@@ -404,7 +406,6 @@ async fn a_slow_client_is_closed_with_a_reason_and_never_stalls_the_others() {
                 let (s, v) = gw.ingest(&producer, &Value::Array(batch)).await;
                 assert_eq!(s, 200, "{v}");
             }
-            done.store(true, Ordering::Relaxed);
         })
     };
     let mut got = Vec::new();
@@ -414,44 +415,55 @@ async fn a_slow_client_is_closed_with_a_reason_and_never_stalls_the_others() {
         got.push(f.json()["payload"]["n"].as_u64().expect("n"));
     }
     load.await.expect("load");
-    assert!(done.load(Ordering::Relaxed));
     assert_eq!(got, (0..TOTAL).collect::<Vec<_>>(), "the fast client got every event once, in order");
+    let doc = gw.readyz().await;
+    assert!(
+        doc["clients"]["buffered_bytes"].as_u64().expect("buffered_bytes") <= 8 * 8_400,
+        "the slow client's join read ahead past client_buffer: {doc}"
+    );
 
-    // Now the slow client reads what was buffered for it: a prefix of the
-    // events, then the close with its reason and a reconnect hint, then the
-    // end of the response.
-    // It reads nothing until the gateway has closed it: once its buffer
-    // stayed full for send_timeout_ms (1 s; the load above is ~12 MB, its
-    // socket holds ~3), its join ends and with it its hub subscription.
-    // (Reading earlier would make room, and it might not be too slow.)
-    wait_for_hub_subscribers(&gw, 1).await;
+    // Now the slow client reads: every event once, in order, without a
+    // close. Most of them came from Kafka, read when it asked for them.
     let mut raw = Vec::new();
     let mut chunk = vec![0u8; 1 << 16];
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut seen, mut scan) = (0u64, 0usize);
+    const MARK: &[u8] = b"event: event\n";
+    while seen < TOTAL {
         let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left.min(Duration::from_secs(5)), tokio::io::AsyncReadExt::read(&mut slow, &mut chunk)).await {
-            Ok(Ok(0)) => break,
+        match tokio::time::timeout(left.min(Duration::from_secs(10)), tokio::io::AsyncReadExt::read(&mut slow, &mut chunk)).await {
+            Ok(Ok(0)) => panic!("the slow client's stream ended after {seen} events"),
             Ok(Ok(n)) => raw.extend_from_slice(&chunk[..n]),
             Ok(Err(e)) => panic!("read: {e}"),
-            Err(_) => {
-                let text = String::from_utf8_lossy(&raw);
-                panic!(
-                    "the slow client's response did not end: {} events, close {:?}, last bytes {:?}",
-                    text.matches("event: event\n").count(),
-                    text.find("event: close"),
-                    &text[text.len().saturating_sub(300)..]
-                );
-            }
+            Err(_) => panic!("the slow client got {seen} of {TOTAL} events"),
         }
+        while let Some(i) = raw[scan..].windows(MARK.len()).position(|w| w == MARK) {
+            seen += 1;
+            scan += i + MARK.len();
+        }
+        scan = scan.max(raw.len().saturating_sub(MARK.len()));
     }
-    let text = String::from_utf8_lossy(&raw);
-    let slow_events = text.matches("event: event\n").count() as u64;
-    let close = text.find("event: close\n").expect("the slow client is told why it was closed");
-    assert!(text[close..].contains("\"reason\":\"slow_client\""), "{}", &text[close..]);
-    assert!(text[close..].contains("retry: 2000"), "the close carries a reconnect hint");
-    assert!(!text[close..].contains("event: event"), "nothing after the close");
-    assert!(slow_events < TOTAL, "the slow client was closed before the end ({slow_events} of {TOTAL})");
+    // The rest of the last event.
+    while let Ok(Ok(n @ 1..)) =
+        tokio::time::timeout(Duration::from_secs(1), tokio::io::AsyncReadExt::read(&mut slow, &mut chunk)).await
+    {
+        raw.extend_from_slice(&chunk[..n]);
+    }
+    let body = dechunk(&raw);
+    let text = String::from_utf8_lossy(&body);
+    assert!(!text.contains("event: close"), "the slow client was closed: {}", &text[text.len().saturating_sub(300)..]);
+    let ns: Vec<u64> = text
+        .split("\n\n")
+        .filter(|frame| frame.contains("event: event\n"))
+        .map(|frame| {
+            let data = frame.lines().find_map(|l| l.strip_prefix("data: ")).expect("data");
+            let v: Value = serde_json::from_str(data).expect("json");
+            v["payload"]["n"].as_u64().expect("n")
+        })
+        .collect();
+    assert_eq!(ns, (0..TOTAL).collect::<Vec<_>>(), "the slow client got every event once, in order");
+    let doc = gw.readyz().await;
+    assert!(doc["hub"]["missed"].as_u64().expect("hub.missed") > 0, "the slow client never fell behind the hub: {doc}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -494,7 +506,8 @@ async fn a_client_that_never_reads_holds_at_most_client_buffer_bytes() {
     while Instant::now() < deadline {
         let doc = gw.readyz().await;
         most = most.max(buffered(&doc));
-        // The join ends once the client is closed as too slow.
+        // The join ends once the connection is dropped: a write waited
+        // twice send_timeout_ms (at least 10 s).
         if load.is_finished() && doc["hub"]["subscribers"].as_u64() == Some(0) {
             closed = true;
             break;
@@ -502,13 +515,13 @@ async fn a_client_that_never_reads_holds_at_most_client_buffer_bytes() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     load.await.expect("load");
-    assert!(closed, "the client that never reads was not closed");
-    assert!(most > BOUND / 2, "the buffer was seen holding items ({most} bytes at most)");
-    assert!(most <= BOUND, "{most} bytes buffered for one client, past client_buffer_bytes = {BOUND}");
-    // Everything it held is given back once it is closed, and its
-    // connection, whose writes wait for ever, is dropped once a write has
-    // waited twice send_timeout_ms (at least 10 s): a client that never
-    // reads holds nothing for long.
+    assert!(closed, "the client that never reads was not dropped");
+    // (Its join reads ahead only while the connection asks for items, so
+    // it may hold nothing at all: the consumer crate's
+    // `a_budgeted_join_holds_at_most_its_bytes_ready` fills the bound.)
+    assert!(most <= BOUND, "{most} bytes read ahead for one client, past client_buffer_bytes = {BOUND}");
+    // Everything it held is given back once it is dropped: a client that
+    // never reads holds nothing for long.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let doc = gw.readyz().await;
@@ -519,6 +532,20 @@ async fn a_client_that_never_reads_holds_at_most_client_buffer_bytes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(slow);
+}
+
+/// The body of a chunked HTTP/1.1 response read so far: the complete
+/// chunks after the headers.
+fn dechunk(raw: &[u8]) -> Vec<u8> {
+    let start = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("the response's headers") + 4;
+    let (mut rest, mut body) = (&raw[start..], Vec::new());
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&rest[..eol]).ok().and_then(|h| usize::from_str_radix(h.trim(), 16).ok());
+        let Some(size) = size.filter(|&n| n > 0 && rest.len() >= eol + 2 + n + 2) else { break };
+        body.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+        rest = &rest[eol + 2 + size + 2..];
+    }
+    body
 }
 
 /// A `mode=full` SSE request for `channel` on a raw socket with a small

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::config::JoinConfig;
+use crate::ready::{Charge, ReadyBudget};
 
 /// One item of a join, in Kafka order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -299,7 +300,7 @@ impl CatchUp {
     /// nothing is stored after `start`. An offset below what is still stored
     /// gives [`Delivery::Truncated`] first.
     pub async fn join(&self, source: Source, start: StartAt) -> Result<JoinStream, JoinError> {
-        self.join_with(source, start, false).await
+        self.join_with(source, start, false, None).await
     }
 
     /// Like [`join`](Self::join), but every item is a whole event: a live
@@ -308,7 +309,23 @@ impl CatchUp {
     /// delivered as [`Delivery::History`]. For clients that want payloads,
     /// not just ids and positions.
     pub async fn join_events(&self, source: Source, start: StartAt) -> Result<JoinStream, JoinError> {
-        self.join_with(source, start, true).await
+        self.join_with(source, start, true, None).await
+    }
+
+    /// A join ([`join`](Self::join), or with `events`
+    /// [`join_events`](Self::join_events)) whose events read from Kafka
+    /// count against `budget` until the stream hands them out: the joins of
+    /// one consumer given one budget hold at most that much ready for it
+    /// together. Without a budget a join holds up to
+    /// [`JoinConfig::buffer`] items, of any size.
+    pub async fn join_within(
+        &self,
+        source: Source,
+        start: StartAt,
+        events: bool,
+        budget: ReadyBudget,
+    ) -> Result<JoinStream, JoinError> {
+        self.join_with(source, start, events, Some(budget)).await
     }
 
     /// Where `source`'s events go and the offset the next one will get (the
@@ -324,7 +341,13 @@ impl CatchUp {
         Ok(Position::new(Arc::clone(&tp.0), tp.1, marks.high))
     }
 
-    async fn join_with(&self, source: Source, start: StartAt, full: bool) -> Result<JoinStream, JoinError> {
+    async fn join_with(
+        &self,
+        source: Source,
+        start: StartAt,
+        full: bool,
+        budget: Option<ReadyBudget>,
+    ) -> Result<JoinStream, JoinError> {
         // Live first, so nothing published from now on can be missed.
         let live = self.hub.subscribe_source(&source).await?;
         let history = self.history()?;
@@ -369,7 +392,8 @@ impl CatchUp {
         });
         let checks = Arc::clone(&self.checks);
         let lag = self.lags.register(tp.clone(), begin);
-        let joiner = Joiner { tx, history, tp, source, key, next: begin, low: marks.low, full, seen, checks, lag };
+        let joiner =
+            Joiner { tx, history, tp, source, key, next: begin, low: marks.low, full, seen, checks, lag, budget };
         let idle = Duration::from_millis(self.config.idle_check_ms);
         Ok(Box::pin(Joined::new(joiner.run(live, watermarks, marks.high, idle), rx)))
     }
@@ -381,16 +405,18 @@ impl CatchUp {
 /// [`JoinError`].
 #[derive(Debug)]
 enum Sent {
-    History(Box<Replayed>),
+    /// With its room in the join's [`ReadyBudget`], if it has one, given
+    /// back when the stream hands it out.
+    History(Box<(Replayed, Option<Charge>)>),
     Live(Arc<Notification>),
     Truncated { requested: i64, first_available: i64 },
     Failed(Box<JoinError>),
 }
 
 impl Sent {
-    fn of(item: Result<Delivery, JoinError>) -> Self {
+    fn of(item: Result<Delivery, JoinError>, charge: Option<Charge>) -> Self {
         match item {
-            Ok(Delivery::History(r)) => Sent::History(Box::new(r)),
+            Ok(Delivery::History(r)) => Sent::History(Box::new((r, charge))),
             Ok(Delivery::Live(n)) => Sent::Live(n),
             Ok(Delivery::Truncated { requested, first_available }) => Sent::Truncated { requested, first_available },
             Err(e) => Sent::Failed(Box::new(e)),
@@ -399,7 +425,7 @@ impl Sent {
 
     fn unpack(self) -> Result<Delivery, JoinError> {
         match self {
-            Sent::History(r) => Ok(Delivery::History(*r)),
+            Sent::History(r) => Ok(Delivery::History(r.0)),
             Sent::Live(n) => Ok(Delivery::Live(n)),
             Sent::Truncated { requested, first_available } => Ok(Delivery::Truncated { requested, first_available }),
             Sent::Failed(e) => Err(*e),
@@ -453,6 +479,7 @@ pub(crate) fn join_for_test(
     next: i64,
     seen: Option<(Arc<SeenOffsets>, Duration)>,
     idle: Duration,
+    budget: Option<ReadyBudget>,
 ) -> JoinStream {
     let (tx, rx) = mpsc::channel(256);
     let key: Arc<[u8]> = source.source_id().as_bytes().into();
@@ -460,7 +487,7 @@ pub(crate) fn join_for_test(
     let seen = seen.map(|(seen, window)| Proof { key: key_of(&source), seen, window });
     let lag = Arc::new(LagSlot { tp: tp.clone(), next: AtomicI64::new(next) });
     let (checks, low, full) = (Arc::default(), 0, false);
-    let joiner = Joiner { tx, history, tp, source, key, next, low, full, seen, checks, lag };
+    let joiner = Joiner { tx, history, tp, source, key, next, low, full, seen, checks, lag, budget };
     Box::pin(Joined::new(joiner.run(live, watermarks, next, idle), rx))
 }
 
@@ -538,6 +565,8 @@ struct Joiner {
     checks: Arc<Checks>,
     /// `next`, for [`CatchUp::lag`].
     lag: Arc<LagSlot>,
+    /// What events read from Kafka may hold while ready.
+    budget: Option<ReadyBudget>,
 }
 
 /// What a join proves the offsets before a live notification with.
@@ -645,7 +674,11 @@ impl Joiner {
 
     async fn send(&self, item: Result<Delivery, JoinError>) -> Result<(), Stop> {
         self.show_next();
-        self.tx.send(Sent::of(item)).await.map_err(|_| Stop)
+        let charge = match (&self.budget, &item) {
+            (Some(budget), Ok(Delivery::History(r))) => budget.take(r.event.size_hint()).await,
+            _ => None,
+        };
+        self.tx.send(Sent::of(item, charge)).await.map_err(|_| Stop)
     }
 
     async fn fatal(&self, e: ReplayError) -> Stop {

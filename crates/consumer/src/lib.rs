@@ -97,9 +97,11 @@
 
 mod catchup;
 mod config;
+mod ready;
 
 pub use catchup::{CatchUp, Delivery, JoinError, JoinLag, JoinStream, LiveChecks};
 pub use config::JoinConfig;
+pub use ready::ReadyBudget;
 pub use dualstream_history::{
     partition_for_key, ConfigError, HistoryStats, Replay, ReplayConfig, ReplayError, ReplayRequest, ReplayStream,
     Replayed, Scope, StartAt, TopicRouting, Until,

@@ -322,7 +322,7 @@ mod positionless {
         let history = History::new(Arc::new(replay(&brokers, "t").config().clone()), POLL, 4_096, 2).expect("history");
         let (_slot, live) = hub_side();
         let u = Source::new("user", "u").expect("valid");
-        let mut join = join_for_test(history, (Arc::from("t"), 0), u, live, 0, None, POLL);
+        let mut join = join_for_test(history, (Arc::from("t"), 0), u, live, 0, None, POLL, None);
         let first = store(&sink, 4).await;
         assert_eq!(take(&mut join, &first).await, history_of(&first), "found by the idle check alone");
         tokio::time::sleep(POLL * 40).await;
@@ -343,7 +343,7 @@ mod positionless {
         let (_cluster, sink, history) = partition();
         let (slot, live) = hub_side();
         let u = Source::new("user", "u").expect("valid");
-        let mut join = join_for_test(history, (Arc::from("t"), 0), u, live, 0, None, NO_IDLE_CHECK);
+        let mut join = join_for_test(history, (Arc::from("t"), 0), u, live, 0, None, NO_IDLE_CHECK, None);
 
         let first = store(&sink, 6).await;
         feed(&slot, Notification::for_event(&first[4].0, None)).await;
@@ -387,6 +387,7 @@ mod positionless {
             0,
             Some((Arc::clone(&seen), window)),
             NO_IDLE_CHECK,
+            None,
         );
         let notification = |(e, p): &(Event, Position)| Notification::for_event(e, Some(p.clone()));
         let reads = || history.stats().range_reads;
@@ -445,5 +446,49 @@ mod positionless {
         seen.record(&notification(&eighth[0]));
         delivered_live(&mut join, &slot, notification(&eighth[0])).await;
         assert!(reads() > before, "16 never seen: Kafka read");
+    }
+
+    /// A join with a [`ReadyBudget`] reads ahead of its consumer only as far
+    /// as the budget allows: with 40 events of 3 KB stored and a budget of
+    /// 10 KB, a consumer that takes one event finds at most 10 KB held, and
+    /// everything comes in order, and is given back, as it takes the rest.
+    /// (Without the budget the join would hold all 20 of u's events.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_budgeted_join_holds_at_most_its_bytes_ready() {
+        let (_cluster, sink, history) = partition();
+        let pad = "x".repeat(3_000);
+        let events: Vec<Event> = (0..40)
+            .map(|i| {
+                let source = if i % 2 == 0 { "u" } else { "v" };
+                Event::builder("n", "user", source).payload(format!("{{\"n\":{i},\"pad\":\"{pad}\"}}")).build().expect("valid")
+            })
+            .collect();
+        let results = sink.publish_batch(events.clone()).await;
+        let stored: Vec<(Event, Position)> = events.into_iter().zip(results).map(|(e, r)| (e, r.expect("stored"))).collect();
+        let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let budget = ReadyBudget::new(1_024, 10_000, Arc::clone(&held));
+        let (slot, live) = hub_side();
+        let u = Source::new("user", "u").expect("valid");
+        let mut join = join_for_test(history, (Arc::from("t"), 0), u, live, 0, None, NO_IDLE_CHECK, Some(budget));
+        // No position: the join reads Kafka up to the high watermark.
+        feed(&slot, Notification::for_event(&stored[38].0, None)).await;
+        let want = history_of(&stored);
+        let mut got = Vec::new();
+        let mut most = 0;
+        for _ in 0..want.len() {
+            got.push(match next_item(&mut join).await {
+                Delivery::History(r) => Delivery::History(Replayed { timestamp_ms: None, ..r }),
+                other => other,
+            });
+            // Let the join read ahead as far as it may.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = held.load(std::sync::atomic::Ordering::Relaxed);
+            most = most.max(now);
+            assert!(now <= 10_000, "{now} bytes ready, past the budget of 10,000");
+        }
+        assert_eq!(got, want, "u's events, in order, each once");
+        assert!(most >= 3_000, "the join read ahead within its budget ({most} bytes at most)");
+        drop(join);
+        assert_eq!(held.load(std::sync::atomic::Ordering::Relaxed), 0, "a dropped join gives everything back");
     }
 }

@@ -173,19 +173,26 @@ pub struct GatewayLimits {
     pub max_body_bytes: usize,
     /// Most events in one ingest request; more gets 413. Default: 1,000.
     pub max_events_per_request: usize,
-    /// Items that may wait for one client. Default: 1,024.
+    /// Events that one client's channel subscriptions may read from Kafka
+    /// ahead of it, in all (items are rendered only when they go out; live
+    /// notifications are shared and bounded by `join.buffer`). Default:
+    /// 1,024.
     pub client_buffer: usize,
-    /// Bytes of items (their JSON text) that may wait for one client,
-    /// beside `client_buffer`: a client that does not read holds at most
-    /// this much of the gateway's memory, whatever its events' size. One
-    /// item larger than it still goes, alone. Default: 4 MiB.
+    /// Bytes of events that one client's channel subscriptions may read
+    /// ahead of it, in all, beside `client_buffer`: a client that does not
+    /// read holds at most this much of the gateway's memory in events,
+    /// whatever their size. One event larger than it is still read, alone.
+    /// Default: 4 MiB.
     pub client_buffer_bytes: usize,
     /// Most channels and patterns one connection may subscribe to.
     /// Default: 64.
     pub max_subscriptions: usize,
-    /// How long a client's buffer may stay full (SSE and WebSocket), and a
-    /// WebSocket send may wait, in milliseconds, before the client counts as
-    /// too slow and is closed with the reason `slow_client`. Default: 5,000.
+    /// How long a WebSocket send may wait, in milliseconds, before the
+    /// client counts as too slow and is closed with the reason
+    /// `slow_client`; a write to any connection (SSE too) that waits twice
+    /// this (at least 10 s) drops the connection. A client that reads, however
+    /// slowly, is not closed: it falls behind and catches up from Kafka.
+    /// Default: 5,000.
     pub send_timeout_ms: u64,
     /// SSE `retry:` sent with every close (slow client, expired token,
     /// shutdown), in milliseconds. Default: 2,000.

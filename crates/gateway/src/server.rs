@@ -55,11 +55,11 @@ impl Gateway {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            // A client that stops reading: it is closed as `slow_client`
-            // once its buffer stayed full for `send_timeout_ms`, but the
-            // close item itself may never get out. Once a write has waited
-            // `write_timeout` the connection is dropped, and whatever it
-            // holds is freed.
+            // A client that stops reading: its subscriptions stop being
+            // polled (a WebSocket one is closed as `slow_client` after
+            // `send_timeout_ms`, if the close frame gets out). Once a write
+            // has waited `write_timeout` the connection is dropped, and
+            // whatever it holds is freed.
             let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
             stream.set_write_timeout(Some(write_timeout(limits.send_timeout_ms)));
             let stream = Box::pin(stream);
@@ -98,13 +98,14 @@ impl Gateway {
 /// headers do not fit is refused (431), and a stream's writes wait for the
 /// client's socket once this much is waiting for it. hyper's default (about
 /// 400 KiB) would let every slow client hold that much of its items beyond
-/// `limits.client_buffer_bytes`.
+/// what its joins hold ready (`limits.client_buffer_bytes`).
 pub const HTTP_BUFFER_BYTES: usize = 64 << 10;
 
 /// How long a write to a connection may wait before the connection is
-/// dropped: twice `send_timeout_ms`, at least 10 s, so that a client slow
-/// enough to be closed as `slow_client` still gets its close item when it
-/// reads again soon after.
+/// dropped: twice `send_timeout_ms`, at least 10 s, so that a WebSocket
+/// client slow enough to be closed as `slow_client` still gets its close
+/// frame when it reads again soon after, and an SSE client that pauses
+/// reading for a few seconds is not dropped.
 fn write_timeout(send_timeout_ms: u64) -> Duration {
     Duration::from_millis(send_timeout_ms.saturating_mul(2).max(10_000))
 }

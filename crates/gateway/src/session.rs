@@ -2,25 +2,27 @@
 //!
 //! Every channel subscription is a catch-up join (so it resumes from an
 //! offset with no gap and no duplicate); patterns and aggregate channels are
-//! live hub subscriptions. Each runs in a task of its own (`session/tasks.rs`)
-//! that hands items to the connection with `try_send`: a client whose buffer
-//! is full is closed with the reason `slow_client`, and never holds up the
-//! hub, the shared Kafka reader or other clients. The session keeps the
-//! resume token's positions as items reach the client.
+//! live hub subscriptions. Each is a stream (`session/subs.rs`) that the
+//! connection polls when its transport can take the next item: no task of
+//! its own, no buffer of rendered items. A client that reads slowly falls
+//! behind and catches up from Kafka, and never holds up the hub, the shared
+//! Kafka reader or other clients; what its joins read ahead for it is
+//! bounded by `limits.client_buffer` and `limits.client_buffer_bytes`. The
+//! session keeps the resume token's positions as items reach the client.
 
-mod outbox;
-mod tasks;
+mod subs;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use dualstream_consumer::Target;
+use dualstream_consumer::{ReadyBudget, Target};
 use dualstream_core::Source;
+use futures::stream::{AbortHandle, Abortable, BoxStream, SelectAll};
+use futures::StreamExt;
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
-use tokio::task::AbortHandle;
+use tokio::sync::watch;
 
 use crate::auth::{now_secs, Verified};
 use crate::error::ErrorCode;
@@ -30,8 +32,7 @@ use crate::resume::{hash, ResumeToken};
 use crate::state::{AppState, ClientGuard};
 use crate::wire::{to_json, ErrorItem, EventItem, Kind, ResetItem, SubscribedItem};
 
-use outbox::{Charge, Outbox};
-use tasks::{ChannelTask, Counted, LiveTask};
+use subs::{ChannelSub, Counted};
 
 /// What a client asks for: notifications (ids and positions) or whole
 /// events (with payloads read from Kafka).
@@ -121,7 +122,8 @@ impl SubError {
 /// Why a stream was closed by the gateway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseReason {
-    /// The client did not keep up with its items.
+    /// A WebSocket client whose socket took no item for
+    /// `limits.send_timeout_ms`.
     SlowClient,
     /// The token (or the ticket's token) expired.
     TokenExpired,
@@ -179,7 +181,7 @@ pub(crate) enum Out {
     Close(CloseReason),
 }
 
-/// An item a subscription task hands to the connection, as JSON text.
+/// An item a subscription hands to the connection, as JSON text.
 #[derive(Debug)]
 struct Msg {
     kind: Kind,
@@ -189,9 +191,6 @@ struct Msg {
     /// Moves the channel's position in the resume token: (channel hash,
     /// partition, next offset).
     advance: Option<(u32, i32, i64)>,
-    /// Its bytes of the connection's `client_buffer_bytes`, set when it is
-    /// handed over.
-    charge: Option<Charge>,
 }
 
 impl Msg {
@@ -201,15 +200,15 @@ impl Msg {
 
     /// An event item rendered already.
     fn shared_event(json: Arc<str>, advance: Option<(u32, i32, i64)>) -> Self {
-        Self { kind: Kind::Event, json, advance, charge: None }
+        Self { kind: Kind::Event, json, advance }
     }
 
     fn reset(item: &ResetItem<'_>, advance: Option<(u32, i32, i64)>) -> Self {
-        Self { kind: Kind::Reset, json: to_json(item).into(), advance, charge: None }
+        Self { kind: Kind::Reset, json: to_json(item).into(), advance }
     }
 
     fn error(item: &ErrorItem<'_>) -> Self {
-        Self { kind: Kind::Error, json: to_json(item).into(), advance: None, charge: None }
+        Self { kind: Kind::Error, json: to_json(item).into(), advance: None }
     }
 }
 
@@ -323,20 +322,16 @@ fn want_pattern(state: &AppState, auth: &Verified, pattern: &str) -> Result<Want
     Ok(Want::Live { target: Target::Pattern(pattern.to_owned()), name: pattern.to_owned() })
 }
 
-/// A subscription's task, aborted when this is dropped (dropping a tokio
-/// `JoinHandle` would only detach it, leaving its join and hub subscriber
-/// running).
+/// A subscription's stream, ended when this is dropped (and then dropped,
+/// with its join and hub subscription, the next time the connection polls
+/// its subscriptions).
 #[derive(Debug)]
-struct Task(AbortHandle);
+struct Sub(AbortHandle);
 
-impl Drop for Task {
+impl Drop for Sub {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) -> Task {
-    Task(tokio::spawn(task).abort_handle())
 }
 
 /// A subscription about to start: a channel with its partition's end now.
@@ -354,15 +349,18 @@ enum Planned {
     },
 }
 
-/// One connection's subscriptions and resume state. Every task it starts is
-/// aborted when its subscription ends or the session is dropped.
+/// One connection's subscriptions and resume state. Every subscription's
+/// stream is dropped when its subscription ends or the session is dropped.
 pub(crate) struct Session {
     state: Arc<AppState>,
-    out: Outbox,
-    rx: mpsc::Receiver<Msg>,
-    close_rx: watch::Receiver<Option<CloseReason>>,
+    /// Every subscription's items, polled as they are woken.
+    streams: SelectAll<Abortable<BoxStream<'static, Msg>>>,
+    /// Items of the session's own (a `reset` at subscribe) that go first.
+    queued: VecDeque<Msg>,
+    /// What this connection's joins may hold ready for it.
+    budget: ReadyBudget,
     shutdown: watch::Receiver<bool>,
-    subs: HashMap<String, Task>,
+    subs: HashMap<String, Sub>,
     /// Channel hash → (partition, next offset), for the resume token.
     positions: BTreeMap<u32, (i32, i64)>,
     /// Channel hash → channel, for the subscriptions that have one.
@@ -386,14 +384,9 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// A session for a client holding `auth`.
     pub(crate) fn new(state: Arc<AppState>, auth: &Verified, guard: ClientGuard) -> Self {
-        let (close_tx, close_rx) = watch::channel(None);
         let limits = &state.config.limits;
-        let (out, rx) = Outbox::new(
-            limits.client_buffer,
-            limits.client_buffer_bytes,
-            Arc::clone(&state.buffered_bytes),
-            Arc::new(close_tx),
-        );
+        let budget =
+            ReadyBudget::new(limits.client_buffer, limits.client_buffer_bytes, Arc::clone(&state.buffered_bytes));
         let shutdown = state.shutdown.subscribe();
         let transport = guard.transport();
         let delivered = [Mode::Notify, Mode::Full]
@@ -401,9 +394,9 @@ impl Session {
         Self {
             modes: HashMap::new(),
             delivered,
-            out,
-            rx,
-            close_rx,
+            streams: SelectAll::new(),
+            queued: VecDeque::new(),
+            budget,
             shutdown,
             subs: HashMap::new(),
             positions: BTreeMap::new(),
@@ -509,17 +502,19 @@ impl Session {
             .take(self.guard.subject(), far, per_min, std::time::Instant::now())
             .map_err(SubError::Limited)?;
         for p in planned {
-            let (name, task) = match p {
+            let (name, stream) = match p {
                 Planned::Channel { channel, source, now, far } => {
                     (channel.clone(), self.start_channel(channel, source, now, mode, resume, foreign, far))
                 }
                 Planned::Live { target, name } => {
-                    let task = self.start_live(target, name.clone(), resume.is_some() || foreign.is_some()).await?;
-                    (name, task)
+                    let stream = self.start_live(target, name.clone(), resume.is_some() || foreign.is_some()).await?;
+                    (name, stream)
                 }
             };
+            let (stream, handle) = futures::stream::abortable(stream);
+            self.streams.push(stream);
             added.push(name.clone());
-            self.subs.insert(name, task);
+            self.subs.insert(name, Sub(handle));
         }
         Ok(())
     }
@@ -536,7 +531,7 @@ impl Session {
         resume: Option<&ResumeToken>,
         foreign: Option<&ResumeToken>,
         far: bool,
-    ) -> Task {
+    ) -> BoxStream<'static, Msg> {
         let h = hash(&channel);
         let from = resume.and_then(|r| r.positions.get(&h)).copied();
         let mut reset = None;
@@ -561,7 +556,7 @@ impl Session {
         if let Some(reason) = reset {
             self.push(Msg::reset(&ResetItem::new(&channel, &reason), None));
         }
-        let task = ChannelTask {
+        ChannelSub {
             state: Arc::clone(&self.state),
             channel: channel.into(),
             hash: h,
@@ -569,18 +564,23 @@ impl Session {
             partition: now.partition,
             next: start,
             mode,
-            out: self.out.clone(),
+            budget: self.budget.clone(),
             // A far resume's history up to where the partition ends now is
             // paced, per token subject; nothing after it.
             pace: far.then(|| (now.offset, Arc::<str>::from(self.guard.subject()))),
             _counted: Counted::new(self.guard.transport(), mode.name()),
-        };
-        spawn(task.run())
+        }
+        .stream()
     }
 
     /// A pattern's or an aggregate channel's hub subscription, with a
     /// `reset` first when the client asked to resume (live names do not).
-    async fn start_live(&mut self, target: Target, name: String, resuming: bool) -> Result<Task, SubError> {
+    async fn start_live(
+        &mut self,
+        target: Target,
+        name: String,
+        resuming: bool,
+    ) -> Result<BoxStream<'static, Msg>, SubError> {
         if resuming {
             let reason =
                 "patterns and aggregate channels are live only: what was published while disconnected is not replayed";
@@ -588,9 +588,7 @@ impl Session {
         }
         let live = self.state.hub.subscribe(target).await.map_err(|e| SubError::Unavailable(format!("Redis: {e}")))?;
         let counted = Counted::new(self.guard.transport(), "live");
-        let task =
-            LiveTask { state: Arc::clone(&self.state), name: name.into(), out: self.out.clone(), _counted: counted };
-        Ok(spawn(task.run(live)))
+        Ok(subs::live(Arc::clone(&self.state), name.into(), live, counted))
     }
 
     /// Stop subscriptions by name; unknown names are ignored.
@@ -605,8 +603,8 @@ impl Session {
         }
     }
 
-    fn push(&self, msg: Msg) {
-        self.out.push(msg);
+    fn push(&mut self, msg: Msg) {
+        self.queued.push_back(msg);
     }
 
     /// The next item for the client; after [`Out::Close`] always `None`.
@@ -615,16 +613,20 @@ impl Session {
             return None;
         }
         let expires_in = Duration::from_secs(self.expires.saturating_sub(now_secs()));
-        let (close_rx, shutdown, rx) = (&mut self.close_rx, &mut self.shutdown, &mut self.rx);
-        let step = tokio::select! {
-            biased;
-            r = close_rx.wait_for(|r| r.is_some()) => Err(r.ok().and_then(|r| *r).unwrap_or(CloseReason::SlowClient)),
-            _ = shutdown.wait_for(|s| *s) => Err(CloseReason::Shutdown),
-            _ = tokio::time::sleep(expires_in) => Err(CloseReason::TokenExpired),
-            msg = rx.recv() => Ok(msg),
+        let (shutdown, streams) = (&mut self.shutdown, &mut self.streams);
+        let step = match self.queued.pop_front() {
+            Some(msg) => Ok(msg),
+            None => tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => Err(CloseReason::Shutdown),
+                _ = tokio::time::sleep(expires_in) => Err(CloseReason::TokenExpired),
+                // With no subscription left (or none yet) there is nothing
+                // to wait for but the others.
+                Some(msg) = streams.next(), if !streams.is_empty() => Ok(msg),
+            },
         };
         let reason = match step {
-            Ok(Some(Msg { kind, json, advance, charge: _ })) => {
+            Ok(Msg { kind, json, advance }) => {
                 if kind == Kind::Event {
                     let full = advance.is_some_and(|(h, ..)| self.modes.get(&h) == Some(&Mode::Full));
                     self.delivered[usize::from(full)].increment(1);
@@ -637,7 +639,6 @@ impl Session {
                 let resume_token = (kind != Kind::Error).then(|| self.resume_token());
                 return Some(Out::Item { kind, json, resume_token });
             }
-            Ok(None) => return None,
             Err(reason) => reason,
         };
         metrics::counter!(metric::CLOSED, "transport" => self.guard.transport(), "reason" => reason.code())
@@ -646,8 +647,8 @@ impl Session {
         // Free what the session holds now: the close item may wait for a
         // client that never reads until the connection's write timeout.
         self.subs.clear();
-        self.rx.close();
-        while self.rx.try_recv().is_ok() {}
+        self.streams.clear();
+        self.queued.clear();
         Some(Out::Close(reason))
     }
 

@@ -156,11 +156,6 @@ impl AppState {
         }
     }
 
-    /// How long a client's full buffer may stay full.
-    pub(crate) fn send_timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(self.config.limits.send_timeout_ms)
-    }
-
     /// Record what ingest stored, for the dashboard.
     pub(crate) fn record_ingested(&self, stored: Ingested) {
         let mut d = self.dashboard.lock().unwrap_or_else(PoisonError::into_inner);

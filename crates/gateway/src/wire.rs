@@ -505,6 +505,9 @@ pub(crate) struct HubHealth {
     pub(crate) channels: usize,
     pub(crate) connected: bool,
     pub(crate) disconnects: u64,
+    /// Live notifications dropped for subscribers whose buffer was full
+    /// (slow clients: their joins read those from Kafka).
+    pub(crate) missed: u64,
     pub(crate) patterns: usize,
     pub(crate) subscribers: usize,
 }
@@ -701,7 +704,7 @@ mod tests {
                 ws: 2,
             },
             health_checks: 7,
-            hub: Some(HubHealth { channels: 3, connected: true, disconnects: 1, patterns: 0, subscribers: 4 }),
+            hub: Some(HubHealth { channels: 3, connected: true, disconnects: 1, missed: 7, patterns: 0, subscribers: 4 }),
             history: HistoryHealth { consumers: 2, range_reads: 10, seeks: 1, ..HistoryHealth::default() },
             kafka: KafkaHealth { error: None, ok: true },
             live_checks: LiveChecksHealth { proven_by_notifications: 11, read_from_kafka: 2 },
@@ -720,7 +723,7 @@ mod tests {
             "ready": true,
             "kafka": {"ok": true, "error": null},
             "redis": {"ok": false, "error": "down", "breaker": "closed", "published": 9, "skipped": 2, "failed": 1},
-            "hub": {"connected": true, "channels": 3, "patterns": 0, "subscribers": 4, "disconnects": 1},
+            "hub": {"connected": true, "channels": 3, "patterns": 0, "subscribers": 4, "disconnects": 1, "missed": 7},
             "history": {"consumers": 2, "range_reads": 10, "range_reads_cached": 0, "backfill_reads": 0, "seeks": 1,
                 "records_read": 0, "parked": 0, "parked_dropped": 0},
             "live_checks": {"proven_by_notifications": 11, "read_from_kafka": 2},

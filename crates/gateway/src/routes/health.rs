@@ -78,6 +78,7 @@ pub(crate) async fn readiness(state: &AppState) -> Readiness {
             channels: h.channels,
             connected: h.connected,
             disconnects: h.disconnects,
+            missed: h.missed,
             patterns: h.patterns,
             subscribers: h.subscribers,
         }),

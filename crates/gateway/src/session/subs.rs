@@ -1,20 +1,27 @@
-//! The task behind each subscription of a session: a channel's catch-up
-//! join ([`ChannelTask`]) or a pattern's hub subscription ([`LiveTask`]).
+//! The stream behind each subscription of a session: a channel's catch-up
+//! join ([`ChannelSub`]) or a pattern's hub subscription ([`live`]).
 //!
-//! Each turns what it reads into the client's items and hands them to its
-//! connection's buffer ([`Outbox::hand`]), bounded in items and in bytes,
-//! waiting only for that buffer: the hub and the shared Kafka reader never
-//! wait for a client.
+//! A subscription is a stream that the session's connection polls itself,
+//! when its transport can take the next item: it costs no task of its own,
+//! and an item is rendered only when it goes out. While a client does not
+//! read, its subscriptions are not polled: their joins read ahead only as
+//! far as the connection's [`ReadyBudget`] allows, their hub subscriptions'
+//! buffers overflow, and the joins read what was missed from Kafka once the
+//! client reads again. The hub and the shared Kafka reader never wait for a
+//! client.
 
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use dualstream_consumer::{Delivery, HubError, JoinError, LiveItem, LiveStream, ReplayError, StartAt};
+use dualstream_consumer::{
+    Delivery, HubError, JoinError, JoinStream, LiveItem, LiveStream, ReadyBudget, ReplayError, StartAt,
+};
 use dualstream_core::trace::{self, TraceContext, Traced};
 use dualstream_core::{Backoff, Source};
+use futures::stream::BoxStream;
 use futures::StreamExt;
 
-use super::{Mode, Msg, Outbox};
+use super::{Mode, Msg};
 use crate::error::ErrorCode;
 use crate::renders::Form;
 use crate::state::AppState;
@@ -31,7 +38,7 @@ enum Step {
 }
 
 /// One channel's catch-up join, from `next`.
-pub(super) struct ChannelTask {
+pub(super) struct ChannelSub {
     pub(super) state: Arc<AppState>,
     pub(super) channel: Arc<str>,
     /// The channel's hash, as in the resume token.
@@ -41,16 +48,17 @@ pub(super) struct ChannelTask {
     /// The first offset the client has not been given.
     pub(super) next: i64,
     pub(super) mode: Mode,
-    pub(super) out: Outbox,
+    /// What the connection's joins may hold ready.
+    pub(super) budget: ReadyBudget,
     /// For a far resume: the offset its pacing ends at (where the partition
     /// ended when it subscribed) and the token subject it is paced under.
     pub(super) pace: Option<(i64, Arc<str>)>,
-    /// Counts the subscription while the task lives.
+    /// Counts the subscription while it lives.
     pub(super) _counted: Counted,
 }
 
 /// One subscription in `dualstream_gateway_subscriptions`, from its start
-/// until its task ends or is stopped (the task's future is dropped).
+/// until its stream ends or is dropped.
 #[derive(Debug)]
 pub(crate) struct Counted(metrics::Gauge);
 
@@ -71,49 +79,87 @@ impl Drop for Counted {
 /// The waits between a channel's failed joins.
 const REJOIN_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
-impl ChannelTask {
-    /// Join from `next`; when the join fails, join again from where it got
-    /// to, after a backoff, so a Kafka outage delays items but loses none.
-    pub(super) async fn run(mut self) {
-        let mut backoff = REJOIN_BACKOFF.first();
+impl ChannelSub {
+    /// The subscription's items: the join from `next`; when the join fails,
+    /// join again from where it got to, after a backoff, so a Kafka outage
+    /// delays items but loses none. A permanent failure is one error item,
+    /// then the end.
+    pub(super) fn stream(self) -> BoxStream<'static, Msg> {
+        let state = Joining { sub: self, join: None, backoff: REJOIN_BACKOFF.first(), wait: None, done: false };
+        futures::stream::unfold(state, |mut s| async move { s.next_msg().await.map(|m| (m, s)) }).boxed()
+    }
+}
+
+/// A [`ChannelSub`] and its join, between two items.
+struct Joining {
+    sub: ChannelSub,
+    /// Boxed by the consumer: a join is a large future, and the stream
+    /// holds its room for as long as the subscription lasts.
+    join: Option<JoinStream>,
+    backoff: Duration,
+    /// A wait before joining again.
+    wait: Option<Duration>,
+    /// A permanent failure was reported.
+    done: bool,
+}
+
+impl Joining {
+    async fn next_msg(&mut self) -> Option<Msg> {
         loop {
-            let start = StartAt::Offset(self.next);
-            // Boxed: starting a join is a large future, and the task would
-            // hold its room for as long as the subscription lasts.
-            let joined = match self.mode {
-                Mode::Full => Box::pin(self.state.catchup.join_events(self.source.clone(), start)).await,
-                Mode::Notify => Box::pin(self.state.catchup.join(self.source.clone(), start)).await,
-            };
-            match joined {
-                Ok(mut stream) => {
-                    while let Some(item) = stream.next().await {
-                        backoff = REJOIN_BACKOFF.first();
-                        self.pace(&item).await;
-                        let msg = match self.step(item) {
-                            Step::Send(msg) => msg,
-                            Step::Skip => continue,
-                            Step::Rejoin => break,
-                        };
-                        if !self.out.hand(msg, self.state.send_timeout()).await {
-                            return;
-                        }
+            if self.done {
+                return None;
+            }
+            let Some(join) = self.join.as_mut() else {
+                if let Some(wait) = self.wait.take() {
+                    tokio::time::sleep(wait).await;
+                }
+                let sub = &self.sub;
+                let start = StartAt::Offset(sub.next);
+                let full = sub.mode == Mode::Full;
+                let joined = Box::pin(sub.state.catchup.join_within(
+                    sub.source.clone(),
+                    start,
+                    full,
+                    sub.budget.clone(),
+                ))
+                .await;
+                match joined {
+                    Ok(stream) => self.join = Some(stream),
+                    Err(e) if permanent(&e) => {
+                        self.done = true;
+                        let item = ErrorItem::of_channel(&sub.channel, ErrorCode::SubscriptionFailed, e.to_string());
+                        return Some(Msg::error(&item));
+                    }
+                    Err(e) => {
+                        tracing::warn!(channel = %short(&sub.channel), error = %e, "join failed; retrying");
+                        self.again();
                     }
                 }
-                Err(e) if permanent(&e) => {
-                    let item = ErrorItem::of_channel(&self.channel, ErrorCode::SubscriptionFailed, e.to_string());
-                    self.out.hand(Msg::error(&item), self.state.send_timeout()).await;
-                    return;
-                }
-                Err(e) => tracing::warn!(channel = %short(&self.channel), error = %e, "join failed; retrying"),
+                continue;
+            };
+            let Some(item) = join.next().await else {
+                self.again();
+                continue;
+            };
+            self.backoff = REJOIN_BACKOFF.first();
+            self.sub.pace(&item).await;
+            match self.sub.step(item) {
+                Step::Send(msg) => return Some(msg),
+                Step::Skip => {}
+                Step::Rejoin => self.again(),
             }
-            if self.out.is_closed() {
-                return;
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = REJOIN_BACKOFF.after(backoff);
         }
     }
 
+    /// Join again from where the join got to, after the backoff.
+    fn again(&mut self) {
+        self.join = None;
+        self.wait = Some(self.backoff);
+        self.backoff = REJOIN_BACKOFF.after(self.backoff);
+    }
+}
+
+impl ChannelSub {
     /// Wait for the subject's pace (`limits.far_items_per_sec`) when `item`
     /// is far history; once an item reaches where the partition ended at
     /// subscribe time, never again.
@@ -212,41 +258,32 @@ fn short(name: &str) -> String {
     name.chars().take(200).collect()
 }
 
-/// A pattern's or an aggregate channel's live subscription.
-pub(super) struct LiveTask {
-    pub(super) state: Arc<AppState>,
-    /// The name the client subscribed to.
-    pub(super) name: Arc<str>,
-    pub(super) out: Outbox,
-    /// Counts the subscription while the task lives.
-    pub(super) _counted: Counted,
-}
-
-impl LiveTask {
-    pub(super) async fn run(self, mut live: LiveStream) {
-        let mut channel = String::new();
-        while let Some(item) = live.next().await {
-            let msg = match item {
-                LiveItem::Notification(n) => {
-                    channel.clear();
-                    self.state.namer.write_channel(&n.source_type, &n.source_id, &mut channel);
-                    Msg::event(&EventItem::notification(&channel, &n).through(&self.name), None)
-                }
-                LiveItem::Gap | LiveItem::Lagged { .. } | LiveItem::Dropped { .. } => {
-                    let reason = match item {
-                        LiveItem::Gap => "Redis reconnected: notifications published meanwhile were missed",
-                        _ => "this connection fell behind the live notifications: some were missed",
-                    };
-                    Msg::reset(&ResetItem::new(&self.name, reason), None)
-                }
-                LiveItem::Malformed { channel, reason } => {
-                    Msg::error(&ErrorItem::of_channel(&channel, ErrorCode::Undeliverable, &*reason))
-                }
-                _ => continue,
-            };
-            if !self.out.hand(msg, self.state.send_timeout()).await {
-                return;
+/// A pattern's or an aggregate channel's live subscription, as the client's
+/// items; `name` is the name the client subscribed to. `counted` counts it
+/// while it lives.
+pub(super) fn live(state: Arc<AppState>, name: Arc<str>, live: LiveStream, counted: Counted) -> BoxStream<'static, Msg> {
+    let mut channel = String::new();
+    live.filter_map(move |item| {
+        let _counted = &counted;
+        let msg = match item {
+            LiveItem::Notification(n) => {
+                channel.clear();
+                state.namer.write_channel(&n.source_type, &n.source_id, &mut channel);
+                Some(Msg::event(&EventItem::notification(&channel, &n).through(&name), None))
             }
-        }
-    }
+            LiveItem::Gap | LiveItem::Lagged { .. } | LiveItem::Dropped { .. } => {
+                let reason = match item {
+                    LiveItem::Gap => "Redis reconnected: notifications published meanwhile were missed",
+                    _ => "this connection fell behind the live notifications: some were missed",
+                };
+                Some(Msg::reset(&ResetItem::new(&name, reason), None))
+            }
+            LiveItem::Malformed { channel, reason } => {
+                Some(Msg::error(&ErrorItem::of_channel(&channel, ErrorCode::Undeliverable, &*reason)))
+            }
+            _ => None,
+        };
+        futures::future::ready(msg)
+    })
+    .boxed()
 }
