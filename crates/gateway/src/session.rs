@@ -370,7 +370,9 @@ pub(crate) struct Session {
     modes: HashMap<u32, Mode>,
     /// `dualstream_gateway_deliveries_total` of this transport: notify, full.
     delivered: [metrics::Counter; 2],
-    expires: u64,
+    /// When the token (or the ticket's token) expires: one timer for the
+    /// session, not one per item.
+    expiry: std::pin::Pin<Box<tokio::time::Sleep>>,
     closed: bool,
     guard: ClientGuard,
 }
@@ -401,7 +403,10 @@ impl Session {
             subs: HashMap::new(),
             positions: BTreeMap::new(),
             channels: HashMap::new(),
-            expires: auth.stream_expiry(),
+            expiry: {
+                let secs = auth.stream_expiry().saturating_sub(now_secs());
+                Box::pin(tokio::time::sleep(Duration::from_secs(secs)))
+            },
             closed: false,
             state,
             guard,
@@ -612,14 +617,13 @@ impl Session {
         if self.closed {
             return None;
         }
-        let expires_in = Duration::from_secs(self.expires.saturating_sub(now_secs()));
-        let (shutdown, streams) = (&mut self.shutdown, &mut self.streams);
+        let (shutdown, streams, expiry) = (&mut self.shutdown, &mut self.streams, self.expiry.as_mut());
         let step = match self.queued.pop_front() {
             Some(msg) => Ok(msg),
             None => tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => Err(CloseReason::Shutdown),
-                _ = tokio::time::sleep(expires_in) => Err(CloseReason::TokenExpired),
+                () = expiry => Err(CloseReason::TokenExpired),
                 // With no subscription left (or none yet) there is nothing
                 // to wait for but the others.
                 Some(msg) = streams.next(), if !streams.is_empty() => Ok(msg),
