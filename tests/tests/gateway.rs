@@ -397,16 +397,7 @@ async fn a_slow_client_falls_behind_and_catches_up_from_kafka_without_stalling_t
     const TOTAL: u64 = 1_500;
     let load = {
         let gw = Arc::clone(&gw);
-        tokio::spawn(async move {
-            let pad = "x".repeat(8_192);
-            for chunk in 0..TOTAL / 50 {
-                let batch: Vec<Value> = (chunk * 50..(chunk + 1) * 50)
-                    .map(|i| json!({"type": "t", "source_type": "user", "source_id": "a", "payload": {"n": i, "pad": &pad}}))
-                    .collect();
-                let (s, v) = gw.ingest(&producer, &Value::Array(batch)).await;
-                assert_eq!(s, 200, "{v}");
-            }
-        })
+        tokio::spawn(async move { ingest_padded(&gw, &producer, "a", TOTAL, 50, 8_192).await })
     };
     let mut got = Vec::new();
     while (got.len() as u64) < TOTAL {
@@ -424,46 +415,43 @@ async fn a_slow_client_falls_behind_and_catches_up_from_kafka_without_stalling_t
 
     // Now the slow client reads: every event once, in order, without a
     // close. Most of them came from Kafka, read when it asked for them.
-    let mut raw = Vec::new();
-    let mut chunk = vec![0u8; 1 << 16];
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (mut seen, mut scan) = (0u64, 0usize);
-    const MARK: &[u8] = b"event: event\n";
-    while seen < TOTAL {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left.min(Duration::from_secs(10)), tokio::io::AsyncReadExt::read(&mut slow, &mut chunk)).await {
-            Ok(Ok(0)) => panic!("the slow client's stream ended after {seen} events"),
-            Ok(Ok(n)) => raw.extend_from_slice(&chunk[..n]),
-            Ok(Err(e)) => panic!("read: {e}"),
-            Err(_) => panic!("the slow client got {seen} of {TOTAL} events"),
-        }
-        while let Some(i) = raw[scan..].windows(MARK.len()).position(|w| w == MARK) {
-            seen += 1;
-            scan += i + MARK.len();
-        }
-        scan = scan.max(raw.len().saturating_sub(MARK.len()));
-    }
-    // The rest of the last event.
-    while let Ok(Ok(n @ 1..)) =
-        tokio::time::timeout(Duration::from_secs(1), tokio::io::AsyncReadExt::read(&mut slow, &mut chunk)).await
-    {
-        raw.extend_from_slice(&chunk[..n]);
-    }
-    let body = dechunk(&raw);
-    let text = String::from_utf8_lossy(&body);
-    assert!(!text.contains("event: close"), "the slow client was closed: {}", &text[text.len().saturating_sub(300)..]);
-    let ns: Vec<u64> = text
-        .split("\n\n")
-        .filter(|frame| frame.contains("event: event\n"))
-        .map(|frame| {
-            let data = frame.lines().find_map(|l| l.strip_prefix("data: ")).expect("data");
-            let v: Value = serde_json::from_str(data).expect("json");
-            v["payload"]["n"].as_u64().expect("n")
-        })
-        .collect();
+    let ns = read_events(&mut slow, TOTAL).await;
     assert_eq!(ns, (0..TOTAL).collect::<Vec<_>>(), "the slow client got every event once, in order");
     let doc = gw.readyz().await;
     assert!(doc["hub"]["missed"].as_u64().expect("hub.missed") > 0, "the slow client never fell behind the hub: {doc}");
+}
+
+/// A client that reads slowly falls behind instead of being closed; once it
+/// is further behind than the tail cache (`join.cache_records`), what it
+/// catches up on comes through the backfill readers, paced by its subject's
+/// `limits.far_items_per_sec` like a far resume: reading slowly is no way
+/// around the far-resume limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_falls_far_behind_is_paced_like_a_far_resume() {
+    init_tracing();
+    let gw = Arc::new(
+        TestGateway::start(|c| {
+            c.join.cache_records = 8;
+            c.limits.far_items_per_sec = 400;
+            c.limits.send_timeout_ms = 60_000;
+        })
+        .await,
+    );
+    let a = gw.channel("behind");
+    let auth = format!("Bearer {}", gw.token(&[&a], &[]));
+    let mut slow = unread_stream(&gw, &a, &auth).await;
+    wait_for_hub_subscribers(&gw, 1).await;
+    let paced = |doc: &Value| doc["clients"]["far_items_paced"].as_u64().expect("clients.far_items_paced");
+    // 1,000 events of 8 KiB, more than the sockets and hyper hold.
+    const TOTAL: u64 = 1_000;
+    let producer = gw.token(&[], &["user"]);
+    ingest_padded(&gw, &producer, "behind", TOTAL, 50, 8_192).await;
+    // Records of the last second are never taken as far.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(paced(&gw.readyz().await), 0, "nothing was paced before the client read");
+    assert_eq!(read_events(&mut slow, TOTAL).await, (0..TOTAL).collect::<Vec<_>>(), "exact, in order");
+    let waited = paced(&gw.readyz().await);
+    assert!(waited > 0, "none of what the client caught up on from far behind was paced");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -489,16 +477,7 @@ async fn a_client_that_never_reads_holds_at_most_client_buffer_bytes() {
     // items would hold all of them.
     let load = {
         let gw = Arc::clone(&gw);
-        tokio::spawn(async move {
-            let pad = "x".repeat(20 << 10);
-            for chunk in 0..24 {
-                let batch: Vec<Value> = (chunk * 20..(chunk + 1) * 20)
-                    .map(|i| json!({"type": "t", "source_type": "user", "source_id": "a", "payload": {"n": i, "pad": &pad}}))
-                    .collect();
-                let (s, v) = gw.ingest(&producer, &Value::Array(batch)).await;
-                assert_eq!(s, 200, "{v}");
-            }
-        })
+        tokio::spawn(async move { ingest_padded(&gw, &producer, "a", 480, 20, 20 << 10).await })
     };
     let buffered = |doc: &Value| doc["clients"]["buffered_bytes"].as_u64().expect("clients.buffered_bytes");
     let (mut most, mut closed) = (0, false);
@@ -532,6 +511,60 @@ async fn a_client_that_never_reads_holds_at_most_client_buffer_bytes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(slow);
+}
+
+/// Ingest `total` events of user `source`, `per` a request, each with
+/// payload `{"n": i, "pad": <pad bytes>}`.
+async fn ingest_padded(gw: &TestGateway, producer: &str, source: &str, total: u64, per: u64, pad: usize) {
+    let pad = "x".repeat(pad);
+    for chunk in 0..total / per {
+        let batch: Vec<Value> = (chunk * per..(chunk + 1) * per)
+            .map(|i| json!({"type": "t", "source_type": "user", "source_id": source, "payload": {"n": i, "pad": &pad}}))
+            .collect();
+        let (s, v) = gw.ingest(producer, &Value::Array(batch)).await;
+        assert_eq!(s, 200, "{v}");
+    }
+}
+
+/// Read `total` events from a raw SSE response on `stream` (60 s at
+/// most): the payloads' `n`, in the order they came. Fails on a `close`.
+async fn read_events(stream: &mut tokio::net::TcpStream, total: u64) -> Vec<u64> {
+    let mut raw = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut seen, mut scan) = (0u64, 0usize);
+    const MARK: &[u8] = b"event: event\n";
+    while seen < total {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left.min(Duration::from_secs(10)), tokio::io::AsyncReadExt::read(stream, &mut chunk)).await {
+            Ok(Ok(0)) => panic!("the stream ended after {seen} events"),
+            Ok(Ok(n)) => raw.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => panic!("read: {e}"),
+            Err(_) => panic!("got {seen} of {total} events"),
+        }
+        while let Some(i) = raw[scan..].windows(MARK.len()).position(|w| w == MARK) {
+            seen += 1;
+            scan += i + MARK.len();
+        }
+        scan = scan.max(raw.len().saturating_sub(MARK.len()));
+    }
+    // The rest of the last event.
+    while let Ok(Ok(n @ 1..)) =
+        tokio::time::timeout(Duration::from_secs(1), tokio::io::AsyncReadExt::read(stream, &mut chunk)).await
+    {
+        raw.extend_from_slice(&chunk[..n]);
+    }
+    let body = dechunk(&raw);
+    let text = String::from_utf8_lossy(&body);
+    assert!(!text.contains("event: close"), "the stream was closed: {}", &text[text.len().saturating_sub(300)..]);
+    text.split("\n\n")
+        .filter(|frame| frame.contains("event: event\n"))
+        .map(|frame| {
+            let data = frame.lines().find_map(|l| l.strip_prefix("data: ")).expect("data");
+            let v: Value = serde_json::from_str(data).expect("json");
+            v["payload"]["n"].as_u64().expect("n")
+        })
+        .collect()
 }
 
 /// The body of a chunked HTTP/1.1 response read so far: the complete

@@ -231,8 +231,10 @@ pub struct GatewayLimits {
     /// bucket of a second's worth per subject, shared by all its streams and
     /// channels, so reconnecting does not refill it): the history of
     /// channels that resumed further back than `join.cache_records`, up to
-    /// where their partition ended when they subscribed. Items after that
-    /// point, live items and resumes near the end are never paced. Without
+    /// where their partition ended when they subscribed; and what a client
+    /// that fell further behind than `join.cache_records` (it read slowly)
+    /// catches up on from Kafka. Other items after that point, live items
+    /// and resumes near the end are never paced. Without
     /// it, one client resuming from far back in a loop had its whole history
     /// sent as fast as its connection took it, and every other client's live
     /// items waited behind it. Default: 1,000.

@@ -573,6 +573,7 @@ impl Session {
             // A far resume's history up to where the partition ends now is
             // paced, per token subject; nothing after it.
             pace: far.then(|| (now.offset, Arc::<str>::from(self.guard.subject()))),
+            subject: Arc::from(self.guard.subject()),
             _counted: Counted::new(self.guard.transport(), mode.name()),
         }
         .stream()

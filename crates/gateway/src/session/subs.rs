@@ -53,6 +53,9 @@ pub(super) struct ChannelSub {
     /// For a far resume: the offset its pacing ends at (where the partition
     /// ended when it subscribed) and the token subject it is paced under.
     pub(super) pace: Option<(i64, Arc<str>)>,
+    /// The token subject, whose far-items pace also applies once the client
+    /// falls further behind than the tail cache.
+    pub(super) subject: Arc<str>,
     /// Counts the subscription while it lives.
     pub(super) _counted: Counted,
 }
@@ -164,20 +167,20 @@ impl ChannelSub {
     /// is far history; once an item reaches where the partition ended at
     /// subscribe time, never again.
     async fn pace(&mut self, item: &Result<Delivery, JoinError>) {
-        let Some((until, subject)) = &self.pace else { return };
-        match item {
-            Ok(Delivery::History(r)) if r.position.offset < *until => {}
-            Ok(Delivery::History(_) | Delivery::Live(_)) => {
+        let subject = match (&self.pace, item) {
+            (Some((until, subject)), Ok(Delivery::History(r))) if r.position.offset < *until => Arc::clone(subject),
+            (Some(_), Ok(Delivery::History(_) | Delivery::Live(_))) => {
                 self.pace = None;
                 return;
             }
+            (None, Ok(Delivery::History(r))) if self.fell_far_behind(r) => Arc::clone(&self.subject),
             _ => return,
-        }
+        };
         let per_sec = self.state.config.limits.far_items_per_sec;
         let mut waited = false;
         loop {
             let take = self.state.far_pace.lock().unwrap_or_else(PoisonError::into_inner).take(
-                subject,
+                &subject,
                 per_sec,
                 std::time::Instant::now(),
             );
@@ -192,6 +195,24 @@ impl ChannelSub {
         if waited {
             self.state.far_items_paced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// Whether `r`, read from Kafka, lies further behind its partition's end
+    /// than the tail cache keeps (`join.cache_records`): a client that fell
+    /// that far behind (it read slowly, or not at all for a while) catches
+    /// up through the backfill readers like a far resume, and is paced like
+    /// one. Records written in the last second are never far; older ones
+    /// are compared with the high watermark as last polled.
+    fn fell_far_behind(&self, r: &dualstream_consumer::Replayed) -> bool {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let recent = r.timestamp_ms.is_some_and(|ts| ts >= now_ms.saturating_sub(1_000));
+        if recent {
+            return false;
+        }
+        let cached = i64::try_from(self.state.config.join.cache_records).unwrap_or(i64::MAX);
+        self.state.catchup.behind(&r.position).is_some_and(|behind| behind > cached)
     }
 
     /// The client's item for one item of the join, moving `next` past it.

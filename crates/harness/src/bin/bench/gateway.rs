@@ -795,10 +795,12 @@ pub(super) async fn start(
     // `DUALSTREAM_BENCH_GW_FETCH_WAIT_MS=50`).
     config.replay.fetch_wait_max_ms = fetch_wait_ms();
     // Diagnostic (not for committed runs): the backfill readers, whose
-    // caches hold what far resumes read; the tail cache; a join's buffer,
+    // caches hold what far resumes read; the tail cache; the hub's buffer
+    // of live notifications for each join; a join's buffer,
     // and what a connection's joins may read ahead, in items and in bytes.
     config.join.backfill_readers = knob("BACKFILL_READERS", config.join.backfill_readers);
     config.join.cache_records = knob("CACHE_RECORDS", config.join.cache_records);
+    config.hub.subscriber_buffer = knob("HUB_BUFFER", config.hub.subscriber_buffer);
     config.join.buffer = knob("JOIN_BUFFER", config.join.buffer);
     config.limits.client_buffer = knob("CLIENT_BUFFER", config.limits.client_buffer);
     config.limits.client_buffer_bytes = knob("CLIENT_BUFFER_BYTES", config.limits.client_buffer_bytes);
