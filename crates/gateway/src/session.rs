@@ -574,6 +574,7 @@ impl Session {
             // paced, per token subject; nothing after it.
             pace: far.then(|| (now.offset, Arc::<str>::from(self.guard.subject()))),
             subject: Arc::from(self.guard.subject()),
+            end: None,
             _counted: Counted::new(self.guard.transport(), mode.name()),
         }
         .stream()

@@ -56,6 +56,8 @@ pub(super) struct ChannelSub {
     /// The token subject, whose far-items pace also applies once the client
     /// falls further behind than the tail cache.
     pub(super) subject: Arc<str>,
+    /// The partition's end as last looked up, and when.
+    pub(super) end: Option<(i64, std::time::Instant)>,
     /// Counts the subscription while it lives.
     pub(super) _counted: Counted,
 }
@@ -173,7 +175,12 @@ impl ChannelSub {
                 self.pace = None;
                 return;
             }
-            (None, Ok(Delivery::History(r))) if self.fell_far_behind(r) => Arc::clone(&self.subject),
+            (None, Ok(Delivery::History(r))) => {
+                if !self.fell_far_behind(r) {
+                    return;
+                }
+                Arc::clone(&self.subject)
+            }
             _ => return,
         };
         let per_sec = self.state.config.limits.far_items_per_sec;
@@ -203,16 +210,27 @@ impl ChannelSub {
     /// up through the backfill readers like a far resume, and is paced like
     /// one. Records written in the last second are never far; older ones
     /// are compared with the high watermark as last polled.
-    fn fell_far_behind(&self, r: &dualstream_consumer::Replayed) -> bool {
+    fn fell_far_behind(&mut self, r: &dualstream_consumer::Replayed) -> bool {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let recent = r.timestamp_ms.is_some_and(|ts| ts >= now_ms.saturating_sub(1_000));
-        if recent {
+        if r.timestamp_ms.is_some_and(|ts| ts >= now_ms.saturating_sub(1_000)) {
             return false;
         }
+        // The partition's end as last polled, looked up at most every
+        // 250 ms: the look-up takes the shared readers' locks.
+        let now = std::time::Instant::now();
+        let end = match self.end {
+            Some((end, at)) if now.duration_since(at) < std::time::Duration::from_millis(250) => end,
+            _ => {
+                let Some(behind) = self.state.catchup.behind(&r.position) else { return false };
+                let end = r.position.offset + 1 + behind;
+                self.end = Some((end, now));
+                end
+            }
+        };
         let cached = i64::try_from(self.state.config.join.cache_records).unwrap_or(i64::MAX);
-        self.state.catchup.behind(&r.position).is_some_and(|behind| behind > cached)
+        end - r.position.offset - 1 > cached
     }
 
     /// The client's item for one item of the join, moving `next` past it.
