@@ -481,6 +481,7 @@ impl<F: std::future::Future<Output = ()>> Stream for Joined<F> {
 /// initial watermark look-up, and with its idle check every `idle`: the test
 /// drives it.
 #[cfg(test)]
+#[allow(clippy::too_many_arguments)] // a test's knobs, each named at the call
 pub(crate) fn join_for_test(
     history: History,
     tp: Tp,
