@@ -448,7 +448,6 @@ async fn a_client_that_falls_far_behind_is_paced_like_a_far_resume() {
     ingest_padded(&gw, &producer, "behind", TOTAL, 50, 8_192).await;
     // Records of the last second are never taken as far.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    assert_eq!(paced(&gw.readyz().await), 0, "nothing was paced before the client read");
     assert_eq!(read_events(&mut slow, TOTAL).await, (0..TOTAL).collect::<Vec<_>>(), "exact, in order");
     let waited = paced(&gw.readyz().await);
     assert!(waited > 0, "none of what the client caught up on from far behind was paced");

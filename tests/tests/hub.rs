@@ -408,3 +408,70 @@ async fn a_followed_hub_records_every_position_through_a_restart() {
     assert_eq!(seen.check("events", 0, 0, 200, c), Seen::Clear, "what was seen before the restart is kept");
     assert_eq!(seen.check("events", 0, 200, 201, c), Seen::Missing { offset: 200 });
 }
+
+/// A followed hub takes the messages of the source channels its pattern
+/// covers from the pattern's: subscribing one makes no Redis subscription of
+/// its own, and each message reaches the subscriber once. A channel that
+/// was subscribed on its own before the hub followed keeps its subscription
+/// (its messages still once each) until its last subscriber leaves; the
+/// next subscriber of it is served from the pattern. An aggregate channel
+/// (`events:user`, which the pattern does not match) is subscribed on its
+/// own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_hub_serves_covered_channels_from_its_pattern_once_each() {
+    init_tracing();
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let redis = OwnedRedis::start();
+    let url = redis.url();
+    let hub = Hub::new(HubConfig { url: url.clone(), ..HubConfig::default() }).expect("hub");
+    let (early, late) = (Source::new("user", "early").expect("valid"), Source::new("user", "late").expect("valid"));
+    let early_channel = hub.namer().channel_for(&early);
+    let late_channel = hub.namer().channel_for(&late);
+    let mut before = hub.subscribe_source(&early).await.expect("subscribed");
+    let _seen = hub.follow_partitions().expect("a single Redis: followed");
+    let mut after = hub.subscribe_source(&late).await.expect("subscribed");
+    eventually("the pattern followed", Duration::from_secs(5), || async { patterns(&url).await == 1 }).await;
+    let numsub = subscribers(&url, &[early_channel.clone(), late_channel.clone()]).await;
+    assert_eq!(numsub[&early_channel], 1, "subscribed on its own before the hub followed");
+    assert_eq!(numsub[&late_channel], 0, "covered by the pattern: no subscription of its own");
+
+    let mut publisher = conn(&url).await;
+    let publish = |s: &Source, n: usize| {
+        let mut pipe = redis::pipe();
+        for _ in 0..n {
+            pipe.cmd("PUBLISH").arg(hub.namer().channel_for(s)).arg(notification(s).to_json());
+        }
+        pipe
+    };
+    let () = publish(&early, 20).query_async(&mut publisher).await.expect("published");
+    let () = publish(&late, 20).query_async(&mut publisher).await.expect("published");
+    for (stream, what) in [(&mut before, "early"), (&mut after, "late")] {
+        for _ in 0..20 {
+            assert!(matches!(item(stream).await, LiveItem::Notification(_)), "{what}");
+        }
+        let extra = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+        assert!(extra.is_err(), "{what}: a message came twice: {extra:?}");
+    }
+
+    // The early channel's last subscriber leaves: its own subscription goes,
+    // and its next subscriber is served from the pattern, once each.
+    drop(before);
+    eventually("the early channel unsubscribed", Duration::from_secs(5), || async {
+        subscribers(&url, std::slice::from_ref(&early_channel)).await[&early_channel] == 0
+    })
+    .await;
+    let mut again = hub.subscribe_source(&early).await.expect("subscribed");
+    let () = publish(&early, 20).query_async(&mut publisher).await.expect("published");
+    for _ in 0..20 {
+        assert!(matches!(item(&mut again).await, LiveItem::Notification(_)));
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(300), again.next()).await;
+    assert!(extra.is_err(), "a message came twice: {extra:?}");
+
+    // An aggregate channel is not covered: subscribed on its own.
+    let aggregate = format!("{}:user", hub.namer().prefix());
+    let mut agg = hub.subscribe(Target::Channel(aggregate.clone())).await.expect("subscribed");
+    assert_eq!(subscribers(&url, std::slice::from_ref(&aggregate)).await[&aggregate], 1);
+    let () = redis::cmd("PUBLISH").arg(&aggregate).arg(notification(&early).to_json()).query_async(&mut publisher).await.expect("published");
+    assert!(matches!(item(&mut agg).await, LiveItem::Notification(_)));
+}

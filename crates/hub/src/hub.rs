@@ -11,7 +11,7 @@
 //!   `Hub::subscribe` is answered once Redis confirmed;
 //! - the liveness ping runs beside the loop.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -43,6 +43,9 @@ const MAX_NAMES_PER_COMMAND: usize = 4_096;
 /// Most messages the hub takes from the connection in one turn of its loop
 /// (amortises the loop's cost during a burst).
 const MAX_MESSAGES_PER_TURN: usize = 256;
+/// Commands (subscribe, unsubscribe, stats) the hub's task handles in one
+/// turn of its loop, at most: each is a few map operations.
+const MAX_COMMANDS_PER_TURN: usize = 4_096;
 
 /// The fan-out hub: one dedicated Redis connection per process, one Redis
 /// subscription per distinct channel or pattern, any number of local
@@ -194,10 +197,48 @@ struct Task {
     /// The pattern followed for [`SeenOffsets`], once asked for.
     follow: Option<String>,
     seen: Arc<SeenOffsets>,
+    /// Channels subscribed in Redis on their own, on this connection. A
+    /// channel the followed pattern covers is not: its messages come with
+    /// the pattern's (one Redis subscription and one copy of each message
+    /// for all of them, and subscribing one is local). Each message of a
+    /// channel is taken from exactly one of the two: from its own
+    /// subscription if it is in this set, else from the pattern.
+    individually: HashSet<String>,
 }
 
 /// Local subscribers by channel or pattern, then by id.
 type Slots = HashMap<String, HashMap<u64, Slot>>;
+
+/// Whether `follow`, the followed pattern, covers `channel`, as Redis
+/// matches it. Only `*` is understood: a pattern with `?`, `[` or `\\`
+/// covers nothing here (its channels are then subscribed on their own).
+fn covers(follow: Option<&str>, channel: &str) -> bool {
+    let Some(pattern) = follow else { return false };
+    if pattern.contains(['?', '[', '\\']) {
+        return false;
+    }
+    // Classic wildcard matching: on a mismatch, let the last `*` take one
+    // more byte.
+    let (p, c) = (pattern.as_bytes(), channel.as_bytes());
+    let (mut i, mut j) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while j < c.len() {
+        if i < p.len() && p[i] == b'*' {
+            star = Some((i, j));
+            i += 1;
+        } else if i < p.len() && p[i] == c[j] {
+            i += 1;
+            j += 1;
+        } else if let Some((si, sj)) = star {
+            i = si + 1;
+            j = sj + 1;
+            star = Some((si, sj + 1));
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|&b| b == b'*')
+}
 
 /// The slots of the target's kind, its name, and whether it is a pattern.
 fn slots_of<'a>(channels: &'a mut Slots, patterns: &'a mut Slots, target: Target) -> (&'a mut Slots, String, bool) {
@@ -242,6 +283,7 @@ impl Task {
             stats: HubStats::default(),
             follow: None,
             seen,
+            individually: HashSet::new(),
         }
     }
 
@@ -292,8 +334,12 @@ impl Task {
         let (sink, mut stream) = pubsub.split();
         let t = self.timeout();
         let mut changes = Changes::new();
+        self.individually.clear();
         for name in self.channels.keys() {
-            changes.push(Verb::Subscribe, name.clone());
+            if !covers(self.follow.as_deref(), name) {
+                changes.push(Verb::Subscribe, name.clone());
+                self.individually.insert(name.clone());
+            }
         }
         for name in self.patterns.keys() {
             changes.push(Verb::PSubscribe, name.clone());
@@ -329,7 +375,20 @@ impl Task {
                     }
                 }
                 cmd = self.rx.recv() => match cmd {
-                    Some(c) => self.handle(c, Some(&mut changes)),
+                    Some(c) => {
+                        self.handle(c, Some(&mut changes));
+                        // Whatever else waits, up to a turn's worth: one
+                        // command a turn, against a turn of up to
+                        // `MAX_MESSAGES_PER_TURN` messages fanned out,
+                        // kept the subscribes and unsubscribes of a
+                        // reconnect storm waiting for tens of seconds.
+                        for _ in 1..MAX_COMMANDS_PER_TURN {
+                            match self.rx.try_recv() {
+                                Ok(c) => self.handle(c, Some(&mut changes)),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => return Ended::Stopped,
                 },
                 confirmed = std::future::poll_fn(|cx| changes.poll_confirm(&sink, cx)) => {
@@ -391,8 +450,12 @@ impl Task {
                 let (map, name, pattern) = slots_of(&mut self.channels, &mut self.patterns, target);
                 match changes {
                     Some(changes) => {
-                        if !map.contains_key(&name) {
+                        let own = pattern || !covers(self.follow.as_deref(), &name);
+                        if !map.contains_key(&name) && own {
                             changes.push(Verb::subscribe(pattern), name.clone());
+                            if !pattern {
+                                self.individually.insert(name.clone());
+                            }
                         }
                         // Answered once Redis confirmed this change and every
                         // one before it (another subscriber's pending
@@ -416,6 +479,10 @@ impl Task {
                     map.remove(&name);
                     if pattern && self.follow.as_ref() == Some(&name) {
                         // Still followed.
+                        return;
+                    }
+                    if !pattern && !self.individually.remove(&name) {
+                        // Its messages came with the followed pattern's.
                         return;
                     }
                     if let Some(changes) = changes {
@@ -444,20 +511,39 @@ impl Task {
 
     fn dispatch(&mut self, msg: &Msg) {
         self.stats.received += 1;
-        let slots = if msg.from_pattern() {
-            let Ok(pattern) = msg.get_pattern::<String>() else { return };
-            if self.follow.as_ref() == Some(&pattern) {
-                if let LiveItem::Notification(n) = decode(msg.get_channel_name(), msg.get_payload_bytes()) {
-                    self.seen.record(&n);
-                }
+        let channel = msg.get_channel_name();
+        if !msg.from_pattern() {
+            // A channel the pattern covers takes its messages from the
+            // pattern, unless it is (still) subscribed on its own.
+            if !self.individually.contains(channel) {
+                return;
             }
-            self.patterns.get_mut(&pattern)
-        } else {
-            self.channels.get_mut(msg.get_channel_name())
-        };
-        let Some(slots) = slots else { return };
-        let decoded = || decode(msg.get_channel_name(), msg.get_payload_bytes());
-        fan_out(slots, self.config.overflow, &mut self.stats, decoded);
+            let Some(slots) = self.channels.get_mut(channel) else { return };
+            let decoded = || decode(channel, msg.get_payload_bytes());
+            fan_out(slots, self.config.overflow, &mut self.stats, decoded);
+            return;
+        }
+        let Ok(pattern) = msg.get_pattern::<String>() else { return };
+        if self.follow.as_ref() != Some(&pattern) {
+            let Some(slots) = self.patterns.get_mut(&pattern) else { return };
+            let decoded = || decode(channel, msg.get_payload_bytes());
+            fan_out(slots, self.config.overflow, &mut self.stats, decoded);
+            return;
+        }
+        // The followed pattern: decoded once, for the record of what was
+        // seen, the pattern's own subscribers and the channel's.
+        let item = decode(channel, msg.get_payload_bytes());
+        if let LiveItem::Notification(n) = &item {
+            self.seen.record(n);
+        }
+        if let Some(slots) = self.patterns.get_mut(&pattern) {
+            fan_out(slots, self.config.overflow, &mut self.stats, || item.clone());
+        }
+        if !self.individually.contains(channel) {
+            if let Some(slots) = self.channels.get_mut(channel) {
+                fan_out(slots, self.config.overflow, &mut self.stats, || item.clone());
+            }
+        }
     }
 
     /// Tell `item` to every subscriber whose `awaiting_gap` is not
@@ -652,5 +738,26 @@ mod tests {
         }
         let sizes: Vec<usize> = c.queue.iter().map(|(_, names, _)| names.len()).collect();
         assert_eq!(sizes, [MAX_NAMES_PER_COMMAND, 1]);
+    }
+}
+
+#[cfg(test)]
+mod covers_tests {
+    use super::covers;
+
+    #[test]
+    fn the_followed_pattern_covers_what_redis_would_match() {
+        let f = Some("events:*:*");
+        assert!(covers(f, "events:user:42"));
+        assert!(covers(f, "events:user:a:b"));
+        assert!(covers(f, "events::"));
+        assert!(!covers(f, "events:user"), "an aggregate channel has no second colon");
+        assert!(!covers(f, "other:user:42"));
+        assert!(!covers(None, "events:user:42"));
+        assert!(covers(Some("events:*"), "events:user"));
+        assert!(covers(Some("a*b*c"), "axxbyyc"));
+        assert!(!covers(Some("a*b*c"), "axxbyy"));
+        assert!(!covers(Some("events:?:*"), "events:u:1"), "other glob characters cover nothing");
+        assert!(!covers(Some("events:[ab]:*"), "events:a:1"));
     }
 }

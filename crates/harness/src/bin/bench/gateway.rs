@@ -1038,21 +1038,33 @@ struct Storm {
     subscribed: usize,
     live: usize,
     sub_max: f64,
+    sub_p50: f64,
     first_max: f64,
     first_p50: f64,
+    /// Each client's wait from its `subscribed` to its first item: median
+    /// and longest, in ms.
+    gap_p50: f64,
+    gap_max: f64,
 }
 
 fn storm(got: &[Got]) -> Storm {
-    let subs: Vec<Duration> = got.iter().filter_map(|g| g.storm_sub).collect();
+    let mut subs: Vec<Duration> = got.iter().filter_map(|g| g.storm_sub).collect();
     let mut firsts: Vec<Duration> = got.iter().filter_map(|g| g.storm_first).collect();
+    let mut gaps: Vec<Duration> =
+        got.iter().filter_map(|g| Some(g.storm_first?.saturating_sub(g.storm_sub?))).collect();
     let max_ms = |v: &[Duration]| v.iter().max().map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+    subs.sort();
     firsts.sort();
+    gaps.sort();
     Storm {
         subscribed: subs.len(),
         live: firsts.len(),
         sub_max: max_ms(&subs),
+        sub_p50: super::percentile(&subs, 0.5),
         first_max: max_ms(&firsts),
         first_p50: super::percentile(&firsts, 0.5),
+        gap_p50: super::percentile(&gaps, 0.5),
+        gap_max: max_ms(&gaps),
     }
 }
 
@@ -1415,8 +1427,8 @@ impl Report {
                 _ => None,
             },
             format!(
-                "ours = the last client, baseline column = the median client; {} of {n} got an item after resuming",
-                st.live
+                "ours = the last client, baseline column = the median client; {} of {n} got an item after resuming; resubscribed after {:.0} ms (median) to {:.0} ms (last); from its `subscribed` to its first item a client waited {:.0} ms (median) to {:.0} ms (longest)",
+                st.live, st.sub_p50, st.sub_max, st.gap_p50, st.gap_max
             ),
         );
     }
