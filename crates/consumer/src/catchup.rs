@@ -272,14 +272,13 @@ impl CatchUp {
         Ok(made)
     }
 
-    /// How many records of `position`'s partition lie after it, from the
-    /// high watermark as last polled (every `idle_check_ms`): no Kafka
+    /// The high watermark of `position`'s partition (the offset its next
+    /// record will get) as last polled, every `idle_check_ms`: no Kafka
     /// request. `None` when no join watches that partition, or before the
     /// first join.
-    pub fn behind(&self, position: &Position) -> Option<i64> {
+    pub fn polled_end(&self, position: &Position) -> Option<i64> {
         let history = self.history.lock().unwrap_or_else(PoisonError::into_inner).clone()?;
-        let marks = history.polled(&(Arc::clone(&position.topic), position.partition))?;
-        Some((marks.high - position.offset - 1).max(0))
+        history.polled(&(Arc::clone(&position.topic), position.partition)).map(|m| m.high)
     }
 
     /// The consumer lag of the open joins ([`JoinLag`]), from the

@@ -572,7 +572,7 @@ impl Session {
             budget: self.budget.clone(),
             // A far resume's history up to where the partition ends now is
             // paced, per token subject; nothing after it.
-            pace: far.then(|| (now.offset, Arc::<str>::from(self.guard.subject()))),
+            pace_until: far.then_some(now.offset),
             subject: Arc::from(self.guard.subject()),
             end: None,
             _counted: Counted::new(self.guard.transport(), mode.name()),

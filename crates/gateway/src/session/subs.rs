@@ -51,10 +51,11 @@ pub(super) struct ChannelSub {
     /// What the connection's joins may hold ready.
     pub(super) budget: ReadyBudget,
     /// For a far resume: the offset its pacing ends at (where the partition
-    /// ended when it subscribed) and the token subject it is paced under.
-    pub(super) pace: Option<(i64, Arc<str>)>,
-    /// The token subject, whose far-items pace also applies once the client
-    /// falls further behind than the tail cache.
+    /// ended when it subscribed).
+    pub(super) pace_until: Option<i64>,
+    /// The token subject, whose far-items pace applies to a far resume's
+    /// history and once the client falls further behind than the tail
+    /// cache.
     pub(super) subject: Arc<str>,
     /// The partition's end as last looked up, and when.
     pub(super) end: Option<(i64, std::time::Instant)>,
@@ -169,25 +170,20 @@ impl ChannelSub {
     /// is far history; once an item reaches where the partition ended at
     /// subscribe time, never again.
     async fn pace(&mut self, item: &Result<Delivery, JoinError>) {
-        let subject = match (&self.pace, item) {
-            (Some((until, subject)), Ok(Delivery::History(r))) if r.position.offset < *until => Arc::clone(subject),
+        match (self.pace_until, item) {
+            (Some(until), Ok(Delivery::History(r))) if r.position.offset < until => {}
             (Some(_), Ok(Delivery::History(_) | Delivery::Live(_))) => {
-                self.pace = None;
+                self.pace_until = None;
                 return;
             }
-            (None, Ok(Delivery::History(r))) => {
-                if !self.fell_far_behind(r) {
-                    return;
-                }
-                Arc::clone(&self.subject)
-            }
+            (None, Ok(Delivery::History(r))) if self.fell_far_behind(r) => {}
             _ => return,
-        };
+        }
         let per_sec = self.state.config.limits.far_items_per_sec;
         let mut waited = false;
         loop {
             let take = self.state.far_pace.lock().unwrap_or_else(PoisonError::into_inner).take(
-                &subject,
+                &self.subject,
                 per_sec,
                 std::time::Instant::now(),
             );
@@ -223,8 +219,7 @@ impl ChannelSub {
         let end = match self.end {
             Some((end, at)) if now.duration_since(at) < std::time::Duration::from_millis(250) => end,
             _ => {
-                let Some(behind) = self.state.catchup.behind(&r.position) else { return false };
-                let end = r.position.offset + 1 + behind;
+                let Some(end) = self.state.catchup.polled_end(&r.position) else { return false };
                 self.end = Some((end, now));
                 end
             }
