@@ -17,6 +17,8 @@
 //! call is accepted, so nothing overtakes.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,11 +27,10 @@ use std::time::Duration;
 use dualstream_core::Event;
 use dualstream_core::Traced;
 use dualstream_publisher::{end_send_span, end_send_spans, DualPublisher, NotificationOutcome, PublishError, Receipt};
-use futures::FutureExt as _;
 use tokio::sync::{mpsc, oneshot, OnceCell};
 use tokio::task::JoinHandle;
 
-use crate::budget::Budget;
+use crate::budget::{Budget, Held};
 use crate::config::{BatchConfig, ConfigError};
 use crate::lane::{lane, Msg};
 use crate::notify::{notify_stage, Stored};
@@ -263,8 +264,11 @@ impl BatchEngine {
         self.inner.lanes.iter().enumerate().filter(|(_, l)| l.is_closed()).map(|(i, _)| i).collect()
     }
 
-    fn lane_of(&self, event: &Event) -> usize {
-        (self.inner.hasher.hash_one(event.source()) % self.inner.lanes.len() as u64) as usize
+    /// The event's lane and its order key: its source's hash, taken once
+    /// for both (lane.rs, ack.rs).
+    fn lane_of(&self, event: &Event) -> (usize, u64) {
+        let key = self.inner.hasher.hash_one(event.source());
+        ((key % self.inner.lanes.len() as u64) as usize, key)
     }
 
     fn refused(&self, lane: usize, event: Event) -> BatchError {
@@ -288,17 +292,43 @@ impl BatchEngine {
     /// it): a caller that spawns a task per event moves it whole.
     pub fn submit(&self, mut event: Event) -> impl Future<Output = Result<Receipt, BatchError>> + Send + '_ {
         // The event's `send` span, whose context the event carries to Kafka
-        // and Redis. Taken out here, not in an `async fn`, so the future
-        // does not keep a second copy of the event for it.
+        // and Redis.
         let traced = Traced::send(&mut event);
-        // A `map`, not an `async` block: that would keep the inner future
-        // twice, once captured and once as the future it awaits.
-        self.submit_one(event).map(move |result| {
-            end_send_span(traced, &result);
-            result
-        })
+        Submit { engine: self, state: SubmitState::Start(event), traced }
     }
 
+    /// The fast path of a submit, in its first poll: with room in the queue
+    /// now, the event enters its lane at once (so submits of one caller keep
+    /// their order even when they are not awaited one by one) and the future
+    /// waits for its reply only. Otherwise, the whole path
+    /// ([`submit_one`](Self::submit_one)), boxed.
+    fn start_one(&self, event: Event) -> SubmitState<'_> {
+        let shared = &self.inner;
+        let size = event.size_hint();
+        if shared.closed.load(Ordering::Acquire) || size > shared.config.max_queued_bytes {
+            return SubmitState::Slow(Box::pin(self.submit_one(event)));
+        }
+        let Some(held) = shared.budget.try_take(1, size as u64) else {
+            return SubmitState::Slow(Box::pin(self.submit_one(event)));
+        };
+        self.send_one(event, held)
+    }
+
+    /// Send an event that holds its share of the queue to its lane.
+    fn send_one(&self, event: Event, held: Held) -> SubmitState<'_> {
+        let (reply, rx) = oneshot::channel();
+        let (lane, key) = self.lane_of(&event);
+        match self.inner.lanes[lane].send(Msg::One { event, key, held, reply }) {
+            Ok(()) => SubmitState::Reply(rx, lane),
+            Err(mpsc::error::SendError(Msg::One { event, .. })) => SubmitState::Done(Some(Err(self.refused(lane, event)))),
+            Err(_) => SubmitState::Done(Some(Err(BatchError::WorkerGone))),
+        }
+    }
+
+    /// A submit's slow paths: refused at once, or waiting for room in the
+    /// queue. Boxed by [`start_one`](Self::start_one): their state would
+    /// otherwise make every submit's future (and every task a caller spawns
+    /// for one) several times larger, copied as it moves.
     async fn submit_one(&self, event: Event) -> Result<Receipt, BatchError> {
         let shared = &self.inner;
         if shared.closed.load(Ordering::Acquire) {
@@ -308,35 +338,24 @@ impl BatchEngine {
         if size > shared.config.max_queued_bytes {
             return Err(BatchError::TooLarge { event: Box::new(event), size, max: shared.config.max_queued_bytes });
         }
-        // Fast path without awaiting: with room in the queue, an event enters
-        // its lane in the very first poll, so submits of one caller keep
-        // their order even when they are not awaited one by one.
-        let held = match shared.budget.try_take(1, size as u64) {
+        let waited = shared.config.submit_timeout();
+        let held = match shared.budget.take(1, size as u64, waited).await {
             Some(h) => h,
-            None => {
-                let waited = shared.config.submit_timeout();
-                // Boxed, like the wait below for a lane that is gone: the
-                // slow paths' state would otherwise make every submit's
-                // future (and every task a caller spawns for one) about
-                // 1 KiB, copied as it moves.
-                match Box::pin(shared.budget.take(1, size as u64, waited)).await {
-                    Some(h) => h,
-                    None => return Err(BatchError::QueueFull { event: Box::new(event), waited }),
-                }
-            }
+            None => return Err(BatchError::QueueFull { event: Box::new(event), waited }),
         };
-        let (reply, rx) = oneshot::channel();
-        let lane = self.lane_of(&event);
-        if let Err(mpsc::error::SendError(msg)) = shared.lanes[lane].send(Msg::One { event, held, reply }) {
-            return match msg {
-                Msg::One { event, .. } => Err(self.refused(lane, event)),
-                _ => Err(BatchError::WorkerGone),
-            };
+        match self.send_one(event, held) {
+            SubmitState::Reply(rx, lane) => self.reply(rx, lane).await,
+            SubmitState::Done(Some(result)) => result,
+            _ => Err(BatchError::WorkerGone),
         }
+    }
+
+    /// Await an accepted event's reply.
+    async fn reply(&self, rx: oneshot::Receiver<Result<Receipt, BatchError>>, lane: usize) -> Result<Receipt, BatchError> {
         match rx.await {
             Ok(result) => result,
             Err(_) => {
-                Box::pin(self.lane_gone(lane)).await;
+                self.lane_gone(lane).await;
                 Err(BatchError::WorkerGone)
             }
         }
@@ -422,8 +441,8 @@ impl BatchEngine {
                     continue;
                 }
             }
-            let lane = self.lane_of(&event);
-            chunk.push(lane, index, event, size);
+            let (lane, key) = self.lane_of(&event);
+            chunk.push(lane, key, index, event, size);
         }
         if chunk.count > 0 {
             // A refusal here has already resolved every event of the chunk.
@@ -460,7 +479,7 @@ impl BatchEngine {
         };
         let mut first: Option<Refusal> = None;
         let mut held = held;
-        for (lane, (indices, events, part_bytes)) in chunk.take().into_iter().enumerate() {
+        for (lane, Part { indices, events, keys, bytes: part_bytes }) in chunk.take().into_iter().enumerate() {
             if indices.is_empty() {
                 continue;
             }
@@ -473,7 +492,7 @@ impl BatchEngine {
             };
             let part = all.split(events.len() as u64, part_bytes as u64);
             let (reply, rx) = oneshot::channel();
-            match shared.lanes[lane].send(Msg::Many { events, held: part, reply }) {
+            match shared.lanes[lane].send(Msg::Many { events, keys, held: part, reply }) {
                 Ok(()) => pending.push((lane, indices, rx)),
                 Err(mpsc::error::SendError(msg)) => {
                     if let Msg::Many { events, .. } = msg {
@@ -514,6 +533,68 @@ impl BatchEngine {
     }
 }
 
+/// The future of [`BatchEngine::submit`], by hand: an `async fn` keeps its
+/// argument and the local it moves into apart, and the slow paths' state
+/// beside the fast path's. This one holds the event until its first poll
+/// and then only its reply's receiver.
+struct Submit<'a> {
+    engine: &'a BatchEngine,
+    state: SubmitState<'a>,
+    traced: Option<Traced>,
+}
+
+enum SubmitState<'a> {
+    /// Not polled yet.
+    Start(Event),
+    /// Accepted: its reply, from this lane.
+    Reply(oneshot::Receiver<Result<Receipt, BatchError>>, usize),
+    /// Refused, waiting for room, or its lane gone: the rest, boxed.
+    Slow(Pin<Box<dyn Future<Output = Result<Receipt, BatchError>> + Send + 'a>>),
+    /// Its result, taken by the poll that returns it.
+    Done(Option<Result<Receipt, BatchError>>),
+}
+
+impl Future for Submit<'_> {
+    type Output = Result<Receipt, BatchError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Every field is `Unpin` (the slow paths are boxed).
+        let this = self.get_mut();
+        let result = loop {
+            match &mut this.state {
+                SubmitState::Start(_) => {
+                    let SubmitState::Start(event) = std::mem::replace(&mut this.state, SubmitState::Done(None)) else {
+                        unreachable!("matched above");
+                    };
+                    this.state = this.engine.start_one(event);
+                }
+                SubmitState::Reply(rx, lane) => match Pin::new(rx).poll(cx) {
+                    Poll::Ready(Ok(result)) => break result,
+                    Poll::Ready(Err(_)) => {
+                        let (engine, lane) = (this.engine, *lane);
+                        this.state = SubmitState::Slow(Box::pin(async move {
+                            engine.lane_gone(lane).await;
+                            Err(BatchError::WorkerGone)
+                        }));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
+                SubmitState::Slow(slow) => match slow.as_mut().poll(cx) {
+                    Poll::Ready(result) => break result,
+                    Poll::Pending => return Poll::Pending,
+                },
+                SubmitState::Done(result) => match result.take() {
+                    Some(result) => break result,
+                    None => panic!("`submit` future polled after it completed"),
+                },
+            }
+        };
+        this.state = SubmitState::Done(None);
+        end_send_span(this.traced.take(), &result);
+        Poll::Ready(result)
+    }
+}
+
 /// Why the rest of a `submit_many` is refused.
 #[derive(Clone, Copy)]
 enum Refusal {
@@ -533,7 +614,7 @@ fn again(first: &Refusal, event: Event) -> BatchError {
 /// The events of one `submit_many` chunk, per lane, with their input
 /// indices.
 struct Chunk {
-    lanes: Vec<(Vec<usize>, Vec<Event>, usize)>,
+    lanes: Vec<Part>,
     count: usize,
     bytes: usize,
     /// What a lane's part reserves at its first event: a fair share of a
@@ -542,37 +623,49 @@ struct Chunk {
     reserve: usize,
 }
 
+/// One lane's part of a chunk.
+#[derive(Default)]
+struct Part {
+    indices: Vec<usize>,
+    events: Vec<Event>,
+    /// Each event's order key.
+    keys: Vec<u64>,
+    bytes: usize,
+}
+
 impl Chunk {
     /// For a chunk of at most `events` events over `lanes` lanes.
     fn new(lanes: usize, events: usize) -> Self {
         let share = events.div_ceil(lanes.max(1));
         Self {
-            lanes: (0..lanes).map(|_| (Vec::new(), Vec::new(), 0)).collect(),
+            lanes: (0..lanes).map(|_| Part::default()).collect(),
             count: 0,
             bytes: 0,
             reserve: share + share / 4 + 4,
         }
     }
 
-    fn push(&mut self, lane: usize, index: usize, event: Event, size: usize) {
+    fn push(&mut self, lane: usize, key: u64, index: usize, event: Event, size: usize) {
         let part = &mut self.lanes[lane];
-        if part.1.capacity() == 0 {
-            part.0.reserve(self.reserve);
-            part.1.reserve(self.reserve);
+        if part.events.capacity() == 0 {
+            part.indices.reserve(self.reserve);
+            part.events.reserve(self.reserve);
+            part.keys.reserve(self.reserve);
         }
-        part.0.push(index);
-        part.1.push(event);
-        part.2 += size;
+        part.indices.push(index);
+        part.events.push(event);
+        part.keys.push(key);
+        part.bytes += size;
         self.count += 1;
         self.bytes += size;
     }
 
     /// Take the gathered events, leaving the chunk empty.
-    fn take(&mut self) -> Vec<(Vec<usize>, Vec<Event>, usize)> {
+    fn take(&mut self) -> Vec<Part> {
         self.count = 0;
         self.bytes = 0;
         let lanes = self.lanes.len();
-        std::mem::replace(&mut self.lanes, (0..lanes).map(|_| (Vec::new(), Vec::new(), 0)).collect())
+        std::mem::replace(&mut self.lanes, (0..lanes).map(|_| Part::default()).collect())
     }
 }
 

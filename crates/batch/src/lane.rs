@@ -11,8 +11,9 @@
 //! `max_in_flight_batches` of its batches are out at a time; while all are,
 //! it keeps collecting, so under load batches grow rather than multiply.
 //!
-//! Each event goes with its order key (its source's hash,
-//! [`order_key`]), by which the ack stage releases it.
+//! Each event comes with its order key (its source's hash, which also chose
+//! its lane: [`BatchEngine`](crate::BatchEngine) hashes a source once), by
+//! which the ack stage releases it.
 //!
 //! Guarantees: a source maps to one lane, and the lane hands its batches
 //! over in the order it received the events, which the sink keeps per
@@ -23,12 +24,10 @@
 //! queue share back.
 
 use std::collections::VecDeque;
-use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use dualstream_core::Event;
 use dualstream_publisher::{DualPublisher, Receipt};
-use foldhash::fast::RandomState;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -40,9 +39,11 @@ use crate::notify::Stored;
 
 /// What a lane receives.
 pub(crate) enum Msg {
-    /// One event from `submit`, holding its share of the queue.
+    /// One event from `submit`, holding its share of the queue, with its
+    /// order key.
     One {
         event: Event,
+        key: u64,
         held: Held,
         reply: oneshot::Sender<Result<Receipt, BatchError>>,
     },
@@ -50,6 +51,8 @@ pub(crate) enum Msg {
     /// `max_batch_events` of them (the chunks are no larger).
     Many {
         events: Vec<Event>,
+        /// Each event's order key.
+        keys: Vec<u64>,
         held: Held,
         reply: oneshot::Sender<Results>,
     },
@@ -159,22 +162,16 @@ pub(crate) async fn lane(
     }
 }
 
-/// The key by which the ack stage orders an event's release: its source's
-/// hash (ack.rs says why the source). Two sources of one hash are released
-/// in their joint order, which keeps each one's.
-fn order_key(hasher: &RandomState, event: &Event) -> u64 {
-    hasher.hash_one(event.source())
-}
-
 /// The batch a lane is collecting.
 struct Collecting {
     events: Vec<Event>,
     /// An empty buffer kept for the next batch: the lane's own, set aside
     /// when a `submit_many` part was taken in whole instead of copied.
     spare: Vec<Event>,
-    /// Each event's [`order_key`].
+    /// Each event's order key: its source's hash (ack.rs says why the
+    /// source). Two sources of one hash are released in their joint order,
+    /// which keeps each one's.
     keys: Vec<u64>,
-    hasher: RandomState,
     waiters: Vec<Waiter>,
     held: Held,
     bytes: usize,
@@ -191,7 +188,6 @@ impl Collecting {
             events: Vec::with_capacity(config.max_batch_events.min(1024)),
             spare: Vec::new(),
             keys: Vec::with_capacity(config.max_batch_events.min(1024)),
-            hasher: RandomState::default(),
             waiters: Vec::new(),
             held: Held::none(),
             bytes: 0,
@@ -227,22 +223,22 @@ impl Collecting {
             return true;
         }
         match msg {
-            Msg::One { event, held, reply } => {
+            Msg::One { event, key, held, reply } => {
                 if self.events.capacity() == 0 {
                     self.events = std::mem::take(&mut self.spare);
                     self.events.reserve(self.max_events.min(1024));
                 }
                 self.bytes += held.bytes() as usize;
                 self.held.merge(held);
-                self.keys.push(order_key(&self.hasher, &event));
+                self.keys.push(key);
                 self.events.push(event);
                 self.waiters.push(Waiter::One(reply));
             }
-            Msg::Many { events, held, reply } => {
+            Msg::Many { events, keys, held, reply } => {
                 self.bytes += held.bytes() as usize;
                 self.held.merge(held);
                 self.waiters.push(Waiter::Many(reply, events.len()));
-                self.keys.extend(events.iter().map(|e| order_key(&self.hasher, e)));
+                self.keys.extend(keys);
                 if self.events.is_empty() {
                     // The part becomes the batch without copying its events.
                     let own = std::mem::replace(&mut self.events, events);

@@ -1212,13 +1212,16 @@ mod release_model {
 /// A caller that spawns a task per event (the README's first example)
 /// moves each `submit` future whole into its task: with the slow paths'
 /// state inline it was 1,008 bytes, and copying it was the largest cost of
-/// the per-event path in a profile (docs/benchmarks.md).
+/// the per-event path in a profile (docs/benchmarks.md); as an `async fn`
+/// with the slow paths boxed, 416 (the event twice). It holds the event and
+/// little else.
 #[tokio::test]
 async fn a_submit_future_is_small() {
     let engine = engine(Arc::new(TestSink::default()), BatchConfig::default());
     let submit = engine.submit(event("s", "x"));
     let size = std::mem::size_of_val(&submit);
-    assert!(size <= 512, "{size} bytes (an event is {})", std::mem::size_of::<Event>());
+    let event = std::mem::size_of::<Event>();
+    assert!(size <= event + 64, "{size} bytes (an event is {event})");
     assert!(submit.await.is_ok());
 }
 

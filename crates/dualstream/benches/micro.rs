@@ -114,6 +114,33 @@ fn engine(c: &mut Criterion) {
             })
         })
     });
+    // The floor under the row above: the same caller and events, each event
+    // sent to one task over an unbounded channel and answered at once with a
+    // oneshot, as the engine answers `submit`. No budget, batching or sinks:
+    // what a reply per event costs by itself.
+    let (floor_tx, mut floor_rx) = tokio::sync::mpsc::unbounded_channel::<(Event, tokio::sync::oneshot::Sender<_>)>();
+    rt.spawn(async move {
+        while let Some((event, reply)) = floor_rx.recv().await {
+            let _ = reply.send(Ok::<_, DeliveryError>(event.id()));
+        }
+    });
+    g.bench_function("floor: event→task→oneshot reply, 1000 events", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let calls = events.iter().cloned().map(|event| {
+                    let (reply, rx) = tokio::sync::oneshot::channel();
+                    let sent = floor_tx.send((event, reply));
+                    async move {
+                        sent.expect("the floor task runs");
+                        rx.await.expect("a reply")
+                    }
+                });
+                for r in futures::future::join_all(calls).await {
+                    black_box(r.expect("ok"));
+                }
+            })
+        })
+    });
     g.bench_function("submit_many→receipts, 1000 events, no-op sinks", |b| {
         b.iter(|| {
             rt.block_on(async {
