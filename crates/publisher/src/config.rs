@@ -27,7 +27,9 @@ pub enum Mode {
 pub struct HighVolumeConfig {
     /// Notifications the queue holds. Default: 65,536.
     pub queue_capacity: usize,
-    /// Most notifications in one pipeline. Default: 512.
+    /// Most notifications in one pipeline. Default: 512. While the queue
+    /// is short, pipelines carry at most 64 (or `max_batch`, if smaller);
+    /// as it grows, the queue shared by the pipelines in flight, up to this.
     pub max_batch: usize,
     /// Pipelines in flight at once, started in queue order. With one, each
     /// pipeline waits for the last one's answer, so a single slow answer

@@ -287,9 +287,25 @@ pub fn end_send_span<E: std::fmt::Display>(traced: Option<Traced>, result: &Resu
     }
 }
 
+/// What a short queue's pipelines carry at most: [`pipeline_size`].
+const SHORT_PIPELINE: usize = 64;
+
+/// The high-volume mode's next pipeline size: the queue's `backlog` shared
+/// by the `pipelines` in flight, at least [`SHORT_PIPELINE`] and at most
+/// `max_batch`. While the queue is short, pipelines stay small: Redis
+/// answers, and the subscribers read, a long pipeline's PUBLISHes one
+/// after another, so its last ones wait for all the others (1–2 ms at p99 at
+/// 20,000 events/s with 512, docs/benchmark-analysis.md). As the queue
+/// grows they grow to `max_batch`, so a backlog drains in few round trips
+/// instead of being shed.
+pub(crate) fn pipeline_size(backlog: usize, pipelines: usize, max_batch: usize) -> usize {
+    (backlog / pipelines.max(1)).clamp(SHORT_PIPELINE.min(max_batch), max_batch)
+}
+
 /// The high-volume mode's background task: coalesce queued notifications
-/// into pipelined batches, up to `high_volume.pipelines` of them in flight
-/// (started in queue order), until stopped; then drain what is queued.
+/// into pipelined batches ([`pipeline_size`]), up to
+/// `high_volume.pipelines` of them in flight (started in queue order),
+/// until stopped; then drain what is queued.
 async fn drain_notifications(
     mut rx: mpsc::Receiver<Notification>,
     notifier: Arc<dyn RealtimeNotifier>,
@@ -321,7 +337,7 @@ async fn drain_notifications(
                 sent.clear();
                 spare.extend([batch, sent]);
             }
-            n = rx.recv_many(&mut batch, max_batch), if room => {
+            n = rx.recv_many(&mut batch, pipeline_size(rx.len(), pipelines, max_batch)), if room => {
                 // 0: stopped and drained, or every sender gone.
                 if n == 0 {
                     break;

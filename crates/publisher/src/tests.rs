@@ -296,6 +296,50 @@ async fn high_volume_queues_and_the_background_task_pipelines_everything() {
     assert!(batches.iter().flatten().all(|n| n.position.is_some()));
 }
 
+/// The high-volume mode's pipelines follow its queue: a short queue goes in
+/// pipelines of at most 64, a long one in pipelines that share it, up to
+/// `max_batch`; every notification is still sent once, in publish order.
+#[tokio::test]
+async fn high_volume_pipelines_are_small_while_the_queue_is_short_and_grow_with_it() {
+    for (published, first) in [(100, 64), (1_000, 500), (3_000, 512)] {
+        let mut durable = MockDurableSink::new();
+        let mut next = 0;
+        durable.expect_publish().returning(move |_| {
+            next += 1;
+            Ok(pos(next))
+        });
+        durable.expect_flush().returning(|_| Ok(()));
+        let recording = Recording::default();
+        let p = DualPublisher::builder()
+            .durable(Arc::new(durable))
+            .notifier(Arc::new(recording.clone()))
+            .mode(Mode::HighVolume)
+            .build()
+            .expect("valid");
+        // The test's runtime has one thread, and these publishes do not
+        // yield: the background task finds all of them queued.
+        let mut ids = Vec::new();
+        for i in 0..published {
+            let e = event(&format!("s{}", i % 7));
+            ids.push(e.id());
+            p.publish(e).await.expect("ok");
+        }
+        p.shutdown(Duration::from_secs(5)).await.expect("flushed");
+        let batches = recording.0.lock().expect("lock").clone();
+        assert_eq!(batches[0].len(), first, "the first pipeline of a queue of {published}");
+        assert!(batches.iter().all(|b| b.len() <= 512), "max_batch holds");
+        let got: Vec<_> = batches.iter().flatten().map(|n| n.id).collect();
+        assert_eq!(got, ids, "every notification once, in publish order");
+    }
+    // The rule itself, at its edges.
+    use crate::publisher::pipeline_size;
+    assert_eq!(pipeline_size(0, 2, 512), 64);
+    assert_eq!(pipeline_size(129, 2, 512), 64);
+    assert_eq!(pipeline_size(400, 2, 512), 200);
+    assert_eq!(pipeline_size(100_000, 2, 512), 512);
+    assert_eq!(pipeline_size(1_000, 1, 16), 16, "a max_batch under 64 bounds a short queue's pipelines too");
+}
+
 /// A notifier whose first call does not answer until the test opens the
 /// gate; it records every call as it starts.
 #[derive(Default, Clone)]
