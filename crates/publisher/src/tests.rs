@@ -266,8 +266,10 @@ async fn realtime_only_never_writes_durably_and_has_no_position() {
     assert_eq!(r.notification, NotificationOutcome::Failed);
 }
 
-#[tokio::test]
-async fn high_volume_queues_and_the_background_task_pipelines_everything() {
+/// Publish `count` events in high-volume mode, without yielding (a test's
+/// runtime has one thread, so the background task finds all of them
+/// queued), then shut down: their ids, and the notifier's calls.
+async fn high_volume_run(count: usize) -> (Vec<dualstream_core::EventId>, Vec<Vec<Notification>>) {
     let mut durable = MockDurableSink::new();
     let mut next = 0;
     durable.expect_publish().returning(move |_| {
@@ -283,7 +285,7 @@ async fn high_volume_queues_and_the_background_task_pipelines_everything() {
         .build()
         .expect("valid");
     let mut ids = Vec::new();
-    for i in 0..300 {
+    for i in 0..count {
         let e = event(&format!("s{}", i % 7));
         ids.push(e.id());
         let r = p.publish(e).await.expect("ok");
@@ -291,6 +293,12 @@ async fn high_volume_queues_and_the_background_task_pipelines_everything() {
     }
     p.shutdown(Duration::from_secs(5)).await.expect("flushed");
     let batches = recording.0.lock().expect("lock").clone();
+    (ids, batches)
+}
+
+#[tokio::test]
+async fn high_volume_queues_and_the_background_task_pipelines_everything() {
+    let (ids, batches) = high_volume_run(300).await;
     let got: Vec<_> = batches.iter().flatten().map(|n| n.id).collect();
     assert_eq!(got, ids, "every notification, in publish order");
     assert!(batches.iter().flatten().all(|n| n.position.is_some()));
@@ -302,30 +310,7 @@ async fn high_volume_queues_and_the_background_task_pipelines_everything() {
 #[tokio::test]
 async fn high_volume_pipelines_are_small_while_the_queue_is_short_and_grow_with_it() {
     for (published, first) in [(100, 64), (1_000, 500), (3_000, 512)] {
-        let mut durable = MockDurableSink::new();
-        let mut next = 0;
-        durable.expect_publish().returning(move |_| {
-            next += 1;
-            Ok(pos(next))
-        });
-        durable.expect_flush().returning(|_| Ok(()));
-        let recording = Recording::default();
-        let p = DualPublisher::builder()
-            .durable(Arc::new(durable))
-            .notifier(Arc::new(recording.clone()))
-            .mode(Mode::HighVolume)
-            .build()
-            .expect("valid");
-        // The test's runtime has one thread, and these publishes do not
-        // yield: the background task finds all of them queued.
-        let mut ids = Vec::new();
-        for i in 0..published {
-            let e = event(&format!("s{}", i % 7));
-            ids.push(e.id());
-            p.publish(e).await.expect("ok");
-        }
-        p.shutdown(Duration::from_secs(5)).await.expect("flushed");
-        let batches = recording.0.lock().expect("lock").clone();
+        let (ids, batches) = high_volume_run(published).await;
         assert_eq!(batches[0].len(), first, "the first pipeline of a queue of {published}");
         assert!(batches.iter().all(|b| b.len() <= 512), "max_batch holds");
         let got: Vec<_> = batches.iter().flatten().map(|n| n.id).collect();
