@@ -204,20 +204,44 @@ enum Count {
     Failed { error: ReplayError, until: tokio::time::Instant, backoff: Duration },
 }
 
-/// Partition counts per topic. Each topic has its own lock, held across
-/// its look-up: callers that arrive meanwhile wait for that one look-up
-/// (and take its answer), while other topics are not held up. A failure is
-/// kept for a back-off (100 ms, doubling up to 30 s) and returned at once
-/// meanwhile, so an outage costs one look-up per topic and back-off, not
-/// one per waiting join in turn.
+/// Partition counts per topic. A cached count is read without waiting for
+/// anything. One caller at a time looks a topic up; callers that arrive
+/// meanwhile take the count as last read if there is one (past its TTL),
+/// and otherwise wait for that one look-up and take its answer, all woken
+/// at once. A failure is kept for a back-off (100 ms, doubling up to 30 s)
+/// and returned at once meanwhile, so an outage costs one look-up per topic
+/// and back-off, not one per waiting join in turn.
+///
+/// (A lock held across the look-up made every reader queue behind it, and
+/// then pass the lock on one task at a time: under load, a turn each.)
 #[derive(Default)]
 pub(crate) struct CountCache {
-    topics: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Count>>>>>,
+    topics: Mutex<HashMap<String, Arc<CountSlot>>>,
+}
+
+/// One topic's count, and who is looking it up.
+#[derive(Default)]
+struct CountSlot {
+    state: Mutex<(Option<Count>, bool)>,
+    /// Told when a look-up ends (answered, or dropped unanswered).
+    done: tokio::sync::Notify,
+}
+
+/// Marks a topic's look-up as under way; when dropped (answered or
+/// cancelled), as over, waking whoever waits for it.
+struct LookingUp<'a>(&'a CountSlot);
+
+impl Drop for LookingUp<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().unwrap_or_else(PoisonError::into_inner).1 = false;
+        self.0.done.notify_waiters();
+    }
 }
 
 impl CountCache {
     /// The partition count of `topic`: cached, or the cached failure, or
-    /// what `look_up` answers now.
+    /// what `look_up` answers now (or what another caller's look-up
+    /// answers).
     pub(crate) async fn get<F>(&self, topic: &str, look_up: F) -> Result<i32, ReplayError>
     where
         F: std::future::Future<Output = Result<i32, ReplayError>>,
@@ -226,17 +250,34 @@ impl CountCache {
             let mut topics = self.topics.lock().unwrap_or_else(PoisonError::into_inner);
             Arc::clone(topics.entry(topic.to_owned()).or_default())
         };
-        let mut entry = slot.lock().await;
-        let now = tokio::time::Instant::now();
-        let backoff = match &*entry {
-            Some(Count::Ready { count, at }) if now.duration_since(*at) < COUNT_TTL => return Ok(*count),
-            Some(Count::Failed { error, until, .. }) if now < *until => return Err(error.replica()),
-            Some(Count::Failed { backoff, .. }) => COUNT_BACKOFF.after(*backoff),
-            _ => COUNT_BACKOFF.first(),
+        let backoff = loop {
+            // Made before the state is read: a look-up that ends after that
+            // wakes it.
+            let ended = slot.done.notified();
+            {
+                let mut state = slot.state.lock().unwrap_or_else(PoisonError::into_inner);
+                let now = tokio::time::Instant::now();
+                let (count, looking) = &mut *state;
+                let backoff = match &*count {
+                    Some(Count::Ready { count, at }) if now.duration_since(*at) < COUNT_TTL => return Ok(*count),
+                    // Being looked up again: the count as last read.
+                    Some(Count::Ready { count, .. }) if *looking => return Ok(*count),
+                    Some(Count::Failed { error, until, .. }) if now < *until => return Err(error.replica()),
+                    _ if *looking => None,
+                    Some(Count::Failed { backoff, .. }) => Some(COUNT_BACKOFF.after(*backoff)),
+                    _ => Some(COUNT_BACKOFF.first()),
+                };
+                if let Some(backoff) = backoff {
+                    *looking = true;
+                    break backoff;
+                }
+            }
+            ended.await;
         };
+        let _looking = LookingUp(&slot);
         let result = look_up.await;
         let now = tokio::time::Instant::now();
-        *entry = Some(match &result {
+        slot.state.lock().unwrap_or_else(PoisonError::into_inner).0 = Some(match &result {
             Ok(count) => Count::Ready { count: *count, at: now },
             Err(e) => Count::Failed { error: e.replica(), until: now + backoff, backoff },
         });
@@ -2064,6 +2105,38 @@ mod tests {
         assert_eq!(cache.get("a", look_up(true)).await.ok(), Some(4), "retried after 200 ms");
         assert_eq!(cache.get("a", async { unreachable!("cached") }).await.ok(), Some(4));
         assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    /// A count past its TTL is read at once while one caller looks it up
+    /// again: a cached read never waits for a look-up. (A lock held across
+    /// the look-up made every reader queue behind it, then pass the lock on
+    /// one task at a time: in a reconnect storm, a turn of a busy runtime
+    /// each.)
+    #[tokio::test(start_paused = true)]
+    async fn a_cached_count_is_read_while_it_is_looked_up_again() {
+        let cache = CountCache::default();
+        assert_eq!(cache.get("t", async { Ok(3) }).await.expect("looked up"), 3);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        // One caller looks it up again and has no answer yet.
+        let mut refresh = Box::pin(cache.get("t", std::future::pending()));
+        assert!(futures::poll!(refresh.as_mut()).is_pending());
+        let second = async { Err(ReplayError::Task("a second look-up".into())) };
+        let read = tokio::time::timeout(Duration::from_secs(1), cache.get("t", second)).await;
+        assert_eq!(read.expect("not held up by the look-up").expect("the count as last read"), 3);
+    }
+
+    /// A look-up dropped unanswered hands the look-up to a caller that was
+    /// waiting for it, which is woken and not left waiting.
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_look_up_wakes_its_waiters() {
+        let cache = CountCache::default();
+        let mut first = Box::pin(cache.get("u", std::future::pending()));
+        assert!(futures::poll!(first.as_mut()).is_pending());
+        let mut second = Box::pin(cache.get("u", async { Ok(5) }));
+        assert!(futures::poll!(second.as_mut()).is_pending(), "it waits for the look-up under way");
+        drop(first);
+        let got = tokio::time::timeout(Duration::from_secs(1), second).await;
+        assert_eq!(got.expect("woken when the first look-up was dropped").expect("its own look-up"), 5);
     }
 
     fn following(covered_from: i64, pos: i64, parts: usize) -> View {
