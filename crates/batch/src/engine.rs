@@ -300,36 +300,26 @@ impl BatchEngine {
     /// The fast path of a submit, in its first poll: with room in the queue
     /// now, the event enters its lane at once (so submits of one caller keep
     /// their order even when they are not awaited one by one) and the future
-    /// waits for its reply only. Otherwise, the whole path
-    /// ([`submit_one`](Self::submit_one)), boxed.
+    /// waits for its reply only. A refusal is its result at once. Without
+    /// room, the wait for it ([`wait_for_room`](Self::wait_for_room)),
+    /// boxed.
     fn start_one(&self, event: Event) -> SubmitState<'_> {
-        let shared = &self.inner;
-        let size = event.size_hint();
-        if shared.closed.load(Ordering::Acquire) || size > shared.config.max_queued_bytes {
-            return SubmitState::Slow(Box::pin(self.submit_one(event)));
-        }
-        let Some(held) = shared.budget.try_take(1, size as u64) else {
-            return SubmitState::Slow(Box::pin(self.submit_one(event)));
+        let (event, size) = match self.admit(event) {
+            Ok(admitted) => admitted,
+            Err(e) => return SubmitState::Done(Some(Err(e))),
         };
-        self.send_one(event, held)
-    }
-
-    /// Send an event that holds its share of the queue to its lane.
-    fn send_one(&self, event: Event, held: Held) -> SubmitState<'_> {
-        let (reply, rx) = oneshot::channel();
-        let (lane, key) = self.lane_of(&event);
-        match self.inner.lanes[lane].send(Msg::One { event, key, held, reply }) {
-            Ok(()) => SubmitState::Reply(rx, lane),
-            Err(mpsc::error::SendError(Msg::One { event, .. })) => SubmitState::Done(Some(Err(self.refused(lane, event)))),
-            Err(_) => SubmitState::Done(Some(Err(BatchError::WorkerGone))),
+        let Some(held) = self.inner.budget.try_take(1, size as u64) else {
+            return SubmitState::Slow(Box::pin(self.wait_for_room(event, size)));
+        };
+        match self.send_one(event, held) {
+            Ok((rx, lane)) => SubmitState::Reply(rx, lane),
+            Err(e) => SubmitState::Done(Some(Err(e))),
         }
     }
 
-    /// A submit's slow paths: refused at once, or waiting for room in the
-    /// queue. Boxed by [`start_one`](Self::start_one): their state would
-    /// otherwise make every submit's future (and every task a caller spawns
-    /// for one) several times larger, copied as it moves.
-    async fn submit_one(&self, event: Event) -> Result<Receipt, BatchError> {
+    /// An event the engine can take, and its size; or why not: the engine
+    /// is closed, or the event is larger than the whole queue.
+    fn admit(&self, event: Event) -> Result<(Event, usize), BatchError> {
         let shared = &self.inner;
         if shared.closed.load(Ordering::Acquire) {
             return Err(BatchError::Closed { event: Box::new(event) });
@@ -338,20 +328,37 @@ impl BatchEngine {
         if size > shared.config.max_queued_bytes {
             return Err(BatchError::TooLarge { event: Box::new(event), size, max: shared.config.max_queued_bytes });
         }
-        let waited = shared.config.submit_timeout();
-        let held = match shared.budget.take(1, size as u64, waited).await {
-            Some(h) => h,
-            None => return Err(BatchError::QueueFull { event: Box::new(event), waited }),
-        };
-        match self.send_one(event, held) {
-            SubmitState::Reply(rx, lane) => self.reply(rx, lane).await,
-            SubmitState::Done(Some(result)) => result,
-            _ => Err(BatchError::WorkerGone),
+        Ok((event, size))
+    }
+
+    /// Send an event that holds its share of the queue to its lane: its
+    /// reply's receiver and the lane, or the refusal.
+    fn send_one(&self, event: Event, held: Held) -> Result<(ReplyRx, usize), BatchError> {
+        let (reply, rx) = oneshot::channel();
+        let (lane, key) = self.lane_of(&event);
+        match self.inner.lanes[lane].send(Msg::One { event, key, held, reply }) {
+            Ok(()) => Ok((rx, lane)),
+            Err(mpsc::error::SendError(Msg::One { event, .. })) => Err(self.refused(lane, event)),
+            Err(_) => Err(BatchError::WorkerGone),
         }
     }
 
+    /// A submit that found the queue full: wait for room, up to the submit
+    /// timeout, behind the submits that were waiting before it. Boxed by
+    /// [`start_one`](Self::start_one): its state would otherwise make every
+    /// submit's future (and every task a caller spawns for one) several
+    /// times larger, copied as it moves.
+    async fn wait_for_room(&self, event: Event, size: usize) -> Result<Receipt, BatchError> {
+        let waited = self.inner.config.submit_timeout();
+        let Some(held) = self.inner.budget.take(1, size as u64, waited).await else {
+            return Err(BatchError::QueueFull { event: Box::new(event), waited });
+        };
+        let (rx, lane) = self.send_one(event, held)?;
+        self.reply(rx, lane).await
+    }
+
     /// Await an accepted event's reply.
-    async fn reply(&self, rx: oneshot::Receiver<Result<Receipt, BatchError>>, lane: usize) -> Result<Receipt, BatchError> {
+    async fn reply(&self, rx: ReplyRx, lane: usize) -> Result<Receipt, BatchError> {
         match rx.await {
             Ok(result) => result,
             Err(_) => {
@@ -543,12 +550,15 @@ struct Submit<'a> {
     traced: Option<Traced>,
 }
 
+/// The receiving end of one submitted event's reply.
+type ReplyRx = oneshot::Receiver<Result<Receipt, BatchError>>;
+
 enum SubmitState<'a> {
     /// Not polled yet.
     Start(Event),
     /// Accepted: its reply, from this lane.
-    Reply(oneshot::Receiver<Result<Receipt, BatchError>>, usize),
-    /// Refused, waiting for room, or its lane gone: the rest, boxed.
+    Reply(ReplyRx, usize),
+    /// Waiting for room, or its lane gone: the rest, boxed.
     Slow(Pin<Box<dyn Future<Output = Result<Receipt, BatchError>> + Send + 'a>>),
     /// Its result, taken by the poll that returns it.
     Done(Option<Result<Receipt, BatchError>>),
