@@ -381,7 +381,16 @@ impl Bucket {
 }
 
 /// The answer to a caller of [`History::fresh`].
-type FreshReply = oneshot::Sender<Result<Marks, ReplayError>>;
+type FreshReply = oneshot::Sender<(Result<Marks, ReplayError>, RoundTimes)>;
+
+/// When the watermark round that answered a caller began and answered it:
+/// with the caller's own clock, the three stages of its wait (waiting for
+/// a round to begin, the round's look-up, waiting for its own next turn).
+#[derive(Clone, Copy)]
+struct RoundTimes {
+    began: Instant,
+    answered: Instant,
+}
 /// Range reads to a topic's reader task: the partition and the read.
 type RangeSender = mpsc::UnboundedSender<(i32, Req)>;
 
@@ -581,8 +590,21 @@ impl History {
             w.waiting.push(reply);
             w.low_wanted |= low;
         }
+        let asked = Instant::now();
         self.inner.wake.notify_one();
-        rx.await.map_err(|_| ReplayError::Task("the watermark poller stopped".into()))?
+        let (marks, round) = rx.await.map_err(|_| ReplayError::Task("the watermark poller stopped".into()))?;
+        let woken = Instant::now();
+        if woken.duration_since(asked) > SLOW_ROUND {
+            tracing::warn!(
+                topic = %tp.0,
+                partition = tp.1,
+                before_round_ms = round.began.saturating_duration_since(asked).as_millis() as u64,
+                round_ms = round.answered.saturating_duration_since(round.began).as_millis() as u64,
+                after_answer_ms = woken.saturating_duration_since(round.answered).as_millis() as u64,
+                "a wait for fresh watermarks was slow"
+            );
+        }
+        marks
     }
 
     fn start_poller(&self) {
@@ -696,6 +718,7 @@ async fn poll_watermarks(weak: Weak<Inner>) {
             _ = tokio::time::sleep(wait) => true,
             _ = inner.wake.notified() => false,
         };
+        let began = Instant::now();
         // Whom this round serves: waiters registered from now on need a
         // later round.
         let mut round: Vec<(Tp, Vec<FreshReply>)> = Vec::new();
@@ -745,6 +768,7 @@ async fn poll_watermarks(weak: Weak<Inner>) {
             .map(|(tp, high)| (tp.clone(), high.load(Ordering::Relaxed)))
             .collect();
         let watched = inner.watched.lock().unwrap_or_else(PoisonError::into_inner);
+        let times = RoundTimes { began, answered: Instant::now() };
         for ((tp, waiting), result) in round.into_iter().zip(results) {
             match result {
                 Ok((low, high)) => {
@@ -762,13 +786,13 @@ async fn poll_watermarks(weak: Weak<Inner>) {
                         w.tx.send_if_modified(|m| std::mem::replace(m, marks) != marks);
                     }
                     for reply in waiting {
-                        let _ = reply.send(Ok(marks));
+                        let _ = reply.send((Ok(marks), times));
                     }
                 }
                 Err(e) => {
                     tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "watermark look-up failed");
                     for reply in waiting {
-                        let _ = reply.send(Err(ReplayError::Kafka(e.clone())));
+                        let _ = reply.send((Err(ReplayError::Kafka(e.clone())), times));
                     }
                 }
             }
