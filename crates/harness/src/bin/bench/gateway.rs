@@ -633,6 +633,70 @@ struct Run {
     subscribed: usize,
     got: Vec<Got>,
     per_source: Vec<u64>,
+    /// How late a 10 ms sleep woke on the gateway's runtime and on the
+    /// clients' (ours only): before the storm and after it began.
+    lag: Option<LagFigures>,
+}
+
+/// A runtime's lateness (see [`Lag`]), in ms: p50, p99 and the most,
+/// before the storm and after it began.
+#[derive(Clone, Copy, Default)]
+struct LagFigures {
+    gateway: [[f64; 3]; 2],
+    clients: [[f64; 3]; 2],
+}
+
+impl LagFigures {
+    fn describe(&self) -> String {
+        let f = |x: &[f64; 3]| format!("p50 {:.1} / p99 {:.1} / max {:.0} ms", x[0], x[1], x[2]);
+        format!(
+            "a 10 ms sleep woke late by: on the gateway's runtime {} before the storm, {} after it began; on the clients' runtime {} before, {} after",
+            f(&self.gateway[0]),
+            f(&self.gateway[1]),
+            f(&self.clients[0]),
+            f(&self.clients[1])
+        )
+    }
+}
+
+/// A task that sleeps 10 ms in a loop on a runtime and records how late it
+/// woke: how long any task there waits for its turn, the clients' as well
+/// as the gateway's (a storm's waits are in both).
+struct Lag {
+    samples: Arc<std::sync::Mutex<Vec<(Instant, Duration)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Lag {
+    fn start(rt: &tokio::runtime::Handle) -> Self {
+        let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let into = Arc::clone(&samples);
+        let task = rt.spawn(async move {
+            let tick = Duration::from_millis(10);
+            loop {
+                let at = Instant::now();
+                tokio::time::sleep(tick).await;
+                let late = at.elapsed().saturating_sub(tick);
+                into.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((at, late));
+            }
+        });
+        Self { samples, task }
+    }
+
+    /// p50, p99 and the most, before `split` and from it on.
+    fn stop(self, split: Option<Instant>) -> [[f64; 3]; 2] {
+        self.task.abort();
+        let samples = std::mem::take(&mut *self.samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let mut parts = [Vec::new(), Vec::new()];
+        for (at, late) in samples {
+            parts[usize::from(split.is_some_and(|s| at >= s))].push(late);
+        }
+        parts.map(|mut v| {
+            v.sort();
+            let max = v.last().map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+            [super::percentile(&v, 0.5), super::percentile(&v, 0.99), max]
+        })
+    }
 }
 
 impl Run {
@@ -901,7 +965,12 @@ async fn run_ours(
         ours.rss_before >> 10,
         ours.rss_idle >> 10
     );
+    let lags = (Lag::start(s.rt.handle()), Lag::start(&tokio::runtime::Handle::current()));
     load_phase(&s.shared, &s.producer, k, pids, &mut probe.redis, probe.ports, Some(&storm_tx), &mut ours).await;
+    let storm_at = s.shared.storm_at.get().copied();
+    let lag = LagFigures { gateway: lags.0.stop(storm_at), clients: lags.1.stop(storm_at) };
+    println!("  ours: {}", lag.describe());
+    ours.lag = Some(lag);
     let hub = match s.shared.http.get(format!("{}/readyz", s.shared.base)).bearer_auth(&s.admin).send().await {
         Ok(r) => r
             .json::<serde_json::Value>()
@@ -1427,8 +1496,13 @@ impl Report {
                 _ => None,
             },
             format!(
-                "ours = the last client, baseline column = the median client; {} of {n} got an item after resuming; resubscribed after {:.0} ms (median) to {:.0} ms (last); from its `subscribed` to its first item a client waited {:.0} ms (median) to {:.0} ms (longest)",
-                st.live, st.sub_p50, st.sub_max, st.gap_p50, st.gap_max
+                "ours = the last client, baseline column = the median client; {} of {n} got an item after resuming; resubscribed after {:.0} ms (median) to {:.0} ms (last); from its `subscribed` to its first item a client waited {:.0} ms (median) to {:.0} ms (longest); {}",
+                st.live,
+                st.sub_p50,
+                st.sub_max,
+                st.gap_p50,
+                st.gap_max,
+                self.ours.lag.map_or_else(String::new, |l| l.describe())
             ),
         );
     }
