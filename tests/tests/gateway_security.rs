@@ -85,7 +85,7 @@ async fn another_site_cannot_open_a_websocket_with_the_cookie() {
     }
     // Every upgrade is checked, whatever its credentials.
     let bearer = format!("Bearer {}", gw.token(&[&a], &[]));
-    let (status, _) = ws_open(&gw, "", &[("authorization", bearer.clone()), ("origin", EVIL.into())]).await.err().expect("refused");
+    let (status, _) = ws_open(&gw, "", &[("authorization", bearer.clone()), ("origin", EVIL.into())]).await.expect_err("refused");
     assert_eq!(status, 403);
     // The gateway's own page may.
     let mut ws = ws_open(&gw, "", &[("cookie", cookie), ("origin", own)]).await.expect("same origin upgrades");
@@ -488,7 +488,7 @@ async fn a_ticket_opens_one_stream_of_what_it_names() {
     assert_eq!(first.next(Duration::from_secs(10)).await.expect("subscribed").event, "subscribed");
     let again = Sse::open(&gw.http, &stream(&a, &ticket), &[]).await;
     assert_eq!((again.status, code(&again.error)), (401, Some("ticket_used")), "{}", again.error);
-    let (status, body) = ws_open(&gw, &format!("?ticket={ticket}"), &[]).await.err().expect("refused");
+    let (status, body) = ws_open(&gw, &format!("?ticket={ticket}"), &[]).await.expect_err("refused");
     assert_eq!((status, code(&body)), (401, Some("ticket_used")));
     // A ticket names only what its token reads, and names something.
     let (s, v) = gw.ticket(&token, &json!({"channels": [format!("{}:repo:x", gw.prefix)]})).await;

@@ -26,17 +26,17 @@ fn the_glob_model_agrees_with_redis_on_known_cases() {
 #[test]
 fn ordinary_ids_stay_readable() {
     let n = ChannelNamer::default();
-    assert_eq!(n.channel("user", "octocat").unwrap(), "events:user:octocat");
-    assert_eq!(n.channel("repo", "owner/repo").unwrap(), "events:repo:owner/repo");
-    assert_eq!(n.channel("org", "Ünïcødé 🚀").unwrap(), "events:org:Ünïcødé 🚀");
+    assert_eq!(n.channel("user", "octocat").expect("valid"), "events:user:octocat");
+    assert_eq!(n.channel("repo", "owner/repo").expect("valid"), "events:repo:owner/repo");
+    assert_eq!(n.channel("org", "Ünïcødé 🚀").expect("valid"), "events:org:Ünïcødé 🚀");
 }
 
 #[test]
 fn glob_syntax_and_colons_are_escaped() {
     let n = ChannelNamer::default();
-    assert_eq!(n.channel("user", "*").unwrap(), "events:user:%2A");
-    assert_eq!(n.channel("user", "a:b").unwrap(), "events:user:a%3Ab");
-    assert_eq!(n.channel("user", r"[x]?\%").unwrap(), "events:user:%5Bx%5D%3F%5C%25");
+    assert_eq!(n.channel("user", "*").expect("valid"), "events:user:%2A");
+    assert_eq!(n.channel("user", "a:b").expect("valid"), "events:user:a%3Ab");
+    assert_eq!(n.channel("user", r"[x]?\%").expect("valid"), "events:user:%5Bx%5D%3F%5C%25");
 }
 
 #[test]
@@ -93,15 +93,15 @@ fn parse_rejects_what_naming_never_produces() {
         assert!(n.parse(bad).is_err(), "{bad} must not parse");
     }
     assert_eq!(
-        n.parse("events:user").unwrap(),
+        n.parse("events:user").expect("valid"),
         ChannelName { source_type: "user".into(), source_id: None }
     );
 }
 
 #[test]
 fn prefixes_are_kept_apart() {
-    let a = ChannelNamer::with_prefix("tenant-a").unwrap();
-    let ch = a.channel("user", "x").unwrap();
+    let a = ChannelNamer::with_prefix("tenant-a").expect("valid");
+    let ch = a.channel("user", "x").expect("valid");
     assert_eq!(ch, "tenant-a:user:x");
     assert!(!redis_glob(ChannelNamer::default().pattern_all().as_bytes(), ch.as_bytes()));
     assert!(ChannelNamer::default().parse(&ch).is_err());
@@ -124,8 +124,8 @@ proptest! {
     #[test]
     fn naming_round_trips_so_it_is_injective(t in source_type(), id in source_id()) {
         let n = ChannelNamer::default();
-        let ch = n.channel(&t, &id).unwrap();
-        let parsed = n.parse(&ch).unwrap();
+        let ch = n.channel(&t, &id).expect("valid");
+        let parsed = n.parse(&ch).expect("valid");
         prop_assert_eq!(parsed.source_type, t);
         prop_assert_eq!(parsed.source_id, Some(id));
     }
@@ -133,14 +133,14 @@ proptest! {
     #[test]
     fn distinct_sources_get_distinct_channels(t1 in source_type(), id1 in source_id(), t2 in source_type(), id2 in source_id()) {
         let n = ChannelNamer::default();
-        let (a, b) = (n.channel(&t1, &id1).unwrap(), n.channel(&t2, &id2).unwrap());
+        let (a, b) = (n.channel(&t1, &id1).expect("valid"), n.channel(&t2, &id2).expect("valid"));
         prop_assert_eq!(a == b, t1 == t2 && id1 == id2);
     }
 
     #[test]
     fn a_channel_used_as_a_pattern_matches_only_itself(t1 in source_type(), id1 in source_id(), t2 in source_type(), id2 in source_id()) {
         let n = ChannelNamer::default();
-        let (a, b) = (n.channel(&t1, &id1).unwrap(), n.channel(&t2, &id2).unwrap());
+        let (a, b) = (n.channel(&t1, &id1).expect("valid"), n.channel(&t2, &id2).expect("valid"));
         prop_assert_eq!(redis_glob(a.as_bytes(), b.as_bytes()), a == b);
         prop_assert_eq!(redis_glob(a.as_bytes(), a.as_bytes()), true);
     }
@@ -148,13 +148,13 @@ proptest! {
     #[test]
     fn a_type_pattern_matches_exactly_that_types_channels(t1 in source_type(), id in source_id(), t2 in source_type()) {
         let n = ChannelNamer::default();
-        let ch = n.channel(&t1, &id).unwrap();
-        let pattern = n.pattern_for_type(&t2).unwrap();
+        let ch = n.channel(&t1, &id).expect("valid");
+        let pattern = n.pattern_for_type(&t2).expect("valid");
         prop_assert_eq!(redis_glob(pattern.as_bytes(), ch.as_bytes()), t1 == t2);
-        prop_assert!(!redis_glob(pattern.as_bytes(), n.aggregate(&t1).unwrap().as_bytes()));
+        prop_assert!(!redis_glob(pattern.as_bytes(), n.aggregate(&t1).expect("valid").as_bytes()));
         prop_assert!(redis_glob(n.pattern_all().as_bytes(), ch.as_bytes()));
         prop_assert!(redis_glob(n.pattern_all_sources().as_bytes(), ch.as_bytes()));
-        prop_assert!(!redis_glob(n.pattern_all_sources().as_bytes(), n.aggregate(&t1).unwrap().as_bytes()));
+        prop_assert!(!redis_glob(n.pattern_all_sources().as_bytes(), n.aggregate(&t1).expect("valid").as_bytes()));
     }
 
 }

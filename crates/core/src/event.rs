@@ -478,28 +478,28 @@ mod tests {
     #[test]
     fn payload_limit_names_field_and_limit() {
         let limits = Limits { max_payload_bytes: 4, ..Limits::default() };
-        let err = Event::builder("t", "user", "a").payload("12345").limits(limits).build().unwrap_err();
+        let err = Event::builder("t", "user", "a").payload("12345").limits(limits).build().expect_err("refused");
         assert_eq!(err, ValidationError::PayloadTooLarge { size: 5, max: 4 });
         assert_eq!(err.to_string(), "payload is 5 bytes; the limit is 4 bytes");
         let ok = Event::builder("t", "user", "a").payload(vec![0u8; 850_000]).build();
         assert!(ok.is_ok(), "850,000 bytes is the default limit and is allowed");
-        let err = Event::builder("t", "user", "a").payload(vec![0u8; 850_001]).build().unwrap_err();
+        let err = Event::builder("t", "user", "a").payload(vec![0u8; 850_001]).build().expect_err("refused");
         assert!(matches!(err, ValidationError::PayloadTooLarge { max: 850_000, .. }));
     }
 
     #[test]
     fn text_fields_are_checked() {
-        let err = Event::builder("", "user", "a").build().unwrap_err();
+        let err = Event::builder("", "user", "a").build().expect_err("refused");
         assert_eq!(err, ValidationError::Empty { field: "event_type" });
-        let err = Event::builder("user created", "user", "a").build().unwrap_err();
+        let err = Event::builder("user created", "user", "a").build().expect_err("refused");
         assert!(matches!(err, ValidationError::InvalidChar { field: "event_type", ch: ' ', index: 4, .. }));
-        let err = Event::builder("t", "us:er", "a").build().unwrap_err();
+        let err = Event::builder("t", "us:er", "a").build().expect_err("refused");
         assert!(matches!(err, ValidationError::InvalidChar { field: "source_type", ch: ':', .. }));
-        let err = Event::builder("t", "user*", "a").build().unwrap_err();
+        let err = Event::builder("t", "user*", "a").build().expect_err("refused");
         assert!(matches!(err, ValidationError::InvalidChar { field: "source_type", ch: '*', .. }));
-        let err = Event::builder("t", "user", "a\nb").build().unwrap_err();
+        let err = Event::builder("t", "user", "a\nb").build().expect_err("refused");
         assert!(matches!(err, ValidationError::InvalidChar { field: "source_id", ch: '\n', index: 1, .. }));
-        let err = Event::builder("t", "user", "x".repeat(257)).build().unwrap_err();
+        let err = Event::builder("t", "user", "x".repeat(257)).build().expect_err("refused");
         assert_eq!(err, ValidationError::TooLong { field: "source_id", len: 257, max: 256 });
         assert_eq!(err.to_string(), "source_id is 257 bytes long; the limit is 256 bytes");
         // Ids may hold ':' '/' and glob characters: channel naming escapes them.
@@ -508,14 +508,14 @@ mod tests {
 
     #[test]
     fn headers_are_checked() {
-        let err = Event::builder("t", "user", "a").header("ds-id", "x").build().unwrap_err();
+        let err = Event::builder("t", "user", "a").header("ds-id", "x").build().expect_err("refused");
         assert!(matches!(err, ValidationError::ReservedHeader { .. }));
         let mut b = Event::builder("t", "user", "a");
         for i in 0..33 {
             b = b.header(format!("h{i}"), "v");
         }
-        assert_eq!(b.build().unwrap_err(), ValidationError::TooManyHeaders { count: 33, max: 32 });
-        let err = Event::builder("t", "user", "a").header("h", "v".repeat(4097)).build().unwrap_err();
+        assert_eq!(b.build().expect_err("refused"), ValidationError::TooManyHeaders { count: 33, max: 32 });
+        let err = Event::builder("t", "user", "a").header("h", "v".repeat(4097)).build().expect_err("refused");
         assert!(matches!(err, ValidationError::TooLong { field: "header value", .. }));
     }
 
@@ -561,10 +561,10 @@ mod tests {
         assert!(matches!(Event::from_json(b"{"), Err(DecodeError::Json(_))));
         assert!(matches!(Event::from_json(b"[]"), Err(DecodeError::Json(_))));
         let bad_id = br#"{"id":"nope","type":"t","source_type":"u","source_id":"a","occurred_at_ms":1,"payload":""}"#;
-        let err = Event::from_json(bad_id).unwrap_err();
+        let err = Event::from_json(bad_id).expect_err("refused");
         assert!(err.to_string().contains("is not a UUID"), "{err}");
         let bad_b64 = br#"{"id":"0190f1d2-7c1e-7a3b-9f00-0123456789ab","type":"t","source_type":"u","source_id":"a","occurred_at_ms":1,"payload":"!!"}"#;
-        let err = Event::from_json(bad_b64).unwrap_err();
+        let err = Event::from_json(bad_b64).expect_err("refused");
         assert!(err.to_string().contains("payload: not valid base64"), "{err}");
         let bad_type = br#"{"id":"0190f1d2-7c1e-7a3b-9f00-0123456789ab","type":"a b","source_type":"u","source_id":"a","occurred_at_ms":1,"payload":""}"#;
         assert!(matches!(

@@ -244,7 +244,7 @@ mod tests {
 
     #[test]
     fn foreign_records_are_typed_errors() {
-        let err = decode([], Some(b"x".as_slice()), &Limits::default()).unwrap_err();
+        let err = decode([], Some(b"x".as_slice()), &Limits::default()).expect_err("refused");
         assert!(matches!(err, DecodeError::MissingHeader(HEADER_ID)));
         let bad = [(HEADER_ID, Some(b"\xff".as_slice()))];
         assert!(matches!(decode(bad, None, &Limits::default()), Err(DecodeError::BadHeader { .. })));

@@ -213,10 +213,14 @@ async fn main() -> ExitCode {
         let brokers = &config.kafka_brokers;
         tracing::warn!(%brokers, "Kafka is librdkafka's in-process mock cluster: nothing is durable");
     }
+    // Kept for the shutdown below; without `otlp` the meter is
+    // `Option<Infallible>`, which is `Copy`.
+    #[cfg_attr(not(feature = "otlp"), allow(clippy::clone_on_copy))]
+    let serving = meter.clone();
     let code = match args.command.unwrap_or(Command::Serve) {
         Command::Config => print_config(&config),
         Command::Token(claims) => print_token(&config, claims),
-        Command::Serve => serve(config, meter.clone()).await,
+        Command::Serve => serve(config, serving).await,
     };
     // The last batch of spans and metrics, sent before the process ends (off the runtime's threads: the
     // exporters' HTTP client blocks).

@@ -334,15 +334,18 @@ impl Drop for Sub {
     }
 }
 
+/// A channel to start: where its partition ends now, and whether it
+/// resumes further back than the tail cache holds (`far`).
+struct PlannedChannel {
+    channel: String,
+    source: Source,
+    now: dualstream_core::Position,
+    far: bool,
+}
+
 /// A subscription about to start: a channel with its partition's end now.
 enum Planned {
-    /// `far`: resuming further back than the tail cache holds.
-    Channel {
-        channel: String,
-        source: Source,
-        now: dualstream_core::Position,
-        far: bool,
-    },
+    Channel(PlannedChannel),
     Live {
         target: Target,
         name: String,
@@ -494,7 +497,7 @@ impl Session {
                     let from = resume.and_then(|r| r.positions.get(&hash(&channel)));
                     let is_far = from.is_some_and(|&(p, next)| p == now.partition && now.offset - next > cached);
                     far += usize::from(is_far);
-                    Planned::Channel { channel, source, now, far: is_far }
+                    Planned::Channel(PlannedChannel { channel, source, now, far: is_far })
                 }
                 Want::Live { target, name } => Planned::Live { target, name },
             });
@@ -508,8 +511,8 @@ impl Session {
             .map_err(SubError::Limited)?;
         for p in planned {
             let (name, stream) = match p {
-                Planned::Channel { channel, source, now, far } => {
-                    (channel.clone(), self.start_channel(channel, source, now, mode, resume, foreign, far))
+                Planned::Channel(planned) => {
+                    (planned.channel.clone(), self.start_channel(planned, mode, resume, foreign))
                 }
                 Planned::Live { target, name } => {
                     let stream = self.start_live(target, name.clone(), resume.is_some() || foreign.is_some()).await?;
@@ -529,14 +532,12 @@ impl Session {
     /// used).
     fn start_channel(
         &mut self,
-        channel: String,
-        source: Source,
-        now: dualstream_core::Position,
+        planned: PlannedChannel,
         mode: Mode,
         resume: Option<&ResumeToken>,
         foreign: Option<&ResumeToken>,
-        far: bool,
     ) -> BoxStream<'static, Msg> {
+        let PlannedChannel { channel, source, now, far } = planned;
         let h = hash(&channel);
         let from = resume.and_then(|r| r.positions.get(&h)).copied();
         let mut reset = None;

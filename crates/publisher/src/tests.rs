@@ -424,9 +424,9 @@ async fn high_volume_skips_rather_than_blocks_when_its_queue_is_full() {
 
 #[test]
 fn building_checks_the_mode_and_config() {
-    let err = DualPublisher::builder().notifier(Arc::new(MockRealtimeNotifier::new())).build().unwrap_err();
+    let err = DualPublisher::builder().notifier(Arc::new(MockRealtimeNotifier::new())).build().expect_err("refused");
     assert!(matches!(err, BuildError::MissingDurable { mode: Mode::Dual }));
-    let err = DualPublisher::builder().durable(Arc::new(MockDurableSink::new())).build().unwrap_err();
+    let err = DualPublisher::builder().durable(Arc::new(MockDurableSink::new())).build().expect_err("refused");
     assert!(matches!(err, BuildError::MissingNotifier { mode: Mode::Dual }));
     assert!(DualPublisher::builder().durable(Arc::new(MockDurableSink::new())).mode(Mode::DurableOnly).build().is_ok());
     let err = DualPublisher::builder()
@@ -434,12 +434,12 @@ fn building_checks_the_mode_and_config() {
         .notifier(Arc::new(MockRealtimeNotifier::new()))
         .mode(Mode::HighVolume)
         .build()
-        .unwrap_err();
+        .expect_err("refused");
     assert!(matches!(err, BuildError::NoRuntime), "{err}");
     let err = DualPublisher::builder()
         .durable(Arc::new(MockDurableSink::new()))
         .config(PublisherConfig { notify_timeout_ms: 0, mode: Mode::DurableOnly, ..PublisherConfig::default() })
         .build()
-        .unwrap_err();
+        .expect_err("refused");
     assert!(matches!(err, BuildError::Invalid { field: "notify_timeout_ms", .. }));
 }
