@@ -367,9 +367,17 @@ impl CatchUp {
         let watermarks = history.watch(&tp);
         // Taken after the subscription exists. The low mark may be older
         // (see `History::fresh`), except for a join from the beginning or
-        // from the last n, which may start at it.
+        // from the last n, which may start at it. A join from an offset at
+        // or below the polled end (a resume) takes the polled marks and
+        // waits for no round: what was stored between that end and the
+        // subscription comes with the source's next notification's proof,
+        // or at the join's idle check.
         let marks = match start {
             StartAt::Beginning | StartAt::LastN(_) => history.fresh_low(&tp).await?,
+            StartAt::Offset(o) => match history.polled(&tp) {
+                Some(m) if (0..=m.high).contains(&o) => m,
+                _ => history.fresh(&tp).await?,
+            },
             _ => history.fresh(&tp).await?,
         };
         let begin = match start {

@@ -92,7 +92,7 @@ mod truncation {
 mod leader_moves {
     use std::time::Duration;
 
-    use dualstream_core::Source;
+    use dualstream_core::{Position, Source};
     use futures::stream::BoxStream;
     use futures::StreamExt;
 
@@ -185,6 +185,34 @@ mod leader_moves {
             other => Err(format!("{other:?}")),
         };
         stream.map(item).boxed()
+    }
+
+    /// A resume (a join from an offset at or below its partition's end as
+    /// last polled) takes the polled marks and waits for no watermark round.
+    /// What was stored after that poll, before the join subscribed, comes
+    /// all the same: no notification will tell of it (no Redis here), and
+    /// the join's idle check finds it. An offset past the polled end waits
+    /// for a round.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resume_below_the_polled_end_waits_for_no_round_and_misses_nothing_stored_since() {
+        let (cluster, sink) = three_brokers();
+        let before = publish(&cluster, &sink, 0, BEFORE, false).await;
+        // Full rounds every 3 s, and the joins' idle checks as often.
+        let joiner = kafka_only(&cluster, JoinConfig { idle_check_ms: 3_000, ..JoinConfig::default() });
+        let _watching = joiner.join(u(), StartAt::End).await.expect("join");
+        // The poller's first full round, if it was not the one that
+        // answered, comes at once: let it pass.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rounds = joiner.stats().watermark_lookups;
+        let since = publish(&cluster, &sink, BEFORE, 1, false).await;
+        let polled = joiner.polled_end(&Position::new(std::sync::Arc::from("t"), 0, 0)).expect("polled");
+        assert!(polled <= since[0].0, "the polled end ({polled}) is before what was stored since");
+        let resumed = joiner.join(u(), StartAt::Offset(before[0].0)).await.expect("join");
+        assert_eq!(joiner.stats().watermark_lookups, rounds, "the resume waited for no watermark round");
+        let want: Vec<Got> = before.into_iter().chain(since).map(Ok).collect();
+        assert_eq!(take(from_kafka(resumed), want.len()).await, want);
+        let _beyond = joiner.join(u(), StartAt::Offset(polled + 1_000)).await.expect("join");
+        assert!(joiner.stats().watermark_lookups > rounds, "an offset past the polled end waited for a round");
     }
 
     /// `BEFORE` rounds stored, and a joiner (without Redis) whose first join

@@ -185,6 +185,10 @@ const BEHIND_MAX: Duration = Duration::from_secs(5);
 /// How often a reader with parked reads looks whether their joins took
 /// items.
 const PARKED_POLL: Duration = Duration::from_millis(2);
+/// How long a partition nobody watches any more stays polled, its marks
+/// kept for [`History::polled`]: longer than a reconnect storm's gap
+/// between a client's old joins ending and its new ones starting.
+const KEEP_UNWATCHED: Duration = Duration::from_secs(30);
 /// A watermark round that takes longer is said at warn level.
 const SLOW_ROUND: Duration = Duration::from_secs(2);
 /// How often the reader checks for stalled reads and idle partitions.
@@ -396,6 +400,13 @@ type RangeSender = mpsc::UnboundedSender<(i32, Req)>;
 
 struct Watched {
     tx: watch::Sender<Marks>,
+    /// A round has answered for the partition: `tx` holds marks read from
+    /// the broker, not the default.
+    answered: bool,
+    /// When the partition last had a watcher or a waiter (as the poller
+    /// last saw it): it stays polled for `KEEP_UNWATCHED` after, so that
+    /// joins that end and start again (a reconnect) find its marks.
+    watched_at: Instant,
     /// Whether a caller waiting for the next round wants the low mark read
     /// in it ([`History::fresh_low`]); otherwise it is not read.
     low_wanted: bool,
@@ -405,7 +416,13 @@ struct Watched {
 
 impl Watched {
     fn new() -> Self {
-        Self { tx: watch::channel(Marks::default()).0, low_wanted: false, waiting: Vec::new() }
+        Self {
+            tx: watch::channel(Marks::default()).0,
+            answered: false,
+            watched_at: Instant::now(),
+            low_wanted: false,
+            waiting: Vec::new(),
+        }
     }
 }
 
@@ -557,10 +574,12 @@ impl History {
     }
 
     /// The partition's watermarks as last polled, without asking the broker
-    /// (`None` if nobody watches it).
+    /// (`None` if nobody has watched it in the last `KEEP_UNWATCHED`, or no
+    /// round has answered for it yet). At most a poll (`poll_every`) and a
+    /// round old while the poller keeps up; under load, older.
     pub fn polled(&self, tp: &Tp) -> Option<Marks> {
         let watched = self.inner.watched.lock().unwrap_or_else(PoisonError::into_inner);
-        watched.get(tp).map(|w| *w.tx.borrow())
+        watched.get(tp).filter(|w| w.answered).map(|w| *w.tx.borrow())
     }
 
     /// Watermarks read from the broker after this call: waits for the next
@@ -725,7 +744,13 @@ async fn poll_watermarks(weak: Weak<Inner>) {
         let mut low = Vec::new();
         {
             let mut watched = inner.watched.lock().unwrap_or_else(PoisonError::into_inner);
-            watched.retain(|_, w| w.tx.receiver_count() > 0 || !w.waiting.is_empty());
+            let now = Instant::now();
+            watched.retain(|_, w| {
+                if w.tx.receiver_count() > 0 || !w.waiting.is_empty() {
+                    w.watched_at = now;
+                }
+                now.duration_since(w.watched_at) < KEEP_UNWATCHED
+            });
             for (tp, w) in watched.iter_mut() {
                 if full || !w.waiting.is_empty() {
                     round.push((tp.clone(), std::mem::take(&mut w.waiting)));
@@ -767,7 +792,7 @@ async fn poll_watermarks(weak: Weak<Inner>) {
             .iter()
             .map(|(tp, high)| (tp.clone(), high.load(Ordering::Relaxed)))
             .collect();
-        let watched = inner.watched.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut watched = inner.watched.lock().unwrap_or_else(PoisonError::into_inner);
         let times = RoundTimes { began, answered: Instant::now() };
         for ((tp, waiting), result) in round.into_iter().zip(results) {
             match result {
@@ -782,8 +807,9 @@ async fn poll_watermarks(weak: Weak<Inner>) {
                         Some(&high) if high > marks.high => Marks::sane(marks.low, high),
                         _ => marks,
                     };
-                    if let Some(w) = watched.get(&tp) {
+                    if let Some(w) = watched.get_mut(&tp) {
                         w.tx.send_if_modified(|m| std::mem::replace(m, marks) != marks);
+                        w.answered = true;
                     }
                     for reply in waiting {
                         let _ = reply.send((Ok(marks), times));
