@@ -14,7 +14,7 @@ use dualstream_history::{
 use dualstream_hub::{key_of, Hub, HubError, LiveItem, Seen, SeenOffsets};
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::JoinConfig;
@@ -401,7 +401,7 @@ impl CatchUp {
                 return Err(ReplayError::Request { field: "start", reason }.into());
             }
         };
-        let (tx, rx) = mpsc::channel(self.config.buffer);
+        let (tx, rx) = handoff(self.config.buffer);
         let seen = self.seen.clone().map(|seen| Proof {
             key: key_of(&source),
             seen,
@@ -416,9 +416,8 @@ impl CatchUp {
     }
 }
 
-/// What a join's loop hands to its stream: a word or two, so the buffer
-/// between them (allocated 32 slots at a time) stays small for a join that
-/// sits idle; the stream unpacks each into a [`Delivery`] or a
+/// What a join's loop hands to its stream: a word or two, so the queue
+/// between them ([`Handoff`]) stays small for a join that sits idle; the stream unpacks each into a [`Delivery`] or a
 /// [`JoinError`].
 #[derive(Debug)]
 enum Sent {
@@ -457,11 +456,11 @@ impl Sent {
 struct Joined<F> {
     /// The join's loop, until it ends.
     run: Option<Pin<Box<F>>>,
-    rx: mpsc::Receiver<Sent>,
+    rx: Arc<Handoff>,
 }
 
 impl<F: std::future::Future<Output = ()>> Joined<F> {
-    fn new(run: F, rx: mpsc::Receiver<Sent>) -> Self {
+    fn new(run: F, rx: Arc<Handoff>) -> Self {
         Self { run: Some(Box::pin(run)), rx }
     }
 }
@@ -470,17 +469,68 @@ impl<F: std::future::Future<Output = ()>> Stream for Joined<F> {
     type Item = Result<Delivery, JoinError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
-        // The loop first: it fills the buffer until the buffer is full or
+        // The loop first: it fills the queue until the queue is full or
         // it waits for Redis, Kafka or a timer (each of which wakes this
-        // task).
+        // task). A loop that waits for room is polled again by the next
+        // call, after this one took an item.
         if let Some(run) = self.run.as_mut() {
             if run.as_mut().poll(cx).is_ready() {
                 self.run = None;
             }
         }
-        // Once the loop has ended its sender is gone: what is buffered
-        // comes out, then the end.
-        self.rx.poll_recv(cx).map(|item| item.map(Sent::unpack))
+        // Once the loop has ended, what is queued comes out, then the end.
+        match self.rx.pop() {
+            Some(sent) => std::task::Poll::Ready(Some(sent.unpack())),
+            None if self.run.is_none() => std::task::Poll::Ready(None),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+/// The items a join's loop has ready for its stream, at most `cap`. Both
+/// are polled by one task (the stream polls the loop), so a queue under a
+/// plain lock does what a channel did, without waking that task for every
+/// item it hands over to itself; a loop that finds the queue full waits
+/// for the stream's next poll, which takes an item first.
+#[derive(Debug)]
+struct Handoff {
+    items: Mutex<VecDeque<Sent>>,
+    cap: usize,
+}
+
+/// What an empty [`Handoff`] keeps room for.
+const IDLE_HANDOFF: usize = 32;
+
+fn handoff(cap: usize) -> (Arc<Handoff>, Arc<Handoff>) {
+    let h = Arc::new(Handoff { items: Mutex::new(VecDeque::new()), cap: cap.max(1) });
+    (Arc::clone(&h), h)
+}
+
+impl Handoff {
+    /// Queue `sent` once there is room.
+    async fn send(&self, sent: Sent) {
+        let mut sent = Some(sent);
+        std::future::poll_fn(|_| {
+            let mut items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
+            if items.len() < self.cap {
+                items.extend(sent.take());
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+    }
+
+    /// The next item; a queue emptied gives back what a burst made it
+    /// grow by, so an idle join holds little.
+    fn pop(&self) -> Option<Sent> {
+        let mut items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
+        let sent = items.pop_front();
+        if items.is_empty() && items.capacity() > IDLE_HANDOFF {
+            items.shrink_to(IDLE_HANDOFF);
+        }
+        sent
     }
 }
 
@@ -499,7 +549,7 @@ pub(crate) fn join_for_test(
     idle: Duration,
     budget: Option<ReadyBudget>,
 ) -> JoinStream {
-    let (tx, rx) = mpsc::channel(256);
+    let (tx, rx) = handoff(256);
     let key: Arc<[u8]> = source.source_id().as_bytes().into();
     let watermarks = history.watch(&tp);
     let seen = seen.map(|(seen, window)| Proof { key: key_of(&source), seen, window });
@@ -568,7 +618,7 @@ async fn last_n_start(
 struct Stop;
 
 struct Joiner {
-    tx: mpsc::Sender<Sent>,
+    tx: Arc<Handoff>,
     history: History,
     tp: Tp,
     source: Source,
@@ -696,7 +746,8 @@ impl Joiner {
             (Some(budget), Ok(Delivery::History(r))) => budget.take(r.event.size_hint()).await,
             _ => None,
         };
-        self.tx.send(Sent::of(item, charge)).await.map_err(|_| Stop)
+        self.tx.send(Sent::of(item, charge)).await;
+        Ok(())
     }
 
     async fn fatal(&self, e: ReplayError) -> Stop {
@@ -857,7 +908,8 @@ impl Joiner {
         self.next = offset + 1;
         self.show_next();
         // Shared with the hub's other subscribers.
-        self.tx.send(Sent::Live(n)).await.map_err(|_| Stop)
+        self.tx.send(Sent::Live(n)).await;
+        Ok(())
     }
 }
 
