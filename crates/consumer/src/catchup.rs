@@ -417,8 +417,8 @@ impl CatchUp {
 }
 
 /// What a join's loop hands to its stream: a word or two, so the queue
-/// between them ([`Handoff`]) stays small for a join that sits idle; the stream unpacks each into a [`Delivery`] or a
-/// [`JoinError`].
+/// between them ([`Handoff`]) stays small for a join that sits idle; the
+/// stream unpacks each into a [`Delivery`] or a [`JoinError`].
 #[derive(Debug)]
 enum Sent {
     /// With its room in the join's [`ReadyBudget`], if it has one, given
