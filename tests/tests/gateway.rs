@@ -370,6 +370,9 @@ async fn a_slow_client_falls_behind_and_catches_up_from_kafka_without_stalling_t
     let gw = Arc::new(
         TestGateway::start(|c| {
             c.limits.client_buffer = 8;
+            // Eight of the events below in bytes too: each counts at least
+            // client_buffer_bytes / client_buffer.
+            c.limits.client_buffer_bytes = 8 * 8_400;
             // The slow client pauses for the whole load: its writes may wait
             // that long without its connection being dropped.
             c.limits.send_timeout_ms = 60_000;
@@ -407,10 +410,12 @@ async fn a_slow_client_falls_behind_and_catches_up_from_kafka_without_stalling_t
     }
     load.await.expect("load");
     assert_eq!(got, (0..TOTAL).collect::<Vec<_>>(), "the fast client got every event once, in order");
+    // Its joins may have read ahead (from the tail cache, at once) as far
+    // as its budget, and no further.
     let doc = gw.readyz().await;
     assert!(
         doc["clients"]["buffered_bytes"].as_u64().expect("buffered_bytes") <= 8 * 8_400,
-        "the slow client's join read ahead past client_buffer: {doc}"
+        "the slow client's join read ahead past client_buffer_bytes: {doc}"
     );
 
     // Now the slow client reads: every event once, in order, without a

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use dualstream_core::{EventId, Notification, Position, Source};
 use dualstream_history::{
-    partition_for_key, ConfigError, History, HistoryStats, Item, Marks, Replay, ReplayError, Replayed, StartAt, Tp,
+    partition_for_key, ConfigError, History, HistoryStats, Item, Marks, Rec, Replay, ReplayError, Replayed, StartAt,
+    Tp, Window,
 };
 use dualstream_hub::{key_of, Hub, HubError, LiveItem, Seen, SeenOffsets};
 use futures::future::BoxFuture;
@@ -409,8 +410,22 @@ impl CatchUp {
         });
         let checks = Arc::clone(&self.checks);
         let lag = self.lags.register(tp.clone(), begin);
-        let joiner =
-            Joiner { tx, history, tp, source, key, next: begin, low: marks.low, full, seen, checks, lag, budget };
+        let window = history.window(&tp);
+        let joiner = Joiner {
+            tx,
+            history,
+            window,
+            tp,
+            source,
+            key,
+            next: begin,
+            low: marks.low,
+            full,
+            seen,
+            checks,
+            lag,
+            budget,
+        };
         let idle = Duration::from_millis(self.config.idle_check_ms);
         Ok(Box::pin(Joined::new(joiner.run(live, watermarks, marks.high, idle), rx)))
     }
@@ -555,7 +570,8 @@ pub(crate) fn join_for_test(
     let seen = seen.map(|(seen, window)| Proof { key: key_of(&source), seen, window });
     let lag = Arc::new(LagSlot { tp: tp.clone(), next: AtomicI64::new(next) });
     let (checks, low, full) = (Arc::default(), 0, false);
-    let joiner = Joiner { tx, history, tp, source, key, next, low, full, seen, checks, lag, budget };
+    let window = history.window(&tp);
+    let joiner = Joiner { tx, history, window, tp, source, key, next, low, full, seen, checks, lag, budget };
     Box::pin(Joined::new(joiner.run(live, watermarks, next, idle), rx))
 }
 
@@ -620,6 +636,8 @@ struct Stop;
 struct Joiner {
     tx: Arc<Handoff>,
     history: History,
+    /// The tail reader's cache of `tp`, read here without a request.
+    window: Arc<Window>,
     tp: Tp,
     source: Source,
     key: Arc<[u8]>,
@@ -787,39 +805,23 @@ impl Joiner {
                 continue;
             }
             let from = self.next;
+            // Near the tail, the shared cache has the whole range: taken
+            // here, with no request to the reader's task.
+            let mut cached = Vec::new();
+            if self.history.cached(&self.window, from, target, &self.key, &mut cached) {
+                for rec in cached {
+                    self.deliver(&rec).await?;
+                }
+                self.next = self.next.max(target);
+                continue;
+            }
             let mut range = match self.history.read(&self.tp, from, target, Arc::clone(&self.key)) {
                 Ok(r) => r,
                 Err(e) => return Err(self.fatal(e).await),
             };
             while let Some(item) = range.rx.recv().await {
                 match item {
-                    Item::Record(rec) => {
-                        let offset = rec.position.offset;
-                        if offset < self.next {
-                            continue;
-                        }
-                        self.next = offset + 1;
-                        // With `otel`, a traced event read here gets a `receive` span,
-                        // open until the join's consumer took it (the end of this arm).
-                        let mut _span = None;
-                        let item = match &rec.event {
-                            Ok(e) if e.source() == &self.source => {
-                                if dualstream_core::trace::ENABLED {
-                                    _span = dualstream_core::Traced::receive(e, &rec.position);
-                                }
-                                Ok(Delivery::History(Replayed {
-                                    event: e.clone(),
-                                    position: rec.position.clone(),
-                                    timestamp_ms: rec.timestamp_ms,
-                                }))
-                            }
-                            Ok(_) => continue,
-                            Err(raw) => {
-                                Err(ReplayError::Decode { position: rec.position.clone(), error: raw.error() }.into())
-                            }
-                        };
-                        self.send(item).await?;
-                    }
+                    Item::Record(rec) => self.deliver(&rec).await?,
                     Item::Hole { from, to } => {
                         if to <= self.next {
                             continue;
@@ -851,6 +853,34 @@ impl Joiner {
             self.next = self.next.max(checked);
         }
         Ok(())
+    }
+
+    /// Deliver a record of the key read from Kafka (one of another source
+    /// under the same key is skipped), moving `next` past it.
+    async fn deliver(&mut self, rec: &Rec) -> Result<(), Stop> {
+        let offset = rec.position.offset;
+        if offset < self.next {
+            return Ok(());
+        }
+        self.next = offset + 1;
+        // With `otel`, a traced event read here gets a `receive` span, open
+        // until the join's consumer took it.
+        let mut _span = None;
+        let item = match &rec.event {
+            Ok(e) if e.source() == &self.source => {
+                if dualstream_core::trace::ENABLED {
+                    _span = dualstream_core::Traced::receive(e, &rec.position);
+                }
+                Ok(Delivery::History(Replayed {
+                    event: e.clone(),
+                    position: rec.position.clone(),
+                    timestamp_ms: rec.timestamp_ms,
+                }))
+            }
+            Ok(_) => return Ok(()),
+            Err(raw) => Err(ReplayError::Decode { position: rec.position.clone(), error: raw.error() }.into()),
+        };
+        self.send(item).await
     }
 
     /// Whether the hub saw a notification of another source for every

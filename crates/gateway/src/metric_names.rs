@@ -55,6 +55,9 @@ pub const HISTORY_READS: &str = "dualstream_history_reads_total";
 pub const HISTORY_BACKFILL_READS: &str = "dualstream_history_backfill_reads_total";
 /// Counter: parked reads dropped because their join stopped taking items.
 pub const HISTORY_PARKED_DROPPED: &str = "dualstream_history_parked_dropped_total";
+/// Gauge: stored bytes (key, payload, headers) the shared readers' caches
+/// hold now.
+pub const HISTORY_CACHED_BYTES: &str = "dualstream_history_cached_bytes";
 
 /// Gauge: the catch-up joins open (`CatchUp::lag`).
 pub const JOINS: &str = "dualstream_joins";
@@ -66,7 +69,7 @@ pub const JOIN_LAG_MAX: &str = "dualstream_join_lag_max_records";
 pub const JOIN_LAG: &str = "dualstream_join_lag_records";
 
 /// Every name above, for the dashboard's check.
-pub const ALL: [&str; 21] = [
+pub const ALL: [&str; 22] = [
     CLIENTS,
     SUBSCRIPTIONS,
     INGESTED,
@@ -85,6 +88,7 @@ pub const ALL: [&str; 21] = [
     HISTORY_READS,
     HISTORY_BACKFILL_READS,
     HISTORY_PARKED_DROPPED,
+    HISTORY_CACHED_BYTES,
     JOINS,
     JOIN_LAG_MAX,
     JOIN_LAG,

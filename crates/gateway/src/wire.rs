@@ -517,6 +517,10 @@ pub(crate) struct HubHealth {
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct HistoryHealth {
     pub(crate) backfill_reads: u64,
+    /// Stored bytes (key, payload, headers) the readers' caches hold now.
+    pub(crate) cached_bytes: u64,
+    /// Records the readers' caches hold now.
+    pub(crate) cached_records: u64,
     pub(crate) consumers: u64,
     pub(crate) parked: u64,
     pub(crate) parked_dropped: u64,
@@ -537,6 +541,8 @@ impl From<dualstream_consumer::HistoryStats> for HistoryHealth {
             records_read: s.records_read,
             parked: s.parked,
             parked_dropped: s.parked_dropped,
+            cached_records: s.cached_records,
+            cached_bytes: s.cached_bytes,
         }
     }
 }
@@ -725,7 +731,7 @@ mod tests {
             "redis": {"ok": false, "error": "down", "breaker": "closed", "published": 9, "skipped": 2, "failed": 1},
             "hub": {"connected": true, "channels": 3, "patterns": 0, "subscribers": 4, "disconnects": 1, "missed": 7},
             "history": {"consumers": 2, "range_reads": 10, "range_reads_cached": 0, "backfill_reads": 0, "seeks": 1,
-                "records_read": 0, "parked": 0, "parked_dropped": 0},
+                "records_read": 0, "parked": 0, "parked_dropped": 0, "cached_records": 0, "cached_bytes": 0},
             "live_checks": {"proven_by_notifications": 11, "read_from_kafka": 2},
             "queue": 5,
             "clients": {"buffered_bytes": 64, "items_rendered": 3, "items_shared": 8, "far_items_paced": 5, "sse": 1, "ws": 2},

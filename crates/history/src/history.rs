@@ -12,7 +12,11 @@
 //!   While any join reads a partition the task follows it forward and keeps
 //!   the last `cache_records` records in memory, so a range near the tail
 //!   (the records between two notifications of a source, the records since
-//!   the last watermark poll) is served from memory. The task never waits
+//!   the last watermark poll) is served from memory. The tail reader also
+//!   shows each partition's cache to the joins as it stood after its last
+//!   record ([`Window`]): a range the window covers whole is taken there,
+//!   in the join's own task ([`History::cached`]), without a request to the
+//!   reader's task and a channel for its answer. The task never waits
 //!   for a join: a join whose buffer is full is parked at the record it did
 //!   not take, and served from the cache once it takes its items (the cache
 //!   keeps up to `PARKED_EXTRA` more records while a parked join needs
@@ -319,6 +323,12 @@ pub struct HistoryStats {
     /// Parked reads dropped because the records they still needed left the
     /// cache (their joins ask again, from far back).
     pub parked_dropped: u64,
+    /// Records held now in the readers' caches (the tail reader's and the
+    /// backfill readers'), and their sizes as stored (key, payload,
+    /// headers) summed: a gauge, not a count since the start.
+    pub cached_records: u64,
+    /// See `cached_records`.
+    pub cached_bytes: u64,
 }
 
 #[derive(Default)]
@@ -333,6 +343,21 @@ struct Counters {
     records_read: AtomicU64,
     parked: AtomicU64,
     parked_dropped: AtomicU64,
+    cached: Arc<CacheGauge>,
+}
+
+/// What the readers' caches hold now, in records and stored bytes.
+#[derive(Debug, Default)]
+struct CacheGauge {
+    records: AtomicI64,
+    bytes: AtomicI64,
+}
+
+impl CacheGauge {
+    fn change(&self, records: i64, bytes: i64) {
+        self.records.fetch_add(records, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 impl Counters {
@@ -353,6 +378,8 @@ impl Counters {
             records_read: get(&self.records_read),
             parked: get(&self.parked),
             parked_dropped: get(&self.parked_dropped),
+            cached_records: self.cached.records.load(Ordering::Relaxed).max(0) as u64,
+            cached_bytes: self.cached.bytes.load(Ordering::Relaxed).max(0) as u64,
         }
     }
 }
@@ -450,6 +477,10 @@ struct Inner {
     /// batch's base offset + 1), the poller raises the watermark to it, so
     /// the rest of that batch is not left unseen until the next write.
     seen: Arc<Mutex<HashMap<Tp, Arc<AtomicI64>>>>,
+    /// Per partition, the tail reader's cache as joins may read it
+    /// ([`Window`]). An entry stays once made (one per partition ever
+    /// read); the reader empties it when it stops following the partition.
+    windows: Mutex<HashMap<Tp, Arc<Window>>>,
     counters: Counters,
     poller_started: std::sync::Once,
 }
@@ -495,6 +526,7 @@ impl History {
             backfill_readers: backfill_readers.max(1),
             budget: Mutex::new(None),
             seen: Arc::new(Mutex::new(HashMap::new())),
+            windows: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             poller_started: std::sync::Once::new(),
         };
@@ -633,6 +665,27 @@ impl History {
         });
     }
 
+    /// The tail reader's window on a partition's cache (empty until the
+    /// reader follows the partition). A join looks it up once and keeps it.
+    pub fn window(&self, tp: &Tp) -> Arc<Window> {
+        let mut windows = self.inner.windows.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(windows.entry(tp.clone()).or_default())
+    }
+
+    /// The records of `key` in `[from, to)` of `window`'s partition, into
+    /// `out`, when the tail reader's cache covered all of that range after
+    /// its last record; `false` (and `out` untouched) when it did not, and
+    /// the range is for [`read`](Self::read). Counted as a range read served
+    /// from the cache.
+    pub fn cached(&self, window: &Window, from: i64, to: i64, key: &[u8], out: &mut Vec<Arc<Rec>>) -> bool {
+        let hit = window.take(from, to, key, out);
+        if hit {
+            Counters::add(&self.inner.counters.range_reads, 1);
+            Counters::add(&self.inner.counters.range_reads_cached, 1);
+        }
+        hit
+    }
+
     /// Read the records of `key` in `[from, to)` of a partition.
     pub fn read(&self, tp: &Tp, from: i64, to: i64, key: Arc<[u8]>) -> Result<Range, ReplayError> {
         Counters::add(&self.inner.counters.range_reads, 1);
@@ -676,6 +729,7 @@ impl Inner {
             timeout: self.config.timeout(),
             inner: Arc::downgrade(self),
             active: Instant::now(),
+            gauge: Arc::clone(&self.counters.cached),
         };
         tokio::spawn(reader.run(consumer, r));
         Ok(ReaderHandle { sender: s, spans })
@@ -823,6 +877,95 @@ async fn poll_watermarks(weak: Weak<Inner>) {
                 }
             }
         }
+    }
+}
+
+/// The tail reader's cache of one partition as it stood after the reader's
+/// last record, for joins to read in their own tasks ([`History::cached`]).
+///
+/// The reader brings it up to date at each `Part::publish`, under its lock,
+/// so a join sees the cache's records and the span they cover
+/// (`[covered_from, pos)`: every record the broker returned there) from one
+/// moment, never a trimmed cache with the span before the trim. It holds
+/// the cache's records (shared, one more count each), nothing of its own.
+#[derive(Debug, Default)]
+pub struct Window {
+    state: Mutex<WindowState>,
+}
+
+#[derive(Debug, Default)]
+struct WindowState {
+    records: VecDeque<Arc<Rec>>,
+    covered_from: i64,
+    pos: i64,
+    /// When a join last took a range here: the partition is in use, as if
+    /// the read had gone to the reader (which stops following a partition
+    /// nobody reads).
+    used: Option<Instant>,
+}
+
+impl Window {
+    /// The records of `key` in `[from, to)` into `out`, when the window
+    /// covers all of it (as `Part::serve_cached` would serve a read that is
+    /// done at once); otherwise `false`.
+    fn take(&self, from: i64, to: i64, key: &[u8], out: &mut Vec<Arc<Rec>>) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if from < state.covered_from || to > state.pos || from >= to {
+            return false;
+        }
+        state.used = Some(Instant::now());
+        let start = state.records.partition_point(|c| c.position.offset < from);
+        out.extend(
+            state
+                .records
+                .range(start..)
+                .take_while(|r| r.position.offset < to)
+                .filter(|r| r.key.as_deref() == Some(key))
+                .cloned(),
+        );
+        true
+    }
+
+    /// Follow `cache`, which covers `[covered_from, pos)`: what left the
+    /// cache leaves, what came in is added. A window that does not end on
+    /// the same record as the cache at that offset (the reader moved back
+    /// and read again) is built again from the whole cache.
+    fn follow(&self, cache: &VecDeque<Arc<Rec>>, covered_from: i64, pos: i64) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = &mut *state;
+        while s.records.front().is_some_and(|r| r.position.offset < covered_from) {
+            s.records.pop_front();
+        }
+        while s.records.back().is_some_and(|r| r.position.offset >= pos) {
+            s.records.pop_back();
+        }
+        let start = match s.records.back() {
+            None => 0,
+            Some(last) => {
+                let at = cache.partition_point(|c| c.position.offset < last.position.offset);
+                match cache.get(at) {
+                    Some(same) if Arc::ptr_eq(same, last) => at + 1,
+                    _ => {
+                        s.records.clear();
+                        0
+                    }
+                }
+            }
+        };
+        s.records.extend(cache.range(start..).cloned());
+        (s.covered_from, s.pos) = (covered_from, pos);
+    }
+
+    /// When a join last took a range here.
+    fn used(&self) -> Option<Instant> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).used
+    }
+
+    /// Nothing covered, nothing held (the reader stopped following the
+    /// partition).
+    fn clear(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        *state = WindowState::default();
     }
 }
 
@@ -996,13 +1139,32 @@ struct Part {
     /// Whether the consumer's fetching of the partition is paused (a
     /// backfill reader's partition nobody reads, see `BACKFILL_PAUSE`).
     paused: bool,
+    /// The joins' view of the cache (the tail reader's partitions only).
+    window: Option<Arc<Window>>,
+    /// The readers' caches' gauge, which this cache is part of.
+    gauge: Arc<CacheGauge>,
+}
+
+/// A partition no longer followed holds nothing: its records leave the
+/// gauge, and its window is emptied.
+impl Drop for Part {
+    fn drop(&mut self) {
+        self.gauge.change(-(self.cache.len() as i64), -(self.cache_bytes as i64));
+        if let Some(w) = &self.window {
+            w.clear();
+        }
+    }
 }
 
 impl Part {
-    /// Tell the router where the cache and the position are.
+    /// Tell the router where the cache and the position are, and bring the
+    /// joins' window up to date.
     fn publish(&self) {
         self.span.covered_from.store(self.covered_from, Ordering::Relaxed);
         self.span.pos.store(self.pos, Ordering::Relaxed);
+        if let Some(w) = &self.window {
+            w.follow(&self.cache, self.covered_from, self.pos);
+        }
     }
 
     /// The consumer was moved to `to`: nothing is covered below it any more,
@@ -1010,6 +1172,7 @@ impl Part {
     fn restart_at(&mut self, to: i64, probe: Option<Probe>) {
         self.pos = to;
         self.covered_from = to;
+        self.gauge.change(-(self.cache.len() as i64), -(self.cache_bytes as i64));
         self.cache.clear();
         self.cache_bytes = 0;
         self.probe = probe;
@@ -1121,6 +1284,7 @@ impl Part {
             }
             if let Some(gone) = self.cache.pop_front() {
                 self.cache_bytes -= gone.size;
+                self.gauge.change(-1, -(gone.size as i64));
             }
             // What is left covers the partition from its first record, or,
             // once nothing is left (`cache_records` 0), from the position.
@@ -1240,6 +1404,8 @@ struct TopicReader {
     /// When the consumer last returned a record of any partition (or the
     /// reader last waited for its budget): see [`TopicReader::stalled`].
     active: Instant,
+    /// What the readers' caches hold ([`HistoryStats::cached_bytes`]).
+    gauge: Arc<CacheGauge>,
 }
 
 impl TopicReader {
@@ -1357,6 +1523,16 @@ impl TopicReader {
         );
         let span = Arc::new(Span { covered_from: AtomicI64::new(req.next), pos: AtomicI64::new(req.next) });
         self.spans.lock().unwrap_or_else(PoisonError::into_inner).insert(p, Arc::clone(&span));
+        let window = match (self.role, self.inner.upgrade()) {
+            (Role::Tail, Some(inner)) => {
+                let mut windows = inner.windows.lock().unwrap_or_else(PoisonError::into_inner);
+                Some(Arc::clone(windows.entry((Arc::clone(&self.topic), p)).or_default()))
+            }
+            _ => None,
+        };
+        if let Some(w) = &window {
+            w.clear();
+        }
         self.parts.insert(
             p,
             Part {
@@ -1375,6 +1551,8 @@ impl TopicReader {
                 seen,
                 span,
                 paused: false,
+                window,
+                gauge: Arc::clone(&self.gauge),
             },
         );
     }
@@ -1513,6 +1691,7 @@ impl TopicReader {
             }
         }
         part.cache_bytes += rec.size;
+        part.gauge.change(1, rec.size as i64);
         part.cache.push_back(rec);
         let dropped = part.serve_parked() + part.trim(self.cache_records);
         part.publish();
@@ -1595,6 +1774,9 @@ impl TopicReader {
                 }
             }
             let unread = part.reqs.is_empty() && part.parked.is_empty() && part.behind.is_empty();
+            if let Some(used) = part.window.as_ref().and_then(|w| w.used()) {
+                part.used = part.used.max(used);
+            }
             if unread && part.used.elapsed() > linger {
                 drop_parts.push(*p);
             } else if unread && self.role == Role::Backfill && !part.paused && part.used.elapsed() > BACKFILL_PAUSE {
@@ -1741,6 +1923,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             inner: Weak::new(),
             active: Instant::now(),
+            gauge: Arc::default(),
         }
     }
 
@@ -1815,6 +1998,63 @@ mod tests {
         assert_eq!(b.holes, [], "no hole: the records exist");
         assert_eq!(b.got, of_key(490, 1_000, "a"), "every record of the key from 490");
         assert_eq!(a.got, of_key(550, 1_000, "b"));
+    }
+
+    /// Every range a join takes from the window, it takes whole: exactly
+    /// its key's records, through the probe's seek back, the cache's trim,
+    /// and a move back that reads the partition again (other records at
+    /// the same offsets); a range the window does not cover whole is left
+    /// to the reader. The readers' cache gauge follows the cache, and a
+    /// partition no longer followed leaves neither records nor a window.
+    #[test]
+    fn a_join_takes_from_the_window_only_ranges_it_covers_whole() {
+        let broker = Tansu::new(100, 3_000);
+        let mut r = reader(256);
+        let window = Arc::new(Window::default());
+        let (req, mut read) = Read::new(550, 1_500, "b");
+        r.add(&broker, 0, req);
+        r.parts.get_mut(&0).expect("part").window = Some(Arc::clone(&window));
+        let (mut hits, mut misses, mut far) = (0, 0, None);
+        while let Some(o) = broker.next() {
+            r.on_record(&broker, 0, o, || rec(o));
+            read.drain();
+            for from in (0..=o).step_by(97).chain([o.saturating_sub(3), o]) {
+                for to in [from + 1, from + 50, o, o + 1, o + 2] {
+                    let mut got = Vec::new();
+                    if window.take(from, to, b"a", &mut got) {
+                        hits += 1;
+                        let got: Vec<i64> = got.iter().map(|r| r.position.offset).collect();
+                        assert_eq!(got, of_key(from, to, "a"), "[{from}, {to}) at {o}");
+                    } else {
+                        misses += 1;
+                        assert!(got.is_empty());
+                    }
+                }
+            }
+            // Halfway, a read from long before the cache: the reader moves
+            // back once the first read is done with what it has, and reads
+            // the partition again from there.
+            if o == 1_500 && far.is_none() {
+                let (req, later) = Read::new(120, 3_000, "a");
+                r.add(&broker, 0, req);
+                far = Some(later);
+            }
+            if let Some(f) = far.as_mut() {
+                f.drain();
+            }
+            r.move_back(&broker);
+        }
+        assert!(hits > 1_000 && misses > 1_000, "{hits} hits, {misses} misses");
+        assert!(broker.seeks.borrow().contains(&120), "the reader moved back: {:?}", broker.seeks.borrow());
+        let part = &r.parts[&0];
+        assert_eq!(r.gauge.records.load(Ordering::Relaxed), part.cache.len() as i64);
+        assert_eq!(r.gauge.bytes.load(Ordering::Relaxed), part.cache_bytes as i64);
+        let mut got = Vec::new();
+        assert!(window.take(2_900, 3_000, b"a", &mut got), "the tail is covered");
+        r.parts.clear();
+        assert_eq!((r.gauge.records.load(Ordering::Relaxed), r.gauge.bytes.load(Ordering::Relaxed)), (0, 0));
+        assert!(!window.take(2_900, 3_000, b"a", &mut got), "nothing is covered once the partition is dropped");
+        assert!(window.state.lock().expect("window").records.is_empty());
     }
 
     /// The lost events of issue #19: the cache used to say it covered the

@@ -50,7 +50,7 @@ mod replay;
 pub use config::{ConfigError, ReplayConfig};
 pub use dualstream_kafka::{partition_for_key, TopicRouting};
 pub use error::ReplayError;
-pub use history::{History, HistoryStats, Item, Range, Raw, Rec, Ticket, Tp};
+pub use history::{History, HistoryStats, Item, Range, Raw, Rec, Ticket, Tp, Window};
 pub use reader::Marks;
 pub use replay::{Replay, ReplayRequest, ReplayStream, Replayed, Scope, StartAt, Until};
 

@@ -94,6 +94,7 @@ pub(crate) async fn export(state: &AppState) {
     metrics::counter!(m::HISTORY_READS, "served" => "cache").absolute(s.range_reads_cached);
     metrics::counter!(m::HISTORY_BACKFILL_READS).absolute(s.backfill_reads);
     metrics::counter!(m::HISTORY_PARKED_DROPPED).absolute(s.parked_dropped);
+    metrics::gauge!(m::HISTORY_CACHED_BYTES).set(s.cached_bytes as f64);
     let lag = state.catchup.lag();
     metrics::gauge!(m::JOINS).set(lag.joins as f64);
     metrics::gauge!(m::JOIN_LAG_MAX).set(lag.max as f64);
