@@ -509,6 +509,8 @@ pub(crate) struct HubHealth {
     /// (slow clients: their joins read those from Kafka).
     pub(crate) missed: u64,
     pub(crate) patterns: usize,
+    /// Live notifications waiting now in the subscribers' buffers.
+    pub(crate) queued: usize,
     pub(crate) subscribers: usize,
 }
 
@@ -710,7 +712,15 @@ mod tests {
                 ws: 2,
             },
             health_checks: 7,
-            hub: Some(HubHealth { channels: 3, connected: true, disconnects: 1, missed: 7, patterns: 0, subscribers: 4 }),
+            hub: Some(HubHealth {
+                channels: 3,
+                connected: true,
+                disconnects: 1,
+                missed: 7,
+                patterns: 0,
+                queued: 2,
+                subscribers: 4,
+            }),
             history: HistoryHealth { consumers: 2, range_reads: 10, seeks: 1, ..HistoryHealth::default() },
             kafka: KafkaHealth { error: None, ok: true },
             live_checks: LiveChecksHealth { proven_by_notifications: 11, read_from_kafka: 2 },
@@ -729,7 +739,8 @@ mod tests {
             "ready": true,
             "kafka": {"ok": true, "error": null},
             "redis": {"ok": false, "error": "down", "breaker": "closed", "published": 9, "skipped": 2, "failed": 1},
-            "hub": {"connected": true, "channels": 3, "patterns": 0, "subscribers": 4, "disconnects": 1, "missed": 7},
+            "hub": {"connected": true, "channels": 3, "patterns": 0, "subscribers": 4, "disconnects": 1, "missed": 7,
+                "queued": 2},
             "history": {"consumers": 2, "range_reads": 10, "range_reads_cached": 0, "backfill_reads": 0, "seeks": 1,
                 "records_read": 0, "parked": 0, "parked_dropped": 0, "cached_records": 0, "cached_bytes": 0},
             "live_checks": {"proven_by_notifications": 11, "read_from_kafka": 2},

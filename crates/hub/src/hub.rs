@@ -504,6 +504,7 @@ impl Task {
                 s.channels = self.channels.len();
                 s.patterns = self.patterns.len();
                 s.subscribers = self.channels.values().chain(self.patterns.values()).map(HashMap::len).sum();
+                s.queued = crate::live::queued(self.channels.values().chain(self.patterns.values()).flat_map(HashMap::values));
                 let _ = reply.send(s);
             }
         }

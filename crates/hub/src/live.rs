@@ -100,6 +100,8 @@ pub struct HubStats {
     pub delivered: u64,
     /// Items dropped for full subscriber buffers.
     pub missed: u64,
+    /// Items waiting now in the subscribers' buffers, summed.
+    pub queued: usize,
     /// Times the connection was lost.
     pub disconnects: u64,
 }
@@ -131,6 +133,18 @@ pub(crate) struct Slot {
     /// Told [`LiveItem::Disconnected`] and not yet [`LiveItem::Gap`]: gets
     /// no notification until the gap is announced.
     pub(crate) awaiting_gap: bool,
+}
+
+impl Slot {
+    /// Items waiting in its buffer now.
+    pub(crate) fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+/// Items waiting now in the buffers of `slots`' subscribers.
+pub(crate) fn queued<'a>(slots: impl IntoIterator<Item = &'a Slot>) -> usize {
+    slots.into_iter().map(Slot::queued).sum()
 }
 
 #[cfg(test)]
@@ -397,8 +411,10 @@ mod tests {
             assert!(deliver(&slot, note(i), Overflow::Signal, &mut stats));
         }
         assert_eq!((stats.delivered, stats.missed), (2, 3));
+        assert_eq!(queued([&slot]), 2, "the two that fit wait in the buffer");
         // The two that fit, then the count of the three that did not.
         assert_eq!(ready(&mut stream), ["n:u0", "n:u1", "lagged:3"]);
+        assert_eq!(queued([&slot]), 0);
         // Reported once; later items flow again.
         assert!(deliver(&slot, note(5), Overflow::Signal, &mut stats));
         assert_eq!(ready(&mut stream), ["n:u5"]);

@@ -747,6 +747,7 @@ impl ShardTask {
                 s.channels = self.channels.len();
                 s.patterns = 0;
                 s.subscribers = self.channels.values().map(|c| c.subscribers.len()).sum();
+                s.queued = crate::live::queued(self.channels.values().flat_map(|c| c.subscribers.values()));
                 let _ = reply.send(s);
             }
             // `Hub::follow_partitions` does not send it on a cluster.

@@ -80,6 +80,7 @@ pub(crate) async fn readiness(state: &AppState) -> Readiness {
             disconnects: h.disconnects,
             missed: h.missed,
             patterns: h.patterns,
+            queued: h.queued,
             subscribers: h.subscribers,
         }),
         kafka: KafkaHealth { error: kafka.as_ref().err().cloned(), ok: kafka.is_ok() },

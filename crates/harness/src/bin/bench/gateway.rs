@@ -714,6 +714,7 @@ async fn load_phase(
     redis_conn: &mut redis::aio::MultiplexedConnection,
     ports: (u16, u16),
     storm: Option<&watch::Sender<u32>>,
+    admin: Option<&str>,
     run: &mut Run,
 ) {
     let (ticks0, snap0, delivered0, t0) =
@@ -730,13 +731,25 @@ async fn load_phase(
         tokio::time::sleep(left).await;
         let _ = shared.storm_at.set(Instant::now());
         let _ = storm.send(1);
-        println!("  storm: every client drops and resumes");
+        println!("  storm: every client drops and resumes; RSS {} MiB{}", rss_kib() >> 10, super::heap_note());
     }
     let (stored, errors, per_source) = load.await.expect("ingest");
     let secs = t0.elapsed().as_secs_f64();
     let (ticks1, snap1) = (thread_ticks(), CpuSnap::take(pids));
     run.deliveries_per_s = (shared.delivered.load(Ordering::Relaxed) - delivered0) as f64 / secs;
     run.rss_after = rss_kib();
+    // What the gateway holds at that moment (its buffers, before they drain).
+    let held = match admin {
+        Some(admin) => match shared.http.get(format!("{}/readyz", shared.base)).bearer_auth(admin).send().await {
+            Ok(r) => r.json::<serde_json::Value>().await.map_or_else(
+                |_| String::new(),
+                |v| format!("; clients {}, hub {}, history {}", v["clients"], v["hub"], v["history"]),
+            ),
+            Err(_) => String::new(),
+        },
+        None => String::new(),
+    };
+    println!("  end of the load: RSS {} MiB{}{held}", run.rss_after >> 10, super::heap_note());
     let cores = |a: u64, b: u64| a.saturating_sub(b) as f64 / clock_ticks() / secs;
     (run.gw_cores, run.rdk_cores, run.client_cores) =
         (cores(ticks1.0, ticks0.0), cores(ticks1.1, ticks0.1), cores(ticks1.2, ticks0.2));
@@ -828,6 +841,10 @@ pub(super) async fn start(
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("gw-rt")
+        .on_thread_start(|| {
+            #[cfg(feature = "heap-domains")]
+            super::domains::enter_gateway();
+        })
         .enable_all()
         .build()
         .expect("gateway runtime");
@@ -959,14 +976,15 @@ async fn run_ours(
     tokio::time::sleep(Duration::from_secs(1)).await;
     ours.rss_idle = rss_kib();
     println!(
-        "  ours: {} of {} clients subscribed in {connect_secs:.1} s; RSS {} → {} MiB",
+        "  ours: {} of {} clients subscribed in {connect_secs:.1} s; RSS {} → {} MiB{}",
         ours.subscribed,
         tasks.len(),
         ours.rss_before >> 10,
-        ours.rss_idle >> 10
+        ours.rss_idle >> 10,
+        super::heap_note()
     );
     let lags = (Lag::start(s.rt.handle()), Lag::start(&tokio::runtime::Handle::current()));
-    load_phase(&s.shared, &s.producer, k, pids, &mut probe.redis, probe.ports, Some(&storm_tx), &mut ours).await;
+    load_phase(&s.shared, &s.producer, k, pids, &mut probe.redis, probe.ports, Some(&storm_tx), Some(&s.admin), &mut ours).await;
     let storm_at = s.shared.storm_at.get().copied();
     let lag = LagFigures { gateway: lags.0.stop(storm_at), clients: lags.1.stop(storm_at) };
     println!("  ours: {}", lag.describe());
@@ -1019,7 +1037,7 @@ async fn run_naive(
         naive.rss_idle >> 10
     );
     let naive_k = Knobs { storm_at: k.secs, ..*k };
-    load_phase(&s.shared, &s.producer, &naive_k, pids, &mut probe.redis, probe.ports, None, &mut naive).await;
+    load_phase(&s.shared, &s.producer, &naive_k, pids, &mut probe.redis, probe.ports, None, None, &mut naive).await;
     naive.got = collect(tasks, &stop_tx).await;
     naive.redis_conns = naive.redis_conns.saturating_sub(naive_base_redis.0);
     naive.redis_info -= naive_base_redis.1;

@@ -10,8 +10,87 @@
 //! process); [`measure`] (CPU and process look-ups shared by the groups)
 //! and [`report`] (the Markdown and JSON).
 
+#[cfg(not(feature = "heap-domains"))]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(feature = "heap-domains")]
+#[global_allocator]
+static ALLOC: domains::Domains = domains::Domains;
+
+/// The `heap-domains` build's allocator: mimalloc, with a header before
+/// each block naming the domain of the thread that allocated it (0: the
+/// bench and its clients, 1: the gateway's runtime, set by
+/// [`domains::enter_gateway`]), and the live bytes of each domain.
+#[cfg(feature = "heap-domains")]
+#[allow(unsafe_code)] // a global allocator is unsafe by its trait; a diagnostic build only
+pub(crate) mod domains {
+    use std::alloc::{GlobalAlloc, Layout};
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicIsize, Ordering};
+
+    thread_local! {
+        static DOMAIN: Cell<u8> = const { Cell::new(0) };
+    }
+
+    /// Live bytes allocated by each domain's threads.
+    static LIVE: [AtomicIsize; 2] = [AtomicIsize::new(0), AtomicIsize::new(0)];
+
+    /// This thread allocates for the gateway from now on.
+    pub(crate) fn enter_gateway() {
+        DOMAIN.with(|d| d.set(1));
+    }
+
+    /// Live bytes of the gateway's allocations and of the rest, in MiB.
+    pub(crate) fn live_mib() -> (i64, i64) {
+        let get = |i: usize| (LIVE[i].load(Ordering::Relaxed) >> 20) as i64;
+        (get(1), get(0))
+    }
+
+    pub(crate) struct Domains;
+
+    fn outer(l: Layout) -> (Layout, usize) {
+        let head = l.align().max(16);
+        // SAFETY (of the callers): the size plus a power-of-two header
+        // cannot overflow for a layout the caller could allocate.
+        (unsafe { Layout::from_size_align_unchecked(l.size() + head, head) }, head)
+    }
+
+    unsafe impl GlobalAlloc for Domains {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            let (o, head) = outer(l);
+            let p = unsafe { mimalloc::MiMalloc.alloc(o) };
+            if p.is_null() {
+                return p;
+            }
+            let d = DOMAIN.try_with(Cell::get).unwrap_or(0);
+            LIVE[usize::from(d)].fetch_add(l.size() as isize, Ordering::Relaxed);
+            unsafe {
+                *p.add(head - 1) = d;
+                p.add(head)
+            }
+        }
+
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            let (o, head) = outer(l);
+            let d = unsafe { *p.sub(1) };
+            LIVE[usize::from(d)].fetch_sub(l.size() as isize, Ordering::Relaxed);
+            unsafe { mimalloc::MiMalloc.dealloc(p.sub(head), o) }
+        }
+    }
+}
+
+/// The gateway's live heap and the rest's, for the `heap-domains` build's
+/// notes; empty otherwise.
+pub(crate) fn heap_note() -> String {
+    #[cfg(feature = "heap-domains")]
+    {
+        let (gw, rest) = domains::live_mib();
+        format!(" (live heap: gateway {gw} MiB, the rest {rest} MiB)")
+    }
+    #[cfg(not(feature = "heap-domains"))]
+    String::new()
+}
 
 use std::time::{Duration, Instant};
 

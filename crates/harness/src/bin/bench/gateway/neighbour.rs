@@ -164,11 +164,11 @@ pub(super) async fn neighbour_rows(brokers: &str, redis_url: &str, pids: &Pids, 
     // A first, shorter load that is not counted: the first seconds of a
     // gateway (its readers' first fetches) are not what either run measures.
     let warm = Knobs { secs: 4, ..k };
-    load_phase(&setup.shared, &setup.producer, &warm, pids, &mut probe.redis, probe.ports, None, &mut Run::default())
+    load_phase(&setup.shared, &setup.producer, &warm, pids, &mut probe.redis, probe.ports, None, None, &mut Run::default())
         .await;
     let mut quiet_run = Run::default();
     let before = snapshot(notify);
-    load_phase(&setup.shared, &setup.producer, &k, pids, &mut probe.redis, probe.ports, None, &mut quiet_run).await;
+    load_phase(&setup.shared, &setup.producer, &k, pids, &mut probe.redis, probe.ports, None, None, &mut quiet_run).await;
     let (quiet_p99, quiet_n) = quantile_since(notify, &before, 0.99);
     let (quiet_p50, _) = quantile_since(notify, &before, 0.50);
     let (nb_stop_tx, nb_stop_rx) = watch::channel(false);
@@ -178,7 +178,7 @@ pub(super) async fn neighbour_rows(brokers: &str, redis_url: &str, pids: &Pids, 
     let mut busy_run = Run::default();
     let before = snapshot(notify);
     let started = Instant::now();
-    load_phase(&setup.shared, &setup.producer, &k, pids, &mut probe.redis, probe.ports, None, &mut busy_run).await;
+    load_phase(&setup.shared, &setup.producer, &k, pids, &mut probe.redis, probe.ports, None, None, &mut busy_run).await;
     let (busy_p99, busy_n) = quantile_since(notify, &before, 0.99);
     let (busy_p50, _) = quantile_since(notify, &before, 0.50);
     let _ = nb_stop_tx.send(true);
