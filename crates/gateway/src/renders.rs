@@ -15,9 +15,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use dualstream_core::Position;
 
-/// Slots of the gateway's cache: at 5,000 events/s an item stays about 3 s,
-/// longer than a live client takes to get it.
-pub(crate) const SLOTS: usize = 16_384;
+/// Slots of the gateway's cache. At 5,000 events/s, with a live and a
+/// `full` item for most events, an item stays about 6 s: clients a few
+/// seconds behind (a gateway running late) still share it. With 16,384
+/// (about 1.6 s) they rendered two items for each one shared
+/// (docs/benchmark-analysis.md). The texts stay within `BYTES`.
+pub(crate) const SLOTS: usize = 65_536;
 
 /// Most bytes of text the cache holds. Items are small (about 250 bytes
 /// without a payload), but a `full` item can be a megabyte: without a bound,
@@ -98,8 +101,8 @@ impl Renders {
                 e.form == form
                     && e.offset == position.offset
                     && e.partition == position.partition
-                    && *e.topic == *position.topic
-                    && *e.channel == **channel
+                    && (Arc::ptr_eq(&e.topic, &position.topic) || *e.topic == *position.topic)
+                    && (Arc::ptr_eq(&e.channel, channel) || *e.channel == **channel)
             }) {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 return Arc::clone(&e.json);

@@ -891,6 +891,9 @@ async fn poll_watermarks(weak: Weak<Inner>) {
 #[derive(Debug, Default)]
 pub struct Window {
     state: Mutex<WindowState>,
+    /// Ranges taken here so far: the reader's housekeeping counts the
+    /// partition as used while this moves (no clock read per range).
+    taken: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -898,10 +901,6 @@ struct WindowState {
     records: VecDeque<Arc<Rec>>,
     covered_from: i64,
     pos: i64,
-    /// When a join last took a range here: the partition is in use, as if
-    /// the read had gone to the reader (which stops following a partition
-    /// nobody reads).
-    used: Option<Instant>,
 }
 
 impl Window {
@@ -909,11 +908,11 @@ impl Window {
     /// covers all of it (as `Part::serve_cached` would serve a read that is
     /// done at once); otherwise `false`.
     fn take(&self, from: i64, to: i64, key: &[u8], out: &mut Vec<Arc<Rec>>) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if from < state.covered_from || to > state.pos || from >= to {
             return false;
         }
-        state.used = Some(Instant::now());
+        self.taken.fetch_add(1, Ordering::Relaxed);
         let start = state.records.partition_point(|c| c.position.offset < from);
         out.extend(
             state
@@ -956,9 +955,9 @@ impl Window {
         (s.covered_from, s.pos) = (covered_from, pos);
     }
 
-    /// When a join last took a range here.
-    fn used(&self) -> Option<Instant> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner).used
+    /// Ranges taken here so far.
+    fn taken(&self) -> u64 {
+        self.taken.load(Ordering::Relaxed)
     }
 
     /// Nothing covered, nothing held (the reader stopped following the
@@ -1141,6 +1140,8 @@ struct Part {
     paused: bool,
     /// The joins' view of the cache (the tail reader's partitions only).
     window: Option<Arc<Window>>,
+    /// The window's count of ranges taken at the last housekeeping.
+    window_taken: u64,
     /// The readers' caches' gauge, which this cache is part of.
     gauge: Arc<CacheGauge>,
 }
@@ -1551,6 +1552,7 @@ impl TopicReader {
                 seen,
                 span,
                 paused: false,
+                window_taken: window.as_ref().map_or(0, |w| w.taken()),
                 window,
                 gauge: Arc::clone(&self.gauge),
             },
@@ -1774,8 +1776,13 @@ impl TopicReader {
                 }
             }
             let unread = part.reqs.is_empty() && part.parked.is_empty() && part.behind.is_empty();
-            if let Some(used) = part.window.as_ref().and_then(|w| w.used()) {
-                part.used = part.used.max(used);
+            // A join that takes its ranges from the window uses the
+            // partition as much as one that asks the reader.
+            if let Some(taken) = part.window.as_ref().map(|w| w.taken()) {
+                if taken != part.window_taken {
+                    part.window_taken = taken;
+                    part.used = now;
+                }
             }
             if unread && part.used.elapsed() > linger {
                 drop_parts.push(*p);
@@ -2055,6 +2062,31 @@ mod tests {
         assert_eq!((r.gauge.records.load(Ordering::Relaxed), r.gauge.bytes.load(Ordering::Relaxed)), (0, 0));
         assert!(!window.take(2_900, 3_000, b"a", &mut got), "nothing is covered once the partition is dropped");
         assert!(window.state.lock().expect("window").records.is_empty());
+    }
+
+    /// A partition whose joins take all their ranges from the window, and
+    /// so ask the reader for none, stays followed; once nobody takes a
+    /// range for the linger, the reader stops following it.
+    #[test]
+    fn a_partition_read_only_through_the_window_stays_followed() {
+        let broker = Tansu::new(100, 300);
+        let mut r = reader(4_096);
+        let window = Arc::new(Window::default());
+        let (req, mut read) = Read::new(0, 300, "a");
+        r.add(&broker, 0, req);
+        r.parts.get_mut(&0).expect("part").window = Some(Arc::clone(&window));
+        pump(&mut r, &broker, &mut [&mut read], |_| true);
+        assert_eq!(read.got, of_key(0, 300, "a"));
+        let long_ago = Instant::now() - Duration::from_secs(60);
+        let mut got = Vec::new();
+        assert!(window.take(10, 200, b"a", &mut got));
+        r.parts.get_mut(&0).expect("part").used = long_ago;
+        r.housekeeping(&broker);
+        assert!(r.parts.contains_key(&0), "a join took a range since the last look: still followed");
+        r.parts.get_mut(&0).expect("part").used = long_ago;
+        r.housekeeping(&broker);
+        assert!(!r.parts.contains_key(&0), "nobody read it for the linger: no longer followed");
+        assert!(!window.take(10, 200, b"a", &mut got), "and its window is empty");
     }
 
     /// The lost events of issue #19: the cache used to say it covered the
