@@ -2007,6 +2007,17 @@ mod tests {
         assert_eq!(a.got, of_key(550, 1_000, "b"));
     }
 
+    /// A reader of `cache_records` that follows partition 0 for `first`,
+    /// with a window on its cache, as the tail reader has.
+    fn with_window(broker: &Tansu, cache_records: usize, first: (Req, Read)) -> (TopicReader, Arc<Window>, Read) {
+        let mut r = reader(cache_records);
+        let window = Arc::new(Window::default());
+        let (req, read) = first;
+        r.add(broker, 0, req);
+        r.parts.get_mut(&0).expect("part").window = Some(Arc::clone(&window));
+        (r, window, read)
+    }
+
     /// Every range a join takes from the window, it takes whole: exactly
     /// its key's records, through the probe's seek back, the cache's trim,
     /// and a move back that reads the partition again (other records at
@@ -2016,11 +2027,7 @@ mod tests {
     #[test]
     fn a_join_takes_from_the_window_only_ranges_it_covers_whole() {
         let broker = Tansu::new(100, 3_000);
-        let mut r = reader(256);
-        let window = Arc::new(Window::default());
-        let (req, mut read) = Read::new(550, 1_500, "b");
-        r.add(&broker, 0, req);
-        r.parts.get_mut(&0).expect("part").window = Some(Arc::clone(&window));
+        let (mut r, window, mut read) = with_window(&broker, 256, Read::new(550, 1_500, "b"));
         let (mut hits, mut misses, mut far) = (0, 0, None);
         while let Some(o) = broker.next() {
             r.on_record(&broker, 0, o, || rec(o));
@@ -2070,11 +2077,7 @@ mod tests {
     #[test]
     fn a_partition_read_only_through_the_window_stays_followed() {
         let broker = Tansu::new(100, 300);
-        let mut r = reader(4_096);
-        let window = Arc::new(Window::default());
-        let (req, mut read) = Read::new(0, 300, "a");
-        r.add(&broker, 0, req);
-        r.parts.get_mut(&0).expect("part").window = Some(Arc::clone(&window));
+        let (mut r, window, mut read) = with_window(&broker, 4_096, Read::new(0, 300, "a"));
         pump(&mut r, &broker, &mut [&mut read], |_| true);
         assert_eq!(read.got, of_key(0, 300, "a"));
         let long_ago = Instant::now() - Duration::from_secs(60);
