@@ -1,11 +1,13 @@
-//! The `gateway` group (issue #13): a gateway in this process (on a runtime of
-//! its own, threads `gw-rt`) serving SSE and WebSocket clients, each on a few
-//! of a set of shared channels, while ingest posts events over HTTP. Then a
+//! The `gateway` group (issue #13): a gateway in a process of its own (this
+//! binary again, [`gateway_process`]; its runtime's threads `gw-rt`) serving
+//! SSE and WebSocket clients of this process, each on a few of a set of
+//! shared channels, while ingest posts events over HTTP. Then a
 //! reconnect storm (every client drops and resumes with its last token), and
 //! every client's sequence checked against a plain rdkafka consumer's reading
 //! of the topic. Beside it, a naive gateway: one Redis Pub/Sub connection per
 //! client, forwarded as SSE, with the same clients and load.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -16,14 +18,16 @@ use deadpool_redis::redis;
 use dualstream_devstack::clients::*;
 use dualstream_gateway::{AuthConfig, Gateway, GatewayConfig, ResumeToken};
 use futures::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 mod neighbour;
 
-use super::joins::rss_kib;
+use super::measure::rss_kib_of;
 use super::measure::{clock_ticks, proc_ticks, CpuSnap, Pids};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use super::Row;
 
 const SECRET: &str = "bench-secret-of-at-least-32-bytes-long";
@@ -108,6 +112,8 @@ pub(super) struct Shared {
     pub(super) token: String,
     pub(super) prefix: String,
     http: reqwest::Client,
+    /// The SSE clients' connections: a read buffer of `SSE_READ` bytes each.
+    sse: SseClient,
     /// Event id → send time (µs since the epoch), for notifications.
     ids: RwLock<HashMap<String, u64>>,
     /// full before the storm, full after, notify before, notify after, naive.
@@ -115,9 +121,16 @@ pub(super) struct Shared {
     delivered: AtomicU64,
     subscribed: AtomicUsize,
     storm_at: OnceLock<Instant>,
+    /// The gateway's process ([`gateway_process`]).
+    pub(super) gateway_pid: u32,
 }
 
 impl Shared {
+    /// The gateway's process's VmRSS, in KiB.
+    pub(super) fn gateway_rss(&self) -> u64 {
+        rss_kib_of(&self.gateway_pid.to_string())
+    }
+
     fn channel(&self, source: usize) -> String {
         format!("{}:user:s{source}", self.prefix)
     }
@@ -203,63 +216,121 @@ impl Got {
     }
 }
 
-/// One item from either transport: its kind, its JSON and its resume token.
-struct Item {
-    kind: String,
-    data: String,
-    token: Option<String>,
+/// One item from either transport: its kind, its JSON and its resume token,
+/// borrowed from the connection's buffer (a client reads about 80 items a
+/// second at 5,000 events/s, on the cores the gateway runs on: it copies
+/// nothing per item).
+struct Item<'a> {
+    kind: &'a str,
+    data: Cow<'a, str>,
+    token: Option<&'a str>,
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 enum Conn {
-    Sse { body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>, buf: Vec<u8> },
-    Ws(Box<Ws>),
+    /// `buf[at..]` is not parsed yet; no frame ends before `scanned`.
+    Sse { body: futures::stream::BoxStream<'static, Result<bytes::Bytes, String>>, buf: Vec<u8>, at: usize, scanned: usize },
+    /// `last`: the text message the last item borrows.
+    Ws { ws: Box<Ws>, last: Option<Message> },
 }
 
+type SseClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+/// What an SSE client reads at once. hyper's default grows a busy
+/// connection's buffer to about 400 KiB: with 1,000 SSE clients behind a
+/// loaded gateway, about 100 MiB of this process that is no memory of the
+/// gateway's.
+const SSE_READ: usize = 16 << 10;
+
+fn sse_client() -> SseClient {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http1_read_buf_exact_size(SSE_READ)
+        .build_http()
+}
+
+/// An SSE frame with neither `event:` nor `data:` (a keep-alive comment).
+fn sse_empty(frame: &[u8]) -> bool {
+    !frame.split(|&b| b == b'\n').any(|l| l.starts_with(b"event:") || l.starts_with(b"data:"))
+}
+
+/// What an SSE client keeps between reads at most, when it has read
+/// everything it was sent: hyper's chunks reach hundreds of KiB under load.
+const SSE_KEEP: usize = 64 << 10;
+
 impl Conn {
-    async fn next(&mut self) -> Option<Item> {
+    async fn next(&mut self) -> Option<Item<'_>> {
         match self {
-            Conn::Sse { body, buf } => loop {
-                if let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
-                    let raw: Vec<u8> = buf.drain(..end + 2).collect();
-                    let text = String::from_utf8_lossy(&raw);
-                    let (mut kind, mut data, mut token) = (String::new(), String::new(), None);
-                    for line in text.lines() {
-                        if let Some(v) = line.strip_prefix("event:") {
-                            kind = v.trim_start().to_owned();
-                        } else if let Some(v) = line.strip_prefix("id:") {
-                            token = Some(v.trim_start().to_owned());
-                        } else if let Some(v) = line.strip_prefix("data:") {
-                            data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            Conn::Sse { body, buf, at, scanned } => {
+                let (start, end) = loop {
+                    let from = (*scanned).max(*at);
+                    if let Some(i) = buf[from..].windows(2).position(|w| w == b"\n\n") {
+                        let (start, end) = (*at, from + i);
+                        *at = end + 2;
+                        *scanned = *at;
+                        if sse_empty(&buf[start..end]) {
+                            continue;
+                        }
+                        break (start, end);
+                    }
+                    // Keep the unparsed tail at the front: one move a chunk,
+                    // not one an item.
+                    buf.drain(..*at);
+                    *at = 0;
+                    *scanned = buf.len().saturating_sub(1);
+                    if buf.is_empty() && buf.capacity() > SSE_KEEP {
+                        buf.shrink_to(SSE_KEEP);
+                    }
+                    match body.next().await {
+                        Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                        _ => return None,
+                    }
+                };
+                let text = match std::str::from_utf8(&buf[start..end]) {
+                    Ok(t) => t,
+                    Err(_) => return Some(Item { kind: "invalid", data: Cow::Borrowed(""), token: None }),
+                };
+                let (mut kind, mut data, mut token) = ("", Cow::Borrowed(""), None);
+                for line in text.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        kind = v.trim_start();
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        token = Some(v.trim_start());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        let v = v.strip_prefix(' ').unwrap_or(v);
+                        if data.is_empty() {
+                            data = Cow::Borrowed(v);
+                        } else {
+                            data.to_mut().push_str(v);
                         }
                     }
-                    if kind.is_empty() && data.is_empty() {
-                        continue; // a keep-alive comment
-                    }
-                    return Some(Item { kind, data, token });
                 }
-                match body.next().await {
-                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
-                    _ => return None,
-                }
-            },
-            Conn::Ws(ws) => loop {
-                match ws.next().await {
-                    Some(Ok(Message::Text(t))) => {
-                        let data = t.as_str().to_owned();
-                        let kind = field_str(&data, "\"kind\":\"").unwrap_or("").to_owned();
-                        let token = field_str(&data, "\"token\":\"").map(str::to_owned);
-                        return Some(Item { kind, data, token });
+                Some(Item { kind, data, token })
+            }
+            Conn::Ws { ws, last } => {
+                loop {
+                    match ws.next().await {
+                        Some(Ok(m @ Message::Text(_))) => {
+                            *last = Some(m);
+                            break;
+                        }
+                        Some(Ok(Message::Close(frame))) => {
+                            let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                            return Some(Item { kind: "close", data: Cow::Owned(reason), token: None });
+                        }
+                        Some(Ok(_)) => continue,
+                        _ => return None,
                     }
-                    Some(Ok(Message::Close(frame))) => {
-                        let reason = frame.map(|f| f.reason.to_string()).unwrap_or_default();
-                        return Some(Item { kind: "close".into(), data: reason, token: None });
-                    }
-                    Some(Ok(_)) => continue,
-                    _ => return None,
                 }
-            },
+                let Some(Message::Text(t)) = last.as_ref() else { return None };
+                let data = t.as_str();
+                let kind = field_str(data, "\"kind\":\"").unwrap_or("");
+                let token = field_str(data, "\"token\":\"");
+                Some(Item { kind, data: Cow::Borrowed(data), token })
+            }
         }
     }
 }
@@ -285,22 +356,28 @@ async fn open(shared: &Shared, spec: &Spec, resume: Option<&str>) -> Result<Conn
             tokio_tungstenite::connect_async_with_config(req, Some(config), false).await.map_err(|e| e.to_string())?;
         let cmd = serde_json::json!({"op": "subscribe", "channels": channels, "mode": mode, "resume": resume});
         ws.send(Message::Text(cmd.to_string().into())).await.map_err(|e| e.to_string())?;
-        return Ok(Conn::Ws(Box::new(ws)));
+        return Ok(Conn::Ws { ws: Box::new(ws), last: None });
     }
     let query: Vec<String> = channels.iter().map(|c| format!("channel={}", urlenc(c))).collect();
     let url = match spec.kind {
         Kind::Naive => format!("{}/naive?{}", shared.naive_base, query.join("&")),
         _ => format!("{}/v1/stream?{}&mode={mode}", shared.base, query.join("&")),
     };
-    let mut req = shared.http.get(url).header("accept", "text/event-stream").bearer_auth(&shared.token);
+    let mut req = axum::http::Request::get(url)
+        .header("accept", "text/event-stream")
+        .header("authorization", format!("Bearer {}", shared.token));
     if let Some(t) = resume {
         req = req.header("last-event-id", t);
     }
-    let r = req.send().await.map_err(|e| e.to_string())?;
+    let req = req.body(http_body_util::Empty::new()).map_err(|e| e.to_string())?;
+    let r = shared.sse.request(req).await.map_err(|e| e.to_string())?;
     if r.status() != 200 {
-        return Err(format!("{}: {}", r.status(), r.text().await.unwrap_or_default()));
+        let status = r.status();
+        let text = r.into_body().collect().await.map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned());
+        return Err(format!("{status}: {}", text.unwrap_or_default()));
     }
-    Ok(Conn::Sse { body: r.bytes_stream().boxed(), buf: Vec::new() })
+    let body = http_body_util::BodyDataStream::new(r.into_body());
+    Ok(Conn::Sse { body: body.map(|r| r.map_err(|e| e.to_string())).boxed(), buf: Vec::new(), at: 0, scanned: 0 })
 }
 
 /// A client: connect, read, and on any close or end reconnect with the last
@@ -351,11 +428,11 @@ async fn client(
                 got.eofs += 1;
                 break;
             };
-            match item.kind.as_str() {
+            match item.kind {
                 "subscribed" => {
                     if first_sub {
                         first_sub = false;
-                        let t = item.token.as_deref().and_then(|t| ResumeToken::decode(t).ok());
+                        let t = item.token.and_then(|t| ResumeToken::decode(t).ok());
                         for c in &mut got.chans {
                             c.start = t.as_ref().and_then(|t| t.position_of(&shared.channel(c.source))).map(|p| p.1);
                         }
@@ -381,8 +458,14 @@ async fn client(
                 }
                 _ => got.other_items += 1,
             }
-            if item.token.is_some() {
-                token = item.token;
+            if let Some(t) = item.token {
+                match &mut token {
+                    Some(kept) => {
+                        kept.clear();
+                        kept.push_str(t);
+                    }
+                    None => token = Some(t.to_owned()),
+                }
             }
         }
     }
@@ -419,10 +502,10 @@ async fn naive_stream(
     Sse::new(first.chain(events)).into_response()
 }
 
-/// Sockets of this process connected to `port` (from /proc/self/fd and
+/// Sockets of process `pid` connected to `port` (from /proc/PID/fd and
 /// /proc/net/tcp{,6}).
-fn connections_to(port: u16) -> usize {
-    let inodes: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+fn connections_to(pid: u32, port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| {
             d.flatten()
                 .filter_map(|fd| std::fs::read_link(fd.path()).ok())
@@ -451,27 +534,25 @@ fn port_of(url: &str) -> u16 {
     host.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0)
 }
 
-/// CPU ticks of this process's threads: (gateway runtime `gw-rt`, librdkafka
-/// `rdk:*`, the rest: clients, ingest, the bench).
-fn thread_ticks() -> (u64, u64, u64) {
-    let mut t = (0, 0, 0);
-    for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+/// CPU ticks: (the gateway's process `pid` but its librdkafka threads, its
+/// librdkafka threads `rdk:*`, this process: clients, ingest, the bench).
+fn thread_ticks(pid: u32) -> (u64, u64, u64) {
+    let mut t = (0, 0, proc_ticks("self").unwrap_or(0));
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
         let tid = task.file_name().to_string_lossy().into_owned();
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        let ticks = proc_ticks(&format!("self/task/{tid}")).unwrap_or(0);
-        if comm.starts_with("gw-rt") {
-            t.0 += ticks;
-        } else if comm.starts_with("rdk:") {
+        let ticks = proc_ticks(&format!("{pid}/task/{tid}")).unwrap_or(0);
+        if comm.starts_with("rdk:") {
             t.1 += ticks;
         } else {
-            t.2 += ticks;
+            t.0 += ticks;
         }
     }
     t
 }
 
-fn rdkafka_clients() -> usize {
-    std::fs::read_dir("/proc/self/task")
+fn rdkafka_clients(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
         .flatten()
         .flatten()
@@ -646,6 +727,13 @@ struct LagFigures {
     clients: [[f64; 3]; 2],
 }
 
+/// The gateway's process's answer to `lag stop`: six figures.
+fn parse_lag(line: &str) -> [[f64; 3]; 2] {
+    let v: Vec<f64> = line.split(' ').map(|x| x.parse().unwrap_or(f64::NAN)).collect();
+    let at = |i: usize| v.get(i).copied().unwrap_or(f64::NAN);
+    [[at(0), at(1), at(2)], [at(3), at(4), at(5)]]
+}
+
 impl LagFigures {
     fn describe(&self) -> String {
         let f = |x: &[f64; 3]| format!("p50 {:.1} / p99 {:.1} / max {:.0} ms", x[0], x[1], x[2]);
@@ -718,26 +806,26 @@ async fn load_phase(
     run: &mut Run,
 ) {
     let (ticks0, snap0, delivered0, t0) =
-        (thread_ticks(), CpuSnap::take(pids), shared.delivered.load(Ordering::Relaxed), Instant::now());
+        (thread_ticks(shared.gateway_pid), CpuSnap::take(pids), shared.delivered.load(Ordering::Relaxed), Instant::now());
     let load = tokio::spawn(ingest(Arc::clone(shared), producer.to_owned(), *k));
     // Connections and memory in the middle of the load (before the storm).
     tokio::time::sleep(Duration::from_secs(k.storm_at.min(k.secs) / 2 + 1)).await;
-    run.redis_conns = connections_to(ports.0);
-    run.kafka_conns = connections_to(ports.1);
+    run.redis_conns = connections_to(shared.gateway_pid, ports.0);
+    run.kafka_conns = connections_to(shared.gateway_pid, ports.1);
     run.redis_info = redis_clients(redis_conn).await;
-    run.rdkafka_clients = rdkafka_clients();
+    run.rdkafka_clients = rdkafka_clients(shared.gateway_pid);
     if let Some(storm) = storm {
         let left = Duration::from_secs(k.storm_at).saturating_sub(t0.elapsed());
         tokio::time::sleep(left).await;
         let _ = shared.storm_at.set(Instant::now());
         let _ = storm.send(1);
-        println!("  storm: every client drops and resumes; RSS {} MiB{}", rss_kib() >> 10, super::heap_note());
+        println!("  storm: every client drops and resumes; the gateway's RSS {} MiB", shared.gateway_rss() >> 10);
     }
     let (stored, errors, per_source) = load.await.expect("ingest");
     let secs = t0.elapsed().as_secs_f64();
-    let (ticks1, snap1) = (thread_ticks(), CpuSnap::take(pids));
+    let (ticks1, snap1) = (thread_ticks(shared.gateway_pid), CpuSnap::take(pids));
     run.deliveries_per_s = (shared.delivered.load(Ordering::Relaxed) - delivered0) as f64 / secs;
-    run.rss_after = rss_kib();
+    run.rss_after = shared.gateway_rss();
     // What the gateway holds at that moment (its buffers, before they drain).
     let held = match admin {
         Some(admin) => match shared.http.get(format!("{}/readyz", shared.base)).bearer_auth(admin).send().await {
@@ -749,7 +837,7 @@ async fn load_phase(
         },
         None => String::new(),
     };
-    println!("  end of the load: RSS {} MiB{}{held}", run.rss_after >> 10, super::heap_note());
+    println!("  end of the load: the gateway's RSS {} MiB{held}", run.rss_after >> 10);
     let cores = |a: u64, b: u64| a.saturating_sub(b) as f64 / clock_ticks() / secs;
     (run.gw_cores, run.rdk_cores, run.client_cores) =
         (cores(ticks1.0, ticks0.0), cores(ticks1.1, ticks0.1), cores(ticks1.2, ticks0.2));
@@ -813,13 +901,35 @@ fn enough_open_files(k: &Knobs) -> bool {
 
 /// Both gateways on a runtime of their own, and what the clients share.
 pub(super) struct Setup {
-    pub(super) rt: tokio::runtime::Runtime,
-    pub(super) gateway: Gateway,
+    /// The gateway's process: it ends when its stdin closes.
+    child: tokio::process::Child,
+    /// Its stdin and stdout, for [`Setup::command`].
+    io: tokio::sync::Mutex<(tokio::process::ChildStdin, tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>)>,
     pub(super) shared: Arc<Shared>,
     /// A token that may publish (ingest).
     producer: String,
     /// A token with the admin claim (`/readyz`'s details).
     admin: String,
+}
+
+impl Setup {
+    /// Send the gateway's process a command ([`gateway_process`]); its
+    /// answer, for `lag stop`, else empty.
+    async fn command(&self, line: &str) -> String {
+        let mut io = self.io.lock().await;
+        if io.0.write_all(format!("{line}\n").as_bytes()).await.is_err() || !line.starts_with("lag stop") {
+            return String::new();
+        }
+        tokio::time::timeout(Duration::from_secs(10), io.1.next_line()).await.ok().and_then(Result::ok).flatten().unwrap_or_default()
+    }
+
+    /// End the gateway's process: close its stdin, and kill it after 10 s.
+    pub(super) async fn stop(mut self) {
+        drop(self.io);
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+    }
 }
 
 /// The gateway's `replay.fetch_wait_max_ms` here: 5, or
@@ -828,15 +938,63 @@ fn fetch_wait_ms() -> u64 {
     knob("FETCH_WAIT_MS", 5) as u64
 }
 
-/// Start our gateway and the naive one on a runtime of their own (threads
-/// `gw-rt`), mint the tokens, and warm ingest up.
-pub(super) async fn start(
-    brokers: &str,
-    redis_url: &str,
-    topic: &str,
-    tweak: impl FnOnce(&mut GatewayConfig),
-) -> Setup {
-    let prefix = format!("gwb{}", &dualstream::EventId::new().as_uuid().simple().to_string()[20..]);
+/// Which of the group's gateway settings a run changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Tweak {
+    /// The group's.
+    None,
+    /// Room for this many connections and streams (the idle rows).
+    Room(usize),
+    /// The default far-resume limits (the neighbour row).
+    FarDefaults,
+}
+
+impl Tweak {
+    fn encode(self) -> String {
+        match self {
+            Tweak::None => "none".into(),
+            Tweak::Room(n) => format!("room:{n}"),
+            Tweak::FarDefaults => "far-defaults".into(),
+        }
+    }
+
+    fn decode(s: &str) -> Option<Self> {
+        match s {
+            "none" => Some(Tweak::None),
+            "far-defaults" => Some(Tweak::FarDefaults),
+            _ => s.strip_prefix("room:")?.parse().ok().map(Tweak::Room),
+        }
+    }
+
+    fn apply(self, c: &mut GatewayConfig) {
+        match self {
+            Tweak::None => {}
+            Tweak::Room(n) => {
+                c.limits.max_connections = n;
+                c.limits.max_streams = n;
+            }
+            Tweak::FarDefaults => {
+                let defaults = GatewayConfig::default().limits;
+                c.limits.far_resumes_per_min = defaults.far_resumes_per_min;
+                c.limits.far_items_per_sec = defaults.far_items_per_sec;
+            }
+        }
+    }
+}
+
+/// Set in the gateway's process (this binary again): `<brokers> <redis url>
+/// <topic> <channel prefix> <tweak>`.
+pub(super) const GATEWAY_ENV: &str = "DUALSTREAM_BENCH_GATEWAY_PROCESS";
+
+/// The gateway's process: our gateway and the naive one on a runtime of
+/// their own (threads `gw-rt`), as a deployment runs them, apart from the
+/// clients: its RSS and CPU are the gateways' alone. Prints `<base> <naive
+/// base> <reader token> <producer token> <admin token>`, then serves until
+/// stdin closes.
+pub(super) async fn gateway_process(spec: &str) {
+    let parts: Vec<&str> = spec.split(' ').collect();
+    let [brokers, redis_url, topic, prefix, tweak] = parts[..] else { panic!("{GATEWAY_ENV}={spec:?}: want 5 fields") };
+    let tweak = Tweak::decode(tweak).unwrap_or_else(|| panic!("{GATEWAY_ENV}: tweak {tweak:?}"));
     let client = redis::Client::open(redis_url).expect("redis url");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -857,7 +1015,7 @@ pub(super) async fn start(
         auth: AuthConfig { secret: SECRET.into(), ..AuthConfig::default() },
         ..GatewayConfig::default()
     };
-    config.redis.channel_prefix = prefix.clone();
+    config.redis.channel_prefix = prefix.to_owned();
     // Every client here holds the one token (subject "bench") on one
     // address: the per-subject and per-address stream limits (16 and 32 by
     // default), the far resumes per subject (120 a minute; the reconnect
@@ -885,7 +1043,7 @@ pub(super) async fn start(
     config.join.buffer = knob("JOIN_BUFFER", config.join.buffer);
     config.limits.client_buffer = knob("CLIENT_BUFFER", config.limits.client_buffer);
     config.limits.client_buffer_bytes = knob("CLIENT_BUFFER_BYTES", config.limits.client_buffer_bytes);
-    tweak(&mut config);
+    tweak.apply(&mut config);
     let (gateway, base) = rt
         .spawn(async move {
             let gateway = Gateway::new(config).await.expect("gateway");
@@ -919,12 +1077,53 @@ pub(super) async fn start(
             ..auth.claims(Some("bench-admin".into()), vec![], vec![], 3_600)
         })
         .expect("mint");
+    println!("{base} {naive_base} {reader} {producer} {admin}");
+    // Commands, a line each, until stdin closes: `lag start`, and `lag stop
+    // <ms since the storm began, or ->`, answered with the six figures of
+    // [`LagFigures::gateway`].
+    let mut commands = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut lag = None;
+    while let Ok(Some(line)) = commands.next_line().await {
+        #[cfg(feature = "heap-domains")]
+        eprintln!("  the gateway's process at `{line}`:{}", super::heap_note());
+        if line == "lag start" {
+            lag = Some(Lag::start(rt.handle()));
+        } else if let Some(ago) = line.strip_prefix("lag stop ") {
+            let split = ago.parse::<u64>().ok().map(|ms| Instant::now() - Duration::from_millis(ms));
+            let figures = lag.take().map_or([[f64::NAN; 3]; 2], |l: Lag| l.stop(split));
+            let text: Vec<String> = figures.iter().flatten().map(f64::to_string).collect();
+            println!("{}", text.join(" "));
+        }
+    }
+    gateway.close_streams();
+    drop(gateway);
+    rt.shutdown_background();
+}
+
+/// Start the gateway's process ([`gateway_process`]), take its tokens, and
+/// warm ingest up.
+pub(super) async fn start(brokers: &str, redis_url: &str, topic: &str, tweak: Tweak) -> Setup {
+    let prefix = format!("gwb{}", &dualstream::EventId::new().as_uuid().simple().to_string()[20..]);
+    let spec = format!("{brokers} {redis_url} {topic} {prefix} {}", tweak.encode());
+    let (mut child, mut lines) = super::measure::spawn_self(GATEWAY_ENV, spec, "the gateway's process");
+    let pid = child.id().expect("the gateway's pid");
+    let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+        .await
+        .expect("the gateway's process served within 120 s")
+        .expect("its stdout")
+        .expect("the gateway's process ended before it served");
+    let fields: Vec<&str> = line.split(' ').collect();
+    let [base, naive_base, reader, producer, admin] = fields[..] else { panic!("the gateway's process said {line:?}") };
+    let (base, producer, admin) = (base.to_owned(), producer.to_owned(), admin.to_owned());
+    let stdin = child.stdin.take().expect("stdin");
     let shared = Arc::new(Shared {
         base: base.clone(),
-        naive_base,
-        token: reader,
+        naive_base: naive_base.to_owned(),
+        token: reader.to_owned(),
         prefix,
+        gateway_pid: pid,
         http: reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("http"),
+        sse: sse_client(),
         ids: RwLock::new(HashMap::new()),
         hists: (0..5).map(|_| Hist::new()).collect(),
         delivered: AtomicU64::new(0),
@@ -943,7 +1142,7 @@ pub(super) async fn start(
         .send()
         .await;
     assert!(r.is_ok_and(|r| r.status() == 200), "warm-up ingest");
-    Setup { rt, gateway, shared, producer, admin }
+    Setup { child, io: tokio::sync::Mutex::new((stdin, lines)), shared, producer, admin }
 }
 
 /// Where the load's connections are counted: Redis's and the broker's
@@ -963,10 +1162,11 @@ async fn run_ours(
     pids: &Pids,
     probe: &mut Probe,
 ) -> (Run, serde_json::Value) {
-    let mut ours = Run { rss_before: rss_kib(), ..Run::default() };
+    let pid = s.shared.gateway_pid;
+    let mut ours = Run { rss_before: s.shared.gateway_rss(), ..Run::default() };
     let base_redis =
-        (connections_to(probe.ports.0), connections_to(probe.ports.1), redis_clients(&mut probe.redis).await);
-    let base_rdk = rdkafka_clients();
+        (connections_to(pid, probe.ports.0), connections_to(pid, probe.ports.1), redis_clients(&mut probe.redis).await);
+    let base_rdk = rdkafka_clients(pid);
     let (storm_tx, storm_rx) = watch::channel(0u32);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (tasks, connect_secs) =
@@ -974,19 +1174,20 @@ async fn run_ours(
     ours.connect_secs = connect_secs;
     ours.subscribed = s.shared.subscribed.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    ours.rss_idle = rss_kib();
+    ours.rss_idle = s.shared.gateway_rss();
     println!(
-        "  ours: {} of {} clients subscribed in {connect_secs:.1} s; RSS {} → {} MiB{}",
+        "  ours: {} of {} clients subscribed in {connect_secs:.1} s; the gateway's RSS {} → {} MiB",
         ours.subscribed,
         tasks.len(),
         ours.rss_before >> 10,
         ours.rss_idle >> 10,
-        super::heap_note()
     );
-    let lags = (Lag::start(s.rt.handle()), Lag::start(&tokio::runtime::Handle::current()));
+    s.command("lag start").await;
+    let lag = Lag::start(&tokio::runtime::Handle::current());
     load_phase(&s.shared, &s.producer, k, pids, &mut probe.redis, probe.ports, Some(&storm_tx), Some(&s.admin), &mut ours).await;
     let storm_at = s.shared.storm_at.get().copied();
-    let lag = LagFigures { gateway: lags.0.stop(storm_at), clients: lags.1.stop(storm_at) };
+    let ago = storm_at.map_or("-".to_owned(), |at| at.elapsed().as_millis().to_string());
+    let lag = LagFigures { gateway: parse_lag(&s.command(&format!("lag stop {ago}")).await), clients: lag.stop(storm_at) };
     println!("  ours: {}", lag.describe());
     ours.lag = Some(lag);
     let hub = match s.shared.http.get(format!("{}/readyz", s.shared.base)).bearer_auth(&s.admin).send().await {
@@ -1018,8 +1219,9 @@ async fn run_naive(
     probe: &mut Probe,
     ours: usize,
 ) -> (Run, u64, u64) {
-    let mut naive = Run { rss_before: rss_kib(), ..Run::default() };
-    let naive_base_redis = (connections_to(probe.ports.0), redis_clients(&mut probe.redis).await);
+    let pid = s.shared.gateway_pid;
+    let mut naive = Run { rss_before: s.shared.gateway_rss(), ..Run::default() };
+    let naive_base_redis = (connections_to(pid, probe.ports.0), redis_clients(&mut probe.redis).await);
     let (_storm_tx, storm_rx) = watch::channel(0u32);
     let (stop_tx, stop_rx) = watch::channel(false);
     let naive_specs: Vec<Spec> =
@@ -1028,9 +1230,9 @@ async fn run_naive(
     naive.connect_secs = connect_secs;
     naive.subscribed = s.shared.subscribed.load(Ordering::Relaxed) - ours;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    naive.rss_idle = rss_kib();
+    naive.rss_idle = s.shared.gateway_rss();
     println!(
-        "  naive: {} of {} clients subscribed in {connect_secs:.1} s; RSS {} → {} MiB",
+        "  naive: {} of {} clients subscribed in {connect_secs:.1} s; the gateway's RSS {} → {} MiB",
         naive.subscribed,
         tasks.len(),
         naive.rss_before >> 10,
@@ -1189,8 +1391,7 @@ pub(super) async fn run(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut 
             (_, Ok(_)) => vec![k.rate],
             _ => vec![200, 1_000, 5_000],
         };
-    // Idle connections first, before the rates' clients leave anything in
-    // this process.
+    // Idle connections first (each row starts a gateway process of its own).
     let idle = knob("IDLE", 10_000);
     if idle > 0 {
         println!("  gateway group: {idle} idle SSE connections");
@@ -1214,7 +1415,7 @@ async fn run_at(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut Vec<Row>
         ports: (port_of(redis_url), port_of(brokers.split(',').next().unwrap_or_default())),
         redis: client.get_multiplexed_async_connection().await.expect("redis"),
     };
-    let setup = start(brokers, redis_url, &topic, |_| {}).await;
+    let setup = start(brokers, redis_url, &topic, Tweak::None).await;
     let sets = channel_sets(k.clients * 2, k.sources);
     let (ours, hub) = run_ours(&setup, &k, &sets, pids, &mut probe).await;
     let records = read_topic(brokers, &topic, ours.stored as usize + 1, Duration::from_secs(120));
@@ -1223,10 +1424,8 @@ async fn run_at(brokers: &str, redis_url: &str, pids: &Pids, rows: &mut Vec<Row>
     print_ours(&ours, &setup.shared.hists, &x, &st, &hub);
     let (naive, naive_expected, naive_delivered) =
         run_naive(&setup, &k, &sets, pids, &mut probe, ours.subscribed).await;
-    let Setup { rt, gateway, shared, .. } = setup;
-    gateway.close_streams();
-    drop(gateway);
-    rt.shutdown_background();
+    let shared = Arc::clone(&setup.shared);
+    setup.stop().await;
     let report = Report {
         k,
         subscriptions: sets.iter().map(Vec::len).sum(),
@@ -1286,7 +1485,7 @@ fn row(
 /// CPU in cores over a run's load.
 fn cores(r: &Run) -> String {
     format!(
-        "CPU in cores over the load: gateway runtime {:.2}, its librdkafka threads {:.2}, clients+ingest {:.2}, tansu {}, redis-server {}",
+        "CPU in cores over the load: the gateway's process {:.2} and its librdkafka threads {:.2}, clients+ingest (the bench's process) {:.2}, tansu {}, redis-server {}",
         r.gw_cores, r.rdk_cores, r.client_cores,
         r.broker_cores.map_or("?".into(), |c| format!("{c:.2}")), r.redis_cores.map_or("?".into(), |c| format!("{c:.2}"))
     )
@@ -1297,7 +1496,7 @@ impl Report {
     fn setup(&self) -> String {
         let k = &self.k;
         format!(
-            "{} SSE + {} WebSocket clients, each on 1–10 of {} channels (seeded; {} subscriptions in all), half in mode=full; ingest {} events/s over HTTP ({} per POST every 10 ms) for {} s; gateway in this process on 2 runtime threads (stream limits per subject and per address raised: every client is subject \"bench\" on 127.0.0.1), tansu and redis-server on the same 2 cores; the gateway's replay.fetch_wait_max_ms = {} (tansu holds every fetch that long)",
+            "{} SSE + {} WebSocket clients, each on 1–10 of {} channels (seeded; {} subscriptions in all), half in mode=full; ingest {} events/s over HTTP ({} per POST every 10 ms) for {} s; both gateways in a process of their own (this binary again) on 2 runtime threads, the clients and ingest in the bench's process (stream limits per subject and per address raised: every client is subject \"bench\" on 127.0.0.1), tansu and redis-server on the same 2 cores; the gateway's replay.fetch_wait_max_ms = {} (tansu holds every fetch that long)",
             k.clients, k.clients, k.sources, self.subscriptions, k.rate, k.rate / 100, k.secs, fetch_wait_ms()
         )
     }
@@ -1375,30 +1574,30 @@ impl Report {
         row(
             rows,
             self.k.rate,
-            "gateway: process RSS growth with the clients under load vs naive, MiB",
-            (ours.rss_after as f64 - ours.rss_before as f64) / 1024.0,
-            (naive.rss_after as f64 - naive.rss_before as f64) / 1024.0,
+            "gateway: the gateway process's RSS growth under load (from its clients subscribed and idle) vs naive, MiB",
+            (ours.rss_after as f64 - ours.rss_idle as f64) / 1024.0,
+            (naive.rss_after as f64 - naive.rss_idle as f64) / 1024.0,
             "MiB",
             "≤ 100 MiB",
-            Some((ours.rss_after as f64 - ours.rss_before as f64) / 1024.0 <= 100.0),
+            Some((ours.rss_after as f64 - ours.rss_idle as f64) / 1024.0 <= 100.0),
             format!(
-                "VmRSS of the bench process (gateway and clients together): ours {} MiB before the gateway, {} MiB with {} clients idle, {} MiB at the end of the load; naive {} → {} → {} MiB (after ours, whose memory the allocator keeps)",
+                "VmRSS of the gateways' process (its clients run in the bench's process; what idle connections cost is the idle row's): ours {} MiB before the clients, {} MiB with {} clients subscribed and idle, {} MiB at the end of the load; naive (the same process, after ours, whose memory the allocator keeps) {} → {} → {} MiB",
                 ours.rss_before >> 10, ours.rss_idle >> 10, n, ours.rss_after >> 10,
                 naive.rss_before >> 10, naive.rss_idle >> 10, naive.rss_after >> 10
             ),
         );
-        // Core-µs of the gateway's runtime threads (and its librdkafka threads) per delivery.
+        // Core-µs of the gateways' process (its librdkafka threads too) per delivery.
         let per_delivery = |r: &Run| (r.gw_cores + r.rdk_cores) * 1e6 / r.deliveries_per_s.max(1.0);
         row(
             rows,
             self.k.rate,
-            "gateway: CPU per delivery (gateway runtime + its librdkafka threads) vs naive, core-µs",
+            "gateway: CPU per delivery (the gateway's process: its runtime, librdkafka and ingest) vs naive, core-µs",
             per_delivery(ours),
             per_delivery(naive),
             "core-µs",
             "-",
             None,
-            "cores over the load ÷ deliveries/s; the clients, ingest, tansu and redis-server are not counted (see the deliveries row)".into(),
+            "the gateways' process's cores over the load (every thread: runtime, librdkafka, the ingest it serves) ÷ deliveries/s; the clients and the bench (another process), tansu and redis-server are not counted (see the deliveries row)".into(),
         );
         // The same with the servers' share: the naive gateway's fan-out is
         // redis-server's work (one connection per client), ours is in the
@@ -1410,7 +1609,7 @@ impl Report {
             row(
                 rows,
                 self.k.rate,
-                "gateway: CPU per delivery with the servers' share (gateway runtime + librdkafka + tansu + redis-server) vs naive, core-µs",
+                "gateway: CPU per delivery with the servers' share (the gateway's process + tansu + redis-server) vs naive, core-µs",
                 o,
                 n,
                 "core-µs",
@@ -1429,7 +1628,7 @@ impl Report {
             "-",
             None,
             format!(
-                "this process's established sockets to redis-server's port during the load (/proc/self/fd × /proc/net/tcp); redis INFO connected_clients grew by {} (ours) and {} (naive); hub and the joins' live checks at the end: {hub}",
+                "the gateways' process's established sockets to redis-server's port during the load (/proc/PID/fd × /proc/net/tcp); redis INFO connected_clients grew by {} (ours) and {} (naive); hub and the joins' live checks at the end: {hub}",
                 ours.redis_info, naive.redis_info
             ),
         );

@@ -7,10 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::gateway::{start, urlenc, PARTITIONS};
-use super::joins::rss_kib;
+use super::gateway::{start, urlenc, Tweak, PARTITIONS};
 use super::Row;
 use dualstream_devstack::clients::*;
 
@@ -90,9 +89,9 @@ async fn subscribe(addr: &str, token: &str, channel: &str) -> Result<tokio::net:
     }
 }
 
-/// Anonymous memory of this process in transparent huge pages, in KiB.
-fn huge_pages_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/smaps_rollup")
+/// Anonymous memory of process `pid` in transparent huge pages, in KiB.
+fn huge_pages_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()
         .and_then(|s| {
             let line = s.lines().find(|l| l.starts_with("AnonHugePages:"))?;
@@ -101,8 +100,8 @@ fn huge_pages_kib() -> u64 {
         .unwrap_or(0)
 }
 
-fn open_descriptors() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
 /// The rows: RSS and descriptors of the gateway's process with `n` idle
@@ -111,24 +110,14 @@ pub(super) async fn idle_rows(brokers: &str, redis_url: &str, n: usize, rows: &m
     let topic = unique_topic("bench-gw-idle");
     create_topic(brokers, &topic, PARTITIONS).await;
     let room = n + 1_000;
-    let setup = start(brokers, redis_url, &topic, |c| {
-        c.limits.max_connections = room;
-        c.limits.max_streams = room;
-    })
-    .await;
+    let setup = start(brokers, redis_url, &topic, Tweak::Room(room)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (rss_before, fds_before, huge_before) = (rss_kib(), open_descriptors(), huge_pages_kib());
+    let pid = setup.shared.gateway_pid;
+    let (rss_before, fds_before, huge_before) = (setup.shared.gateway_rss(), open_descriptors(pid), huge_pages_kib(pid));
     let addr = setup.shared.base.trim_start_matches("http://").to_owned();
     let spec = format!("{addr} {n} {} {}", setup.shared.token, setup.shared.prefix);
-    let mut child = tokio::process::Command::new(std::env::current_exe().expect("this binary"))
-        .env(CHILD_ENV, spec)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the idle clients' process");
+    let (mut child, mut lines) = super::measure::spawn_self(CHILD_ENV, spec, "the idle clients' process");
     let started = std::time::Instant::now();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
     let ready = tokio::time::timeout(Duration::from_secs(600), lines.next_line()).await;
     let line = match ready {
         Ok(Ok(Some(l))) => l,
@@ -143,8 +132,8 @@ pub(super) async fn idle_rows(brokers: &str, redis_url: &str, n: usize, rows: &m
     let failed: usize = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
     let error = fields.next().unwrap_or_default().to_owned();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (rss_after, fds_after) = (rss_kib(), open_descriptors());
-    let huge_mib = huge_pages_kib().saturating_sub(huge_before) as f64 / 1024.0;
+    let (rss_after, fds_after) = (setup.shared.gateway_rss(), open_descriptors(pid));
+    let huge_mib = huge_pages_kib(pid).saturating_sub(huge_before) as f64 / 1024.0;
     let growth_mib = rss_after.saturating_sub(rss_before) as f64 / 1024.0;
     let per_kib = rss_after.saturating_sub(rss_before) as f64 / subscribed.max(1) as f64;
     println!(
@@ -183,8 +172,5 @@ pub(super) async fn idle_rows(brokers: &str, redis_url: &str, n: usize, rows: &m
     });
     drop(child.stdin.take());
     let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
-    let super::gateway::Setup { rt, gateway, .. } = setup;
-    gateway.close_streams();
-    drop(gateway);
-    rt.shutdown_background();
+    setup.stop().await;
 }

@@ -31,13 +31,8 @@ const LOAD_SECS: u64 = 12;
 /// How long the idle joins are watched for broker requests.
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
 
-pub(super) fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+fn rss_kib() -> u64 {
+    super::measure::rss_kib_of("self")
 }
 
 fn threads() -> usize {

@@ -35,6 +35,21 @@ pub(crate) mod domains {
 
     /// Live bytes allocated by each domain's threads.
     static LIVE: [AtomicIsize; 2] = [AtomicIsize::new(0), AtomicIsize::new(0)];
+    /// The gateway's live bytes by the size of their blocks: class k holds
+    /// sizes in [2^k, 2^(k+1)).
+    static CLASSES: [AtomicIsize; 48] = [const { AtomicIsize::new(0) }; 48];
+
+    fn class(size: usize) -> usize {
+        (usize::BITS - 1 - size.max(1).leading_zeros()) as usize % 48
+    }
+
+    /// The gateway's live MiB by block size, the largest classes first.
+    pub(crate) fn classes() -> String {
+        let mut v: Vec<(usize, isize)> =
+            CLASSES.iter().enumerate().map(|(k, c)| (k, c.load(Ordering::Relaxed))).filter(|(_, b)| *b > 1 << 20).collect();
+        v.sort_by_key(|(_, b)| -b);
+        v.iter().map(|(k, b)| format!("{}B..: {} MiB", 1usize << k, b >> 20)).collect::<Vec<_>>().join(", ")
+    }
 
     /// This thread allocates for the gateway from now on.
     pub(crate) fn enter_gateway() {
@@ -65,6 +80,9 @@ pub(crate) mod domains {
             }
             let d = DOMAIN.try_with(Cell::get).unwrap_or(0);
             LIVE[usize::from(d)].fetch_add(l.size() as isize, Ordering::Relaxed);
+            if d == 1 {
+                CLASSES[class(l.size())].fetch_add(l.size() as isize, Ordering::Relaxed);
+            }
             unsafe {
                 *p.add(head - 1) = d;
                 p.add(head)
@@ -75,21 +93,20 @@ pub(crate) mod domains {
             let (o, head) = outer(l);
             let d = unsafe { *p.sub(1) };
             LIVE[usize::from(d)].fetch_sub(l.size() as isize, Ordering::Relaxed);
+            if d == 1 {
+                CLASSES[class(l.size())].fetch_sub(l.size() as isize, Ordering::Relaxed);
+            }
             unsafe { mimalloc::MiMalloc.dealloc(p.sub(head), o) }
         }
     }
 }
 
-/// The gateway's live heap and the rest's, for the `heap-domains` build's
-/// notes; empty otherwise.
+/// The live heap of the gateway's runtime and of the rest of this process,
+/// for the `heap-domains` build's notes.
+#[cfg(feature = "heap-domains")]
 pub(crate) fn heap_note() -> String {
-    #[cfg(feature = "heap-domains")]
-    {
-        let (gw, rest) = domains::live_mib();
-        format!(" (live heap: gateway {gw} MiB, the rest {rest} MiB)")
-    }
-    #[cfg(not(feature = "heap-domains"))]
-    String::new()
+    let (gw, rest) = domains::live_mib();
+    format!(" (live heap: gateway {gw} MiB, the rest {rest} MiB; the gateway's by block size: {})", domains::classes())
 }
 
 use std::time::{Duration, Instant};
@@ -207,6 +224,11 @@ async fn main() {
         idle::child(&spec).await;
         return;
     }
+    // The gateway group's gateways, in a process of their own.
+    if let Ok(spec) = std::env::var(gateway::GATEWAY_ENV) {
+        gateway::gateway_process(&spec).await;
+        return;
+    }
     let Args { full, filter: filters } = Args::parse();
     let p = if full {
         Profile {
@@ -297,7 +319,7 @@ async fn main() {
         joins::run(&brokers, &redis_url, &p, &pids, &mut rows).await;
     }
     if want("gateway") {
-        println!("[gateway] SSE and WebSocket clients of an in-process gateway under HTTP ingest, a reconnect storm, and a naive gateway");
+        println!("[gateway] SSE and WebSocket clients of a gateway process under HTTP ingest, a reconnect storm, and a naive gateway");
         gateway::run(&brokers, &redis_url, &pids, &mut rows).await;
     }
     report::write_report(&rows, full, &filters, started.elapsed());

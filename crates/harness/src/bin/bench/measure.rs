@@ -80,6 +80,16 @@ pub(super) fn proc_ticks(pid: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// VmRSS of a process (`self` or a pid), in KiB; 0 when it cannot be read.
+pub(super) fn rss_kib_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux).
 pub(super) fn clock_ticks() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
@@ -111,4 +121,24 @@ pub(super) fn pid_listening_on(port: u16) -> Option<u32> {
             .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_str() == Some(target.as_str())))
             .then_some(pid)
     })
+}
+
+/// This binary again, as a process of its own with `var` = `spec` (a part
+/// of a group: the gateway, or idle clients), its stdin and stdout piped;
+/// killed when dropped. Its stdout's lines, apart.
+pub(super) fn spawn_self(
+    var: &str,
+    spec: String,
+    what: &str,
+) -> (tokio::process::Child, tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(std::env::current_exe().expect("this binary"))
+        .env(var, spec)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    (child, lines)
 }

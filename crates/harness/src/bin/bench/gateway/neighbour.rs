@@ -18,7 +18,7 @@ use dualstream_gateway::ResumeToken;
 use tokio::sync::watch;
 
 use super::{
-    channel_sets, collect, load_phase, open, row, specs, start, start_clients, Hist, Kind, Knobs, Probe, Run, Shared,
+    channel_sets, collect, load_phase, open, row, specs, start, start_clients, Hist, Kind, Knobs, Probe, Run, Shared, Tweak,
     Spec, PARTITIONS,
 };
 use crate::measure::Pids;
@@ -70,7 +70,7 @@ async fn neighbour(shared: Arc<Shared>, source: usize, mut stop: watch::Receiver
     let Ok(mut first) = open(&shared, &spec, None).await else { return passes };
     let token = loop {
         match first.next().await {
-            Some(item) if item.kind == "subscribed" => break item.token,
+            Some(item) if item.kind == "subscribed" => break item.token.map(str::to_owned),
             Some(_) => continue,
             None => return passes,
         }
@@ -141,12 +141,7 @@ pub(super) async fn neighbour_rows(brokers: &str, redis_url: &str, pids: &Pids, 
         ports: (super::port_of(redis_url), super::port_of(brokers.split(',').next().unwrap_or_default())),
         redis: client.get_multiplexed_async_connection().await.expect("redis"),
     };
-    let setup = start(brokers, redis_url, &topic, |c| {
-        let defaults = dualstream_gateway::GatewayConfig::default().limits;
-        c.limits.far_resumes_per_min = defaults.far_resumes_per_min;
-        c.limits.far_items_per_sec = defaults.far_items_per_sec;
-    })
-    .await;
+    let setup = start(brokers, redis_url, &topic, Tweak::FarDefaults).await;
     let history = super::knob("NEIGHBOUR_HISTORY", 100_000);
     let filled = fill(&setup.shared, &setup.producer, k.sources, history).await;
     let k = Knobs {
@@ -200,10 +195,7 @@ pub(super) async fn neighbour_rows(brokers: &str, redis_url: &str, pids: &Pids, 
         passes.events as f64 / secs,
         passes.history
     );
-    let super::Setup { rt, gateway, .. } = setup;
-    gateway.close_streams();
-    drop(gateway);
-    rt.shutdown_background();
+    setup.stop().await;
     let met = busy_n > 0 && quiet_n > 0 && passes.done > 0 && busy_p99 <= 2.0 * quiet_p99;
     row(
         rows,
