@@ -218,17 +218,26 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    init_tracing();
-    // The gateway group's idle clients, in a process of their own.
-    if let Ok(spec) = std::env::var(idle::CHILD_ENV) {
+    // The gateway group's idle clients, and its gateways, in processes of
+    // their own. Their stdout is a pipe the bench reads only when it asks
+    // them something: their logs go to stderr (a gateway whose warnings
+    // filled that pipe stopped in its write).
+    let [idle_spec, gateway_spec] = [idle::CHILD_ENV, gateway::GATEWAY_ENV].map(|var| std::env::var(var).ok());
+    if idle_spec.is_some() || gateway_spec.is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    if let Some(spec) = idle_spec {
         idle::child(&spec).await;
         return;
     }
-    // The gateway group's gateways, in a process of their own.
-    if let Ok(spec) = std::env::var(gateway::GATEWAY_ENV) {
+    if let Some(spec) = gateway_spec {
         gateway::gateway_process(&spec).await;
         return;
     }
+    init_tracing();
     let Args { full, filter: filters } = Args::parse();
     let p = if full {
         Profile {
