@@ -13,7 +13,7 @@
 //!     ..GatewayConfig::default()
 //! };
 //! let gateway = Gateway::new(config).await?;
-//! let listener = tokio::net::TcpListener::bind(gateway.config().listen).await?;
+//! let listener = dualstream_gateway::listen(gateway.config().listen)?;
 //! gateway.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await?;
 //! # Ok(()) }
 //! ```
@@ -79,7 +79,7 @@ pub use error::{ErrorCode, GatewayError};
 pub use ingest::{parse_ingest_body, IngestBodyError};
 pub use origin::Check;
 pub use resume::{ResumeToken, ResumeTokenError, MAX_RESUME_TOKEN_LEN};
-pub use server::HTTP_BUFFER_BYTES;
+pub use server::{listen, HTTP_BUFFER_BYTES, LISTEN_BACKLOG};
 pub use session::{CloseReason, Mode};
 
 use routes::{admin, credentials, health, ingest as ingest_route, stream, ws};

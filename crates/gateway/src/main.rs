@@ -344,7 +344,7 @@ async fn serve(config: GatewayConfig, meter: Meter) -> ExitCode {
         });
     }
     let listen = gateway.config().listen;
-    let listener = match tokio::net::TcpListener::bind(listen).await {
+    let listener = match dualstream_gateway::listen(listen) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("dualstream-gateway: cannot listen on {listen}: {e}");

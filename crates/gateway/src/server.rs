@@ -94,6 +94,23 @@ impl Gateway {
     }
 }
 
+/// The listening socket's backlog: connections the kernel completes before
+/// the gateway accepts them. The standard library's and tokio's 128 is less
+/// than a reconnect storm: past it the kernel drops a client's SYN, and the
+/// client tries again after 1, 3, 7 s (its SYN retransmits), whatever the
+/// gateway's load. The kernel caps it at `net.core.somaxconn` (4,096 since
+/// Linux 5.4).
+pub const LISTEN_BACKLOG: u32 = 4_096;
+
+/// A listener on `addr` with a backlog of [`LISTEN_BACKLOG`], for
+/// [`Gateway::serve`] (`tokio::net::TcpListener::bind` listens with 128).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// The most hyper buffers for one connection, each way: a request whose
 /// headers do not fit is refused (431), and a stream's writes wait for the
 /// client's socket once this much is waiting for it. hyper's default (about
@@ -128,4 +145,32 @@ async fn refuse_connection(mut stream: tokio::net::TcpStream, limit: usize) {
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// Clients of a storm connect at once, before the gateway accepts any:
+    /// with a backlog of 128 the 130th waits a second for its SYN's retry.
+    #[tokio::test]
+    async fn a_listener_completes_a_storm_of_connections_before_it_accepts_one() {
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(4_096);
+        let n = somaxconn.min(600) - 1;
+        let listener = super::listen("127.0.0.1:0".parse().expect("addr")).expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let mut held = Vec::with_capacity(n);
+        for i in 0..n {
+            let connect = tokio::net::TcpStream::connect(addr);
+            match tokio::time::timeout(Duration::from_millis(500), connect).await {
+                Ok(Ok(c)) => held.push(c),
+                Ok(Err(e)) => panic!("connection {i}: {e}"),
+                Err(_) => panic!("connection {i} of {n} waited over 500 ms: the backlog is full"),
+            }
+        }
+        assert_eq!(held.len(), n);
+    }
 }

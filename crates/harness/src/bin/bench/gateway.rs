@@ -164,6 +164,10 @@ struct Got {
     unmatched: usize,
     storm_sub: Option<Duration>,
     storm_first: Option<Duration>,
+    /// After the storm: when its connection was open again (SSE: the
+    /// response's headers; WebSocket: the handshake).
+    storm_open: Option<Duration>,
+    ws: bool,
 }
 
 fn field_str<'a>(text: &'a str, key: &str) -> Option<&'a str> {
@@ -394,6 +398,7 @@ async fn client(
             .iter()
             .map(|&s| Chan { source: s, start: None, count: 0, dups: 0, last: -1, sum: 0 })
             .collect(),
+        ws: spec.kind == Kind::Ws,
         ..Got::default()
     };
     let mut token: Option<String> = None;
@@ -406,7 +411,12 @@ async fn client(
             c = open(&shared, &spec, token.as_deref()) => c,
         };
         let mut conn = match conn {
-            Ok(c) => c,
+            Ok(c) => {
+                if let (Some(at), None) = (resumed_at, got.storm_open) {
+                    got.storm_open = Some(at.elapsed());
+                }
+                c
+            }
             Err(e) => {
                 got.errors += 1;
                 got.first_error.get_or_insert(e);
@@ -1047,7 +1057,8 @@ pub(super) async fn gateway_process(spec: &str) {
     let (gateway, base) = rt
         .spawn(async move {
             let gateway = Gateway::new(config).await.expect("gateway");
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            // As the gateway's binary listens (`dualstream_gateway::listen`).
+            let listener = dualstream_gateway::listen("127.0.0.1:0".parse().expect("addr")).expect("bind");
             let base = format!("http://{}", listener.local_addr().expect("addr"));
             let g = gateway.clone();
             tokio::spawn(async move { g.serve(listener, std::future::pending()).await });
@@ -1334,6 +1345,9 @@ struct Storm {
     /// and longest, in ms.
     gap_p50: f64,
     gap_max: f64,
+    /// When connections were open again (see [`Got::storm_open`]), median
+    /// and last, in ms: SSE, WebSocket.
+    open: [(f64, f64); 2],
 }
 
 fn storm(got: &[Got]) -> Storm {
@@ -1345,7 +1359,13 @@ fn storm(got: &[Got]) -> Storm {
     subs.sort();
     firsts.sort();
     gaps.sort();
+    let open = [false, true].map(|ws| {
+        let mut v: Vec<Duration> = got.iter().filter(|g| g.ws == ws).filter_map(|g| g.storm_open).collect();
+        v.sort();
+        (super::percentile(&v, 0.5), max_ms(&v))
+    });
     Storm {
+        open,
         subscribed: subs.len(),
         live: firsts.len(),
         sub_max: max_ms(&subs),
@@ -1713,12 +1733,16 @@ impl Report {
                 _ => None,
             },
             format!(
-                "ours = the last client, baseline column = the median client; {} of {n} got an item after resuming; resubscribed after {:.0} ms (median) to {:.0} ms (last); from its `subscribed` to its first item a client waited {:.0} ms (median) to {:.0} ms (longest); {}",
+                "ours = the last client, baseline column = the median client; {} of {n} got an item after resuming; resubscribed after {:.0} ms (median) to {:.0} ms (last); from its `subscribed` to its first item a client waited {:.0} ms (median) to {:.0} ms (longest); open again (SSE: the response's headers, sent once its subscribe is done; WebSocket: the handshake, before its subscribe) after {:.0} / {:.0} ms (SSE, median / last) and {:.0} / {:.0} ms (WebSocket); {}",
                 st.live,
                 st.sub_p50,
                 st.sub_max,
                 st.gap_p50,
                 st.gap_max,
+                st.open[0].0,
+                st.open[0].1,
+                st.open[1].0,
+                st.open[1].1,
                 self.ours.lag.map_or_else(String::new, |l| l.describe())
             ),
         );
