@@ -3,10 +3,10 @@
 //! `shard_hub.rs`) share: [`LiveItem`]s on a bounded [`LiveStream`], handed
 //! over with `try_send` only, the drops counted and reported in order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use dualstream_core::{Limits, Notification};
@@ -127,8 +127,82 @@ impl Lag {
     }
 }
 
+/// One subscriber's buffer: what the hub handed over and the stream has not
+/// taken yet, at most `cap` items. A queue under a plain lock, not tokio's
+/// bounded channel: that one allocates its items in blocks of 32 (about
+/// 700 bytes here), one when it is made and two or three once items flow,
+/// which for 10,891 subscriptions was about 20 MiB whatever they held
+/// (docs/benchmark-analysis.md). This holds what is waiting, and gives back
+/// what a burst made it grow by once it is empty.
+#[derive(Debug)]
+struct Buffer {
+    items: Mutex<VecDeque<LiveItem>>,
+    cap: usize,
+    /// The stream's task, registered before it looks at an empty buffer.
+    waker: AtomicWaker,
+    /// The hub's side ([`Slot`]) is gone: once empty, the stream ends.
+    sender_gone: AtomicBool,
+    /// The stream is gone: the hub drops the subscriber.
+    receiver_gone: AtomicBool,
+}
+
+/// What an empty [`Buffer`] keeps room for.
+const IDLE_BUFFER: usize = 8;
+
+/// Why [`Slot::try_send`] did not take an item.
+enum Refused {
+    Full,
+    Closed,
+}
+
+impl Buffer {
+    fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            items: Mutex::new(VecDeque::new()),
+            cap: cap.max(1),
+            waker: AtomicWaker::new(),
+            sender_gone: AtomicBool::new(false),
+            receiver_gone: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<LiveItem>> {
+        self.items.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The next item, if one is waiting; an emptied buffer shrinks.
+    fn pop(&self) -> Option<LiveItem> {
+        let mut items = self.lock();
+        let item = items.pop_front();
+        if items.is_empty() && items.capacity() > IDLE_BUFFER {
+            items.shrink_to(IDLE_BUFFER);
+        }
+        item
+    }
+
+    /// The next item, or the end once the hub's side is gone and nothing is
+    /// left, or `Pending` with the task registered.
+    fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<LiveItem>> {
+        if let Some(item) = self.pop() {
+            return Poll::Ready(Some(item));
+        }
+        // Registered before looking again: an item or the end that comes
+        // after the look wakes this task.
+        self.waker.register(cx.waker());
+        if let Some(item) = self.pop() {
+            return Poll::Ready(Some(item));
+        }
+        if self.sender_gone.load(Ordering::Acquire) {
+            // Items handed over before the hub's side went are in the
+            // buffer already (under its lock): take them first.
+            return Poll::Ready(self.pop());
+        }
+        Poll::Pending
+    }
+}
+
 pub(crate) struct Slot {
-    tx: mpsc::Sender<LiveItem>,
+    tx: Arc<Buffer>,
     lag: Arc<Lag>,
     /// Told [`LiveItem::Disconnected`] and not yet [`LiveItem::Gap`]: gets
     /// no notification until the gap is announced.
@@ -138,21 +212,46 @@ pub(crate) struct Slot {
 impl Slot {
     /// Items waiting in its buffer now.
     pub(crate) fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.tx.lock().len()
+    }
+
+    /// Whether the subscriber's stream is gone.
+    fn is_closed(&self) -> bool {
+        self.tx.receiver_gone.load(Ordering::Acquire)
+    }
+
+    /// Whether its buffer is full.
+    fn is_full(&self) -> bool {
+        self.queued() >= self.tx.cap
+    }
+
+    /// Hand `item` over without waiting, and wake the stream.
+    fn try_send(&self, item: LiveItem) -> Result<(), Refused> {
+        if self.is_closed() {
+            return Err(Refused::Closed);
+        }
+        {
+            let mut items = self.tx.lock();
+            if items.len() >= self.tx.cap {
+                return Err(Refused::Full);
+            }
+            items.push_back(item);
+        }
+        self.tx.waker.wake();
+        Ok(())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.tx.sender_gone.store(true, Ordering::Release);
+        self.tx.waker.wake();
     }
 }
 
 /// Items waiting now in the buffers of `slots`' subscribers.
 pub(crate) fn queued<'a>(slots: impl IntoIterator<Item = &'a Slot>) -> usize {
     slots.into_iter().map(Slot::queued).sum()
-}
-
-#[cfg(test)]
-impl Slot {
-    /// A subscriber slot sending to `tx`.
-    pub(crate) fn for_test(tx: mpsc::Sender<LiveItem>) -> Self {
-        Self { tx, lag: Arc::default(), awaiting_gap: false }
-    }
 }
 
 #[cfg(test)]
@@ -192,7 +291,8 @@ pub(crate) fn subscriber(
     target: Target,
     id: u64,
 ) -> (Slot, LiveStream) {
-    let (tx, rx) = mpsc::channel(buffer);
+    let tx = Buffer::new(buffer);
+    let rx = Arc::clone(&tx);
     let lag = Arc::new(Lag::default());
     let slot = Slot { tx, lag: Arc::clone(&lag), awaiting_gap: false };
     (slot, LiveStream { rx, cmd, target, id, lag, ended: false })
@@ -201,7 +301,7 @@ pub(crate) fn subscriber(
 /// One local subscriber's stream. Dropping it unsubscribes; the Redis
 /// subscription goes when the last local subscriber of it goes.
 pub struct LiveStream {
-    rx: mpsc::Receiver<LiveItem>,
+    rx: Arc<Buffer>,
     cmd: mpsc::UnboundedSender<Cmd>,
     target: Target,
     id: u64,
@@ -231,9 +331,18 @@ impl Stream for LiveStream {
         }
         match self.rx.poll_recv(cx) {
             Poll::Ready(None) => {
-                self.ended = true;
                 let missed = self.lag.missed.swap(0, Ordering::AcqRel);
-                Poll::Ready(self.lag.dropped.load(Ordering::Acquire).then_some(LiveItem::Dropped { missed }))
+                if self.lag.dropped.load(Ordering::Acquire) {
+                    self.ended = true;
+                    return Poll::Ready(Some(LiveItem::Dropped { missed }));
+                }
+                if missed > 0 {
+                    // Drops counted after the last item a hub that then
+                    // went away handed over: said before the end.
+                    return Poll::Ready(Some(LiveItem::Lagged { missed }));
+                }
+                self.ended = true;
+                Poll::Ready(None)
             }
             Poll::Pending => {
                 // Everything buffered was taken; the drops came after it.
@@ -258,6 +367,7 @@ impl Stream for LiveStream {
 
 impl Drop for LiveStream {
     fn drop(&mut self) {
+        self.rx.receiver_gone.store(true, Ordering::Release);
         let _ = self.cmd.send(Cmd::Unsubscribe { target: self.target.clone(), id: self.id });
     }
 }
@@ -277,10 +387,10 @@ pub(crate) fn fan_out(
             // Told `Disconnected`; `Gap` covers this message.
             return true;
         }
-        if slot.tx.is_closed() {
+        if slot.is_closed() {
             return false;
         }
-        if slot.tx.capacity() == 0 {
+        if slot.is_full() {
             return missed_one(slot, overflow, stats);
         }
         deliver(slot, item.get_or_insert_with(&decode).clone(), overflow, stats)
@@ -318,13 +428,12 @@ enum Offer {
 /// Step one of [`deliver`]: report the subscriber's pending lag before the
 /// item, then try to hand the item over.
 fn offer(slot: &Slot, item: LiveItem) -> Offer {
-    use mpsc::error::TrySendError;
     let pending = slot.lag.missed.swap(0, Ordering::AcqRel);
     if pending > 0 {
-        match slot.tx.try_send(LiveItem::Lagged { missed: pending }) {
+        match slot.try_send(LiveItem::Lagged { missed: pending }) {
             Ok(()) => {}
-            Err(TrySendError::Closed(_)) => return Offer::Closed,
-            Err(TrySendError::Full(_)) => {
+            Err(Refused::Closed) => return Offer::Closed,
+            Err(Refused::Full) => {
                 // Put back, with a wake-up: the subscriber may have emptied
                 // its buffer since the swap.
                 slot.lag.add_missed(pending);
@@ -332,10 +441,10 @@ fn offer(slot: &Slot, item: LiveItem) -> Offer {
             }
         }
     }
-    match slot.tx.try_send(item) {
+    match slot.try_send(item) {
         Ok(()) => Offer::Taken,
-        Err(TrySendError::Closed(_)) => Offer::Closed,
-        Err(TrySendError::Full(_)) => Offer::Full,
+        Err(Refused::Closed) => Offer::Closed,
+        Err(Refused::Full) => Offer::Full,
     }
 }
 
@@ -537,5 +646,87 @@ mod tests {
         drop(slot);
         assert_eq!(ready(&mut stream), ["n:u0", "dropped:1"]);
         assert!(ready(&mut stream).is_empty(), "ended");
+    }
+
+    /// The buffer's hand-over: an item that comes after the stream found
+    /// the buffer empty wakes it; the stream ends once the hub's side is
+    /// gone and what it handed over is taken; the hub's side sees the
+    /// stream gone.
+    #[test]
+    fn the_buffer_wakes_the_stream_ends_after_its_items_and_sees_the_stream_go() {
+        let mut stats = HubStats::default();
+        let (slot, mut stream) = pair(4);
+        let wakes = Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(Arc::clone(&wakes));
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(poll(&mut stream, &mut cx), Poll::Pending);
+        assert!(deliver(&slot, note(0), Overflow::Signal, &mut stats));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "woken by the item");
+        assert!(deliver(&slot, note(1), Overflow::Signal, &mut stats));
+        drop(slot);
+        assert_eq!(poll(&mut stream, &mut cx), Poll::Ready(Some("n:u0".into())));
+        assert_eq!(poll(&mut stream, &mut cx), Poll::Ready(Some("n:u1".into())), "taken before the end");
+        assert_eq!(poll(&mut stream, &mut cx), Poll::Ready(None));
+
+        let (slot, stream) = pair(4);
+        assert!(!slot.is_closed());
+        drop(stream);
+        assert!(slot.is_closed());
+        assert!(!deliver(&slot, note(2), Overflow::Signal, &mut stats), "a gone stream's subscriber is dropped");
+    }
+
+    /// An idle subscriber holds no room for items, and a burst's room is
+    /// given back once the stream has taken it.
+    #[test]
+    fn an_emptied_buffer_gives_back_what_a_burst_made_it_grow_by() {
+        let mut stats = HubStats::default();
+        let (slot, mut stream) = pair(1_024);
+        assert_eq!(slot.tx.lock().capacity(), 0, "nothing held before the first item");
+        for i in 0..1_000 {
+            assert!(deliver(&slot, note(i), Overflow::Signal, &mut stats));
+        }
+        assert!(slot.tx.lock().capacity() >= 1_000);
+        assert_eq!(ready(&mut stream).len(), 1_000);
+        assert!(slot.tx.lock().capacity() <= IDLE_BUFFER, "{}", slot.tx.lock().capacity());
+    }
+
+    /// The hub's task and the subscriber on two threads: every item arrives,
+    /// in order, and what did not fit is counted, none lost in between.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn items_handed_over_from_another_thread_all_arrive_in_order_or_are_counted() {
+        use futures::StreamExt;
+        const N: u32 = 200_000;
+        let (slot, stream) = pair(16);
+        let hub = tokio::task::spawn_blocking(move || {
+            let mut stats = HubStats::default();
+            for i in 0..N {
+                deliver(&slot, note(i), Overflow::Signal, &mut stats);
+                if i % 64 == 0 {
+                    std::thread::yield_now();
+                }
+            }
+            stats
+        });
+        let got = tokio::spawn(stream.map(|item| show(&item)).collect::<Vec<String>>());
+        let stats = hub.await.expect("hub");
+        let got = tokio::time::timeout(std::time::Duration::from_secs(60), got)
+            .await
+            .expect("the stream ends once the hub's side is gone")
+            .expect("stream");
+        let mut next = 0;
+        let mut missed = 0;
+        for item in &got {
+            if let Some(n) = item.strip_prefix("n:u") {
+                let n: u32 = n.parse().expect("number");
+                assert!(n >= next, "in order: {n} after {next}");
+                next = n + 1;
+            } else {
+                missed += item.strip_prefix("lagged:").expect("a notification or a count").parse::<u64>().expect("count");
+            }
+        }
+        let delivered = got.iter().filter(|i| i.starts_with("n:")).count() as u64;
+        assert_eq!(delivered, stats.delivered);
+        assert_eq!(delivered + missed, u64::from(N), "every item arrived or was counted");
+        assert_eq!(missed, stats.missed);
     }
 }

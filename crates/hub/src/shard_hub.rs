@@ -915,6 +915,7 @@ impl ShardTask {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::live::LiveStream;
 
     #[test]
     fn slots_are_computed_as_redis_does() {
@@ -939,9 +940,9 @@ mod tests {
         task.slots = Some(vec![(0, SLOTS - 1, "n:1".into())]);
         let target = Target::Channel("c".into());
         let subscribe = |task: &mut ShardTask, id| {
-            let (tx, rx) = mpsc::channel(8);
+            let (slot, rx) = LiveStream::for_test(8);
             let (reply, answered) = oneshot::channel();
-            task.handle(Cmd::Subscribe { target: target.clone(), id, slot: Slot::for_test(tx), reply });
+            task.handle(Cmd::Subscribe { target: target.clone(), id, slot, reply });
             (answered, rx)
         };
         let _first = subscribe(&mut task, 0);
@@ -972,10 +973,10 @@ mod tests {
         }
         task.slots = Some(vec![(0, 8_000, "n:1".into()), (8_001, SLOTS - 1, "n:2".into())]);
         // "c" (slot 7,365) is on n:1.
-        let (tx, _items) = mpsc::channel(8);
+        let (slot, _items) = LiveStream::for_test(8);
         let (reply, _answered) = oneshot::channel();
         let target = Target::Channel("c".into());
-        task.handle(Cmd::Subscribe { target, id: 0, slot: Slot::for_test(tx), reply });
+        task.handle(Cmd::Subscribe { target, id: 0, slot, reply });
         task.reading = true;
         task.on_slots(Ok(vec![(0, SLOTS - 1, "n:1".into())]));
         assert!(task.nodes.contains_key("n:1"));

@@ -47,6 +47,7 @@ pub(crate) async fn ws(
         .max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .on_upgrade(move |socket| run(state, auth, guard, socket))
 }
 
@@ -57,6 +58,15 @@ pub(crate) async fn ws(
 /// resident memory per connection. Commands are small; a larger frame still
 /// grows the buffer as it arrives (up to `limits.max_body_bytes`).
 const READ_BUFFER: usize = 4 << 10;
+
+/// The bytes a WebSocket gathers before it writes them to the socket.
+/// tungstenite's buffer keeps the largest size it ever reached: with its
+/// default, 128 KiB, a batch of `WRITE_BATCH` items went out in one write,
+/// and every connection that once sent a full batch kept 32–64 KiB (about
+/// 32 MiB for 1,000 connections after a load, docs/benchmark-analysis.md).
+/// At 8 KiB a batch takes a few writes, and a connection keeps at most
+/// about twice that.
+const WRITE_BUFFER: usize = 8 << 10;
 
 /// Send the session's items and answer the client's commands until either
 /// side ends; a client that stops reading is closed as `slow_client`.

@@ -1016,6 +1016,12 @@ pub(super) async fn gateway_process(spec: &str) {
         .enable_all()
         .build()
         .expect("gateway runtime");
+    // The heap beside the RSS every 2 s, on stderr: when the growth comes.
+    #[cfg(feature = "heap-domains")]
+    std::thread::spawn(|| loop {
+        std::thread::sleep(Duration::from_secs(2));
+        eprintln!("  heap: RSS {} MiB{}", super::measure::rss_kib_of("self") >> 10, super::heap_note());
+    });
     let mut config = GatewayConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
         kafka_brokers: brokers.to_owned(),

@@ -106,7 +106,15 @@ pub(crate) mod domains {
 #[cfg(feature = "heap-domains")]
 pub(crate) fn heap_note() -> String {
     let (gw, rest) = domains::live_mib();
-    format!(" (live heap: gateway {gw} MiB, the rest {rest} MiB; the gateway's by block size: {})", domains::classes())
+    // SAFETY: mallinfo2 takes no arguments and only reads glibc's counters
+    // (glibc 2.33 and later).
+    #[allow(unsafe_code)]
+    let c = unsafe { libc::mallinfo2() };
+    format!(
+        " (live heap: gateway {gw} MiB, the rest {rest} MiB; glibc's (librdkafka's) {} MiB; the gateway's by block size: {})",
+        (c.uordblks + c.hblkhd) >> 20,
+        domains::classes()
+    )
 }
 
 use std::time::{Duration, Instant};
