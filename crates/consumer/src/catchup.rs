@@ -436,12 +436,10 @@ impl CatchUp {
 /// stream unpacks each into a [`Delivery`] or a [`JoinError`].
 #[derive(Debug)]
 enum Sent {
-    /// With its room in the join's [`ReadyBudget`], if it has one, given
-    /// back when the stream hands it out.
-    History(Box<(Replayed, Option<Charge>)>),
     /// A record of the join's source read from Kafka, as the history
     /// reader holds it (shared with its cache and with the other joins of
-    /// the source), with its room in the budget. Made into a [`Replayed`]
+    /// the source), with its room in the join's [`ReadyBudget`], if it has
+    /// one, given back when the stream hands it out. Made into a [`Replayed`]
     /// only when the stream hands it out: what waits is a pointer, not a
     /// copy of the event (about 200 bytes less for each item a client's
     /// joins hold ready; a gateway's 2,000 clients behind by 128 items each
@@ -453,18 +451,8 @@ enum Sent {
 }
 
 impl Sent {
-    fn of(item: Result<Delivery, JoinError>, charge: Option<Charge>) -> Self {
-        match item {
-            Ok(Delivery::History(r)) => Sent::History(Box::new((r, charge))),
-            Ok(Delivery::Live(n)) => Sent::Live(n),
-            Ok(Delivery::Truncated { requested, first_available }) => Sent::Truncated { requested, first_available },
-            Err(e) => Sent::Failed(Box::new(e)),
-        }
-    }
-
     fn unpack(self) -> Result<Delivery, JoinError> {
         match self {
-            Sent::History(r) => Ok(Delivery::History(r.0)),
             Sent::Record(r) => {
                 let rec = &r.0;
                 match &rec.event {
@@ -730,11 +718,11 @@ impl Joiner {
                         Some(LiveItem::Disconnected) => Ok(()),
                         Some(LiveItem::Malformed { channel, reason }) => {
                             let e = JoinError::Malformed { channel: channel.to_string(), reason: reason.to_string() };
-                            self.send(Err(e)).await
+                            self.fail(e).await
                         }
                         Some(LiveItem::Dropped { .. }) | None => {
                             let _ = self.catch_up().await;
-                            let _ = self.send(Err(JoinError::Hub(HubError::Closed))).await;
+                            let _ = self.fail(JoinError::Hub(HubError::Closed)).await;
                             return;
                         }
                         // `LiveItem` is `non_exhaustive`: an item added to the
@@ -777,18 +765,22 @@ impl Joiner {
         self.lag.next.store(self.next, Ordering::Relaxed);
     }
 
-    async fn send(&self, item: Result<Delivery, JoinError>) -> Result<(), Stop> {
+    /// Hand an error to the stream.
+    async fn fail(&self, e: JoinError) -> Result<(), Stop> {
         self.show_next();
-        let charge = match (&self.budget, &item) {
-            (Some(budget), Ok(Delivery::History(r))) => budget.take(r.event.size_hint()).await,
-            _ => None,
-        };
-        self.tx.send(Sent::of(item, charge)).await;
+        self.tx.send(Sent::Failed(Box::new(e))).await;
+        Ok(())
+    }
+
+    /// Hand [`Delivery::Truncated`] to the stream.
+    async fn truncated(&self, requested: i64, first_available: i64) -> Result<(), Stop> {
+        self.show_next();
+        self.tx.send(Sent::Truncated { requested, first_available }).await;
         Ok(())
     }
 
     async fn fatal(&self, e: ReplayError) -> Stop {
-        let _ = self.send(Err(e.into())).await;
+        let _ = self.fail(e.into()).await;
         Stop
     }
 
@@ -820,7 +812,7 @@ impl Joiner {
             if self.next < self.low {
                 let (requested, first_available) = (self.next, self.low.min(target));
                 self.next = first_available;
-                self.send(Ok(Delivery::Truncated { requested, first_available })).await?;
+                self.truncated(requested, first_available).await?;
                 continue;
             }
             let from = self.next;
@@ -856,7 +848,7 @@ impl Joiner {
                         let requested = self.next.max(from);
                         self.next = to;
                         if m.low > requested {
-                            self.send(Ok(Delivery::Truncated { requested, first_available: to })).await?;
+                            self.truncated(requested, to).await?;
                         }
                     }
                 }
@@ -895,7 +887,7 @@ impl Joiner {
             Ok(_) => return Ok(()),
             Err(raw) => {
                 let e = ReplayError::Decode { position: rec.position.clone(), error: raw.error() };
-                return self.send(Err(e.into())).await;
+                return self.fail(e.into()).await;
             }
         };
         self.show_next();
@@ -937,7 +929,7 @@ impl Joiner {
             Some(p) if *p.topic == *self.tp.0 && p.partition == self.tp.1 => p.offset,
             Some(p) => {
                 let reason = format!("position {p} is not in {}/{}", self.tp.0, self.tp.1);
-                return self.send(Err(JoinError::Unmergeable { id: n.id, reason })).await;
+                return self.fail(JoinError::Unmergeable { id: n.id, reason }).await;
             }
         };
         if self.full {
